@@ -1,0 +1,232 @@
+"""Experiment configuration: typed dataclasses, YAML presets, `key=value` overrides.
+
+Every field has a type and a help string; `validate` rejects bad values with a message naming the
+field. Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text}, **kwargs)
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help("smollm2-135m (embedded), tiny-llama|tiny-qwen2|tiny-mistral|tiny-gpt2, a folder or a hub id", "smollm2-135m")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = _help("LoRA rank r of every adapted module", 8)
+    alpha: float = _help("LoRA alpha; the branch is scaled by alpha / r", 16.0)
+    dropout: float = _help("dropout on the LoRA branch input", 0.0)
+    target_modules: list[str] | None = _help("module names to adapt; null = all attention and MLP linears", None)
+
+
+@dataclass
+class DataConfig:
+    source: str = _help("builtin | e2e | jsonl | hf:<name>[:split]", "builtin")
+    path: str | None = _help("file for e2e / jsonl sources", None)
+    limit: int | None = _help("use only the first N examples", None)
+    eval_fraction: float = _help("share of groups (e.g. E2E MRs) held out for evaluation", 0.1)
+    max_length: int = _help("tokens per example (prompt truncated first)", 128)
+    partition: Literal["iid", "dirichlet"] = _help("how training data is spread over devices", "iid")
+    dirichlet_alpha: float = _help("Dirichlet concentration for non-IID partitions (small = skewed)", 0.5)
+    partition_field: str | None = _help("field the Dirichlet partition is over (E2E: type, food, area...)", None)
+
+
+@dataclass
+class PlacementConfig:
+    placement: Literal["split", "centralized"] = _help("where each part of the model runs", "split")
+    split_layer: int = _help("k: the device runs blocks [0, k)", 2)
+    labels_on_device: bool = _help("U-shaped split: the device also keeps head and loss", False)
+
+
+@dataclass
+class FederationConfig:
+    num_devices: int = _help("number of simulated devices", 3)
+    rounds: int = _help("federated rounds", 3)
+    local_steps: int = _help("training steps per device per round", 10)
+    batch_size: int = _help("examples per step", 4)
+    lr: float = _help("AdamW learning rate (devices and server)", 1e-3)
+    aggregator: Literal["fedavg"] = _help("how device copies of an adapter are combined", "fedavg")
+
+
+@dataclass
+class EvalConfig:
+    perplexity: bool = _help("perplexity on held-out examples", True)
+    perplexity_examples: int = _help("held-out examples used for perplexity", 64)
+    every_round: bool = _help("also compute held-out perplexity after each round", True)
+    generation: bool = _help("generate for held-out groups and score BLEU/NIST/METEOR/ROUGE-L/CIDEr", True)
+    groups: int = _help("held-out groups (e.g. distinct MRs) to generate for", 32)
+    max_new_tokens: int = _help("generation length limit", 40)
+    num_beams: int = _help("1 = greedy, >1 = beam search", 1)
+    meteor: bool = _help("compute METEOR (starts a Java process)", True)
+    baseline: bool = _help("also evaluate the untuned base model for comparison", False)
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = _help("seed for data split, partition, adapter init and batch order", 0)
+    count_flops: bool = _help("count device FLOPs with torch's FlopCounterMode", True)
+    export_merged: bool = _help("also write merged full weights under adapter/merged", False)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> ExperimentConfig:
+        checks = [
+            (self.lora.rank >= 1, "lora.rank must be >= 1"),
+            (self.lora.alpha > 0, "lora.alpha must be > 0"),
+            (0 <= self.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+            (0 < self.data.eval_fraction < 1, "data.eval_fraction must be in (0, 1)"),
+            (self.data.max_length >= 8, "data.max_length must be >= 8"),
+            (self.data.dirichlet_alpha > 0, "data.dirichlet_alpha must be > 0"),
+            (self.data.partition != "dirichlet" or self.data.partition_field is not None,
+             "data.partition_field is required when data.partition is dirichlet"),
+            (self.data.source in ("builtin", "hf") or self.data.source.startswith("hf:") or self.data.path is not None,
+             f"data.path is required for data.source {self.data.source!r}"),
+            (self.placement.split_layer >= 0, "placement.split_layer must be >= 0"),
+            (self.federation.num_devices >= 1, "federation.num_devices must be >= 1"),
+            (self.federation.rounds >= 1, "federation.rounds must be >= 1"),
+            (self.federation.local_steps >= 1, "federation.local_steps must be >= 1"),
+            (self.federation.batch_size >= 1, "federation.batch_size must be >= 1"),
+            (self.federation.lr > 0, "federation.lr must be > 0"),
+            (self.eval.perplexity_examples >= 1, "eval.perplexity_examples must be >= 1"),
+            (self.eval.groups >= 1, "eval.groups must be >= 1"),
+            (self.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
+            (self.eval.num_beams >= 1, "eval.num_beams must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+PRESETS = ("default", "tiny", "e2e")
+
+
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return Path(str(resources.files("splitpeft") / "presets" / f"{name}.yaml"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, preset: str | None = None) -> ExperimentConfig:
+    """Defaults <- preset or YAML file <- `key=value` overrides, then validated."""
+    if path is not None and preset is not None:
+        raise ConfigError("give either a config file or a preset, not both")
+    source = Path(path) if path is not None else preset_path(preset or "default")
+    if not source.is_file():
+        raise ConfigError(f"config file {str(source)!r} does not exist")
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {source} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {source} must hold a mapping")
+    config = ExperimentConfig()
+    _apply(config, raw, prefix="")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            parsed = value
+        _set(config, key.strip().split("."), parsed, key.strip())
+    return config.validate()
+
+
+def _apply(target: Any, raw: dict[str, Any], prefix: str) -> None:
+    for key, value in raw.items():
+        _set(target, [key], value, f"{prefix}{key}")
+
+
+def _set(target: Any, path: list[str], value: Any, full_key: str) -> None:
+    names = {f.name: f for f in fields(target)}
+    head = path[0]
+    if head not in names:
+        raise ConfigError(f"unknown config key {full_key!r}; known here: {', '.join(names)}")
+    hint = typing.get_type_hints(type(target))[head]
+    current = getattr(target, head)
+    if dataclasses.is_dataclass(current):
+        if len(path) > 1:
+            _set(current, path[1:], value, full_key)
+        elif isinstance(value, dict):
+            _apply(current, value, prefix=f"{full_key}.")
+        else:
+            raise ConfigError(f"config key {full_key!r} is a section; give its fields")
+        return
+    if len(path) > 1:
+        raise ConfigError(f"unknown config key {full_key!r}: {head!r} has no sub-keys")
+    setattr(target, head, _coerce(value, hint, full_key))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}, not {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [v.strip() for v in str(value).split(",") if v.strip()]
+        return [_coerce(v, args[0], key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, not {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, not {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, not {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

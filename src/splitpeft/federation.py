@@ -1,0 +1,243 @@
+"""Federation in simulation: N virtual devices with their own shards, one server, rounds.
+
+One round, readable top to bottom in `Simulation.run_round`:
+
+1. each device downloads the global adapters of the modules it holds (an ADAPTERS message);
+2. it opens its session on the server (the server loads its half's adapters from the global
+   state) and trains `local_steps` batches through its channel;
+3. it uploads its adapters (an ADAPTERS message);
+4. for every module, all copies (devices and server sessions holding it) are aggregated,
+   weighted by the tokens each trained on, into the next global state.
+
+Every message is encoded as on the wire, so the bytes in the report are real sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import adapters as lora
+from .adapters import AdapterSet, LoraWeights
+from .aggregation import AdapterCopy, AggregationError, make_aggregator
+from .channel import InProcessChannel, Tap
+from .config import ExperimentConfig
+from .data import BatchStream, EncodedExample, encode, load_examples, partition, split_by_group
+from .devices import DeviceRuntime
+from .messages import Kind, Message
+from .models import LoadedModel, backbone_of, load_model, share_frozen_copy
+from .placement import make_placement
+from .server import SplitServer
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def initial_adapters(base: torch.nn.Module, ranks: dict[str, int], alpha: float, seed: int) -> AdapterSet:
+    """Fresh LoRA weights for every module (peft's init: A random, B = 0) from `seed`."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = lora.inject(share_frozen_copy(base), ranks, alpha)  # type: ignore[arg-type]
+    torch.random.set_rng_state(state)
+    return lora.read_adapters(model)
+
+
+@dataclass
+class DeviceRound:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    adapter_bytes_up: int = 0
+    adapter_bytes_down: int = 0
+    flops: int = 0
+    peak_memory_bytes: int = 0
+    tokens: int = 0
+    steps: int = 0
+    train_loss: float = float("nan")
+    losses: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    devices: dict[str, DeviceRound]
+    eval_perplexity: float | None = None
+    rejected: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+class Simulation:
+    """Builds model, data, devices, server and channels from a config; `run_round` trains."""
+
+    def __init__(self, config: ExperimentConfig, *, tap: Tap | None = None, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        seed_everything(config.seed)
+        self.loaded = loaded or load_model(config.model.name, seed=config.seed)
+        base, tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.backbone = backbone_of(base)
+        num_blocks = self.backbone.num_blocks
+        placement_cfg, fed = config.placement, config.federation
+        self.placement = make_placement(placement_cfg.placement, labels_on_device=placement_cfg.labels_on_device)
+        self.placement.device_blocks(num_blocks, placement_cfg.split_layer)  # range check before any work
+
+        examples = load_examples(config.data.source, config.data.path, limit=config.data.limit, seed=config.seed)
+        train, self.held_out = split_by_group(examples, config.data.eval_fraction, config.seed)
+        num_devices = 1 if self.placement.name == "centralized" else fed.num_devices
+        if self.placement.name == "centralized" and fed.num_devices > 1:
+            log.info("centralized placement: one party trains on the pooled data of all %d devices", fed.num_devices)
+        shards = partition(
+            train, num_devices, config.data.partition,
+            alpha=config.data.dirichlet_alpha, field=config.data.partition_field, seed=config.seed,
+        )
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.held_out_encoded: list[EncodedExample] = encode(self.held_out, tokenizer, config.data.max_length)
+
+        targets = config.lora.target_modules or list(self.backbone.default_target_modules)
+        self.ranks = {
+            name: config.lora.rank
+            for name in lora.target_module_names(self.backbone, targets, range(num_blocks))
+        }
+        if not self.ranks:
+            raise ValueError(f"lora.target_modules {targets} match no module of {config.model.name}")
+        self.global_adapters = initial_adapters(base, self.ranks, config.lora.alpha, config.seed)
+        self.aggregator = make_aggregator(fed.aggregator)
+
+        def ranks_in(blocks: range) -> dict[str, int]:
+            prefixes = tuple(self.backbone.block_prefix(j) for j in blocks)
+            return {n: r for n, r in self.ranks.items() if n.startswith(prefixes)}
+
+        self.server = SplitServer(
+            base, lambda k: ranks_in(range(k, num_blocks)),
+            alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks,
+        )
+        self.devices: list[DeviceRuntime] = []
+        self.channels: dict[str, InProcessChannel] = {}
+        for index, shard in enumerate(shards):
+            device_id = f"device-{index}"
+            stream = BatchStream(encode(shard, tokenizer, config.data.max_length), fed.batch_size, self.pad_id, config.seed + index)
+            blocks = self.placement.device_blocks(num_blocks, placement_cfg.split_layer)
+            device = DeviceRuntime(
+                device_id, base, self.placement, placement_cfg.split_layer, ranks_in(blocks), stream,
+                alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, count_flops=config.count_flops,
+            )
+            self.devices.append(device)
+            self.channels[device_id] = InProcessChannel(device_id, self.server, tap=tap)
+        self.tap = tap
+        self.rounds: list[RoundRecord] = []
+        self.shard_sizes = {d.device_id: len(s) for d, s in zip(self.devices, shards)}
+
+    # ------------------------------------------------------------------ one round
+
+    def run_round(self, on_device_done: Callable[[str], None] | None = None) -> RoundRecord:
+        start = time.perf_counter()
+        record = RoundRecord(round=len(self.rounds), devices={})
+        self.server.global_adapters = self.global_adapters
+        copies: dict[str, list[AdapterCopy]] = defaultdict(list)
+        for device in self.devices:
+            channel = self.channels[device.device_id]
+            before = (channel.traffic.bytes_up, channel.traffic.bytes_down)
+            stats = DeviceRound()
+            stats.adapter_bytes_down = self._download(device, channel)
+            device.open_session(channel)
+            phase = device.local_phase(self.config.federation.local_steps, channel)
+            uploaded, stats.adapter_bytes_up = self._upload(device, channel)
+            for name, weights in uploaded.items():
+                copies[name].append(AdapterCopy(device.device_id, weights, phase.tokens))
+            stats.bytes_up = channel.traffic.bytes_up - before[0]
+            stats.bytes_down = channel.traffic.bytes_down - before[1]
+            stats.flops, stats.peak_memory_bytes = device.meter.take_round()
+            stats.tokens, stats.steps, stats.losses = phase.tokens, len(phase.losses), phase.losses
+            stats.train_loss = float(np.mean(phase.losses))
+            stats.wall_s = phase.wall_s
+            record.devices[device.device_id] = stats
+            if on_device_done is not None:
+                on_device_done(device.device_id)
+        for holder, adapters, tokens in self.server.session_copies():
+            for name, weights in adapters.items():
+                copies[name].append(AdapterCopy(holder, weights, tokens))
+        record.rejected = self._aggregate(copies)
+        record.rejected += [f"{device}: {error}" for device, error in self.server.rejected]
+        self.server.rejected.clear()
+        record.wall_s = time.perf_counter() - start
+        self.rounds.append(record)
+        return record
+
+    def _download(self, device: DeviceRuntime, channel: InProcessChannel) -> int:
+        """Send the device its modules' global adapters; returns the bytes sent."""
+        message = Message(Kind.ADAPTERS, lora.to_tensors({n: self.global_adapters[n] for n in device.modules}),
+                          meta={"round": len(self.rounds)})
+        before = channel.traffic.bytes_down
+        received = channel.send(message, "down")
+        device.load(lora.from_tensors(received.tensors))
+        return channel.traffic.bytes_down - before
+
+    def _upload(self, device: DeviceRuntime, channel: InProcessChannel) -> tuple[AdapterSet, int]:
+        message = Message(Kind.ADAPTERS, lora.to_tensors(device.adapters()), meta={"device": device.device_id})
+        before = channel.traffic.bytes_up
+        received = channel.send(message, "up")
+        return lora.from_tensors(received.tensors), channel.traffic.bytes_up - before
+
+    def _aggregate(self, copies: dict[str, list[AdapterCopy]]) -> list[str]:
+        """New global adapters; a poisoned copy is dropped (and reported), the others still count."""
+        rejected = []
+        for name, module_copies in copies.items():
+            good = []
+            for copy in module_copies:
+                try:
+                    self.aggregator.aggregate(name, [copy])
+                    good.append(copy)
+                except AggregationError as error:
+                    log.warning("dropping an adapter upload: %s", error)
+                    rejected.append(str(error))
+            if not good:
+                continue
+            result = self.aggregator.aggregate(name, good)
+            self.global_adapters[name] = next(iter(result.adapters.values()))
+        return rejected
+
+    # ------------------------------------------------------------------ models for evaluation
+
+    def global_model(self) -> torch.nn.Module:
+        """The base model with the current global adapters (a plain HF model with peft LoRA layers)."""
+        model = lora.inject(share_frozen_copy(self.loaded.model), self.ranks, self.config.lora.alpha)
+        lora.write_adapters(model, self.global_adapters)
+        model.eval()
+        return model
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.loaded.name,
+            "num_blocks": self.backbone.num_blocks,
+            "adapted_modules": len(self.ranks),
+            "adapter_parameters": sum(w.A.numel() + w.B.numel() for w in self.global_adapters.values()),
+            "devices": {
+                d.device_id: {
+                    "split_layer": d.split_layer if self.placement.name != "centralized" else self.backbone.num_blocks,
+                    "train_examples": self.shard_sizes[d.device_id],
+                    "adapted_modules": len(d.modules),
+                }
+                for d in self.devices
+            },
+            "held_out_examples": len(self.held_out),
+        }
+
+
+def adapters_equal(a: dict[str, LoraWeights], b: dict[str, LoraWeights], rtol: float = 1e-5) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.allclose(a[n].A, b[n].A, rtol=rtol, atol=1e-7) and torch.allclose(a[n].B, b[n].B, rtol=rtol, atol=1e-7)
+        for n in a
+    )
+

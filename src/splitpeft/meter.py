@@ -1,0 +1,77 @@
+"""What a device's work costs: FLOPs (counted by torch's FlopCounterMode) and memory.
+
+Only the device's own compute is measured: placements wrap each device-side segment of a step in
+`meter.compute()`, never the channel exchange, so the server's work (in-process or remote) is not
+charged to the device.
+
+Memory on CPU has no allocator statistics in torch, so the peak is a tensor account:
+resident state (frozen weights the device holds, adapters, their gradients, optimiser state) plus
+every distinct tensor autograd saved for backward during the step (recorded through
+`torch.autograd.graph.saved_tensors_hooks`, de-duplicated by storage). On CUDA the allocator's own
+peak (`torch.cuda.max_memory_allocated`) is used instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct storages among `tensors`."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+class DeviceMeter:
+    """Accumulates a device's FLOPs and tracks the peak of its step memory."""
+
+    def __init__(self, count_flops: bool = True) -> None:
+        self.count_flops = count_flops
+        self.flops = 0
+        self._saved: dict[int, int] = {}
+        self._exclude: set[int] = set()
+        self.step_peak_bytes = 0
+
+    def begin_step(self, resident: Iterable[torch.Tensor]) -> None:
+        """Start a step; `resident` are tensors held across steps (not counted as activations)."""
+        resident = list(resident)
+        self._resident_bytes = tensor_nbytes(resident)
+        self._exclude = {t.untyped_storage().data_ptr() for t in resident}
+        self._saved = {}
+
+    def end_step(self) -> int:
+        """Finish a step and return its peak bytes (resident + saved activations)."""
+        peak = self._resident_bytes + sum(self._saved.values())
+        self.step_peak_bytes = max(self.step_peak_bytes, peak)
+        self._saved = {}
+        return peak
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in self._exclude:
+            self._saved[pointer] = storage.nbytes()
+        return tensor
+
+    @contextmanager
+    def compute(self) -> Iterator[None]:
+        """Charge the work inside this block to the device."""
+        counter = FlopCounterMode(display=False) if self.count_flops else nullcontext()
+        with counter, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield
+        if isinstance(counter, FlopCounterMode):
+            self.flops += counter.get_total_flops()
+
+    def take_round(self) -> tuple[int, int]:
+        """(flops, peak bytes) since the last call; resets both."""
+        result = (self.flops, self.step_peak_bytes)
+        self.flops = 0
+        self.step_peak_bytes = 0
+        return result

@@ -1,0 +1,99 @@
+"""The server: the frozen model, one session per device (its half of the split, its own
+server-side adapters), and message dispatch that keeps serving others when one device misbehaves."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import torch
+from transformers import PreTrainedModel
+
+from .adapters import AdapterError, AdapterSet
+from .messages import Kind, Message, MessageError, error_message
+from .party import Party
+from .placement import Placement, make_placement
+
+log = logging.getLogger(__name__)
+
+
+class ServerSession(Party):
+    """The server's half for one device: blocks [split_layer, L) (+ head) with their adapters."""
+
+    def __init__(self, device_id: str, base: PreTrainedModel, placement: Placement, split_layer: int,
+                 ranks: Mapping[str, int], *, alpha: float, dropout: float, lr: float) -> None:
+        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr)
+        self.device_id = device_id
+        self.placement = placement
+        self.split_layer = split_layer
+        self.hidden_size = int(self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.n_embd)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tokens = 0
+
+    def check_labels(self, labels: torch.Tensor) -> None:
+        bad = (labels != -100) & ((labels < 0) | (labels >= self.vocab_size))
+        if bool(bad.any()):
+            raise MessageError(f"labels outside the vocabulary (0..{self.vocab_size - 1}) or -100")
+
+    def optimizer_step(self, tokens: int | None) -> None:
+        if tokens is not None:
+            self.tokens += tokens
+        super().optimizer_step()
+
+
+class SplitServer:
+    """Serves every device's split traffic through `handle(device_id, message)`.
+
+    `server_ranks(split_layer)` gives the server-side rank map for a device's split point;
+    `global_adapters` is the federation's current state, loaded into each session at round start.
+    """
+
+    def __init__(self, base: PreTrainedModel, server_ranks: Callable[[int], Mapping[str, int]], *,
+                 alpha: float, dropout: float, lr: float, num_blocks: int) -> None:
+        self.base = base
+        self.server_ranks = server_ranks
+        self.alpha, self.dropout, self.lr = alpha, dropout, lr
+        self.num_blocks = num_blocks
+        self.sessions: dict[str, ServerSession] = {}
+        self.global_adapters: AdapterSet = {}
+        self.rejected: list[tuple[str, str]] = []
+
+    def handle(self, device_id: str, message: Message) -> Message:
+        try:
+            if message.kind == Kind.OPEN_SESSION:
+                return self._open(device_id, message)
+            session = self.sessions.get(device_id)
+            if session is None:
+                raise MessageError(f"device {device_id!r} has no open session")
+            return session.placement.server_step(session, message)
+        except (MessageError, AdapterError, ValueError) as error:
+            log.warning("rejected %s message from %s: %s", message.kind.name, device_id, error)
+            self.rejected.append((device_id, str(error)))
+            session = self.sessions.get(device_id)
+            if session is not None:  # drop any half-done step so the next one starts clean
+                session.pending = None
+                if session.optimizer is not None:
+                    session.optimizer.zero_grad(set_to_none=True)
+            return error_message(str(error))
+
+    def _open(self, device_id: str, message: Message) -> Message:
+        meta = message.meta
+        split_layer = meta.get("split_layer")
+        if not isinstance(split_layer, int) or not 0 <= split_layer <= self.num_blocks:
+            raise MessageError(f"split_layer {split_layer!r} is out of range 0..{self.num_blocks}")
+        placement = make_placement(str(meta.get("placement")), labels_on_device=bool(meta.get("labels_on_device")))
+        existing = self.sessions.get(device_id)
+        if existing is None or existing.split_layer != split_layer or existing.placement != placement:
+            self.sessions[device_id] = ServerSession(
+                device_id, self.base, placement, split_layer, self.server_ranks(split_layer),
+                alpha=self.alpha, dropout=self.dropout, lr=self.lr,
+            )
+        session = self.sessions[device_id]
+        session.load(self.global_adapters)
+        session.tokens = 0
+        return Message(Kind.SESSION_READY, meta={"split_layer": split_layer})
+
+    def session_copies(self) -> list[tuple[str, AdapterSet, int]]:
+        """(holder, adapters, tokens trained this round) for every session."""
+        return [(f"server/{d}", s.adapters(), s.tokens) for d, s in sorted(self.sessions.items()) if s.modules]

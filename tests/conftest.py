@@ -1,0 +1,18 @@
+import logging
+
+import pytest
+import torch
+
+from splitpeft.config import ExperimentConfig, load_config
+
+
+def tiny_config(model: str = "tiny-llama", *overrides: str) -> ExperimentConfig:
+    """The tiny preset on `model` with extra key=value overrides."""
+    return load_config(preset="tiny", overrides=[f"model.name={model}", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    logging.getLogger("splitpeft").setLevel(logging.WARNING)
+    yield
