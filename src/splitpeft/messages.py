@@ -78,7 +78,7 @@ class Message:
             ):
                 raise MessageError(
                     f"{self.kind.name}.{name}: shape {tuple(value.shape)}, expected "
-                    f"{tuple('*' if s is None else s for s in shape)}"
+                    f"({', '.join('*' if s is None else str(s) for s in shape)})"
                 )
         return value
 

@@ -1,0 +1,163 @@
+"""Command line: `splitpeft simulate | evaluate | generate`.
+
+Every user error (bad config key or value, missing file, unknown model, split point out of range,
+non-empty output folder) is one line on stderr naming the problem and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ExperimentConfig, load_config
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, FileNotFoundError, OSError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitpeft", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser("simulate", help="run a federated split fine-tuning experiment")
+    source = simulate.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="YAML config file")
+    source.add_argument("--preset", help="built-in preset: default, tiny, e2e")
+    simulate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. federation.rounds=5")
+    simulate.add_argument("--out", type=Path, required=True, help="run folder to write")
+    simulate.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    simulate.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved run's adapter on its held-out data")
+    evaluate.add_argument("run", type=Path, help="run folder written by simulate")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.num_beams=4 eval.groups=100")
+
+    generate = commands.add_parser("generate", help="generate text with a saved run's adapter")
+    generate.add_argument("run", type=Path, help="run folder written by simulate")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--mr", help="an E2E meaning representation, formatted with the training template")
+    prompt.add_argument("--prompt", help="a raw prompt")
+    generate.add_argument("--num-beams", type=int, default=1)
+    generate.add_argument("--max-new-tokens", type=int, default=40)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "peft", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        if args.command == "simulate":
+            return _simulate(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        return _generate(args)
+    except USER_ERRORS as error:
+        print(f"splitpeft: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("splitpeft: interrupted; no run folder was written", file=sys.stderr)
+        return 130
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .experiment import run_experiment
+
+    config = load_config(args.config, args.overrides, preset=args.preset)
+    report = run_experiment(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    _summary(report, config)
+    print(f"report: {args.out / 'report.json'}  adapter: {args.out / 'adapter'}")
+    return 0
+
+
+def _load_run(run: Path, overrides: list[str]) -> ExperimentConfig:
+    if not (run / "config.yaml").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{run} is not a splitpeft run folder (config.yaml and adapter/ expected)")
+    return load_config(run / "config.yaml", overrides)
+
+
+def _adapted_model(run: Path, config: ExperimentConfig) -> tuple[Any, Any]:
+    from peft import PeftModel
+
+    from .models import load_model
+
+    loaded = load_model(config.model.name, seed=config.seed)
+    return PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval(), loaded.tokenizer
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .data import encode, load_examples, split_by_group
+    from .experiment import evaluate_model
+    from .report import write_json
+
+    config = _load_run(args.run, args.overrides)
+    model, tokenizer = _adapted_model(args.run, config)
+    examples = load_examples(config.data.source, config.data.path, limit=config.data.limit, seed=config.seed)
+    _, held_out = split_by_group(examples, config.data.eval_fraction, config.seed)
+    result = evaluate_model(model, tokenizer, config, held_out, encode(held_out, tokenizer, config.data.max_length), progress=True)
+    write_json(args.run / "eval.json", result)
+    _print_metrics({"adapter": result})
+    print(f"written: {args.run / 'eval.json'}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .data import format_mr_prompt
+    from .evaluation import generate
+
+    config = _load_run(args.run, [])
+    model, tokenizer = _adapted_model(args.run, config)
+    prompt = format_mr_prompt(args.mr) if args.mr is not None else args.prompt
+    [text] = generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    print(text)
+    return 0
+
+
+METRICS = ("perplexity", "bleu", "nist", "meteor", "rouge_l", "cider")
+
+
+def _print_metrics(columns: dict[str, dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="held-out evaluation")
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for metric in METRICS:
+        values = [columns[name].get(metric) for name in columns]
+        if all(v is None for v in values):
+            continue
+        table.add_row(metric, *("-" if v is None else f"{v:.4g}" for v in values))
+    Console().print(table)
+
+
+def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{config.placement.placement} on {config.model.name}: per device, all rounds")
+    for column in ("device", "split k", "tokens", "MB up", "MB down", "GFLOP", "peak MB", "last loss"):
+        table.add_column(column, justify="right")
+    info = report["info"]["devices"]
+    last = report["rounds"][-1]["devices"]
+    for device, entry in report["totals"]["per_device"].items():
+        table.add_row(
+            device, str(info[device]["split_layer"]), str(entry["tokens"]), f"{entry['bytes_up'] / 1e6:.2f}",
+            f"{entry['bytes_down'] / 1e6:.2f}", f"{entry['flops'] / 1e9:.1f}", f"{entry['peak_memory_bytes'] / 1e6:.1f}",
+            f"{last[device]['train_loss']:.3f}",
+        )
+    console = Console()
+    console.print(table)
+    columns = {"fine-tuned": report["eval"]}
+    if "baseline_eval" in report:
+        columns = {"untuned": report["baseline_eval"], **columns}
+    _print_metrics(columns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""A whole experiment: simulate the federation, evaluate, export, and write the run folder.
+
+Run folder layout::
+
+    report.json   per round and device: bytes_up/down, flops, peak_memory_bytes, tokens,
+                  train_loss, wall_s; eval metrics; totals; the resolved config
+    config.yaml   the resolved config (re-runnable with --config)
+    adapter/      PEFT adapter folder (PeftModel.from_pretrained(base, adapter) loads it)
+    loss.png, bytes.png
+
+Everything is written into a hidden staging folder beside the target and renamed into place at
+the end, so a failed or interrupted run never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .adapters import export_peft
+from .config import ExperimentConfig, dump_yaml, to_dict
+from .data import Example, EncodedExample
+from .evaluation import evaluate_generation, perplexity
+from .federation import Simulation
+from .report import MEASUREMENT_NOTES, plot_rounds, round_entries, totals, write_json
+
+log = logging.getLogger(__name__)
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used."""
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    config: ExperimentConfig,
+    held_out: list[Example],
+    held_out_encoded: list[EncodedExample],
+    *,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Held-out perplexity and generation metrics (grouped references) for `model`."""
+    result: dict[str, Any] = {}
+    if config.eval.perplexity:
+        result["perplexity"] = perplexity(
+            model, held_out_encoded[: config.eval.perplexity_examples], config.federation.batch_size,
+            int(tokenizer.pad_token_id),
+        )
+    if config.eval.generation:
+        scores, samples = evaluate_generation(
+            model, tokenizer, held_out, max_new_tokens=config.eval.max_new_tokens,
+            num_beams=config.eval.num_beams, limit_groups=config.eval.groups, progress=progress,
+            meteor=config.eval.meteor,
+        )
+        result.update(scores)
+        result["samples"] = samples[:8]
+        result["groups"] = len(samples)
+    return result
+
+
+def prepare_out(out: Path, overwrite: bool) -> Path:
+    """A fresh staging folder beside `out`; refuses to clobber an existing run unless asked."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RunFolderError(f"output folder {out} is not empty (use --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def commit_out(staging: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_round: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run `config` end to end and write the run folder `out`; returns the report."""
+    out = Path(out)
+    staging = prepare_out(out, overwrite)
+    try:
+        report = _run(config, staging, progress=progress, on_round=on_round)
+        commit_out(staging, out)
+        return report
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    started = time.perf_counter()
+    sim = Simulation(config)
+    tokenizer = sim.loaded.tokenizer
+    report: dict[str, Any] = {"splitpeft_version": __version__, "config": to_dict(config), "info": sim.info()}
+    if config.eval.baseline:
+        log.info("evaluating the untuned base model")
+        report["baseline_eval"] = evaluate_model(
+            sim.loaded.model, tokenizer, config, sim.held_out, sim.held_out_encoded, progress=False
+        )
+    fed = config.federation
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), disable=not progress, transient=True,
+    ) as bar:
+        task = bar.add_task("training", total=fed.rounds * len(sim.devices))
+        for round_index in range(fed.rounds):
+            bar.update(task, description=f"round {round_index + 1}/{fed.rounds}")
+            record = sim.run_round(on_device_done=lambda _device: bar.advance(task))
+            if config.eval.perplexity and config.eval.every_round:
+                record.eval_perplexity = perplexity(
+                    sim.global_model(), sim.held_out_encoded[: config.eval.perplexity_examples],
+                    fed.batch_size, sim.pad_id,
+                )
+            if on_round is not None:
+                on_round(round_index, round_entries([record])[0])
+    report["rounds"] = round_entries(sim.rounds)
+    report["totals"] = totals(sim.rounds)
+    model = sim.global_model()
+    report["eval"] = evaluate_model(model, tokenizer, config, sim.held_out, sim.held_out_encoded, progress=progress)
+    export_peft(sim.loaded.model, sim.global_adapters, config.lora.alpha, staging / "adapter", merged=config.export_merged)
+    (staging / "config.yaml").write_text(dump_yaml(config))
+    plot_rounds(sim.rounds, staging)
+    report["measurement"] = MEASUREMENT_NOTES
+    report["wall_s"] = time.perf_counter() - started
+    write_json(staging / "report.json", report)
+    return report

@@ -1,0 +1,57 @@
+"""PEFT export: a standard adapter folder that PeftModel.from_pretrained loads with the trained logits."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from splitpeft.adapters import AdapterError, LoraWeights, export_peft, inject, read_adapters, target_module_names, write_adapters
+from splitpeft.models import backbone_of, load_model, share_frozen_copy
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"])
+def test_exported_adapter_reproduces_logits(tmp_path, name):
+    base = load_model(name).model
+    backbone = backbone_of(base)
+    modules = target_module_names(backbone, backbone.default_target_modules, range(backbone.num_blocks))
+    ranks = {m: (2, 4, 8)[i % 3] for i, m in enumerate(modules)}  # mixed ranks -> rank_pattern
+    trained = inject(share_frozen_copy(base), ranks, alpha=16.0)
+    g = torch.Generator().manual_seed(3)
+    write_adapters(trained, {n: LoraWeights(torch.randn(w.A.shape, generator=g), 0.05 * torch.randn(w.B.shape, generator=g))
+                             for n, w in read_adapters(trained).items()})
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        want = trained(ids).logits
+        plain = base(ids).logits
+    export_peft(base, read_adapters(trained), 16.0, tmp_path / "adapter", merged=True)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["rank_pattern"]
+    loaded = PeftModel.from_pretrained(load_model(name).model, str(tmp_path / "adapter")).eval()
+    merged_cls = type(base)
+    merged = merged_cls.from_pretrained(tmp_path / "adapter" / "merged").eval()
+    with torch.no_grad():
+        got = loaded(ids).logits
+        got_merged = merged(ids).logits
+    assert not torch.allclose(want, plain, atol=1e-4)  # the adapter really changes the model
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_merged, want, rtol=1e-4, atol=1e-4)
+
+
+def test_write_adapters_rejects_wrong_shapes_and_unknown_modules():
+    base = load_model("tiny-llama").model
+    model = inject(share_frozen_copy(base), {"model.layers.0.self_attn.q_proj": 4}, alpha=8.0)
+    with pytest.raises(AdapterError, match="do not match"):
+        write_adapters(model, {"model.layers.0.self_attn.q_proj": LoraWeights(torch.zeros(2, 32), torch.zeros(32, 2))})
+    with pytest.raises(AdapterError, match="has no adapter"):
+        write_adapters(model, {"model.layers.1.self_attn.q_proj": LoraWeights(torch.zeros(4, 32), torch.zeros(32, 4))})
+    with pytest.raises(AdapterError, match="no such modules"):
+        inject(share_frozen_copy(base), {"model.layers.9.mlp.up_proj": 4}, alpha=8.0)
+
+
+def test_parties_share_frozen_weights():
+    base = load_model("tiny-llama").model
+    copy = inject(share_frozen_copy(base), {"model.layers.0.self_attn.q_proj": 4}, alpha=8.0)
+    assert copy.model.layers[1].mlp.up_proj.weight is base.model.layers[1].mlp.up_proj.weight
+    assert copy.model.layers[0].self_attn.q_proj.base_layer.weight is base.model.layers[0].self_attn.q_proj.weight
+    assert not hasattr(base.model.layers[0].self_attn.q_proj, "lora_A")
