@@ -1,0 +1,74 @@
+"""The real CLI, end to end on the tiny preset, and its handling of bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from splitpeft.cli import main
+
+ROUND_KEYS = {"bytes_up", "bytes_down", "flops", "peak_memory_bytes", "tokens", "train_loss", "wall_s"}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splitpeft.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_simulate_evaluate_generate_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    result = _run("simulate", "--preset", "tiny", "--out", str(out), "--no-progress", "federation.rounds=2")
+    assert result.returncode == 0, result.stderr
+    assert f"report: {out / 'report.json'}" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["rounds"]) == 2
+    for entry in report["rounds"]:
+        assert set(entry["devices"]) == {"device-0", "device-1", "device-2"}
+        for stats in entry["devices"].values():
+            assert ROUND_KEYS <= set(stats)
+            assert stats["bytes_up"] > 0 and stats["flops"] > 0 and stats["peak_memory_bytes"] > 0
+        assert entry["eval_perplexity"] > 1
+    for metric in ("perplexity", "bleu", "nist", "rouge_l", "cider"):
+        assert metric in report["eval"]
+    assert report["totals"]["bytes_up"] == sum(
+        s["bytes_up"] for r in report["rounds"] for s in r["devices"].values()
+    )
+    for name in ("config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png", "bytes.png"):
+        assert (out / name).is_file(), name
+    assert not list(tmp_path.glob(".run.partial-*"))
+
+    evaluated = _run("evaluate", str(out), "eval.groups=2")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((out / "eval.json").read_text())["perplexity"] == pytest.approx(report["eval"]["perplexity"], rel=1e-4)
+
+    generated = _run("generate", str(out), "--mr", "name : Aromi | food : Italian", "--max-new-tokens", "5")
+    assert generated.returncode == 0, generated.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["simulate", "--preset", "tiny", "federation.roundz=2"], "unknown config key 'federation.roundz'"),
+    (["simulate", "--preset", "tiny", "placement.split_layer=9"], "split_layer 9 is out of range"),
+    (["simulate", "--preset", "tiny", "model.name=./no/such/model"], "does not exist"),
+    (["simulate", "--preset", "tiny", "data.source=e2e", "data.path=/no/such/file.txt"], "/no/such/file.txt"),
+    (["simulate", "--config", "/no/such/config.yaml"], "does not exist"),
+    (["evaluate", "/no/such/run"], "is not a splitpeft run folder"),
+])
+def test_bad_input_is_one_clear_error_and_no_run_folder(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    if args[0] == "simulate":
+        args = [*args, "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splitpeft: error:") and message in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    assert main(["simulate", "--preset", "tiny", "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (out / "report.json").read_text() == "{}"
