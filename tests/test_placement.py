@@ -90,6 +90,22 @@ def test_split_matches_centralized_after_several_steps(model, split_layer, label
     assert split.rounds[0].devices["device-0"].losses == pytest.approx(ref_losses, rel=RTOL)
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_dlora_matches_centralized_loss_gradients_and_steps(model):
+    ref_loss, ref_grads = _first_step(_simulation(model, "centralized"))
+    loss, grads = _first_step(_simulation(model, "dlora"))
+    assert loss == pytest.approx(ref_loss, rel=RTOL)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert _close(grads[name], ref_grads[name]), name
+    reference, dlora = _simulation(model, "centralized"), _simulation(model, "dlora")
+    reference.run_round()
+    dlora.run_round()
+    for name, weights in reference.global_adapters.items():
+        assert _close(dlora.global_adapters[name].A, weights.A), name
+        assert _close(dlora.global_adapters[name].B, weights.B), name
+
+
 def test_split_layer_out_of_range_is_a_clear_error():
     with pytest.raises(ValueError, match="split_layer 9 is out of range"):
         _simulation("tiny-llama", "split", 9)

@@ -75,3 +75,18 @@ def test_no_input_token_ids_leave_the_device(labels_on_device):
             prompt_positions = batch.labels == -100
             assert bool(prompt_positions.any())
             assert bool((labels[prompt_positions] == -100).all())
+
+
+def test_cached_flop_counts_equal_counting_every_step():
+    """FLOPs reused for a batch shape already seen equal a fresh count of every step."""
+    counted = []
+    for reuse in (True, False):
+        sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1", "federation.local_steps=6",
+                                     "federation.batch_size=1", "data.max_length=24"))
+        device = sim.devices[0]
+        if not reuse:
+            original = device.meter.begin_step
+            device.meter.begin_step = lambda resident, key=None, original=original: original(resident, None)
+        sim.run_round()
+        counted.append(sim.rounds[0].devices["device-0"].flops)
+    assert counted[0] == counted[1] > 0

@@ -44,6 +44,9 @@ class Endpoint(Protocol):
 
     def handle(self, device_id: str, message: Message) -> Message: ...
 
+    def reject(self, device_id: str, error: Exception) -> None:
+        """A frame from `device_id` failed validation: log it and drop any half-done step."""
+
 
 class Channel(Protocol):
     device_id: str
@@ -85,7 +88,7 @@ class InProcessChannel:
             received = self.send(message, "up")
         except MessageError as error:
             # The server would reject the frame and answer with an error; so do we.
-            log.warning("server rejected a message from %s: %s", self.device_id, error)
+            self.endpoint.reject(self.device_id, error)
             reply = error_message(str(error))
         else:
             reply = self.endpoint.handle(self.device_id, received)

@@ -54,7 +54,7 @@ class DataConfig:
 
 @dataclass
 class PlacementConfig:
-    placement: Literal["split", "centralized"] = _help("where each part of the model runs", "split")
+    placement: Literal["split", "dlora", "centralized"] = _help("where each part of the model runs", "split")
     split_layer: int = _help("k: the device runs blocks [0, k)", 2)
     labels_on_device: bool = _help("U-shaped split: the device also keeps head and loss", False)
 

@@ -13,6 +13,7 @@ from .channel import Channel
 from .data import BatchStream
 from .messages import Kind, Message
 from .meter import DeviceMeter
+from .adapters import ADAPTER_NAME, lora_layers
 from .party import Party
 from .placement import Placement
 
@@ -50,7 +51,9 @@ class DeviceRuntime(Party):
         self.data = data
         self.meter = DeviceMeter(count_flops)
         blocks = placement.device_blocks(self.backbone.num_blocks, split_layer)
-        self._held = self._held_weights(blocks)
+        self._held = self._held_weights(blocks if placement.device_holds_blocks() else range(0))
+        self.killed: set[str] = set()
+        self.last_step_meta: dict[str, object] = {}
 
     def _held_weights(self, blocks: range) -> list[torch.Tensor]:
         """Frozen tensors this device must hold: embedding, its blocks, and the head if it keeps it."""
@@ -78,6 +81,7 @@ class DeviceRuntime(Party):
                     "placement": self.placement.name,
                     "split_layer": self.split_layer,
                     "labels_on_device": self.placement.device_keeps_head(),
+                    "ranks": {name: layer.r[ADAPTER_NAME] for name, layer in lora_layers(self.model).items()},
                 })
             ).expect(Kind.SESSION_READY)
 
@@ -86,7 +90,7 @@ class DeviceRuntime(Party):
         start = time.perf_counter()
         for _ in range(steps):
             batch = self.data.next()
-            self.meter.begin_step(self.resident_tensors())
+            self.meter.begin_step(self.resident_tensors(), key=tuple(batch.input_ids.shape))
             phase.losses.append(self.placement.device_step(self, batch, channel))
             # Gradients are freed after the optimiser step; count them at their peak size.
             self.meter.end_step()

@@ -51,6 +51,13 @@ class Kind(enum.IntEnum):
     CLOSE_SESSION = 7     # device -> server: end of the local phase
     SESSION_CLOSED = 8    # server -> device: {"tokens": n}
     ADAPTERS = 9          # either way: LoRA A/B tensors of a set of modules (federation)
+    BRANCH_INPUTS = 10    # server -> device (dlora): input x of a group of adapted linears
+    BRANCH_OUTPUTS = 11   # device -> server (dlora): s * B A x for each module of the group
+    BRANCH_GRADS = 12     # server -> device (dlora): dL/d(branch output) for each module
+    BRANCH_INPUT_GRAD = 13  # device -> server (dlora): dL/dx through the group's branches
+    STEP_DONE = 14        # server -> device (dlora): the server's backward is complete
+    KILL = 15             # device -> server (dlora): frozen adapters the server computes from now on
+    REVIVE = 16           # server -> device (dlora): adapters handed back to the device
 
 
 @dataclass

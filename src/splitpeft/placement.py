@@ -48,7 +48,11 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Placement(Protocol):
     name: str
 
-    def device_blocks(self, num_blocks: int, split_layer: int) -> range: ...
+    def device_blocks(self, num_blocks: int, split_layer: int) -> range:
+        """Blocks whose adapters the device owns."""
+
+    def device_holds_blocks(self) -> bool:
+        """Whether the device also holds (and runs) those blocks' frozen weights."""
 
     def device_keeps_head(self) -> bool: ...
 
@@ -70,6 +74,9 @@ class SplitPlacement:
         if not 0 <= split_layer <= num_blocks:
             raise ValueError(f"split_layer {split_layer} is out of range: the model has {num_blocks} blocks (0..{num_blocks})")
         return range(0, split_layer)
+
+    def device_holds_blocks(self) -> bool:
+        return True
 
     def device_keeps_head(self) -> bool:
         return self.labels_on_device
@@ -150,6 +157,9 @@ class CentralizedPlacement:
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         return range(0, num_blocks)
 
+    def device_holds_blocks(self) -> bool:
+        return True
+
     def device_keeps_head(self) -> bool:
         return True
 
@@ -169,7 +179,7 @@ class CentralizedPlacement:
         raise MessageError("the centralized placement has no server traffic")
 
 
-PLACEMENTS = ("split", "centralized")
+PLACEMENTS = ("split", "dlora", "centralized")
 
 
 def make_placement(name: str, *, labels_on_device: bool = False) -> Placement:
@@ -177,4 +187,8 @@ def make_placement(name: str, *, labels_on_device: bool = False) -> Placement:
         return SplitPlacement(labels_on_device=labels_on_device)
     if name == "centralized":
         return CentralizedPlacement()
+    if name == "dlora":
+        from .dlora import DLoRAPlacement  # dlora builds on this module's loss
+
+        return DLoRAPlacement()
     raise ValueError(f"unknown placement {name!r}; choose from {', '.join(PLACEMENTS)}")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from .adapters import AdapterError, AdapterSet
 from .messages import Kind, Message, MessageError, error_message
+from .dlora import DLoRASession, abort_step, install_server_hooks
 from .party import Party
 from .placement import Placement, make_placement
 
@@ -29,6 +31,7 @@ class ServerSession(Party):
         self.hidden_size = int(self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.n_embd)
         self.vocab_size = int(self.model.config.vocab_size)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dlora: DLoRASession | None = None
         self.tokens = 0
 
     def check_labels(self, labels: torch.Tensor) -> None:
@@ -70,11 +73,7 @@ class SplitServer:
         except (MessageError, AdapterError, ValueError) as error:
             log.warning("rejected %s message from %s: %s", message.kind.name, device_id, error)
             self.rejected.append((device_id, str(error)))
-            session = self.sessions.get(device_id)
-            if session is not None:  # drop any half-done step so the next one starts clean
-                session.pending = None
-                if session.optimizer is not None:
-                    session.optimizer.zero_grad(set_to_none=True)
+            self._reset(device_id)
             return error_message(str(error))
 
     def _open(self, device_id: str, message: Message) -> Message:
@@ -85,14 +84,47 @@ class SplitServer:
         placement = make_placement(str(meta.get("placement")), labels_on_device=bool(meta.get("labels_on_device")))
         existing = self.sessions.get(device_id)
         if existing is None or existing.split_layer != split_layer or existing.placement != placement:
-            self.sessions[device_id] = ServerSession(
-                device_id, self.base, placement, split_layer, self.server_ranks(split_layer),
+            dlora = placement.name == "dlora"
+            session = ServerSession(
+                device_id, self.base, placement, split_layer, {} if dlora else self.server_ranks(split_layer),
                 alpha=self.alpha, dropout=self.dropout, lr=self.lr,
             )
+            if dlora:
+                session.dlora = install_server_hooks(session, *self._remote_modules(meta))
+            self.sessions[device_id] = session
         session = self.sessions[device_id]
         session.load(self.global_adapters)
         session.tokens = 0
         return Message(Kind.SESSION_READY, meta={"split_layer": split_layer})
+
+    def _remote_modules(self, meta: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
+        """The adapters a dlora device runs (validated against the model's adaptable linears)."""
+        ranks = meta.get("ranks")
+        allowed = self.server_ranks(0)
+        if not isinstance(ranks, dict) or not ranks:
+            raise MessageError("OPEN_SESSION for dlora needs the device's adapter ranks")
+        unknown = [name for name in ranks if name not in allowed]
+        if unknown:
+            raise MessageError(f"unknown adapted modules: {unknown[:3]}")
+        if not all(isinstance(r, int) and 0 < r <= 4096 for r in ranks.values()):
+            raise MessageError("adapter ranks must be integers in 1..4096")
+        return sorted(ranks), {name: self.alpha / r for name, r in ranks.items()}
+
+    def reject(self, device_id: str, error: Exception) -> None:
+        log.warning("rejected a message from %s: %s", device_id, error)
+        self.rejected.append((device_id, str(error)))
+        self._reset(device_id)
+
+    def _reset(self, device_id: str) -> None:
+        """Drop any half-done step of `device_id` so its next step starts clean."""
+        session = self.sessions.get(device_id)
+        if session is None:
+            return
+        session.pending = None
+        if session.dlora is not None:
+            abort_step(session.dlora)
+        if session.optimizer is not None:
+            session.optimizer.zero_grad(set_to_none=True)
 
     def session_copies(self) -> list[tuple[str, AdapterSet, int]]:
         """(holder, adapters, tokens trained this round) for every session."""

@@ -1,0 +1,136 @@
+"""Training throughput of `split` (in-process channel) against a plain single-process peft LoRA
+loop on the same model, batches and optimiser, side by side in one run.
+
+    .venv/bin/python bench/throughput.py [--model smollm2-135m] [--steps 12] [--batch-size 4]
+
+Prints tokens/s of each, the ratio split / plain, and achieved FLOP/s (FLOPs of one step counted
+by FlopCounterMode, divided by the measured step time) against this machine's measured fp32
+matrix-product peak. Runs alternate (plain, split, plain, split, ...) so drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from peft import get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
+
+from splitpeft.adapters import lora_config, target_module_names
+from splitpeft.channel import InProcessChannel
+from splitpeft.data import BatchStream, encode, load_examples
+from splitpeft.devices import DeviceRuntime
+from splitpeft.federation import initial_adapters
+from splitpeft.models import backbone_of, load_model, share_frozen_copy
+from splitpeft.placement import SplitPlacement
+from splitpeft.server import SplitServer
+
+
+def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per repetition")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--split-layer", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--data", default=None, help="E2E file (default: built-in task)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    loaded = load_model(args.model)
+    base, tokenizer = loaded.model, loaded.tokenizer
+    backbone = backbone_of(base)
+    ranks = {n: args.rank for n in target_module_names(backbone, backbone.default_target_modules, range(backbone.num_blocks))}
+    adapters = initial_adapters(base, ranks, 16.0, seed=0)
+    examples = load_examples("e2e" if args.data else "builtin", args.data)
+    items = encode(examples[:400], tokenizer, 96)
+    pad_id = int(tokenizer.pad_token_id)
+    stream = BatchStream(items, args.batch_size, pad_id, seed=0)
+    batches = [stream.next() for _ in range(args.steps)]
+    tokens = sum(b.tokens for b in batches)
+
+    # plain single-process peft loop: get_peft_model + AdamW, loss from the model's own forward
+    plain = get_peft_model(share_frozen_copy(base), lora_config(ranks, 16.0, 0.0, False))
+    plain.train()
+    plain_opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-4)
+
+    def run_plain() -> float:
+        start = time.perf_counter()
+        for batch in batches:
+            loss = plain(input_ids=batch.input_ids, labels=batch.labels).loss
+            loss.backward()
+            plain_opt.step()
+            plain_opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    # split: device + server session through the in-process channel (encode/decode every message)
+    placement = SplitPlacement()
+    server = SplitServer(base, lambda k: {n: r for n, r in ranks.items() if not any(
+        n.startswith(backbone.block_prefix(j)) for j in range(k))}, alpha=16.0, dropout=0.0, lr=1e-4,
+        num_blocks=backbone.num_blocks)
+    server.global_adapters = adapters
+
+    def make_device(count_flops: bool) -> tuple[DeviceRuntime, InProcessChannel]:
+        device_ranks = {n: r for n, r in ranks.items() if any(n.startswith(backbone.block_prefix(j)) for j in range(args.split_layer))}
+        device = DeviceRuntime(f"bench-{count_flops}", base, placement, args.split_layer, device_ranks, stream,
+                               alpha=16.0, dropout=0.0, lr=1e-4, count_flops=count_flops)
+        device.load(adapters)
+        channel = InProcessChannel(device.device_id, server)
+        device.open_session(channel)
+        return device, channel
+
+    metered, metered_channel = make_device(True)
+    bare, bare_channel = make_device(False)
+
+    def run_split(device: DeviceRuntime, channel: InProcessChannel) -> float:
+        start = time.perf_counter()
+        for batch in batches:
+            device.meter.begin_step(device.resident_tensors(), key=tuple(batch.input_ids.shape))
+            placement.device_step(device, batch, channel)
+            device.meter.end_step()
+        return time.perf_counter() - start
+
+    run_plain(), run_split(bare, bare_channel), run_split(metered, metered_channel)  # warm-up
+    times: dict[str, list[float]] = {"plain peft loop": [], "split (in-process)": [], "split + meters (report)": []}
+    for _ in range(args.repeats):
+        times["plain peft loop"].append(run_plain())
+        times["split (in-process)"].append(run_split(bare, bare_channel))
+        times["split + meters (report)"].append(run_split(metered, metered_channel))
+
+    with FlopCounterMode(display=False) as counter:
+        for batch in batches:
+            plain(input_ids=batch.input_ids, labels=batch.labels).loss.backward()
+    plain_opt.zero_grad(set_to_none=True)
+    total_flops = counter.get_total_flops()
+    peak = matmul_peak_flops()
+
+    print(f"model {args.model}, {len(batches)} steps x batch {args.batch_size}, {tokens} tokens per repetition, "
+          f"split_layer {args.split_layer}, rank {args.rank}, {args.repeats} repetitions (median)")
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    base_rate = tokens / medians["plain peft loop"]
+    for name, seconds in medians.items():
+        rate = tokens / seconds
+        print(f"{name:24s} {rate:8.1f} tokens/s   ratio to plain {rate / base_rate:.3f}")
+    for name, seconds in medians.items():
+        achieved = total_flops / seconds
+        print(f"{name:24s} {achieved / 1e9:6.1f} GFLOP/s achieved = {achieved / peak:.0%} of the measured fp32 "
+              f"matmul peak {peak / 1e9:.1f} GFLOP/s ({total_flops / 1e9:.0f} GFLOP fwd+bwd per repetition)")
+
+
+if __name__ == "__main__":
+    main()
