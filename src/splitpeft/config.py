@@ -70,6 +70,19 @@ class FederationConfig:
 
 
 @dataclass
+class KillReviveConfig:
+    enabled: bool = _help("Kill and Revive: keep only the adapters that matter active on the device", False)
+    warmup: int = _help("steps before the first kill", 10)
+    interval: int = _help("kill the lowest-scoring active adapters every N steps", 5)
+    active_fraction: float = _help("at most this share of a device's adapters stays active", 0.125)
+    revive_interval: int = _help("score killed adapters by gradient norm every N steps", 10)
+    revive_margin: float = _help("a killed adapter revives if it beats the weakest active one by this (relative)", 0.1)
+    ema: float = _help("EMA factor of the update-size score ||delta(BA)|| / ||BA||", 0.9)
+    selection: Literal["dynamic", "static_random", "static_score"] = _help(
+        "dynamic = KR; static_* = baselines choosing the active set once when warm-up ends", "dynamic")
+
+
+@dataclass
 class EvalConfig:
     perplexity: bool = _help("perplexity on held-out examples", True)
     perplexity_examples: int = _help("held-out examples used for perplexity", 64)
@@ -92,6 +105,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    kill_revive: KillReviveConfig = field(default_factory=KillReviveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> ExperimentConfig:
@@ -112,6 +126,11 @@ class ExperimentConfig:
             (self.federation.local_steps >= 1, "federation.local_steps must be >= 1"),
             (self.federation.batch_size >= 1, "federation.batch_size must be >= 1"),
             (self.federation.lr > 0, "federation.lr must be > 0"),
+            (0 < self.kill_revive.active_fraction <= 1, "kill_revive.active_fraction must be in (0, 1]"),
+            (self.kill_revive.interval >= 1 and self.kill_revive.revive_interval >= 1,
+             "kill_revive.interval and kill_revive.revive_interval must be >= 1"),
+            (self.kill_revive.warmup >= 0, "kill_revive.warmup must be >= 0"),
+            (0 <= self.kill_revive.ema < 1, "kill_revive.ema must be in [0, 1)"),
             (self.eval.perplexity_examples >= 1, "eval.perplexity_examples must be >= 1"),
             (self.eval.groups >= 1, "eval.groups must be >= 1"),
             (self.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),

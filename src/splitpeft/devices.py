@@ -13,7 +13,8 @@ from .channel import Channel
 from .data import BatchStream
 from .messages import Kind, Message
 from .meter import DeviceMeter
-from .adapters import ADAPTER_NAME, lora_layers
+from .adapters import ADAPTER_NAME, LoraWeights, lora_layers, read_adapters
+from .killrevive import KillRevive, KillReviveSettings
 from .party import Party
 from .placement import Placement
 
@@ -54,6 +55,10 @@ class DeviceRuntime(Party):
         self._held = self._held_weights(blocks if placement.device_holds_blocks() else range(0))
         self.killed: set[str] = set()
         self.last_step_meta: dict[str, object] = {}
+        self.kill_revive: KillRevive | None = None
+        self.measure_killed = False
+        self.grad_norms: dict[str, float] = {}
+        self._before: dict[str, LoraWeights] = {}
 
     def _held_weights(self, blocks: range) -> list[torch.Tensor]:
         """Frozen tensors this device must hold: embedding, its blocks, and the head if it keeps it."""
@@ -70,8 +75,72 @@ class DeviceRuntime(Party):
         return held
 
     def resident_tensors(self) -> list[torch.Tensor]:
-        grads = [p.grad for p in self.parameters if p.grad is not None]
-        return self._held + self.parameters + grads + self.optimizer_state_tensors()
+        """Tensors the device holds across steps: frozen weights, adapters, optimiser state."""
+        return self._held + self.parameters + self.optimizer_state_tensors()
+
+    def gradient_bytes(self) -> int:
+        """Bytes of the gradients a step allocates (one per trainable adapter parameter)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters if p.requires_grad)
+
+    # ------------------------------------------------------------------ kill and revive
+
+    def attach_kill_revive(self, settings: KillReviveSettings, seed: int) -> None:
+        self.kill_revive = KillRevive(settings, self.modules, seed=seed)
+
+    def set_trainable(self, names: set[str] | list[str], trainable: bool) -> None:
+        layers = lora_layers(self.model)
+        for name in names:
+            layer = layers[name]
+            layer.lora_A[ADAPTER_NAME].weight.requires_grad_(trainable)
+            layer.lora_B[ADAPTER_NAME].weight.requires_grad_(trainable)
+
+    def optimizer_step(self) -> None:
+        """Step the active adapters; on a revive step first record every adapter's gradient norm."""
+        if self.kill_revive is not None and self.measure_killed:
+            layers = lora_layers(self.model)
+            norms = {}
+            for name, layer in layers.items():
+                grads = [p.grad for p in (layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight) if p.grad is not None]
+                if grads:
+                    norms[name] = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+            self.grad_norms.update(norms)
+            for name in self.killed:  # measured only: killed adapters stay frozen
+                for p in (layers[name].lora_A[ADAPTER_NAME].weight, layers[name].lora_B[ADAPTER_NAME].weight):
+                    p.grad = None
+        super().optimizer_step()
+
+    def _kill_revive_step(self, channel: Channel) -> None:
+        policy = self.kill_revive
+        assert policy is not None
+        after = read_adapters(self.model, sorted(policy.active))
+        policy.observe(self._before, after)
+        kill, revive = policy.decide(self.grad_norms if self.measure_killed else None)
+        if kill or revive:
+            self.placement.apply_kill_revive(self, channel, kill, revive)
+
+    def local_phase(self, steps: int, channel: Channel) -> LocalPhase:
+        phase = LocalPhase()
+        start = time.perf_counter()
+        policy = self.kill_revive
+        if policy is not None and self.killed:
+            self.placement.apply_kill_revive(self, channel, sorted(self.killed), [])  # re-sync after aggregation
+        for _ in range(steps):
+            batch = self.data.next()
+            if policy is not None:
+                self.measure_killed = policy.wants_killed_gradients()
+                self.grad_norms = {}
+                self._before = read_adapters(self.model, sorted(policy.active))
+                self.set_trainable(self.killed, self.measure_killed and self.placement.name != "dlora")
+            self.meter.begin_step(self.resident_tensors(), key=(tuple(batch.input_ids.shape), len(self.killed)),
+                                  extra_bytes=self.gradient_bytes())
+            phase.losses.append(self.placement.device_step(self, batch, channel))
+            self.meter.end_step()
+            phase.tokens += batch.completion_tokens
+            if policy is not None:
+                self.set_trainable(self.killed, False)
+                self._kill_revive_step(channel)
+        phase.wall_s = time.perf_counter() - start
+        return phase
 
     def open_session(self, channel: Channel) -> None:
         """Tell the server this device's split; the server builds its half for it."""
@@ -85,15 +154,3 @@ class DeviceRuntime(Party):
                 })
             ).expect(Kind.SESSION_READY)
 
-    def local_phase(self, steps: int, channel: Channel) -> LocalPhase:
-        phase = LocalPhase()
-        start = time.perf_counter()
-        for _ in range(steps):
-            batch = self.data.next()
-            self.meter.begin_step(self.resident_tensors(), key=tuple(batch.input_ids.shape))
-            phase.losses.append(self.placement.device_step(self, batch, channel))
-            # Gradients are freed after the optimiser step; count them at their peak size.
-            self.meter.end_step()
-            phase.tokens += batch.completion_tokens
-        phase.wall_s = time.perf_counter() - start
-        return phase

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .adapters import ADAPTER_NAME, LoraWeights, from_tensors, lora_layers, to_tensors
+from .adapters import ADAPTER_NAME, LoraWeights, from_tensors, lora_layers, read_adapters, to_tensors, write_adapters
 from .channel import Channel
 from .data import Batch
 from .messages import Kind, Message, MessageError, finite
@@ -254,7 +254,8 @@ class DLoRAPlacement:
         layers = lora_layers(device.model)
         with meter.compute():
             embedded = backbone.embed(batch.input_ids)  # (B, T, d); frozen, so no graph is kept
-        reply = channel.exchange(Message(Kind.ACTIVATIONS, {"hidden": embedded.detach()}))
+        reply = channel.exchange(Message(Kind.ACTIVATIONS, {"hidden": embedded.detach()},
+                                         meta={"killed_grad_norms": device.measure_killed}))
         pending: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         while reply.kind == Kind.BRANCH_INPUTS:
             names = [str(n) for n in reply.meta.get("modules", [])]
@@ -287,9 +288,28 @@ class DLoRAPlacement:
             reply = channel.exchange(Message(Kind.BRANCH_INPUT_GRAD, up, meta={"call": call}))
         reply.expect(Kind.STEP_DONE)
         device.last_step_meta = reply.meta
+        norms = reply.meta.get("killed_grad_norms")
+        if isinstance(norms, dict):
+            device.grad_norms.update({str(n): float(v) for n, v in norms.items()})
         with meter.compute():
             device.optimizer_step()
         return loss.item()
+
+    def apply_kill_revive(self, device: DeviceRuntime, channel: Channel, kill: list[str], revive: list[str]) -> None:
+        """Hand killed adapters (frozen) to the server; take revived ones back from it."""
+        if kill:
+            weights = read_adapters(device.model, kill)
+            channel.exchange(Message(Kind.KILL, to_tensors(weights))).expect(Kind.SESSION_READY)
+        if revive:
+            reply = channel.exchange(Message(Kind.REVIVE, meta={"modules": list(revive)})).expect(Kind.REVIVE)
+            returned = from_tensors(reply.tensors)
+            if sorted(returned) != sorted(revive):
+                raise MessageError("server returned other adapters than the ones revived")
+            write_adapters(device.model, returned)
+        device.killed |= set(kill)
+        device.killed -= set(revive)
+        device.set_trainable(kill, False)
+        device.set_trainable(revive, True)
 
     # ------------------------------------------------------------------ server side
 
@@ -308,7 +328,7 @@ class DLoRAPlacement:
             if state.worker is not None and state.worker.is_alive():
                 raise MessageError("a dlora step is already in progress")
             hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=torch.float32)
-            state.killed_grad_norms = bool(message.meta.get("killed_grad_norms", False))
+            state.killed_grad_norms = bool(message.meta.get("killed_grad_norms", False)) and bool(state.killed)
             state.link = _Link()
             state.worker = threading.Thread(target=_server_worker, args=(session, state, hidden), daemon=True)
             state.worker.start()

@@ -14,6 +14,7 @@ Every message is encoded as on the wire, so the bytes in the report are real siz
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -32,6 +33,7 @@ from .channel import InProcessChannel, Tap
 from .config import ExperimentConfig
 from .data import BatchStream, EncodedExample, encode, load_examples, partition, split_by_group
 from .devices import DeviceRuntime
+from .killrevive import KillReviveSettings
 from .messages import Kind, Message
 from .models import LoadedModel, backbone_of, load_model, share_frozen_copy
 from .placement import make_placement
@@ -68,6 +70,8 @@ class DeviceRound:
     train_loss: float = float("nan")
     losses: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    kr_events: list[dict[str, Any]] = field(default_factory=list)
+    active_adapters: int | None = None
 
 
 @dataclass
@@ -133,6 +137,10 @@ class Simulation:
                 device_id, base, self.placement, placement_cfg.split_layer, ranks_in(blocks), stream,
                 alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, count_flops=config.count_flops,
             )
+            if config.kill_revive.enabled:
+                settings = dataclasses.asdict(config.kill_revive)
+                settings.pop("enabled")
+                device.attach_kill_revive(KillReviveSettings(**settings), seed=config.seed + index)
             self.devices.append(device)
             self.channels[device_id] = InProcessChannel(device_id, self.server, tap=tap)
         self.tap = tap
@@ -152,8 +160,12 @@ class Simulation:
             stats = DeviceRound()
             stats.adapter_bytes_down = self._download(device, channel)
             device.open_session(channel)
+            events_before = len(device.kill_revive.events) if device.kill_revive is not None else 0
             phase = device.local_phase(self.config.federation.local_steps, channel)
             uploaded, stats.adapter_bytes_up = self._upload(device, channel)
+            if device.kill_revive is not None:
+                stats.kr_events = device.kill_revive.events[events_before:]
+                stats.active_adapters = len(device.kill_revive.active)
             for name, weights in uploaded.items():
                 copies[name].append(AdapterCopy(device.device_id, weights, phase.tokens))
             stats.bytes_up = channel.traffic.bytes_up - before[0]
@@ -185,7 +197,9 @@ class Simulation:
         return channel.traffic.bytes_down - before
 
     def _upload(self, device: DeviceRuntime, channel: InProcessChannel) -> tuple[AdapterSet, int]:
-        message = Message(Kind.ADAPTERS, lora.to_tensors(device.adapters()), meta={"device": device.device_id})
+        """Upload the device's trained adapters (killed ones did not change and stay home)."""
+        trained = {n: w for n, w in device.adapters().items() if n not in device.killed}
+        message = Message(Kind.ADAPTERS, lora.to_tensors(trained), meta={"device": device.device_id})
         before = channel.traffic.bytes_up
         received = channel.send(message, "up")
         return lora.from_tensors(received.tensors), channel.traffic.bytes_up - before

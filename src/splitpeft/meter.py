@@ -47,15 +47,16 @@ class DeviceMeter:
         self._counting = count_flops
         self._step_flops = 0
 
-    def begin_step(self, resident: Iterable[torch.Tensor], key: Hashable = None) -> None:
+    def begin_step(self, resident: Iterable[torch.Tensor], key: Hashable = None, extra_bytes: int = 0) -> None:
         """Start a step; `resident` are tensors held across steps (not counted as activations).
 
-        `key` identifies the step's shapes (None: always count)."""
+        `key` identifies the step's shapes (None: always count); `extra_bytes` are held during the
+        step but not allocated yet (the adapters' gradients)."""
         self._key = key
         self._counting = self.count_flops and (key is None or key not in self._flops_by_key)
         self._step_flops = 0
         resident = list(resident)
-        self._resident_bytes = tensor_nbytes(resident)
+        self._resident_bytes = tensor_nbytes(resident) + extra_bytes
         self._exclude = {t.untyped_storage().data_ptr() for t in resident}
         self._saved = {}
 

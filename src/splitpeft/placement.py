@@ -60,6 +60,9 @@ class Placement(Protocol):
 
     def device_step(self, device: DeviceRuntime, batch: Batch, channel: Channel) -> float: ...
 
+    def apply_kill_revive(self, device: DeviceRuntime, channel: Channel, kill: list[str], revive: list[str]) -> None:
+        """Freeze `kill` and unfreeze `revive` on the device (and tell the server where needed)."""
+
     def server_step(self, session: ServerSession, message: Message) -> Message: ...
 
 
@@ -116,6 +119,9 @@ class SplitPlacement:
                 cut.backward(grad)
             device.optimizer_step()
         return loss_value
+
+    def apply_kill_revive(self, device: DeviceRuntime, channel: Channel, kill: list[str], revive: list[str]) -> None:
+        freeze_locally(device, kill, revive)
 
     # ----------------------------------------------------------------- server side
 
@@ -175,8 +181,20 @@ class CentralizedPlacement:
             device.optimizer_step()
         return loss.item()
 
+    def apply_kill_revive(self, device: DeviceRuntime, channel: Channel, kill: list[str], revive: list[str]) -> None:
+        freeze_locally(device, kill, revive)
+
     def server_step(self, session: ServerSession, message: Message) -> Message:
         raise MessageError("the centralized placement has no server traffic")
+
+
+def freeze_locally(device: DeviceRuntime, kill: list[str], revive: list[str]) -> None:
+    """Killed adapters keep computing their (frozen) branch on the device: no weight gradients,
+    no optimiser update, no upload; revived ones train again. Weights are never reset."""
+    device.killed |= set(kill)
+    device.killed -= set(revive)
+    device.set_trainable(kill, False)
+    device.set_trainable(revive, True)
 
 
 PLACEMENTS = ("split", "dlora", "centralized")
