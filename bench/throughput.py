@@ -16,13 +16,13 @@ import time
 
 import torch
 from peft import get_peft_model
-from torch.utils.flop_counter import FlopCounterMode
 
 from splitpeft.adapters import lora_config, target_module_names
 from splitpeft.channel import InProcessChannel
 from splitpeft.data import BatchStream, encode, load_examples
 from splitpeft.devices import DeviceRuntime
 from splitpeft.federation import initial_adapters
+from splitpeft.meter import flop_counter
 from splitpeft.models import backbone_of, load_model, share_frozen_copy
 from splitpeft.placement import SplitPlacement
 from splitpeft.server import SplitServer
@@ -112,7 +112,7 @@ def main() -> None:
         times["split (in-process)"].append(run_split(bare, bare_channel))
         times["split + meters (report)"].append(run_split(metered, metered_channel))
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         for batch in batches:
             plain(input_ids=batch.input_ids, labels=batch.labels).loss.backward()
     plain_opt.zero_grad(set_to_none=True)

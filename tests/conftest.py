@@ -16,3 +16,8 @@ def _deterministic():
     torch.manual_seed(0)
     logging.getLogger("splitpeft").setLevel(logging.WARNING)
     yield
+
+
+# Tiny models run thousands of tiny matrix products: on a loaded 2-core machine torch's default
+# thread pool makes each one orders of magnitude slower than a single thread does.
+torch.set_num_threads(1)

@@ -1,5 +1,6 @@
 """IWI: gradient-weight probe, cost normalisation, and the smoothed tracker."""
 
+import copy
 import math
 
 import pytest
@@ -18,6 +19,15 @@ from splitpeft.importance import (
 )
 from splitpeft.models import backbone_of, load_model, share_frozen_copy
 from splitpeft.placement import causal_lm_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread avoids OpenMP spin-waits that make a loaded machine 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def probe_batches(n: int = 2, batch_size: int = 2, seq_len: int = 12) -> list[Batch]:
@@ -56,8 +66,6 @@ def test_probe_matches_an_independent_gradient_weight_product():
     backbone = backbone_of(base)
     modules = target_module_names(backbone, ["c_fc", "c_attn"], range(2))
     batches = probe_batches(n=2)
-    import copy
-
     reference = copy.deepcopy(base)
     reference.eval()
     ref_backbone = backbone_of(reference)

@@ -86,7 +86,22 @@ def test_cached_flop_counts_equal_counting_every_step():
         device = sim.devices[0]
         if not reuse:
             original = device.meter.begin_step
-            device.meter.begin_step = lambda resident, key=None, original=original: original(resident, None)
+            device.meter.begin_step = lambda resident, key=None, extra_bytes=0, original=original: original(resident, None, extra_bytes)
         sim.run_round()
         counted.append(sim.rounds[0].devices["device-0"].flops)
     assert counted[0] == counted[1] > 0
+
+
+def test_device_flops_include_attention():
+    """FlopCounterMode has no CPU formula for sdpa; ours adds it, so attention is not free."""
+    import torch.nn.functional as F
+
+    from splitpeft.meter import DeviceMeter
+
+    meter = DeviceMeter()
+    q = torch.randn(1, 2, 16, 8, requires_grad=True)
+    meter.begin_step([])
+    with meter.compute():
+        F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    meter.end_step()
+    assert meter.flops >= 2 * (2 * 16 * 16 * 8)  # QK^T and AV, forward only

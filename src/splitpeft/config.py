@@ -66,7 +66,9 @@ class FederationConfig:
     local_steps: int = _help("training steps per device per round", 10)
     batch_size: int = _help("examples per step", 4)
     lr: float = _help("AdamW learning rate (devices and server)", 1e-3)
-    aggregator: Literal["fedavg"] = _help("how device copies of an adapter are combined", "fedavg")
+    aggregator: Literal["fedavg", "noise_free", "zero_pad", "svd"] = _help(
+        "how the copies of an adapter are combined: fedavg (equal ranks), noise_free (HSplitLoRA NAA), "
+        "zero_pad (HetLoRA), svd (FlexLoRA)", "fedavg")
 
 
 @dataclass

@@ -198,11 +198,14 @@ def install_server_hooks(session: ServerSession, modules: Sequence[str], scales:
 
 
 def _server_worker(session: ServerSession, state: DLoRASession, hidden: torch.Tensor) -> None:
-    """One dlora step of the server: forward to FINAL_HIDDEN, then backward on HEAD_GRADIENT."""
+    """One dlora step of the server: forward to FINAL_HIDDEN, then backward on HEAD_GRADIENT.
+
+    The last thing the worker does is put its final reply, so the device's next step never finds
+    the previous one still cleaning up (the handler also joins the finished thread).
+    """
     link = state.link
+    track = state.killed_grad_norms
     try:
-        state.cache.clear()
-        track = state.killed_grad_norms
         for a, b in state._killed_params.values():
             a.requires_grad_(track)
             b.requires_grad_(track)
@@ -215,18 +218,17 @@ def _server_worker(session: ServerSession, state: DLoRASession, hidden: torch.Te
         if final.requires_grad:
             final.backward(grad)
         session.tokens += int(reply.meta.get("tokens", 0))
-        meta: dict[str, Any] = {}
-        if track:
-            meta["killed_grad_norms"] = state.killed_norms()
-        link.to_device.put(Message(Kind.STEP_DONE, meta=meta))
+        meta: dict[str, Any] = {"killed_grad_norms": state.killed_norms()} if track else {}
+        last = Message(Kind.STEP_DONE, meta=meta)
     except Exception as error:  # report to the device, never leave it waiting
         log.warning("dlora step for %s failed: %s", session.device_id, error)
-        link.to_device.put(Message(Kind.ERROR, meta={"error": str(error)}))
+        last = Message(Kind.ERROR, meta={"error": str(error)})
     finally:
         state.cache.clear()
         for a, b in state._killed_params.values():
             a.requires_grad_(False)
             b.requires_grad_(False)
+    link.to_device.put(last)
 
 
 @dataclass
@@ -325,8 +327,10 @@ class DLoRAPlacement:
                 raise MessageError(f"cannot revive adapters that are not killed: {missing[:3]}")
             return Message(Kind.REVIVE, to_tensors(state.revive(names)))
         if message.kind == Kind.ACTIVATIONS:
-            if state.worker is not None and state.worker.is_alive():
-                raise MessageError("a dlora step is already in progress")
+            if state.worker is not None:
+                state.worker.join(timeout=1.0)  # the previous step has replied; let its thread end
+                if state.worker.is_alive():
+                    raise MessageError("a dlora step is already in progress")
             hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=torch.float32)
             state.killed_grad_norms = bool(message.meta.get("killed_grad_norms", False)) and bool(state.killed)
             state.link = _Link()

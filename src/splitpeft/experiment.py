@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from . import __version__
-from .adapters import export_peft
 from .config import ExperimentConfig, dump_yaml, to_dict
 from .data import Example, EncodedExample
 from .evaluation import evaluate_generation, perplexity
@@ -134,7 +133,7 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
     report["totals"] = totals(sim.rounds)
     model = sim.global_model()
     report["eval"] = evaluate_model(model, tokenizer, config, sim.held_out, sim.held_out_encoded, progress=progress)
-    export_peft(sim.loaded.model, sim.global_adapters, config.lora.alpha, staging / "adapter", merged=config.export_merged)
+    sim.export(staging / "adapter", merged=config.export_merged)
     (staging / "config.yaml").write_text(dump_yaml(config))
     plot_rounds(sim.rounds, staging)
     report["measurement"] = MEASUREMENT_NOTES

@@ -14,8 +14,10 @@ Every message is encoded as on the wire, so the bytes in the report are real siz
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+from pathlib import Path
 import random
 import time
 from collections import defaultdict
@@ -28,7 +30,7 @@ import torch
 
 from . import adapters as lora
 from .adapters import AdapterSet, LoraWeights
-from .aggregation import AdapterCopy, AggregationError, make_aggregator
+from .aggregation import AdapterCopy, AggregationError, FedAvg, check_copy, make_aggregator, token_weights
 from .channel import InProcessChannel, Tap
 from .config import ExperimentConfig
 from .data import BatchStream, EncodedExample, encode, load_examples, partition, split_by_group
@@ -117,7 +119,13 @@ class Simulation:
         if not self.ranks:
             raise ValueError(f"lora.target_modules {targets} match no module of {config.model.name}")
         self.global_adapters = initial_adapters(base, self.ranks, config.lora.alpha, config.seed)
-        self.aggregator = make_aggregator(fed.aggregator)
+        self._initial_by_rank = {config.lora.rank: self.global_adapters}
+        self.aggregator = make_aggregator(fed.aggregator, seed=config.seed)
+        # Per holder ("device-3", "server/device-3"): the adapters it starts the next round with,
+        # and the token weights of the last aggregation (for the global model).
+        self.holder_state: dict[str, AdapterSet] = defaultdict(dict)
+        self.last_weights: dict[str, dict[str, float]] = {}
+        self.merged: dict[str, torch.Tensor] = {}  # sum of deltas merged into each frozen weight
 
         def ranks_in(blocks: range) -> dict[str, int]:
             prefixes = tuple(self.backbone.block_prefix(j) for j in blocks)
@@ -127,6 +135,7 @@ class Simulation:
             base, lambda k: ranks_in(range(k, num_blocks)),
             alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks,
         )
+        self.server.start_state = self.start_state
         self.devices: list[DeviceRuntime] = []
         self.channels: dict[str, InProcessChannel] = {}
         for index, shard in enumerate(shards):
@@ -167,7 +176,8 @@ class Simulation:
                 stats.kr_events = device.kill_revive.events[events_before:]
                 stats.active_adapters = len(device.kill_revive.active)
             for name, weights in uploaded.items():
-                copies[name].append(AdapterCopy(device.device_id, weights, phase.tokens))
+                copies[name].append(AdapterCopy(device.device_id, weights, phase.tokens,
+                                                scale=self.config.lora.alpha / weights.rank))
             stats.bytes_up = channel.traffic.bytes_up - before[0]
             stats.bytes_down = channel.traffic.bytes_down - before[1]
             stats.flops, stats.peak_memory_bytes = device.meter.take_round()
@@ -177,9 +187,10 @@ class Simulation:
             record.devices[device.device_id] = stats
             if on_device_done is not None:
                 on_device_done(device.device_id)
+        alpha = self.config.lora.alpha
         for holder, adapters, tokens in self.server.session_copies():
             for name, weights in adapters.items():
-                copies[name].append(AdapterCopy(holder, weights, tokens))
+                copies[name].append(AdapterCopy(holder, weights, tokens, scale=alpha / weights.rank))
         record.rejected = self._aggregate(copies)
         record.rejected += [f"{device}: {error}" for device, error in self.server.rejected]
         self.server.rejected.clear()
@@ -187,9 +198,25 @@ class Simulation:
         self.rounds.append(record)
         return record
 
+    def start_state(self, holder: str, ranks: dict[str, int]) -> AdapterSet:
+        """What `holder` starts the round with: its aggregated adapters, else the initial ones."""
+        state = self.holder_state.get(holder, {})
+        start = {}
+        for name, rank in ranks.items():
+            if name in state and state[name].rank == rank:
+                start[name] = state[name]
+            elif self.global_adapters[name].rank == rank:
+                start[name] = self.global_adapters[name]
+            else:
+                if rank not in self._initial_by_rank:
+                    self._initial_by_rank[rank] = initial_adapters(
+                        self.loaded.model, {n: rank for n in self.ranks}, self.config.lora.alpha, self.config.seed)
+                start[name] = self._initial_by_rank[rank][name]
+        return start
+
     def _download(self, device: DeviceRuntime, channel: InProcessChannel) -> int:
-        """Send the device its modules' global adapters; returns the bytes sent."""
-        message = Message(Kind.ADAPTERS, lora.to_tensors({n: self.global_adapters[n] for n in device.modules}),
+        """Send the device its modules' adapters for this round; returns the bytes sent."""
+        message = Message(Kind.ADAPTERS, lora.to_tensors(self.start_state(device.device_id, device.ranks)),
                           meta={"round": len(self.rounds)})
         before = channel.traffic.bytes_down
         received = channel.send(message, "down")
@@ -205,13 +232,13 @@ class Simulation:
         return lora.from_tensors(received.tensors), channel.traffic.bytes_up - before
 
     def _aggregate(self, copies: dict[str, list[AdapterCopy]]) -> list[str]:
-        """New global adapters; a poisoned copy is dropped (and reported), the others still count."""
+        """Next round's adapters per holder; a poisoned copy is dropped (and reported), the others count."""
         rejected = []
         for name, module_copies in copies.items():
             good = []
             for copy in module_copies:
                 try:
-                    self.aggregator.aggregate(name, [copy])
+                    check_copy(name, copy)
                     good.append(copy)
                 except AggregationError as error:
                     log.warning("dropping an adapter upload: %s", error)
@@ -219,17 +246,83 @@ class Simulation:
             if not good:
                 continue
             result = self.aggregator.aggregate(name, good)
-            self.global_adapters[name] = next(iter(result.adapters.values()))
+            if result.base_delta is not None:
+                self._merge(name, result.base_delta)
+            for holder, weights in result.adapters.items():
+                self.holder_state[holder][name] = weights
+            self.last_weights[name] = dict(zip((c.holder for c in good), token_weights(good)))
+            if isinstance(self.aggregator, FedAvg):
+                self.global_adapters[name] = next(iter(result.adapters.values()))
         return rejected
+
+    def _merge(self, name: str, delta: torch.Tensor) -> None:
+        """W += delta (d_out, d_in) in the shared frozen weight, so every holder sees it."""
+        module = self.loaded.model.get_submodule(name)
+        with torch.no_grad():
+            if lora.is_fan_in_fan_out(self.loaded.model):  # GPT-2 Conv1D stores (d_in, d_out)
+                module.weight.add_(delta.T)
+            else:
+                module.weight.add_(delta)
+        self.merged[name] = self.merged.get(name, 0) + delta
+
+    def global_delta(self, name: str) -> torch.Tensor | None:
+        """The global model's adapter update of `name` beyond what is merged: sum_h p_h s_h B_h A_h."""
+        weights = self.last_weights.get(name)
+        if not weights:
+            return None
+        scale = self.config.lora.alpha
+        return sum(p * (scale / self.holder_state[h][name].rank) * (self.holder_state[h][name].B @ self.holder_state[h][name].A)
+                   for h, p in weights.items())  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ models for evaluation
 
+    def _homogeneous(self) -> bool:
+        return isinstance(self.aggregator, FedAvg) and not self.merged
+
     def global_model(self) -> torch.nn.Module:
-        """The base model with the current global adapters (a plain HF model with peft LoRA layers)."""
-        model = lora.inject(share_frozen_copy(self.loaded.model), self.ranks, self.config.lora.alpha)
-        lora.write_adapters(model, self.global_adapters)
+        """The current global model: base (with merged updates) + the global adapter updates.
+
+        With FedAvg (one shared adapter per module) it is the base with peft LoRA layers holding the
+        global adapters; otherwise a copy whose frozen weights include the dense global updates.
+        """
+        if self._homogeneous():
+            model = lora.inject(share_frozen_copy(self.loaded.model), self.ranks, self.config.lora.alpha)
+            lora.write_adapters(model, self.global_adapters)
+        else:
+            model = copy.deepcopy(self.loaded.model)
+            with torch.no_grad():
+                for name in self.ranks:
+                    delta = self.global_delta(name)
+                    if delta is not None:
+                        weight = model.get_submodule(name).weight
+                        weight.add_(delta.T if lora.is_fan_in_fan_out(model) else delta)
         model.eval()
         return model
+
+    def export(self, path: Path, merged: bool = False) -> None:
+        """Write the global model as a PEFT adapter folder relative to the original base weights.
+
+        Heterogeneous or merged updates are factorised exactly: delta = U S V^T at its numerical
+        rank, B = U sqrt(S) / sqrt(s), A = sqrt(S) V^T / sqrt(s) with s = alpha / rank.
+        """
+        alpha = self.config.lora.alpha
+        if self._homogeneous():
+            lora.export_peft(self.loaded.model, self.global_adapters, alpha, path, merged=merged)
+            return
+        original = copy.deepcopy(self.loaded.model)
+        factors = {}
+        with torch.no_grad():
+            for name in self.ranks:
+                total = self.merged.get(name, 0) + (self.global_delta(name) if self.global_delta(name) is not None else 0)
+                if name in self.merged:
+                    weight = original.get_submodule(name).weight
+                    weight.sub_(self.merged[name].T if lora.is_fan_in_fan_out(original) else self.merged[name])
+                if not torch.is_tensor(total):
+                    continue
+                factors[name] = factorise(total, alpha)
+        if not factors:
+            factors = {n: w for n, w in self.global_adapters.items()}
+        lora.export_peft(original, factors, alpha, path, merged=merged)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -247,6 +340,14 @@ class Simulation:
             },
             "held_out_examples": len(self.held_out),
         }
+
+
+def factorise(delta: torch.Tensor, alpha: float, tolerance: float = 1e-6) -> LoraWeights:
+    """A LoRA pair with s B A == delta (d_out, d_in), s = alpha / r, r = numerical rank of delta."""
+    u, singular, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    rank = max(1, int((singular > tolerance * singular[0].clamp(min=1e-30)).sum()))
+    root = singular[:rank].sqrt() / (alpha / rank) ** 0.5
+    return LoraWeights((root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float())
 
 
 def adapters_equal(a: dict[str, LoraWeights], b: dict[str, LoraWeights], rtol: float = 1e-5) -> bool:

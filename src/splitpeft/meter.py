@@ -21,7 +21,23 @@ from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+# torch's registry has no formula for the CPU flash-attention kernel that sdpa uses here, so
+# attention would count as zero FLOPs; it is the same computation as the CUDA kernels'.
+_aten = torch.ops.aten
+CPU_ATTENTION_FLOPS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[_aten._scaled_dot_product_flash_attention],
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        flop_registry[_aten._scaled_dot_product_flash_attention_backward],
+}
+for _formula in CPU_ATTENTION_FLOPS.values():
+    _formula._get_raw = True  # already shape-wrapped by torch's registry
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that also counts CPU attention."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
 
 
 def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -84,7 +100,7 @@ class DeviceMeter:
     @contextmanager
     def compute(self) -> Iterator[None]:
         """Charge the work inside this block to the device."""
-        counter = FlopCounterMode(display=False) if self._counting else nullcontext()
+        counter = flop_counter() if self._counting else nullcontext()
         with counter, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield
         if isinstance(counter, FlopCounterMode):

@@ -29,6 +29,7 @@ class Party:
         self.model = inject(share_frozen_copy(base), ranks, alpha, dropout)
         self.backbone = backbone_of(self.model)
         self.modules = sorted(lora_layers(self.model))
+        self.ranks = {name: rank for name, rank in ranks.items() if rank > 0}
         self.parameters = lora_parameters(self.model)
         self.optimizer = (
             torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay) if self.parameters else None

@@ -60,6 +60,9 @@ class SplitServer:
         self.num_blocks = num_blocks
         self.sessions: dict[str, ServerSession] = {}
         self.global_adapters: AdapterSet = {}
+        # holder name, {module: rank} -> the adapters that holder starts the round with
+        self.start_state: Callable[[str, dict[str, int]], AdapterSet] = (
+            lambda holder, ranks: {name: self.global_adapters[name] for name in ranks})
         self.rejected: list[tuple[str, str]] = []
 
     def handle(self, device_id: str, message: Message) -> Message:
@@ -93,7 +96,7 @@ class SplitServer:
                 session.dlora = install_server_hooks(session, *self._remote_modules(meta))
             self.sessions[device_id] = session
         session = self.sessions[device_id]
-        session.load(self.global_adapters)
+        session.load(self.start_state(f"server/{device_id}", session.ranks))
         session.tokens = 0
         return Message(Kind.SESSION_READY, meta={"split_layer": split_layer})
 
