@@ -31,6 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     simulate.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    compare = commands.add_parser("compare", help="run a suite of methods side by side (hsplit, dlora)")
+    compare.add_argument("suite", help="hsplit: HSplitLoRA vs HetLoRA vs SplitLoRA vs CenLoRA; dlora: KR vs no KR vs static")
+    compare_source = compare.add_mutually_exclusive_group()
+    compare_source.add_argument("--config", type=Path, help="YAML config file (the shared base)")
+    compare_source.add_argument("--preset", help="built-in preset: default, tiny, e2e")
+    compare.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every method")
+    compare.add_argument("--methods", help="comma-separated subset of the suite's methods")
+    compare.add_argument("--target-loss", type=float, help="held-out loss for 'rounds to target' (default: worst final)")
+    compare.add_argument("--out", type=Path, required=True, help="folder for the runs and the table")
+    compare.add_argument("--overwrite", action="store_true")
+    compare.add_argument("--no-progress", action="store_true")
+
     evaluate = commands.add_parser("evaluate", help="evaluate a saved run's adapter on its held-out data")
     evaluate.add_argument("run", type=Path, help="run folder written by simulate")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.num_beams=4 eval.groups=100")
@@ -55,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "compare":
+            return _compare(args)
         return _generate(args)
     except USER_ERRORS as error:
         print(f"splitpeft: error: {error}", file=sys.stderr)
@@ -71,6 +85,19 @@ def _simulate(args: argparse.Namespace) -> int:
     report = run_experiment(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     _summary(report, config)
     print(f"report: {args.out / 'report.json'}  adapter: {args.out / 'adapter'}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import run_comparison
+
+    comparison = run_comparison(
+        args.suite, args.out, config_path=args.config, preset=args.preset, overrides=args.overrides,
+        methods=args.methods.split(",") if args.methods else None, target_loss=args.target_loss,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    print((args.out / "comparison.md").read_text())
+    print(f"comparison: {args.out / 'comparison.json'}  plot: {args.out / 'convergence.png'}")
     return 0
 
 

@@ -72,6 +72,27 @@ class FederationConfig:
 
 
 @dataclass
+class FleetConfig:
+    memory_bytes: list[int] | None = _help("each device's memory budget in bytes (one per device)", None)
+    memory_range: list[int] | None = _help("[min, max]: budgets spread evenly over the devices", None)
+    flops_per_s: float = _help("device compute, for the simulated wall time", 5e10)
+    bandwidth_bytes_per_s: float = _help("device link, for the simulated wall time", 1.25e7)
+
+
+@dataclass
+class HSplitConfig:
+    planner: Literal["fixed", "armsc", "budget_rank"] = _help(
+        "fixed: placement.split_layer and lora.rank everywhere (SplitLoRA); armsc: per-device split "
+        "and per-module ranks from IWI scores and budgets (HSplitLoRA); budget_rank: fixed split, one "
+        "rank per device, the largest that fits its budget (HetLoRA)", "fixed")
+    rank_set: list[int] = _help("ranks the planner may give a module (0 = no adapter)",
+                                default_factory=lambda: [0, 2, 4, 8, 16])
+    probe_batches: int = _help("batches per IWI probe (each round)", 2)
+    replan_threshold: float = _help("re-plan when IWI scores moved this much (relative L1) since the plan", 0.2)
+    max_split: int | None = _help("deepest split the planner may choose (default L - 1)", None)
+
+
+@dataclass
 class KillReviveConfig:
     enabled: bool = _help("Kill and Revive: keep only the adapters that matter active on the device", False)
     warmup: int = _help("steps before the first kill", 10)
@@ -108,6 +129,8 @@ class ExperimentConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     kill_revive: KillReviveConfig = field(default_factory=KillReviveConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    hsplit: HSplitConfig = field(default_factory=HSplitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> ExperimentConfig:
@@ -133,6 +156,15 @@ class ExperimentConfig:
              "kill_revive.interval and kill_revive.revive_interval must be >= 1"),
             (self.kill_revive.warmup >= 0, "kill_revive.warmup must be >= 0"),
             (0 <= self.kill_revive.ema < 1, "kill_revive.ema must be in [0, 1)"),
+            (self.fleet.memory_range is None or (len(self.fleet.memory_range) == 2 and 0 < self.fleet.memory_range[0] <= self.fleet.memory_range[1]),
+             "fleet.memory_range must be [min, max] with 0 < min <= max"),
+            (self.fleet.memory_bytes is None or len(self.fleet.memory_bytes) == self.federation.num_devices,
+             "fleet.memory_bytes needs one budget per device (federation.num_devices)"),
+            (self.hsplit.planner == "fixed" or self.fleet.memory_bytes is not None or self.fleet.memory_range is not None,
+             f"hsplit.planner={self.hsplit.planner} needs device budgets: fleet.memory_bytes or fleet.memory_range"),
+            (all(r >= 0 for r in self.hsplit.rank_set) and any(r > 0 for r in self.hsplit.rank_set),
+             "hsplit.rank_set needs non-negative ranks, at least one above 0"),
+            (self.hsplit.probe_batches >= 1, "hsplit.probe_batches must be >= 1"),
             (self.eval.perplexity_examples >= 1, "eval.perplexity_examples must be >= 1"),
             (self.eval.groups >= 1, "eval.groups must be >= 1"),
             (self.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),

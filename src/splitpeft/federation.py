@@ -35,7 +35,9 @@ from .channel import InProcessChannel, Tap
 from .config import ExperimentConfig
 from .data import BatchStream, EncodedExample, encode, load_examples, partition, split_by_group
 from .devices import DeviceRuntime
+from .importance import ImportanceTracker, normalised_scores, probe_importance
 from .killrevive import KillReviveSettings
+from .planner import DevicePlan, DeviceProfile, ModelShapes, fleet_preset, plan_fleet, predict_peak_bytes, simulated_step_s
 from .messages import Kind, Message
 from .models import LoadedModel, backbone_of, load_model, share_frozen_copy
 from .placement import make_placement
@@ -74,6 +76,7 @@ class DeviceRound:
     wall_s: float = 0.0
     kr_events: list[dict[str, Any]] = field(default_factory=list)
     active_adapters: int | None = None
+    simulated_s: float | None = None  # flops / device compute + bytes / device link
 
 
 @dataclass
@@ -83,6 +86,7 @@ class RoundRecord:
     eval_perplexity: float | None = None
     rejected: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    replanned: list[str] = field(default_factory=list)
 
 
 class Simulation:
@@ -136,31 +140,64 @@ class Simulation:
             alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks,
         )
         self.server.start_state = self.start_state
-        self.devices: list[DeviceRuntime] = []
-        self.channels: dict[str, InProcessChannel] = {}
-        for index, shard in enumerate(shards):
-            device_id = f"device-{index}"
-            stream = BatchStream(encode(shard, tokenizer, config.data.max_length), fed.batch_size, self.pad_id, config.seed + index)
-            blocks = self.placement.device_blocks(num_blocks, placement_cfg.split_layer)
-            device = DeviceRuntime(
-                device_id, base, self.placement, placement_cfg.split_layer, ranks_in(blocks), stream,
-                alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, count_flops=config.count_flops,
-            )
-            if config.kill_revive.enabled:
-                settings = dataclasses.asdict(config.kill_revive)
-                settings.pop("enabled")
-                device.attach_kill_revive(KillReviveSettings(**settings), seed=config.seed + index)
-            self.devices.append(device)
-            self.channels[device_id] = InProcessChannel(device_id, self.server, tap=tap)
-        self.tap = tap
+        self.ranks_in = ranks_in
+        self.streams = [
+            BatchStream(encode(shard, tokenizer, config.data.max_length), fed.batch_size, self.pad_id, config.seed + index)
+            for index, shard in enumerate(shards)
+        ]
+        self.device_ids = [f"device-{index}" for index in range(len(shards))]
+        self.profiles = self._profiles()
         self.rounds: list[RoundRecord] = []
-        self.shard_sizes = {d.device_id: len(s) for d, s in zip(self.devices, shards)}
+        self.planning = Planning(self, train) if config.hsplit.planner != "fixed" else None
+        plans = self.planning.plan() if self.planning is not None else {}
+        self.devices: list[DeviceRuntime] = [self._build_device(i, *plans.get(d, (None, None))) for i, d in enumerate(self.device_ids)]
+        self.channels = {d: InProcessChannel(d, self.server, tap=tap) for d in self.device_ids}
+        self.tap = tap
+        self.shard_sizes = {d: len(s) for d, s in zip(self.device_ids, shards)}
+
+    def _profiles(self) -> list[DeviceProfile] | None:
+        fleet, n = self.config.fleet, len(self.device_ids)
+        if fleet.memory_bytes is not None:
+            budgets = list(fleet.memory_bytes)
+        elif fleet.memory_range is not None:
+            return fleet_preset(n, (fleet.memory_range[0], fleet.memory_range[1]), fleet.flops_per_s, fleet.bandwidth_bytes_per_s)
+        else:
+            return None
+        return [DeviceProfile(d, int(b), fleet.flops_per_s, fleet.bandwidth_bytes_per_s) for d, b in zip(self.device_ids, budgets)]
+
+    def _build_device(self, index: int, split_layer: int | None = None, ranks: dict[str, int] | None = None) -> DeviceRuntime:
+        """Device `index` with its plan (split point, ranks), or the config's fixed ones."""
+        config = self.config
+        split_layer = config.placement.split_layer if split_layer is None else split_layer
+        if ranks is None:
+            ranks = self.ranks_in(self.placement.device_blocks(self.backbone.num_blocks, split_layer))
+        device = DeviceRuntime(
+            self.device_ids[index], self.loaded.model, self.placement, split_layer, ranks, self.streams[index],
+            alpha=config.lora.alpha, dropout=config.lora.dropout, lr=config.federation.lr, count_flops=config.count_flops,
+        )
+        if config.kill_revive.enabled:
+            settings = dataclasses.asdict(config.kill_revive)
+            settings.pop("enabled")
+            device.attach_kill_revive(KillReviveSettings(**settings), seed=config.seed + index)
+        return device
+
+    def replan(self, plans: dict[str, tuple[int, dict[str, int]]]) -> list[str]:
+        """Rebuild the devices whose split point or ranks changed; returns their ids."""
+        changed = []
+        for index, device in enumerate(self.devices):
+            split_layer, ranks = plans[device.device_id]
+            if split_layer != device.split_layer or ranks != device.ranks:
+                self.devices[index] = self._build_device(index, split_layer, ranks)
+                changed.append(device.device_id)
+        return changed
 
     # ------------------------------------------------------------------ one round
 
     def run_round(self, on_device_done: Callable[[str], None] | None = None) -> RoundRecord:
         start = time.perf_counter()
         record = RoundRecord(round=len(self.rounds), devices={})
+        if self.planning is not None and self.rounds:
+            record.replanned = self.planning.update()
         self.server.global_adapters = self.global_adapters
         copies: dict[str, list[AdapterCopy]] = defaultdict(list)
         for device in self.devices:
@@ -184,6 +221,9 @@ class Simulation:
             stats.tokens, stats.steps, stats.losses = phase.tokens, len(phase.losses), phase.losses
             stats.train_loss = float(np.mean(phase.losses))
             stats.wall_s = phase.wall_s
+            if self.profiles is not None:
+                profile = self.profiles[self.device_ids.index(device.device_id)]
+                stats.simulated_s = simulated_step_s(profile, stats.flops, stats.bytes_up + stats.bytes_down)
             record.devices[device.device_id] = stats
             if on_device_done is not None:
                 on_device_done(device.device_id)
@@ -325,7 +365,9 @@ class Simulation:
         lora.export_peft(original, factors, alpha, path, merged=merged)
 
     def info(self) -> dict[str, Any]:
+        plans = self.planning.describe() if self.planning is not None else None
         return {
+            "plans": plans,
             "model": self.loaded.name,
             "num_blocks": self.backbone.num_blocks,
             "adapted_modules": len(self.ranks),
@@ -340,6 +382,90 @@ class Simulation:
             },
             "held_out_examples": len(self.held_out),
         }
+
+
+class Planning:
+    """HSplitLoRA's configuration loop: IWI scores -> per-device split points and ranks.
+
+    `armsc`: each round a probe of `hsplit.probe_batches` batches updates the smoothed scores;
+    when they moved more than `hsplit.replan_threshold` since the current plan, every device is
+    planned again (ARMSC) and the devices whose plan changed are rebuilt.
+    `budget_rank` (HetLoRA): the fixed split, and per device the largest rank of the rank set
+    whose predicted peak fits its budget, on every adapted module.
+    """
+
+    def __init__(self, sim: Simulation, train: list[Any]) -> None:
+        self.sim = sim
+        config = sim.config
+        if sim.profiles is None:
+            raise ValueError(f"hsplit.planner={config.hsplit.planner} needs fleet budgets")
+        if sim.placement.name != "split":
+            raise ValueError(f"hsplit.planner={config.hsplit.planner} plans split points: use placement.placement=split")
+        targets = config.lora.target_modules or list(sim.backbone.default_target_modules)
+        self.shapes = ModelShapes.from_model(sim.loaded.model, targets)
+        self.options = dict(
+            batch_size=config.federation.batch_size, seq_len=config.data.max_length,
+            labels_on_device=config.placement.labels_on_device,
+        )
+        self.tracker = ImportanceTracker()
+        self.probe_stream = BatchStream(encode(train, sim.loaded.tokenizer, config.data.max_length),
+                                        config.federation.batch_size, sim.pad_id, config.seed + 10_000)
+        self.plans: list[DevicePlan] = []
+        self.planned_scores: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+
+    def probe(self) -> dict[str, float]:
+        """One IWI probe folded into the tracker; returns the resource-normalised scores."""
+        sim = self.sim
+        batches = [self.probe_stream.next() for _ in range(sim.config.hsplit.probe_batches)]
+        raw = probe_importance(sim.loaded.model, sim.backbone, batches, sorted(sim.ranks))
+        shapes = {name: self.shapes.modules[name] for name in raw}
+        self.tracker.update(normalised_scores(raw, shapes, sim.config.lora.rank))
+        self.history.append({"round": len(sim.rounds), "scores": dict(self.tracker.scores)})
+        return dict(self.tracker.scores)
+
+    def plan(self) -> dict[str, tuple[int, dict[str, int]]]:
+        config = self.sim.config
+        if config.hsplit.planner == "budget_rank":
+            self.plans = [self._budget_rank(profile) for profile in self.sim.profiles or []]
+        else:
+            scores = self.probe()
+            self.plans = plan_fleet(self.sim.profiles or [], self.shapes, scores, rank_set=tuple(config.hsplit.rank_set),
+                                    max_split=config.hsplit.max_split, **self.options)
+            self.planned_scores = scores
+        return {p.device: (p.split_layer, dict(p.ranks)) for p in self.plans}
+
+    def update(self) -> list[str]:
+        """Re-probe (armsc); re-plan and rebuild devices when the scores moved past the threshold."""
+        if self.sim.config.hsplit.planner != "armsc":
+            return []
+        scores = self.probe()
+        if self.tracker.moved(self.planned_scores) <= self.sim.config.hsplit.replan_threshold:
+            return []
+        return self.sim.replan(self.plan())
+
+    def _budget_rank(self, profile: DeviceProfile) -> DevicePlan:
+        sim, k = self.sim, self.sim.config.placement.split_layer
+        modules = sim.ranks_in(range(k))
+        for rank in sorted((r for r in sim.config.hsplit.rank_set if r > 0), reverse=True):
+            ranks = {name: rank for name in modules}
+            peak = predict_peak_bytes(self.shapes, k, ranks, **self.options)
+            if peak <= profile.memory_bytes:
+                return DevicePlan(profile.name, k, ranks, peak, 0.0, profile.memory_bytes)
+        raise ValueError(f"{profile.name}: a budget of {profile.memory_bytes} bytes fits no rank at split {k}")
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows = []
+        for plan in self.plans:
+            histogram: dict[int, int] = defaultdict(int)
+            for rank in plan.ranks.values():
+                histogram[rank] += 1
+            rows.append({
+                "device": plan.device, "budget_bytes": plan.budget_bytes, "split_layer": plan.split_layer,
+                "adapted_modules": len(plan.ranks), "ranks": dict(sorted(histogram.items())),
+                "predicted_peak_bytes": plan.predicted_peak_bytes, "flops_per_step": plan.flops_per_step,
+            })
+        return rows
 
 
 def factorise(delta: torch.Tensor, alpha: float, tolerance: float = 1e-6) -> LoraWeights:
