@@ -29,7 +29,9 @@ from .config import ExperimentConfig, dump_yaml, to_dict
 from .data import Example, EncodedExample
 from .evaluation import evaluate_generation, perplexity
 from .federation import Simulation
-from .report import MEASUREMENT_NOTES, plot_rounds, round_entries, totals, write_json
+from .report import (
+    MEASUREMENT_NOTES, plot_active_adapters, plot_importance, plot_rounds, round_entries, totals, write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,21 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
     sim.export(staging / "adapter", merged=config.export_merged)
     (staging / "config.yaml").write_text(dump_yaml(config))
     plot_rounds(sim.rounds, staging)
+    if sim.planning is not None and sim.planning.history:
+        report["importance"] = sim.planning.history
+        plot_importance(sim.planning.history[-1]["scores"], staging / "importance.png")
+    kill_revive = {}
+    for device in sim.devices:
+        policy = device.kill_revive
+        if policy is None:
+            continue
+        modules = list(policy.modules)
+        active = [[modules.index(n) for n in sorted(members)] for _, members in policy.active_history]
+        kill_revive[device.device_id] = {"modules": modules, "events": policy.events, "active_per_step": active}
+        plot_active_adapters(modules, active, staging / f"active_{device.device_id}.png",
+                             f"{device.device_id}: active adapters per step (Kill and Revive)")
+    if kill_revive:
+        report["kill_revive"] = kill_revive
     report["measurement"] = MEASUREMENT_NOTES
     report["wall_s"] = time.perf_counter() - started
     write_json(staging / "report.json", report)

@@ -113,6 +113,7 @@ class KillRevive:
         kill: list[str] = []
         revive: list[str] = []
         if self.step < s.warmup:
+            self.active_history.append((self.step, frozenset(self.active)))
             return kill, revive
         if s.selection != "dynamic":
             if not self._frozen_choice and self.step >= max(1, s.warmup):

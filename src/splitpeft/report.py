@@ -128,3 +128,57 @@ def plot_rounds(rounds: list[RoundRecord], out: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
     return written
+
+
+def _block_role(name: str) -> tuple[int, str]:
+    """(block index, module's short name) from a full module name."""
+    parts = name.split(".")
+    index = next(int(p) for p in parts if p.isdigit())
+    return index, parts[-1]
+
+
+def plot_importance(scores: dict[str, float], path: Path) -> None:
+    """Heatmap of IWI scores: block x module."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = {_block_role(name): value for name, value in scores.items()}
+    blocks = sorted({b for b, _ in cells})
+    roles = sorted({r for _, r in cells})
+    grid = np.full((len(blocks), len(roles)), np.nan)
+    for (block, role), value in cells.items():
+        grid[blocks.index(block), roles.index(role)] = value
+    fig, ax = plt.subplots(figsize=(1.2 * len(roles) + 2, 0.25 * len(blocks) + 2))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(roles)), roles, rotation=45, ha="right")
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
+    ax.set_ylabel("block")
+    ax.set_title("IWI score (resource-normalised, smoothed)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_active_adapters(modules: list[str], history: list[list[int]], path: Path, title: str) -> None:
+    """Kill and Revive: module x step, bright = active."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.zeros((len(modules), max(1, len(history))))
+    for step, active in enumerate(history):
+        grid[active, step] = 1.0
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.04 * len(modules) + 2)))
+    ax.imshow(grid, aspect="auto", cmap="Greys", interpolation="nearest")
+    ax.set_xlabel("step")
+    ax.set_ylabel("adapter (module index, block order)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
