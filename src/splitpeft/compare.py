@@ -62,6 +62,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             for r in rounds
         ],
         "device_flops": report["totals"]["device_flops"],
+        "device_adapter_flops": sum(s.get("adapter_flops", 0) for r in rounds for s in r["devices"].values()),
         "bytes_up": report["totals"]["bytes_up"],
         "bytes_down": report["totals"]["bytes_down"],
         "tokens": report["totals"]["tokens"],
@@ -117,8 +118,8 @@ def run_comparison(
 
 
 def markdown_table(comparison: dict[str, Any]) -> str:
-    header = ("| method | BLEU | ROUGE-L | METEOR | perplexity | rounds to target | device GFLOP | MB up | MB down "
-              "| max peak MB | simulated s |")
+    header = ("| method | BLEU | ROUGE-L | METEOR | perplexity | rounds to target | device GFLOP | of which adapters "
+              "| MB up | MB down | max peak MB | simulated s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
 
     def fmt(value: Any, spec: str) -> str:
@@ -128,6 +129,7 @@ def markdown_table(comparison: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {fmt(r['bleu'], '.2f')} | {fmt(r['rouge_l'], '.4f')} | {fmt(r['meteor'], '.4f')} "
             f"| {fmt(r['perplexity'], '.3f')} | {fmt(r['rounds_to_target'], 'd')} | {r['device_flops'] / 1e9:.0f} "
+            f"| {r['device_adapter_flops'] / 1e9:.1f} "
             f"| {r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} | {r['max_peak_memory_bytes'] / 1e6:.0f} "
             f"| {fmt(r['simulated_s'], '.1f')} |"
         )

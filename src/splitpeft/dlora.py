@@ -265,7 +265,7 @@ class DLoRAPlacement:
             if unknown:
                 raise MessageError(f"server asked for adapters this device does not run: {unknown[:3]}")
             x = reply.tensor("x", shape=(*embedded.shape[:2], None), dtype=embedded.dtype).requires_grad_()
-            with meter.compute():
+            with meter.compute(adapters=True):
                 outputs = {name: branch(layers[name], x) for name in names}  # (B, T, d_out) each
             pending[int(reply.meta["call"])] = (x, outputs)
             reply = channel.exchange(Message(Kind.BRANCH_OUTPUTS, {n: o.detach() for n, o in outputs.items()},
@@ -283,7 +283,7 @@ class DLoRAPlacement:
                 raise MessageError(f"BRANCH_GRADS for unknown call {call}")
             x, outputs = pending.pop(call)
             grads = [reply.tensor(n, shape=o.shape, dtype=o.dtype) for n, o in outputs.items()]
-            with meter.compute():
+            with meter.compute(adapters=True):
                 torch.autograd.backward(list(outputs.values()), grads)
             # The first block's input needs no gradient (the embedding is frozen): send none.
             up = {"grad": x.grad} if reply.meta.get("input_grad", True) else {}

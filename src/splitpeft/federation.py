@@ -68,6 +68,7 @@ class DeviceRound:
     adapter_bytes_up: int = 0
     adapter_bytes_down: int = 0
     flops: int = 0
+    adapter_flops: int = 0  # dlora: FLOPs of the adapter branches alone (part of `flops`)
     peak_memory_bytes: int = 0
     tokens: int = 0
     steps: int = 0
@@ -217,6 +218,8 @@ class Simulation:
                                                 scale=self.config.lora.alpha / weights.rank))
             stats.bytes_up = channel.traffic.bytes_up - before[0]
             stats.bytes_down = channel.traffic.bytes_down - before[1]
+            stats.adapter_flops = device.meter.adapter_flops
+            device.meter.adapter_flops = 0
             stats.flops, stats.peak_memory_bytes = device.meter.take_round()
             stats.tokens, stats.steps, stats.losses = phase.tokens, len(phase.losses), phase.losses
             stats.train_loss = float(np.mean(phase.losses))

@@ -55,6 +55,7 @@ class DeviceMeter:
     def __init__(self, count_flops: bool = True) -> None:
         self.count_flops = count_flops
         self.flops = 0
+        self.adapter_flops = 0  # the part spent in "adapter" blocks (dlora's branches)
         self._saved: dict[int, int] = {}
         self._exclude: set[int] = set()
         self.step_peak_bytes = 0
@@ -62,6 +63,8 @@ class DeviceMeter:
         self._key: Hashable = None
         self._counting = count_flops
         self._step_flops = 0
+        self._step_adapter_flops = 0
+        self._adapter_flops_by_key: dict[Hashable, int] = {}
 
     def begin_step(self, resident: Iterable[torch.Tensor], key: Hashable = None, extra_bytes: int = 0) -> None:
         """Start a step; `resident` are tensors held across steps (not counted as activations).
@@ -71,6 +74,7 @@ class DeviceMeter:
         self._key = key
         self._counting = self.count_flops and (key is None or key not in self._flops_by_key)
         self._step_flops = 0
+        self._step_adapter_flops = 0
         resident = list(resident)
         self._resident_bytes = tensor_nbytes(resident) + extra_bytes
         self._exclude = {t.untyped_storage().data_ptr() for t in resident}
@@ -82,9 +86,12 @@ class DeviceMeter:
             if self._counting:
                 if self._key is not None:
                     self._flops_by_key[self._key] = self._step_flops
+                    self._adapter_flops_by_key[self._key] = self._step_adapter_flops
                 self.flops += self._step_flops
+                self.adapter_flops += self._step_adapter_flops
             else:
                 self.flops += self._flops_by_key[self._key]
+                self.adapter_flops += self._adapter_flops_by_key[self._key]
         peak = self._resident_bytes + sum(self._saved.values())
         self.step_peak_bytes = max(self.step_peak_bytes, peak)
         self._saved = {}
@@ -98,17 +105,20 @@ class DeviceMeter:
         return tensor
 
     @contextmanager
-    def compute(self) -> Iterator[None]:
+    def compute(self, adapters: bool = False) -> Iterator[None]:
         """Charge the work inside this block to the device."""
         counter = flop_counter() if self._counting else nullcontext()
         with counter, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield
         if isinstance(counter, FlopCounterMode):
             self._step_flops += counter.get_total_flops()
+            if adapters:
+                self._step_adapter_flops += counter.get_total_flops()
 
     def take_round(self) -> tuple[int, int]:
-        """(flops, peak bytes) since the last call; resets both."""
+        """(flops, peak bytes) since the last call; resets both (`adapter_flops` is read separately)."""
         result = (self.flops, self.step_peak_bytes)
         self.flops = 0
+        self.adapter_flops = 0  # the part spent in "adapter" blocks (dlora's branches)
         self.step_peak_bytes = 0
         return result
