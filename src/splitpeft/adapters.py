@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .models import Backbone, share_frozen_copy
+from .storage import atomic_folder
 
 ADAPTER_NAME = "default"
 
@@ -185,17 +184,8 @@ def export_peft(
         lora_config({n: w.rank for n, w in weights.items()}, alpha, 0.0, is_fan_in_fan_out(base)),
     )
     write_adapters(model, weights)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with atomic_folder(Path(path)) as staging:
         model.save_pretrained(staging)
         if merged:
             model.merge_and_unload().save_pretrained(staging / "merged")
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 

@@ -15,8 +15,6 @@ the end, so a failed or interrupted run never leaves a folder that looks complet
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +30,7 @@ from .federation import Simulation
 from .report import (
     MEASUREMENT_NOTES, plot_active_adapters, plot_importance, plot_rounds, round_entries, totals, write_json,
 )
+from .storage import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +67,6 @@ def evaluate_model(
     return result
 
 
-def prepare_out(out: Path, overwrite: bool) -> Path:
-    """A fresh staging folder beside `out`; refuses to clobber an existing run unless asked."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunFolderError(f"output folder {out} is not empty (use --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-
-
-def commit_out(staging: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-
-
 def run_experiment(
     config: ExperimentConfig,
     out: Path,
@@ -93,14 +77,10 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run `config` end to end and write the run folder `out`; returns the report."""
     out = Path(out)
-    staging = prepare_out(out, overwrite)
-    try:
-        report = _run(config, staging, progress=progress, on_round=on_round)
-        commit_out(staging, out)
-        return report
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RunFolderError(f"output folder {out} is not empty (use --overwrite to replace it)")
+    with atomic_folder(out) as staging:
+        return _run(config, staging, progress=progress, on_round=on_round)
 
 
 def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:

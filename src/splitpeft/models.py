@@ -17,8 +17,6 @@ import copy
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +35,8 @@ from transformers import (
     Qwen2Config,
 )
 from transformers.masking_utils import create_causal_mask
+
+from .storage import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +252,7 @@ def smollm2_folder() -> Path:
     if not gguf_path.exists():
         raise ModelError(f"GGUF file missing from the {SMOLLM2_PACKAGE} package: {gguf_path}")
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         dequantised = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
@@ -269,12 +267,6 @@ def smollm2_folder() -> Path:
         model.load_state_dict(dequantised.state_dict())
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

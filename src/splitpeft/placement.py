@@ -38,11 +38,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     logits (B, T, V), labels (B, T) with IGNORE_INDEX on prompt and padding (not shifted).
     """
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),  # (B*(T-1), V)
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
+    # Shift the labels, not the logits: slicing (B, T, V) logits would copy them (and their
+    # gradient) every step; padding the last label position with IGNORE_INDEX is the same loss.
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 class Placement(Protocol):
