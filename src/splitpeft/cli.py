@@ -58,7 +58,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after options (`compare hsplit --preset e2e key=value`):
+    # argparse fills the positional list before it sees the options, so collect the rest here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "peft", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
