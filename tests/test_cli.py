@@ -72,3 +72,15 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert main(["simulate", "--preset", "tiny", "--out", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (out / "report.json").read_text() == "{}"
+
+
+def test_overrides_after_options_and_unknown_flags(tmp_path, capsys):
+    """Overrides may follow options; a stray flag is still an error."""
+    out = tmp_path / "cmp"
+    assert main(["compare", "hsplit", "--preset", "tiny", "--out", str(out), "federation.roundz=1"]) == 2
+    assert "unknown config key 'federation.roundz'" in capsys.readouterr().err
+    assert main(["compare", "nosuch", "--preset", "tiny", "--out", str(out)]) == 2
+    assert "unknown suite 'nosuch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["simulate", "--preset", "tiny", "--out", str(out), "--bogus"])
+    assert not out.exists()

@@ -115,3 +115,34 @@ def test_compare_command_writes_table_and_plot(tmp_path):
     assert saved["methods"]["cenlora"]["tokens"] > 0
     assert (tmp_path / "cmp" / "convergence.png").is_file()
     assert "| hsplitlora |" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_per_device_profiles_and_simulated_time():
+    budgets = _budgets(HSPLIT)
+    sim = Simulation(tiny_config("tiny-llama", *HSPLIT, f"fleet.memory_bytes={budgets}",
+                                 "fleet.flops_per_s=[1e9, 2e9, 4e9]", "fleet.bandwidth_bytes_per_s=1e6"))
+    assert [p.flops_per_s for p in sim.profiles] == [1e9, 2e9, 4e9]
+    record = sim.run_round()
+    for profile, stats in zip(sim.profiles, record.devices.values()):
+        expected = stats.flops / profile.flops_per_s + (stats.bytes_up + stats.bytes_down) / 1e6
+        assert stats.simulated_s == pytest.approx(expected)
+        assert len(stats.step_flops) == stats.steps and sum(stats.step_flops) == stats.flops
+
+
+def test_poisoned_upload_is_rejected_and_the_round_goes_on():
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=2", "federation.local_steps=1"))
+    honest = sim.devices[1]
+    original = sim._upload
+
+    def poisoning_upload(device, channel):
+        uploaded, size = original(device, channel)
+        if device is honest:
+            return uploaded, size
+        name = sorted(uploaded)[0]
+        uploaded[name] = type(uploaded[name])(uploaded[name].A * float("inf"), uploaded[name].B)
+        return uploaded, size
+
+    sim._upload = poisoning_upload
+    record = sim.run_round()
+    assert any("contains NaN or Inf" in line and "device-0" in line for line in record.rejected)
+    assert all(torch.isfinite(w.A).all() and torch.isfinite(w.B).all() for w in sim.global_adapters.values())

@@ -188,6 +188,18 @@ def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
         )
     console = Console()
     console.print(table)
+    plans = report["info"].get("plans")
+    if plans:
+        plan_table = Table(title="device plans (ARMSC / budget ranks)")
+        for column in ("device", "budget MB", "split k", "adapted", "ranks", "predicted peak MB", "measured peak MB", "GFLOP/step"):
+            plan_table.add_column(column, justify="right")
+        for row in plans:
+            plan_table.add_row(
+                row["device"], f"{row['budget_bytes'] / 1e6:.0f}", str(row["split_layer"]), str(row["adapted_modules"]),
+                str(row["ranks"]), f"{row['predicted_peak_bytes'] / 1e6:.1f}", f"{row['measured_peak_bytes'] / 1e6:.1f}",
+                f"{row['measured_flops_per_step'] / 1e9:.2f}",
+            )
+        console.print(plan_table)
     columns = {"fine-tuned": report["eval"]}
     if "baseline_eval" in report:
         columns = {"untuned": report["baseline_eval"], **columns}

@@ -75,8 +75,8 @@ class FederationConfig:
 class FleetConfig:
     memory_bytes: list[int] | None = _help("each device's memory budget in bytes (one per device)", None)
     memory_range: list[int] | None = _help("[min, max]: budgets spread evenly over the devices", None)
-    flops_per_s: float = _help("device compute, for the simulated wall time", 5e10)
-    bandwidth_bytes_per_s: float = _help("device link, for the simulated wall time", 1.25e7)
+    flops_per_s: float | list[float] = _help("device compute (one value, or one per device), for the simulated wall time", 5e10)
+    bandwidth_bytes_per_s: float | list[float] = _help("device link (one value, or one per device), for the simulated wall time", 1.25e7)
 
 
 @dataclass
@@ -165,6 +165,9 @@ class ExperimentConfig:
             (all(r >= 0 for r in self.hsplit.rank_set) and any(r > 0 for r in self.hsplit.rank_set),
              "hsplit.rank_set needs non-negative ranks, at least one above 0"),
             (self.hsplit.probe_batches >= 1, "hsplit.probe_batches must be >= 1"),
+            (all(not isinstance(v, list) or len(v) == self.federation.num_devices
+                 for v in (self.fleet.flops_per_s, self.fleet.bandwidth_bytes_per_s)),
+             "fleet.flops_per_s and fleet.bandwidth_bytes_per_s lists need one value per device"),
             (self.eval.perplexity_examples >= 1, "eval.perplexity_examples must be >= 1"),
             (self.eval.groups >= 1, "eval.groups must be >= 1"),
             (self.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
@@ -269,6 +272,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML reads 1e9 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key} must be a number, not {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

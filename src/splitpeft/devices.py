@@ -24,6 +24,9 @@ class LocalPhase:
     """What one device did in one round."""
 
     losses: list[float] = field(default_factory=list)
+    step_flops: list[int] = field(default_factory=list)
+    step_bytes_up: list[int] = field(default_factory=list)      # split traffic of each step
+    step_bytes_down: list[int] = field(default_factory=list)
     tokens: int = 0
     wall_s: float = 0.0
 
@@ -133,8 +136,12 @@ class DeviceRuntime(Party):
                 self.set_trainable(self.killed, self.measure_killed and self.placement.name != "dlora")
             self.meter.begin_step(self.resident_tensors(), key=(tuple(batch.input_ids.shape), len(self.killed)),
                                   extra_bytes=self.gradient_bytes())
+            flops_before, up_before, down_before = self.meter.flops, channel.traffic.bytes_up, channel.traffic.bytes_down
             phase.losses.append(self.placement.device_step(self, batch, channel))
             self.meter.end_step()
+            phase.step_flops.append(self.meter.flops - flops_before)
+            phase.step_bytes_up.append(channel.traffic.bytes_up - up_before)
+            phase.step_bytes_down.append(channel.traffic.bytes_down - down_before)
             phase.tokens += batch.completion_tokens
             if policy is not None:
                 self.set_trainable(self.killed, False)

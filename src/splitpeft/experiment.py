@@ -113,6 +113,12 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
                 on_round(round_index, round_entries([record])[0])
     report["rounds"] = round_entries(sim.rounds)
     report["totals"] = totals(sim.rounds)
+    report["info"] = sim.info()  # after training: plans may have been re-made
+    for row in report["info"]["plans"] or []:
+        device = report["totals"]["per_device"][row["device"]]
+        steps = sum(r["devices"][row["device"]]["steps"] for r in report["rounds"])
+        row["measured_peak_bytes"] = device["peak_memory_bytes"]
+        row["measured_flops_per_step"] = device["flops"] / max(1, steps)
     model = sim.global_model()
     report["eval"] = evaluate_model(model, tokenizer, config, sim.held_out, sim.held_out_encoded, progress=progress)
     sim.export(staging / "adapter", merged=config.export_merged)

@@ -74,6 +74,9 @@ class DeviceRound:
     steps: int = 0
     train_loss: float = float("nan")
     losses: list[float] = field(default_factory=list)
+    step_flops: list[int] = field(default_factory=list)
+    step_bytes_up: list[int] = field(default_factory=list)
+    step_bytes_down: list[int] = field(default_factory=list)
     wall_s: float = 0.0
     kr_events: list[dict[str, Any]] = field(default_factory=list)
     active_adapters: int | None = None
@@ -157,14 +160,20 @@ class Simulation:
         self.shard_sizes = {d: len(s) for d, s in zip(self.device_ids, shards)}
 
     def _profiles(self) -> list[DeviceProfile] | None:
+        """Each device's budget, from per-device lists or a range spread evenly over the fleet."""
         fleet, n = self.config.fleet, len(self.device_ids)
         if fleet.memory_bytes is not None:
-            budgets = list(fleet.memory_bytes)
+            budgets = [int(b) for b in fleet.memory_bytes]
         elif fleet.memory_range is not None:
-            return fleet_preset(n, (fleet.memory_range[0], fleet.memory_range[1]), fleet.flops_per_s, fleet.bandwidth_bytes_per_s)
+            budgets = [p.memory_bytes for p in fleet_preset(n, (fleet.memory_range[0], fleet.memory_range[1]), 1.0, 1.0)]
         else:
             return None
-        return [DeviceProfile(d, int(b), fleet.flops_per_s, fleet.bandwidth_bytes_per_s) for d, b in zip(self.device_ids, budgets)]
+
+        def each(value: float | list[float]) -> list[float]:
+            return list(value) if isinstance(value, list) else [value] * n
+
+        return [DeviceProfile(d, b, f, w) for d, b, f, w in
+                zip(self.device_ids, budgets, each(fleet.flops_per_s), each(fleet.bandwidth_bytes_per_s))]
 
     def _build_device(self, index: int, split_layer: int | None = None, ranks: dict[str, int] | None = None) -> DeviceRuntime:
         """Device `index` with its plan (split point, ranks), or the config's fixed ones."""
@@ -222,6 +231,7 @@ class Simulation:
             device.meter.adapter_flops = 0
             stats.flops, stats.peak_memory_bytes = device.meter.take_round()
             stats.tokens, stats.steps, stats.losses = phase.tokens, len(phase.losses), phase.losses
+            stats.step_flops, stats.step_bytes_up, stats.step_bytes_down = phase.step_flops, phase.step_bytes_up, phase.step_bytes_down
             stats.train_loss = float(np.mean(phase.losses))
             stats.wall_s = phase.wall_s
             if self.profiles is not None:

@@ -1,0 +1,325 @@
+"""The gRPC transport and split-traffic compression.
+
+A round over a real loopback gRPC stream must equal the in-process round exactly (losses, adapters,
+byte counts); refused devices and bad frames must not disturb anyone else; compression must shrink
+the frames by what its format says and stay within its error bound.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from splitpeft.channel import InProcessChannel
+from splitpeft.compression import SCALE_SUFFIX, compress, decompress, quantize_int8
+from splitpeft.federation import Simulation
+from splitpeft.messages import Kind, Message, MessageError, decode, encode, tensor_bytes
+from splitpeft.transport import GrpcChannel, GrpcSplitServer, TransportError, self_signed_certificate
+
+from conftest import tiny_config
+
+ROUND = ("federation.num_devices=2", "federation.local_steps=2")
+
+
+@contextmanager
+def served(sim: Simulation, *, tls: bool = False, compression: str = "none", max_message_bytes: int | None = None,
+           tap=None, connect: bool = True) -> Iterator[tuple[GrpcSplitServer, str, dict[str, str], bytes | None]]:
+    """`sim.server` behind a loopback GrpcSplitServer; with `connect`, every device's channel is a GrpcChannel."""
+    tokens = {d: f"secret-{d}" for d in sim.device_ids}
+    cert_key = self_signed_certificate() if tls else None
+    limits = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
+    server = GrpcSplitServer(sim.server, tokens=tokens, tls=cert_key, compression=compression, **limits)
+    address = f"127.0.0.1:{server.start()}"
+    root = cert_key[0] if cert_key else None
+    channels = []
+    try:
+        if connect:
+            for d in sim.device_ids:
+                channels.append(GrpcChannel(d, address, token=tokens[d], root_cert_pem=root, deadline_s=60,
+                                            compression=compression, tap=tap, **limits))
+                sim.channels[d] = channels[-1]
+        yield server, address, tokens, root
+    finally:
+        for channel in channels:
+            channel.close()
+        server.stop()
+
+
+def _assert_same_round(reference: Simulation, networked: Simulation) -> None:
+    a, b = reference.rounds[-1], networked.rounds[-1]
+    assert a.devices.keys() == b.devices.keys()
+    for d in a.devices:
+        assert a.devices[d].losses == b.devices[d].losses
+        assert (a.devices[d].bytes_up, a.devices[d].bytes_down) == (b.devices[d].bytes_up, b.devices[d].bytes_down)
+    assert reference.global_adapters.keys() == networked.global_adapters.keys()
+    for name, weights in reference.global_adapters.items():
+        torch.testing.assert_close(networked.global_adapters[name].A, weights.A, rtol=0, atol=1e-6)
+        torch.testing.assert_close(networked.global_adapters[name].B, weights.B, rtol=0, atol=1e-6)
+    assert not b.rejected
+
+
+# ------------------------------------------------------------------------ (a) (b) equivalence
+
+
+@pytest.mark.parametrize("placement", ["split", "dlora"])
+def test_grpc_round_equals_in_process_round(placement):
+    overrides = (*ROUND, f"placement.placement={placement}")
+    reference = Simulation(tiny_config("tiny-llama", *overrides))
+    reference.run_round()
+    networked = Simulation(tiny_config("tiny-llama", *overrides))
+    with served(networked):
+        networked.run_round()
+    _assert_same_round(reference, networked)
+
+
+def test_tls_round_equals_in_process_round():
+    reference = Simulation(tiny_config("tiny-llama", *ROUND))
+    reference.run_round()
+    networked = Simulation(tiny_config("tiny-llama", *ROUND))
+    with served(networked, tls=True):
+        networked.run_round()
+    _assert_same_round(reference, networked)
+
+
+def test_tls_refuses_a_device_that_does_not_trust_the_certificate():
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1"))
+    with served(sim, tls=True, connect=False) as (_, address, tokens, _root):
+        other_cert, _ = self_signed_certificate()
+        for root in (other_cert, None):  # a different certificate; plaintext against TLS
+            with GrpcChannel("device-0", address, token=tokens["device-0"], root_cert_pem=root, deadline_s=20) as channel:
+                with pytest.raises(TransportError, match="device-0.*UNAVAILABLE"):
+                    sim.devices[0].open_session(channel)
+
+
+# ------------------------------------------------------------------------ (c) authentication
+
+
+@pytest.mark.parametrize("device_id, token", [("device-0", "wrong"), ("device-9", "secret-device-9"), ("device-0", "")])
+def test_unauthenticated_devices_are_refused_and_others_keep_working(device_id, token, caplog):
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=2", "federation.local_steps=1"))
+    with served(sim) as (_, address, tokens, _root):
+        with GrpcChannel(device_id, address, token=token, deadline_s=20) as intruder:
+            with pytest.raises(TransportError, match=f"{device_id}.*UNAUTHENTICATED"):
+                intruder.exchange(Message(Kind.OPEN_SESSION, meta={"placement": "split", "split_layer": 2}))
+            with pytest.raises(TransportError, match="UNAUTHENTICATED"):  # the channel stays failed
+                intruder.exchange(Message(Kind.CLOSE_SESSION))
+        assert any(device_id in r.getMessage() and "refused" in r.getMessage() for r in caplog.records)
+        record = sim.run_round()  # both real devices, same server
+    assert all(math.isfinite(loss) for stats in record.devices.values() for loss in stats.losses)
+    assert not record.rejected
+
+
+# ------------------------------------------------------------------------ (d) bad frames
+
+
+def _nan_frame() -> bytes:
+    hidden = torch.zeros(1, 4, 32)
+    hidden[0, 1, 2] = float("nan")
+    return encode(Message(Kind.ACTIVATIONS, {"hidden": hidden, "labels": torch.zeros(1, 4, dtype=torch.int32)}))
+
+
+def _bad_scale_frame() -> bytes:
+    message = compress(Message(Kind.ACTIVATIONS, {"hidden": torch.randn(1, 4, 32)}), "int8")
+    message.tensors["hidden" + SCALE_SUFFIX] = torch.ones(31)
+    return encode(message)
+
+
+LIMIT = 256 * 1024
+BAD_FRAMES = {
+    "garbage": (lambda: b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad magic bytes"),
+    "empty": (lambda: b"", "truncated message"),
+    "truncated": (lambda: encode(Message(Kind.ACTIVATIONS, {"hidden": torch.randn(2, 8, 32)}))[:-100], "garbled ACTIVATIONS"),
+    "oversized": (lambda: encode(Message(Kind.ACTIVATIONS, {"hidden": torch.randn(LIMIT // 4 + 16)})),
+                  f"exceeds the limit of {LIMIT} bytes"),
+    "nan": (_nan_frame, "ACTIVATIONS.hidden contains NaN or Inf"),
+    "bad scale": (_bad_scale_frame, r"scale of dtype torch.float32 and shape \(31,\), expected float32 \(32,\)"),
+    "unknown kind": (lambda: encode(Message(Kind.ACTIVATIONS))[:5] + bytes([200]) + encode(Message(Kind.ACTIVATIONS))[6:],
+                     "unknown message kind 200"),
+}
+
+
+def test_bad_frames_get_an_error_reply_and_the_stream_keeps_serving():
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1", "data.max_length=64"))
+    device = sim.devices[0]
+    with served(sim, max_message_bytes=LIMIT):
+        channel = sim.channels["device-0"]
+        device.open_session(channel)
+        for name, (make, problem) in BAD_FRAMES.items():
+            frame = make()
+            before = channel.traffic.bytes_up
+            reply = decode(channel.exchange_frame(frame))
+            assert reply.kind == Kind.ERROR, name
+            assert re.search(problem, reply.meta["error"]), (name, reply.meta["error"])
+            assert channel.traffic.bytes_up - before == len(frame)
+            # ... and the same stream still trains: a whole valid step right after the bad frame
+            phase = device.local_phase(1, channel)
+            assert math.isfinite(phase.losses[0]), name
+        assert len(sim.server.rejected) == len(BAD_FRAMES)
+
+
+def test_a_frame_far_beyond_the_limit_is_refused_by_grpc_itself():
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=2", "federation.local_steps=1"))
+    with served(sim, max_message_bytes=LIMIT):
+        with pytest.raises(TransportError, match="device-0.*RESOURCE_EXHAUSTED"):
+            sim.channels["device-0"].exchange_frame(b"x" * (LIMIT + 2 * 1024 * 1024))
+        sim.devices[1].open_session(sim.channels["device-1"])
+        assert math.isfinite(sim.devices[1].local_phase(1, sim.channels["device-1"]).losses[0])
+
+
+# ------------------------------------------------------------------------ (e) compression
+
+
+def _activation_frames(mode: str, *, grpc_transport: bool) -> tuple[Simulation, list[bytes]]:
+    frames: dict[tuple[str, str], list[bytes]] = defaultdict(list)
+
+    def tap(device_id, direction, frame):
+        frames[(device_id, direction)].append(frame)
+
+    sim = Simulation(tiny_config("tiny-llama", *ROUND))
+    if grpc_transport:
+        with served(sim, compression=mode, tap=tap):
+            sim.run_round()
+    else:
+        sim.channels = {d: InProcessChannel(d, sim.server, tap=tap, compression=mode) for d in sim.device_ids}
+        sim.run_round()
+    up = [f for f in frames[("device-0", "up")] if decode(f).kind == Kind.ACTIVATIONS]
+    return sim, up
+
+
+def test_int8_activation_frames_are_about_four_times_smaller_and_training_runs():
+    plain, plain_frames = _activation_frames("none", grpc_transport=True)
+    small, small_frames = _activation_frames("int8", grpc_transport=True)
+    assert len(plain_frames) == len(small_frames) == 2
+    for big, little in zip(plain_frames, small_frames):
+        hidden = decode(big).tensors["hidden"]  # (B, T, d) float32
+        packed = decode(little)
+        assert packed.tensors["hidden"].dtype == torch.int8
+        assert packed.tensors["labels"].dtype == torch.int32  # labels are never compressed
+        b, t, d = hidden.shape
+        assert tensor_bytes(packed.tensors) == b * t * d + 4 * d + b * t * 4
+        # hidden 4 -> 1 byte per value; the int32 labels (1/d of the values) stay as they are
+        assert len(big) / len(little) > 3.4
+    for d in plain.device_ids:
+        a, b = plain.rounds[0].devices[d], small.rounds[0].devices[d]
+        # split traffic alone (adapters are exact): the cut gradient shrinks as much as the activations
+        assert (a.bytes_up - a.adapter_bytes_up) > 3.4 * (b.bytes_up - b.adapter_bytes_up)
+        assert (a.bytes_down - a.adapter_bytes_down) > 3.4 * (b.bytes_down - b.adapter_bytes_down)
+        assert all(math.isfinite(x) for x in b.losses)
+        assert b.losses == pytest.approx(a.losses, abs=0.05)
+    assert not small.rounds[0].rejected
+
+
+def test_compressed_grpc_round_equals_compressed_in_process_round():
+    """Both sides of both channels apply the same codec, so the results match exactly."""
+    networked, frames = _activation_frames("int8", grpc_transport=True)
+    local, local_frames = _activation_frames("int8", grpc_transport=False)
+    assert frames == local_frames
+    _assert_same_round(local, networked)
+
+
+def test_in_process_bf16_halves_the_activation_bytes():
+    _, plain = _activation_frames("none", grpc_transport=False)
+    _, half = _activation_frames("bf16", grpc_transport=False)
+    for big, little in zip(plain, half):
+        assert decode(little).tensors["hidden"].dtype == torch.bfloat16
+        assert tensor_bytes(decode(little).tensors) == tensor_bytes(decode(big).tensors) - decode(big).tensors["hidden"].numel() * 2
+
+
+def _activations() -> Message:
+    hidden = torch.randn(3, 5, 16) * torch.logspace(-3, 2, 16)  # channels of very different ranges
+    hidden[..., 4] = 0.0  # an all-zero channel
+    return Message(Kind.ACTIVATIONS, {"hidden": hidden, "labels": torch.randint(0, 9, (3, 5), dtype=torch.int32)},
+                   meta={"loss": 1.5})
+
+
+def test_none_is_the_identity_and_frames_are_unchanged():
+    message = _activations()
+    assert compress(message, "none") is message
+    assert decompress(message) is message
+    assert encode(compress(message, "none")) == encode(message)
+
+
+def test_bf16_round_trip_error():
+    message = _activations()
+    back = decompress(decode(encode(compress(message, "bf16"))))
+    assert back.meta == {"loss": 1.5}
+    assert back.tensors["hidden"].dtype == torch.float32
+    x = message.tensors["hidden"]
+    assert bool(((back.tensors["hidden"] - x).abs() <= 2**-8 * x.abs()).all())
+    assert torch.equal(back.tensors["labels"], message.tensors["labels"])
+
+
+def test_int8_round_trip_error_is_at_most_half_a_step_per_channel():
+    message = _activations()
+    x = message.tensors["hidden"]
+    packed = compress(message, "int8")
+    assert packed.meta["compression"] == {"hidden": "int8"}
+    scale = packed.tensors["hidden" + SCALE_SUFFIX]
+    assert scale.shape == (16,) and scale.dtype == torch.float32
+    torch.testing.assert_close(scale, x.abs().amax(dim=(0, 1)) / 127)
+    assert scale[4] == 0
+    back = decompress(decode(encode(packed)))
+    assert back.meta == {"loss": 1.5} and set(back.tensors) == {"hidden", "labels"}
+    error = (back.tensors["hidden"] - x).abs()  # (3, 5, 16)
+    assert bool((error <= scale / 2 * (1 + 1e-5) + 1e-12).all())
+    assert bool((back.tensors["hidden"][..., 4] == 0).all())
+    q, _ = quantize_int8(x)
+    assert int(q.abs().max()) == 127
+
+
+@pytest.mark.parametrize("kind", [Kind.ADAPTERS, Kind.KILL, Kind.REVIVE, Kind.OPEN_SESSION])
+def test_adapter_weights_and_control_messages_are_never_compressed(kind):
+    message = Message(kind, {"layer.lora_A": torch.randn(4, 8)})
+    assert compress(message, "int8") is message
+    assert compress(message, "bf16") is message
+
+
+def test_unknown_mode_is_refused_early():
+    with pytest.raises(ValueError, match="unknown compression 'int4'"):
+        compress(_activations(), "int4")
+    with pytest.raises(ValueError, match="unknown compression 'gzip'"):
+        InProcessChannel("device-0", None, compression="gzip")  # type: ignore[arg-type]
+
+
+def _corrupt(change) -> Message:
+    message = compress(_activations(), "int8")
+    change(message)
+    return message
+
+
+MALFORMED = {
+    "unknown mode": (lambda m: m.meta.update(compression={"hidden": "int4"}), "unknown compression mode 'int4'"),
+    "not an object": (lambda m: m.meta.update(compression=["hidden"]), "must be a non-empty object"),
+    "missing tensor": (lambda m: m.meta.update(compression={"hidden": "int8", "grad": "int8"}), "lacks"),
+    "missing scale": (lambda m: m.tensors.pop("hidden" + SCALE_SUFFIX), "without its scale tensor"),
+    "scale shape": (lambda m: m.tensors.update({"hidden" + SCALE_SUFFIX: torch.ones(15)}), r"shape \(15,\)"),
+    "scale dtype": (lambda m: m.tensors.update({"hidden" + SCALE_SUFFIX: torch.ones(16, dtype=torch.float64)}),
+                    "dtype torch.float64"),
+    "nan scale": (lambda m: m.tensors["hidden" + SCALE_SUFFIX].__setitem__(0, float("nan")), "negative, NaN or Inf"),
+    "inf scale": (lambda m: m.tensors["hidden" + SCALE_SUFFIX].__setitem__(0, float("inf")), "negative, NaN or Inf"),
+    "negative scale": (lambda m: m.tensors["hidden" + SCALE_SUFFIX].__setitem__(0, -1.0), "negative, NaN or Inf"),
+    "payload dtype": (lambda m: m.tensors.update(hidden=m.tensors["hidden"].float()), "has dtype torch.float32"),
+    "bf16 dtype": (lambda m: m.meta.update(compression={"hidden": "bf16"}), "bf16-compressed tensor has dtype torch.int8"),
+    "stray scale": (lambda m: m.tensors.update({"labels" + SCALE_SUFFIX: torch.ones(5)}), "belong to no int8"),
+    "scale without metadata": (lambda m: m.meta.pop("compression"), "no compression metadata"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_compression_is_a_message_error(case):
+    change, problem = MALFORMED[case]
+    with pytest.raises(MessageError, match=problem):
+        decompress(_corrupt(change))
+
+
+def test_malformed_compression_from_the_network_is_rejected_by_the_in_process_channel():
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1"))
+    channel = InProcessChannel("device-0", sim.server, compression="int8")
+    reply = channel.exchange(_corrupt(MALFORMED["missing scale"][0]))
+    assert reply.kind == Kind.ERROR and "without its scale tensor" in reply.meta["error"]
