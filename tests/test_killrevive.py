@@ -141,3 +141,38 @@ def test_input_groups_share_llama_inputs():
     assert groups["model.layers.0.self_attn.q_proj"] == groups["model.layers.0.self_attn.k_proj"]
     assert groups["model.layers.0.mlp.gate_proj"] == groups["model.layers.0.mlp.up_proj"]
     assert len(set(groups.values())) == 4
+
+
+def test_dlora_step_bytes_are_exactly_the_active_modules_tensors():
+    """After the kills, one step's branch traffic is B*T*(d_in per active input group + d_out per
+    active module) floats down and up for the forward, the same again for the backward (minus
+    input gradients the first block does not need), plus headers."""
+    from splitpeft.messages import header_bytes
+
+    sim, frames = _kr_run("dlora", True, steps=8)
+    sim.run_round()
+    device = sim.devices[0]
+    active = device.kill_revive.active
+    shapes = {name: module.weight.shape for name, module in sim.loaded.model.named_modules() if name in device.ranks}
+    groups = input_groups(sorted(active))
+    up = [decode(f) for f in frames["up"]]
+    down = [decode(f) for f in frames["down"]]
+    # the last step: each message up gets one reply down; down also carries the round's first
+    # ADAPTERS download, which has no request, so reply i of the step sits at down[i + 1].
+    assert down[0].kind == Kind.ADAPTERS and up[0].kind == Kind.OPEN_SESSION
+    start_up = max(i for i, m in enumerate(up) if m.kind == Kind.ACTIVATIONS)
+    end = next(i for i in range(start_up + 1, len(down)) if down[i].kind == Kind.STEP_DONE)
+    step_up, step_down = up[start_up:end], down[start_up + 1:end + 1]
+    start_down = start_up + 1
+    hidden = step_up[0].tensors["hidden"]
+    tokens = hidden.shape[0] * hidden.shape[1]
+    d_out = {n: int(shapes[n][0]) for n in active}
+    d_in = {n: int(shapes[n][1]) for n in active}
+    inputs_down = sum(m.tensors["x"].numel() for m in step_down if m.kind == Kind.BRANCH_INPUTS)
+    assert inputs_down == tokens * sum(d_in[sorted(n for n in active if groups[n] == g)[0]] for g in set(groups.values()))
+    outputs_up = sum(t.numel() for m in step_up if m.kind == Kind.BRANCH_OUTPUTS for t in m.tensors.values())
+    grads_down = sum(t.numel() for m in step_down if m.kind == Kind.BRANCH_GRADS for t in m.tensors.values())
+    assert outputs_up == grads_down == tokens * sum(d_out.values())
+    for message_frames in (frames["up"][start_up:end], frames["down"][start_down:end + 1]):
+        for frame in message_frames:
+            assert len(frame) == tensor_bytes(decode(frame).tensors) + header_bytes(frame)
