@@ -132,7 +132,7 @@ def quality(args: argparse.Namespace) -> None:
         config = load_config(preset=preset, overrides=overrides)
         sim = Simulation(config)
         tokens = {d: f"token-{d}" for d in sim.device_ids}
-        with GrpcSplitServer(sim.server, tokens=tokens, compression=mode) as server:
+        with GrpcSplitServer(sim.server, tokens=tokens) as server:  # replies in the mode each device asks for
             channels = {d: GrpcChannel(d, f"127.0.0.1:{server.port}", token=tokens[d], compression=mode) for d in sim.device_ids}
             sim.channels.update(channels)
             for _ in range(config.federation.rounds):
@@ -145,7 +145,7 @@ def quality(args: argparse.Namespace) -> None:
         loss = statistics.mean(s.train_loss for s in sim.rounds[-1].devices.values())
         scores = evaluate_model(sim.global_model(), sim.loaded.tokenizer, config, sim.held_out, sim.held_out_encoded)
         bleu = scores.get("bleu")
-        print(f"| {mode} | {split_bytes:,.0f} | {loss:.4f} | {scores.get('perplexity', float('nan')):.3f} | "
+        print(f"| {mode} | {split_bytes:,.0f} | {loss:.5f} | {scores.get('perplexity', float('nan')):.4f} | "
               f"{'-' if bleu is None else f'{bleu:.2f}'} |")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ def served(sim: Simulation, *, tls: bool = False, compression: str = "none", max
     tokens = {d: f"secret-{d}" for d in sim.device_ids}
     cert_key = self_signed_certificate() if tls else None
     limits = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
-    server = GrpcSplitServer(sim.server, tokens=tokens, tls=cert_key, compression=compression, **limits)
+    server = GrpcSplitServer(sim.server, tokens=tokens, tls=cert_key, **limits)  # replies follow each device's mode
     address = f"127.0.0.1:{server.start()}"
     root = cert_key[0] if cert_key else None
     channels = []
@@ -113,6 +114,37 @@ def test_unauthenticated_devices_are_refused_and_others_keep_working(device_id, 
         record = sim.run_round()  # both real devices, same server
     assert all(math.isfinite(loss) for stats in record.devices.values() for loss in stats.losses)
     assert not record.rejected
+
+
+class _SlowEcho:
+    """An Endpoint that answers every message with itself after `delay_s`."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def handle(self, device_id: str, message: Message) -> Message:
+        time.sleep(self.delay_s)
+        return message
+
+    def reject(self, device_id: str, error: Exception) -> None:
+        pass
+
+
+def test_a_late_reply_fails_the_exchange_with_a_deadline_error():
+    with GrpcSplitServer(_SlowEcho(1.0), tokens={"device-0": "t"}) as server:
+        with GrpcChannel("device-0", f"127.0.0.1:{server.port}", token="t", deadline_s=0.2) as channel:
+            with pytest.raises(TransportError, match="device-0: no reply .* within 0.2 s"):
+                channel.exchange(Message(Kind.CLOSE_SESSION))
+
+
+def test_a_server_that_goes_away_is_a_transport_error():
+    server = GrpcSplitServer(_SlowEcho(0.0), tokens={"device-0": "t"})
+    port = server.start()
+    with GrpcChannel("device-0", f"127.0.0.1:{port}", token="t", deadline_s=20) as channel:
+        assert channel.exchange(Message(Kind.CLOSE_SESSION, meta={"n": 1})).meta == {"n": 1}
+        server.stop(grace_s=0)
+        with pytest.raises(TransportError, match="device-0"):
+            channel.exchange(Message(Kind.CLOSE_SESSION))
 
 
 # ------------------------------------------------------------------------ (d) bad frames
@@ -221,6 +253,22 @@ def test_compressed_grpc_round_equals_compressed_in_process_round():
     local, local_frames = _activation_frames("int8", grpc_transport=False)
     assert frames == local_frames
     _assert_same_round(local, networked)
+
+
+def test_the_server_replies_in_the_mode_each_device_asks_for():
+    frames: dict[str, list[bytes]] = defaultdict(list)
+    sim = Simulation(tiny_config("tiny-llama", *ROUND))
+    with served(sim, connect=False) as (_, address, tokens, _root):
+        for d, mode in zip(sim.device_ids, ("int8", "none")):
+            sim.channels[d] = GrpcChannel(d, address, token=tokens[d], compression=mode,
+                                          tap=lambda device, direction, frame: frames[device].append(frame))
+        record = sim.run_round()
+        for channel in sim.channels.values():
+            channel.close()
+    assert not record.rejected
+    gradients = {d: [decode(f) for f in frames[d] if decode(f).kind == Kind.CUT_GRADIENT] for d in sim.device_ids}
+    assert all(m.tensors["grad"].dtype == torch.int8 for m in gradients["device-0"])
+    assert all(m.tensors["grad"].dtype == torch.float32 for m in gradients["device-1"])
 
 
 def test_in_process_bf16_halves_the_activation_bytes():

@@ -44,6 +44,7 @@ METHOD = "Exchange"
 METHOD_PATH = f"/{SERVICE}/{METHOD}"
 DEVICE_ID_HEADER = "x-device-id"
 AUTHORIZATION_HEADER = "authorization"
+COMPRESSION_HEADER = "x-split-compression"  # the mode the device wants its replies in
 # gRPC refuses anything this far over the frame limit before buffering it (and ends the stream);
 # frames between the two limits reach `decode`, which answers with an ERROR frame naming the size.
 TRANSPORT_SLACK_BYTES = 1024 * 1024
@@ -82,7 +83,8 @@ class GrpcSplitServer:
 
     `tokens`: device id -> its secret bearer token. `tls`: (certificate PEM, private key PEM), or
     None for plaintext (loopback and tests only: tokens then cross in the clear).
-    `compression` applies to the replies; requests say their own. With `serialize` (default) one
+    Requests say their own compression (in each frame). Replies use `compression` if given, else
+    the mode each device asks for when it opens its stream (it knows its link). With `serialize` (default) one
     lock around `endpoint.handle` makes the server's work happen in one order whatever the thread
     scheduling, so results are deterministic; frames of one device are always handled in order.
     Each open stream holds one of `max_workers` threads; streams beyond that are refused with
@@ -97,7 +99,7 @@ class GrpcSplitServer:
         tokens: Mapping[str, str],
         tls: tuple[bytes, bytes] | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        compression: str = "none",
+        compression: str | None = None,
         serialize: bool = True,
         max_workers: int = 32,
     ) -> None:
@@ -108,7 +110,7 @@ class GrpcSplitServer:
         self.tokens = dict(tokens)
         self.tls = tls
         self.max_message_bytes = max_message_bytes
-        self.compression = check_mode(compression)
+        self.compression = None if compression is None else check_mode(compression)
         self.max_workers = max_workers
         self._handle_lock: threading.Lock | None = threading.Lock() if serialize else None
         self._device_locks: dict[str, threading.Lock] = {}
@@ -157,9 +159,10 @@ class GrpcSplitServer:
 
     def _stream(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         device_id = self._authenticate(context)
-        log.info("device %s connected from %s", device_id, context.peer())
+        compression = self.compression or self._requested_compression(context)
+        log.info("device %s connected from %s (replies: %s)", device_id, context.peer(), compression)
         for frame in frames:
-            yield self._reply(device_id, frame)
+            yield self._reply(device_id, frame, compression)
         log.info("device %s closed its stream", device_id)
 
     def _authenticate(self, context: grpc.ServicerContext) -> str:
@@ -177,11 +180,20 @@ class GrpcSplitServer:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"device {device_id!r} is not authorised")
         return device_id
 
+    @staticmethod
+    def _requested_compression(context: grpc.ServicerContext) -> str:
+        requested = str(dict(context.invocation_metadata()).get(COMPRESSION_HEADER, "none"))
+        try:
+            return check_mode(requested)
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise  # abort raises; this keeps type checkers informed
+
     def _device_lock(self, device_id: str) -> threading.Lock:
         with self._locks_guard:
             return self._device_locks.setdefault(device_id, threading.Lock())
 
-    def _reply(self, device_id: str, frame: bytes) -> bytes:
+    def _reply(self, device_id: str, frame: bytes, compression: str) -> bytes:
         """The encoded reply to one frame; a bad frame gets an ERROR frame, never a dead stream."""
         with self._device_lock(device_id):
             try:
@@ -197,7 +209,7 @@ class GrpcSplitServer:
                     log.exception("%s message from device %s failed", message.kind.name, device_id)
                     self._locked(self.endpoint.reject, device_id, error)
                     reply = error_message(f"server failed on {message.kind.name}: {error}")
-            return encode(compress(reply, self.compression))
+            return encode(compress(reply, compression))
 
     def _locked(self, function: Any, *args: Any) -> Any:
         if self._handle_lock is None:
@@ -217,7 +229,8 @@ class GrpcChannel:
 
     `root_cert_pem` (the server's certificate or its CA) turns on TLS. `deadline_s` bounds each
     exchange; on expiry the stream is cancelled (a late reply would answer the wrong request) and
-    the channel is unusable. `send(message, direction)` encodes, counts and decodes locally, like
+    the channel is unusable. `compression` applies to the device's frames and is asked of the
+    server for its replies, as `InProcessChannel` applies it both ways. `send(message, direction)` encodes, counts and decodes locally, like
     `InProcessChannel.send`: federation uses it for adapter messages, which travel on Flower in
     deployment, not on this stream.
     """
@@ -257,7 +270,8 @@ class GrpcChannel:
         rpc = self._grpc.stream_stream(METHOD_PATH, request_serializer=_identity, response_deserializer=_identity)
         self._call = rpc(
             iter(self._requests.get, _CLOSED),
-            metadata=((DEVICE_ID_HEADER, device_id), (AUTHORIZATION_HEADER, f"Bearer {token}")),
+            metadata=((DEVICE_ID_HEADER, device_id), (AUTHORIZATION_HEADER, f"Bearer {token}"),
+                      (COMPRESSION_HEADER, self.compression)),
         )
         self._reader = threading.Thread(target=self._read, name=f"splitpeft-grpc-{device_id}", daemon=True)
         self._reader.start()
