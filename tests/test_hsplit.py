@@ -146,3 +146,16 @@ def test_poisoned_upload_is_rejected_and_the_round_goes_on():
     record = sim.run_round()
     assert any("contains NaN or Inf" in line and "device-0" in line for line in record.rejected)
     assert all(torch.isfinite(w.A).all() and torch.isfinite(w.B).all() for w in sim.global_adapters.values())
+
+
+def test_restarted_adapters_drop_their_optimiser_moments():
+    """Bug: after noise-free aggregation every holder restarts from fresh adapters (B = 0), but
+    AdamW kept the moments of the merged-away adapters and applied them to the new ones."""
+    sim = Simulation(tiny_config("tiny-llama", "federation.aggregator=noise_free", "federation.num_devices=1",
+                                 "federation.local_steps=2"))
+    sim.run_round()
+    device = sim.devices[0]
+    assert device.optimizer is not None and device.optimizer.state
+    device.load(sim.start_state(device.device_id, device.ranks))
+    assert not device.optimizer.state
+    sim.run_round()  # and training goes on

@@ -11,7 +11,9 @@ from collections.abc import Mapping
 import torch
 from transformers import PreTrainedModel
 
-from .adapters import AdapterSet, inject, lora_layers, lora_parameters, read_adapters, write_adapters
+from .adapters import (
+    ADAPTER_NAME, AdapterSet, LoraWeights, inject, lora_layers, lora_parameters, read_adapters, write_adapters,
+)
 from .models import backbone_of, share_frozen_copy
 
 
@@ -36,9 +38,23 @@ class Party:
         )
         self.model.train()
 
-    def load(self, adapters: Mapping[str, AdapterSet | object]) -> None:
-        """Load this party's modules from a larger set of adapters (e.g. the global state)."""
-        write_adapters(self.model, {name: adapters[name] for name in self.modules})  # type: ignore[misc]
+    def load(self, adapters: Mapping[str, LoraWeights]) -> None:
+        """Load this party's modules from a larger set of adapters (e.g. the global state).
+
+        An adapter arriving with B == 0 starts from its initialisation (noise-free aggregation
+        merged the previous one into the frozen weight): its AdamW moments described the old
+        adapter, so they are dropped rather than applied to the new one.
+        """
+        incoming = {name: adapters[name] for name in self.modules}
+        write_adapters(self.model, incoming)
+        if self.optimizer is None:
+            return
+        layers = lora_layers(self.model)
+        for name, weights in incoming.items():
+            if not bool(weights.B.any()):
+                layer = layers[name]
+                for parameter in (layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight):
+                    self.optimizer.state.pop(parameter, None)
 
     def adapters(self) -> AdapterSet:
         return read_adapters(self.model)

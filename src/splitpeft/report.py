@@ -30,6 +30,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "wall_s": record.wall_s,
             "eval_perplexity": record.eval_perplexity,
             "rejected": record.rejected,
+            "replanned": record.replanned,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},
         }
         for record in rounds
