@@ -105,3 +105,11 @@ def test_device_flops_include_attention():
         F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
     meter.end_step()
     assert meter.flops >= 2 * (2 * 16 * 16 * 8)  # QK^T and AV, forward only
+
+
+def test_int8_compression_from_config_shrinks_activation_frames():
+    plain, plain_frames = _captured_run()
+    small, small_frames = _captured_run("transport.compression=int8")
+    size = lambda frames: sum(len(f) for f in frames[("device-0", "up")] if decode(f).kind == Kind.ACTIVATIONS)
+    assert size(small_frames) < 0.4 * size(plain_frames)
+    assert small.rounds[0].devices["device-0"].losses[0] == pytest.approx(plain.rounds[0].devices["device-0"].losses[0], rel=1e-2)

@@ -72,6 +72,13 @@ class FederationConfig:
 
 
 @dataclass
+class TransportConfig:
+    compression: Literal["none", "bf16", "int8"] = _help(
+        "compression of split activations and gradients on the wire (int8: per channel)", "none")
+    max_message_bytes: int = _help("largest frame either side accepts", 512 * 1024 * 1024)
+
+
+@dataclass
 class FleetConfig:
     memory_bytes: list[int] | None = _help("each device's memory budget in bytes (one per device)", None)
     memory_range: list[int] | None = _help("[min, max]: budgets spread evenly over the devices", None)
@@ -130,6 +137,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     kill_revive: KillReviveConfig = field(default_factory=KillReviveConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     hsplit: HSplitConfig = field(default_factory=HSplitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -155,7 +155,11 @@ class Simulation:
         self.planning = Planning(self, train) if config.hsplit.planner != "fixed" else None
         plans = self.planning.plan() if self.planning is not None else {}
         self.devices: list[DeviceRuntime] = [self._build_device(i, *plans.get(d, (None, None))) for i, d in enumerate(self.device_ids)]
-        self.channels = {d: InProcessChannel(d, self.server, tap=tap) for d in self.device_ids}
+        self.channels = {
+            d: InProcessChannel(d, self.server, tap=tap, compression=config.transport.compression,
+                                max_message_bytes=config.transport.max_message_bytes)
+            for d in self.device_ids
+        }
         self.tap = tap
         self.shard_sizes = {d: len(s) for d, s in zip(self.device_ids, shards)}
 
