@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--out", type=Path, required=True, help="run folder to write")
     simulate.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     simulate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    simulate.add_argument("--checkpoint", type=Path, help="save the federation's state here after every round")
+    simulate.add_argument("--resume", action="store_true", help="continue from --checkpoint's last completed round")
 
     compare = commands.add_parser("compare", help="run a suite of methods side by side (hsplit, dlora)")
     compare.add_argument("suite", help="hsplit: HSplitLoRA vs HetLoRA vs SplitLoRA vs CenLoRA; dlora: KR vs no KR vs static")
@@ -90,7 +92,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from .experiment import run_experiment
 
     config = load_config(args.config, args.overrides, preset=args.preset)
-    report = run_experiment(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    report = run_experiment(config, args.out, overwrite=args.overwrite, progress=not args.no_progress,
+                            checkpoint=args.checkpoint, resume=args.resume)
     _summary(report, config)
     print(f"report: {args.out / 'report.json'}  adapter: {args.out / 'adapter'}")
     return 0

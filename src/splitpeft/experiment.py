@@ -26,6 +26,7 @@ from . import __version__
 from .config import ExperimentConfig, dump_yaml, to_dict
 from .data import Example, EncodedExample
 from .evaluation import evaluate_generation, perplexity
+from .checkpoint import load_checkpoint, save_checkpoint
 from .federation import Simulation
 from .report import (
     MEASUREMENT_NOTES, plot_active_adapters, plot_importance, plot_rounds, round_entries, totals, write_json,
@@ -74,16 +75,25 @@ def run_experiment(
     overwrite: bool = False,
     progress: bool = True,
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run `config` end to end and write the run folder `out`; returns the report."""
+    """Run `config` end to end and write the run folder `out`; returns the report.
+
+    With `checkpoint`, the federation's state is saved there after every completed round;
+    `resume` first restores it and continues from the next round.
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RunFolderError(f"output folder {out} is not empty (use --overwrite to replace it)")
+    if resume and checkpoint is None:
+        raise RunFolderError("--resume needs --checkpoint DIR")
     with atomic_folder(out) as staging:
-        return _run(config, staging, progress=progress, on_round=on_round)
+        return _run(config, staging, progress=progress, on_round=on_round, checkpoint=checkpoint, resume=resume)
 
 
-def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
+def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: Callable[[int, dict[str, Any]], None] | None,
+         checkpoint: Path | None = None, resume: bool = False) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     started = time.perf_counter()
@@ -100,8 +110,9 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), disable=not progress, transient=True,
     ) as bar:
-        task = bar.add_task("training", total=fed.rounds * len(sim.devices))
-        for round_index in range(fed.rounds):
+        done = load_checkpoint(sim, checkpoint) if resume and checkpoint is not None else 0
+        task = bar.add_task("training", total=fed.rounds * len(sim.devices), completed=done * len(sim.devices))
+        for round_index in range(done, fed.rounds):
             bar.update(task, description=f"round {round_index + 1}/{fed.rounds}")
             record = sim.run_round(on_device_done=lambda _device: bar.advance(task))
             if config.eval.perplexity and config.eval.every_round:
@@ -109,6 +120,8 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
                     sim.global_model(), sim.held_out_encoded[: config.eval.perplexity_examples],
                     fed.batch_size, sim.pad_id,
                 )
+            if checkpoint is not None:
+                save_checkpoint(sim, checkpoint)
             if on_round is not None:
                 on_round(round_index, round_entries([record])[0])
     report["rounds"] = round_entries(sim.rounds)
