@@ -56,6 +56,25 @@ class Channel(Protocol):
     def exchange(self, message: Message) -> Message: ...
 
 
+class _Counted(Protocol):
+    device_id: str
+    traffic: Traffic
+    tap: Tap | None
+    compression: str
+    max_message_bytes: int
+
+
+def send_locally(channel: _Counted, message: Message, direction: Direction) -> Message:
+    """One message through the wire encoding on this side only: compress, encode, count, tap,
+    decode, decompress. The in-process channel uses it for everything; a network channel for
+    the adapter exchange, which travels with the federation engine rather than on its stream."""
+    frame = encode(compress(message, channel.compression))
+    channel.traffic.count(direction, len(frame))
+    if channel.tap is not None:
+        channel.tap(channel.device_id, direction, frame)
+    return decompress(decode(frame, max_bytes=channel.max_message_bytes))
+
+
 class InProcessChannel:
     """Device and server in one process; messages still cross as encoded bytes.
 
@@ -83,11 +102,7 @@ class InProcessChannel:
 
     def send(self, message: Message, direction: Direction) -> Message:
         """Encode, count and decode one message travelling in `direction`."""
-        frame = encode(compress(message, self.compression))
-        self.traffic.count(direction, len(frame))
-        if self.tap is not None:
-            self.tap(self.device_id, direction, frame)
-        return decompress(decode(frame, max_bytes=self.max_message_bytes))
+        return send_locally(self, message, direction)
 
     def exchange(self, message: Message) -> Message:
         try:

@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from .channel import Direction, Endpoint, Tap, Traffic
+from .channel import Direction, Endpoint, Tap, Traffic, send_locally
 from .compression import check_mode, compress, decompress
 from .messages import DEFAULT_MAX_MESSAGE_BYTES, Message, MessageError, decode, encode, error_message
 
@@ -321,11 +321,7 @@ class GrpcChannel:
 
     def send(self, message: Message, direction: Direction) -> Message:
         """Encode, count and decode one message locally (adapter transfers; see the class docstring)."""
-        frame = encode(compress(message, self.compression))
-        self.traffic.count(direction, len(frame))
-        if self.tap is not None:
-            self.tap(self.device_id, direction, frame)
-        return decompress(decode(frame, max_bytes=self.max_message_bytes))
+        return send_locally(self, message, direction)
 
     def close(self) -> None:
         """End the stream (the server sees its end) and release the connection."""
