@@ -21,15 +21,6 @@ from splitpeft.models import backbone_of, load_model, share_frozen_copy
 from splitpeft.placement import causal_lm_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waits that make a loaded machine 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def probe_batches(n: int = 2, batch_size: int = 2, seq_len: int = 12) -> list[Batch]:
     generator = torch.Generator().manual_seed(1)
     batches = []

@@ -31,15 +31,6 @@ from splitpeft.server import SplitServer
 TOLERANCE = 0.15
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waits that make a loaded machine 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 _MODELS: dict = {}
 
 
