@@ -187,7 +187,7 @@ def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
         table.add_row(
             device, str(info[device]["split_layer"]), str(entry["tokens"]), f"{entry['bytes_up'] / 1e6:.2f}",
             f"{entry['bytes_down'] / 1e6:.2f}", f"{entry['flops'] / 1e9:.1f}", f"{entry['peak_memory_bytes'] / 1e6:.1f}",
-            f"{last[device]['train_loss']:.3f}",
+            f"{last[device]['train_loss']:.3f}" if device in last else "dropped",
         )
     console = Console()
     console.print(table)

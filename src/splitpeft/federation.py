@@ -38,7 +38,7 @@ from .devices import DeviceRuntime
 from .importance import ImportanceTracker, normalised_scores, probe_importance
 from .killrevive import KillReviveSettings
 from .planner import DevicePlan, DeviceProfile, ModelShapes, fleet_preset, plan_fleet, predict_peak_bytes, simulated_step_s
-from .messages import Kind, Message
+from .messages import Kind, Message, MessageError
 from .models import LoadedModel, backbone_of, load_model, share_frozen_copy
 from .placement import make_placement
 from .server import SplitServer
@@ -91,6 +91,7 @@ class RoundRecord:
     rejected: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     replanned: list[str] = field(default_factory=list)
+    dropped: list[dict[str, str]] = field(default_factory=list)  # devices lost mid-round, and why
 
 
 class Simulation:
@@ -218,11 +219,21 @@ class Simulation:
             channel = self.channels[device.device_id]
             before = (channel.traffic.bytes_up, channel.traffic.bytes_down)
             stats = DeviceRound()
-            stats.adapter_bytes_down = self._download(device, channel)
-            device.open_session(channel)
             events_before = len(device.kill_revive.events) if device.kill_revive is not None else 0
-            phase = device.local_phase(self.config.federation.local_steps, channel)
-            uploaded, stats.adapter_bytes_up = self._upload(device, channel)
+            try:
+                stats.adapter_bytes_down = self._download(device, channel)
+                device.open_session(channel)
+                phase = device.local_phase(self.config.federation.local_steps, channel)
+                uploaded, stats.adapter_bytes_up = self._upload(device, channel)
+            except (ConnectionError, MessageError) as error:
+                # A device that dies or disconnects mid-round: its partial update (and its server
+                # session's) is discarded; the round completes with the others.
+                log.warning("dropping %s from round %d: %s", device.device_id, record.round, error)
+                record.dropped.append({"device": device.device_id, "error": str(error)})
+                self.server.reset_session(device.device_id)
+                device.meter.take_round()
+                device.meter.adapter_flops = 0
+                continue
             if device.kill_revive is not None:
                 stats.kr_events = device.kill_revive.events[events_before:]
                 stats.active_adapters = len(device.kill_revive.active)
@@ -245,7 +256,8 @@ class Simulation:
             if on_device_done is not None:
                 on_device_done(device.device_id)
         alpha = self.config.lora.alpha
-        for holder, adapters, tokens in self.server.session_copies():
+        dropped = {entry["device"] for entry in record.dropped}
+        for holder, adapters, tokens in self.server.session_copies(exclude=dropped):
             for name, weights in adapters.items():
                 copies[name].append(AdapterCopy(holder, weights, tokens, scale=alpha / weights.rank))
         record.rejected = self._aggregate(copies)

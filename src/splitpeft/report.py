@@ -31,6 +31,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "eval_perplexity": record.eval_perplexity,
             "rejected": record.rejected,
             "replanned": record.replanned,
+            "dropped": record.dropped,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},
         }
         for record in rounds

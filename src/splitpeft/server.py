@@ -129,6 +129,11 @@ class SplitServer:
         if session.optimizer is not None:
             session.optimizer.zero_grad(set_to_none=True)
 
-    def session_copies(self) -> list[tuple[str, AdapterSet, int]]:
-        """(holder, adapters, tokens trained this round) for every session."""
-        return [(f"server/{d}", s.adapters(), s.tokens) for d, s in sorted(self.sessions.items()) if s.modules]
+    def session_copies(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, AdapterSet, int]]:
+        """(holder, adapters, tokens trained this round) for every session not in `exclude`."""
+        return [(f"server/{d}", s.adapters(), s.tokens) for d, s in sorted(self.sessions.items())
+                if s.modules and d not in exclude]
+
+    def reset_session(self, device_id: str) -> None:
+        """Forget a lost device's half-done step; its session reloads at its next OPEN_SESSION."""
+        self._reset(device_id)

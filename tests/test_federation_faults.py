@@ -1,0 +1,50 @@
+"""A device that dies or disconnects mid-round: the round completes with the others."""
+
+import torch
+
+from splitpeft.federation import Simulation
+
+from conftest import tiny_config
+
+
+class DyingChannel:
+    """Wraps a device's channel; the connection breaks after `after` exchanges."""
+
+    def __init__(self, inner, after: int) -> None:
+        self.inner, self.after = inner, after
+        self.device_id, self.traffic = inner.device_id, inner.traffic
+
+    def exchange(self, message):
+        if self.after <= 0:
+            raise ConnectionError(f"{self.device_id}: connection reset by peer")
+        self.after -= 1
+        return self.inner.exchange(message)
+
+    def send(self, message, direction):
+        return self.inner.send(message, direction)
+
+
+def test_a_device_lost_mid_round_is_dropped_and_the_round_completes():
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=3", "federation.local_steps=3"))
+    healthy = sim.channels["device-1"]
+    sim.channels["device-1"] = DyingChannel(healthy, after=2)  # OPEN_SESSION + one step, then gone
+    holders = {}
+    original = sim.aggregator.aggregate
+
+    def spy(module, copies):
+        holders[module] = sorted(c.holder for c in copies)
+        return original(module, copies)
+
+    sim.aggregator.aggregate = spy
+    record = sim.run_round()
+    assert [entry["device"] for entry in record.dropped] == ["device-1"]
+    assert "connection reset" in record.dropped[0]["error"]
+    assert set(record.devices) == {"device-0", "device-2"}
+    # neither the device's partial adapters nor its server session's partial ones were aggregated
+    assert holders["model.layers.0.self_attn.q_proj"] == ["device-0", "device-2"]
+    assert holders["model.layers.3.self_attn.q_proj"] == ["server/device-0", "server/device-2"]
+    assert all(torch.isfinite(w.A).all() for w in sim.global_adapters.values())
+    # it comes back next round and trains normally
+    sim.channels["device-1"] = healthy
+    record = sim.run_round()
+    assert not record.dropped and set(record.devices) == {"device-0", "device-1", "device-2"}
