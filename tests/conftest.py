@@ -11,6 +11,19 @@ def tiny_config(model: str = "tiny-llama", *overrides: str) -> ExperimentConfig:
     return load_config(preset="tiny", overrides=[f"model.name={model}", *overrides])
 
 
+def record_holders(sim) -> dict[str, list[str]]:
+    """Wrap `sim`'s aggregator: module -> sorted holders of the copies it aggregated (last round)."""
+    holders: dict[str, list[str]] = {}
+    original = sim.aggregator.aggregate
+
+    def spy(module, copies):
+        holders[module] = sorted(c.holder for c in copies)
+        return original(module, copies)
+
+    sim.aggregator.aggregate = spy
+    return holders
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

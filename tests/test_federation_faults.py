@@ -4,7 +4,7 @@ import torch
 
 from splitpeft.federation import Simulation
 
-from conftest import tiny_config
+from conftest import record_holders, tiny_config
 
 
 class DyingChannel:
@@ -28,14 +28,7 @@ def test_a_device_lost_mid_round_is_dropped_and_the_round_completes():
     sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=3", "federation.local_steps=3"))
     healthy = sim.channels["device-1"]
     sim.channels["device-1"] = DyingChannel(healthy, after=2)  # OPEN_SESSION + one step, then gone
-    holders = {}
-    original = sim.aggregator.aggregate
-
-    def spy(module, copies):
-        holders[module] = sorted(c.holder for c in copies)
-        return original(module, copies)
-
-    sim.aggregator.aggregate = spy
+    holders = record_holders(sim)
     record = sim.run_round()
     assert [entry["device"] for entry in record.dropped] == ["device-1"]
     assert "connection reset" in record.dropped[0]["error"]

@@ -10,7 +10,7 @@ from splitpeft.compare import run_comparison
 from splitpeft.federation import Simulation
 from splitpeft.planner import ModelShapes, predict_peak_bytes
 
-from conftest import tiny_config
+from conftest import record_holders, tiny_config
 
 HSPLIT = ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.num_devices=3",
           "hsplit.max_split=3", "federation.local_steps=2", "data.max_length=48"]
@@ -53,14 +53,7 @@ def test_block_copies_on_devices_and_server_are_all_aggregated():
     sim = Simulation(tiny_config("tiny-llama", *overrides))
     sim.devices[0] = sim._build_device(0, 1)
     sim.devices[1] = sim._build_device(1, 3)
-    seen = {}
-    original = sim.aggregator.aggregate
-
-    def spy(module, copies):
-        seen[module] = sorted(c.holder for c in copies)
-        return original(module, copies)
-
-    sim.aggregator.aggregate = spy
+    seen = record_holders(sim)
     base_weight = sim.loaded.model.model.layers[1].self_attn.q_proj.weight.detach().clone()
     sim.run_round()
     assert seen["model.layers.1.self_attn.q_proj"] == ["device-1", "server/device-0"]

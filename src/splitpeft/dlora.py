@@ -39,7 +39,7 @@ from .adapters import ADAPTER_NAME, LoraWeights, from_tensors, lora_layers, read
 from .channel import Channel
 from .data import Batch
 from .messages import Kind, Message, MessageError, finite
-from .placement import causal_lm_loss
+from .placement import causal_lm_loss, freeze_locally
 
 if TYPE_CHECKING:
     from .devices import DeviceRuntime
@@ -308,10 +308,7 @@ class DLoRAPlacement:
             if sorted(returned) != sorted(revive):
                 raise MessageError("server returned other adapters than the ones revived")
             write_adapters(device.model, returned)
-        device.killed |= set(kill)
-        device.killed -= set(revive)
-        device.set_trainable(kill, False)
-        device.set_trainable(revive, True)
+        freeze_locally(device, kill, revive)
 
     # ------------------------------------------------------------------ server side
 

@@ -382,7 +382,8 @@ class Simulation:
         factors = {}
         with torch.no_grad():
             for name in self.ranks:
-                total = self.merged.get(name, 0) + (self.global_delta(name) if self.global_delta(name) is not None else 0)
+                delta = self.global_delta(name)
+                total = self.merged.get(name, 0) + (delta if delta is not None else 0)
                 if name in self.merged:
                     weight = original.get_submodule(name).weight
                     weight.sub_(self.merged[name].T if lora.is_fan_in_fan_out(original) else self.merged[name])
@@ -468,7 +469,7 @@ class Planning:
         """Re-probe (armsc); re-plan and rebuild devices when the scores moved past the threshold."""
         if self.sim.config.hsplit.planner != "armsc":
             return []
-        scores = self.probe()
+        self.probe()
         if self.tracker.moved(self.planned_scores) <= self.sim.config.hsplit.replan_threshold:
             return []
         return self.sim.replan(self.plan())
