@@ -2,6 +2,7 @@
 in-process channel, and what activation compression saves and costs; side by side in one run.
 
     .venv/bin/python bench/network.py [--model smollm2-135m] [--steps 8] [--repeats 3] [--quality]
+        [--preset e2e --set data.path=../shared/data/e2e/valid.txt] [--no-throughput]
 
 Table 1: tokens/s of `split` training steps on the same model and batches through each transport
 (and gRPC with bf16 / int8 compression), the ratio to in-process, and bytes per step each way as
@@ -120,9 +121,9 @@ def throughput(args: argparse.Namespace) -> None:
 
 
 def quality(args: argparse.Namespace) -> None:
-    preset = "tiny" if args.model.startswith("tiny-") else "default"
+    preset = args.preset or ("tiny" if args.model.startswith("tiny-") else "default")
     overrides = [f"model.name={args.model}", f"federation.rounds={args.rounds}", "eval.meteor=false",
-                 "eval.baseline=false"]
+                 "eval.baseline=false", *args.set]
     print()
     print(f"quality: preset {preset}, {args.rounds} rounds over loopback gRPC per compression mode")
     print()
@@ -160,8 +161,13 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--quality", action="store_true", help="also train per compression mode and evaluate")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the quality runs")
+    parser.add_argument("--preset", help="preset of the quality runs (default: default, tiny for tiny models)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override of the quality runs, e.g. data.path=../shared/data/e2e/valid.txt")
+    parser.add_argument("--no-throughput", action="store_true", help="skip table 1")
     args = parser.parse_args()
-    throughput(args)
+    if not args.no_throughput:
+        throughput(args)
     if args.quality:
         quality(args)
 

@@ -27,6 +27,7 @@ from .federation import DeviceRound, RoundRecord
 from .storage import atomic_folder
 
 if TYPE_CHECKING:
+    from .devices import DeviceRuntime
     from .federation import Simulation
     from .party import Party
 
@@ -82,6 +83,38 @@ def _restore_optimizer(party: Party, prefix: str, steps: dict[str, float], tenso
         party.optimizer.state[parameter] = state
 
 
+def device_state(device: DeviceRuntime, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
+    """What a device carries from one round to the next beyond the adapters it downloads:
+    its plan, data-stream position, AdamW moments (into `tensors` under `prefix`), Kill-and-Revive state."""
+    policy = device.kill_revive
+    return {
+        "split_layer": device.split_layer,
+        "ranks": device.ranks,
+        "stream": [device.data.epoch, device.data._cursor],
+        "optimizer_steps": _optimizer_state(device, prefix, tensors),
+        "killed": sorted(device.killed),
+        "kill_revive": None if policy is None else {
+            "active": sorted(policy.active), "scores": policy.scores, "events": policy.events,
+            "step": policy.step, "frozen_choice": policy._frozen_choice,
+            "history": [[step, sorted(active)] for step, active in policy.active_history],
+        },
+    }
+
+
+def restore_device_state(device: DeviceRuntime, info: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Inverse of `device_state` on a device built with the same plan; load its adapters first."""
+    _seek(device.data, *info["stream"])
+    _restore_optimizer(device, prefix, info["optimizer_steps"], tensors)
+    device.killed = set(info["killed"])
+    device.set_trainable(device.killed, False)
+    saved = info["kill_revive"]
+    if saved is not None and device.kill_revive is not None:
+        policy = device.kill_revive
+        policy.active, policy.scores, policy.events = set(saved["active"]), saved["scores"], saved["events"]
+        policy.step, policy._frozen_choice = saved["step"], saved["frozen_choice"]
+        policy.active_history = [(step, frozenset(active)) for step, active in saved["history"]]
+
+
 def save_checkpoint(sim: Simulation, path: Path) -> None:
     """Write the state after the last completed round to `path` (atomically)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -90,21 +123,7 @@ def save_checkpoint(sim: Simulation, path: Path) -> None:
         _put_adapters(tensors, f"holder/{holder}", adapters)
     for name, delta in sim.merged.items():
         tensors[f"merged/{name}"] = delta.detach().clone()
-    devices = {}
-    for device in sim.devices:
-        policy = device.kill_revive
-        devices[device.device_id] = {
-            "split_layer": device.split_layer,
-            "ranks": device.ranks,
-            "stream": [device.data.epoch, device.data._cursor],
-            "optimizer_steps": _optimizer_state(device, f"opt/{device.device_id}", tensors),
-            "killed": sorted(device.killed),
-            "kill_revive": None if policy is None else {
-                "active": sorted(policy.active), "scores": policy.scores, "events": policy.events,
-                "step": policy.step, "frozen_choice": policy._frozen_choice,
-                "history": [[step, sorted(active)] for step, active in policy.active_history],
-            },
-        }
+    devices = {device.device_id: device_state(device, tensors, f"opt/{device.device_id}") for device in sim.devices}
     sessions = {
         device_id: {"optimizer_steps": _optimizer_state(session, f"session/{device_id}", tensors), "tokens": session.tokens}
         for device_id, session in sim.server.sessions.items()
@@ -171,18 +190,8 @@ def load_checkpoint(sim: Simulation, path: Path) -> int:
     plans = {d: (info["split_layer"], {n: int(r) for n, r in info["ranks"].items()}) for d, info in state["devices"].items()}
     sim.replan(plans)
     for device in sim.devices:
-        info = state["devices"][device.device_id]
-        _seek(device.data, *info["stream"])
         device.load(sim.start_state(device.device_id, device.ranks))
-        _restore_optimizer(device, f"opt/{device.device_id}", info["optimizer_steps"], tensors)
-        device.killed = set(info["killed"])
-        device.set_trainable(device.killed, False)
-        saved = info["kill_revive"]
-        if saved is not None and device.kill_revive is not None:
-            policy = device.kill_revive
-            policy.active, policy.scores, policy.events = set(saved["active"]), saved["scores"], saved["events"]
-            policy.step, policy._frozen_choice = saved["step"], saved["frozen_choice"]
-            policy.active_history = [(step, frozenset(active)) for step, active in saved["history"]]
+        restore_device_state(device, state["devices"][device.device_id], tensors, f"opt/{device.device_id}")
     sim.server.global_adapters = sim.global_adapters
     for device_id, info in state["sessions"].items():
         device = next(d for d in sim.devices if d.device_id == device_id)

@@ -34,7 +34,7 @@ from .aggregation import AdapterCopy, AggregationError, FedAvg, check_copy, make
 from .channel import InProcessChannel, Tap
 from .config import ExperimentConfig
 from .data import BatchStream, EncodedExample, encode, load_examples, partition, split_by_group
-from .devices import DeviceRuntime
+from .devices import DeviceRuntime, LocalPhase
 from .importance import ImportanceTracker, normalised_scores, probe_importance
 from .killrevive import KillReviveSettings
 from .planner import DevicePlan, DeviceProfile, ModelShapes, fleet_preset, plan_fleet, predict_peak_bytes, simulated_step_s
@@ -92,6 +92,29 @@ class RoundRecord:
     wall_s: float = 0.0
     replanned: list[str] = field(default_factory=list)
     dropped: list[dict[str, str]] = field(default_factory=list)  # devices lost mid-round, and why
+
+
+@dataclass
+class DeviceResult:
+    """A device's finished round as the server receives it."""
+
+    uploaded: AdapterSet
+    tokens: int
+    stats: DeviceRound
+
+
+def fill_round_stats(stats: DeviceRound, device: DeviceRuntime, phase: LocalPhase, events_before: int) -> None:
+    """Copy a finished local phase and the device's meters into `stats` (resets the meters)."""
+    if device.kill_revive is not None:
+        stats.kr_events = device.kill_revive.events[events_before:]
+        stats.active_adapters = len(device.kill_revive.active)
+    stats.adapter_flops = device.meter.adapter_flops
+    device.meter.adapter_flops = 0
+    stats.flops, stats.peak_memory_bytes = device.meter.take_round()
+    stats.tokens, stats.steps, stats.losses = phase.tokens, len(phase.losses), phase.losses
+    stats.step_flops, stats.step_bytes_up, stats.step_bytes_down = phase.step_flops, phase.step_bytes_up, phase.step_bytes_down
+    stats.train_loss = float(np.mean(phase.losses))
+    stats.wall_s = phase.wall_s
 
 
 class Simulation:
@@ -209,53 +232,65 @@ class Simulation:
     # ------------------------------------------------------------------ one round
 
     def run_round(self, on_device_done: Callable[[str], None] | None = None) -> RoundRecord:
-        start = time.perf_counter()
+        record = self.begin_round()
+        results: dict[str, DeviceResult] = {}
+        for device in self.devices:
+            result = self._train_in_process(device, record)
+            if result is not None:
+                results[device.device_id] = result
+                if on_device_done is not None:
+                    on_device_done(device.device_id)
+        return self.finish_round(record, results)
+
+    def begin_round(self) -> RoundRecord:
+        """Open round `len(rounds)`: re-plan if planning, hand the server the global state."""
         record = RoundRecord(round=len(self.rounds), devices={})
+        self._round_start = time.perf_counter()
         if self.planning is not None and self.rounds:
             record.replanned = self.planning.update()
         self.server.global_adapters = self.global_adapters
-        copies: dict[str, list[AdapterCopy]] = defaultdict(list)
-        for device in self.devices:
-            channel = self.channels[device.device_id]
-            before = (channel.traffic.bytes_up, channel.traffic.bytes_down)
-            stats = DeviceRound()
-            events_before = len(device.kill_revive.events) if device.kill_revive is not None else 0
-            try:
-                stats.adapter_bytes_down = self._download(device, channel)
-                device.open_session(channel)
-                phase = device.local_phase(self.config.federation.local_steps, channel)
-                uploaded, stats.adapter_bytes_up = self._upload(device, channel)
-            except (ConnectionError, MessageError) as error:
-                # A device that dies or disconnects mid-round: its partial update (and its server
-                # session's) is discarded; the round completes with the others.
-                log.warning("dropping %s from round %d: %s", device.device_id, record.round, error)
-                record.dropped.append({"device": device.device_id, "error": str(error)})
-                self.server.reset_session(device.device_id)
-                device.meter.take_round()
-                device.meter.adapter_flops = 0
-                continue
-            if device.kill_revive is not None:
-                stats.kr_events = device.kill_revive.events[events_before:]
-                stats.active_adapters = len(device.kill_revive.active)
-            for name, weights in uploaded.items():
-                copies[name].append(AdapterCopy(device.device_id, weights, phase.tokens,
-                                                scale=self.config.lora.alpha / weights.rank))
-            stats.bytes_up = channel.traffic.bytes_up - before[0]
-            stats.bytes_down = channel.traffic.bytes_down - before[1]
-            stats.adapter_flops = device.meter.adapter_flops
+        return record
+
+    def drop(self, record: RoundRecord, device_id: str, error: str) -> None:
+        """A device that died or disconnected mid-round: its partial update (and its server
+        session's) is discarded; the round completes with the others."""
+        log.warning("dropping %s from round %d: %s", device_id, record.round, error)
+        record.dropped.append({"device": device_id, "error": error})
+        self.server.reset_session(device_id)
+
+    def _train_in_process(self, device: DeviceRuntime, record: RoundRecord) -> DeviceResult | None:
+        """One device's round through its channel (download, session, local phase, upload)."""
+        channel = self.channels[device.device_id]
+        before = (channel.traffic.bytes_up, channel.traffic.bytes_down)
+        stats = DeviceRound()
+        events_before = len(device.kill_revive.events) if device.kill_revive is not None else 0
+        try:
+            stats.adapter_bytes_down = self._download(device, channel)
+            device.open_session(channel)
+            phase = device.local_phase(self.config.federation.local_steps, channel)
+            uploaded, stats.adapter_bytes_up = self._upload(device, channel)
+        except (ConnectionError, MessageError) as error:
+            self.drop(record, device.device_id, str(error))
+            device.meter.take_round()
             device.meter.adapter_flops = 0
-            stats.flops, stats.peak_memory_bytes = device.meter.take_round()
-            stats.tokens, stats.steps, stats.losses = phase.tokens, len(phase.losses), phase.losses
-            stats.step_flops, stats.step_bytes_up, stats.step_bytes_down = phase.step_flops, phase.step_bytes_up, phase.step_bytes_down
-            stats.train_loss = float(np.mean(phase.losses))
-            stats.wall_s = phase.wall_s
-            if self.profiles is not None:
-                profile = self.profiles[self.device_ids.index(device.device_id)]
-                stats.simulated_s = simulated_step_s(profile, stats.flops, stats.bytes_up + stats.bytes_down)
-            record.devices[device.device_id] = stats
-            if on_device_done is not None:
-                on_device_done(device.device_id)
+            return None
+        fill_round_stats(stats, device, phase, events_before)
+        stats.bytes_up = channel.traffic.bytes_up - before[0]
+        stats.bytes_down = channel.traffic.bytes_down - before[1]
+        return DeviceResult(uploaded, phase.tokens, stats)
+
+    def finish_round(self, record: RoundRecord, results: dict[str, DeviceResult]) -> RoundRecord:
+        """Aggregate the devices' uploads with their server sessions' adapters; close the round."""
         alpha = self.config.lora.alpha
+        copies: dict[str, list[AdapterCopy]] = defaultdict(list)
+        for device_id, result in results.items():
+            if self.profiles is not None:
+                profile = self.profiles[self.device_ids.index(device_id)]
+                result.stats.simulated_s = simulated_step_s(
+                    profile, result.stats.flops, result.stats.bytes_up + result.stats.bytes_down)
+            record.devices[device_id] = result.stats
+            for name, weights in result.uploaded.items():
+                copies[name].append(AdapterCopy(device_id, weights, result.tokens, scale=alpha / weights.rank))
         dropped = {entry["device"] for entry in record.dropped}
         for holder, adapters, tokens in self.server.session_copies(exclude=dropped):
             for name, weights in adapters.items():
@@ -263,9 +298,20 @@ class Simulation:
         record.rejected = self._aggregate(copies)
         record.rejected += [f"{device}: {error}" for device, error in self.server.rejected]
         self.server.rejected.clear()
-        record.wall_s = time.perf_counter() - start
+        record.wall_s = time.perf_counter() - self._round_start
         self.rounds.append(record)
         return record
+
+    def download_message(self, device: DeviceRuntime) -> Message:
+        """The ADAPTERS message that starts `device`'s round: its modules' adapters."""
+        return Message(Kind.ADAPTERS, lora.to_tensors(self.start_state(device.device_id, device.ranks)),
+                       meta={"round": len(self.rounds)})
+
+    @staticmethod
+    def upload_message(device: DeviceRuntime) -> Message:
+        """The device's trained adapters (killed ones did not change and stay home)."""
+        trained = {n: w for n, w in device.adapters().items() if n not in device.killed}
+        return Message(Kind.ADAPTERS, lora.to_tensors(trained), meta={"device": device.device_id})
 
     def start_state(self, holder: str, ranks: dict[str, int]) -> AdapterSet:
         """What `holder` starts the round with: its aggregated adapters, else the initial ones."""
@@ -285,19 +331,14 @@ class Simulation:
 
     def _download(self, device: DeviceRuntime, channel: InProcessChannel) -> int:
         """Send the device its modules' adapters for this round; returns the bytes sent."""
-        message = Message(Kind.ADAPTERS, lora.to_tensors(self.start_state(device.device_id, device.ranks)),
-                          meta={"round": len(self.rounds)})
         before = channel.traffic.bytes_down
-        received = channel.send(message, "down")
+        received = channel.send(self.download_message(device), "down")
         device.load(lora.from_tensors(received.tensors))
         return channel.traffic.bytes_down - before
 
     def _upload(self, device: DeviceRuntime, channel: InProcessChannel) -> tuple[AdapterSet, int]:
-        """Upload the device's trained adapters (killed ones did not change and stay home)."""
-        trained = {n: w for n, w in device.adapters().items() if n not in device.killed}
-        message = Message(Kind.ADAPTERS, lora.to_tensors(trained), meta={"device": device.device_id})
         before = channel.traffic.bytes_up
-        received = channel.send(message, "up")
+        received = channel.send(self.upload_message(device), "up")
         return lora.from_tensors(received.tensors), channel.traffic.bytes_up - before
 
     def _aggregate(self, copies: dict[str, list[AdapterCopy]]) -> list[str]:
