@@ -51,8 +51,8 @@ def test_block_copies_on_devices_and_server_are_all_aggregated():
     overrides = ["federation.aggregator=noise_free", "federation.num_devices=2", "federation.local_steps=2",
                  "data.max_length=48"]
     sim = Simulation(tiny_config("tiny-llama", *overrides))
-    sim.devices[0] = sim._build_device(0, 1)
-    sim.devices[1] = sim._build_device(1, 3)
+    sim.devices[0] = sim.build_device(0, 1)
+    sim.devices[1] = sim.build_device(1, 3)
     seen = record_holders(sim)
     base_weight = sim.loaded.model.model.layers[1].self_attn.q_proj.weight.detach().clone()
     sim.run_round()

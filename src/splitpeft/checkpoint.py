@@ -115,8 +115,9 @@ def restore_device_state(device: DeviceRuntime, info: dict[str, Any], tensors: d
         policy.active_history = [(step, frozenset(active)) for step, active in saved["history"]]
 
 
-def save_checkpoint(sim: Simulation, path: Path) -> None:
-    """Write the state after the last completed round to `path` (atomically)."""
+def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """Write the state after the last completed round to `path` (atomically), with `extra`
+    (JSON) for whoever drives the rounds (`checkpoint_extra` reads it back)."""
     tensors: dict[str, torch.Tensor] = {}
     _put_adapters(tensors, "global", sim.global_adapters)
     for holder, adapters in sim.holder_state.items():
@@ -145,10 +146,19 @@ def save_checkpoint(sim: Simulation, path: Path) -> None:
         "sessions": sessions,
         "last_weights": sim.last_weights,
         "planning": planning,
+        "extra": extra or {},
     }
     with atomic_folder(Path(path)) as staging:
         save_file(tensors, str(staging / TENSOR_FILE))
         (staging / STATE_FILE).write_text(json.dumps(state))
+
+
+def checkpoint_extra(path: Path) -> dict[str, Any] | None:
+    """The `extra` saved with the checkpoint in `path`, or None if there is no checkpoint."""
+    state_file = Path(path) / STATE_FILE
+    if not state_file.is_file():
+        return None
+    return dict(json.loads(state_file.read_text()).get("extra", {}))
 
 
 def _round_to_json(record: RoundRecord) -> dict[str, Any]:
@@ -179,7 +189,7 @@ def load_checkpoint(sim: Simulation, path: Path) -> int:
         sim.holder_state[holder] = _get_adapters(tensors, f"holder/{holder}")
     for key, delta in tensors.items():
         if key.startswith("merged/"):
-            sim._merge(key[len("merged/"):], delta)
+            sim.merge(key[len("merged/"):], delta)
     sim.last_weights = state["last_weights"]
     if state["planning"] is not None and sim.planning is not None:
         planning = state["planning"]

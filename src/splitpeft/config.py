@@ -209,8 +209,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {source} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {source} must hold a mapping")
-    config = ExperimentConfig()
-    _apply(config, raw, prefix="")
+    config = config_from_dict(raw, validate=False)
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -221,6 +220,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             parsed = value
         _set(config, key.strip().split("."), parsed, key.strip())
     return config.validate()
+
+
+def config_from_dict(raw: dict[str, Any], *, validate: bool = True) -> ExperimentConfig:
+    """Defaults <- a nested mapping (as `to_dict` writes it), checked like a config file."""
+    config = ExperimentConfig()
+    _apply(config, raw, prefix="")
+    return config.validate() if validate else config
 
 
 def _apply(target: Any, raw: dict[str, Any], prefix: str) -> None:

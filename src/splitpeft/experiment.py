@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -26,8 +26,8 @@ from . import __version__
 from .config import ExperimentConfig, dump_yaml, to_dict
 from .data import Example, EncodedExample
 from .evaluation import evaluate_generation, perplexity
-from .checkpoint import load_checkpoint, save_checkpoint
-from .federation import Simulation
+from .checkpoint import checkpoint_extra, load_checkpoint, save_checkpoint
+from .federation import RoundRecord, Simulation
 from .report import (
     MEASUREMENT_NOTES, plot_active_adapters, plot_importance, plot_rounds, round_entries, totals, write_json,
 )
@@ -77,11 +77,13 @@ def run_experiment(
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
     """Run `config` end to end and write the run folder `out`; returns the report.
 
     With `checkpoint`, the federation's state is saved there after every completed round;
-    `resume` first restores it and continues from the next round.
+    `resume` first restores it and continues from the next round. `engine` plays the rounds
+    (default: every device in this process; `splitpeft.flower` plays them on Flower nodes).
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -89,11 +91,38 @@ def run_experiment(
     if resume and checkpoint is None:
         raise RunFolderError("--resume needs --checkpoint DIR")
     with atomic_folder(out) as staging:
-        return _run(config, staging, progress=progress, on_round=on_round, checkpoint=checkpoint, resume=resume)
+        return _run(config, staging, progress=progress, on_round=on_round, checkpoint=checkpoint, resume=resume,
+                    engine=engine or InProcessEngine())
+
+
+class Engine(Protocol):
+    """Plays a federation's rounds for `run_experiment`."""
+
+    def open(self, sim: Simulation, resumed: dict[str, Any] | None) -> dict[str, Any]:
+        """Before the first round; `resumed` is what the checkpoint saved for it (None on a fresh
+        run). Returns what to save with every checkpoint."""
+        ...
+
+    def play_round(self, sim: Simulation, on_device_done: Callable[[str], None]) -> RoundRecord: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessEngine:
+    """Every device trains in this process through its in-process channel."""
+
+    def open(self, sim: Simulation, resumed: dict[str, Any] | None) -> dict[str, Any]:
+        return {}
+
+    def play_round(self, sim: Simulation, on_device_done: Callable[[str], None]) -> RoundRecord:
+        return sim.run_round(on_device_done=on_device_done)
+
+    def close(self) -> None:
+        pass
 
 
 def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: Callable[[int, dict[str, Any]], None] | None,
-         checkpoint: Path | None = None, resume: bool = False) -> dict[str, Any]:
+         checkpoint: Path | None, resume: bool, engine: Engine) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     started = time.perf_counter()
@@ -111,19 +140,23 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
         TimeElapsedColumn(), disable=not progress, transient=True,
     ) as bar:
         done = load_checkpoint(sim, checkpoint) if resume and checkpoint is not None else 0
+        extra = engine.open(sim, checkpoint_extra(checkpoint) if done and checkpoint is not None else None)
         task = bar.add_task("training", total=fed.rounds * len(sim.devices), completed=done * len(sim.devices))
-        for round_index in range(done, fed.rounds):
-            bar.update(task, description=f"round {round_index + 1}/{fed.rounds}")
-            record = sim.run_round(on_device_done=lambda _device: bar.advance(task))
-            if config.eval.perplexity and config.eval.every_round:
-                record.eval_perplexity = perplexity(
-                    sim.global_model(), sim.held_out_encoded[: config.eval.perplexity_examples],
-                    fed.batch_size, sim.pad_id,
-                )
-            if checkpoint is not None:
-                save_checkpoint(sim, checkpoint)
-            if on_round is not None:
-                on_round(round_index, round_entries([record])[0])
+        try:
+            for round_index in range(done, fed.rounds):
+                bar.update(task, description=f"round {round_index + 1}/{fed.rounds}")
+                record = engine.play_round(sim, lambda _device: bar.advance(task))
+                if config.eval.perplexity and config.eval.every_round:
+                    record.eval_perplexity = perplexity(
+                        sim.global_model(), sim.held_out_encoded[: config.eval.perplexity_examples],
+                        fed.batch_size, sim.pad_id,
+                    )
+                if checkpoint is not None:
+                    save_checkpoint(sim, checkpoint, extra)
+                if on_round is not None:
+                    on_round(round_index, round_entries([record])[0])
+        finally:
+            engine.close()
     report["rounds"] = round_entries(sim.rounds)
     report["totals"] = totals(sim.rounds)
     report["info"] = sim.info()  # after training: plans may have been re-made
@@ -143,7 +176,7 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
     kill_revive = {}
     for device in sim.devices:
         policy = device.kill_revive
-        if policy is None:
+        if policy is None or not policy.active_history:  # devices that trained elsewhere report events per round
             continue
         modules = list(policy.modules)
         active = [[modules.index(n) for n in sorted(members)] for _, members in policy.active_history]

@@ -120,7 +120,9 @@ def fill_round_stats(stats: DeviceRound, device: DeviceRuntime, phase: LocalPhas
 class Simulation:
     """Builds model, data, devices, server and channels from a config; `run_round` trains."""
 
-    def __init__(self, config: ExperimentConfig, *, tap: Tap | None = None, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: ExperimentConfig, *, tap: Tap | None = None, loaded: LoadedModel | None = None,
+                 build_devices: bool = True) -> None:
+        """`build_devices=False`: no device runtimes (a real device builds only its own, `build_device`)."""
         self.config = config
         seed_everything(config.seed)
         self.loaded = loaded or load_model(config.model.name, seed=config.seed)
@@ -178,7 +180,8 @@ class Simulation:
         self.rounds: list[RoundRecord] = []
         self.planning = Planning(self, train) if config.hsplit.planner != "fixed" else None
         plans = self.planning.plan() if self.planning is not None else {}
-        self.devices: list[DeviceRuntime] = [self._build_device(i, *plans.get(d, (None, None))) for i, d in enumerate(self.device_ids)]
+        self.devices: list[DeviceRuntime] = [
+            self.build_device(i, *plans.get(d, (None, None))) for i, d in enumerate(self.device_ids)] if build_devices else []
         self.channels = {
             d: InProcessChannel(d, self.server, tap=tap, compression=config.transport.compression,
                                 max_message_bytes=config.transport.max_message_bytes)
@@ -203,7 +206,7 @@ class Simulation:
         return [DeviceProfile(d, b, f, w) for d, b, f, w in
                 zip(self.device_ids, budgets, each(fleet.flops_per_s), each(fleet.bandwidth_bytes_per_s))]
 
-    def _build_device(self, index: int, split_layer: int | None = None, ranks: dict[str, int] | None = None) -> DeviceRuntime:
+    def build_device(self, index: int, split_layer: int | None = None, ranks: dict[str, int] | None = None) -> DeviceRuntime:
         """Device `index` with its plan (split point, ranks), or the config's fixed ones."""
         config = self.config
         split_layer = config.placement.split_layer if split_layer is None else split_layer
@@ -225,7 +228,7 @@ class Simulation:
         for index, device in enumerate(self.devices):
             split_layer, ranks = plans[device.device_id]
             if split_layer != device.split_layer or ranks != device.ranks:
-                self.devices[index] = self._build_device(index, split_layer, ranks)
+                self.devices[index] = self.build_device(index, split_layer, ranks)
                 changed.append(device.device_id)
         return changed
 
@@ -357,7 +360,7 @@ class Simulation:
                 continue
             result = self.aggregator.aggregate(name, good)
             if result.base_delta is not None:
-                self._merge(name, result.base_delta)
+                self.merge(name, result.base_delta)
             for holder, weights in result.adapters.items():
                 self.holder_state[holder][name] = weights
             self.last_weights[name] = dict(zip((c.holder for c in good), token_weights(good)))
@@ -365,7 +368,7 @@ class Simulation:
                 self.global_adapters[name] = next(iter(result.adapters.values()))
         return rejected
 
-    def _merge(self, name: str, delta: torch.Tensor) -> None:
+    def merge(self, name: str, delta: torch.Tensor) -> None:
         """W += delta (d_out, d_in) in the shared frozen weight, so every holder sees it."""
         module = self.loaded.model.get_submodule(name)
         with torch.no_grad():

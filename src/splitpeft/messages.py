@@ -58,6 +58,7 @@ class Kind(enum.IntEnum):
     STEP_DONE = 14        # server -> device (dlora): the server's backward is complete
     KILL = 15             # device -> server (dlora): frozen adapters the server computes from now on
     REVIVE = 16           # server -> device (dlora): adapters handed back to the device
+    BASE_DELTA = 17       # server -> device (federation): weight deltas merged into its frozen modules
 
 
 @dataclass

@@ -27,7 +27,7 @@ import hmac
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from typing import Any
 
@@ -117,6 +117,9 @@ class GrpcSplitServer:
         self._locks_guard = threading.Lock()
         self._server: grpc.Server | None = None
         self.port: int | None = None
+        # Called with the device id when a device's stream ends without the device closing it
+        # (process killed, link cut, deadline): the federation drops it from the round at once.
+        self.on_lost: Callable[[str], None] | None = None
 
     def start(self) -> int:
         """Start serving; returns the bound port (useful with port 0)."""
@@ -161,9 +164,17 @@ class GrpcSplitServer:
         device_id = self._authenticate(context)
         compression = self.compression or self._requested_compression(context)
         log.info("device %s connected from %s (replies: %s)", device_id, context.peer(), compression)
-        for frame in frames:
-            yield self._reply(device_id, frame, compression)
-        log.info("device %s closed its stream", device_id)
+        closed = False
+        try:
+            for frame in frames:
+                yield self._reply(device_id, frame, compression)
+            closed = True
+            log.info("device %s closed its stream", device_id)
+        finally:
+            if not closed:
+                log.warning("lost the stream of device %s (%s)", device_id, context.peer())
+                if self.on_lost is not None:
+                    self.on_lost(device_id)
 
     def _authenticate(self, context: grpc.ServicerContext) -> str:
         """The stream's device id if its bearer token matches; otherwise abort UNAUTHENTICATED."""
