@@ -1,0 +1,110 @@
+"""A real Flower deployment on loopback for tests: a SuperLink, SuperNodes (one per device) and
+`flwr run` of deploy/flower, each its own process, as on real machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+APP = Path(__file__).resolve().parents[1] / "deploy" / "flower"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+class Deployment:
+    def __init__(self, root: Path, num_devices: int) -> None:
+        self.root = root
+        self.home = root / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.link_port = free_port()
+        self.split_port = free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
+        self.tokens = {f"device-{i}": f"secret-{i}" for i in range(num_devices)}
+        self.tokens_file = root / "tokens.json"
+        self.tokens_file.write_text(json.dumps(self.tokens))
+        self.env = dict(os.environ, FLWR_HOME=str(self.home),
+                        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.env.pop("PYTEST_CURRENT_TEST", None)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "ab")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+                                   start_new_session=True)  # its own process group: kill() takes its children
+        self.processes[name] = process
+        return process
+
+    def start_superlink(self) -> None:
+        self._start("superlink", ["flower-superlink", "--insecure", "--port", str(self.link_port),
+                                  "--database", str(self.root / "superlink.db")])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.link_port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"SuperLink did not start: {self.log('superlink')}")
+
+    def start_device(self, index: int, token: str | None = None, **extra: Any) -> None:
+        config = {"device": index, "split-server": f"127.0.0.1:{self.split_port}",
+                  "token": token or self.tokens[f"device-{index}"], "state-dir": str(self.root / f"state-{index}"), **extra}
+        self._start(f"device-{index}", [
+            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}", "--port", str(free_port()),
+            "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())])
+
+    def run_config(self, out: Path, overrides: list[str], **extra: Any) -> str:
+        config = {"preset": "tiny", "overrides": " ".join(overrides), "out": str(out), "tokens-file": str(self.tokens_file),
+                  "split-address": f"127.0.0.1:{self.split_port}", "join-timeout": 90.0, "round-timeout": 120.0, **extra}
+        return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
+
+    def submit(self, out: Path, overrides: list[str], **extra: Any) -> subprocess.Popen[bytes]:
+        """`flwr run deploy/flower --stream`: returns while it runs; it exits when the run ends."""
+        return self._start(f"flwr-run-{len(self.processes)}", [
+            "flwr", "run", str(APP), "local", "--stream", "--run-config", self.run_config(out, overrides, **extra)])
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and everything it started (a machine losing power, as far as the others see)."""
+        process = self.processes.pop(name)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            self.kill(name)
+
+
+def wait_for(condition: Any, timeout: float, what: str, deployment: Deployment) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    logs = "\n".join(f"--- {name}\n{deployment.log(name)}" for name in ("superlink", "device-0", "device-1"))
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")

@@ -1,0 +1,218 @@
+"""splitpeft on Flower's deployment engine: a real SuperLink, SuperNodes and `flwr run` on loopback
+(slow), plus the validation of what the ServerApp and ClientApp read from configs and the wire."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+from safetensors.torch import load_file
+
+from flower_deployment import Deployment, wait_for
+from splitpeft.experiment import run_experiment
+from splitpeft.flower import (
+    DeploymentError, DeviceStore, NodeSettings, ServerSettings, frame_array, frame_of, round_stats_from_json,
+)
+from splitpeft.messages import Kind, Message, MessageError, encode
+from conftest import tiny_config
+
+OVERRIDES = ["federation.rounds=2", "federation.local_steps=2", "eval.generation=false", "eval.baseline=false"]
+
+
+def adapter_state(checkpoint):
+    """Global and per-holder adapters of a checkpoint (what the next round would start from)."""
+    tensors = load_file(str(checkpoint / "tensors.safetensors"))
+    return {k: v for k, v in tensors.items() if k.startswith(("global/", "holder/"))}
+
+
+def in_process(tmp_path, overrides):
+    config = tiny_config("tiny-llama", *overrides)
+    report = run_experiment(config, tmp_path / "in-process", progress=False, checkpoint=tmp_path / "in-process.ckpt")
+    return report, adapter_state(tmp_path / "in-process.ckpt")
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    created = []
+
+    def make(num_devices):
+        created.append(Deployment(tmp_path, num_devices))
+        return created[-1]
+
+    yield make
+    for d in created:
+        d.stop()
+
+
+def finish(deployment, run, timeout=420):
+    try:
+        run.wait(timeout=timeout)
+    except Exception:
+        raise AssertionError(f"flwr run did not finish\n{deployment.log('superlink')}")
+
+
+@pytest.mark.slow
+def test_flower_deployment_trains_the_same_adapters_as_the_in_process_simulation(tmp_path, deployment):
+    overrides = ["federation.num_devices=3", *OVERRIDES]
+    flower = deployment(3)
+    flower.start_superlink()
+    for index in range(3):
+        flower.start_device(index)
+    out = tmp_path / "flower-run"
+    finish(flower, flower.submit(out, overrides))
+    assert (out / "report.json").is_file(), flower.log("flwr-run-4")
+    report = json.loads((out / "report.json").read_text())
+
+    expected_report, expected = in_process(tmp_path, overrides)
+    got = adapter_state(tmp_path / "flower-run.checkpoint")
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+    for got_round, want_round in zip(report["rounds"], expected_report["rounds"]):
+        assert got_round["dropped"] == []
+        for device, stats in want_round["devices"].items():
+            assert got_round["devices"][device]["tokens"] == stats["tokens"]
+            assert got_round["devices"][device]["train_loss"] == pytest.approx(stats["train_loss"], rel=1e-5)
+            # the same frames cross the gRPC stream and Flower as the in-process channel
+            assert got_round["devices"][device]["bytes_up"] == stats["bytes_up"]
+            assert got_round["devices"][device]["bytes_down"] == stats["bytes_down"]
+
+
+@pytest.mark.slow
+def test_a_device_killed_mid_round_is_dropped_and_a_device_with_a_bad_token_refused(tmp_path, deployment):
+    overrides = ["federation.num_devices=3", "federation.rounds=2", "federation.local_steps=40",
+                 "eval.generation=false", "eval.baseline=false"]
+    flower = deployment(3)
+    flower.start_superlink()
+    status = tmp_path / "device-1.status.json"
+    flower.start_device(0)
+    flower.start_device(1, **{"status-file": str(status)})
+    flower.start_device(2, token="not-the-token")
+    out = tmp_path / "run"
+    run = flower.submit(out, overrides)
+
+    def training_in_round_1():
+        try:
+            state = json.loads(status.read_text())
+        except (OSError, ValueError):
+            return False
+        return state["round"] == 1 and state["frames"] >= 3
+
+    wait_for(training_in_round_1, 300, "device-1 to be training in round 1", flower)
+    flower.kill("device-1")
+    finish(flower, run)
+    report = json.loads((out / "report.json").read_text())
+    first, second = report["rounds"]
+    assert sorted(first["devices"]) == ["device-0", "device-1"]
+    assert sorted(second["devices"]) == ["device-0"]  # the round completed without the dead device
+    lost = {entry["device"]: entry["error"] for entry in second["dropped"]}
+    assert "split stream broke" in lost["device-1"]
+    refused = {entry["device"]: entry["error"] for entry in first["dropped"]}
+    assert "not authorised" in refused["device-2"] and "not authorised" in lost["device-2"]
+    # device-1's partial round-1 update did not count: only device-0 and its server session did
+    assert second["devices"]["device-0"]["steps"] == 40
+
+
+@pytest.mark.slow
+def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_adapters(tmp_path, deployment):
+    overrides = ["federation.num_devices=2", "federation.rounds=3", "federation.local_steps=20",
+                 "eval.generation=false", "eval.baseline=false"]
+    flower = deployment(2)
+    flower.start_superlink()
+    flower.start_device(0)
+    flower.start_device(1)
+    out = tmp_path / "run"
+    checkpoint = tmp_path / "run.checkpoint"
+    run = flower.submit(out, overrides)
+
+    def one_round_done():
+        try:
+            return json.loads((checkpoint / "state.json").read_text())["rounds_done"] >= 1
+        except (OSError, ValueError):
+            return False
+
+    wait_for(one_round_done, 300, "the first round's checkpoint", flower)
+    flower.kill("superlink")  # with the ServerApp and its split server
+    run.wait(timeout=60)
+    assert not (out / "report.json").exists()
+    flower.start_superlink()  # same database: the SuperNodes stay registered
+    finish(flower, flower.submit(out, overrides, resume=True))
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+
+    _, expected = in_process(tmp_path, overrides)
+    got = adapter_state(checkpoint)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ validation (fast)
+
+
+def test_node_settings_name_what_is_wrong(tmp_path):
+    with pytest.raises(DeploymentError, match="unknown node config keys \\['colour'\\]"):
+        NodeSettings.from_node_config({"device": 0, "split-server": "h:1", "token": "t", "colour": "red"})
+    with pytest.raises(DeploymentError, match="'device' must be the device's index"):
+        NodeSettings.from_node_config({"device": "zero", "split-server": "h:1", "token": "t"})
+    with pytest.raises(DeploymentError, match="missing setting 'split-server'"):
+        NodeSettings.from_node_config({"device": 0, "token": "t"})
+    with pytest.raises(DeploymentError, match="cannot read the token file"):
+        NodeSettings.from_node_config({"device": 0, "split-server": "h:1", "token-file": str(tmp_path / "none")})
+    (tmp_path / "token").write_text("s3cret\n")
+    node = NodeSettings.from_node_config({"device": 2, "split-server": "h:1", "token-file": str(tmp_path / "token")})
+    assert node.token == "s3cret" and node.device == 2
+
+
+def test_server_settings_name_what_is_wrong(tmp_path):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"device-0": "a"}))
+    with pytest.raises(DeploymentError, match="unknown run config keys \\['round'\\]"):
+        ServerSettings.from_run_config({"tokens-file": str(tokens), "round": 3})
+    with pytest.raises(DeploymentError, match="experiment config: unknown"):
+        ServerSettings.from_run_config({"tokens-file": str(tokens), "preset": "tiny", "overrides": "federation.roundz=2"})
+    with pytest.raises(DeploymentError, match="TLS needs both"):
+        ServerSettings.from_run_config({"tokens-file": str(tokens), "preset": "tiny", "tls-cert": "c.pem"})
+    tokens.write_text(json.dumps({"device-0": ""}))
+    with pytest.raises(DeploymentError, match="non-empty token"):
+        ServerSettings.from_run_config({"tokens-file": str(tokens), "preset": "tiny"})
+    with pytest.raises(DeploymentError, match="cannot read the tokens file"):
+        ServerSettings.from_run_config({"tokens-file": str(tmp_path / "missing.json"), "preset": "tiny"})
+
+
+def test_frames_in_flower_records_are_validated():
+    message = Message(Kind.ADAPTERS, {"m.A": torch.ones(2, 3), "m.B": torch.zeros(3, 2)}, meta={"device": "device-0"})
+    frame = encode(message)
+    assert frame_of(ArrayRecord({"frame": frame_array(frame)}), 1 << 20).tensors["m.A"].shape == (2, 3)
+    with pytest.raises(MessageError, match="carries no frame"):
+        frame_of(ArrayRecord({"other": frame_array(frame)}), 1 << 20)
+    with pytest.raises(MessageError, match="flat uint8"):
+        frame_of(ArrayRecord({"frame": Array(np.zeros((2, 2), dtype=np.float32))}), 1 << 20)
+    with pytest.raises(MessageError):
+        frame_of(ArrayRecord({"frame": frame_array(frame[:-7])}), 1 << 20)  # truncated
+    with pytest.raises(MessageError):
+        frame_of(ArrayRecord({"frame": frame_array(frame)}), 64)  # over the size limit
+    poisoned = encode(Message(Kind.ADAPTERS, {"m.A": torch.full((2, 3), float("nan")), "m.B": torch.zeros(3, 2)}))
+    with pytest.raises(MessageError, match="NaN|non-finite"):
+        frame_of(ArrayRecord({"frame": frame_array(poisoned)}), 1 << 20)
+
+
+def test_round_statistics_from_a_device_are_checked():
+    assert round_stats_from_json(json.dumps({"tokens": 5, "losses": [1.0]})).tokens == 5
+    with pytest.raises(MessageError, match="unknown round statistics \\['evil'\\]"):
+        round_stats_from_json(json.dumps({"evil": 1}))
+    with pytest.raises(MessageError, match="'tokens' must be a number"):
+        round_stats_from_json(json.dumps({"tokens": "many"}))
+    with pytest.raises(MessageError, match="not JSON"):
+        round_stats_from_json("{")
+
+
+def test_device_store_resumes_from_the_latest_round_before_and_keeps_two(tmp_path):
+    store = DeviceStore(tmp_path / "device-0")
+    assert store.latest_before(0) is None
+    for round_index in range(4):
+        store.save(round_index, {"round": round_index}, {"x": torch.full((2,), float(round_index))})
+    assert sorted(p.name for p in (tmp_path / "device-0").iterdir()) == ["round-2", "round-3"]
+    info, tensors = store.latest_before(3)  # the server redoes round 3 after a crash
+    assert info == {"round": 2} and tensors["x"].tolist() == [2.0, 2.0]
+    assert store.latest_before(10)[0] == {"round": 3}
