@@ -83,12 +83,14 @@ class Deployment:
             "flwr", "run", str(APP), "local", "--stream", "--run-config", self.run_config(out, overrides, **extra)])
 
     def kill(self, name: str) -> None:
-        """SIGKILL a process and everything it started (a machine losing power, as far as the others see)."""
+        """SIGKILL a process and everything it started, at once (a machine losing power, as far as
+        the others see). Flower starts app processes in sessions of their own, so walk the tree."""
         process = self.processes.pop(name)
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in [process.pid, *descendants(process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         process.wait(timeout=30)
 
     def log(self, name: str) -> str:
@@ -98,6 +100,22 @@ class Deployment:
     def stop(self) -> None:
         for name in list(self.processes):
             self.kill(name)
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def wait_for(condition: Any, timeout: float, what: str, deployment: Deployment) -> None:

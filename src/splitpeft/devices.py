@@ -161,3 +161,8 @@ class DeviceRuntime(Party):
                 })
             ).expect(Kind.SESSION_READY)
 
+
+    def close_session(self, channel: Channel) -> None:
+        """Tell the server the local phase is over (a stream that ends without this is a lost device)."""
+        if self.placement.uses_server():
+            channel.exchange(Message(Kind.CLOSE_SESSION)).expect(Kind.SESSION_CLOSED)

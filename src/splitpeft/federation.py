@@ -271,6 +271,7 @@ class Simulation:
             stats.adapter_bytes_down = self._download(device, channel)
             device.open_session(channel)
             phase = device.local_phase(self.config.federation.local_steps, channel)
+            device.close_session(channel)
             uploaded, stats.adapter_bytes_up = self._upload(device, channel)
         except (ConnectionError, MessageError) as error:
             self.drop(record, device.device_id, str(error))

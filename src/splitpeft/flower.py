@@ -287,6 +287,9 @@ class FlowerEngine:
                 device_id = ids.pop(reply.metadata.reply_to_message_id, None)
                 if device_id is None:
                     continue
+                if reply.has_error():
+                    sim.drop(record, device_id, f"the device failed or is unreachable: {reply.error.reason}")
+                    continue
                 try:
                     result = self._result(sim, device_id, reply)
                 except (MessageError, AdapterError) as error:
@@ -363,8 +366,6 @@ class FlowerEngine:
 
     def _result(self, sim: Simulation, device_id: str, reply: FlowerMessage) -> DeviceResult:
         """A device's reply, validated: its frame, its modules and ranks, its statistics."""
-        if reply.has_error():
-            raise MessageError(f"the device failed: {reply.error.reason}")
         upload = frame_of(reply.content.array_records["upload"], sim.config.transport.max_message_bytes).expect(Kind.ADAPTERS)
         if upload.meta.get("device") != device_id:
             raise MessageError(f"upload says device {upload.meta.get('device')!r}, expected {device_id}")
@@ -452,6 +453,7 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
                      tap=status.tap) as channel:
         device.open_session(channel)
         phase = device.local_phase(config.federation.local_steps, channel)
+        device.close_session(channel)
         split_up, split_down = channel.traffic.bytes_up, channel.traffic.bytes_down
     fill_round_stats(stats, device, phase, events_before)
     upload = encode(Simulation.upload_message(device))

@@ -72,6 +72,8 @@ class SplitServer:
             session = self.sessions.get(device_id)
             if session is None:
                 raise MessageError(f"device {device_id!r} has no open session")
+            if message.kind == Kind.CLOSE_SESSION:
+                return Message(Kind.SESSION_CLOSED, meta={"tokens": session.tokens})
             return session.placement.server_step(session, message)
         except (MessageError, AdapterError, ValueError) as error:
             log.warning("rejected %s message from %s: %s", message.kind.name, device_id, error)

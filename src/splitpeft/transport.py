@@ -35,7 +35,7 @@ import grpc
 
 from .channel import Direction, Endpoint, Tap, Traffic, send_locally
 from .compression import check_mode, compress, decompress
-from .messages import DEFAULT_MAX_MESSAGE_BYTES, Message, MessageError, decode, encode, error_message
+from .messages import DEFAULT_MAX_MESSAGE_BYTES, Kind, Message, MessageError, decode, encode, error_message
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +164,23 @@ class GrpcSplitServer:
         device_id = self._authenticate(context)
         compression = self.compression or self._requested_compression(context)
         log.info("device %s connected from %s (replies: %s)", device_id, context.peer(), compression)
-        closed = False
+        session_open = False
+        ended = False
         try:
             for frame in frames:
-                yield self._reply(device_id, frame, compression)
-            closed = True
-            log.info("device %s closed its stream", device_id)
+                reply, kind = self._reply(device_id, frame, compression)
+                if kind in (Kind.OPEN_SESSION, Kind.CLOSE_SESSION):
+                    session_open = kind == Kind.OPEN_SESSION
+                yield reply
+            # A dying device can end its request stream as if it closed it; a device that is
+            # done closes its session first (CLOSE_SESSION), and its call is still active here.
+            ended = not session_open and context.is_active()
         finally:
-            if not closed:
-                log.warning("lost the stream of device %s (%s)", device_id, context.peer())
+            if ended:
+                log.info("device %s closed its stream", device_id)
+            else:
+                log.warning("lost the stream of device %s (%s)%s", device_id, context.peer(),
+                            " with its session open" if session_open else "")
                 if self.on_lost is not None:
                     self.on_lost(device_id)
 
@@ -204,8 +212,10 @@ class GrpcSplitServer:
         with self._locks_guard:
             return self._device_locks.setdefault(device_id, threading.Lock())
 
-    def _reply(self, device_id: str, frame: bytes, compression: str) -> bytes:
-        """The encoded reply to one frame; a bad frame gets an ERROR frame, never a dead stream."""
+    def _reply(self, device_id: str, frame: bytes, compression: str) -> tuple[bytes, Kind | None]:
+        """The encoded reply to one frame and the frame's kind (None if it was not readable);
+        a bad frame gets an ERROR frame, never a dead stream."""
+        kind = None
         with self._device_lock(device_id):
             try:
                 message = decompress(decode(frame, max_bytes=self.max_message_bytes))
@@ -214,13 +224,14 @@ class GrpcSplitServer:
                 self._locked(self.endpoint.reject, device_id, error)
                 reply = error_message(str(error))
             else:
+                kind = message.kind
                 try:
                     reply = self._locked(self.endpoint.handle, device_id, message)
                 except Exception as error:  # keep serving: a crash in one step is that step's error
                     log.exception("%s message from device %s failed", message.kind.name, device_id)
                     self._locked(self.endpoint.reject, device_id, error)
                     reply = error_message(f"server failed on {message.kind.name}: {error}")
-            return encode(compress(reply, compression))
+            return encode(compress(reply, compression)), kind
 
     def _locked(self, function: Any, *args: Any) -> Any:
         if self._handle_lock is None:
