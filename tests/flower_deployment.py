@@ -31,17 +31,30 @@ def toml_value(value: Any) -> str:
 
 
 class Deployment:
-    def __init__(self, root: Path, num_devices: int) -> None:
+    """`tls`: keys from `splitpeft deploy-keys` secure the SuperLink (Flower's side) and the split
+    stream, as the README's deployment does; otherwise both run in plaintext."""
+
+    def __init__(self, root: Path, num_devices: int, *, tls: bool = False) -> None:
         self.root = root
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.link_port = free_port()
         self.split_port = free_port()
+        self.keys: Path | None = None
+        if tls:
+            self.keys = root / "keys"
+            subprocess.run([str(Path(sys.executable).parent / "splitpeft"), "deploy-keys", "--devices", str(num_devices),
+                            "--out", str(self.keys)], check=True, capture_output=True)
+            security = f'root-certificates = "{self.keys / "server-cert.pem"}"'
+            self.tokens = {f"device-{i}": (self.keys / f"device-{i}.token").read_text() for i in range(num_devices)}
+            self.tokens_file = self.keys / "tokens.json"
+        else:
+            security = "insecure = true"
+            self.tokens = {f"device-{i}": f"secret-{i}" for i in range(num_devices)}
+            self.tokens_file = root / "tokens.json"
+            self.tokens_file.write_text(json.dumps(self.tokens))
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
-        self.tokens = {f"device-{i}": f"secret-{i}" for i in range(num_devices)}
-        self.tokens_file = root / "tokens.json"
-        self.tokens_file.write_text(json.dumps(self.tokens))
+            f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{self.link_port}"\n{security}\n')
         self.env = dict(os.environ, FLWR_HOME=str(self.home),
                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         self.env.pop("PYTEST_CURRENT_TEST", None)
@@ -55,26 +68,45 @@ class Deployment:
         return process
 
     def start_superlink(self) -> None:
-        self._start("superlink", ["flower-superlink", "--insecure", "--port", str(self.link_port),
+        self._start("superlink", ["flower-superlink", *self._link_security(server=True), "--port", str(self.link_port),
                                   "--database", str(self.root / "superlink.db")])
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", self.link_port)) == 0:
                     return
+            if self.processes["superlink"].poll() is not None:
+                break
             time.sleep(0.2)
         raise RuntimeError(f"SuperLink did not start: {self.log('superlink')}")
 
+    def _link_security(self, *, server: bool) -> list[str]:
+        if self.keys is None:
+            return ["--insecure"]
+        cert, key = str(self.keys / "server-cert.pem"), str(self.keys / "server-key.pem")
+        if server:
+            return ["--ssl-ca-certfile", cert, "--ssl-certfile", cert, "--ssl-keyfile", key]
+        return ["--root-certificates", cert]
+
     def start_device(self, index: int, token: str | None = None, **extra: Any) -> None:
         config = {"device": index, "split-server": f"127.0.0.1:{self.split_port}",
-                  "token": token or self.tokens[f"device-{index}"], "state-dir": str(self.root / f"state-{index}"), **extra}
+                  "state-dir": str(self.root / f"state-{index}"), **extra}
+        if token is not None:
+            config["token"] = token
+        elif self.keys is not None:
+            config["token-file"] = str(self.keys / f"device-{index}.token")
+            config["root-cert"] = str(self.keys / "server-cert.pem")
+        else:
+            config["token"] = self.tokens[f"device-{index}"]
         self._start(f"device-{index}", [
-            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}", "--port", str(free_port()),
+            "flower-supernode", *self._link_security(server=False), "--superlink", f"127.0.0.1:{self.link_port}", "--port", str(free_port()),
             "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())])
 
     def run_config(self, out: Path, overrides: list[str], **extra: Any) -> str:
         config = {"preset": "tiny", "overrides": " ".join(overrides), "out": str(out), "tokens-file": str(self.tokens_file),
                   "split-address": f"127.0.0.1:{self.split_port}", "join-timeout": 90.0, "round-timeout": 120.0, **extra}
+        if self.keys is not None:
+            config.update({"tls-cert": str(self.keys / "server-cert.pem"), "tls-key": str(self.keys / "server-key.pem")})
         return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
 
     def submit(self, out: Path, overrides: list[str], **extra: Any) -> subprocess.Popen[bytes]:

@@ -36,8 +36,8 @@ def in_process(tmp_path, overrides):
 def deployment(tmp_path):
     created = []
 
-    def make(num_devices):
-        created.append(Deployment(tmp_path, num_devices))
+    def make(num_devices, **options):
+        created.append(Deployment(tmp_path, num_devices, **options))
         return created[-1]
 
     yield make
@@ -54,8 +54,9 @@ def finish(deployment, run, timeout=420):
 
 @pytest.mark.slow
 def test_flower_deployment_trains_the_same_adapters_as_the_in_process_simulation(tmp_path, deployment):
+    """Over TLS on both sides (SuperLink and split stream), with deploy-keys' tokens and certificate."""
     overrides = ["federation.num_devices=3", *OVERRIDES]
-    flower = deployment(3)
+    flower = deployment(3, tls=True)
     flower.start_superlink()
     for index in range(3):
         flower.start_device(index)

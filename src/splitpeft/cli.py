@@ -1,4 +1,4 @@
-"""Command line: `splitpeft simulate | evaluate | generate`.
+"""Command line: `splitpeft simulate | compare | evaluate | generate | deploy-keys`.
 
 Every user error (bad config key or value, missing file, unknown model, split point out of range,
 non-empty output folder) is one line on stderr naming the problem and exit status 2.
@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="a raw prompt")
     generate.add_argument("--num-beams", type=int, default=1)
     generate.add_argument("--max-new-tokens", type=int, default=40)
+
+    keys = commands.add_parser("deploy-keys", help="write device tokens and a TLS certificate for a real deployment")
+    keys.add_argument("--devices", type=int, required=True, help="number of devices (device-0 ... device-N-1)")
+    keys.add_argument("--hosts", default="localhost,127.0.0.1",
+                      help="comma-separated names/IPs the server is reached at (in the certificate)")
+    keys.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
     return parser
 
 
@@ -79,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "deploy-keys":
+            return _deploy_keys(args)
         return _generate(args)
     except USER_ERRORS as error:
         print(f"splitpeft: error: {error}", file=sys.stderr)
@@ -96,6 +104,15 @@ def _simulate(args: argparse.Namespace) -> int:
                             checkpoint=args.checkpoint, resume=args.resume)
     _summary(report, config)
     print(f"report: {args.out / 'report.json'}  adapter: {args.out / 'adapter'}")
+    return 0
+
+
+def _deploy_keys(args: argparse.Namespace) -> int:
+    from .flower import write_deployment_keys
+
+    hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
+    for path in write_deployment_keys(args.out, args.devices, hosts):
+        print(path)
     return 0
 
 

@@ -103,6 +103,33 @@ def read_tokens(path: str) -> dict[str, str]:
     return tokens
 
 
+def write_deployment_keys(folder: Path, num_devices: int, hosts: tuple[str, ...]) -> list[Path]:
+    """A new folder with what a deployment needs: tokens.json (server), device-N.token (one per
+    device), server-cert.pem / server-key.pem (self-signed for `hosts`; TLS of the split stream
+    and of the SuperLink). Secrets are readable by their owner only. Returns the files written."""
+    import secrets
+
+    from .transport import self_signed_certificate
+
+    if num_devices < 1:
+        raise DeploymentError("--devices must be at least 1")
+    if not hosts:
+        raise DeploymentError("--hosts needs at least one name or IP")
+    folder = Path(folder)
+    if folder.exists():
+        raise DeploymentError(f"{folder} exists; deploy-keys never overwrites keys")
+    tokens = {f"device-{i}": secrets.token_urlsafe(32) for i in range(num_devices)}
+    cert, key = self_signed_certificate(hosts, valid_days=365)
+    files = {"tokens.json": json.dumps(tokens, indent=2).encode(), "server-cert.pem": cert, "server-key.pem": key,
+             **{f"{device}.token": token.encode() for device, token in tokens.items()}}
+    with atomic_folder(folder) as staging:
+        for name, content in files.items():
+            path = staging / name
+            path.write_bytes(content)
+            path.chmod(0o644 if name == "server-cert.pem" else 0o600)
+    return [folder / name for name in files]
+
+
 @dataclass
 class ServerSettings:
     """The ServerApp's run config ([tool.flwr.app.config] of deploy/flower, `flwr run --run-config`)."""
