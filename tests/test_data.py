@@ -307,3 +307,9 @@ def test_iterate_batches_ordered_single_pass() -> None:
     batches = list(iterate_batches(_items(5), batch_size=2, pad_id=0))
     assert [b.input_ids.shape[0] for b in batches] == [2, 2, 1]
     assert [row[0] for b in batches for row in b.input_ids.tolist()] == [0, 1, 2, 3, 4]
+
+
+def test_whole_partition_gives_every_device_all_examples():
+    examples = load_examples("builtin")[:20]
+    shards = partition(examples, 3, "whole")
+    assert len(shards) == 3 and all(shard == list(examples) for shard in shards)

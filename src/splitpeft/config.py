@@ -47,7 +47,8 @@ class DataConfig:
     limit: int | None = _help("use only the first N examples", None)
     eval_fraction: float = _help("share of groups (e.g. E2E MRs) held out for evaluation", 0.1)
     max_length: int = _help("tokens per example (prompt truncated first)", 128)
-    partition: Literal["iid", "dirichlet"] = _help("how training data is spread over devices", "iid")
+    partition: Literal["iid", "dirichlet", "whole"] = _help(
+        "how training data is spread over devices (whole: each device trains on all of it, e.g. its own file)", "iid")
     dirichlet_alpha: float = _help("Dirichlet concentration for non-IID partitions (small = skewed)", 0.5)
     partition_field: str | None = _help("field the Dirichlet partition is over (E2E: type, food, area...)", None)
 

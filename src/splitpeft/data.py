@@ -430,7 +430,7 @@ def split_by_group(
 def partition(
     examples: Sequence[Example],
     n_devices: int,
-    scheme: Literal["iid", "dirichlet"],
+    scheme: Literal["iid", "dirichlet", "whole"],
     *,
     alpha: float = 0.5,
     field: str | None = None,
@@ -439,6 +439,7 @@ def partition(
     """Share examples among ``n_devices`` devices.
 
     - ``"iid"``: shuffle, then deal round-robin (sizes differ by at most one).
+    - ``"whole"``: every device gets all examples (a real device with its own data file).
     - ``"dirichlet"``: for each value v of ``fields[field]`` (missing -> ``"<none>"``), draw
       p ~ Dir(alpha * 1_n) and give device i a share p_i of v's examples. Small alpha -> each
       value concentrates on few devices (label skew). Empty devices then take one example from
@@ -452,8 +453,12 @@ def partition(
     """
     if n_devices < 1:
         raise ValueError(f"n_devices must be >= 1, got {n_devices}")
+    if scheme == "whole":
+        if not examples:
+            raise ValueError("no examples to train on")
+        return [list(examples) for _ in range(n_devices)]
     if scheme not in ("iid", "dirichlet"):
-        raise ValueError(f"unknown partition scheme {scheme!r}; expected 'iid' or 'dirichlet'")
+        raise ValueError(f"unknown partition scheme {scheme!r}; expected 'iid', 'dirichlet' or 'whole'")
     if len(examples) < n_devices:
         raise ValueError(f"cannot give {n_devices} devices an example each from {len(examples)} examples")
     rng = _rng(seed)

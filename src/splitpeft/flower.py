@@ -446,8 +446,8 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
     """One device round: rebuild, restore, download, train over the split stream, save, upload."""
     try:
         config = config_from_dict(_yaml_mapping(str(round_info["config"])))
-        if node.data_path is not None:
-            config.data.path = node.data_path
+        if node.data_path is not None:  # the device's own file: all of it is its training data
+            config.data.path, config.data.partition = node.data_path, "whole"
         round_index, device_id = int(round_info["round"]), str(round_info["device"])
         split_layer, ranks = int(round_info["split-layer"]), {str(k): int(v) for k, v in json.loads(str(round_info["ranks"])).items()}
         run_key = str(round_info["run-key"])
