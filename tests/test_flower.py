@@ -81,8 +81,8 @@ def test_flower_deployment_trains_the_same_adapters_as_the_in_process_simulation
 
 
 @pytest.mark.slow
-def test_a_device_killed_mid_round_is_dropped_and_a_device_with_a_bad_token_refused(tmp_path, deployment):
-    overrides = ["federation.num_devices=3", "federation.rounds=2", "federation.local_steps=40",
+def test_a_device_killed_mid_round_is_dropped_rejoins_after_a_restart_and_a_bad_token_is_refused(tmp_path, deployment):
+    overrides = ["federation.num_devices=3", "federation.rounds=3", "federation.local_steps=40",
                  "eval.generation=false", "eval.baseline=false"]
     flower = deployment(3)
     flower.start_superlink()
@@ -91,7 +91,7 @@ def test_a_device_killed_mid_round_is_dropped_and_a_device_with_a_bad_token_refu
     flower.start_device(1, **{"status-file": str(status)})
     flower.start_device(2, token="not-the-token")
     out = tmp_path / "run"
-    run = flower.submit(out, overrides)
+    run = flower.submit(out, overrides, **{"rejoin-timeout": 180.0})
 
     def training_in_round_1():
         try:
@@ -102,9 +102,10 @@ def test_a_device_killed_mid_round_is_dropped_and_a_device_with_a_bad_token_refu
 
     wait_for(training_in_round_1, 300, "device-1 to be training in round 1", flower)
     flower.kill("device-1")
+    flower.start_device(1)  # the device's machine comes back: a new SuperNode, the same state folder
     finish(flower, run)
     report = json.loads((out / "report.json").read_text())
-    first, second = report["rounds"]
+    first, second, third = report["rounds"]
     assert sorted(first["devices"]) == ["device-0", "device-1"]
     assert sorted(second["devices"]) == ["device-0"]  # the round completed without the dead device
     lost = {entry["device"]: entry["error"] for entry in second["dropped"]}
@@ -113,6 +114,10 @@ def test_a_device_killed_mid_round_is_dropped_and_a_device_with_a_bad_token_refu
     assert "not authorised" in refused["device-2"] and "not authorised" in lost["device-2"]
     # device-1's partial round-1 update did not count: only device-0 and its server session did
     assert second["devices"]["device-0"]["steps"] == 40
+    # the restarted device took its place again in the next round
+    assert sorted(third["devices"]) == ["device-0", "device-1"]
+    assert [entry["device"] for entry in third["dropped"]] == ["device-2"]
+    assert third["devices"]["device-1"]["steps"] == 40
 
 
 @pytest.mark.slow
@@ -174,6 +179,9 @@ def test_server_settings_name_what_is_wrong(tmp_path):
         ServerSettings.from_run_config({"tokens-file": str(tokens), "preset": "tiny", "overrides": "federation.roundz=2"})
     with pytest.raises(DeploymentError, match="TLS needs both"):
         ServerSettings.from_run_config({"tokens-file": str(tokens), "preset": "tiny", "tls-cert": "c.pem"})
+    with pytest.raises(DeploymentError, match="'rejoin-timeout' must be a non-negative number"):
+        ServerSettings.from_run_config({"tokens-file": str(tokens), "preset": "tiny", "rejoin-timeout": -1.0})
+    assert ServerSettings.from_run_config({"tokens-file": str(tokens), "preset": "tiny"}).rejoin_timeout_s == 0.0
     tokens.write_text(json.dumps({"device-0": ""}))
     with pytest.raises(DeploymentError, match="non-empty token"):
         ServerSettings.from_run_config({"tokens-file": str(tokens), "preset": "tiny"})

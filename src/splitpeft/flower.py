@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message as FlowerMessage, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file, save_file
@@ -143,9 +144,10 @@ class ServerSettings:
     tls: tuple[bytes, bytes] | None
     join_timeout_s: float
     round_timeout_s: float
+    rejoin_timeout_s: float
 
     KEYS = ("preset", "config-file", "overrides", "out", "checkpoint", "resume", "split-address",
-            "tokens-file", "tls-cert", "tls-key", "join-timeout", "round-timeout")
+            "tokens-file", "tls-cert", "tls-key", "join-timeout", "round-timeout", "rejoin-timeout")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerSettings:
@@ -177,6 +179,7 @@ class ServerSettings:
             tls=(_read(cert, "TLS certificate"), _read(key, "TLS key")) if cert else None,
             join_timeout_s=_number(run_config, "join-timeout", 120.0),
             round_timeout_s=_number(run_config, "round-timeout", 3600.0),
+            rejoin_timeout_s=_number(run_config, "rejoin-timeout", 0.0),
         )
 
 
@@ -269,6 +272,8 @@ class FlowerEngine:
         self.nodes: dict[str, int] = {}  # device id -> Flower node id
         self.run_key = ""
         self.server: GrpcSplitServer | None = None
+        self._asked: set[int] = set()  # nodes that were asked which device they are
+        self._gone: set[str] = set()  # devices whose node seemed to die last round: may come back on a new node
         self._lost: set[str] = set()
         self._lost_guard = threading.Lock()
 
@@ -284,13 +289,15 @@ class FlowerEngine:
                                       max_message_bytes=sim.config.transport.max_message_bytes)
         self.server.on_lost = self._on_lost
         self.server.start()
-        self._discover(sim)
+        self._discover(set(sim.device_ids), self.settings.join_timeout_s)
         return {"run_key": self.run_key}
 
     def play_round(self, sim: Simulation, on_device_done: Callable[[str], None]) -> RoundRecord:
         record = sim.begin_round()
         with self._lost_guard:
             self._lost.clear()
+        self._discover(self._gone, self.settings.rejoin_timeout_s)  # restarted SuperNodes take their device back
+        self._gone = set()
         online = set(self.grid.get_node_ids())
         outgoing: dict[str, FlowerMessage] = {}
         sent: dict[str, bytes] = {}
@@ -298,6 +305,7 @@ class FlowerEngine:
             node = self.nodes.get(device.device_id)
             if node is None or node not in online:
                 sim.drop(record, device.device_id, "its Flower node is not connected")
+                self._gone.add(device.device_id)
                 continue
             frame = encode(sim.download_message(device))
             sent[device.device_id] = frame
@@ -316,6 +324,8 @@ class FlowerEngine:
                     continue
                 if reply.has_error():
                     sim.drop(record, device_id, f"the device failed or is unreachable: {reply.error.reason}")
+                    if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                        self._gone.add(device_id)
                     continue
                 try:
                     result = self._result(sim, device_id, reply)
@@ -331,9 +341,11 @@ class FlowerEngine:
             for device_id in lost:
                 ids = {k: v for k, v in ids.items() if v != device_id}
                 sim.drop(record, device_id, "its split stream broke mid-round (device died or disconnected)")
+                self._gone.add(device_id)
             if ids and time.monotonic() > deadline:
                 for device_id in ids.values():
                     sim.drop(record, device_id, f"no reply within round-timeout ({self.settings.round_timeout_s:.0f} s)")
+                    self._gone.add(device_id)
                 break
             if ids:
                 time.sleep(0.2)
@@ -350,33 +362,41 @@ class FlowerEngine:
         with self._lost_guard:
             self._lost.add(device_id)
 
-    def _discover(self, sim: Simulation) -> None:
-        """Ask every connected node which device it is, until all devices answered or join-timeout."""
-        wanted = set(sim.device_ids)
-        asked: set[int] = set()
-        deadline = time.monotonic() + self.settings.join_timeout_s
-        while set(self.nodes) != wanted and time.monotonic() < deadline:
-            fresh = [n for n in self.grid.get_node_ids() if n not in asked]
-            asked.update(fresh)
+    def _discover(self, awaited: set[str], wait_s: float) -> None:
+        """Ask connected nodes not asked before which device they are; wait up to ``wait_s`` until
+        every device in ``awaited`` is claimed by a newly asked node. A node claiming a device that
+        already has one replaces it (a SuperNode restarted after a crash joins as a new node)."""
+        claimed: set[str] = set()
+        deadline = time.monotonic() + wait_s
+        while True:
+            fresh = [n for n in self.grid.get_node_ids() if n not in self._asked]
+            self._asked.update(fresh)
             queries = [FlowerMessage(RecordDict({}), dst_node_id=n, message_type="query") for n in fresh]
             for reply in self.grid.send_and_receive(queries, timeout=60.0) if queries else []:
-                node = reply.metadata.src_node_id
-                if reply.has_error():
-                    log.warning("node %d could not say which device it is: %s", node, reply.error.reason)
-                    continue
-                device_id = str(reply.content.config_records["device"].get("device", ""))
-                if device_id not in wanted:
-                    log.warning("node %d claims unknown device %r; ignored", node, device_id)
-                elif device_id in self.nodes:
-                    log.warning("node %d claims %s, already node %d; ignored", node, device_id, self.nodes[device_id])
-                else:
-                    self.nodes[device_id] = node
-                    log.info("%s is Flower node %d", device_id, node)
-            if set(self.nodes) != wanted:
-                time.sleep(1.0)
-        missing = sorted(wanted - set(self.nodes))
-        if missing:
-            log.warning("no node for %s after %.0f s; rounds go on without them", missing, self.settings.join_timeout_s)
+                claimed |= self._claim(reply)
+            if awaited <= claimed or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        missing = sorted(awaited - claimed)
+        if missing and wait_s > 0:
+            log.warning("no node came for %s within %.0f s; rounds go on without them", missing, wait_s)
+
+    def _claim(self, reply: FlowerMessage) -> set[str]:
+        """The device a node's answer to "query" names, now mapped to it (empty if refused)."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d could not say which device it is: %s", node, reply.error.reason)
+            return set()
+        device_id = str(reply.content.config_records["device"].get("device", ""))
+        if device_id not in self.settings.tokens:
+            log.warning("node %d claims unknown device %r; ignored", node, device_id)
+            return set()
+        if device_id in self.nodes:
+            log.warning("node %d claims %s, which was node %d; the newer node takes it", node, device_id, self.nodes[device_id])
+        else:
+            log.info("%s is Flower node %d", device_id, node)
+        self.nodes[device_id] = node
+        return {device_id}
 
     def _download_record(self, sim: Simulation, device: Any, frame: bytes) -> ArrayRecord:
         arrays = {FRAME: frame_array(frame)}
