@@ -17,7 +17,9 @@ from splitpeft.flower import (
 from splitpeft.messages import Kind, Message, MessageError, encode
 from conftest import tiny_config
 
-OVERRIDES = ["federation.rounds=2", "federation.local_steps=2", "eval.generation=false", "eval.baseline=false"]
+def run_overrides(devices: int, rounds: int, steps: int) -> list[str]:
+    return [f"federation.num_devices={devices}", f"federation.rounds={rounds}", f"federation.local_steps={steps}",
+            "eval.generation=false", "eval.baseline=false"]
 
 
 def adapter_state(checkpoint):
@@ -55,7 +57,7 @@ def finish(deployment, run, timeout=420):
 @pytest.mark.slow
 def test_flower_deployment_trains_the_same_adapters_as_the_in_process_simulation(tmp_path, deployment):
     """Over TLS on both sides (SuperLink and split stream), with deploy-keys' tokens and certificate."""
-    overrides = ["federation.num_devices=3", *OVERRIDES]
+    overrides = run_overrides(devices=3, rounds=2, steps=2)
     flower = deployment(3, tls=True)
     flower.start_superlink()
     for index in range(3):
@@ -82,8 +84,7 @@ def test_flower_deployment_trains_the_same_adapters_as_the_in_process_simulation
 
 @pytest.mark.slow
 def test_a_device_killed_mid_round_is_dropped_rejoins_after_a_restart_and_a_bad_token_is_refused(tmp_path, deployment):
-    overrides = ["federation.num_devices=3", "federation.rounds=3", "federation.local_steps=40",
-                 "eval.generation=false", "eval.baseline=false"]
+    overrides = run_overrides(devices=3, rounds=3, steps=40)
     flower = deployment(3)
     flower.start_superlink()
     status = tmp_path / "device-1.status.json"
@@ -122,8 +123,7 @@ def test_a_device_killed_mid_round_is_dropped_rejoins_after_a_restart_and_a_bad_
 
 @pytest.mark.slow
 def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_adapters(tmp_path, deployment):
-    overrides = ["federation.num_devices=2", "federation.rounds=3", "federation.local_steps=20",
-                 "eval.generation=false", "eval.baseline=false"]
+    overrides = run_overrides(devices=2, rounds=3, steps=20)
     flower = deployment(2)
     flower.start_superlink()
     flower.start_device(0)
