@@ -27,7 +27,7 @@ from splitpeft.data import (
     split_by_group,
 )
 
-E2E_VALID = Path("/work/shared/data/e2e/valid.txt")
+E2E_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "valid.txt"  # ../shared beside the repo
 
 
 @pytest.fixture(scope="module")
