@@ -8,14 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitpeft.messages import (
-    PREFIX_BYTES, Kind, Message, MessageError, decode, encode, header_bytes, tensor_bytes,
+    KIND_PREFIX_BYTES, MAGIC, PREFIX_BYTES, VERSION, Kind, Message, MessageError, checksum, decode, encode,
+    header_bytes, tensor_bytes,
 )
 
 
 def _message() -> Message:
     return Message(
         Kind.ACTIVATIONS,
-        {"hidden": torch.randn(2, 5, 8), "labels": torch.tensor([[1, -100, 3, 4, 5]] * 2, dtype=torch.int32)},
+        {"hidden": torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)), "labels": torch.tensor([[1, -100, 3, 4, 5]] * 2, dtype=torch.int32)},
         meta={"step": 3, "loss": 1.5},
     )
 
@@ -71,6 +72,7 @@ def test_malformed_frames_each_get_a_named_error():
         "bad magic": b"XXXX" + frame[4:],
         "unsupported message version": frame[:4] + bytes([99]) + frame[5:],
         "unknown message kind": frame[:5] + bytes([200]) + frame[6:],
+        "checksum mismatch": frame[:-3] + bytes([frame[-3] ^ 1]) + frame[-2:],  # one bit of tensor data
     }
     for expected, data in cases.items():
         with pytest.raises(MessageError, match=expected if expected != "truncated" else "garbled|truncated"):
@@ -85,15 +87,41 @@ def test_error_reply_surfaces_the_peer_text():
         reply.expect(Kind.CUT_GRADIENT)
 
 
+FRAME = encode(_message())
+SAMPLES = {"noise": st.binary(max_size=600), "cut": st.integers(0, len(FRAME) + 8), "patch": st.binary(max_size=8)}
+
+
+def reseal(data: bytes) -> bytes:
+    """``data`` with its checksum recomputed: damage a sender made on purpose."""
+    prefix, blob = data[:KIND_PREFIX_BYTES], data[PREFIX_BYTES:]
+    return prefix + checksum(prefix, blob) + blob
+
+
 @settings(max_examples=1500, deadline=None)
-@given(st.binary(max_size=400), st.integers(0, 400), st.binary(max_size=8))
-def test_fuzz_decoder_never_crashes(noise, cut, patch):
-    """Random bytes, and valid frames cut and patched anywhere: decoded cleanly or rejected."""
-    frame = encode(_message())
-    mutated = frame[:cut] + patch + frame[cut + len(patch):]
-    for data in (noise, b"SPFT\x01\x03" + noise, mutated, frame[:cut]):
+@given(**SAMPLES)
+def test_fuzz_every_damaged_frame_is_rejected(noise, cut, patch):
+    """Random bytes, random bytes behind a valid prefix, and a valid frame overwritten or cut
+    anywhere: all but the intact frame are rejected with a MessageError."""
+    mutated = FRAME[:cut] + patch + FRAME[cut + len(patch):]
+    for data in (noise, MAGIC + bytes([VERSION, Kind.ACTIVATIONS]) + noise, mutated, FRAME[:cut]):
+        if data == FRAME:
+            assert decode(data).tensors.keys() == {"hidden", "labels"}
+            continue
+        with pytest.raises(MessageError):
+            decode(data)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(**SAMPLES)
+def test_fuzz_crafted_frames_with_valid_checksums_are_rejected_or_sound(noise, cut, patch):
+    """A sender that checksums garbage still meets the header, offset and value checks: every
+    frame is either refused with a MessageError or a sound message (finite tensors, dict meta)."""
+    mutated = FRAME[:cut] + patch + FRAME[cut + len(patch):]
+    prefix = MAGIC + bytes([VERSION, Kind.ACTIVATIONS])
+    for data in (reseal(prefix + bytes(4) + noise), reseal(mutated), reseal(FRAME[:cut])):
         try:
             message = decode(data)
         except MessageError:
             continue
-        assert isinstance(message, Message)
+        assert isinstance(message.meta, dict)
+        assert all(torch.isfinite(t).all() for t in message.tensors.values() if t.is_floating_point())

@@ -2,12 +2,13 @@
 
 Frame layout::
 
-    b"SPFT" | version (1 byte) | kind (1 byte) | safetensors blob
+    b"SPFT" | version (1 byte) | kind (1 byte) | CRC-32 of kind prefix + blob (4 bytes) | safetensors blob
 
 The safetensors blob carries the tensors as raw little-endian bytes after an 8-byte header length
 and a JSON header; the message's scalar fields (`meta`) travel as one JSON string in the header's
 `__metadata__`. Nothing is ever unpickled. `decode` validates everything before a tensor is handed
-to training code: size limit, magic, version, kind, header, offsets (safetensors checks them),
+to training code: size limit, magic, version, kind, checksum (so any truncated or corrupted frame
+is refused, even where the damage would still parse), header, offsets (safetensors checks them),
 NaN/Inf in floating tensors. Expected shapes and dtypes are checked by the receiver with
 `Message.tensor(name, shape=..., dtype=...)`, since only it knows what its session expects.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +29,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 MAGIC = b"SPFT"
-VERSION = 1
-PREFIX_BYTES = len(MAGIC) + 2
+VERSION = 2
+KIND_PREFIX_BYTES = len(MAGIC) + 2
+PREFIX_BYTES = KIND_PREFIX_BYTES + 4  # + the checksum
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 META_KEY = "splitpeft"
@@ -108,7 +111,13 @@ def encode(message: Message) -> bytes:
     """Serialise `message` to its wire bytes."""
     tensors = {name: value.detach().contiguous().cpu() for name, value in message.tensors.items()}
     blob = save_safetensors(tensors, metadata={META_KEY: json.dumps(message.meta, allow_nan=False)})
-    return MAGIC + bytes([VERSION, int(message.kind)]) + blob
+    prefix = MAGIC + bytes([VERSION, int(message.kind)])
+    return prefix + checksum(prefix, blob) + blob
+
+
+def checksum(prefix: bytes, blob: bytes) -> bytes:
+    """The frame's CRC-32 over its kind prefix and its blob (little-endian)."""
+    return zlib.crc32(blob, zlib.crc32(prefix)).to_bytes(4, "little")
 
 
 def header_bytes(frame: bytes) -> int:
@@ -131,6 +140,8 @@ def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, allow_no
     except ValueError:
         raise MessageError(f"unknown message kind {frame[5]}") from None
     blob = bytes(frame[PREFIX_BYTES:])
+    if bytes(frame[KIND_PREFIX_BYTES:PREFIX_BYTES]) != checksum(bytes(frame[:KIND_PREFIX_BYTES]), blob):
+        raise MessageError(f"garbled {kind.name} message: checksum mismatch (truncated or corrupted)")
     header_length = int.from_bytes(blob[:8], "little")
     if header_length > MAX_HEADER_BYTES or 8 + header_length > len(blob):
         raise MessageError(f"truncated or garbled message: header of {header_length} bytes does not fit")
