@@ -11,6 +11,7 @@ from conftest import tiny_config
 CASES = {
     "split-fedavg": ["federation.num_devices=2"],
     "noise_free": ["federation.num_devices=2", "federation.aggregator=noise_free"],
+    "sampled": ["federation.num_devices=3", "federation.devices_per_round=2"],
     "dlora-kr": ["federation.num_devices=2", "placement.placement=dlora", "kill_revive.enabled=true",
                  "kill_revive.warmup=2", "kill_revive.interval=2", "kill_revive.revive_interval=3",
                  "kill_revive.active_fraction=0.25"],

@@ -19,6 +19,7 @@ def test_presets_load_and_overrides_are_typed():
     ("colour=3", "unknown config key 'colour'"),
     ("federation.rounds=three", "federation.rounds must be an integer"),
     ("federation.rounds=0", "federation.rounds must be >= 1"),
+    ("federation.devices_per_round=9", "federation.devices_per_round must be in 1..federation.num_devices"),
     ("placement.placement=ring", "placement.placement must be one of split, dlora, centralized"),
     ("placement.labels_on_device=maybe", "must be true or false"),
     ("data.partition=dirichlet", "data.partition_field is required"),

@@ -41,3 +41,26 @@ def test_a_device_lost_mid_round_is_dropped_and_the_round_completes():
     sim.channels["device-1"] = healthy
     record = sim.run_round()
     assert not record.dropped and set(record.devices) == {"device-0", "device-1", "device-2"}
+
+
+def test_devices_per_round_trains_a_seeded_sample_and_aggregates_only_it():
+    config = tiny_config("tiny-llama", "federation.num_devices=4", "federation.local_steps=2",
+                         "federation.devices_per_round=2")
+    sim = Simulation(config)
+    holders = record_holders(sim)
+    picks = []
+    for _ in range(3):
+        idle = {d.device_id: d.data.position for d in sim.devices}
+        record = sim.run_round()
+        picks.append(record.selected)
+        assert len(record.selected) == 2 and set(record.devices) == set(record.selected) and not record.dropped
+        # only the sample and its server sessions were aggregated, never an idle device's stale session
+        assert holders["model.layers.0.self_attn.q_proj"] == sorted(record.selected)
+        assert holders["model.layers.3.self_attn.q_proj"] == sorted(f"server/{d}" for d in record.selected)
+        for device in sim.devices:  # a device not selected did not move through its data
+            if device.device_id not in record.selected:
+                assert device.data.position == idle[device.device_id]
+    assert len({tuple(p) for p in picks}) > 1  # the sample changes from round to round
+    # the same seed draws the same samples (a resumed or distributed run agrees)
+    again = Simulation(config)
+    assert [[d.device_id for d in again.selected_devices(r)] for r in range(3)] == picks

@@ -123,7 +123,9 @@ def test_a_device_killed_mid_round_is_dropped_rejoins_after_a_restart_and_a_bad_
 
 @pytest.mark.slow
 def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_adapters(tmp_path, deployment):
-    overrides = run_overrides(devices=2, rounds=3, steps=20)
+    # one device sampled per round (device-0, device-1, device-0 with this seed): device-0 comes
+    # back in round 2 from the state it saved in round 0, across the server's restart
+    overrides = [*run_overrides(devices=2, rounds=3, steps=20), "federation.devices_per_round=1"]
     flower = deployment(2)
     flower.start_superlink()
     flower.start_device(0)
@@ -146,6 +148,7 @@ def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_adapters(tmp_pa
     finish(flower, flower.submit(out, overrides, resume=True))
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    assert [sorted(r["devices"]) for r in report["rounds"]] == [["device-0"], ["device-1"], ["device-0"]]
 
     _, expected = in_process(tmp_path, overrides)
     got = adapter_state(checkpoint)

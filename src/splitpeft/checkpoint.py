@@ -90,7 +90,7 @@ def device_state(device: DeviceRuntime, tensors: dict[str, torch.Tensor], prefix
     return {
         "split_layer": device.split_layer,
         "ranks": device.ranks,
-        "stream": [device.data.epoch, device.data._cursor],
+        "stream": list(device.data.position),
         "optimizer_steps": _optimizer_state(device, prefix, tensors),
         "killed": sorted(device.killed),
         "kill_revive": None if policy is None else {
@@ -103,7 +103,7 @@ def device_state(device: DeviceRuntime, tensors: dict[str, torch.Tensor], prefix
 
 def restore_device_state(device: DeviceRuntime, info: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> None:
     """Inverse of `device_state` on a device built with the same plan; load its adapters first."""
-    _seek(device.data, *info["stream"])
+    device.data.seek(*info["stream"])
     _restore_optimizer(device, prefix, info["optimizer_steps"], tensors)
     device.killed = set(info["killed"])
     device.set_trainable(device.killed, False)
@@ -135,7 +135,7 @@ def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = 
             "tracker_scores": sim.planning.tracker.scores,
             "planned_scores": sim.planning.planned_scores,
             "history": sim.planning.history,
-            "probe_stream": [sim.planning.probe_stream.epoch, sim.planning.probe_stream._cursor],
+            "probe_stream": list(sim.planning.probe_stream.position),
         }
     state = {
         "model": sim.loaded.name,
@@ -196,7 +196,7 @@ def load_checkpoint(sim: Simulation, path: Path) -> int:
         sim.planning.tracker.scores = planning["tracker_scores"]
         sim.planning.planned_scores = planning["planned_scores"]
         sim.planning.history = planning["history"]
-        _seek(sim.planning.probe_stream, *planning["probe_stream"])
+        sim.planning.probe_stream.seek(*planning["probe_stream"])
     plans = {d: (info["split_layer"], {n: int(r) for n, r in info["ranks"].items()}) for d, info in state["devices"].items()}
     sim.replan(plans)
     for device in sim.devices:
@@ -212,9 +212,3 @@ def load_checkpoint(sim: Simulation, path: Path) -> int:
         channel.traffic.__init__()  # the session set-up above is not part of any round
     sim.rounds = [_round_from_json(entry) for entry in state["rounds"]]
     return int(state["rounds_done"])
-
-
-def _seek(stream: Any, epoch: int, cursor: int) -> None:
-    stream.epoch = epoch
-    stream._order = stream._permutation(epoch)
-    stream._cursor = cursor

@@ -191,6 +191,13 @@ def _print_metrics(columns: dict[str, dict[str, Any]]) -> None:
     Console().print(table)
 
 
+def _absence(last_round: dict[str, Any], device: str) -> str:
+    """Why a device has no loss in the last round: dropped, or not selected for it."""
+    if any(entry["device"] == device for entry in last_round.get("dropped", [])):
+        return "dropped"
+    return "not selected"
+
+
 def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -204,7 +211,7 @@ def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
         table.add_row(
             device, str(info[device]["split_layer"]), str(entry["tokens"]), f"{entry['bytes_up'] / 1e6:.2f}",
             f"{entry['bytes_down'] / 1e6:.2f}", f"{entry['flops'] / 1e9:.1f}", f"{entry['peak_memory_bytes'] / 1e6:.1f}",
-            f"{last[device]['train_loss']:.3f}" if device in last else "dropped",
+            f"{last[device]['train_loss']:.3f}" if device in last else _absence(report["rounds"][-1], device),
         )
     console = Console()
     console.print(table)

@@ -63,6 +63,8 @@ class PlacementConfig:
 @dataclass
 class FederationConfig:
     num_devices: int = _help("number of simulated devices", 3)
+    devices_per_round: int | None = _help(
+        "devices that train in each round, drawn uniformly without replacement (seeded); null = all", None)
     rounds: int = _help("federated rounds", 3)
     local_steps: int = _help("training steps per device per round", 10)
     batch_size: int = _help("examples per step", 4)
@@ -156,6 +158,8 @@ class ExperimentConfig:
              f"data.path is required for data.source {self.data.source!r}"),
             (self.placement.split_layer >= 0, "placement.split_layer must be >= 0"),
             (self.federation.num_devices >= 1, "federation.num_devices must be >= 1"),
+            (self.federation.devices_per_round is None or 1 <= self.federation.devices_per_round <= self.federation.num_devices,
+             "federation.devices_per_round must be in 1..federation.num_devices (or null for all)"),
             (self.federation.rounds >= 1, "federation.rounds must be >= 1"),
             (self.federation.local_steps >= 1, "federation.local_steps must be >= 1"),
             (self.federation.batch_size >= 1, "federation.batch_size must be >= 1"),

@@ -608,6 +608,17 @@ class BatchStream:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, examples of it consumed): where the stream stands, for checkpoints."""
+        return self.epoch, self._cursor
+
+    def seek(self, epoch: int, cursor: int) -> None:
+        """Continue from `position` (epoch, cursor) as if the batches before it had been drawn."""
+        if epoch < 0 or not 0 <= cursor <= len(self.items):
+            raise ValueError(f"stream position ({epoch}, {cursor}) is out of range")
+        self.epoch, self._order, self._cursor = epoch, self._permutation(epoch), cursor
+
     def next(self) -> Batch:
         """The next batch; starts a freshly shuffled epoch when the current one runs out."""
         if self._cursor + self.batch_size > len(self._order):

@@ -92,6 +92,7 @@ class RoundRecord:
     wall_s: float = 0.0
     replanned: list[str] = field(default_factory=list)
     dropped: list[dict[str, str]] = field(default_factory=list)  # devices lost mid-round, and why
+    selected: list[str] = field(default_factory=list)  # devices asked to train this round
 
 
 @dataclass
@@ -237,7 +238,7 @@ class Simulation:
     def run_round(self, on_device_done: Callable[[str], None] | None = None) -> RoundRecord:
         record = self.begin_round()
         results: dict[str, DeviceResult] = {}
-        for device in self.devices:
+        for device in self.selected_devices(record.round):
             result = self._train_in_process(device, record)
             if result is not None:
                 results[device.device_id] = result
@@ -251,8 +252,20 @@ class Simulation:
         self._round_start = time.perf_counter()
         if self.planning is not None and self.rounds:
             record.replanned = self.planning.update()
-        self.server.global_adapters = self.global_adapters
+        self.server.begin_round(self.global_adapters)
+        record.selected = [device.device_id for device in self.selected_devices(record.round)]
         return record
+
+    def selected_devices(self, round_index: int) -> list[DeviceRuntime]:
+        """The devices that train in round `round_index`: all, or `federation.devices_per_round`
+        of them drawn without replacement from a generator seeded by (seed, round), so a resumed
+        or distributed run picks the same ones."""
+        wanted = self.config.federation.devices_per_round
+        if wanted is None or wanted >= len(self.devices):
+            return list(self.devices)
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + round_index)
+        chosen = sorted(torch.randperm(len(self.devices), generator=generator)[:wanted].tolist())
+        return [self.devices[i] for i in chosen]
 
     def drop(self, record: RoundRecord, device_id: str, error: str) -> None:
         """A device that died or disconnected mid-round: its partial update (and its server

@@ -263,6 +263,9 @@ def round_stats_from_json(text: str) -> DeviceRound:
 # ------------------------------------------------------------------------------------ server
 
 
+QUERY_WAIT_S = 30.0  # how long a round start waits for newly connected nodes to say which device they are
+
+
 class FlowerEngine:
     """Plays `run_experiment`'s rounds on Flower nodes (see the module docstring)."""
 
@@ -273,6 +276,7 @@ class FlowerEngine:
         self.run_key = ""
         self.server: GrpcSplitServer | None = None
         self._asked: set[int] = set()  # nodes that were asked which device they are
+        self._queries: set[str] = set()  # ids of those questions not answered yet
         self._gone: set[str] = set()  # devices whose node seemed to die last round: may come back on a new node
         self._lost: set[str] = set()
         self._lost_guard = threading.Lock()
@@ -301,7 +305,7 @@ class FlowerEngine:
         online = set(self.grid.get_node_ids())
         outgoing: dict[str, FlowerMessage] = {}
         sent: dict[str, bytes] = {}
-        for device in sim.devices:
+        for device in sim.selected_devices(record.round):
             node = self.nodes.get(device.device_id)
             if node is None or node not in online:
                 sim.drop(record, device.device_id, "its Flower node is not connected")
@@ -364,19 +368,28 @@ class FlowerEngine:
 
     def _discover(self, awaited: set[str], wait_s: float) -> None:
         """Ask connected nodes not asked before which device they are; wait up to ``wait_s`` until
-        every device in ``awaited`` is claimed by a newly asked node. A node claiming a device that
-        already has one replaces it (a SuperNode restarted after a crash joins as a new node)."""
+        every device in ``awaited`` is claimed (and up to QUERY_WAIT_S for new nodes' answers).
+        Answers that come later are taken at the next call. A node claiming a device that already
+        has one replaces it (a SuperNode restarted after a crash joins as a new node)."""
         claimed: set[str] = set()
-        deadline = time.monotonic() + wait_s
+        now = time.monotonic()
+        deadline, answers_by = now + wait_s, now
         while True:
             fresh = [n for n in self.grid.get_node_ids() if n not in self._asked]
-            self._asked.update(fresh)
-            queries = [FlowerMessage(RecordDict({}), dst_node_id=n, message_type="query") for n in fresh]
-            for reply in self.grid.send_and_receive(queries, timeout=60.0) if queries else []:
+            if fresh:
+                self._asked.update(fresh)
+                queries = [FlowerMessage(RecordDict({}), dst_node_id=n, message_type="query") for n in fresh]
+                self._queries.update(self.grid.push_messages(queries))
+                answers_by = time.monotonic() + QUERY_WAIT_S
+            for reply in self.grid.pull_messages(list(self._queries)) if self._queries else []:
+                self._queries.discard(reply.metadata.reply_to_message_id)
                 claimed |= self._claim(reply)
-            if awaited <= claimed or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline and (now >= answers_by or not self._queries):
                 break
-            time.sleep(1.0)
+            if awaited <= claimed and (now >= answers_by or not self._queries):
+                break
+            time.sleep(0.5)
         missing = sorted(awaited - claimed)
         if missing and wait_s > 0:
             log.warning("no node came for %s within %.0f s; rounds go on without them", missing, wait_s)

@@ -32,6 +32,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "rejected": record.rejected,
             "replanned": record.replanned,
             "dropped": record.dropped,
+            "selected": record.selected,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},
         }
         for record in rounds

@@ -64,6 +64,12 @@ class SplitServer:
         self.start_state: Callable[[str, dict[str, int]], AdapterSet] = (
             lambda holder, ranks: {name: self.global_adapters[name] for name in ranks})
         self.rejected: list[tuple[str, str]] = []
+        self.opened: set[str] = set()  # devices that opened a session this round
+
+    def begin_round(self, global_adapters: AdapterSet) -> None:
+        """A new round: the global state sessions start from; no session has trained yet."""
+        self.global_adapters = global_adapters
+        self.opened.clear()
 
     def handle(self, device_id: str, message: Message) -> Message:
         try:
@@ -100,6 +106,7 @@ class SplitServer:
         session = self.sessions[device_id]
         session.load(self.start_state(f"server/{device_id}", session.ranks))
         session.tokens = 0
+        self.opened.add(device_id)
         return Message(Kind.SESSION_READY, meta={"split_layer": split_layer})
 
     def _remote_modules(self, meta: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
@@ -132,9 +139,10 @@ class SplitServer:
             session.optimizer.zero_grad(set_to_none=True)
 
     def session_copies(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, AdapterSet, int]]:
-        """(holder, adapters, tokens trained this round) for every session not in `exclude`."""
+        """(holder, adapters, tokens trained this round) for every session opened this round and
+        not in `exclude` (a device not selected this round keeps its session, idle)."""
         return [(f"server/{d}", s.adapters(), s.tokens) for d, s in sorted(self.sessions.items())
-                if s.modules and d not in exclude]
+                if s.modules and d in self.opened and d not in exclude]
 
     def reset_session(self, device_id: str) -> None:
         """Forget a lost device's half-done step; its session reloads at its next OPEN_SESSION."""
