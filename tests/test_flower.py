@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 
 from flower_deployment import Deployment, wait_for
+from splitpeft.federation import Simulation
 from splitpeft.experiment import run_experiment
 from splitpeft.flower import (
     DeploymentError, DeviceStore, NodeSettings, ServerSettings, frame_array, frame_of, round_stats_from_json,
@@ -228,3 +229,14 @@ def test_device_store_resumes_from_the_latest_round_before_and_keeps_two(tmp_pat
     info, tensors = store.latest_before(3)  # the server redoes round 3 after a crash
     assert info == {"round": 2} and tensors["x"].tolist() == [2.0, 2.0]
     assert store.latest_before(10)[0] == {"round": 3}
+
+
+def test_a_device_with_its_own_data_file_trains_on_all_of_it(tmp_path):
+    """node config data-path: no share of the device's own data is held out (it never evaluates)."""
+    own = tmp_path / "mine.txt"
+    own.write_text("".join(f"name[Shop {i}], area[riverside]||Shop {i} is by the river.\n" for i in range(30)))
+    config = tiny_config("tiny-llama", f"data.path={own}", "data.source=e2e", "data.partition=whole")
+    sim = Simulation(config, build_devices=False, hold_out=False)
+    assert sim.held_out == [] and all(len(stream.items) == 30 for stream in sim.streams)
+    simulated = Simulation(config, build_devices=False)  # a simulated run holds a share out for evaluation
+    assert simulated.held_out and len(simulated.streams[0].items) == 30 - len(simulated.held_out)

@@ -122,8 +122,10 @@ class Simulation:
     """Builds model, data, devices, server and channels from a config; `run_round` trains."""
 
     def __init__(self, config: ExperimentConfig, *, tap: Tap | None = None, loaded: LoadedModel | None = None,
-                 build_devices: bool = True) -> None:
-        """`build_devices=False`: no device runtimes (a real device builds only its own, `build_device`)."""
+                 build_devices: bool = True, hold_out: bool = True) -> None:
+        """`build_devices=False`: no device runtimes (a real device builds only its own, `build_device`).
+        `hold_out=False`: no held-out split, every example trains (a real device's own data; it
+        never evaluates)."""
         self.config = config
         seed_everything(config.seed)
         self.loaded = loaded or load_model(config.model.name, seed=config.seed)
@@ -135,7 +137,7 @@ class Simulation:
         self.placement.device_blocks(num_blocks, placement_cfg.split_layer)  # range check before any work
 
         examples = load_examples(config.data.source, config.data.path, limit=config.data.limit, seed=config.seed)
-        train, self.held_out = split_by_group(examples, config.data.eval_fraction, config.seed)
+        train, self.held_out = split_by_group(examples, config.data.eval_fraction, config.seed) if hold_out else (examples, [])
         num_devices = 1 if self.placement.name == "centralized" else fed.num_devices
         if self.placement.name == "centralized" and fed.num_devices > 1:
             log.info("centralized placement: one party trains on the pooled data of all %d devices", fed.num_devices)
@@ -172,10 +174,10 @@ class Simulation:
         )
         self.server.start_state = self.start_state
         self.ranks_in = ranks_in
-        self.streams = [
-            BatchStream(encode(shard, tokenizer, config.data.max_length), fed.batch_size, self.pad_id, config.seed + index)
-            for index, shard in enumerate(shards)
-        ]
+        encoded = ([encode(train, tokenizer, config.data.max_length)] * len(shards) if config.data.partition == "whole"
+                   else [encode(shard, tokenizer, config.data.max_length) for shard in shards])  # "whole": encode once
+        self.streams = [BatchStream(items, fed.batch_size, self.pad_id, config.seed + index)
+                        for index, items in enumerate(encoded)]
         self.device_ids = [f"device-{index}" for index in range(len(shards))]
         self.profiles = self._profiles()
         self.rounds: list[RoundRecord] = []

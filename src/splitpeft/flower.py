@@ -489,7 +489,8 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
     if device_id != f"device-{node.device}":
         raise DeploymentError(f"the server sent {device_id}'s round to device-{node.device}")
     config.hsplit.planner = "fixed"  # the plan comes from the server
-    sim = Simulation(config, loaded=load_model(config.model.name, seed=config.seed), build_devices=False)
+    sim = Simulation(config, loaded=load_model(config.model.name, seed=config.seed), build_devices=False,
+                     hold_out=node.data_path is None)
     max_bytes = config.transport.max_message_bytes
     if "base" in download:
         base = frame_of(ArrayRecord({FRAME: download["base"]}), max_bytes).expect(Kind.BASE_DELTA)
