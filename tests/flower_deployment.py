@@ -32,9 +32,12 @@ def toml_value(value: Any) -> str:
 
 class Deployment:
     """`tls`: keys from `splitpeft deploy-keys` secure the SuperLink (Flower's side) and the split
-    stream, as the README's deployment does; otherwise both run in plaintext."""
+    stream, as the README's deployment does; otherwise both run in plaintext. `node_auth` (with
+    tls): the SuperLink admits only SuperNodes whose public key was registered with `flwr`."""
 
-    def __init__(self, root: Path, num_devices: int, *, tls: bool = False) -> None:
+    def __init__(self, root: Path, num_devices: int, *, tls: bool = False, node_auth: bool = False) -> None:
+        self.node_auth = node_auth and tls
+        self.num_devices = num_devices
         self.root = root
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -68,7 +71,8 @@ class Deployment:
         return process
 
     def start_superlink(self) -> None:
-        self._start("superlink", ["flower-superlink", *self._link_security(server=True), "--port", str(self.link_port),
+        auth = ["--enable-supernode-auth"] if self.node_auth else []
+        self._start("superlink", ["flower-superlink", *self._link_security(server=True), *auth, "--port", str(self.link_port),
                                   "--database", str(self.root / "superlink.db")])
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -80,6 +84,12 @@ class Deployment:
             time.sleep(0.2)
         raise RuntimeError(f"SuperLink did not start: {self.log('superlink')}")
 
+    def register_devices(self) -> None:
+        """`flwr supernode register` each device's public key from deploy-keys (node_auth)."""
+        for index in range(self.num_devices):
+            subprocess.run(["flwr", "supernode", "register", str(self.keys / f"device-{index}.node-key.pub"), "local"],
+                           check=True, capture_output=True, env=self.env, cwd=self.root, timeout=60)
+
     def _link_security(self, *, server: bool) -> list[str]:
         if self.keys is None:
             return ["--insecure"]
@@ -88,7 +98,10 @@ class Deployment:
             return ["--ssl-ca-certfile", cert, "--ssl-certfile", cert, "--ssl-keyfile", key]
         return ["--root-certificates", cert]
 
-    def start_device(self, index: int, token: str | None = None, **extra: Any) -> None:
+    def start_device(self, index: int, token: str | None = None, *, name: str | None = None,
+                     node_key: Path | None = None, **extra: Any) -> subprocess.Popen[bytes]:
+        """A SuperNode for device `index` (`name`: its process name, default device-N; `node_key`:
+        its SuperNode private key, default deploy-keys' device-N.node-key under node_auth)."""
         config = {"device": index, "split-server": f"127.0.0.1:{self.split_port}",
                   "state-dir": str(self.root / f"state-{index}"), **extra}
         if token is not None:
@@ -98,9 +111,12 @@ class Deployment:
             config["root-cert"] = str(self.keys / "server-cert.pem")
         else:
             config["token"] = self.tokens[f"device-{index}"]
-        self._start(f"device-{index}", [
-            "flower-supernode", *self._link_security(server=False), "--superlink", f"127.0.0.1:{self.link_port}", "--port", str(free_port()),
-            "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())])
+        if node_key is None and self.node_auth:
+            node_key = self.keys / f"device-{index}.node-key"
+        auth = ["--auth-supernode-private-key", str(node_key)] if node_key is not None else []
+        return self._start(name or f"device-{index}", [
+            "flower-supernode", *self._link_security(server=False), *auth, "--superlink", f"127.0.0.1:{self.link_port}",
+            "--port", str(free_port()), "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())])
 
     def run_config(self, out: Path, overrides: list[str], **extra: Any) -> str:
         config = {"preset": "tiny", "overrides": " ".join(overrides), "out": str(out), "tokens-file": str(self.tokens_file),

@@ -10,10 +10,11 @@ from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 
 from flower_deployment import Deployment, wait_for
-from splitpeft.federation import Simulation
 from splitpeft.experiment import run_experiment
+from splitpeft.federation import Simulation
 from splitpeft.flower import (
-    DeploymentError, DeviceStore, NodeSettings, ServerSettings, frame_array, frame_of, round_stats_from_json,
+    DeploymentError, DeviceStore, NodeSettings, ServerSettings, frame_array, frame_of, node_key_pair,
+    round_stats_from_json,
 )
 from splitpeft.messages import Kind, Message, MessageError, encode
 from conftest import tiny_config
@@ -57,14 +58,20 @@ def finish(deployment, run, timeout=420):
 
 @pytest.mark.slow
 def test_flower_deployment_trains_the_same_adapters_as_the_in_process_simulation(tmp_path, deployment):
-    """Over TLS on both sides (SuperLink and split stream), with deploy-keys' tokens and certificate."""
+    """Over TLS on both sides (SuperLink and split stream), with deploy-keys' tokens, certificate
+    and SuperNode keys (Flower's node authentication: an unregistered SuperNode is refused)."""
     overrides = run_overrides(devices=3, rounds=2, steps=2)
-    flower = deployment(3, tls=True)
+    flower = deployment(3, tls=True, node_auth=True)
     flower.start_superlink()
+    flower.register_devices()
     for index in range(3):
         flower.start_device(index)
+    stranger_key = tmp_path / "stranger.node-key"
+    stranger_key.write_bytes(node_key_pair()[0])
+    stranger = flower.start_device(0, name="stranger", node_key=stranger_key)
     out = tmp_path / "flower-run"
     finish(flower, flower.submit(out, overrides))
+    assert stranger.wait(timeout=60) != 0 and "Failed to activate SuperNode" in flower.log("stranger")
     assert (out / "report.json").is_file(), flower.log("flwr-run-4")
     report = json.loads((out / "report.json").read_text())
 
@@ -240,3 +247,29 @@ def test_a_device_with_its_own_data_file_trains_on_all_of_it(tmp_path):
     assert sim.held_out == [] and all(len(stream.items) == 30 for stream in sim.streams)
     simulated = Simulation(config, build_devices=False)  # a simulated run holds a share out for evaluation
     assert simulated.held_out and len(simulated.streams[0].items) == 30 - len(simulated.held_out)
+
+
+def test_deploy_keys_writes_tokens_certificate_and_node_keys_once(tmp_path, capsys):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from splitpeft.cli import main
+
+    keys = tmp_path / "keys"
+    assert main(["deploy-keys", "--devices", "2", "--hosts", "cloud.example.org,10.0.0.5", "--out", str(keys)]) == 0
+    tokens = json.loads((keys / "tokens.json").read_text())
+    assert sorted(tokens) == ["device-0", "device-1"] and tokens["device-0"] != tokens["device-1"]
+    assert all((keys / f"{d}.token").read_text() == token for d, token in tokens.items())
+    names = x509.load_pem_x509_certificate((keys / "server-cert.pem").read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert "cloud.example.org" in names.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    private = load_ssh_private_key((keys / "device-1.node-key").read_bytes(), password=None)
+    assert private.public_key() == load_ssh_public_key((keys / "device-1.node-key.pub").read_bytes())
+    for secret in ("tokens.json", "server-key.pem", "device-0.token", "device-0.node-key"):
+        assert (keys / secret).stat().st_mode & 0o077 == 0, secret
+    before = {p.name: p.read_bytes() for p in keys.iterdir()}
+    capsys.readouterr()
+    assert main(["deploy-keys", "--devices", "2", "--out", str(keys)]) == 2
+    assert "exists; deploy-keys never overwrites keys" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in keys.iterdir()} == before  # never overwritten

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-beams", type=int, default=1)
     generate.add_argument("--max-new-tokens", type=int, default=40)
 
-    keys = commands.add_parser("deploy-keys", help="write device tokens and a TLS certificate for a real deployment")
+    keys = commands.add_parser("deploy-keys", help="write device tokens, a TLS certificate and SuperNode keys for a real deployment")
     keys.add_argument("--devices", type=int, required=True, help="number of devices (device-0 ... device-N-1)")
     keys.add_argument("--hosts", default="localhost,127.0.0.1",
                       help="comma-separated names/IPs the server is reached at (in the certificate)")

@@ -107,7 +107,9 @@ def read_tokens(path: str) -> dict[str, str]:
 def write_deployment_keys(folder: Path, num_devices: int, hosts: tuple[str, ...]) -> list[Path]:
     """A new folder with what a deployment needs: tokens.json (server), device-N.token (one per
     device), server-cert.pem / server-key.pem (self-signed for `hosts`; TLS of the split stream
-    and of the SuperLink). Secrets are readable by their owner only. Returns the files written."""
+    and of the SuperLink), device-N.node-key / .node-key.pub (an EC key pair per device for
+    Flower's SuperNode authentication, OpenSSH format). Secrets are readable by their owner only.
+    Returns the files written."""
     import secrets
 
     from .transport import self_signed_certificate
@@ -123,12 +125,27 @@ def write_deployment_keys(folder: Path, num_devices: int, hosts: tuple[str, ...]
     cert, key = self_signed_certificate(hosts, valid_days=365)
     files = {"tokens.json": json.dumps(tokens, indent=2).encode(), "server-cert.pem": cert, "server-key.pem": key,
              **{f"{device}.token": token.encode() for device, token in tokens.items()}}
+    for device in tokens:
+        files[f"{device}.node-key"], files[f"{device}.node-key.pub"] = node_key_pair()
     with atomic_folder(folder) as staging:
         for name, content in files.items():
             path = staging / name
             path.write_bytes(content)
-            path.chmod(0o644 if name == "server-cert.pem" else 0o600)
+            path.chmod(0o644 if name.endswith((".pub", "-cert.pem")) else 0o600)
     return [folder / name for name in files]
+
+
+def node_key_pair() -> tuple[bytes, bytes]:
+    """(private, public) P-384 key in OpenSSH format: `flower-supernode --auth-supernode-private-key`
+    takes the first, `flwr supernode register` the second."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + b"\n"
 
 
 @dataclass
