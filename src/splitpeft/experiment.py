@@ -141,7 +141,8 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
     ) as bar:
         done = load_checkpoint(sim, checkpoint) if resume and checkpoint is not None else 0
         extra = engine.open(sim, checkpoint_extra(checkpoint) if done and checkpoint is not None else None)
-        task = bar.add_task("training", total=fed.rounds * len(sim.devices), completed=done * len(sim.devices))
+        per_round = [len(sim.selected_devices(r)) for r in range(fed.rounds)]  # device rounds, for the bar
+        task = bar.add_task("training", total=sum(per_round), completed=sum(per_round[:done]))
         try:
             for round_index in range(done, fed.rounds):
                 bar.update(task, description=f"round {round_index + 1}/{fed.rounds}")
