@@ -104,11 +104,12 @@ class Deployment:
         its SuperNode private key, default deploy-keys' device-N.node-key under node_auth)."""
         config = {"device": index, "split-server": f"127.0.0.1:{self.split_port}",
                   "state-dir": str(self.root / f"state-{index}"), **extra}
+        if self.keys is not None:
+            config["root-cert"] = str(self.keys / "server-cert.pem")
         if token is not None:
             config["token"] = token
         elif self.keys is not None:
             config["token-file"] = str(self.keys / f"device-{index}.token")
-            config["root-cert"] = str(self.keys / "server-cert.pem")
         else:
             config["token"] = self.tokens[f"device-{index}"]
         if node_key is None and self.node_auth:
@@ -117,6 +118,21 @@ class Deployment:
         return self._start(name or f"device-{index}", [
             "flower-supernode", *self._link_security(server=False), *auth, "--superlink", f"127.0.0.1:{self.link_port}",
             "--port", str(free_port()), "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())])
+
+    def restart_device(self, index: int, timeout: float = 240.0) -> None:
+        """Start device `index` again after a crash, as a supervisor would (systemd Restart=): under
+        node authentication the SuperLink refuses the key (exit 305) until it has seen the old
+        instance miss its heartbeats, so retry until one stays up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            process = self.start_device(index)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                return  # admitted and running
+            self.processes.pop(f"device-{index}")
+            time.sleep(5)
+        raise RuntimeError(f"device-{index} was not admitted again within {timeout:.0f} s: {self.log(f'device-{index}')}")
 
     def run_config(self, out: Path, overrides: list[str], **extra: Any) -> str:
         config = {"preset": "tiny", "overrides": " ".join(overrides), "out": str(out), "tokens-file": str(self.tokens_file),

@@ -91,10 +91,16 @@ def test_flower_deployment_trains_the_same_adapters_as_the_in_process_simulation
 
 
 @pytest.mark.slow
-def test_a_device_killed_mid_round_is_dropped_rejoins_after_a_restart_and_a_bad_token_is_refused(tmp_path, deployment):
+@pytest.mark.parametrize("node_auth", [False, True], ids=["plain", "tls-node-auth"])
+def test_a_device_killed_mid_round_is_dropped_rejoins_after_a_restart_and_a_bad_token_is_refused(
+        tmp_path, deployment, node_auth):
+    """Plain: the restarted SuperNode joins as a new node. With node authentication it keeps its
+    registered node id, and is asked again which device it is."""
     overrides = run_overrides(devices=3, rounds=3, steps=40)
-    flower = deployment(3)
+    flower = deployment(3, tls=node_auth, node_auth=node_auth)
     flower.start_superlink()
+    if node_auth:
+        flower.register_devices()
     status = tmp_path / "device-1.status.json"
     flower.start_device(0)
     flower.start_device(1, **{"status-file": str(status)})
@@ -111,7 +117,7 @@ def test_a_device_killed_mid_round_is_dropped_rejoins_after_a_restart_and_a_bad_
 
     wait_for(training_in_round_1, 300, "device-1 to be training in round 1", flower)
     flower.kill("device-1")
-    flower.start_device(1)  # the device's machine comes back: a new SuperNode, the same state folder
+    flower.restart_device(1)  # the device's machine comes back: a new SuperNode, the same state folder
     finish(flower, run)
     report = json.loads((out / "report.json").read_text())
     first, second, third = report["rounds"]

@@ -293,7 +293,7 @@ class FlowerEngine:
         self.run_key = ""
         self.server: GrpcSplitServer | None = None
         self._asked: set[int] = set()  # nodes that were asked which device they are
-        self._queries: set[str] = set()  # ids of those questions not answered yet
+        self._queries: dict[str, int] = {}  # id of each question not answered yet -> the node asked
         self._gone: set[str] = set()  # devices whose node seemed to die last round: may come back on a new node
         self._lost: set[str] = set()
         self._lost_guard = threading.Lock()
@@ -317,6 +317,8 @@ class FlowerEngine:
         record = sim.begin_round()
         with self._lost_guard:
             self._lost.clear()
+        for device_id in self._gone:  # ask again: a SuperNode restarted under node authentication keeps its id
+            self._asked.discard(self.nodes.get(device_id, -1))
         self._discover(self._gone, self.settings.rejoin_timeout_s)  # restarted SuperNodes take their device back
         self._gone = set()
         online = set(self.grid.get_node_ids())
@@ -396,11 +398,12 @@ class FlowerEngine:
             if fresh:
                 self._asked.update(fresh)
                 queries = [FlowerMessage(RecordDict({}), dst_node_id=n, message_type="query") for n in fresh]
-                self._queries.update(self.grid.push_messages(queries))
+                self._queries.update(zip(self.grid.push_messages(queries), fresh))
                 answers_by = time.monotonic() + QUERY_WAIT_S
             for reply in self.grid.pull_messages(list(self._queries)) if self._queries else []:
-                self._queries.discard(reply.metadata.reply_to_message_id)
-                claimed |= self._claim(reply)
+                node = self._queries.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    claimed |= self._claim(node, reply)
             now = time.monotonic()
             if now >= deadline and (now >= answers_by or not self._queries):
                 break
@@ -411,17 +414,20 @@ class FlowerEngine:
         if missing and wait_s > 0:
             log.warning("no node came for %s within %.0f s; rounds go on without them", missing, wait_s)
 
-    def _claim(self, reply: FlowerMessage) -> set[str]:
-        """The device a node's answer to "query" names, now mapped to it (empty if refused)."""
-        node = reply.metadata.src_node_id
+    def _claim(self, node: int, reply: FlowerMessage) -> set[str]:
+        """The device `node`'s answer to "query" names, now mapped to it (empty if refused)."""
         if reply.has_error():
             log.warning("node %d could not say which device it is: %s", node, reply.error.reason)
+            if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                self._asked.discard(node)  # gone for now: ask again when it is back (same id under node auth)
             return set()
         device_id = str(reply.content.config_records["device"].get("device", ""))
         if device_id not in self.settings.tokens:
             log.warning("node %d claims unknown device %r; ignored", node, device_id)
             return set()
-        if device_id in self.nodes:
+        if self.nodes.get(device_id) == node:
+            log.info("%s is back on Flower node %d", device_id, node)
+        elif device_id in self.nodes:
             log.warning("node %d claims %s, which was node %d; the newer node takes it", node, device_id, self.nodes[device_id])
         else:
             log.info("%s is Flower node %d", device_id, node)
