@@ -279,3 +279,15 @@ def test_deploy_keys_writes_tokens_certificate_and_node_keys_once(tmp_path, caps
     assert main(["deploy-keys", "--devices", "2", "--out", str(keys)]) == 2
     assert "exists; deploy-keys never overwrites keys" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in keys.iterdir()} == before  # never overwritten
+
+
+def test_replies_without_their_parts_are_refused_by_name():
+    from flwr.app import RecordDict
+
+    from splitpeft.flower import FlowerEngine
+
+    engine = FlowerEngine(grid=None, settings=None)
+    with pytest.raises(MessageError, match="lacks its upload or its statistics"):
+        engine._result(None, "device-0", RecordDict({"upload": ArrayRecord({})}))
+    assert engine._claim_device(7, RecordDict({})) == set()  # an answer to "query" without a device id
+    assert engine.nodes == {}

@@ -351,7 +351,7 @@ class FlowerEngine:
                         self._gone.add(device_id)
                     continue
                 try:
-                    result = self._result(sim, device_id, reply)
+                    result = self._result(sim, device_id, reply.content)
                 except (MessageError, AdapterError) as error:
                     sim.drop(record, device_id, f"bad reply: {error}")
                     continue
@@ -421,7 +421,14 @@ class FlowerEngine:
             if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                 self._asked.discard(node)  # gone for now: ask again when it is back (same id under node auth)
             return set()
-        device_id = str(reply.content.config_records["device"].get("device", ""))
+        return self._claim_device(node, reply.content)
+
+    def _claim_device(self, node: int, content: RecordDict) -> set[str]:
+        try:
+            device_id = str(content.config_records["device"]["device"])
+        except KeyError as error:
+            log.warning("node %d answered without a device id (%s); ignored", node, error)
+            return set()
         if device_id not in self.settings.tokens:
             log.warning("node %d claims unknown device %r; ignored", node, device_id)
             return set()
@@ -447,9 +454,11 @@ class FlowerEngine:
             "device": device.device_id, "split-layer": device.split_layer, "ranks": json.dumps(device.ranks),
         })
 
-    def _result(self, sim: Simulation, device_id: str, reply: FlowerMessage) -> DeviceResult:
+    def _result(self, sim: Simulation, device_id: str, content: RecordDict) -> DeviceResult:
         """A device's reply, validated: its frame, its modules and ranks, its statistics."""
-        upload = frame_of(reply.content.array_records["upload"], sim.config.transport.max_message_bytes).expect(Kind.ADAPTERS)
+        if "upload" not in content.array_records or "stats" not in content.config_records:
+            raise MessageError("the reply lacks its upload or its statistics")
+        upload = frame_of(content.array_records["upload"], sim.config.transport.max_message_bytes).expect(Kind.ADAPTERS)
         if upload.meta.get("device") != device_id:
             raise MessageError(f"upload says device {upload.meta.get('device')!r}, expected {device_id}")
         uploaded = lora.from_tensors(upload.tensors)
@@ -457,7 +466,7 @@ class FlowerEngine:
         for name, weights in uploaded.items():
             if device.ranks.get(name) != weights.rank:
                 raise MessageError(f"upload carries {name} at rank {weights.rank}, the plan says {device.ranks.get(name)}")
-        stats = round_stats_from_json(str(reply.content.config_records["stats"].get("stats", "")))
+        stats = round_stats_from_json(str(content.config_records["stats"].get("stats", "")))
         return DeviceResult(uploaded, stats.tokens, stats)
 
 
