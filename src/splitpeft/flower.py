@@ -337,13 +337,13 @@ class FlowerEngine:
                             "round": self._round_record(sim, device)}),
                 dst_node_id=node, message_type="train", group_id=str(record.round),
             )
-        ids = dict(zip(self.grid.push_messages(list(outgoing.values())), outgoing))
+        ids: dict[str, str] = dict(zip(self.grid.push_messages(list(outgoing.values())), outgoing))
         results: dict[str, DeviceResult] = {}
         deadline = time.monotonic() + self.settings.round_timeout_s
         while ids:
             for reply in self.grid.pull_messages(list(ids)):
-                device_id = ids.pop(reply.metadata.reply_to_message_id, None)
-                if device_id is None:
+                device_id = ids.pop(reply.metadata.reply_to_message_id, "")
+                if not device_id:
                     continue
                 if reply.has_error():
                     sim.drop(record, device_id, f"the device failed or is unreachable: {reply.error.reason}")
@@ -552,8 +552,8 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
     upload = encode(Simulation.upload_message(device))
     stats.adapter_bytes_up = len(upload)
     stats.bytes_up, stats.bytes_down = split_up + len(upload), split_down
-    tensors: dict[str, torch.Tensor] = {}
-    store.save(round_index, device_state(device, tensors, "opt"), tensors)
+    saved: dict[str, torch.Tensor] = {}
+    store.save(round_index, device_state(device, saved, "opt"), saved)
     status.done(stats)
     return upload, stats
 
