@@ -148,9 +148,21 @@ def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = 
         "planning": planning,
         "extra": extra or {},
     }
-    with atomic_folder(Path(path)) as staging:
+    write_state(Path(path), state, tensors)
+
+
+def write_state(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A state folder: `state` as JSON beside `tensors` as safetensors, written atomically."""
+    with atomic_folder(path) as staging:
         save_file(tensors, str(staging / TENSOR_FILE))
         (staging / STATE_FILE).write_text(json.dumps(state))
+
+
+def read_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The (state, tensors) of a folder `write_state` wrote."""
+    if not (path / STATE_FILE).is_file() or not (path / TENSOR_FILE).is_file():
+        raise CheckpointError(f"no complete checkpoint in {path}")
+    return json.loads((path / STATE_FILE).read_text()), load_file(str(path / TENSOR_FILE))
 
 
 def checkpoint_extra(path: Path) -> dict[str, Any] | None:
@@ -174,14 +186,11 @@ def _round_from_json(entry: dict[str, Any]) -> RoundRecord:
 def load_checkpoint(sim: Simulation, path: Path) -> int:
     """Restore `sim` (built from the same config) to the checkpoint; returns the rounds done."""
     path = Path(path)
-    if not (path / STATE_FILE).is_file() or not (path / TENSOR_FILE).is_file():
-        raise CheckpointError(f"no complete checkpoint in {path}")
-    state = json.loads((path / STATE_FILE).read_text())
+    state, tensors = read_state(path)
     if state.get("model") != sim.loaded.name or state.get("seed") != sim.config.seed:
         raise CheckpointError(
             f"checkpoint {path} is from model {state.get('model')!r} seed {state.get('seed')}, "
             f"not {sim.loaded.name!r} seed {sim.config.seed}")
-    tensors = load_file(str(path / TENSOR_FILE))
     sim.global_adapters.update(_get_adapters(tensors, "global"))
     holders = {key.split("/")[1] if not key.startswith("holder/server/") else "server/" + key.split("/")[2]
                for key in tensors if key.startswith("holder/")}

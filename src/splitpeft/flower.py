@@ -45,11 +45,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message as Flowe
 from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import load_file, save_file
 
 from . import adapters as lora
 from .adapters import AdapterError
-from .checkpoint import device_state, restore_device_state
+from .checkpoint import device_state, read_state, restore_device_state, write_state
 from .config import ConfigError, ExperimentConfig, config_from_dict, dump_yaml, load_config
 from .experiment import run_experiment
 from .federation import DeviceResult, DeviceRound, RoundRecord, Simulation, fill_round_stats
@@ -586,13 +585,10 @@ class DeviceStore:
         earlier = [r for r in self._rounds() if r < round_index]
         if not earlier:
             return None
-        path = self.folder / f"round-{earlier[-1]}"
-        return json.loads((path / "state.json").read_text()), load_file(str(path / "tensors.safetensors"))
+        return read_state(self.folder / f"round-{earlier[-1]}")
 
     def save(self, round_index: int, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        with atomic_folder(self.folder / f"round-{round_index}") as staging:
-            save_file(tensors, str(staging / "tensors.safetensors"))
-            (staging / "state.json").write_text(json.dumps(info))
+        write_state(self.folder / f"round-{round_index}", info, tensors)
         for old in self._rounds():
             if old < round_index - 1:  # keep the two newest: the server may redo the last round
                 shutil.rmtree(self.folder / f"round-{old}", ignore_errors=True)
