@@ -84,3 +84,11 @@ def test_overrides_after_options_and_unknown_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--preset", "tiny", "--out", str(out), "--bogus"])
     assert not out.exists()
+
+
+def test_summary_says_why_a_device_has_no_loss_in_the_last_round():
+    from splitpeft.cli import _absence
+
+    last_round = {"devices": {"device-0": {}}, "dropped": [{"device": "device-1", "error": "link cut"}]}
+    assert _absence(last_round, "device-1") == "dropped"
+    assert _absence(last_round, "device-2") == "not selected"

@@ -313,3 +313,18 @@ def test_whole_partition_gives_every_device_all_examples():
     examples = load_examples("builtin")[:20]
     shards = partition(examples, 3, "whole")
     assert len(shards) == 3 and all(shard == list(examples) for shard in shards)
+
+
+def test_stream_seek_continues_where_position_was_taken_and_rejects_bad_positions():
+    stream = BatchStream(_items(10), batch_size=4, pad_id=0, seed=3)
+    for _ in range(3):  # into the second epoch
+        stream.next()
+    position = stream.position
+    expected = [stream.next().input_ids.tolist() for _ in range(4)]
+    other = BatchStream(_items(10), batch_size=4, pad_id=0, seed=3)
+    other.seek(*position)
+    assert [other.next().input_ids.tolist() for _ in range(4)] == expected
+    with pytest.raises(ValueError, match=r"stream position \(0, 11\) is out of range"):
+        other.seek(0, 11)
+    with pytest.raises(ValueError, match="out of range"):
+        other.seek(-1, 0)
