@@ -22,17 +22,24 @@ from typing import Any
 
 import torch
 
-from splitpeft.adapters import target_module_names
-from splitpeft.channel import Channel, InProcessChannel
 from splitpeft.config import load_config
-from splitpeft.data import BatchStream, encode, load_examples
-from splitpeft.devices import DeviceRuntime
-from splitpeft.experiment import evaluate_model
-from splitpeft.federation import Simulation, initial_adapters
-from splitpeft.models import backbone_of, load_model
-from splitpeft.placement import SplitPlacement
-from splitpeft.server import SplitServer
-from splitpeft.transport import GrpcChannel, GrpcSplitServer, self_signed_certificate
+from splitpeft.data.batching import BatchStream, encode
+from splitpeft.data.sources import load_examples
+from splitpeft.experiment.run import evaluate_model
+from splitpeft.federation.simulation import Simulation, start_state_of
+from splitpeft.federation.state import initial_adapters
+from splitpeft.model.adapters import target_module_names
+from splitpeft.model.backbone import backbone_of
+from splitpeft.model.loading import load_model
+from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.server import SplitServer
+from splitpeft.placements.split import SplitPlacement
+from splitpeft.transport.channel import Channel, InProcessChannel
+from splitpeft.transport.grpc import (
+    GrpcChannel,
+    GrpcSplitServer,
+    self_signed_certificate,
+)
 
 MODES = ("none", "bf16", "int8")
 
@@ -54,9 +61,8 @@ def throughput(args: argparse.Namespace) -> None:
 
     split_layer = min(args.split_layer, backbone.num_blocks)
     placement = SplitPlacement()
-    server = SplitServer(base, lambda k: {n: r for n, r in ranks.items() if not in_blocks(n, range(k))},
-                         alpha=16.0, dropout=0.0, lr=1e-4, num_blocks=backbone.num_blocks)
-    server.global_adapters = adapters
+    server = SplitServer(base, lambda blocks: {n: r for n, r in ranks.items() if in_blocks(n, blocks)},
+                         start_state_of(adapters), alpha=16.0, dropout=0.0, lr=1e-4, num_blocks=backbone.num_blocks)
 
     names = ["in-process", "gRPC", "gRPC + TLS", "gRPC bf16", "gRPC int8"]
     tokens_of = {name: f"token-{i}" for i, name in enumerate(names)}

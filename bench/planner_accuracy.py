@@ -13,15 +13,20 @@ import argparse
 
 import torch
 
-from splitpeft.channel import InProcessChannel
-from splitpeft.data import BatchStream, EncodedExample, encode, load_examples
-from splitpeft.devices import DeviceRuntime
-from splitpeft.federation import initial_adapters
-from splitpeft.importance import normalised_scores, probe_importance
-from splitpeft.models import backbone_of, load_model
-from splitpeft.placement import SplitPlacement
-from splitpeft.planner import ModelShapes, fleet_preset, plan_fleet
-from splitpeft.server import SplitServer
+from splitpeft.data.batching import BatchStream, EncodedExample, encode
+from splitpeft.data.sources import load_examples
+from splitpeft.federation.simulation import start_state_of
+from splitpeft.federation.state import initial_adapters
+from splitpeft.hsplit.armsc import plan_fleet
+from splitpeft.hsplit.budget import fleet_preset
+from splitpeft.hsplit.importance import normalised_scores, probe_importance
+from splitpeft.hsplit.memory import ModelShapes
+from splitpeft.model.backbone import backbone_of
+from splitpeft.model.loading import load_model
+from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.server import SplitServer
+from splitpeft.placements.split import SplitPlacement
+from splitpeft.transport.channel import InProcessChannel
 
 
 def fixed_length(items: list[EncodedExample], length: int) -> list[EncodedExample]:
@@ -58,9 +63,9 @@ def main() -> None:
     plans = plan_fleet(profiles, shapes, scores, batch_size=args.batch_size, seq_len=args.seq_len)
 
     all_ranks = {n: 8 for n in modules}
-    server = SplitServer(base, lambda k: {n: r for n, r in all_ranks.items() if shapes.module_block[n] >= k},
+    server = SplitServer(base, lambda blocks: {n: r for n, r in all_ranks.items() if shapes.module_block[n] in blocks},
+                         start_state_of(initial_adapters(base, all_ranks, 16.0, seed=0)),
                          alpha=16.0, dropout=0.0, lr=1e-4, num_blocks=backbone.num_blocks)
-    server.global_adapters = initial_adapters(base, all_ranks, 16.0, seed=0)
     print(f"model {args.model}, batch {args.batch_size} x {args.seq_len} tokens, {args.devices} devices")
     print("| device | budget MB | split k | adapted modules | ranks | predicted peak MB | measured peak MB | error |")
     print("|---|---|---|---|---|---|---|---|")
@@ -71,7 +76,7 @@ def main() -> None:
         channel = InProcessChannel(plan.device, server)
         device.open_session(channel)
         device.local_phase(2, channel)
-        measured = device.meter.take_round()[1]
+        measured = device.meter.take_round()[2]
         histogram: dict[int, int] = {}
         for rank in plan.ranks.values():
             histogram[rank] = histogram.get(rank, 0) + 1

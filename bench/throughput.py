@@ -17,15 +17,19 @@ import time
 import torch
 from peft import get_peft_model
 
-from splitpeft.adapters import lora_config, target_module_names
-from splitpeft.channel import InProcessChannel
-from splitpeft.data import BatchStream, encode, load_examples
-from splitpeft.devices import DeviceRuntime
-from splitpeft.federation import initial_adapters
-from splitpeft.meter import flop_counter
-from splitpeft.models import backbone_of, load_model, share_frozen_copy
-from splitpeft.placement import SplitPlacement
-from splitpeft.server import SplitServer
+from splitpeft.data.batching import BatchStream, encode
+from splitpeft.data.sources import load_examples
+from splitpeft.federation.fleet import modules_in
+from splitpeft.federation.simulation import start_state_of
+from splitpeft.federation.state import initial_adapters
+from splitpeft.model.adapters import lora_config, target_module_names
+from splitpeft.model.backbone import backbone_of, share_frozen_copy
+from splitpeft.model.loading import load_model
+from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.meter import flop_counter
+from splitpeft.parties.server import SplitServer
+from splitpeft.placements.split import SplitPlacement
+from splitpeft.transport.channel import InProcessChannel
 
 
 def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
@@ -80,10 +84,8 @@ def main() -> None:
 
     # split: device + server session through the in-process channel (encode/decode every message)
     placement = SplitPlacement()
-    server = SplitServer(base, lambda k: {n: r for n, r in ranks.items() if not any(
-        n.startswith(backbone.block_prefix(j)) for j in range(k))}, alpha=16.0, dropout=0.0, lr=1e-4,
-        num_blocks=backbone.num_blocks)
-    server.global_adapters = adapters
+    server = SplitServer(base, lambda blocks: modules_in(ranks, backbone, blocks), start_state_of(adapters),
+                         alpha=16.0, dropout=0.0, lr=1e-4, num_blocks=backbone.num_blocks)
 
     def make_device(count_flops: bool) -> tuple[DeviceRuntime, InProcessChannel]:
         device_ranks = {n: r for n, r in ranks.items() if any(n.startswith(backbone.block_prefix(j)) for j in range(args.split_layer))}

@@ -14,13 +14,13 @@ def tiny_config(model: str = "tiny-llama", *overrides: str) -> ExperimentConfig:
 def record_holders(sim) -> dict[str, list[str]]:
     """Wrap `sim`'s aggregator: module -> sorted holders of the copies it aggregated (last round)."""
     holders: dict[str, list[str]] = {}
-    original = sim.aggregator.aggregate
+    original = sim.state.aggregator.aggregate
 
     def spy(module, copies):
         holders[module] = sorted(c.holder for c in copies)
         return original(module, copies)
 
-    sim.aggregator.aggregate = spy
+    sim.state.aggregator.aggregate = spy
     return holders
 
 

@@ -6,8 +6,17 @@ import pytest
 import torch
 from peft import PeftModel
 
-from splitpeft.adapters import AdapterError, LoraWeights, export_peft, inject, read_adapters, target_module_names, write_adapters
-from splitpeft.models import backbone_of, load_model, share_frozen_copy
+from splitpeft.model.adapters import (
+    AdapterError,
+    LoraWeights,
+    export_peft,
+    inject,
+    read_adapters,
+    target_module_names,
+    write_adapters,
+)
+from splitpeft.model.backbone import backbone_of, share_frozen_copy
+from splitpeft.model.loading import load_model
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"])

@@ -4,17 +4,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitpeft.adapters import LoraWeights
-from splitpeft.aggregation import (
-    AGGREGATORS,
-    AdapterCopy,
-    AggregationError,
-    FedAvg,
-    NoiseFree,
-    SvdTruncate,
-    ZeroPad,
-    make_aggregator,
-)
+from splitpeft.aggregation.base import AdapterCopy, AggregationError
+from splitpeft.aggregation.fedavg import FedAvg
+from splitpeft.aggregation.noise_free import NoiseFree
+from splitpeft.aggregation.registry import AGGREGATORS, make_aggregator
+from splitpeft.aggregation.svd import SvdTruncate
+from splitpeft.aggregation.zero_pad import ZeroPad
+from splitpeft.model.adapters import LoraWeights
 
 
 def _copies(ranks, tokens, seed=0):

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
-
-from splitpeft.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from splitpeft.federation import Simulation
-
 from conftest import tiny_config
+
+from splitpeft.federation.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from splitpeft.federation.simulation import Simulation
 
 CASES = {
     "split-fedavg": ["federation.num_devices=2"],
@@ -42,9 +45,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, case):
     assert load_checkpoint(resumed, tmp_path / "ckpt") == 2
     resumed.run_round()
     assert len(resumed.rounds) == 3
-    _same(straight.global_adapters, resumed.global_adapters)
-    for holder in straight.holder_state:
-        _same(straight.holder_state[holder], resumed.holder_state[holder])
+    _same(straight.state.global_adapters, resumed.state.global_adapters)
+    for holder in straight.state.holder_state:
+        _same(straight.state.holder_state[holder], resumed.state.holder_state[holder])
     assert straight.rounds[-1].devices["device-0"].losses == pytest.approx(resumed.rounds[-1].devices["device-0"].losses, rel=1e-5)
     for device, other in zip(straight.devices, resumed.devices):
         assert device.killed == other.killed

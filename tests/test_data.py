@@ -8,24 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from splitpeft.data import (
+from splitpeft.data.batching import (
     Batch,
     BatchStream,
-    DataError,
     EncodedExample,
-    Example,
     collate,
     encode,
-    format_mr_prompt,
     iterate_batches,
-    load_examples,
-    parse_mr,
-    partition,
-    split_by_group,
 )
+from splitpeft.data.examples import DataError, Example, format_mr_prompt, parse_mr
+from splitpeft.data.partition import partition, split_by_group
+from splitpeft.data.sources import load_examples
 
 E2E_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "valid.txt"  # ../shared beside the repo
 

@@ -1,10 +1,9 @@
 """A device that dies or disconnects mid-round: the round completes with the others."""
 
 import torch
-
-from splitpeft.federation import Simulation
-
 from conftest import record_holders, tiny_config
+
+from splitpeft.federation.simulation import Simulation
 
 
 class DyingChannel:
@@ -36,7 +35,7 @@ def test_a_device_lost_mid_round_is_dropped_and_the_round_completes():
     # neither the device's partial adapters nor its server session's partial ones were aggregated
     assert holders["model.layers.0.self_attn.q_proj"] == ["device-0", "device-2"]
     assert holders["model.layers.3.self_attn.q_proj"] == ["server/device-0", "server/device-2"]
-    assert all(torch.isfinite(w.A).all() for w in sim.global_adapters.values())
+    assert all(torch.isfinite(w.A).all() for w in sim.state.global_adapters.values())
     # it comes back next round and trains normally
     sim.channels["device-1"] = healthy
     record = sim.run_round()

@@ -6,18 +6,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
+from flower_deployment import Deployment, wait_for
 from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 
-from flower_deployment import Deployment, wait_for
-from splitpeft.experiment import run_experiment
-from splitpeft.federation import Simulation
-from splitpeft.flower import (
-    DeploymentError, DeviceStore, NodeSettings, ServerSettings, frame_array, frame_of, node_key_pair,
-    round_stats_from_json,
-)
-from splitpeft.messages import Kind, Message, MessageError, encode
-from conftest import tiny_config
+from splitpeft.deploy.client_app import DeviceStore
+from splitpeft.deploy.keys import DeploymentError, node_key_pair
+from splitpeft.deploy.records import frame_array, frame_of, round_stats_from_json
+from splitpeft.deploy.settings import NodeSettings, ServerSettings
+from splitpeft.experiment.run import run_experiment
+from splitpeft.federation.simulation import Simulation
+from splitpeft.transport.messages import Kind, Message, MessageError, encode
+
 
 def run_overrides(devices: int, rounds: int, steps: int) -> list[str]:
     return [f"federation.num_devices={devices}", f"federation.rounds={rounds}", f"federation.local_steps={steps}",
@@ -257,7 +258,10 @@ def test_a_device_with_its_own_data_file_trains_on_all_of_it(tmp_path):
 
 def test_deploy_keys_writes_tokens_certificate_and_node_keys_once(tmp_path, capsys):
     from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
 
     from splitpeft.cli import main
 
@@ -284,7 +288,7 @@ def test_deploy_keys_writes_tokens_certificate_and_node_keys_once(tmp_path, caps
 def test_replies_without_their_parts_are_refused_by_name():
     from flwr.app import RecordDict
 
-    from splitpeft.flower import FlowerEngine
+    from splitpeft.deploy.server_app import FlowerEngine
 
     engine = FlowerEngine(grid=None, settings=None)
     with pytest.raises(MessageError, match="lacks its upload or its statistics"):

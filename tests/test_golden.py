@@ -9,9 +9,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from golden_runs import GOLDEN, RUNS, run
+from safetensors.torch import load_file
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))

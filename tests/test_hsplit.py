@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
-
-from splitpeft.compare import run_comparison
-from splitpeft.federation import Simulation
-from splitpeft.planner import ModelShapes, predict_peak_bytes
-
 from conftest import record_holders, tiny_config
+
+from splitpeft.experiment.compare import run_comparison
+from splitpeft.federation.simulation import Simulation
+from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 
 HSPLIT = ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.num_devices=3",
           "hsplit.max_split=3", "federation.local_steps=2", "data.max_length=48"]
@@ -39,8 +38,8 @@ def test_heterogeneous_fleet_gets_different_plans_and_trains():
         assert stats.peak_memory_bytes <= 1.15 * next(p.predicted_peak_bytes for p in sim.planning.plans if p.device == device.device_id)
         assert stats.simulated_s is not None and stats.simulated_s > 0
     # noise-free: every adapted module's update went into the frozen weights, adapters restart at B = 0
-    assert sim.merged
-    for holder, state in sim.holder_state.items():
+    assert sim.state.merged
+    for holder, state in sim.state.holder_state.items():
         assert all(float(w.B.abs().max()) == 0.0 for w in state.values()), holder
     info = sim.info()
     assert len(info["plans"]) == 3 and all("predicted_peak_bytes" in row for row in info["plans"])
@@ -65,7 +64,7 @@ def test_block_copies_on_devices_and_server_are_all_aggregated():
 def test_export_after_merges_reproduces_the_global_model(tmp_path):
     from peft import PeftModel
 
-    from splitpeft.models import load_model
+    from splitpeft.model.loading import load_model
 
     budgets = _budgets(HSPLIT)
     sim = Simulation(tiny_config("tiny-llama", *HSPLIT, f"fleet.memory_bytes={budgets}"))
@@ -138,7 +137,7 @@ def test_poisoned_upload_is_rejected_and_the_round_goes_on():
     sim._upload = poisoning_upload
     record = sim.run_round()
     assert any("contains NaN or Inf" in line and "device-0" in line for line in record.rejected)
-    assert all(torch.isfinite(w.A).all() and torch.isfinite(w.B).all() for w in sim.global_adapters.values())
+    assert all(torch.isfinite(w.A).all() and torch.isfinite(w.B).all() for w in sim.state.global_adapters.values())
 
 
 def test_restarted_adapters_drop_their_optimiser_moments():
@@ -149,6 +148,6 @@ def test_restarted_adapters_drop_their_optimiser_moments():
     sim.run_round()
     device = sim.devices[0]
     assert device.optimizer is not None and device.optimizer.state
-    device.load(sim.start_state(device.device_id, device.ranks))
+    device.load(sim.state.start_state(device.device_id, device.ranks))
     assert not device.optimizer.state
     sim.run_round()  # and training goes on

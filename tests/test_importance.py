@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from splitpeft.adapters import inject, target_module_names
-from splitpeft.data import Batch, EncodedExample, collate
-from splitpeft.importance import (
+from splitpeft.data.batching import Batch, EncodedExample, collate
+from splitpeft.hsplit.importance import (
     ImportanceTracker,
     adaptation_cost,
     base_linear,
@@ -17,8 +16,10 @@ from splitpeft.importance import (
     probe_importance,
     relative_l1_change,
 )
-from splitpeft.models import backbone_of, load_model, share_frozen_copy
-from splitpeft.placement import causal_lm_loss
+from splitpeft.model.adapters import inject, target_module_names
+from splitpeft.model.backbone import backbone_of, share_frozen_copy
+from splitpeft.model.loading import load_model
+from splitpeft.model.loss import causal_lm_loss
 
 
 def probe_batches(n: int = 2, batch_size: int = 2, seq_len: int = 12) -> list[Batch]:

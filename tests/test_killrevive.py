@@ -4,14 +4,18 @@ from collections import defaultdict
 
 import pytest
 import torch
-
-from splitpeft.adapters import LoraWeights, read_adapters
-from splitpeft.dlora import input_groups
-from splitpeft.federation import Simulation
-from splitpeft.killrevive import KillRevive, KillReviveSettings, product_norm, update_norm
-from splitpeft.messages import Kind, decode, tensor_bytes
-
 from conftest import tiny_config
+
+from splitpeft.config import KillReviveConfig
+from splitpeft.dlora.killrevive import (
+    KillRevive,
+    product_norm,
+    update_norm,
+)
+from splitpeft.dlora.remote import input_groups
+from splitpeft.federation.simulation import Simulation
+from splitpeft.model.adapters import LoraWeights, read_adapters
+from splitpeft.transport.messages import Kind, decode, tensor_bytes
 
 
 def test_gram_norms_equal_dense_norms():
@@ -24,7 +28,7 @@ def test_gram_norms_equal_dense_norms():
 
 def test_policy_kills_lowest_scores_down_to_the_fraction_and_revives_by_margin():
     modules = [f"m{i}" for i in range(8)]
-    policy = KillRevive(KillReviveSettings(warmup=2, interval=2, active_fraction=0.25, revive_interval=4, revive_margin=0.1), modules)
+    policy = KillRevive(KillReviveConfig(warmup=2, interval=2, active_fraction=0.25, revive_interval=4, revive_margin=0.1), modules)
     policy.scores = {f"m{i}": float(i) for i in range(8)}
     assert policy.decide() == ([], [])          # step 1: warming up
     kill, revive = policy.decide()              # step 2: first kill
@@ -41,7 +45,7 @@ def test_policy_kills_lowest_scores_down_to_the_fraction_and_revives_by_margin()
 def test_static_baselines_choose_once():
     modules = [f"m{i}" for i in range(8)]
     for selection in ("static_random", "static_score"):
-        policy = KillRevive(KillReviveSettings(warmup=2, interval=1, active_fraction=0.25, selection=selection), modules, seed=3)
+        policy = KillRevive(KillReviveConfig(warmup=2, interval=1, active_fraction=0.25, selection=selection), modules, seed=3)
         policy.scores = {f"m{i}": float(i) for i in range(8)}
         policy.decide()
         policy.decide()
@@ -115,8 +119,7 @@ def test_kill_then_revive_keeps_weights(placement):
     sim, _ = _kr_run(placement, True)
     device = sim.devices[0]
     channel = sim.channels[device.device_id]
-    sim.server.global_adapters = sim.global_adapters
-    device.load(sim.global_adapters)
+    device.load(sim.state.global_adapters)
     device.open_session(channel)
     device.local_phase(3, channel)
     name = sorted(device.modules)[0]
@@ -147,7 +150,7 @@ def test_dlora_step_bytes_are_exactly_the_active_modules_tensors():
     """After the kills, one step's branch traffic is B*T*(d_in per active input group + d_out per
     active module) floats down and up for the forward, the same again for the backward (minus
     input gradients the first block does not need), plus headers."""
-    from splitpeft.messages import header_bytes
+    from splitpeft.transport.messages import header_bytes
 
     sim, frames = _kr_run("dlora", True, steps=8)
     sim.run_round()

@@ -7,9 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitpeft.messages import (
-    KIND_PREFIX_BYTES, MAGIC, PREFIX_BYTES, VERSION, Kind, Message, MessageError, checksum, decode, encode,
-    header_bytes, tensor_bytes,
+from splitpeft.transport.messages import (
+    KIND_PREFIX_BYTES,
+    MAGIC,
+    PREFIX_BYTES,
+    VERSION,
+    Kind,
+    Message,
+    MessageError,
+    checksum,
+    decode,
+    encode,
+    header_bytes,
+    tensor_bytes,
 )
 
 

@@ -1,4 +1,4 @@
-"""E2E metrics (splitpeft.metrics) and LM evaluation (splitpeft.evaluation) on toy inputs."""
+"""E2E metrics (splitpeft.experiment.metrics) and LM evaluation (splitpeft.experiment.evaluation) on toy inputs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splitpeft.evaluation import evaluate_generation, generate, perplexity
-from splitpeft.metrics import coco_tokenize, e2e_metrics, group_references
+from splitpeft.experiment.evaluation import evaluate_generation, generate, perplexity
+from splitpeft.experiment.metrics import coco_tokenize, e2e_metrics, group_references
 
 REFS = [
     ["The Eagle is a coffee shop near Burger King in the riverside area.",
@@ -207,9 +207,9 @@ def test_generate_greedy_deterministic_and_beam(tiny_lm) -> None:
 
 
 def test_evaluate_generation_groups(tiny_lm, monkeypatch: pytest.MonkeyPatch) -> None:
-    import splitpeft.metrics
+    import splitpeft.experiment.metrics
 
-    monkeypatch.setattr(splitpeft.metrics, "_meteor", lambda gts, res: None)  # no JVM here
+    monkeypatch.setattr(splitpeft.experiment.metrics, "_meteor", lambda gts, res: None)  # no JVM here
     model, tokenizer = tiny_lm
     examples = [
         Example("name : A ||", "A is nice.", "A"),

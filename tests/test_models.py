@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from splitpeft.models import TINY_MODELS, ModelError, backbone_of, load_model
+from splitpeft.model.backbone import ModelError, backbone_of
+from splitpeft.model.loading import TINY_MODELS, load_model
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

@@ -3,11 +3,10 @@ loss, the same adapter gradients, and the same adapters after several optimiser 
 
 import pytest
 import torch
-
-from splitpeft.adapters import LoraWeights
-from splitpeft.federation import Simulation
-
 from conftest import tiny_config
+
+from splitpeft.federation.simulation import Simulation
+from splitpeft.model.adapters import LoraWeights
 
 MODELS = ["tiny-llama", "tiny-gpt2"]
 NUM_BLOCKS = 4
@@ -23,8 +22,8 @@ def _simulation(model: str, placement: str, split_layer: int = 0, labels_on_devi
     sim = Simulation(config)
     # peft starts B at zero, which makes every dL/dA zero; random B makes the gradient check bite.
     generator = torch.Generator().manual_seed(1)
-    for name, weights in sim.global_adapters.items():
-        sim.global_adapters[name] = LoraWeights(weights.A, 0.1 * torch.randn(weights.B.shape, generator=generator))
+    for name, weights in sim.state.global_adapters.items():
+        sim.state.global_adapters[name] = LoraWeights(weights.A, 0.1 * torch.randn(weights.B.shape, generator=generator))
     return sim
 
 
@@ -34,8 +33,7 @@ def _first_step(sim: Simulation) -> tuple[float, dict[str, torch.Tensor]]:
     parties = list(sim.devices)
     device = sim.devices[0]
     channel = sim.channels[device.device_id]
-    sim.server.global_adapters = sim.global_adapters
-    device.load(sim.global_adapters)
+    device.load(sim.state.global_adapters)
     device.open_session(channel)
     parties += list(sim.server.sessions.values())
     for party in parties:
@@ -82,8 +80,8 @@ def test_split_matches_centralized_after_several_steps(model, split_layer, label
     reference.run_round()
     record = split.run_round()
     assert record.devices["device-0"].steps == 4
-    for name, weights in reference.global_adapters.items():
-        other = split.global_adapters[name]
+    for name, weights in reference.state.global_adapters.items():
+        other = split.state.global_adapters[name]
         assert _close(other.A, weights.A), name
         assert _close(other.B, weights.B), name
     ref_losses = reference.rounds[0].devices["device-0"].losses
@@ -101,9 +99,9 @@ def test_dlora_matches_centralized_loss_gradients_and_steps(model):
     reference, dlora = _simulation(model, "centralized"), _simulation(model, "dlora")
     reference.run_round()
     dlora.run_round()
-    for name, weights in reference.global_adapters.items():
-        assert _close(dlora.global_adapters[name].A, weights.A), name
-        assert _close(dlora.global_adapters[name].B, weights.B), name
+    for name, weights in reference.state.global_adapters.items():
+        assert _close(dlora.state.global_adapters[name].A, weights.A), name
+        assert _close(dlora.state.global_adapters[name].B, weights.B), name
 
 
 def test_split_layer_out_of_range_is_a_clear_error():

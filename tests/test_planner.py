@@ -7,26 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitpeft.channel import InProcessChannel
-from splitpeft.data import BatchStream, EncodedExample
-from splitpeft.devices import DeviceRuntime
-from splitpeft.meter import tensor_nbytes
-from splitpeft.models import backbone_of, load_model
-from splitpeft.placement import SplitPlacement
-from splitpeft.planner import (
-    DeviceProfile,
-    ModelShapes,
-    PlanError,
-    fleet_preset,
-    memory_breakdown,
-    minimal_ranks,
-    needs_replan,
-    plan_device,
-    plan_fleet,
-    predict_peak_bytes,
-    simulated_step_s,
-)
-from splitpeft.server import SplitServer
+from splitpeft.data.batching import BatchStream, EncodedExample
+from splitpeft.federation.simulation import start_state_of
+from splitpeft.hsplit.armsc import PlanError, minimal_ranks, plan_device, plan_fleet
+from splitpeft.hsplit.budget import DeviceProfile, fleet_preset, simulated_step_s
+from splitpeft.hsplit.memory import ModelShapes, memory_breakdown, predict_peak_bytes
+from splitpeft.hsplit.planning import needs_replan
+from splitpeft.model.backbone import backbone_of
+from splitpeft.model.loading import load_model
+from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.meter import tensor_nbytes
+from splitpeft.parties.server import SplitServer
+from splitpeft.placements.split import SplitPlacement
+from splitpeft.transport.channel import InProcessChannel
 
 TOLERANCE = 0.15
 
@@ -52,13 +45,13 @@ def measured_peak(base, split_layer: int, ranks: dict[str, int], batch_size: int
     ]
     stream = BatchStream(items, batch_size, pad_id=1, seed=0)
     placement = SplitPlacement(labels_on_device=labels_on_device)
-    server = SplitServer(base, lambda k: {}, alpha=16.0, dropout=0.0, lr=1e-3, num_blocks=backbone.num_blocks)
+    server = SplitServer(base, lambda blocks: {}, start_state_of({}), alpha=16.0, dropout=0.0, lr=1e-3, num_blocks=backbone.num_blocks)
     device = DeviceRuntime("probe", base, placement, split_layer, ranks, stream,
                            alpha=16.0, dropout=0.0, lr=1e-3, count_flops=False)
     channel = InProcessChannel(device.device_id, server)
     device.open_session(channel)
     device.local_phase(2, channel)
-    return device.meter.take_round()[1]
+    return device.meter.take_round()[2]
 
 
 def spread_ranks(shapes: ModelShapes, split_layer: int, pattern: tuple[int, ...]) -> dict[str, int]:

@@ -4,12 +4,11 @@ from collections import defaultdict
 
 import pytest
 import torch
-
-from splitpeft.data import BatchStream
-from splitpeft.federation import Simulation
-from splitpeft.messages import Kind, decode, header_bytes, tensor_bytes
-
 from conftest import tiny_config
+
+from splitpeft.data.batching import BatchStream
+from splitpeft.federation.simulation import Simulation
+from splitpeft.transport.messages import Kind, decode, header_bytes, tensor_bytes
 
 
 def _captured_run(*overrides: str):
@@ -96,7 +95,7 @@ def test_device_flops_include_attention():
     """FlopCounterMode has no CPU formula for sdpa; ours adds it, so attention is not free."""
     import torch.nn.functional as F
 
-    from splitpeft.meter import DeviceMeter
+    from splitpeft.parties.meter import DeviceMeter
 
     meter = DeviceMeter()
     q = torch.randn(1, 2, 16, 8, requires_grad=True)

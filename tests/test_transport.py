@@ -16,14 +16,30 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-
-from splitpeft.channel import InProcessChannel
-from splitpeft.compression import SCALE_SUFFIX, compress, decompress, quantize_int8
-from splitpeft.federation import Simulation
-from splitpeft.messages import Kind, Message, MessageError, decode, encode, tensor_bytes
-from splitpeft.transport import GrpcChannel, GrpcSplitServer, TransportError, self_signed_certificate
-
 from conftest import tiny_config
+
+from splitpeft.federation.simulation import Simulation
+from splitpeft.transport.channel import InProcessChannel
+from splitpeft.transport.compression import (
+    SCALE_SUFFIX,
+    compress,
+    decompress,
+    quantize_int8,
+)
+from splitpeft.transport.grpc import (
+    GrpcChannel,
+    GrpcSplitServer,
+    TransportError,
+    self_signed_certificate,
+)
+from splitpeft.transport.messages import (
+    Kind,
+    Message,
+    MessageError,
+    decode,
+    encode,
+    tensor_bytes,
+)
 
 ROUND = ("federation.num_devices=2", "federation.local_steps=2")
 
@@ -58,10 +74,10 @@ def _assert_same_round(reference: Simulation, networked: Simulation) -> None:
     for d in a.devices:
         assert a.devices[d].losses == b.devices[d].losses
         assert (a.devices[d].bytes_up, a.devices[d].bytes_down) == (b.devices[d].bytes_up, b.devices[d].bytes_down)
-    assert reference.global_adapters.keys() == networked.global_adapters.keys()
-    for name, weights in reference.global_adapters.items():
-        torch.testing.assert_close(networked.global_adapters[name].A, weights.A, rtol=0, atol=1e-6)
-        torch.testing.assert_close(networked.global_adapters[name].B, weights.B, rtol=0, atol=1e-6)
+    assert reference.state.global_adapters.keys() == networked.state.global_adapters.keys()
+    for name, weights in reference.state.global_adapters.items():
+        torch.testing.assert_close(networked.state.global_adapters[name].A, weights.A, rtol=0, atol=1e-6)
+        torch.testing.assert_close(networked.state.global_adapters[name].B, weights.B, rtol=0, atol=1e-6)
     assert not b.rejected
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ExperimentConfig, load_config
+from splitpeft.config import ConfigError, ExperimentConfig, load_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, FileNotFoundError, OSError)
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .experiment import run_experiment
+    from splitpeft.experiment.run import run_experiment
 
     config = load_config(args.config, args.overrides, preset=args.preset)
     report = run_experiment(config, args.out, overwrite=args.overwrite, progress=not args.no_progress,
@@ -108,7 +108,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _deploy_keys(args: argparse.Namespace) -> int:
-    from .flower import write_deployment_keys
+    from splitpeft.deploy.keys import write_deployment_keys
 
     hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
     for path in write_deployment_keys(args.out, args.devices, hosts):
@@ -117,7 +117,7 @@ def _deploy_keys(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import run_comparison
+    from splitpeft.experiment.compare import run_comparison
 
     comparison = run_comparison(
         args.suite, args.out, config_path=args.config, preset=args.preset, overrides=args.overrides,
@@ -138,16 +138,18 @@ def _load_run(run: Path, overrides: list[str]) -> ExperimentConfig:
 def _adapted_model(run: Path, config: ExperimentConfig) -> tuple[Any, Any]:
     from peft import PeftModel
 
-    from .models import load_model
+    from splitpeft.model.loading import load_model
 
     loaded = load_model(config.model.name, seed=config.seed)
     return PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval(), loaded.tokenizer
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .data import encode, load_examples, split_by_group
-    from .experiment import evaluate_model
-    from .report import write_json
+    from splitpeft.data.batching import encode
+    from splitpeft.data.partition import split_by_group
+    from splitpeft.data.sources import load_examples
+    from splitpeft.experiment.report import write_json
+    from splitpeft.experiment.run import evaluate_model
 
     config = _load_run(args.run, args.overrides)
     model, tokenizer = _adapted_model(args.run, config)
@@ -161,8 +163,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .data import format_mr_prompt
-    from .evaluation import generate
+    from splitpeft.data.examples import format_mr_prompt
+    from splitpeft.experiment.evaluation import generate
 
     config = _load_run(args.run, [])
     model, tokenizer = _adapted_model(args.run, config)

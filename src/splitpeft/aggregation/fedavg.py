@@ -1,0 +1,39 @@
+"""TODO-DOC from aggregation.py"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from splitpeft.aggregation.base import (
+    AdapterCopy,
+    Aggregate,
+    AggregationError,
+    check_copy,
+    token_weights,
+)
+from splitpeft.model.adapters import LoraWeights
+
+
+class FedAvg:
+    """FedAvg of A and B separately: A = sum p_i A_i, B = sum p_i B_i (homogeneous ranks)."""
+
+    name = "fedavg"
+    shared_adapter = True
+
+    def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
+        if not copies:
+            raise AggregationError(f"{module}: nothing to aggregate")
+        for copy in copies:
+            check_copy(module, copy)
+        shape = (copies[0].weights.A.shape, copies[0].weights.B.shape)
+        for copy in copies[1:]:
+            if (copy.weights.A.shape, copy.weights.B.shape) != shape:
+                raise AggregationError(
+                    f"{module}: fedavg needs equal ranks and shapes; {copy.holder} has "
+                    f"A{tuple(copy.weights.A.shape)} vs A{tuple(shape[0])} (use noise_free, zero_pad or svd)"
+                )
+        p = token_weights(copies)
+        a = sum(pi * c.weights.A for pi, c in zip(p, copies))
+        b = sum(pi * c.weights.B for pi, c in zip(p, copies))
+        merged = LoraWeights(a, b)  # type: ignore[arg-type]
+        return Aggregate({c.holder: merged for c in copies})

@@ -1,0 +1,43 @@
+"""TODO-DOC from aggregation.py"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from splitpeft.aggregation.base import (
+    AdapterCopy,
+    Aggregate,
+    check_copies,
+    token_weights,
+)
+from splitpeft.model.adapters import LoraWeights
+
+
+class ZeroPad:
+    """HetLoRA: zero-pad to the largest rank, average A and B separately, truncate per holder.
+
+    A_i (r_i, d_in) -> (r_max, d_in) and B_i (d_out, r_i) -> (d_out, r_max) with zeros;
+    A = sum p_i pad(A_i), B = sum p_i pad(B_i); holder h gets A[:r_h], B[:, :r_h]. Scales are
+    ignored, as in HetLoRA; the result carries cross terms (B_i A_j), which is what NAA avoids.
+    """
+
+    name = "zero_pad"
+    shared_adapter = False
+
+    def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
+        check_copies(module, copies)
+        p = token_weights(copies)
+        r_max = max(c.weights.rank for c in copies)
+        a = torch.stack([pi * _pad_rows(c.weights.A, r_max) for pi, c in zip(p, copies)]).sum(0)  # (r_max, d_in)
+        b = torch.stack([pi * _pad_rows(c.weights.B.T, r_max).T for pi, c in zip(p, copies)]).sum(0)  # (d_out, r_max)
+        adapters = {
+            c.holder: LoraWeights(a[: c.weights.rank].clone(), b[:, : c.weights.rank].clone()) for c in copies
+        }
+        return Aggregate(adapters)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(r, n) -> (rows, n), zeros below."""
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])], dim=0)

@@ -1,0 +1,190 @@
+"""The `dlora` placement (DLoRA): the server runs every frozen block, the device keeps its data,
+the embedding, the head, the loss, and computes every *active* adapter branch.
+
+Per step (B, T tokens; d_in / d_out of each adapted linear)::
+
+    device                                   server
+    embed(ids) ---- ACTIVATIONS (B,T,d) ---> blocks 0..L-1, frozen; at each adapted linear group
+               <--- BRANCH_INPUTS x (B,T,d_in) --  (linears sharing an input share one message)
+    s B A x    ---- BRANCH_OUTPUTS (B,T,d_out) each ->  y = W x + branch
+               <--- FINAL_HIDDEN (B,T,d) -------
+    head, loss ---- HEAD_GRADIENT (B,T,d) -->  backward through the blocks; at each group:
+               <--- BRANCH_GRADS (B,T,d_out) each
+    backward   ---- BRANCH_INPUT_GRAD (B,T,d_in) ->
+               <--- STEP_DONE ------------------
+    optimiser step on the active adapters
+
+Killed adapters (Kill and Revive) are frozen and handed to the server (KILL), which adds their
+branch itself from then on: they cost the device no compute and no traffic. REVIVE hands them back.
+
+The server's half runs in a worker thread that pauses at every remote branch: autograd drives the
+order (forward hooks on the adapted linears; one autograd Function per input group whose backward
+asks the device), so any model family works without per-family code. The device-side branch is
+computed by hand from peft's own lora_A / lora_B modules, because peft's layer needs the frozen
+base linear, which the device does not hold.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splitpeft.data.batching import Batch
+from splitpeft.dlora.remote import (
+    STEP_TIMEOUT_S,
+    DLoRASession,
+    _Link,
+    _server_worker,
+    abort_step,
+    branch,
+    install_server_hooks,
+)
+from splitpeft.model.adapters import (
+    from_tensors,
+    lora_layers,
+    read_adapters,
+    to_tensors,
+    write_adapters,
+)
+from splitpeft.model.loss import causal_lm_loss
+from splitpeft.placements.base import DeviceSide, ServerSide, freeze_locally
+from splitpeft.transport.channel import Channel
+from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
+
+
+@dataclass
+class DLoRAPlacement:
+    """Cloud-device placement of DLoRA; `kill_revive` (a KillRevive policy) may be attached by the device."""
+
+    name: str = field(default="dlora", init=False)
+    killed_run_on_device: bool = field(default=False, init=False)  # the server computes them
+
+    def device_blocks(self, num_blocks: int, split_layer: int) -> range:
+        return range(0, num_blocks)  # the device owns every block's adapters ...
+
+    def server_blocks(self, num_blocks: int, split_layer: int) -> range:
+        return range(0)  # the server trains no adapters of its own; it runs the killed ones
+
+    def device_holds_blocks(self) -> bool:
+        return False  # ... but none of the blocks' frozen weights
+
+    def device_keeps_head(self) -> bool:
+        return True
+
+    def uses_server(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------ device side
+
+    def device_step(self, device: DeviceSide, batch: Batch, channel: Channel) -> float:
+        backbone, meter = device.backbone, device.meter
+        layers = lora_layers(device.model)
+        with meter.compute():
+            embedded = backbone.embed(batch.input_ids)  # (B, T, d); frozen, so no graph is kept
+        reply = channel.exchange(Message(Kind.ACTIVATIONS, {"hidden": embedded.detach()},
+                                         meta={Meta.KILLED_GRAD_NORMS: device.measure_killed}))
+        pending: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        while reply.kind == Kind.BRANCH_INPUTS:
+            names = [str(n) for n in reply.meta.get(Meta.MODULES, [])]
+            unknown = [n for n in names if n not in layers or n in device.killed]
+            if unknown:
+                raise MessageError(f"server asked for adapters this device does not run: {unknown[:3]}")
+            x = reply.tensor("x", shape=(*embedded.shape[:2], None), dtype=embedded.dtype).requires_grad_()
+            with meter.compute(adapters=True):
+                outputs = {name: branch(layers[name], x) for name in names}  # (B, T, d_out) each
+            pending[int(reply.meta[Meta.CALL])] = (x, outputs)
+            reply = channel.exchange(Message(Kind.BRANCH_OUTPUTS, {n: o.detach() for n, o in outputs.items()},
+                                             meta={Meta.CALL: reply.meta[Meta.CALL]}))
+        reply.expect(Kind.FINAL_HIDDEN)
+        final = reply.tensor("hidden", shape=embedded.shape, dtype=embedded.dtype).requires_grad_()
+        with meter.compute():
+            loss = causal_lm_loss(backbone.head(final), batch.labels)
+            loss.backward()
+        reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": final.grad},
+                                         meta={Meta.LOSS: finite(loss.item()), Meta.TOKENS: batch.completion_tokens}))
+        while reply.kind == Kind.BRANCH_GRADS:
+            call = int(reply.meta.get(Meta.CALL, -1))
+            if call not in pending:
+                raise MessageError(f"BRANCH_GRADS for unknown call {call}")
+            x, outputs = pending.pop(call)
+            grads = [reply.tensor(n, shape=o.shape, dtype=o.dtype) for n, o in outputs.items()]
+            with meter.compute(adapters=True):
+                torch.autograd.backward(list(outputs.values()), grads)
+            # The first block's input needs no gradient (the embedding is frozen): send none.
+            up = {"grad": x.grad} if reply.meta.get(Meta.INPUT_GRAD, True) else {}
+            reply = channel.exchange(Message(Kind.BRANCH_INPUT_GRAD, up, meta={Meta.CALL: call}))
+        reply.expect(Kind.STEP_DONE)
+        norms = reply.meta.get(Meta.KILLED_GRAD_NORMS)
+        if isinstance(norms, dict):
+            device.grad_norms.update({str(n): float(v) for n, v in norms.items()})
+        with meter.compute():
+            device.optimizer_step()
+        return loss.item()
+
+    def apply_kill_revive(self, device: DeviceSide, channel: Channel, kill: list[str], revive: list[str]) -> None:
+        """Hand killed adapters (frozen) to the server; take revived ones back from it."""
+        if kill:
+            weights = read_adapters(device.model, kill)
+            channel.exchange(Message(Kind.KILL, to_tensors(weights))).expect(Kind.SESSION_READY)
+        if revive:
+            reply = channel.exchange(Message(Kind.REVIVE, meta={Meta.MODULES: list(revive)})).expect(Kind.REVIVE)
+            returned = from_tensors(reply.tensors)
+            if sorted(returned) != sorted(revive):
+                raise MessageError("server returned other adapters than the ones revived")
+            write_adapters(device.model, returned)
+        freeze_locally(device, kill, revive)
+
+    # ------------------------------------------------------------------ server side
+
+    def open_server_session(self, session: ServerSide, meta: Mapping[str, Any], adaptable: Collection[str]) -> None:
+        """Hook the adapters the device runs (its OPEN_SESSION's ranks, checked against the
+        model's adaptable linears) into the session's adapter-free model copy."""
+        ranks = meta.get(Meta.RANKS)
+        if not isinstance(ranks, dict) or not ranks:
+            raise MessageError("OPEN_SESSION for dlora needs the device's adapter ranks")
+        unknown = [name for name in ranks if name not in adaptable]
+        if unknown:
+            raise MessageError(f"unknown adapted modules: {unknown[:3]}")
+        if not all(isinstance(r, int) and 0 < r <= 4096 for r in ranks.values()):
+            raise MessageError("adapter ranks must be integers in 1..4096")
+        alpha = session.alpha  # the server's own setting, never the device's word
+        session.step_state = install_server_hooks(session, sorted(ranks), {name: alpha / r for name, r in ranks.items()})
+
+    def abort(self, session: ServerSide) -> None:
+        if session.step_state is not None:
+            abort_step(session.step_state)
+
+    def server_step(self, session: ServerSide, message: Message) -> Message:
+        state: DLoRASession = session.step_state
+        if message.kind == Kind.KILL:
+            state.set_killed(from_tensors(message.tensors))
+            return Message(Kind.SESSION_READY, meta={Meta.KILLED: sorted(state.killed)})
+        if message.kind == Kind.REVIVE:
+            names = [str(n) for n in message.meta.get(Meta.MODULES, [])]
+            missing = [n for n in names if n not in state.killed]
+            if missing:
+                raise MessageError(f"cannot revive adapters that are not killed: {missing[:3]}")
+            return Message(Kind.REVIVE, to_tensors(state.revive(names)))
+        if message.kind == Kind.ACTIVATIONS:
+            if state.worker is not None:
+                state.worker.join(timeout=1.0)  # the previous step has replied; let its thread end
+                if state.worker.is_alive():
+                    raise MessageError("a dlora step is already in progress")
+            hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=torch.float32)
+            state.killed_grad_norms = bool(message.meta.get(Meta.KILLED_GRAD_NORMS, False)) and bool(state.killed)
+            state.link = _Link()
+            state.worker = threading.Thread(target=_server_worker, args=(session, state, hidden), daemon=True)
+            state.worker.start()
+        elif state.worker is None or not state.worker.is_alive():
+            raise MessageError(f"unexpected {message.kind.name}: no dlora step in progress")
+        else:
+            state.link.from_device.put(message)
+        try:
+            return state.link.to_device.get(timeout=STEP_TIMEOUT_S)
+        except queue.Empty:
+            raise MessageError("server step did not produce a reply in time") from None

@@ -1,0 +1,220 @@
+"""The server's half of a `dlora` step: remote adapter branches.
+
+The server runs every frozen block in a worker thread that pauses at every adapted linear whose
+adapter is active on the device: a forward hook sends the linear's input (BRANCH_INPUTS, one
+message per group of linears sharing an input) and adds the branch outputs the device sends
+back; one autograd Function per group asks the device for dL/dx in backward. Autograd drives the
+order, so any model family works without per-family code. Killed adapters (`KILL`) live here
+and are added by the hook itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splitpeft.model.adapters import (
+    ADAPTER_NAME,
+    LoraWeights,
+)
+from splitpeft.placements.base import ServerSide
+from splitpeft.transport.messages import Kind, Message, MessageError, Meta
+
+log = logging.getLogger(__name__)
+
+
+STEP_TIMEOUT_S = 600.0
+
+
+def input_groups(module_names: Sequence[str]) -> dict[str, str]:
+    """Module -> group key; linears of one block that read the same input share a group.
+
+    LLaMA family: {q, k, v} read the attention input, {gate, up} the MLP input; o and down read
+    their own. GPT-2's four linears each read a different tensor.
+    """
+    shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+    groups = {}
+    for name in module_names:
+        parent, leaf = name.rsplit(".", 1)
+        block = parent.rsplit(".", 1)[0] if leaf in shared else parent
+        groups[name] = f"{block}:{shared.get(leaf, leaf)}"
+    return groups
+
+
+def branch(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA branch s * B A x of a peft layer, without its base linear: (..., d_in) -> (..., d_out)."""
+    a, b = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+    return b(a(layer.lora_dropout[ADAPTER_NAME](x))) * layer.scaling[ADAPTER_NAME]
+
+
+# ------------------------------------------------------------------------------------ server side
+
+
+class _Link:
+    """The server worker's line to the device: put a request, wait for the device's next message."""
+
+    def __init__(self) -> None:
+        self.to_device: queue.Queue[Message] = queue.Queue()
+        self.from_device: queue.Queue[Message] = queue.Queue()
+
+    def request(self, message: Message, *expected: Kind) -> Message:
+        self.to_device.put(message)
+        try:
+            reply = self.from_device.get(timeout=STEP_TIMEOUT_S)
+        except queue.Empty:
+            raise MessageError("device did not answer within the step timeout") from None
+        return reply.expect(*expected)
+
+
+class _RemoteGroup(torch.autograd.Function):
+    """Branch outputs of one input group, computed on the device; backward asks it for dL/dx."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, session: DLoRASession,
+                names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        # `anchor` is a scalar that requires grad: it makes the outputs part of the graph even
+        # when x does not need a gradient (the first block's input), so backward reaches the device.
+        call = session.next_call()
+        reply = session.link.request(
+            Message(Kind.BRANCH_INPUTS, {"x": x.detach()}, meta={Meta.CALL: call, Meta.MODULES: list(names)}),
+            Kind.BRANCH_OUTPUTS,
+        )
+        outputs = []
+        for name in names:
+            d_out = session.out_features[name]
+            outputs.append(reply.tensor(name, shape=(*x.shape[:-1], d_out), dtype=x.dtype).clone())
+        ctx.session, ctx.names, ctx.call, ctx.x_shape = session, names, call, x.shape
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        session = ctx.session
+        tensors = {}
+        for name, grad in zip(ctx.names, grads):
+            tensors[name] = grad if grad is not None else torch.zeros(*ctx.x_shape[:-1], session.out_features[name])
+        input_grad = bool(ctx.needs_input_grad[0])
+        reply = session.link.request(
+            Message(Kind.BRANCH_GRADS, tensors,
+                    meta={Meta.CALL: ctx.call, Meta.MODULES: list(ctx.names), Meta.INPUT_GRAD: input_grad}),
+            Kind.BRANCH_INPUT_GRAD,
+        )
+        if not input_grad:
+            return None, None, None, None
+        return reply.tensor("grad", shape=tuple(ctx.x_shape), dtype=tensors[ctx.names[0]].dtype), None, None, None
+
+
+@dataclass
+class DLoRASession:
+    """Server-side state of one device's dlora training: which adapters are remote, which killed."""
+
+    active: set[str]
+    killed: dict[str, LoraWeights] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+    out_features: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
+    link: _Link = field(default_factory=_Link)
+    worker: threading.Thread | None = None
+    calls: int = 0
+    cache: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    killed_grad_norms: bool = False
+    anchor: torch.Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
+    _killed_params: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def next_call(self) -> int:
+        self.calls += 1
+        return self.calls
+
+    def hook(self, name: str) -> Callable[[torch.nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+        def add_branch(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            if name in self.killed:
+                a, b = self._killed_params[name]
+                return output + self.scales[name] * (x @ a.T) @ b.T
+            if name not in self.active:
+                return output
+            key = (self.groups[name], id(x))
+            if key not in self.cache:
+                names = tuple(n for n, g in self.groups.items() if g == self.groups[name] and n in self.active)
+                self.cache[key] = dict(zip(names, _RemoteGroup.apply(x, self.anchor, self, names)))
+            return output + self.cache[key][name]
+
+        return add_branch
+
+    def set_killed(self, weights: dict[str, LoraWeights]) -> None:
+        for name, value in weights.items():
+            self.killed[name] = value
+            self.active.discard(name)
+            self._killed_params[name] = (value.A.clone(), value.B.clone())
+
+    def revive(self, names: Sequence[str]) -> dict[str, LoraWeights]:
+        handed = {}
+        for name in names:
+            handed[name] = self.killed.pop(name)
+            self._killed_params.pop(name)
+            self.active.add(name)
+        return handed
+
+    def killed_norms(self) -> dict[str, float]:
+        return {
+            name: float(torch.sqrt(sum((p.grad**2).sum() for p in params if p.grad is not None)))
+            for name, params in self._killed_params.items()
+        }
+
+
+def install_server_hooks(session: ServerSide, modules: Sequence[str], scales: dict[str, float]) -> DLoRASession:
+    """Hook every adapted linear of the session's (adapter-free) model copy."""
+    by_name = dict(session.model.named_modules())
+    state = DLoRASession(active=set(modules), scales=dict(scales), groups=input_groups(modules))
+    for name in modules:
+        module = by_name[name]
+        weight = module.weight
+        state.out_features[name] = int(weight.shape[1] if module.__class__.__name__ == "Conv1D" else weight.shape[0])
+        module.register_forward_hook(state.hook(name))
+    return state
+
+
+def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tensor) -> None:
+    """One dlora step of the server: forward to FINAL_HIDDEN, then backward on HEAD_GRADIENT.
+
+    The last thing the worker does is put its final reply, so the device's next step never finds
+    the previous one still cleaning up (the handler also joins the finished thread).
+    """
+    link = state.link
+    track = state.killed_grad_norms
+    try:
+        for a, b in state._killed_params.values():
+            a.requires_grad_(track)
+            b.requires_grad_(track)
+            a.grad = b.grad = None
+        backbone = session.backbone
+        final = backbone.blocks(hidden, 0, backbone.num_blocks)  # (B, T, d)
+        state.cache.clear()
+        reply = link.request(Message(Kind.FINAL_HIDDEN, {"hidden": final.detach()}), Kind.HEAD_GRADIENT)
+        grad = reply.tensor("grad", shape=final.shape, dtype=final.dtype)
+        if final.requires_grad:
+            final.backward(grad)
+        session.tokens += int(reply.meta.get(Meta.TOKENS, 0))
+        meta: dict[str, Any] = {Meta.KILLED_GRAD_NORMS: state.killed_norms()} if track else {}
+        last = Message(Kind.STEP_DONE, meta=meta)
+    except Exception as error:  # report to the device, never leave it waiting
+        log.warning("dlora step for %s failed: %s", session.device_id, error)
+        last = Message(Kind.ERROR, meta={Meta.ERROR: str(error)})
+    finally:
+        state.cache.clear()
+        for a, b in state._killed_params.values():
+            a.requires_grad_(False)
+            b.requires_grad_(False)
+    link.to_device.put(last)
+
+
+def abort_step(state: DLoRASession) -> None:
+    """Unblock a worker waiting for a device that sent garbage (it ends with an error)."""
+    if state.worker is not None and state.worker.is_alive():
+        state.link.from_device.put(Message(Kind.ERROR, meta={Meta.ERROR: "step aborted"}))
+        state.worker.join(timeout=10)

@@ -1,0 +1,100 @@
+"""Building a fleet from a config: the adapted modules, each device's data, budgets and runtime.
+
+The simulation builds every device here; a real device (the Flower ClientApp) calls the same
+functions for itself alone: its own shard (`device_examples`), its own runtime (`build_device`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from splitpeft.config import ExperimentConfig
+from splitpeft.data.batching import BatchStream, EncodedExample
+from splitpeft.data.examples import Example
+from splitpeft.data.partition import partition, split_by_group
+from splitpeft.data.sources import load_examples
+from splitpeft.hsplit.budget import DeviceProfile, fleet_preset
+from splitpeft.model import adapters as lora
+from splitpeft.model.backbone import Backbone
+from splitpeft.parties.device import DeviceRuntime
+from splitpeft.placements.base import Placement
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device_ids(count: int) -> list[str]:
+    return [f"device-{index}" for index in range(count)]
+
+
+def adapted_modules(config: ExperimentConfig, backbone: Backbone) -> list[str]:
+    """Every module of the model that `lora.target_modules` names (all blocks)."""
+    targets = config.lora.target_modules or list(backbone.default_target_modules)
+    modules = lora.target_module_names(backbone, targets, range(backbone.num_blocks))
+    if not modules:
+        raise ValueError(f"lora.target_modules {targets} match no module of {config.model.name}")
+    return modules
+
+
+def modules_in(modules: Mapping[str, int], backbone: Backbone, blocks: range) -> dict[str, int]:
+    """The part of a {module: rank} map that lives in `blocks`."""
+    prefixes = tuple(backbone.block_prefix(j) for j in blocks)
+    return {name: rank for name, rank in modules.items() if name.startswith(prefixes)}
+
+
+def device_examples(config: ExperimentConfig, num_devices: int, *, hold_out: bool = True
+                    ) -> tuple[list[Example], list[list[Example]], list[Example]]:
+    """(training examples, one shard per device, held-out examples) of the configured data.
+
+    `hold_out=False`: no held-out split, every example trains (a real device's own data file).
+    """
+    examples = load_examples(config.data.source, config.data.path, limit=config.data.limit, seed=config.seed)
+    train, held_out = split_by_group(examples, config.data.eval_fraction, config.seed) if hold_out else (examples, [])
+    shards = partition(train, num_devices, config.data.partition, alpha=config.data.dirichlet_alpha,
+                       field=config.data.partition_field, seed=config.seed)
+    return train, shards, held_out
+
+
+def device_stream(config: ExperimentConfig, items: list[EncodedExample], index: int, pad_id: int) -> BatchStream:
+    """Device `index`'s batches: its own order, seeded by (seed, index)."""
+    return BatchStream(items, config.federation.batch_size, pad_id, config.seed + index)
+
+
+def fleet_profiles(config: ExperimentConfig, ids: list[str]) -> list[DeviceProfile] | None:
+    """Each device's budget, from per-device lists or a range spread evenly over the fleet."""
+    fleet, n = config.fleet, len(ids)
+    if fleet.memory_bytes is not None:
+        budgets = [int(b) for b in fleet.memory_bytes]
+    elif fleet.memory_range is not None:
+        budgets = [p.memory_bytes for p in fleet_preset(n, (fleet.memory_range[0], fleet.memory_range[1]), 1.0, 1.0)]
+    else:
+        return None
+
+    def each(value: float | list[float]) -> list[float]:
+        return list(value) if isinstance(value, list) else [value] * n
+
+    return [DeviceProfile(d, b, f, w) for d, b, f, w in
+            zip(ids, budgets, each(fleet.flops_per_s), each(fleet.bandwidth_bytes_per_s))]
+
+
+def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Placement, index: int,
+                 stream: BatchStream, split_layer: int, ranks: Mapping[str, int]) -> DeviceRuntime:
+    """Device `index` at `split_layer` with adapters `ranks`, Kill and Revive attached if enabled."""
+    device = DeviceRuntime(
+        f"device-{index}", base, placement, split_layer, ranks, stream,
+        alpha=config.lora.alpha, dropout=config.lora.dropout, lr=config.federation.lr, count_flops=config.count_flops,
+    )
+    if config.kill_revive.enabled:
+        device.attach_kill_revive(config.kill_revive, seed=config.seed + index)
+    return device

@@ -1,0 +1,67 @@
+"""What a round records: per device (bytes, FLOPs, peak memory, tokens, losses, wall and
+simulated time, Kill-and-Revive events) and per round (who trained, who was dropped or rejected)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from splitpeft.model.adapters import AdapterSet
+from splitpeft.parties.device import DeviceRuntime, LocalPhase
+
+
+@dataclass
+class DeviceRound:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    adapter_bytes_up: int = 0
+    adapter_bytes_down: int = 0
+    flops: int = 0
+    adapter_flops: int = 0  # dlora: FLOPs of the adapter branches alone (part of `flops`)
+    peak_memory_bytes: int = 0
+    tokens: int = 0
+    steps: int = 0
+    train_loss: float = float("nan")
+    losses: list[float] = field(default_factory=list)
+    step_flops: list[int] = field(default_factory=list)
+    step_bytes_up: list[int] = field(default_factory=list)
+    step_bytes_down: list[int] = field(default_factory=list)
+    wall_s: float = 0.0
+    kr_events: list[dict[str, Any]] = field(default_factory=list)
+    active_adapters: int | None = None
+    simulated_s: float | None = None  # flops / device compute + bytes / device link
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    devices: dict[str, DeviceRound]
+    eval_perplexity: float | None = None
+    rejected: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    replanned: list[str] = field(default_factory=list)
+    dropped: list[dict[str, str]] = field(default_factory=list)  # devices lost mid-round, and why
+    selected: list[str] = field(default_factory=list)  # devices asked to train this round
+
+
+@dataclass
+class DeviceResult:
+    """A device's finished round as the server receives it."""
+
+    uploaded: AdapterSet
+    tokens: int
+    stats: DeviceRound
+
+
+def fill_round_stats(stats: DeviceRound, device: DeviceRuntime, phase: LocalPhase, events_before: int) -> None:
+    """Copy a finished local phase and the device's meters into `stats` (resets the meters)."""
+    if device.kill_revive is not None:
+        stats.kr_events = device.kill_revive.events[events_before:]
+        stats.active_adapters = len(device.kill_revive.active)
+    stats.flops, stats.adapter_flops, stats.peak_memory_bytes = device.meter.take_round()
+    stats.tokens, stats.steps, stats.losses = phase.tokens, len(phase.losses), phase.losses
+    stats.step_flops, stats.step_bytes_up, stats.step_bytes_down = phase.step_flops, phase.step_bytes_up, phase.step_bytes_down
+    stats.train_loss = float(np.mean(phase.losses))
+    stats.wall_s = phase.wall_s

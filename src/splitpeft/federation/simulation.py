@@ -1,0 +1,270 @@
+"""Federation in simulation: N virtual devices with their own shards, one server, rounds.
+
+One round, readable top to bottom in `Simulation.run_round`:
+
+1. each device downloads the global adapters of the modules it holds (an ADAPTERS message);
+2. it opens its session on the server (the server loads its half's adapters from the global
+   state) and trains `local_steps` batches through its channel;
+3. it uploads its adapters (an ADAPTERS message);
+4. for every module, all copies (devices and server sessions holding it) are aggregated,
+   weighted by the tokens each trained on, into the next global state (`federation/state.py`).
+
+Every message is encoded as on the wire, so the bytes in the report are real sizes. The fleet
+comes from `federation/fleet.py`, plans from `hsplit/planning.py`; `begin_round`,
+`finish_round` and `drop` are the hooks a remote engine (Flower) plays the same round with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splitpeft.aggregation.base import AdapterCopy
+from splitpeft.aggregation.registry import make_aggregator
+from splitpeft.config import ExperimentConfig
+from splitpeft.data.batching import EncodedExample, encode
+from splitpeft.federation.fleet import (
+    adapted_modules,
+    build_device,
+    device_examples,
+    device_ids,
+    device_stream,
+    fleet_profiles,
+    modules_in,
+    seed_everything,
+)
+from splitpeft.federation.records import (
+    DeviceResult,
+    DeviceRound,
+    RoundRecord,
+    fill_round_stats,
+)
+from splitpeft.federation.state import GlobalState
+from splitpeft.hsplit.budget import simulated_step_s
+from splitpeft.hsplit.planning import Planning, make_planner
+from splitpeft.model import adapters as lora
+from splitpeft.model.adapters import AdapterSet
+from splitpeft.model.backbone import backbone_of
+from splitpeft.model.loading import LoadedModel, load_model
+from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.server import SplitServer
+from splitpeft.placements.registry import make_placement
+from splitpeft.transport.channel import InProcessChannel, Tap
+from splitpeft.transport.messages import Kind, Message, MessageError, Meta
+
+log = logging.getLogger(__name__)
+
+
+class Simulation:
+    """Builds model, data, devices, server and channels from a config; `run_round` trains."""
+
+    def __init__(self, config: ExperimentConfig, *, tap: Tap | None = None, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        seed_everything(config.seed)
+        self.loaded = loaded or load_model(config.model.name, seed=config.seed)
+        base, tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.backbone = backbone_of(base)
+        num_blocks = self.backbone.num_blocks
+        placement_cfg, fed = config.placement, config.federation
+        self.placement = make_placement(placement_cfg.placement, labels_on_device=placement_cfg.labels_on_device)
+        self.placement.device_blocks(num_blocks, placement_cfg.split_layer)  # range check before any work
+
+        # Without a server (centralized) one party trains on the pooled data of all devices.
+        num_devices = fed.num_devices if self.placement.uses_server() else 1
+        if num_devices < fed.num_devices:
+            log.info("%s placement: one party trains on the pooled data of all %d devices",
+                     self.placement.name, fed.num_devices)
+        train, shards, self.held_out = device_examples(config, num_devices)
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.held_out_encoded: list[EncodedExample] = encode(self.held_out, tokenizer, config.data.max_length)
+
+        modules = adapted_modules(config, self.backbone)
+        self.ranks = {name: config.lora.rank for name in modules}
+        self.state = GlobalState(base, modules, rank=config.lora.rank, alpha=config.lora.alpha, seed=config.seed,
+                                 aggregator=make_aggregator(fed.aggregator, seed=config.seed))
+        self.server = SplitServer(
+            base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,
+            alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks,
+        )
+        if config.data.partition == "whole":  # every device trains on all of it: encode once
+            encoded = [encode(train, tokenizer, config.data.max_length)] * len(shards)
+        else:
+            encoded = [encode(shard, tokenizer, config.data.max_length) for shard in shards]
+        self.streams = [device_stream(config, items, index, self.pad_id) for index, items in enumerate(encoded)]
+        self.device_ids = device_ids(len(shards))
+        self.profiles = fleet_profiles(config, self.device_ids)
+        self.rounds: list[RoundRecord] = []
+        planner = make_planner(config)
+        self.planning: Planning | None = None
+        plans = {}
+        if planner.uses_budgets:
+            if self.profiles is None:
+                raise ValueError(f"hsplit.planner={planner.name} needs fleet budgets")
+            self.planning = Planning(planner, config, base, self.profiles,
+                                     encode(train, tokenizer, config.data.max_length), self.pad_id)
+            plans = self.planning.plan()
+        self.devices: list[DeviceRuntime] = [
+            self.build_device(i, *plans.get(d, (None, None))) for i, d in enumerate(self.device_ids)]
+        self.channels = {
+            d: InProcessChannel(d, self.server, tap=tap, compression=config.transport.compression,
+                                max_message_bytes=config.transport.max_message_bytes)
+            for d in self.device_ids
+        }
+        self.shard_sizes = {d: len(s) for d, s in zip(self.device_ids, shards)}
+
+    def build_device(self, index: int, split_layer: int | None = None, ranks: dict[str, int] | None = None) -> DeviceRuntime:
+        """Device `index` with its plan (split point, ranks), or the config's fixed ones."""
+        split_layer = self.config.placement.split_layer if split_layer is None else split_layer
+        if ranks is None:
+            ranks = modules_in(self.ranks, self.backbone, self.placement.device_blocks(self.backbone.num_blocks, split_layer))
+        return build_device(self.config, self.loaded.model, self.placement, index, self.streams[index], split_layer, ranks)
+
+    def replan(self, plans: dict[str, tuple[int, dict[str, int]]]) -> list[str]:
+        """Rebuild the devices whose split point or ranks changed; returns their ids."""
+        changed = []
+        for index, device in enumerate(self.devices):
+            split_layer, ranks = plans[device.device_id]
+            if split_layer != device.split_layer or ranks != device.ranks:
+                self.devices[index] = self.build_device(index, split_layer, ranks)
+                changed.append(device.device_id)
+        return changed
+
+    # ------------------------------------------------------------------ one round
+
+    def run_round(self, on_device_done: Callable[[str], None] | None = None) -> RoundRecord:
+        record = self.begin_round()
+        results: dict[str, DeviceResult] = {}
+        for device in self.selected_devices(record.round):
+            result = self._train_in_process(device, record)
+            if result is not None:
+                results[device.device_id] = result
+                if on_device_done is not None:
+                    on_device_done(device.device_id)
+        return self.finish_round(record, results)
+
+    def begin_round(self) -> RoundRecord:
+        """Open round `len(rounds)`: re-plan if the scores moved, clear the server's round."""
+        record = RoundRecord(round=len(self.rounds), devices={})
+        self._round_start = time.perf_counter()
+        if self.planning is not None and self.rounds:
+            plans = self.planning.update(len(self.rounds))
+            record.replanned = self.replan(plans) if plans is not None else []
+        self.server.begin_round()
+        record.selected = [device.device_id for device in self.selected_devices(record.round)]
+        return record
+
+    def selected_devices(self, round_index: int) -> list[DeviceRuntime]:
+        """The devices that train in round `round_index`: all, or `federation.devices_per_round`
+        of them drawn without replacement from a generator seeded by (seed, round), so a resumed
+        or distributed run picks the same ones."""
+        wanted = self.config.federation.devices_per_round
+        if wanted is None or wanted >= len(self.devices):
+            return list(self.devices)
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + round_index)
+        chosen = sorted(torch.randperm(len(self.devices), generator=generator)[:wanted].tolist())
+        return [self.devices[i] for i in chosen]
+
+    def drop(self, record: RoundRecord, device_id: str, error: str) -> None:
+        """A device that died or disconnected mid-round: its partial update (and its server
+        session's) is discarded; the round completes with the others."""
+        log.warning("dropping %s from round %d: %s", device_id, record.round, error)
+        record.dropped.append({"device": device_id, "error": error})
+        self.server.reset_session(device_id)
+
+    def _train_in_process(self, device: DeviceRuntime, record: RoundRecord) -> DeviceResult | None:
+        """One device's round through its channel (download, session, local phase, upload)."""
+        channel = self.channels[device.device_id]
+        before = (channel.traffic.bytes_up, channel.traffic.bytes_down)
+        stats = DeviceRound()
+        events_before = len(device.kill_revive.events) if device.kill_revive is not None else 0
+        try:
+            received = channel.send(self.download_message(device), "down")
+            device.load(lora.from_tensors(received.tensors))
+            stats.adapter_bytes_down = channel.traffic.bytes_down - before[1]
+            device.open_session(channel)
+            phase = device.local_phase(self.config.federation.local_steps, channel)
+            device.close_session(channel)
+            up_before = channel.traffic.bytes_up
+            uploaded = lora.from_tensors(channel.send(self.upload_message(device), "up").tensors)
+            stats.adapter_bytes_up = channel.traffic.bytes_up - up_before
+        except (ConnectionError, MessageError) as error:
+            self.drop(record, device.device_id, str(error))
+            device.meter.reset_round()
+            return None
+        fill_round_stats(stats, device, phase, events_before)
+        stats.bytes_up = channel.traffic.bytes_up - before[0]
+        stats.bytes_down = channel.traffic.bytes_down - before[1]
+        return DeviceResult(uploaded, phase.tokens, stats)
+
+    def finish_round(self, record: RoundRecord, results: dict[str, DeviceResult]) -> RoundRecord:
+        """Aggregate the devices' uploads with their server sessions' adapters; close the round."""
+        alpha = self.config.lora.alpha
+        copies: dict[str, list[AdapterCopy]] = defaultdict(list)
+        for device_id, result in results.items():
+            if self.profiles is not None:
+                profile = self.profiles[self.device_ids.index(device_id)]
+                result.stats.simulated_s = simulated_step_s(
+                    profile, result.stats.flops, result.stats.bytes_up + result.stats.bytes_down)
+            record.devices[device_id] = result.stats
+            for name, weights in result.uploaded.items():
+                copies[name].append(AdapterCopy(device_id, weights, result.tokens, scale=alpha / weights.rank))
+        dropped = {entry["device"] for entry in record.dropped}
+        for holder, adapters, tokens in self.server.session_copies(exclude=dropped):
+            for name, weights in adapters.items():
+                copies[name].append(AdapterCopy(holder, weights, tokens, scale=alpha / weights.rank))
+        record.rejected = self.state.aggregate(copies)
+        record.rejected += [f"{device}: {error}" for device, error in self.server.rejected]
+        self.server.rejected.clear()
+        record.wall_s = time.perf_counter() - self._round_start
+        self.rounds.append(record)
+        return record
+
+    def download_message(self, device: DeviceRuntime) -> Message:
+        """The ADAPTERS message that starts `device`'s round: its modules' adapters."""
+        return Message(Kind.ADAPTERS, lora.to_tensors(self.state.start_state(device.device_id, device.ranks)),
+                       meta={Meta.ROUND: len(self.rounds)})
+
+    @staticmethod
+    def upload_message(device: DeviceRuntime) -> Message:
+        """The device's trained adapters (killed ones did not change and stay home)."""
+        trained = {n: w for n, w in device.adapters().items() if n not in device.killed}
+        return Message(Kind.ADAPTERS, lora.to_tensors(trained), meta={Meta.DEVICE: device.device_id})
+
+    # ------------------------------------------------------------------ the global model
+
+    def global_model(self) -> torch.nn.Module:
+        return self.state.global_model()
+
+    def export(self, path: Path, merged: bool = False) -> None:
+        self.state.export(path, merged=merged)
+
+    def info(self) -> dict[str, Any]:
+        plans = self.planning.describe() if self.planning is not None else None
+        num_blocks = self.backbone.num_blocks
+        return {
+            "plans": plans,
+            "model": self.loaded.name,
+            "num_blocks": num_blocks,
+            "adapted_modules": len(self.ranks),
+            "adapter_parameters": sum(w.A.numel() + w.B.numel() for w in self.state.global_adapters.values()),
+            "devices": {
+                d.device_id: {
+                    "split_layer": d.split_layer if self.placement.uses_server() else num_blocks,
+                    "train_examples": self.shard_sizes[d.device_id],
+                    "adapted_modules": len(d.modules),
+                }
+                for d in self.devices
+            },
+            "held_out_examples": len(self.held_out),
+        }
+
+
+def start_state_of(adapters: AdapterSet) -> Callable[[str, dict[str, int]], AdapterSet]:
+    """A `SplitServer.start_state` that serves the same `adapters` to every holder (benchmarks, tests)."""
+    return lambda holder, ranks: {name: adapters[name] for name in ranks}

@@ -1,0 +1,183 @@
+"""The federation's global state, kept by the server between rounds.
+
+Per module and holder (a device "device-3" or a server session "server/device-3"): the adapter
+that holder starts the next round with; the dense updates merged into the shared frozen weights
+(noise-free aggregation); the token weights of the last aggregation. From these come the global
+model (for evaluation) and the exported PEFT folder.
+
+One round's aggregation, per module: check every copy (a bad one is dropped and reported, never
+the run), hand the good ones to the aggregator, merge its base delta into the frozen weight,
+and keep each holder's next adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from splitpeft.aggregation.base import (
+    AdapterCopy,
+    AggregationError,
+    Aggregator,
+    check_copy,
+    token_weights,
+)
+from splitpeft.model import adapters as lora
+from splitpeft.model.adapters import AdapterSet, LoraWeights
+from splitpeft.model.backbone import share_frozen_copy
+
+log = logging.getLogger(__name__)
+
+
+def initial_adapters(base: torch.nn.Module, ranks: Mapping[str, int], alpha: float, seed: int) -> AdapterSet:
+    """Fresh LoRA weights for every module (peft's init: A random, B = 0) from `seed`."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = lora.inject(share_frozen_copy(base), ranks, alpha)  # type: ignore[arg-type]
+    torch.random.set_rng_state(state)
+    return lora.read_adapters(model)
+
+
+def factorise(delta: torch.Tensor, alpha: float, tolerance: float = 1e-6) -> LoraWeights:
+    """A LoRA pair with s B A == delta (d_out, d_in), s = alpha / r, r = numerical rank of delta."""
+    u, singular, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    rank = max(1, int((singular > tolerance * singular[0].clamp(min=1e-30)).sum()))
+    root = singular[:rank].sqrt() / (alpha / rank) ** 0.5
+    return LoraWeights((root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float())
+
+
+class GlobalState:
+    """Adapters per holder, merged updates, and the aggregation that moves them forward.
+
+    `base` is the server's frozen model (its weights are shared with every party's copy, so a
+    merge is seen by all); `ranks` the adapted modules at the configured rank.
+    """
+
+    def __init__(self, base: PreTrainedModel, modules: list[str], *, rank: int, alpha: float, seed: int,
+                 aggregator: Aggregator) -> None:
+        self.base = base
+        self.ranks = {name: rank for name in modules}
+        self.alpha = alpha
+        self.seed = seed
+        self.aggregator = aggregator
+        self.global_adapters = initial_adapters(base, self.ranks, alpha, seed)
+        self._initial_by_rank = {rank: self.global_adapters}
+        self.holder_state: dict[str, AdapterSet] = defaultdict(dict)
+        self.last_weights: dict[str, dict[str, float]] = {}  # module -> holder -> p_h of the last aggregation
+        self.merged: dict[str, torch.Tensor] = {}  # sum of deltas merged into each frozen weight
+
+    def start_state(self, holder: str, ranks: Mapping[str, int]) -> AdapterSet:
+        """What `holder` starts the round with: its aggregated adapters, else the initial ones."""
+        state = self.holder_state.get(holder, {})
+        start = {}
+        for name, rank in ranks.items():
+            if name in state and state[name].rank == rank:
+                start[name] = state[name]
+            elif self.global_adapters[name].rank == rank:
+                start[name] = self.global_adapters[name]
+            else:
+                if rank not in self._initial_by_rank:
+                    self._initial_by_rank[rank] = initial_adapters(
+                        self.base, {n: rank for n in self.ranks}, self.alpha, self.seed)
+                start[name] = self._initial_by_rank[rank][name]
+        return start
+
+    def aggregate(self, copies: Mapping[str, list[AdapterCopy]]) -> list[str]:
+        """Next round's adapters per holder; a poisoned copy is dropped (and reported), the others count."""
+        rejected = []
+        for name, module_copies in copies.items():
+            good = []
+            for candidate in module_copies:
+                try:
+                    check_copy(name, candidate)
+                    good.append(candidate)
+                except AggregationError as error:
+                    log.warning("dropping an adapter upload: %s", error)
+                    rejected.append(str(error))
+            if not good:
+                continue
+            result = self.aggregator.aggregate(name, good)
+            if result.base_delta is not None:
+                self.merge(name, result.base_delta)
+            for holder, weights in result.adapters.items():
+                self.holder_state[holder][name] = weights
+            self.last_weights[name] = dict(zip((c.holder for c in good), token_weights(good)))
+            if self.aggregator.shared_adapter:
+                self.global_adapters[name] = next(iter(result.adapters.values()))
+        return rejected
+
+    def merge(self, name: str, delta: torch.Tensor) -> None:
+        """W += delta (d_out, d_in) in the shared frozen weight, so every holder sees it."""
+        module = self.base.get_submodule(name)
+        with torch.no_grad():
+            if lora.is_fan_in_fan_out(self.base):  # GPT-2 Conv1D stores (d_in, d_out)
+                module.weight.add_(delta.T)
+            else:
+                module.weight.add_(delta)
+        self.merged[name] = self.merged[name] + delta if name in self.merged else delta.clone()
+
+    def global_delta(self, name: str) -> torch.Tensor | None:
+        """The global model's adapter update of `name` beyond what is merged: sum_h p_h s_h B_h A_h."""
+        weights = self.last_weights.get(name)
+        if not weights:
+            return None
+        total = torch.zeros(())
+        for holder, p in weights.items():
+            adapter = self.holder_state[holder][name]
+            total = total + p * (self.alpha / adapter.rank) * (adapter.B @ adapter.A)
+        return total
+
+    def homogeneous(self) -> bool:
+        """One shared adapter per module and nothing merged: the global model is base + LoRA."""
+        return self.aggregator.shared_adapter and not self.merged
+
+    def global_model(self) -> torch.nn.Module:
+        """The current global model: base (with merged updates) + the global adapter updates.
+
+        Homogeneous: the base with peft LoRA layers holding the global adapters; otherwise a copy
+        whose frozen weights include the dense global updates.
+        """
+        if self.homogeneous():
+            model = lora.inject(share_frozen_copy(self.base), self.ranks, self.alpha)
+            lora.write_adapters(model, self.global_adapters)
+        else:
+            model = copy.deepcopy(self.base)
+            with torch.no_grad():
+                for name in self.ranks:
+                    delta = self.global_delta(name)
+                    if delta is not None:
+                        weight = model.get_submodule(name).weight
+                        weight.add_(delta.T if lora.is_fan_in_fan_out(model) else delta)
+        model.eval()
+        return model
+
+    def export(self, path: Path, merged: bool = False) -> None:
+        """Write the global model as a PEFT adapter folder relative to the original base weights.
+
+        Heterogeneous or merged updates are factorised exactly: delta = U S V^T at its numerical
+        rank, B = U sqrt(S) / sqrt(s), A = sqrt(S) V^T / sqrt(s) with s = alpha / rank.
+        """
+        if self.homogeneous():
+            lora.export_peft(self.base, self.global_adapters, self.alpha, path, merged=merged)
+            return
+        original = copy.deepcopy(self.base)
+        factors = {}
+        with torch.no_grad():
+            for name in self.ranks:
+                delta = self.global_delta(name)
+                merged_delta = self.merged.get(name)
+                if merged_delta is not None:
+                    weight = original.get_submodule(name).weight
+                    weight.sub_(merged_delta.T if lora.is_fan_in_fan_out(original) else merged_delta)
+                parts = [t for t in (merged_delta, delta) if t is not None]
+                if parts:
+                    factors[name] = factorise(sum(parts[1:], parts[0]), self.alpha)
+        if not factors:
+            factors = dict(self.global_adapters)
+        lora.export_peft(original, factors, self.alpha, path, merged=merged)

@@ -1,0 +1,191 @@
+"""HSplitLoRA's configuration loop: IWI probe -> smoothed scores -> a planner -> (k_i, ranks_i).
+
+Planners are named policies behind one interface (`Planner`), chosen by `hsplit.planner`:
+
+- `fixed`: every device at `placement.split_layer`, `lora.rank` on every adapted module; no
+  budgets, no probe (the plain SplitLoRA set-up).
+- `armsc`: ARMSC (`hsplit/armsc.py`): from each device's budget and the IWI scores, the deepest
+  split that fits, then ranks greedily by score per byte. Re-planned when the scores move past
+  `hsplit.replan_threshold` (relative L1) since the current plan.
+- `budget_rank` (HetLoRA): the fixed split, and per device the largest rank of `hsplit.rank_set`
+  whose predicted peak fits its budget, on every adapted module.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from transformers import PreTrainedModel
+
+from splitpeft.config import ExperimentConfig
+from splitpeft.data.batching import BatchStream, EncodedExample
+from splitpeft.hsplit.armsc import DevicePlan, plan_fleet
+from splitpeft.hsplit.budget import DeviceProfile
+from splitpeft.hsplit.importance import (
+    ImportanceTracker,
+    normalised_scores,
+    probe_importance,
+    relative_l1_change,
+)
+from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
+from splitpeft.model.backbone import backbone_of
+
+Plans = dict[str, tuple[int, dict[str, int]]]  # device -> (split layer, {module: rank})
+
+
+def needs_replan(old_scores: Mapping[str, float], new_scores: Mapping[str, float], threshold: float) -> bool:
+    """Re-plan only when the scores moved past `threshold`: ||new - old||_1 / ||old||_1 > threshold."""
+    return relative_l1_change(new_scores, old_scores) > threshold
+
+
+class Planner(Protocol):
+    """Chooses every device's split point and ranks from its budget and the IWI scores."""
+
+    name: ClassVar[str]
+    uses_budgets: ClassVar[bool]  # False: no fleet budgets needed, no plan table
+    uses_scores: ClassVar[bool]   # True: needs IWI probes, and re-plans when they move
+
+    def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]: ...
+
+
+@dataclass
+class PlanOptions:
+    """What every planner's memory model needs besides the budgets."""
+
+    split_layer: int
+    rank: int
+    rank_set: tuple[int, ...]
+    max_split: int | None
+    batch_size: int
+    seq_len: int
+    labels_on_device: bool
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig) -> PlanOptions:
+        return cls(config.placement.split_layer, config.lora.rank, tuple(config.hsplit.rank_set),
+                   config.hsplit.max_split, config.federation.batch_size, config.data.max_length,
+                   config.placement.labels_on_device)
+
+    def memory(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "labels_on_device": self.labels_on_device}
+
+
+@dataclass
+class FixedPlanner:
+    options: PlanOptions
+    name: ClassVar[str] = "fixed"
+    uses_budgets: ClassVar[bool] = False
+    uses_scores: ClassVar[bool] = False
+
+    def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
+        k = self.options.split_layer
+        ranks = {name: self.options.rank for name in shapes.modules_before(k)}
+        peak = predict_peak_bytes(shapes, k, ranks, **self.options.memory())
+        return [DevicePlan(p.name, k, dict(ranks), peak, 0.0, p.memory_bytes) for p in profiles]
+
+
+@dataclass
+class ArmscPlanner:
+    options: PlanOptions
+    name: ClassVar[str] = "armsc"
+    uses_budgets: ClassVar[bool] = True
+    uses_scores: ClassVar[bool] = True
+
+    def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
+        return plan_fleet(profiles, shapes, scores, rank_set=self.options.rank_set, max_split=self.options.max_split,
+                          **self.options.memory())
+
+
+@dataclass
+class BudgetRankPlanner:
+    options: PlanOptions
+    name: ClassVar[str] = "budget_rank"
+    uses_budgets: ClassVar[bool] = True
+    uses_scores: ClassVar[bool] = False
+
+    def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
+        return [self._plan(profile, shapes) for profile in profiles]
+
+    def _plan(self, profile: DeviceProfile, shapes: ModelShapes) -> DevicePlan:
+        k = self.options.split_layer
+        modules = shapes.modules_before(k)
+        for rank in sorted((r for r in self.options.rank_set if r > 0), reverse=True):
+            ranks = {name: rank for name in modules}
+            peak = predict_peak_bytes(shapes, k, ranks, **self.options.memory())
+            if peak <= profile.memory_bytes:
+                return DevicePlan(profile.name, k, ranks, peak, 0.0, profile.memory_bytes)
+        raise ValueError(f"{profile.name}: a budget of {profile.memory_bytes} bytes fits no rank at split {k}")
+
+
+PLANNERS: dict[str, type[FixedPlanner] | type[ArmscPlanner] | type[BudgetRankPlanner]] = {
+    cls.name: cls for cls in (FixedPlanner, ArmscPlanner, BudgetRankPlanner)
+}
+
+
+def make_planner(config: ExperimentConfig) -> Planner:
+    name = config.hsplit.planner
+    if name not in PLANNERS:
+        raise ValueError(f"unknown hsplit.planner {name!r}; choose from {', '.join(PLANNERS)}")
+    return PLANNERS[name](PlanOptions.from_config(config))
+
+
+class Planning:
+    """The loop around a planner: probe IWI scores, plan, and re-plan when they move.
+
+    `model` is the frozen base the probe measures; `train` the examples it draws batches from
+    (never the held-out ones).
+    """
+
+    def __init__(self, planner: Planner, config: ExperimentConfig, model: PreTrainedModel,
+                 profiles: Sequence[DeviceProfile], train: list[EncodedExample], pad_id: int) -> None:
+        self.planner = planner
+        self.config = config
+        self.model = model
+        self.profiles = list(profiles)
+        targets = config.lora.target_modules or list(backbone_of(model).default_target_modules)
+        self.shapes = ModelShapes.from_model(model, targets)
+        self.tracker = ImportanceTracker()
+        self.probe_stream = BatchStream(train, config.federation.batch_size, pad_id, config.seed + 10_000)
+        self.plans: list[DevicePlan] = []
+        self.planned_scores: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+
+    def probe(self, round_index: int) -> dict[str, float]:
+        """One IWI probe folded into the tracker; returns the resource-normalised scores."""
+        batches = [self.probe_stream.next() for _ in range(self.config.hsplit.probe_batches)]
+        raw = probe_importance(self.model, backbone_of(self.model), batches, sorted(self.shapes.modules))
+        shapes = {name: self.shapes.modules[name] for name in raw}
+        self.tracker.update(normalised_scores(raw, shapes, self.config.lora.rank))
+        self.history.append({"round": round_index, "scores": dict(self.tracker.scores)})
+        return dict(self.tracker.scores)
+
+    def plan(self, round_index: int = 0) -> Plans:
+        scores = self.probe(round_index) if self.planner.uses_scores else {}
+        self.plans = self.planner.plan(self.profiles, self.shapes, scores)
+        self.planned_scores = scores
+        return {p.device: (p.split_layer, dict(p.ranks)) for p in self.plans}
+
+    def update(self, round_index: int) -> Plans | None:
+        """Re-probe; new plans when the scores moved past `hsplit.replan_threshold`, else None."""
+        if not self.planner.uses_scores:
+            return None
+        scores = self.probe(round_index)
+        if not needs_replan(self.planned_scores, scores, self.config.hsplit.replan_threshold):
+            return None
+        return self.plan(round_index)
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows = []
+        for plan in self.plans:
+            histogram: dict[int, int] = defaultdict(int)
+            for rank in plan.ranks.values():
+                histogram[rank] += 1
+            rows.append({
+                "device": plan.device, "budget_bytes": plan.budget_bytes, "split_layer": plan.split_layer,
+                "adapted_modules": len(plan.ranks), "ranks": dict(sorted(histogram.items())),
+                "predicted_peak_bytes": plan.predicted_peak_bytes, "flops_per_step": plan.flops_per_step,
+            })
+        return rows

@@ -1,0 +1,190 @@
+"""LoRA adapters: per-module ranks, injection with peft, reading/writing A and B, PEFT export.
+
+A LoRA branch on a linear layer computes `x -> W x + (alpha / r) B A x` with
+A: (r, d_in), B: (d_out, r), B zero-initialised. Modules are named by their full path in the
+base model (e.g. "model.layers.3.self_attn.q_proj"); a rank map {module name: r} says which
+modules of a party carry adapters (rank 0 = none). Injection and export use peft
+(`inject_adapter_in_model`, `get_peft_model` with `rank_pattern`); only moving A/B between
+parties and serialising them is ours.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from peft import LoraConfig, get_peft_model, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import PreTrainedModel
+
+from splitpeft.model.backbone import Backbone, share_frozen_copy
+from splitpeft.storage import atomic_folder
+
+ADAPTER_NAME = "default"
+
+
+class AdapterError(ValueError):
+    """Adapter weights or rank maps that do not fit the model."""
+
+
+class LoraWeights(NamedTuple):
+    """One module's adapter: A (r, d_in), B (d_out, r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self, scale: float) -> torch.Tensor:
+        """The dense update scale * B A, shape (d_out, d_in)."""
+        return scale * (self.B @ self.A)
+
+
+AdapterSet = dict[str, LoraWeights]
+
+
+def target_module_names(backbone: Backbone, targets: Iterable[str], blocks: Iterable[int]) -> list[str]:
+    """Full names of the linears in `blocks` whose last name component is in `targets`."""
+    wanted = set(targets)
+    prefixes = tuple(backbone.block_prefix(j) for j in blocks)
+    names = [
+        name
+        for name, module in backbone.model.named_modules()
+        if name.startswith(prefixes) and name.rsplit(".", 1)[-1] in wanted
+        and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+    ]
+    return names
+
+
+def lora_config(ranks: Mapping[str, int], alpha: float, dropout: float, fan_in_fan_out: bool) -> LoraConfig:
+    """A peft LoraConfig targeting exactly the modules of `ranks` with r > 0, at those ranks."""
+    active = {name: r for name, r in ranks.items() if r > 0}
+    if not active:
+        raise AdapterError("no module has a rank above 0: nothing to adapt")
+    default_rank = max(active.values())
+    return LoraConfig(
+        r=default_rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=sorted(active),
+        rank_pattern={re.escape(name): r for name, r in active.items() if r != default_rank},
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+    )
+
+
+def is_fan_in_fan_out(model: PreTrainedModel) -> bool:
+    """GPT-2 stores its linears as Conv1D (weight shape (d_in, d_out))."""
+    return model.config.model_type == "gpt2"
+
+
+def inject(model: PreTrainedModel, ranks: Mapping[str, int], alpha: float, dropout: float = 0.0) -> PreTrainedModel:
+    """Add LoRA branches to `model` in place (peft), for the modules and ranks in `ranks`."""
+    unknown = set(ranks) - {name for name, _ in model.named_modules()}
+    if unknown:
+        raise AdapterError(f"no such modules in the model: {sorted(unknown)[:5]}")
+    if any(r > 0 for r in ranks.values()):
+        inject_adapter_in_model(lora_config(ranks, alpha, dropout, is_fan_in_fan_out(model)), model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(".lora_" in name)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Module name -> peft LoRA layer, for every adapted module of `model`."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            layers[name.removeprefix("base_model.model.")] = module
+    return layers
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in lora_layers(model).values() for p in _ab(layer)]
+
+
+def _ab(layer: LoraLayer) -> tuple[nn.Parameter, nn.Parameter]:
+    return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+
+
+def read_adapters(model: nn.Module, names: Iterable[str] | None = None) -> AdapterSet:
+    """Detached copies of A and B for every adapted module (or only `names`)."""
+    layers = lora_layers(model)
+    selected = layers if names is None else {n: layers[n] for n in names}
+    return {name: LoraWeights(*(p.detach().clone() for p in _ab(layer))) for name, layer in selected.items()}
+
+
+def write_adapters(model: nn.Module, weights: Mapping[str, LoraWeights]) -> None:
+    """Copy A and B into the model's adapters; names and shapes must match exactly."""
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name not in layers:
+                raise AdapterError(f"module {name!r} has no adapter in this model")
+            a, b = _ab(layers[name])
+            if value.A.shape != a.shape or value.B.shape != b.shape:
+                raise AdapterError(
+                    f"{name}: adapter shapes A{tuple(value.A.shape)} B{tuple(value.B.shape)} do not "
+                    f"match the model's A{tuple(a.shape)} B{tuple(b.shape)}"
+                )
+            a.copy_(value.A)
+            b.copy_(value.B)
+
+
+def scaling(model: nn.Module) -> dict[str, float]:
+    """alpha / r per adapted module, as peft applies it."""
+    return {name: float(layer.scaling[ADAPTER_NAME]) for name, layer in lora_layers(model).items()}
+
+
+def to_tensors(weights: Mapping[str, LoraWeights]) -> dict[str, torch.Tensor]:
+    """Flatten to the names used on the wire: "<module>.A" / "<module>.B"."""
+    flat = {}
+    for name, value in weights.items():
+        flat[f"{name}.A"] = value.A
+        flat[f"{name}.B"] = value.B
+    return flat
+
+
+def from_tensors(tensors: Mapping[str, torch.Tensor]) -> AdapterSet:
+    """Inverse of `to_tensors`; every module needs both A and B of matching rank."""
+    modules = {key.rsplit(".", 1)[0] for key in tensors}
+    weights = {}
+    for name in modules:
+        a, b = tensors.get(f"{name}.A"), tensors.get(f"{name}.B")
+        if a is None or b is None:
+            raise AdapterError(f"adapter {name!r} lacks its A or B matrix")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"adapter {name!r}: A{tuple(a.shape)} and B{tuple(b.shape)} do not form a LoRA pair")
+        weights[name] = LoraWeights(a, b)
+    return weights
+
+
+def export_peft(
+    base: PreTrainedModel,
+    weights: Mapping[str, LoraWeights],
+    alpha: float,
+    path: Path,
+    *,
+    merged: bool = False,
+) -> None:
+    """Write a standard PEFT adapter folder (and optionally merged full weights under merged/).
+
+    The folder is written to a temporary sibling and renamed into place, so a crash never leaves
+    an adapter folder that looks complete.
+    """
+    model = get_peft_model(
+        copy.deepcopy(base) if merged else share_frozen_copy(base),
+        lora_config({n: w.rank for n, w in weights.items()}, alpha, 0.0, is_fan_in_fan_out(base)),
+    )
+    write_adapters(model, weights)
+    with atomic_folder(Path(path)) as staging:
+        model.save_pretrained(staging)
+        if merged:
+            model.merge_and_unload().save_pretrained(staging / "merged")

@@ -1,0 +1,150 @@
+"""TODO-DOC from models.py"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers import (
+    PreTrainedModel,
+)
+from transformers.masking_utils import create_causal_mask
+
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+
+
+SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "gpt2")
+
+
+class ModelError(ValueError):
+    """A model name, folder or architecture that splitpeft cannot load."""
+
+
+# --------------------------------------------------------------------------- backbones
+
+
+class Backbone(Protocol):
+    """Family-specific access to a causal LM's embedding, blocks and head."""
+
+    model: PreTrainedModel
+    num_blocks: int
+    default_target_modules: tuple[str, ...]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def blocks(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor: ...
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def block_prefix(self, index: int) -> str: ...
+
+    def head_modules(self) -> list[nn.Module]: ...
+
+
+def _positions(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
+
+
+@dataclass
+class LlamaBackbone:
+    """LLaMA, Qwen2, Mistral, SmolLM: `model.embed_tokens`, `model.layers`, `model.norm`, `lm_head`."""
+
+    model: PreTrainedModel
+    default_target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.model.layers)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(input_ids)  # (B, T, d)
+
+    def blocks(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        if start >= end:
+            return hidden
+        inner = self.model.model
+        positions = _positions(hidden)
+        # Rotary tables and the causal mask depend only on positions, so either side can rebuild
+        # them locally: nothing but the hidden states has to cross the cut.
+        rotary = inner.rotary_emb(hidden, position_ids=positions)
+        mask = create_causal_mask(
+            config=self.model.config, inputs_embeds=hidden, attention_mask=None,
+            past_key_values=None, position_ids=positions,
+        )
+        for layer in inner.layers[start:end]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(hidden))  # (B, T, V)
+
+    def block_prefix(self, index: int) -> str:
+        return f"model.layers.{index}."
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.model.model.norm, self.model.lm_head]
+
+
+@dataclass
+class GPT2Backbone:
+    """GPT-2: `transformer.wte` + `transformer.wpe`, `transformer.h`, `transformer.ln_f`, `lm_head`."""
+
+    model: PreTrainedModel
+    default_target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.transformer.h)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        inner = self.model.transformer
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return inner.drop(inner.wte(input_ids) + inner.wpe(positions))  # (B, T, d)
+
+    def blocks(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        if start >= end:
+            return hidden
+        positions = _positions(hidden)
+        mask = create_causal_mask(
+            config=self.model.config, inputs_embeds=hidden, attention_mask=None,
+            past_key_values=None, position_ids=positions,
+        )
+        for block in self.model.transformer.h[start:end]:
+            hidden = block(hidden, None, mask, position_ids=positions)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.transformer.ln_f(hidden))
+
+    def block_prefix(self, index: int) -> str:
+        return f"transformer.h.{index}."
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.model.transformer.ln_f, self.model.lm_head]
+
+
+def backbone_of(model: PreTrainedModel) -> Backbone:
+    """The backbone view for `model`; raises ModelError for an unsupported architecture."""
+    model_type = model.config.model_type
+    if model_type in LLAMA_FAMILY:
+        return LlamaBackbone(model)
+    if model_type == "gpt2":
+        return GPT2Backbone(model)
+    raise ModelError(
+        f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def share_frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A structural copy of `model` whose parameters are the *same* tensors (no memory cost).
+
+    Every party (each device, each server session) gets its own copy to inject its own adapters
+    into, while the frozen base weights exist once in memory.
+    """
+    memo = {id(p): p for p in model.parameters()}
+    return copy.deepcopy(model, memo)

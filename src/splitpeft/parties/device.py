@@ -1,0 +1,173 @@
+"""A device: its private data, its part of the model (a `Party`), and its local training phase."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from splitpeft.config import KillReviveConfig
+from splitpeft.data.batching import BatchStream
+from splitpeft.dlora.killrevive import KillRevive
+from splitpeft.model.adapters import (
+    ADAPTER_NAME,
+    LoraWeights,
+    lora_layers,
+    read_adapters,
+)
+from splitpeft.parties.meter import DeviceMeter
+from splitpeft.parties.party import Party
+from splitpeft.placements.base import Placement
+from splitpeft.transport.channel import Channel
+from splitpeft.transport.messages import Kind, Message, Meta
+
+
+@dataclass
+class LocalPhase:
+    """What one device did in one round."""
+
+    losses: list[float] = field(default_factory=list)
+    step_flops: list[int] = field(default_factory=list)
+    step_bytes_up: list[int] = field(default_factory=list)      # split traffic of each step
+    step_bytes_down: list[int] = field(default_factory=list)
+    tokens: int = 0
+    wall_s: float = 0.0
+
+
+class DeviceRuntime(Party):
+    """Device `device_id` running `placement` with blocks [0, split_layer) (or all, centralized)."""
+
+    def __init__(
+        self,
+        device_id: str,
+        base: PreTrainedModel,
+        placement: Placement,
+        split_layer: int,
+        ranks: Mapping[str, int],
+        data: BatchStream,
+        *,
+        alpha: float,
+        dropout: float,
+        lr: float,
+        count_flops: bool = True,
+    ) -> None:
+        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr)
+        self.device_id = device_id
+        self.placement = placement
+        self.split_layer = split_layer
+        self.data = data
+        self.meter = DeviceMeter(count_flops)
+        blocks = placement.device_blocks(self.backbone.num_blocks, split_layer)
+        self._held = self._held_weights(blocks if placement.device_holds_blocks() else range(0))
+        self.killed: set[str] = set()
+        self.kill_revive: KillRevive | None = None
+        self.measure_killed = False
+        self.grad_norms: dict[str, float] = {}
+        self._before: dict[str, LoraWeights] = {}
+
+    def _held_weights(self, blocks: range) -> list[torch.Tensor]:
+        """Frozen tensors this device must hold: embedding, its blocks, and the head if it keeps it."""
+        backbone = self.backbone
+        held = [p for p in backbone.model.get_input_embeddings().parameters()]
+        for name, parameter in backbone.model.named_parameters():
+            if any(name.startswith(backbone.block_prefix(j)) for j in blocks) and ".lora_" not in name:
+                held.append(parameter)
+        if self.placement.device_keeps_head():
+            held += [p for module in backbone.head_modules() for p in module.parameters()]
+        for name, parameter in backbone.model.named_parameters():
+            if "wpe" in name:  # GPT-2 position embeddings live with the token embedding
+                held.append(parameter)
+        return held
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """Tensors the device holds across steps: frozen weights, adapters, optimiser state."""
+        return self._held + self.parameters + self.optimizer_state_tensors()
+
+    def gradient_bytes(self) -> int:
+        """Bytes of the gradients a step allocates (one per trainable adapter parameter)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters if p.requires_grad)
+
+    # ------------------------------------------------------------------ kill and revive
+
+    def attach_kill_revive(self, settings: KillReviveConfig, seed: int) -> None:
+        self.kill_revive = KillRevive(settings, self.modules, seed=seed)
+
+    def set_trainable(self, names: Iterable[str], trainable: bool) -> None:
+        layers = lora_layers(self.model)
+        for name in names:
+            layer = layers[name]
+            layer.lora_A[ADAPTER_NAME].weight.requires_grad_(trainable)
+            layer.lora_B[ADAPTER_NAME].weight.requires_grad_(trainable)
+
+    def optimizer_step(self) -> None:
+        """Step the active adapters; on a revive step first record every adapter's gradient norm."""
+        if self.kill_revive is not None and self.measure_killed:
+            layers = lora_layers(self.model)
+            norms = {}
+            for name, layer in layers.items():
+                grads = [p.grad for p in (layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight) if p.grad is not None]
+                if grads:
+                    norms[name] = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+            self.grad_norms.update(norms)
+            for name in self.killed:  # measured only: killed adapters stay frozen
+                for p in (layers[name].lora_A[ADAPTER_NAME].weight, layers[name].lora_B[ADAPTER_NAME].weight):
+                    p.grad = None
+        super().optimizer_step()
+
+    def _kill_revive_step(self, channel: Channel) -> None:
+        policy = self.kill_revive
+        assert policy is not None
+        after = read_adapters(self.model, sorted(policy.active))
+        policy.observe(self._before, after)
+        kill, revive = policy.decide(self.grad_norms if self.measure_killed else None)
+        if kill or revive:
+            self.placement.apply_kill_revive(self, channel, kill, revive)
+
+    def local_phase(self, steps: int, channel: Channel) -> LocalPhase:
+        phase = LocalPhase()
+        start = time.perf_counter()
+        policy = self.kill_revive
+        if policy is not None and self.killed:
+            self.placement.apply_kill_revive(self, channel, sorted(self.killed), [])  # re-sync after aggregation
+        for _ in range(steps):
+            batch = self.data.next()
+            if policy is not None:
+                self.measure_killed = policy.wants_killed_gradients()
+                self.grad_norms = {}
+                self._before = read_adapters(self.model, sorted(policy.active))
+                self.set_trainable(self.killed, self.measure_killed and self.placement.killed_run_on_device)
+            self.meter.begin_step(self.resident_tensors(), key=(tuple(batch.input_ids.shape), len(self.killed)),
+                                  extra_bytes=self.gradient_bytes())
+            flops_before, up_before, down_before = self.meter.flops, channel.traffic.bytes_up, channel.traffic.bytes_down
+            phase.losses.append(self.placement.device_step(self, batch, channel))
+            self.meter.end_step()
+            phase.step_flops.append(self.meter.flops - flops_before)
+            phase.step_bytes_up.append(channel.traffic.bytes_up - up_before)
+            phase.step_bytes_down.append(channel.traffic.bytes_down - down_before)
+            phase.tokens += batch.completion_tokens
+            if policy is not None:
+                self.set_trainable(self.killed, False)
+                self._kill_revive_step(channel)
+        phase.wall_s = time.perf_counter() - start
+        return phase
+
+    def open_session(self, channel: Channel) -> None:
+        """Tell the server this device's split; the server builds its half for it."""
+        if self.placement.uses_server():
+            channel.exchange(
+                Message(Kind.OPEN_SESSION, meta={
+                    Meta.PLACEMENT: self.placement.name,
+                    Meta.SPLIT_LAYER: self.split_layer,
+                    Meta.LABELS_ON_DEVICE: self.placement.device_keeps_head(),
+                    Meta.RANKS: {name: layer.r[ADAPTER_NAME] for name, layer in lora_layers(self.model).items()},
+                })
+            ).expect(Kind.SESSION_READY)
+
+
+    def close_session(self, channel: Channel) -> None:
+        """Tell the server the local phase is over (a stream that ends without this is a lost device)."""
+        if self.placement.uses_server():
+            channel.exchange(Message(Kind.CLOSE_SESSION)).expect(Kind.SESSION_CLOSED)

@@ -1,0 +1,78 @@
+"""A party is one holder of adapters: a device, or the server's session for one device.
+
+Every party has its own structural copy of the base model (the frozen weights are shared, not
+copied), its own LoRA branches on the modules it runs, and its own optimiser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from transformers import PreTrainedModel
+
+from splitpeft.model.adapters import (
+    ADAPTER_NAME,
+    AdapterSet,
+    LoraWeights,
+    inject,
+    lora_layers,
+    lora_parameters,
+    read_adapters,
+    write_adapters,
+)
+from splitpeft.model.backbone import backbone_of, share_frozen_copy
+
+
+class Party:
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        ranks: Mapping[str, int],
+        *,
+        alpha: float,
+        dropout: float,
+        lr: float,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.alpha = alpha
+        self.model = inject(share_frozen_copy(base), ranks, alpha, dropout)
+        self.backbone = backbone_of(self.model)
+        self.modules = sorted(lora_layers(self.model))
+        self.ranks = {name: rank for name, rank in ranks.items() if rank > 0}
+        self.parameters = lora_parameters(self.model)
+        self.optimizer = (
+            torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay) if self.parameters else None
+        )
+        self.model.train()
+
+    def load(self, adapters: Mapping[str, LoraWeights]) -> None:
+        """Load this party's modules from a larger set of adapters (e.g. the global state).
+
+        An adapter arriving with B == 0 starts from its initialisation (noise-free aggregation
+        merged the previous one into the frozen weight): its AdamW moments described the old
+        adapter, so they are dropped rather than applied to the new one.
+        """
+        incoming = {name: adapters[name] for name in self.modules}
+        write_adapters(self.model, incoming)
+        if self.optimizer is None:
+            return
+        layers = lora_layers(self.model)
+        for name, weights in incoming.items():
+            if not bool(weights.B.any()):
+                layer = layers[name]
+                for parameter in (layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight):
+                    self.optimizer.state.pop(parameter, None)
+
+    def adapters(self) -> AdapterSet:
+        return read_adapters(self.model)
+
+    def optimizer_step(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state_tensors(self) -> list[torch.Tensor]:
+        if self.optimizer is None:
+            return []
+        return [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]

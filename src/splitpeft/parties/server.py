@@ -1,0 +1,140 @@
+"""The server: the frozen model, one session per device (its half of the split, its own
+server-side adapters), and message dispatch that keeps serving others when one device misbehaves.
+
+The server knows placements only through their interface (`placements/base.py`): a session's
+placement answers each message (`server_step`), sets up what it needs when the session opens
+(`open_server_session`) and drops a half-done step when a device sends garbage (`abort`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from splitpeft.model.adapters import AdapterError, AdapterSet
+from splitpeft.model.loss import IGNORE_INDEX
+from splitpeft.parties.party import Party
+from splitpeft.placements.base import Placement
+from splitpeft.placements.registry import make_placement
+from splitpeft.transport.messages import (
+    Kind,
+    Message,
+    MessageError,
+    Meta,
+    error_message,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ServerSession(Party):
+    """The server's half for one device: blocks [split_layer, L) (+ head) with their adapters."""
+
+    def __init__(self, device_id: str, base: PreTrainedModel, placement: Placement, split_layer: int,
+                 ranks: Mapping[str, int], *, alpha: float, dropout: float, lr: float) -> None:
+        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr)
+        self.device_id = device_id
+        self.placement = placement
+        self.split_layer = split_layer
+        config = self.model.config
+        self.hidden_size = int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd)
+        self.vocab_size = int(config.vocab_size)
+        self.step_state: Any = None  # the placement's state between the messages of one step
+        self.tokens = 0
+
+    def check_labels(self, labels: torch.Tensor) -> None:
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.vocab_size))
+        if bool(bad.any()):
+            raise MessageError(f"labels outside the vocabulary (0..{self.vocab_size - 1}) or {IGNORE_INDEX}")
+
+    def optimizer_step(self, tokens: int | None = None) -> None:
+        """Step the session's adapters; `tokens` (counted by the server) adds to its weight."""
+        if tokens is not None:
+            self.tokens += tokens
+        super().optimizer_step()
+
+
+class SplitServer:
+    """Serves every device's split traffic through `handle(device_id, message)`.
+
+    `server_ranks(blocks)` gives the server-side rank map of the adapted modules in `blocks`;
+    `start_state(holder, ranks)` the adapters a holder starts the round with (the federation's
+    global state).
+    """
+
+    def __init__(self, base: PreTrainedModel, server_ranks: Callable[[range], Mapping[str, int]],
+                 start_state: Callable[[str, dict[str, int]], AdapterSet], *,
+                 alpha: float, dropout: float, lr: float, num_blocks: int) -> None:
+        self.base = base
+        self.server_ranks = server_ranks
+        self.start_state = start_state
+        self.alpha, self.dropout, self.lr = alpha, dropout, lr
+        self.num_blocks = num_blocks
+        self.sessions: dict[str, ServerSession] = {}
+        self.rejected: list[tuple[str, str]] = []
+        self.opened: set[str] = set()  # devices that opened a session this round
+
+    def begin_round(self) -> None:
+        """A new round: no session has trained yet."""
+        self.opened.clear()
+
+    def handle(self, device_id: str, message: Message) -> Message:
+        try:
+            if message.kind == Kind.OPEN_SESSION:
+                return self._open(device_id, message)
+            session = self.sessions.get(device_id)
+            if session is None:
+                raise MessageError(f"device {device_id!r} has no open session")
+            if message.kind == Kind.CLOSE_SESSION:
+                return Message(Kind.SESSION_CLOSED, meta={Meta.TOKENS: session.tokens})
+            return session.placement.server_step(session, message)
+        except (MessageError, AdapterError, ValueError) as error:
+            self.reject(device_id, error)
+            return error_message(str(error))
+
+    def _open(self, device_id: str, message: Message) -> Message:
+        meta = message.meta
+        split_layer = meta.get(Meta.SPLIT_LAYER)
+        if not isinstance(split_layer, int) or not 0 <= split_layer <= self.num_blocks:
+            raise MessageError(f"split_layer {split_layer!r} is out of range 0..{self.num_blocks}")
+        placement = make_placement(str(meta.get(Meta.PLACEMENT)), labels_on_device=bool(meta.get(Meta.LABELS_ON_DEVICE)))
+        existing = self.sessions.get(device_id)
+        if existing is None or existing.split_layer != split_layer or existing.placement != placement:
+            session = ServerSession(
+                device_id, self.base, placement, split_layer,
+                self.server_ranks(placement.server_blocks(self.num_blocks, split_layer)),
+                alpha=self.alpha, dropout=self.dropout, lr=self.lr,
+            )
+            placement.open_server_session(session, meta, self.server_ranks(range(self.num_blocks)))
+            self.sessions[device_id] = session
+        session = self.sessions[device_id]
+        session.load(self.start_state(f"server/{device_id}", session.ranks))
+        session.tokens = 0
+        self.opened.add(device_id)
+        return Message(Kind.SESSION_READY, meta={Meta.SPLIT_LAYER: split_layer})
+
+    def reject(self, device_id: str, error: Exception) -> None:
+        """A message from `device_id` was refused: log it and drop its half-done step."""
+        log.warning("rejected a message from %s: %s", device_id, error)
+        self.rejected.append((device_id, str(error)))
+        self.reset_session(device_id)
+
+    def reset_session(self, device_id: str) -> None:
+        """Forget `device_id`'s half-done step (a bad message, or a lost device); its session
+        reloads at its next OPEN_SESSION."""
+        session = self.sessions.get(device_id)
+        if session is None:
+            return
+        session.placement.abort(session)
+        if session.optimizer is not None:
+            session.optimizer.zero_grad(set_to_none=True)
+
+    def session_copies(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, AdapterSet, int]]:
+        """(holder, adapters, tokens trained this round) for every session opened this round and
+        not in `exclude` (a device not selected this round keeps its session, idle)."""
+        return [(f"server/{d}", s.adapters(), s.tokens) for d, s in sorted(self.sessions.items())
+                if s.modules and d in self.opened and d not in exclude]

@@ -1,0 +1,115 @@
+"""Placements: which part of the model runs where, and the per-batch protocol between the parts.
+
+A placement is a named object (`Placement`) with one verb per side of the channel:
+
+- `device_step(device, batch, channel)`: one training step on a device, talking to the server
+  only through `channel.exchange`; returns the loss.
+- `server_step(session, message)`: the server's reply to one message of that step.
+
+and two hooks the server calls so that it knows nothing of any placement's internals:
+`open_server_session` (after it builds a device's session) and `abort` (a device sent garbage
+mid-step: drop the half-done step).
+
+Both verbs are typed against the narrow `DeviceSide` / `ServerSide` protocols below, not the
+concrete parties, so placements and parties do not import each other.
+
+The placements: `split` and its U-shaped variant (`placements/split.py`), `centralized`
+(`placements/centralized.py`), `dlora` (`dlora/placement.py`); by name in `placements/registry.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any, Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from splitpeft.data.batching import Batch
+from splitpeft.model.backbone import Backbone
+from splitpeft.parties.meter import DeviceMeter
+from splitpeft.transport.channel import Channel
+from splitpeft.transport.messages import Message
+
+
+class DeviceSide(Protocol):
+    """What a placement uses of a device: its model part, meter, and adapter switches."""
+
+    device_id: str
+    model: PreTrainedModel
+    backbone: Backbone
+    meter: DeviceMeter
+    split_layer: int
+    killed: set[str]
+    measure_killed: bool          # this step also measures killed adapters' gradient norms
+    grad_norms: dict[str, float]  # measured gradient norms of this step (Kill and Revive)
+
+    def optimizer_step(self) -> None: ...
+
+    def set_trainable(self, names: Iterable[str], trainable: bool) -> None: ...
+
+
+class ServerSide(Protocol):
+    """What a placement uses of the server's session for one device."""
+
+    device_id: str
+    model: PreTrainedModel
+    backbone: Backbone
+    split_layer: int
+    hidden_size: int
+    alpha: float          # LoRA alpha of the run (branch scale alpha / r)
+    tokens: int           # completion tokens this session trained on (counted by the server)
+    step_state: Any       # the placement's own state between messages of one step
+
+    def check_labels(self, labels: torch.Tensor) -> None: ...
+
+    def optimizer_step(self, tokens: int | None = None) -> None: ...
+
+
+class Placement(Protocol):
+    name: str
+    # Killed adapters keep running on the device (their gradients can be measured there);
+    # False where the server computes them (dlora).
+    killed_run_on_device: bool
+
+    def device_blocks(self, num_blocks: int, split_layer: int) -> range:
+        """Blocks whose adapters the device owns."""
+        ...
+
+    def server_blocks(self, num_blocks: int, split_layer: int) -> range:
+        """Blocks whose adapters the server's session for that device trains."""
+        ...
+
+    def device_holds_blocks(self) -> bool:
+        """Whether the device also holds (and runs) those blocks' frozen weights."""
+        ...
+
+    def device_keeps_head(self) -> bool: ...
+
+    def uses_server(self) -> bool: ...
+
+    def device_step(self, device: DeviceSide, batch: Batch, channel: Channel) -> float: ...
+
+    def apply_kill_revive(self, device: DeviceSide, channel: Channel, kill: list[str], revive: list[str]) -> None:
+        """Freeze `kill` and unfreeze `revive` on the device (and tell the server where needed)."""
+        ...
+
+    def open_server_session(self, session: ServerSide, meta: Mapping[str, Any], adaptable: Collection[str]) -> None:
+        """The server built `session` from an OPEN_SESSION with `meta`; `adaptable` are the
+        model's adaptable linears. Raises MessageError on a bad request."""
+        ...
+
+    def server_step(self, session: ServerSide, message: Message) -> Message: ...
+
+    def abort(self, session: ServerSide) -> None:
+        """Drop any half-done step of `session` so its next step starts clean."""
+        ...
+
+
+def freeze_locally(device: DeviceSide, kill: list[str], revive: list[str]) -> None:
+    """Killed adapters keep computing their (frozen) branch on the device: no weight gradients,
+    no optimiser update, no upload; revived ones train again. Weights are never reset."""
+    device.killed |= set(kill)
+    device.killed -= set(revive)
+    device.set_trainable(kill, False)
+    device.set_trainable(revive, True)

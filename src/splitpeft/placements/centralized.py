@@ -1,0 +1,56 @@
+"""`centralized` placement (CenLoRA): the whole model on one party, no traffic; the reference
+every other placement must match step for step."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitpeft.data.batching import Batch
+from splitpeft.model.loss import causal_lm_loss
+from splitpeft.placements.base import DeviceSide, ServerSide, freeze_locally
+from splitpeft.transport.channel import Channel
+from splitpeft.transport.messages import Message, MessageError
+
+
+@dataclass
+class CentralizedPlacement:
+    name: str = field(default="centralized", init=False)
+    killed_run_on_device: bool = field(default=True, init=False)
+
+    def device_blocks(self, num_blocks: int, split_layer: int) -> range:
+        return range(0, num_blocks)
+
+    def server_blocks(self, num_blocks: int, split_layer: int) -> range:
+        return range(0)
+
+    def device_holds_blocks(self) -> bool:
+        return True
+
+    def device_keeps_head(self) -> bool:
+        return True
+
+    def uses_server(self) -> bool:
+        return False
+
+    def device_step(self, device: DeviceSide, batch: Batch, channel: Channel) -> float:
+        backbone = device.backbone
+        with device.meter.compute():
+            hidden = backbone.blocks(backbone.embed(batch.input_ids), 0, backbone.num_blocks)  # (B, T, d)
+            loss = causal_lm_loss(backbone.head(hidden), batch.labels)
+            loss.backward()
+            device.optimizer_step()
+        return loss.item()
+
+    def apply_kill_revive(self, device: DeviceSide, channel: Channel, kill: list[str], revive: list[str]) -> None:
+        freeze_locally(device, kill, revive)
+
+    def open_server_session(self, session: ServerSide, meta: Mapping[str, Any], adaptable: Collection[str]) -> None:
+        raise MessageError("the centralized placement has no server traffic")
+
+    def server_step(self, session: ServerSide, message: Message) -> Message:
+        raise MessageError("the centralized placement has no server traffic")
+
+    def abort(self, session: ServerSide) -> None:
+        pass

@@ -1,0 +1,133 @@
+"""`split` placement (HSplitLoRA / SplitLoRA), and its U-shaped variant.
+
+One step, the batch flowing one way (B, T tokens, d hidden)::
+
+    device                                    server
+    embed, blocks [0, k) -- ACTIVATIONS ---->  blocks [k, L), norm, head, loss (labels up too)
+                           hidden (B,T,d), labels (B,T)
+    backward [0, k)    <-- CUT_GRADIENT -----  backward; server adapters step
+                           grad (B,T,d), loss
+
+U-shaped (`labels_on_device`): labels never leave the device::
+
+    embed, blocks [0, k) -- ACTIVATIONS ---->  blocks [k, L)
+    norm, head, loss     <-- FINAL_HIDDEN ---  (B,T,d)
+                         -- HEAD_GRADIENT -->  backward; server adapters step
+    backward [0, k)      <-- CUT_GRADIENT ---
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splitpeft.data.batching import Batch
+from splitpeft.model.loss import IGNORE_INDEX, causal_lm_loss
+from splitpeft.placements.base import DeviceSide, ServerSide, freeze_locally
+from splitpeft.transport.channel import Channel
+from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
+
+
+@dataclass
+class SplitPlacement:
+    """Split learning at block k; `labels_on_device` makes it U-shaped."""
+
+    labels_on_device: bool = False
+    name: str = field(default="split", init=False)
+    killed_run_on_device: bool = field(default=True, init=False)
+
+    def device_blocks(self, num_blocks: int, split_layer: int) -> range:
+        if not 0 <= split_layer <= num_blocks:
+            raise ValueError(f"split_layer {split_layer} is out of range: the model has {num_blocks} blocks (0..{num_blocks})")
+        return range(0, split_layer)
+
+    def server_blocks(self, num_blocks: int, split_layer: int) -> range:
+        return range(split_layer, num_blocks)
+
+    def device_holds_blocks(self) -> bool:
+        return True
+
+    def device_keeps_head(self) -> bool:
+        return self.labels_on_device
+
+    def uses_server(self) -> bool:
+        return True
+
+    # ----------------------------------------------------------------- device side
+
+    def device_step(self, device: DeviceSide, batch: Batch, channel: Channel) -> float:
+        backbone, meter = device.backbone, device.meter
+        with meter.compute():
+            cut = backbone.blocks(backbone.embed(batch.input_ids), 0, device.split_layer)  # (B, T, d)
+        up = {"hidden": cut.detach()}
+        if not self.labels_on_device:
+            # The server computes the loss, so it needs the labels: completion tokens only
+            # (prompt and padding positions are IGNORE_INDEX), never the input ids.
+            up["labels"] = batch.labels.to(torch.int32)
+        reply = channel.exchange(Message(Kind.ACTIVATIONS, up))
+        if self.labels_on_device:
+            reply.expect(Kind.FINAL_HIDDEN)
+            final = reply.tensor("hidden", shape=cut.shape, dtype=cut.dtype).requires_grad_()
+            with meter.compute():
+                loss = causal_lm_loss(backbone.head(final), batch.labels)
+                loss.backward()
+            loss_value = loss.item()
+            assert final.grad is not None  # the head's backward reached it
+            reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": final.grad}, meta={Meta.LOSS: finite(loss_value)}))
+            reply.expect(Kind.CUT_GRADIENT)
+        else:
+            reply.expect(Kind.CUT_GRADIENT)
+            loss_value = float(reply.meta.get(Meta.LOSS, float("nan")))
+        grad = reply.tensor("grad", shape=cut.shape, dtype=cut.dtype)
+        with meter.compute():
+            if cut.requires_grad:
+                cut.backward(grad)
+            device.optimizer_step()
+        return loss_value
+
+    def apply_kill_revive(self, device: DeviceSide, channel: Channel, kill: list[str], revive: list[str]) -> None:
+        freeze_locally(device, kill, revive)
+
+    # ----------------------------------------------------------------- server side
+
+    def open_server_session(self, session: ServerSide, meta: Mapping[str, Any], adaptable: Collection[str]) -> None:
+        session.step_state = None
+
+    def server_step(self, session: ServerSide, message: Message) -> Message:
+        backbone = session.backbone
+        if message.kind == Kind.ACTIVATIONS:
+            hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=torch.float32)
+            hidden = hidden.requires_grad_()
+            labels = None
+            if not self.labels_on_device:  # checked before any compute
+                labels = message.tensor("labels", shape=hidden.shape[:2], dtype=torch.int32).long()
+                session.check_labels(labels)
+            final = backbone.blocks(hidden, session.split_layer, backbone.num_blocks)  # (B, T, d)
+            if labels is None:
+                session.step_state = (hidden, final)  # until the device's HEAD_GRADIENT
+                return Message(Kind.FINAL_HIDDEN, {"hidden": final.detach()})
+            loss = causal_lm_loss(backbone.head(final), labels)
+            loss.backward()
+            session.optimizer_step(tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()))
+            return Message(Kind.CUT_GRADIENT, {"grad": _grad(hidden)}, meta={Meta.LOSS: finite(loss.item())})
+        if message.kind == Kind.HEAD_GRADIENT and self.labels_on_device:
+            if session.step_state is None:
+                raise MessageError("HEAD_GRADIENT without a preceding ACTIVATIONS message")
+            hidden, final = session.step_state
+            session.step_state = None
+            grad = message.tensor("grad", shape=final.shape, dtype=final.dtype)
+            final.backward(grad)
+            session.optimizer_step(tokens=None)
+            return Message(Kind.CUT_GRADIENT, {"grad": _grad(hidden)})
+        raise MessageError(f"unexpected {message.kind.name} message for placement {self.name}")
+
+    def abort(self, session: ServerSide) -> None:
+        session.step_state = None
+
+
+def _grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The gradient backward left on `tensor` (zeros where nothing reached it)."""
+    return tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)

@@ -1,0 +1,430 @@
+"""Split traffic over the network: one gRPC bidirectional stream per device.
+
+Each request and each response is one encoded frame (`messages.encode` bytes, compressed as the
+sender chose); there is no protobuf schema and no code generation: the method
+``/splitpeft.Split/Exchange`` is registered with a generic handler whose (de)serialisers pass the
+bytes through, and `messages.decode` validates them like every other frame.
+
+    device (GrpcChannel)                                   server (GrpcSplitServer)
+    metadata x-device-id, authorization: Bearer <token> -> authenticate once per stream
+    frame ------------------------------------------------> decode, decompress, endpoint.handle
+          <------------------------------------------------ compress, encode the reply
+    ... one reply per frame, in order, until close()
+
+A frame that fails validation gets an ERROR frame naming the defect (and `endpoint.reject` drops
+the device's half-done step); the stream stays open, so the device's next step works. A stream that
+fails authentication is aborted with UNAUTHENTICATED; every other device is served as before.
+
+Training code sees a `Channel` like the in-process one (`exchange`, `traffic`), with the same
+byte counts: a frame's size on the wire is its encoded size (gRPC adds a few bytes of framing per
+message and HTTP/2 headers per stream, which we do not count).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from splitpeft.transport.channel import Direction, Endpoint, Tap, Traffic, send_locally
+from splitpeft.transport.compression import check_mode, compress, decompress
+from splitpeft.transport.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Kind,
+    Message,
+    MessageError,
+    decode,
+    encode,
+    error_message,
+)
+
+log = logging.getLogger(__name__)
+
+
+SERVICE = "splitpeft.Split"
+
+
+METHOD = "Exchange"
+
+
+METHOD_PATH = f"/{SERVICE}/{METHOD}"
+
+
+DEVICE_ID_HEADER = "x-device-id"
+
+
+AUTHORIZATION_HEADER = "authorization"
+
+
+COMPRESSION_HEADER = "x-split-compression"  # the mode the device wants its replies in
+
+
+# gRPC refuses anything this far over the frame limit before buffering it (and ends the stream);
+# frames between the two limits reach `decode`, which answers with an ERROR frame naming the size.
+TRANSPORT_SLACK_BYTES = 1024 * 1024
+
+
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+DEFAULT_DEADLINE_S = 600.0  # one exchange; a dlora step's server half waits as long (dlora.STEP_TIMEOUT_S)
+
+
+class TransportError(ConnectionError):
+    """The stream to the server failed (refused, unreachable, reset or timed out)."""
+
+
+def _identity(frame: bytes) -> bytes:
+    return frame
+
+
+def _grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    limit = min(max_message_bytes + TRANSPORT_SLACK_BYTES, GRPC_MAX_MESSAGE_BYTES)
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        # Long local phases leave the stream idle between rounds: ping so that NATs and proxies
+        # keep it, and so that a dead peer is noticed within keepalive_time + keepalive_timeout.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+class GrpcSplitServer:
+    """Serves `endpoint` (a `SplitServer`) to authenticated devices over gRPC.
+
+    `tokens`: device id -> its secret bearer token. `tls`: (certificate PEM, private key PEM), or
+    None for plaintext (loopback and tests only: tokens then cross in the clear).
+    Requests say their own compression (in each frame). Replies use `compression` if given, else
+    the mode each device asks for when it opens its stream (it knows its link). With `serialize` (default) one
+    lock around `endpoint.handle` makes the server's work happen in one order whatever the thread
+    scheduling, so results are deterministic; frames of one device are always handled in order.
+    Each open stream holds one of `max_workers` threads; streams beyond that are refused with
+    RESOURCE_EXHAUSTED rather than queued.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        address: str = "127.0.0.1:0",
+        *,
+        tokens: Mapping[str, str],
+        tls: tuple[bytes, bytes] | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        compression: str | None = None,
+        serialize: bool = True,
+        max_workers: int = 32,
+    ) -> None:
+        if any(not token for token in tokens.values()):
+            raise ValueError("every device needs a non-empty token")
+        self.endpoint = endpoint
+        self.address = address
+        self.tokens = dict(tokens)
+        self.tls = tls
+        self.max_message_bytes = max_message_bytes
+        self.compression = None if compression is None else check_mode(compression)
+        self.max_workers = max_workers
+        self._handle_lock: threading.Lock | None = threading.Lock() if serialize else None
+        self._device_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._server: grpc.Server | None = None
+        self.port: int | None = None
+        # Called with the device id when a device's stream ends without the device closing it
+        # (process killed, link cut, deadline): the federation drops it from the round at once.
+        self.on_lost: Callable[[str], None] | None = None
+
+    def start(self) -> int:
+        """Start serving; returns the bound port (useful with port 0)."""
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="splitpeft-grpc"),
+            options=_grpc_options(self.max_message_bytes),
+            maximum_concurrent_rpcs=self.max_workers,
+        )
+        handler = grpc.stream_stream_rpc_method_handler(
+            self._stream, request_deserializer=_identity, response_serializer=_identity)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+        if self.tls is None:
+            port = server.add_insecure_port(self.address)
+        else:
+            cert_pem, key_pem = self.tls
+            port = server.add_secure_port(self.address, grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+        if port == 0:
+            raise TransportError(f"cannot bind {self.address}")
+        server.start()
+        self._server, self.port = server, port
+        log.info("split traffic server on port %d (%s)", port, "TLS" if self.tls else "plaintext")
+        return port
+
+    def stop(self, grace_s: float | None = 1.0) -> None:
+        """Stop serving; open streams get `grace_s` to finish their current frame."""
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+            self._server = None
+
+    def __enter__(self) -> GrpcSplitServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ per stream
+
+    def _stream(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        device_id = self._authenticate(context)
+        compression = self.compression or self._requested_compression(context)
+        log.info("device %s connected from %s (replies: %s)", device_id, context.peer(), compression)
+        session_open = False
+        ended = False
+        try:
+            for frame in frames:
+                reply, kind = self._reply(device_id, frame, compression)
+                if kind in (Kind.OPEN_SESSION, Kind.CLOSE_SESSION):
+                    session_open = kind == Kind.OPEN_SESSION
+                yield reply
+            # A dying device can end its request stream as if it closed it; a device that is
+            # done closes its session first (CLOSE_SESSION), and its call is still active here.
+            ended = not session_open and context.is_active()
+        finally:
+            if ended:
+                log.info("device %s closed its stream", device_id)
+            else:
+                log.warning("lost the stream of device %s (%s)%s", device_id, context.peer(),
+                            " with its session open" if session_open else "")
+                if self.on_lost is not None:
+                    self.on_lost(device_id)
+
+    def _authenticate(self, context: grpc.ServicerContext) -> str:
+        """The stream's device id if its bearer token matches; otherwise abort UNAUTHENTICATED."""
+        metadata = {key: value for key, value in context.invocation_metadata()}
+        device_id = str(metadata.get(DEVICE_ID_HEADER, ""))
+        presented = str(metadata.get(AUTHORIZATION_HEADER, "")).encode()
+        expected = self.tokens.get(device_id)
+        # Compare even for an unknown device, so the reply time does not tell which ids exist.
+        wanted = f"Bearer {expected if expected is not None else ''}".encode()
+        matches = hmac.compare_digest(presented, wanted)
+        if expected is None or not matches:
+            reason = "unknown device" if expected is None else "bad token"
+            log.warning("refused a stream from device %r at %s: %s", device_id, context.peer(), reason)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"device {device_id!r} is not authorised")
+        return device_id
+
+    @staticmethod
+    def _requested_compression(context: grpc.ServicerContext) -> str:
+        requested = str(dict(context.invocation_metadata()).get(COMPRESSION_HEADER, "none"))
+        try:
+            return check_mode(requested)
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise  # abort raises; this keeps type checkers informed
+
+    def _device_lock(self, device_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._device_locks.setdefault(device_id, threading.Lock())
+
+    def _reply(self, device_id: str, frame: bytes, compression: str) -> tuple[bytes, Kind | None]:
+        """The encoded reply to one frame and the frame's kind (None if it was not readable);
+        a bad frame gets an ERROR frame, never a dead stream."""
+        kind = None
+        with self._device_lock(device_id):
+            try:
+                message = decompress(decode(frame, max_bytes=self.max_message_bytes))
+            except MessageError as error:
+                log.warning("bad frame from device %s: %s", device_id, error)
+                self._locked(self.endpoint.reject, device_id, error)
+                reply = error_message(str(error))
+            else:
+                kind = message.kind
+                try:
+                    reply = self._locked(self.endpoint.handle, device_id, message)
+                except Exception as error:  # keep serving: a crash in one step is that step's error
+                    log.exception("%s message from device %s failed", message.kind.name, device_id)
+                    self._locked(self.endpoint.reject, device_id, error)
+                    reply = error_message(f"server failed on {message.kind.name}: {error}")
+            return encode(compress(reply, compression)), kind
+
+    def _locked(self, function: Any, *args: Any) -> Any:
+        if self._handle_lock is None:
+            return function(*args)
+        with self._handle_lock:
+            return function(*args)
+
+
+# ------------------------------------------------------------------------------------ device
+
+
+_CLOSED = object()
+
+
+class GrpcChannel:
+    """A device's `Channel` to a `GrpcSplitServer`: one bidirectional stream, one reply per frame.
+
+    `root_cert_pem` (the server's certificate or its CA) turns on TLS. `deadline_s` bounds each
+    exchange; on expiry the stream is cancelled (a late reply would answer the wrong request) and
+    the channel is unusable. `compression` applies to the device's frames and is asked of the
+    server for its replies, as `InProcessChannel` applies it both ways. `send(message, direction)` encodes, counts and decodes locally, like
+    `InProcessChannel.send`: federation uses it for adapter messages, which travel on Flower in
+    deployment, not on this stream.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        address: str,
+        *,
+        token: str,
+        root_cert_pem: bytes | None = None,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        compression: str = "none",
+        tap: Tap | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.address = address
+        self.deadline_s = deadline_s
+        self.max_message_bytes = max_message_bytes
+        self.compression = check_mode(compression)
+        self.tap = tap
+        self.traffic = Traffic()
+        options = _grpc_options(max_message_bytes)
+        if root_cert_pem is None:
+            self._grpc = grpc.insecure_channel(address, options=options)
+        else:
+            if server_name is not None:  # the certificate's name when dialling an IP or alias
+                options.append(("grpc.ssl_target_name_override", server_name))
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_cert_pem)
+            self._grpc = grpc.secure_channel(address, credentials, options=options)
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._replies: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._failure: TransportError | None = None
+        rpc = self._grpc.stream_stream(METHOD_PATH, request_serializer=_identity, response_deserializer=_identity)
+        self._call = rpc(
+            iter(self._requests.get, _CLOSED),
+            metadata=((DEVICE_ID_HEADER, device_id), (AUTHORIZATION_HEADER, f"Bearer {token}"),
+                      (COMPRESSION_HEADER, self.compression)),
+        )
+        self._reader = threading.Thread(target=self._read, name=f"splitpeft-grpc-{device_id}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        """Move replies (or the stream's end or error) from gRPC to `exchange`, which waits with a deadline."""
+        try:
+            for frame in self._call:
+                self._replies.put(frame)
+        except grpc.RpcError as error:
+            self._replies.put(self._error(error))
+        else:
+            self._replies.put(TransportError(f"device {self.device_id}: the server closed the stream"))
+
+    def _error(self, error: grpc.RpcError) -> TransportError:
+        code = error.code() if isinstance(error, grpc.Call) else None
+        details = error.details() if isinstance(error, grpc.Call) else str(error)
+        name = code.name if code is not None else "UNKNOWN"
+        return TransportError(f"device {self.device_id}: split stream to {self.address} failed with {name}: {details}")
+
+    def exchange_frame(self, frame: bytes) -> bytes:
+        """Send one encoded frame and return the server's reply frame (counted and tapped)."""
+        with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            self.traffic.count("up", len(frame))
+            if self.tap is not None:
+                self.tap(self.device_id, "up", frame)
+            self._requests.put(frame)
+            try:
+                reply = self._replies.get(timeout=self.deadline_s)
+            except queue.Empty:
+                self._call.cancel()
+                reply = TransportError(f"device {self.device_id}: no reply from {self.address} within "
+                                       f"{self.deadline_s:g} s (DEADLINE_EXCEEDED)")
+            if isinstance(reply, TransportError):
+                self._failure = reply
+                raise reply
+            self.traffic.count("down", len(reply))
+            if self.tap is not None:
+                self.tap(self.device_id, "down", reply)
+            return reply
+
+    def exchange(self, message: Message) -> Message:
+        reply = self.exchange_frame(encode(compress(message, self.compression)))
+        return decompress(decode(reply, max_bytes=self.max_message_bytes))
+
+    def send(self, message: Message, direction: Direction) -> Message:
+        """Encode, count and decode one message locally (adapter transfers; see the class docstring)."""
+        return send_locally(self, message, direction)
+
+    def close(self) -> None:
+        """End the stream (the server sees its end) and release the connection."""
+        self._requests.put(_CLOSED)
+        self._reader.join(timeout=5.0)
+        if self._reader.is_alive():
+            self._call.cancel()
+        self._grpc.close()
+
+    def __enter__(self) -> GrpcChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------ TLS
+
+
+def self_signed_certificate(
+    hostnames: tuple[str, ...] = ("localhost", "127.0.0.1"), *, valid_days: int = 30,
+) -> tuple[bytes, bytes]:
+    """(certificate PEM, private key PEM): a self-signed P-256 certificate for `hostnames`.
+
+    For tests and trying TLS on one machine; the certificate is its own root, so a device passes
+    it as `root_cert_pem`. Deployment uses certificates from the operator's CA.
+    """
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hostnames:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=valid_days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert_pem, key_pem

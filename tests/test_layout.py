@@ -1,0 +1,87 @@
+"""The package's shape: no import cycles between splitpeft's modules, and every module of the
+library sits in the folder of its concept (README "Layout")."""
+
+import ast
+from pathlib import Path
+
+import splitpeft
+
+PACKAGE = Path(splitpeft.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the splitpeft modules it imports when it is imported (module-level statements,
+    `if TYPE_CHECKING:` blocks left out; imports inside functions run later and are not edges)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        edges: set[str] = set()
+        statements = list(tree.body)
+        while statements:
+            node = statements.pop(0)
+            if isinstance(node, ast.If) and not _is_type_checking(node):
+                statements.extend(node.body + node.orelse)
+            elif isinstance(node, ast.Try):
+                statements.extend(node.body + node.orelse + node.finalbody)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+                edges |= {t for t in targets if t in modules and t != name}
+            elif isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names if alias.name in modules and alias.name != name}
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as a path that starts and ends at the same module, or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start)
+            if found:
+                return found
+    return None
+
+
+def test_find_cycle_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle_inside_splitpeft():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_library_modules_live_in_concept_folders():
+    top_level = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert top_level == ["cli", "config", "storage"]
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    assert folders == ["aggregation", "data", "deploy", "dlora", "experiment", "federation", "hsplit", "model",
+                       "parties", "placements", "transport"]
