@@ -7,9 +7,11 @@ import pytest
 import torch
 from conftest import record_holders, tiny_config
 
+from splitpeft.aggregation.base import AdapterCopy
 from splitpeft.experiment.compare import run_comparison
 from splitpeft.federation.simulation import Simulation
 from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
+from splitpeft.model.adapters import LoraWeights
 
 HSPLIT = ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.num_devices=3",
           "hsplit.max_split=3", "federation.local_steps=2", "data.max_length=48"]
@@ -123,18 +125,17 @@ def test_per_device_profiles_and_simulated_time():
 
 def test_poisoned_upload_is_rejected_and_the_round_goes_on():
     sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=2", "federation.local_steps=1"))
-    honest = sim.devices[1]
-    original = sim._upload
+    original = sim.state.aggregate
 
-    def poisoning_upload(device, channel):
-        uploaded, size = original(device, channel)
-        if device is honest:
-            return uploaded, size
-        name = sorted(uploaded)[0]
-        uploaded[name] = type(uploaded[name])(uploaded[name].A * float("inf"), uploaded[name].B)
-        return uploaded, size
+    def poisoned(copies):
+        """device-0's copy of the first module arrives with A = inf (past the wire's own check)."""
+        first = copies[sorted(copies)[0]]
+        index = next(i for i, c in enumerate(first) if c.holder == "device-0")
+        bad = first[index]
+        first[index] = AdapterCopy(bad.holder, LoraWeights(bad.weights.A * float("inf"), bad.weights.B), bad.tokens, bad.scale)
+        return original(copies)
 
-    sim._upload = poisoning_upload
+    sim.state.aggregate = poisoned
     record = sim.run_round()
     assert any("contains NaN or Inf" in line and "device-0" in line for line in record.rejected)
     assert all(torch.isfinite(w.A).all() and torch.isfinite(w.B).all() for w in sim.state.global_adapters.values())

@@ -134,7 +134,7 @@ def test_kill_then_revive_keeps_weights(placement):
     assert name not in device.killed
     assert torch.equal(revived.A, before.A) and torch.equal(revived.B, before.B)
     if placement == "dlora":
-        assert name not in sim.server.sessions[device.device_id].dlora.killed
+        assert name not in sim.server.sessions[device.device_id].step_state.killed
 
 
 def test_input_groups_share_llama_inputs():

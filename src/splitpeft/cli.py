@@ -119,7 +119,7 @@ def _deploy_keys(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from splitpeft.experiment.compare import run_comparison
 
-    comparison = run_comparison(
+    run_comparison(
         args.suite, args.out, config_path=args.config, preset=args.preset, overrides=args.overrides,
         methods=args.methods.split(",") if args.methods else None, target_loss=args.target_loss,
         overwrite=args.overwrite, progress=not args.no_progress,

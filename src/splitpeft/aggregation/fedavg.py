@@ -1,4 +1,5 @@
-"""TODO-DOC from aggregation.py"""
+"""`fedavg`: FedAvg of A and B separately (homogeneous ranks only). It is not the average of
+the products (sum p_i B_i A_i != (sum p_i B_i)(sum p_i A_i)): the noise noise-free aggregation removes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO-DOC from aggregation.py"""
+"""`noise_free` (HSplitLoRA's NAA): the exact aggregate sum_i p_i s_i B_i A_i, computed as one
+product of the copies stacked along the rank axis, merged into the frozen weight; every holder
+restarts from a fresh adapter at its own rank (A random, B = 0)."""
 
 from __future__ import annotations
 

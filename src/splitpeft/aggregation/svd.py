@@ -1,4 +1,5 @@
-"""TODO-DOC from aggregation.py"""
+"""`svd` (FlexLoRA): the average of the dense updates sum_i p_i s_i B_i A_i, truncated by SVD to
+each holder's rank."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO-DOC from aggregation.py"""
+"""`zero_pad` (HetLoRA): pad every copy's A and B with zeros to the largest rank, average A and B,
+and give each holder the first r_i rank components back."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO-DOC from data.py"""
+"""Tokenisation and batches: prompt + completion + eos with loss on the completion only, padded
+batches (B, T), and a seeded, resumable stream of batches per device."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO-DOC from data.py"""
+"""The embedded offline task: restaurant meaning representations in the E2E style with
+templated references, so the main command runs on a fresh machine with no data files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO-DOC from data.py"""
+"""Held-out split and partitions across devices: grouped by meaning representation (no MR in
+both train and held-out), IID, Dirichlet non-IID over a field, or "whole" (every device all)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.app import Message as FlowerMessage
 from flwr.clientapp import ClientApp
 
-from splitpeft.config import config_from_dict
+from splitpeft.config import ExperimentConfig, config_from_dict
+from splitpeft.data.batching import encode as encode_examples
+from splitpeft.data.sources import load_examples
 from splitpeft.deploy.keys import DeploymentError
 from splitpeft.deploy.records import FRAME, frame_array, frame_of
 from splitpeft.deploy.settings import NodeSettings
@@ -47,13 +49,21 @@ from splitpeft.federation.checkpoint import (
     restore_device_state,
     write_state,
 )
+from splitpeft.federation.fleet import (
+    build_device,
+    device_examples,
+    device_stream,
+    seed_everything,
+)
 from splitpeft.federation.records import (
     DeviceRound,
     fill_round_stats,
 )
-from splitpeft.federation.simulation import Simulation
+from splitpeft.federation.state import merge_delta
 from splitpeft.model import adapters as lora
 from splitpeft.model.loading import load_model
+from splitpeft.parties.device import DeviceRuntime
+from splitpeft.placements.registry import make_placement
 from splitpeft.transport.grpc import GrpcChannel
 from splitpeft.transport.messages import Kind, MessageError, encode
 
@@ -84,8 +94,6 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
     """One device round: rebuild, restore, download, train over the split stream, save, upload."""
     try:
         config = config_from_dict(_yaml_mapping(str(round_info["config"])))
-        if node.data_path is not None:  # the device's own file: all of it is its training data
-            config.data.path, config.data.partition = node.data_path, "whole"
         round_index, device_id = int(round_info["round"]), str(round_info["device"])
         split_layer, ranks = int(round_info["split-layer"]), {str(k): int(v) for k, v in json.loads(str(round_info["ranks"])).items()}
         run_key = str(round_info["run-key"])
@@ -93,17 +101,14 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
         raise DeploymentError(f"malformed round message: {error}") from None
     if device_id != f"device-{node.device}":
         raise DeploymentError(f"the server sent {device_id}'s round to device-{node.device}")
-    config.hsplit.planner = "fixed"  # the plan comes from the server
-    sim = Simulation(config, loaded=load_model(config.model.name, seed=config.seed), build_devices=False,
-                     hold_out=node.data_path is None)
+    device = build_own_device(config, node, split_layer, ranks)
     max_bytes = config.transport.max_message_bytes
     if "base" in download:
         base = frame_of(ArrayRecord({FRAME: download["base"]}), max_bytes).expect(Kind.BASE_DELTA)
         for name, delta in base.tensors.items():
             if name not in ranks:
                 raise MessageError(f"base delta for {name}, which this device does not hold")
-            sim.state.merge(name, delta)
-    device = sim.build_device(node.device, split_layer, ranks)
+            merge_delta(device.model, name, delta)  # the frozen weights are shared with the base
     store = DeviceStore(node.state_dir / run_key / device_id)
     restored = store.latest_before(round_index)
     if restored is not None:
@@ -122,13 +127,30 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
         device.close_session(channel)
         split_up, split_down = channel.traffic.bytes_up, channel.traffic.bytes_down
     fill_round_stats(stats, device, phase, events_before)
-    upload = encode(Simulation.upload_message(device))
+    upload = encode(device.upload_message())
     stats.adapter_bytes_up = len(upload)
     stats.bytes_up, stats.bytes_down = split_up + len(upload), split_down
     saved: dict[str, torch.Tensor] = {}
     store.save(round_index, device_state(device, saved, "opt"), saved)
     status.done(stats)
     return upload, stats
+
+
+def build_own_device(config: ExperimentConfig, node: NodeSettings, split_layer: int, ranks: dict[str, int]) -> DeviceRuntime:
+    """This device alone: the model, its own shard (or its own data file, all of it training
+    data), its runtime at the server's plan. No server state, no other device's data."""
+    seed_everything(config.seed)
+    loaded = load_model(config.model.name, seed=config.seed)
+    placement = make_placement(config.placement.placement, labels_on_device=config.placement.labels_on_device)
+    if node.data_path is not None:  # the device's own file: all of it is its training data
+        examples = load_examples(config.data.source, node.data_path, limit=config.data.limit, seed=config.seed)
+    else:
+        num_devices = config.federation.num_devices if placement.uses_server() else 1
+        examples = device_examples(config, num_devices)[1][node.device]
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    items = encode_examples(examples, loaded.tokenizer, config.data.max_length)
+    return build_device(config, loaded.model, placement, node.device, device_stream(config, items, node.device, pad_id),
+                        split_layer, ranks)
 
 
 def _yaml_mapping(text: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""TODO-DOC from flower.py"""
+"""Secrets of a deployment: device tokens for the split stream, a self-signed TLS certificate,
+an EC key pair per SuperNode for Flower's node authentication (`splitpeft deploy-keys`)."""
 
 from __future__ import annotations
 

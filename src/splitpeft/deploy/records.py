@@ -1,4 +1,5 @@
-"""TODO-DOC from flower.py"""
+"""splitpeft frames inside Flower records: a frame travels as one uint8 Array (the same bytes
+and the same validation as every other channel); a device's round statistics as JSON."""
 
 from __future__ import annotations
 

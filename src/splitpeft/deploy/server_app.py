@@ -1,4 +1,6 @@
-"""TODO-DOC from flower.py"""
+"""The Flower ServerApp: plays the federation's rounds on SuperNodes (`FlowerEngine`), serving
+split traffic on splitpeft's own gRPC stream beside Flower; see deploy/client_app.py for the
+whole run."""
 
 from __future__ import annotations
 

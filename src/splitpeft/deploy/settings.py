@@ -1,4 +1,5 @@
-"""TODO-DOC from flower.py"""
+"""Settings of a Flower deployment: the ServerApp's run config and a SuperNode's node config,
+each parsed and checked into a typed object (a bad key is one DeploymentError naming it)."""
 
 from __future__ import annotations
 

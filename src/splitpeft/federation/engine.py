@@ -1,4 +1,5 @@
-"""TODO-DOC from experiment.py"""
+"""Engines play a federation's rounds for `experiment.run`: in this process (`InProcessEngine`),
+or on Flower nodes (`deploy.server_app.FlowerEngine`)."""
 
 from __future__ import annotations
 

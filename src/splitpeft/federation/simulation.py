@@ -191,7 +191,7 @@ class Simulation:
             phase = device.local_phase(self.config.federation.local_steps, channel)
             device.close_session(channel)
             up_before = channel.traffic.bytes_up
-            uploaded = lora.from_tensors(channel.send(self.upload_message(device), "up").tensors)
+            uploaded = lora.from_tensors(channel.send(device.upload_message(), "up").tensors)
             stats.adapter_bytes_up = channel.traffic.bytes_up - up_before
         except (ConnectionError, MessageError) as error:
             self.drop(record, device.device_id, str(error))
@@ -229,12 +229,6 @@ class Simulation:
         """The ADAPTERS message that starts `device`'s round: its modules' adapters."""
         return Message(Kind.ADAPTERS, lora.to_tensors(self.state.start_state(device.device_id, device.ranks)),
                        meta={Meta.ROUND: len(self.rounds)})
-
-    @staticmethod
-    def upload_message(device: DeviceRuntime) -> Message:
-        """The device's trained adapters (killed ones did not change and stay home)."""
-        trained = {n: w for n, w in device.adapters().items() if n not in device.killed}
-        return Message(Kind.ADAPTERS, lora.to_tensors(trained), meta={Meta.DEVICE: device.device_id})
 
     # ------------------------------------------------------------------ the global model
 

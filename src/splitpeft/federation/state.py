@@ -52,6 +52,16 @@ def factorise(delta: torch.Tensor, alpha: float, tolerance: float = 1e-6) -> Lor
     return LoraWeights((root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float())
 
 
+def merge_delta(model: torch.nn.Module, name: str, delta: torch.Tensor) -> None:
+    """W += delta (d_out, d_in) in `model`'s frozen weight of module `name`."""
+    module = model.get_submodule(name)
+    with torch.no_grad():
+        if lora.is_fan_in_fan_out(model):  # GPT-2 Conv1D stores (d_in, d_out)
+            module.weight.add_(delta.T)
+        else:
+            module.weight.add_(delta)
+
+
 class GlobalState:
     """Adapters per holder, merged updates, and the aggregation that moves them forward.
 
@@ -114,12 +124,7 @@ class GlobalState:
 
     def merge(self, name: str, delta: torch.Tensor) -> None:
         """W += delta (d_out, d_in) in the shared frozen weight, so every holder sees it."""
-        module = self.base.get_submodule(name)
-        with torch.no_grad():
-            if lora.is_fan_in_fan_out(self.base):  # GPT-2 Conv1D stores (d_in, d_out)
-                module.weight.add_(delta.T)
-            else:
-                module.weight.add_(delta)
+        merge_delta(self.base, name, delta)
         self.merged[name] = self.merged[name] + delta if name in self.merged else delta.clone()
 
     def global_delta(self, name: str) -> torch.Tensor | None:

@@ -1,4 +1,6 @@
-"""TODO-DOC from planner.py"""
+"""ARMSC: a device's split point and per-module ranks from its memory budget, the IWI scores
+and the memory model (`hsplit/memory.py`): the deepest split that fits, then ranks from the rank
+set raised greedily by score per byte. (The planning loop around it: `hsplit/planning.py`.)"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO-DOC from planner.py"""
+"""A device's budget (memory bytes, compute FLOP/s, link bytes/s), fleets spread over a range,
+and the simulated time of a device's round from its FLOPs and bytes."""
 
 from __future__ import annotations
 

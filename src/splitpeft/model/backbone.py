@@ -1,4 +1,10 @@
-"""TODO-DOC from models.py"""
+"""The backbone view of a causal LM: embedding, blocks [a, b), final norm + head, for every
+supported family (LLaMA, Qwen2, Mistral, SmolLM, GPT-2), so each party runs just its part.
+
+`Backbone.blocks(hidden, a, b)` runs blocks [a, b) on hidden states (B, T, d) -> (B, T, d)
+with the family's own masks and position embeddings; running [0, k) then [k, L) equals the
+Hugging Face forward (tested at every cut). Every family fact (block prefix, head modules,
+default LoRA targets, GPT-2's Conv1D and position table) lives here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO-DOC from placement.py"""
+"""The training loss, shared by every placement and the importance probe: next-token
+cross-entropy on completion tokens only (prompt and padding carry IGNORE_INDEX)."""
 
 from __future__ import annotations
 

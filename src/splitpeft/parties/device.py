@@ -17,6 +17,7 @@ from splitpeft.model.adapters import (
     LoraWeights,
     lora_layers,
     read_adapters,
+    to_tensors,
 )
 from splitpeft.parties.meter import DeviceMeter
 from splitpeft.parties.party import Party
@@ -153,6 +154,11 @@ class DeviceRuntime(Party):
                 self._kill_revive_step(channel)
         phase.wall_s = time.perf_counter() - start
         return phase
+
+    def upload_message(self) -> Message:
+        """The round's trained adapters (killed ones did not change and stay home)."""
+        trained = {n: w for n, w in self.adapters().items() if n not in self.killed}
+        return Message(Kind.ADAPTERS, to_tensors(trained), meta={Meta.DEVICE: self.device_id})
 
     def open_session(self, channel: Channel) -> None:
         """Tell the server this device's split; the server builds its half for it."""
