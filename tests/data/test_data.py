@@ -23,7 +23,7 @@ from splitpeft.data.examples import DataError, Example, format_mr_prompt, parse_
 from splitpeft.data.partition import partition, split_by_group
 from splitpeft.data.sources import load_examples
 
-E2E_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "valid.txt"  # ../shared beside the repo
+E2E_VALID = Path(__file__).resolve().parents[3] / "shared" / "data" / "e2e" / "valid.txt"  # ../shared beside the repo
 
 
 @pytest.fixture(scope="module")
