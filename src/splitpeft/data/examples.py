@@ -92,10 +92,10 @@ def parse_mr(mr: str) -> dict[str, str]:
             raise ValueError(f"cannot parse field at {mr[pos:pos + 30]!r}")
     else:
         for chunk in mr.split("|"):
-            match = _PIPE_FIELD.match(chunk)
-            if match is None:
+            pipe_match = _PIPE_FIELD.match(chunk)
+            if pipe_match is None:
                 raise ValueError(f"field {chunk.strip()!r} is not 'key : value'")
-            pairs.append((match.group(1), match.group(2)))
+            pairs.append((pipe_match.group(1), pipe_match.group(2)))
     fields: dict[str, str] = {}
     for key, value in pairs:
         key = key.strip().lower()

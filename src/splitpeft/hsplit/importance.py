@@ -185,8 +185,3 @@ class ImportanceTracker:
             }
         self.history.append(TrackerStep(probe, fluctuation, beta, dict(self.scores)))
         return dict(self.scores)
-
-    def moved(self, since: Mapping[str, float]) -> float:
-        """How far the scores moved from `since` (e.g. the scores the current plan was made with):
-        ||s_t - since||_1 / ||since||_1."""
-        return relative_l1_change(self.scores, since)

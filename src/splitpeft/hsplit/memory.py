@@ -59,6 +59,7 @@ from transformers import PreTrainedModel
 from splitpeft.hsplit.importance import base_linear, linear_dims
 from splitpeft.model.adapters import target_module_names
 from splitpeft.model.backbone import backbone_of
+from splitpeft.parties.meter import storage_bytes
 
 ADAPTER_COPIES = 4
 
@@ -89,16 +90,6 @@ MLP_INPUT_ROLES = {"gate", "up", "fc"}
 
 
 # --------------------------------------------------------------------------- model shapes
-
-
-def _storage_bytes(tensors: Iterable, exclude: set[int] | None = None) -> tuple[int, set[int]]:
-    """Bytes of distinct storages (as the meter counts them), skipping storages in `exclude`."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        if exclude is None or storage.data_ptr() not in exclude:
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values()), set(seen)
 
 
 @dataclass(frozen=True)
@@ -150,15 +141,15 @@ class ModelShapes:
         params = dict(model.named_parameters())
         embedding = list(model.get_input_embeddings().parameters())
         embedding += [p for n, p in params.items() if "wpe" in n]
-        embedding_bytes, embedding_storages = _storage_bytes(embedding)
-        head_bytes, _ = _storage_bytes(
+        embedding_bytes, embedding_storages = storage_bytes(embedding)
+        head_bytes, _ = storage_bytes(
             (p for m in backbone.head_modules() for p in m.parameters()), exclude=embedding_storages
         )
         block_bytes, block_macs = [], []
         for j in range(num_blocks):
             prefix = backbone.block_prefix(j)
             in_block = [p for n, p in params.items() if prefix in n and ".lora_" not in n]
-            block_bytes.append(_storage_bytes(in_block)[0])
+            block_bytes.append(storage_bytes(in_block)[0])
             macs = 0
             for name, module in model.named_modules():
                 if prefix in name and not hasattr(module, "base_layer") and _is_linear(module):

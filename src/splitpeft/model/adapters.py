@@ -138,11 +138,6 @@ def write_adapters(model: nn.Module, weights: Mapping[str, LoraWeights]) -> None
             b.copy_(value.B)
 
 
-def scaling(model: nn.Module) -> dict[str, float]:
-    """alpha / r per adapted module, as peft applies it."""
-    return {name: float(layer.scaling[ADAPTER_NAME]) for name, layer in lora_layers(model).items()}
-
-
 def to_tensors(weights: Mapping[str, LoraWeights]) -> dict[str, torch.Tensor]:
     """Flatten to the names used on the wire: "<module>.A" / "<module>.B"."""
     flat = {}

@@ -44,13 +44,20 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
 
 
-def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of distinct storages among `tensors`."""
+def storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] | None = None) -> tuple[int, set[int]]:
+    """(bytes, data pointers) of the distinct storages among `tensors`, skipping those in `exclude`:
+    tensors sharing a storage (views, tied weights) count once, as memory does."""
     seen: dict[int, int] = {}
     for t in tensors:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+        if exclude is None or storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values()), set(seen)
+
+
+def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct storages among `tensors`."""
+    return storage_bytes(tensors)[0]
 
 
 class DeviceMeter:

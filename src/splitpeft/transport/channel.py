@@ -63,11 +63,18 @@ class Channel(Protocol):
 
 
 class _Counted(Protocol):
-    device_id: str
-    traffic: Traffic
-    tap: Tap | None
-    compression: str
-    max_message_bytes: int
+    """What `send_locally` reads from a channel (read-only, so narrower attribute types fit)."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def traffic(self) -> Traffic: ...
+    @property
+    def tap(self) -> Tap | None: ...
+    @property
+    def compression(self) -> str: ...
+    @property
+    def max_message_bytes(self) -> int: ...
 
 
 def send_locally(channel: _Counted, message: Message, direction: Direction) -> Message:
