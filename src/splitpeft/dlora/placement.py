@@ -105,6 +105,7 @@ class DLoRAPlacement:
         with meter.compute():
             loss = causal_lm_loss(backbone.head(final), batch.labels)
             loss.backward()
+        assert final.grad is not None  # the head's backward reached it
         reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": final.grad},
                                          meta={Meta.LOSS: finite(loss.item()), Meta.TOKENS: batch.completion_tokens}))
         while reply.kind == Kind.BRANCH_GRADS:
@@ -116,7 +117,10 @@ class DLoRAPlacement:
             with meter.compute(adapters=True):
                 torch.autograd.backward(list(outputs.values()), grads)
             # The first block's input needs no gradient (the embedding is frozen): send none.
-            up = {"grad": x.grad} if reply.meta.get(Meta.INPUT_GRAD, True) else {}
+            up: dict[str, torch.Tensor] = {}
+            if reply.meta.get(Meta.INPUT_GRAD, True):
+                assert x.grad is not None  # every branch output depends on x
+                up["grad"] = x.grad
             reply = channel.exchange(Message(Kind.BRANCH_INPUT_GRAD, up, meta={Meta.CALL: call}))
         reply.expect(Kind.STEP_DONE)
         norms = reply.meta.get(Meta.KILLED_GRAD_NORMS)

@@ -15,7 +15,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -162,7 +162,8 @@ class DLoRASession:
 
     def killed_norms(self) -> dict[str, float]:
         return {
-            name: float(torch.sqrt(sum((p.grad**2).sum() for p in params if p.grad is not None)))
+            # `sum` is typed `Tensor | Literal[0]`; it is 0 only if neither A nor B got a gradient
+            name: float(torch.sqrt(cast(torch.Tensor, sum((p.grad**2).sum() for p in params if p.grad is not None))))
             for name, params in self._killed_params.items()
         }
 

@@ -27,11 +27,17 @@ class EncodedExampleLike(Protocol):
 
 
 class ExampleLike(Protocol):
-    """A text example; ``group`` identifies the input (E2E: the MR) shared by its references."""
+    """A text example; ``group`` identifies the input (E2E: the MR) shared by its references.
 
-    prompt: str
-    completion: str
-    group: str
+    Read-only members, so frozen dataclasses such as `splitpeft.data.examples.Example` fit.
+    """
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def completion(self) -> str: ...
+    @property
+    def group(self) -> str: ...
 
 
 @contextmanager

@@ -55,7 +55,7 @@ def _get_adapters(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, Lo
 
 def _optimizer_state(party: Party, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Moments as tensors, step counts as JSON, keyed by the parameter's index in the party."""
-    steps = {}
+    steps: dict[str, float] = {}
     if party.optimizer is None:
         return steps
     for index, parameter in enumerate(party.parameters):
@@ -220,6 +220,6 @@ def load_checkpoint(sim: Simulation, path: Path) -> int:
         session = sim.server.sessions[device_id]
         _restore_optimizer(session, f"session/{device_id}", info["optimizer_steps"], tensors)
     for channel in sim.channels.values():
-        channel.traffic.__init__()  # the session set-up above is not part of any round
+        channel.traffic.reset()  # the session set-up above is not part of any round
     sim.rounds = [_round_from_json(entry) for entry in state["rounds"]]
     return int(state["rounds_done"])

@@ -17,6 +17,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import PreTrainedModel
@@ -52,14 +53,19 @@ def factorise(delta: torch.Tensor, alpha: float, tolerance: float = 1e-6) -> Lor
     return LoraWeights((root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float())
 
 
-def merge_delta(model: torch.nn.Module, name: str, delta: torch.Tensor) -> None:
+def _frozen_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The weight of module `name` (nn.Module.__getattr__ is typed `Tensor | Module`)."""
+    return cast(torch.Tensor, model.get_submodule(name).weight)
+
+
+def merge_delta(model: PreTrainedModel, name: str, delta: torch.Tensor) -> None:
     """W += delta (d_out, d_in) in `model`'s frozen weight of module `name`."""
-    module = model.get_submodule(name)
+    weight = _frozen_weight(model, name)
     with torch.no_grad():
         if lora.is_fan_in_fan_out(model):  # GPT-2 Conv1D stores (d_in, d_out)
-            module.weight.add_(delta.T)
+            weight.add_(delta.T)
         else:
-            module.weight.add_(delta)
+            weight.add_(delta)
 
 
 class GlobalState:
@@ -157,7 +163,7 @@ class GlobalState:
                 for name in self.ranks:
                     delta = self.global_delta(name)
                     if delta is not None:
-                        weight = model.get_submodule(name).weight
+                        weight = _frozen_weight(model, name)
                         weight.add_(delta.T if lora.is_fan_in_fan_out(model) else delta)
         model.eval()
         return model
@@ -178,7 +184,7 @@ class GlobalState:
                 delta = self.global_delta(name)
                 merged_delta = self.merged.get(name)
                 if merged_delta is not None:
-                    weight = original.get_submodule(name).weight
+                    weight = _frozen_weight(original, name)
                     weight.sub_(merged_delta.T if lora.is_fan_in_fan_out(original) else merged_delta)
                 parts = [t for t in (merged_delta, delta) if t is not None]
                 if parts:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def base_linear(model: nn.Module, name: str) -> nn.Module:
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a linear: nn.Linear stores W as (d_out, d_in), GPT-2's Conv1D as (d_in, d_out)."""
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)  # nn.Module.__getattr__ is typed `Tensor | Module`
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D":
@@ -81,7 +82,8 @@ def probe_importance(
     weights: list[nn.Parameter] = []
     for name in modules:
         linear = base_linear(probe_model, name)
-        leaf = nn.Parameter(linear.weight.detach(), requires_grad=True)  # same storage, own flag
+        frozen = cast(torch.Tensor, linear.weight)  # nn.Module.__getattr__ is typed `Tensor | Module`
+        leaf = nn.Parameter(frozen.detach(), requires_grad=True)  # same storage, own flag
         linear.weight = leaf
         weights.append(leaf)
     totals = torch.zeros(len(modules), dtype=torch.float64)

@@ -14,7 +14,7 @@ import copy
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
@@ -71,7 +71,7 @@ def lora_config(ranks: Mapping[str, int], alpha: float, dropout: float, fan_in_f
     default_rank = max(active.values())
     return LoraConfig(
         r=default_rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; a float alpha works (scaling = alpha / r)
         lora_dropout=dropout,
         target_modules=sorted(active),
         rank_pattern={re.escape(name): r for name, r in active.items() if r != default_rank},
@@ -107,18 +107,24 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for layer in lora_layers(model).values() for p in _ab(layer)]
+    return [p for layer in lora_layers(model).values() for p in lora_ab(layer)]
 
 
-def _ab(layer: LoraLayer) -> tuple[nn.Parameter, nn.Parameter]:
-    return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+def lora_ab(layer: LoraLayer) -> tuple[nn.Parameter, nn.Parameter]:
+    """The A and B weight parameters of `layer`'s adapter."""
+    return _weight(layer.lora_A[ADAPTER_NAME]), _weight(layer.lora_B[ADAPTER_NAME])
+
+
+def _weight(module: nn.Module) -> nn.Parameter:
+    # nn.Module.__getattr__ is typed `Tensor | Module`; a LoRA A/B linear's weight is a Parameter.
+    return cast(nn.Parameter, module.weight)
 
 
 def read_adapters(model: nn.Module, names: Iterable[str] | None = None) -> AdapterSet:
     """Detached copies of A and B for every adapted module (or only `names`)."""
     layers = lora_layers(model)
     selected = layers if names is None else {n: layers[n] for n in names}
-    return {name: LoraWeights(*(p.detach().clone() for p in _ab(layer))) for name, layer in selected.items()}
+    return {name: LoraWeights(*(p.detach().clone() for p in lora_ab(layer))) for name, layer in selected.items()}
 
 
 def write_adapters(model: nn.Module, weights: Mapping[str, LoraWeights]) -> None:
@@ -128,7 +134,7 @@ def write_adapters(model: nn.Module, weights: Mapping[str, LoraWeights]) -> None
         for name, value in weights.items():
             if name not in layers:
                 raise AdapterError(f"module {name!r} has no adapter in this model")
-            a, b = _ab(layers[name])
+            a, b = lora_ab(layers[name])
             if value.A.shape != a.shape or value.B.shape != b.shape:
                 raise AdapterError(
                     f"{name}: adapter shapes A{tuple(value.A.shape)} B{tuple(value.B.shape)} do not "
@@ -180,6 +186,6 @@ def export_peft(
     )
     write_adapters(model, weights)
     with atomic_folder(Path(path)) as staging:
-        model.save_pretrained(staging)
+        model.save_pretrained(str(staging))  # peft annotates save_directory as str
         if merged:
-            model.merge_and_unload().save_pretrained(staging / "merged")
+            cast(PreTrainedModel, model.merge_and_unload()).save_pretrained(staging / "merged")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.masking_utils import create_causal_mask
+
+if TYPE_CHECKING:
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Model
 
 LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 
@@ -36,8 +39,10 @@ class Backbone(Protocol):
     """Family-specific access to a causal LM's embedding, blocks and head."""
 
     model: PreTrainedModel
-    num_blocks: int
     default_target_modules: tuple[str, ...]
+
+    @property
+    def num_blocks(self) -> int: ...
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -104,11 +109,16 @@ class GPT2Backbone:
     default_target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
 
     @property
+    def _transformer(self) -> GPT2Model:
+        # nn.Module.__getattr__ is typed `Tensor | Module`; the GPT-2 LM's `transformer` is a GPT2Model.
+        return cast("GPT2Model", self.model.transformer)
+
+    @property
     def num_blocks(self) -> int:
-        return len(self.model.transformer.h)
+        return len(self._transformer.h)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        inner = self.model.transformer
+        inner = self._transformer
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         return inner.drop(inner.wte(input_ids) + inner.wpe(positions))  # (B, T, d)
 
@@ -120,18 +130,18 @@ class GPT2Backbone:
             config=self.model.config, inputs_embeds=hidden, attention_mask=None,
             past_key_values=None, position_ids=positions,
         )
-        for block in self.model.transformer.h[start:end]:
+        for block in self._transformer.h[start:end]:
             hidden = block(hidden, None, mask, position_ids=positions)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.transformer.ln_f(hidden))
+        return self.model.lm_head(self._transformer.ln_f(hidden))
 
     def block_prefix(self, index: int) -> str:
         return f"transformer.h.{index}."
 
     def head_modules(self) -> list[nn.Module]:
-        return [self.model.transformer.ln_f, self.model.lm_head]
+        return [self._transformer.ln_f, self.model.lm_head]
 
 
 def backbone_of(model: PreTrainedModel) -> Backbone:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers import PreTrainedModel
@@ -15,6 +16,7 @@ from splitpeft.dlora.killrevive import KillRevive
 from splitpeft.model.adapters import (
     ADAPTER_NAME,
     LoraWeights,
+    lora_ab,
     lora_layers,
     read_adapters,
     to_tensors,
@@ -72,7 +74,7 @@ class DeviceRuntime(Party):
     def _held_weights(self, blocks: range) -> list[torch.Tensor]:
         """Frozen tensors this device must hold: embedding, its blocks, and the head if it keeps it."""
         backbone = self.backbone
-        held = [p for p in backbone.model.get_input_embeddings().parameters()]
+        held: list[torch.Tensor] = [p for p in backbone.model.get_input_embeddings().parameters()]
         for name, parameter in backbone.model.named_parameters():
             if any(name.startswith(backbone.block_prefix(j)) for j in blocks) and ".lora_" not in name:
                 held.append(parameter)
@@ -99,9 +101,8 @@ class DeviceRuntime(Party):
     def set_trainable(self, names: Iterable[str], trainable: bool) -> None:
         layers = lora_layers(self.model)
         for name in names:
-            layer = layers[name]
-            layer.lora_A[ADAPTER_NAME].weight.requires_grad_(trainable)
-            layer.lora_B[ADAPTER_NAME].weight.requires_grad_(trainable)
+            for parameter in lora_ab(layers[name]):
+                parameter.requires_grad_(trainable)
 
     def optimizer_step(self) -> None:
         """Step the active adapters; on a revive step first record every adapter's gradient norm."""
@@ -109,12 +110,12 @@ class DeviceRuntime(Party):
             layers = lora_layers(self.model)
             norms = {}
             for name, layer in layers.items():
-                grads = [p.grad for p in (layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight) if p.grad is not None]
-                if grads:
-                    norms[name] = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+                grads = [p.grad for p in lora_ab(layer) if p.grad is not None]
+                if grads:  # non-empty, so the sum is a tensor
+                    norms[name] = float(torch.sqrt(cast(torch.Tensor, sum((g**2).sum() for g in grads))))
             self.grad_norms.update(norms)
             for name in self.killed:  # measured only: killed adapters stay frozen
-                for p in (layers[name].lora_A[ADAPTER_NAME].weight, layers[name].lora_B[ADAPTER_NAME].weight):
+                for p in lora_ab(layers[name]):
                     p.grad = None
         super().optimizer_step()
 

@@ -12,10 +12,10 @@ import torch
 from transformers import PreTrainedModel
 
 from splitpeft.model.adapters import (
-    ADAPTER_NAME,
     AdapterSet,
     LoraWeights,
     inject,
+    lora_ab,
     lora_layers,
     lora_parameters,
     read_adapters,
@@ -61,7 +61,7 @@ class Party:
         for name, weights in incoming.items():
             if not bool(weights.B.any()):
                 layer = layers[name]
-                for parameter in (layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight):
+                for parameter in lora_ab(layer):
                     self.optimizer.state.pop(parameter, None)
 
     def adapters(self) -> AdapterSet:

@@ -45,6 +45,11 @@ class Traffic:
             self.bytes_down += size
             self.messages_down += 1
 
+    def reset(self) -> None:
+        """Back to zero in place (whoever holds this object sees the reset)."""
+        self.bytes_up = self.bytes_down = 0
+        self.messages_up = self.messages_down = 0
+
 
 class Endpoint(Protocol):
     """The server side of a channel: one reply per message, per device."""
