@@ -15,7 +15,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -161,11 +161,13 @@ class DLoRASession:
         return handed
 
     def killed_norms(self) -> dict[str, float]:
-        return {
-            # `sum` is typed `Tensor | Literal[0]`; it is 0 only if neither A nor B got a gradient
-            name: float(torch.sqrt(cast(torch.Tensor, sum((p.grad**2).sum() for p in params if p.grad is not None))))
-            for name, params in self._killed_params.items()
-        }
+        """Gradient norm sqrt(||dA||^2 + ||dB||^2) of each killed adapter on this step (0 where
+        backward never reached it)."""
+        norms = {}
+        for name, params in self._killed_params.items():
+            squares = [(p.grad**2).sum() for p in params if p.grad is not None]
+            norms[name] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+        return norms
 
 
 def install_server_hooks(session: ServerSide, modules: Sequence[str], scales: dict[str, float]) -> DLoRASession:
