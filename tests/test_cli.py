@@ -15,6 +15,31 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "splitpeft.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+def _greedy_continuation(run, prompt: str, max_new_tokens: int) -> str:
+    """What `generate` should print for `prompt`, decoded by hand: the run's base model with its
+    saved adapter, greedy argmax token by token (no special tokens added, stop at eos), the new
+    tokens decoded, stripped and cut at the first newline."""
+    import torch
+    from peft import PeftModel
+
+    from splitpeft.config import load_config
+    from splitpeft.model.loading import load_model
+
+    config = load_config(run / "config.yaml")
+    loaded = load_model(config.model.name, seed=config.seed)
+    model = PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval()
+    tokenizer = loaded.tokenizer
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids  # (1, T)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], dim=1)).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return tokenizer.decode(new, skip_special_tokens=True).strip().split("\n", 1)[0].strip()
+
+
 @pytest.mark.slow
 def test_simulate_evaluate_generate_end_to_end(tmp_path):
     out = tmp_path / "run"
@@ -42,8 +67,21 @@ def test_simulate_evaluate_generate_end_to_end(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads((out / "eval.json").read_text())["perplexity"] == pytest.approx(report["eval"]["perplexity"], rel=1e-4)
 
-    generated = _run("generate", str(out), "--mr", "name : Aromi | food : Italian", "--max-new-tokens", "5")
+    mr = "name : Aromi | food : Italian"
+    generated = _run("generate", str(out), "--mr", mr, "--max-new-tokens", "5")
     assert generated.returncode == 0, generated.stderr
+    # --mr formats the MR with the training template: the printed line is exactly the run's
+    # greedy continuation of that prompt, and it is not empty
+    expected = _greedy_continuation(out, f"Meaning representation: {mr}\nDescription:", 5)
+    assert expected and generated.stdout == expected + "\n"
+    # --prompt takes the prompt as it is: the same prompt by hand prints the same line
+    raw = _run("generate", str(out), "--prompt", f"Meaning representation: {mr}\nDescription:", "--max-new-tokens", "5")
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout == generated.stdout
+    other = _run("generate", str(out), "--prompt", "The Aromi is", "--max-new-tokens", "5")
+    assert other.returncode == 0, other.stderr
+    expected_other = _greedy_continuation(out, "The Aromi is", 5)
+    assert expected_other and other.stdout == expected_other + "\n"
 
 
 @pytest.mark.parametrize("args,message", [

@@ -179,10 +179,11 @@ def _check_step_traffic(sim, stats, trace) -> None:
         for direction, counted, payload in zip(("up", "down"), (stats.step_bytes_up, stats.step_bytes_down),
                                                _expected_payload(dims, step["active"], step["sources"], step["shape"], hidden)):
             headers = [header_bytes(frame) for frame in step[direction]]
-            # Headers are the frame prefix + safetensors' JSON (names, dtypes, shapes, offsets) and
-            # the meta (call ids, module names): bounded, whatever the batch size, so they are the
-            # only bytes not derived from the tensor shapes; taken from the frames themselves.
-            assert all(h < 1024 for h in headers), (i, direction, headers)
+            # Headers (frame prefix, safetensors' JSON of names, dtypes, shapes and offsets, and the
+            # meta: call ids, module names, the killed adapters' gradient norms on revive steps) are
+            # the only bytes not derived from tensor shapes, so they are taken from the frames; they
+            # do not grow with the tokens: ~200 bytes plus < 128 per module they name (at most twice).
+            assert all(h < 256 + 128 * len(dims) for h in headers), (i, direction, headers)
             assert counted[i] == sum(len(frame) for frame in step[direction]) == payload + sum(headers), (i, direction)
 
 
@@ -226,38 +227,33 @@ def test_dlora_kr_cuts_device_flops_and_traffic():
         assert stats.adapter_flops == sum(step["adapter_flops"] for step in trace)
         assert stats.flops == sum(stats.step_flops)
 
-    # After the kill the branch work is the active adapters' share of all adapters, by size
-    # (rank x (d_in + d_out)), not by count: 7 of 28 adapters here are 432 of 2048 units.
+    # After the kill the branch work is the active adapters' share of all adapters' work, by size
+    # (rank x (d_in + d_out)), not by count (the kill keeps 7 of 28 adapters of unequal sizes).
     dims, ranks = _dims(sim_kr), sim_kr.devices[0].ranks
     size = {m: ranks[m] * sum(dims[m]) for m in modules}
     for i in range(warmup, steps):
         active = sum(size[m] for m in kr[i]["active"])
         assert kr[i]["adapter_flops"] * sum(size.values()) == full[i]["adapter_flops"] * active
-    # and the traffic saved is exactly the killed adapters' tensors (and headers)
-    hidden = config.hidden_size
-    for i in range(warmup, steps):
-        payload_full = _expected_payload(dims, full[i]["active"], full[i]["sources"], full[i]["shape"], hidden)
-        payload_kr = _expected_payload(dims, kr[i]["active"], kr[i]["sources"], kr[i]["shape"], hidden)
-        assert payload_kr[0] < payload_full[0] and payload_kr[1] < payload_full[1]
 
 
 def test_dlora_step_traffic_follows_revivals():
-    """With revivals (every 4 steps): the revive steps also track the killed adapters' gradients on
-    the server, so groups below a killed adapter send dL/dx too; the bytes still match exactly."""
+    """With revivals (every 4 steps): on revive steps the server also tracks the killed adapters'
+    gradients, so input groups after a killed adapter in the forward pass send dL/dx back too; the
+    bytes still match the active adapters' tensors exactly."""
     sim, stats, trace = _traced_kr_run(True, 10)
-    revivals = [e for e in sim.devices[0].kill_revive.events if e["revived"]]
-    assert revivals, "no revival happened: the test needs one"
+    assert any(e["revived"] for e in sim.devices[0].kill_revive.events), "no revival happened: the test needs one"
     assert any(step["sources"] != step["active"] for step in trace)
     _check_step_traffic(sim, stats, trace)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: DeviceRuntime.local_phase keys the meter's FLOP cache by (batch shape, number killed), so "
-    "after a revival swaps adapters of different sizes the device is charged the old set's FLOPs"))
 def test_dlora_step_flops_follow_revivals():
+    """Bug: DeviceRuntime.local_phase keyed the meter's FLOP cache by (batch shape, number killed),
+    so after a revival swapped adapters of different sizes the device was charged the old set's
+    FLOPs (and a revive step's larger count was reused for later steps in split)."""
     sim, stats, trace = _traced_kr_run(True, 10)
-    sizes = {frozenset(step["active"]): _expected_adapter_flops(sim, step["active"], step["shape"]) for step in trace}
-    assert len(set(sizes.values())) > 2, "no revival changed the active adapters' size: the test needs one"
+    sizes = {_expected_adapter_flops(sim, step["active"], step["shape"]) for step in trace}
+    if len(sizes) < 3:  # all adapters, after the kill, after a revival (not an AssertionError: not the bug)
+        pytest.fail("no revival changed the active adapters' size: the test needs one")
     for i, step in enumerate(trace):
         assert step["adapter_flops"] == _expected_adapter_flops(sim, step["active"], step["shape"]), i
 

@@ -141,7 +141,7 @@ class DeviceRuntime(Party):
                 self.grad_norms = {}
                 self._before = read_adapters(self.model, sorted(policy.active))
                 self.set_trainable(self.killed, self.measure_killed and self.placement.killed_run_on_device)
-            self.meter.begin_step(self.resident_tensors(), key=(tuple(batch.input_ids.shape), len(self.killed)),
+            self.meter.begin_step(self.resident_tensors(), key=(tuple(batch.input_ids.shape), frozenset(self.killed), self.measure_killed),
                                   extra_bytes=self.gradient_bytes())
             flops_before, up_before, down_before = self.meter.flops, channel.traffic.bytes_up, channel.traffic.bytes_down
             phase.losses.append(self.placement.device_step(self, batch, channel))
