@@ -11,7 +11,7 @@ from flower_deployment import Deployment, wait_for
 from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 
-from splitpeft.deploy.client_app import DeviceStore
+from splitpeft.deploy.client_app import DeviceStore, build_own_device
 from splitpeft.deploy.keys import DeploymentError, node_key_pair
 from splitpeft.deploy.records import frame_array, frame_of, round_stats_from_json
 from splitpeft.deploy.settings import NodeSettings, ServerSettings
@@ -250,9 +250,11 @@ def test_a_device_with_its_own_data_file_trains_on_all_of_it(tmp_path):
     own = tmp_path / "mine.txt"
     own.write_text("".join(f"name[Shop {i}], area[riverside]||Shop {i} is by the river.\n" for i in range(30)))
     config = tiny_config("tiny-llama", f"data.path={own}", "data.source=e2e", "data.partition=whole")
-    sim = Simulation(config, build_devices=False, hold_out=False)
-    assert sim.held_out == [] and all(len(stream.items) == 30 for stream in sim.streams)
-    simulated = Simulation(config, build_devices=False)  # a simulated run holds a share out for evaluation
+    node = NodeSettings(device=1, split_server="127.0.0.1:1", token="t", root_cert=None, data_path=str(own),
+                        state_dir=tmp_path / "state", status_file=None)
+    device = build_own_device(config, node, 2, {})
+    assert len(device.data.items) == 30
+    simulated = Simulation(config)  # a simulated run holds a share out for evaluation
     assert simulated.held_out and len(simulated.streams[0].items) == 30 - len(simulated.held_out)
 
 
