@@ -205,3 +205,25 @@ def test_needs_replan_past_the_threshold():
     old = {"a": 1.0, "b": 1.0}
     assert not needs_replan(old, {"a": 1.1, "b": 1.0}, threshold=0.1)
     assert needs_replan(old, {"a": 1.3, "b": 1.0}, threshold=0.1)
+
+
+def test_planners_are_named_objects_chosen_by_config():
+    """`hsplit.planner` picks a Planner; `fixed` plans every device at the config's split and rank."""
+    from conftest import tiny_config
+
+    from splitpeft.hsplit.planning import PLANNERS, ArmscPlanner, BudgetRankPlanner, FixedPlanner, make_planner
+
+    assert sorted(PLANNERS) == ["armsc", "budget_rank", "fixed"]
+    config = tiny_config("tiny-llama", "placement.split_layer=2", "lora.rank=4")
+    planner = make_planner(config)
+    assert isinstance(planner, FixedPlanner) and not planner.uses_budgets and not planner.uses_scores
+    model = load_model("tiny-llama").model
+    shapes = ModelShapes.from_model(model)
+    plans = planner.plan([DeviceProfile("device-0", 10**9, 1e9, 1e6)], shapes, {})
+    assert [(p.split_layer, set(p.ranks.values())) for p in plans] == [(2, {4})]
+    assert sorted(plans[0].ranks) == sorted(shapes.modules_before(2))
+    assert plans[0].predicted_peak_bytes == predict_peak_bytes(shapes, 2, plans[0].ranks, batch_size=4, seq_len=160)
+    budget_config = tiny_config("tiny-llama", "hsplit.planner=budget_rank", "fleet.memory_bytes=[1,2,3]")
+    assert isinstance(make_planner(budget_config), BudgetRankPlanner)
+    armsc_config = tiny_config("tiny-llama", "hsplit.planner=armsc", "fleet.memory_bytes=[1,2,3]")
+    assert isinstance(make_planner(armsc_config), ArmscPlanner) and ArmscPlanner.uses_scores
