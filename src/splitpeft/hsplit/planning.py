@@ -145,7 +145,8 @@ class Planning:
         self.config = config
         self.model = model
         self.profiles = list(profiles)
-        targets = config.lora.target_modules or list(backbone_of(model).default_target_modules)
+        self.backbone = backbone_of(model)
+        targets = config.lora.target_modules or list(self.backbone.default_target_modules)
         self.shapes = ModelShapes.from_model(model, targets)
         self.tracker = ImportanceTracker()
         self.probe_stream = BatchStream(train, config.federation.batch_size, pad_id, config.seed + 10_000)
@@ -156,7 +157,7 @@ class Planning:
     def probe(self, round_index: int) -> dict[str, float]:
         """One IWI probe folded into the tracker; returns the resource-normalised scores."""
         batches = [self.probe_stream.next() for _ in range(self.config.hsplit.probe_batches)]
-        raw = probe_importance(self.model, backbone_of(self.model), batches, sorted(self.shapes.modules))
+        raw = probe_importance(self.model, self.backbone, batches, sorted(self.shapes.modules))
         shapes = {name: self.shapes.modules[name] for name in raw}
         self.tracker.update(normalised_scores(raw, shapes, self.config.lora.rank))
         self.history.append({"round": round_index, "scores": dict(self.tracker.scores)})
