@@ -129,6 +129,21 @@ class EvalConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    server_device: str = _help("where the server's part runs: cpu, cuda, cuda:N or auto (cuda if one is visible)", "cpu")
+    device_device: str = _help("where each simulated device's part runs: cpu, cuda, cuda:N or auto", "cpu")
+    dtype: Literal["fp32", "bf16", "fp16"] = _help(
+        "dtype of the frozen base and of the activations and gradients at the cut (adapters and AdamW "
+        "state stay fp32); fp16 uses dynamic loss scaling and needs CUDA", "fp32")
+    base_quantization: Literal["none", "int8", "nf4"] = _help(
+        "quantize the frozen linears of the transformer blocks with bitsandbytes (nf4 = QLoRA's 4-bit "
+        "NormalFloat, int8 = LLM.int8 weights); embedding, norms and head stay in runtime.dtype", "none")
+    quantize: Literal["devices", "server", "both"] = _help("which parties hold the quantized base", "both")
+    gradient_checkpointing: bool = _help(
+        "recompute each block's activations in backward instead of keeping them (device and server blocks)", False)
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = _help("seed for data split, partition, adapter init and batch order", 0)
     count_flops: bool = _help("count device FLOPs with torch's FlopCounterMode", True)
@@ -142,6 +157,7 @@ class ExperimentConfig:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     hsplit: HSplitConfig = field(default_factory=HSplitConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> ExperimentConfig:
@@ -185,6 +201,11 @@ class ExperimentConfig:
             (self.eval.groups >= 1, "eval.groups must be >= 1"),
             (self.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
             (self.eval.num_beams >= 1, "eval.num_beams must be >= 1"),
+            (self.runtime.base_quantization == "none" or self.federation.aggregator == "fedavg",
+             "runtime.base_quantization: only fedavg keeps the global update a LoRA adapter; noise_free, zero_pad "
+             "and svd merge dense updates into the frozen weights, which a quantized base cannot take exactly"),
+            (self.runtime.base_quantization == "none" or not self.export_merged,
+             "runtime.base_quantization: export_merged would merge into a quantized base; set export_merged=false"),
         ]
         for ok, message in checks:
             if not ok:

@@ -78,6 +78,12 @@ class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on `device` (itself when already there)."""
+        if self.input_ids.device == device:
+            return self
+        return Batch(self.input_ids.to(device), self.labels.to(device))
+
     @property
     def completion_tokens(self) -> int:
         """Positions that contribute to the loss after the shift: ``(labels[:, 1:] != -100).sum()``."""

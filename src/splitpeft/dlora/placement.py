@@ -52,6 +52,7 @@ from splitpeft.model.adapters import (
     write_adapters,
 )
 from splitpeft.model.loss import causal_lm_loss
+from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, freeze_locally
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
@@ -69,6 +70,9 @@ class DLoRAPlacement:
 
     def server_blocks(self, num_blocks: int, split_layer: int) -> range:
         return range(0)  # the server trains no adapters of its own; it runs the killed ones
+
+    def server_part(self, num_blocks: int, split_layer: int) -> Part:
+        return Part(range(num_blocks), embedding=False, head=False)  # every frozen block; the device embeds
 
     def device_holds_blocks(self) -> bool:
         return False  # ... but none of the blocks' frozen weights
@@ -94,14 +98,14 @@ class DLoRAPlacement:
             unknown = [n for n in names if n not in layers or n in device.killed]
             if unknown:
                 raise MessageError(f"server asked for adapters this device does not run: {unknown[:3]}")
-            x = reply.tensor("x", shape=(*embedded.shape[:2], None), dtype=embedded.dtype).requires_grad_()
+            x = reply.tensor("x", shape=(*embedded.shape[:2], None), dtype=embedded.dtype, device=embedded.device).requires_grad_()
             with meter.compute(adapters=True):
                 outputs = {name: branch(layers[name], x) for name in names}  # (B, T, d_out) each
             pending[int(reply.meta[Meta.CALL])] = (x, outputs)
             reply = channel.exchange(Message(Kind.BRANCH_OUTPUTS, {n: o.detach() for n, o in outputs.items()},
                                              meta={Meta.CALL: reply.meta[Meta.CALL]}))
         reply.expect(Kind.FINAL_HIDDEN)
-        final = reply.tensor("hidden", shape=embedded.shape, dtype=embedded.dtype).requires_grad_()
+        final = reply.tensor("hidden", shape=embedded.shape, dtype=embedded.dtype, device=embedded.device).requires_grad_()
         with meter.compute():
             loss = causal_lm_loss(backbone.head(final), batch.labels)
             loss.backward()
@@ -113,7 +117,7 @@ class DLoRAPlacement:
             if call not in pending:
                 raise MessageError(f"BRANCH_GRADS for unknown call {call}")
             x, outputs = pending.pop(call)
-            grads = [reply.tensor(n, shape=o.shape, dtype=o.dtype) for n, o in outputs.items()]
+            grads = [reply.tensor(n, shape=o.shape, dtype=o.dtype, device=o.device) for n, o in outputs.items()]
             with meter.compute(adapters=True):
                 torch.autograd.backward(list(outputs.values()), grads)
             # The first block's input needs no gradient (the embedding is frozen): send none.
@@ -179,7 +183,7 @@ class DLoRAPlacement:
                 state.worker.join(timeout=1.0)  # the previous step has replied; let its thread end
                 if state.worker.is_alive():
                     raise MessageError("a dlora step is already in progress")
-            hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=torch.float32)
+            hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=session.dtype, device=session.torch_device)
             state.killed_grad_norms = bool(message.meta.get(Meta.KILLED_GRAD_NORMS, False)) and bool(state.killed)
             state.link = _Link()
             state.worker = threading.Thread(target=_server_worker, args=(session, state, hidden), daemon=True)

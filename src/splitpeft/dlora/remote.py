@@ -88,8 +88,8 @@ class _RemoteGroup(torch.autograd.Function):
         outputs = []
         for name in names:
             d_out = session.out_features[name]
-            outputs.append(reply.tensor(name, shape=(*x.shape[:-1], d_out), dtype=x.dtype).clone())
-        ctx.session, ctx.names, ctx.call, ctx.x_shape = session, names, call, x.shape
+            outputs.append(reply.tensor(name, shape=(*x.shape[:-1], d_out), dtype=x.dtype, device=x.device).clone())
+        ctx.session, ctx.names, ctx.call, ctx.x_shape, ctx.dtype, ctx.device = session, names, call, x.shape, x.dtype, x.device
         return tuple(outputs)
 
     @staticmethod
@@ -97,7 +97,7 @@ class _RemoteGroup(torch.autograd.Function):
         session = ctx.session
         tensors = {}
         for name, grad in zip(ctx.names, grads):
-            tensors[name] = grad if grad is not None else torch.zeros(*ctx.x_shape[:-1], session.out_features[name])
+            tensors[name] = grad if grad is not None else torch.zeros(*ctx.x_shape[:-1], session.out_features[name], dtype=ctx.dtype, device=ctx.device)
         input_grad = bool(ctx.needs_input_grad[0])
         reply = session.link.request(
             Message(Kind.BRANCH_GRADS, tensors,
@@ -106,7 +106,7 @@ class _RemoteGroup(torch.autograd.Function):
         )
         if not input_grad:
             return None, None, None, None
-        return reply.tensor("grad", shape=tuple(ctx.x_shape), dtype=tensors[ctx.names[0]].dtype), None, None, None
+        return reply.tensor("grad", shape=tuple(ctx.x_shape), dtype=ctx.dtype, device=ctx.device), None, None, None
 
 
 @dataclass
@@ -199,7 +199,7 @@ def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tenso
         final = backbone.blocks(hidden, 0, backbone.num_blocks)  # (B, T, d)
         state.cache.clear()
         reply = link.request(Message(Kind.FINAL_HIDDEN, {"hidden": final.detach()}), Kind.HEAD_GRADIENT)
-        grad = reply.tensor("grad", shape=final.shape, dtype=final.dtype)
+        grad = reply.tensor("grad", shape=final.shape, dtype=final.dtype, device=final.device)
         if final.requires_grad:
             final.backward(grad)
         session.tokens += int(reply.meta.get(Meta.TOKENS, 0))

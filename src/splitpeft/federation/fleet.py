@@ -22,6 +22,7 @@ from splitpeft.data.sources import load_examples
 from splitpeft.hsplit.budget import DeviceProfile, fleet_preset
 from splitpeft.model import adapters as lora
 from splitpeft.model.backbone import Backbone
+from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.device import DeviceRuntime
 from splitpeft.placements.base import Placement
 
@@ -89,11 +90,13 @@ def fleet_profiles(config: ExperimentConfig, ids: list[str]) -> list[DeviceProfi
 
 
 def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Placement, index: int,
-                 stream: BatchStream, split_layer: int, ranks: Mapping[str, int]) -> DeviceRuntime:
-    """Device `index` at `split_layer` with adapters `ranks`, Kill and Revive attached if enabled."""
+                 stream: BatchStream, split_layer: int, ranks: Mapping[str, int], *, runtime: Runtime = CPU_FP32) -> DeviceRuntime:
+    """Device `index` at `split_layer` with adapters `ranks`, Kill and Revive attached if enabled.
+    It holds only its part of `base` (see `DeviceRuntime`)."""
     device = DeviceRuntime(
         f"device-{index}", base, placement, split_layer, ranks, stream,
         alpha=config.lora.alpha, dropout=config.lora.dropout, lr=config.federation.lr, count_flops=config.count_flops,
+        runtime=runtime,
     )
     if config.kill_revive.enabled:
         device.attach_kill_revive(config.kill_revive, seed=config.seed + index)

@@ -52,6 +52,8 @@ from splitpeft.model import adapters as lora
 from splitpeft.model.adapters import AdapterSet
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loading import LoadedModel, load_model
+from splitpeft.model.parts import Part, quantize_blocks, view_part
+from splitpeft.model.runtime import resolve_runtime
 from splitpeft.parties.device import DeviceRuntime
 from splitpeft.parties.server import SplitServer
 from splitpeft.placements.registry import make_placement
@@ -67,10 +69,23 @@ class Simulation:
     def __init__(self, config: ExperimentConfig, *, tap: Tap | None = None, loaded: LoadedModel | None = None) -> None:
         self.config = config
         seed_everything(config.seed)
-        self.loaded = loaded or load_model(config.model.name, seed=config.seed)
+        self.runtime = runtime = resolve_runtime(config.runtime)
+        self.loaded = loaded or load_model(config.model.name, seed=config.seed, dtype=runtime.dtype, device=runtime.server_device)
         base, tokenizer = self.loaded.model, self.loaded.tokenizer
         self.backbone = backbone_of(base)
         num_blocks = self.backbone.num_blocks
+        whole = Part.whole(num_blocks)
+        if any(p.device != runtime.server_device or (p.is_floating_point() and p.dtype != runtime.dtype)
+               for p in base.parameters()):
+            base = view_part(base, whole, device=runtime.server_device, dtype=runtime.dtype)
+            self.loaded = LoadedModel(base, tokenizer, self.loaded.name)
+        # The devices' frozen weights: the server's own tensors when they run on the same torch
+        # device in the same precision (shared, as in memory), else one converted copy they share.
+        same_side = runtime.device_device == runtime.server_device and runtime.device_quantization() == runtime.server_quantization()
+        self.device_base = base if same_side else view_part(base, whole, device=runtime.device_device)
+        quantize_blocks(base, range(num_blocks), runtime.server_quantization(), runtime.dtype)
+        if not same_side:
+            quantize_blocks(self.device_base, range(num_blocks), runtime.device_quantization(), runtime.dtype)
         placement_cfg, fed = config.placement, config.federation
         self.placement = make_placement(placement_cfg.placement, labels_on_device=placement_cfg.labels_on_device)
         self.placement.device_blocks(num_blocks, placement_cfg.split_layer)  # range check before any work
@@ -87,10 +102,11 @@ class Simulation:
         modules = adapted_modules(config, self.backbone)
         self.ranks = {name: config.lora.rank for name in modules}
         self.state = GlobalState(base, modules, rank=config.lora.rank, alpha=config.lora.alpha, seed=config.seed,
-                                 aggregator=make_aggregator(fed.aggregator, seed=config.seed))
+                                 aggregator=make_aggregator(fed.aggregator, seed=config.seed),
+                                 mirrors=[] if same_side else [self.device_base])
         self.server = SplitServer(
             base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,
-            alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks,
+            alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks, runtime=runtime,
         )
         if config.data.partition == "whole":  # every device trains on all of it: encode once
             encoded = [encode(train, tokenizer, config.data.max_length)] * len(shards)
@@ -123,7 +139,8 @@ class Simulation:
         split_layer = self.config.placement.split_layer if split_layer is None else split_layer
         if ranks is None:
             ranks = modules_in(self.ranks, self.backbone, self.placement.device_blocks(self.backbone.num_blocks, split_layer))
-        return build_device(self.config, self.loaded.model, self.placement, index, self.streams[index], split_layer, ranks)
+        return build_device(self.config, self.device_base, self.placement, index, self.streams[index], split_layer, ranks,
+                            runtime=self.runtime)
 
     def replan(self, plans: dict[str, tuple[int, dict[str, int]]]) -> list[str]:
         """Rebuild the devices whose split point or ranks changed; returns their ids."""
@@ -252,10 +269,14 @@ class Simulation:
                     "split_layer": d.split_layer if self.placement.uses_server() else num_blocks,
                     "train_examples": self.shard_sizes[d.device_id],
                     "adapted_modules": len(d.modules),
+                    "resident_bytes": d.resident_bytes(),
                 }
                 for d in self.devices
             },
             "held_out_examples": len(self.held_out),
+            "runtime": {"server_device": str(self.runtime.server_device), "device_device": str(self.runtime.device_device),
+                        "dtype": self.runtime.dtype_name, "base_quantization": self.runtime.quantization,
+                        "gradient_checkpointing": self.runtime.gradient_checkpointing},
         }
 
 

@@ -61,6 +61,9 @@ def _frozen_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
 def merge_delta(model: PreTrainedModel, name: str, delta: torch.Tensor) -> None:
     """W += delta (d_out, d_in) in `model`'s frozen weight of module `name`."""
     weight = _frozen_weight(model, name)
+    if weight.device.type == "meta":  # a party that does not hold this block
+        return
+    delta = delta.to(weight.device)
     with torch.no_grad():
         if lora.is_fan_in_fan_out(model):  # GPT-2 Conv1D stores (d_in, d_out)
             weight.add_(delta.T)
@@ -76,8 +79,9 @@ class GlobalState:
     """
 
     def __init__(self, base: PreTrainedModel, modules: list[str], *, rank: int, alpha: float, seed: int,
-                 aggregator: Aggregator) -> None:
+                 aggregator: Aggregator, mirrors: list[PreTrainedModel] | None = None) -> None:
         self.base = base
+        self.mirrors = mirrors or []  # other copies of the frozen weights a merge must reach
         self.ranks = {name: rank for name in modules}
         self.alpha = alpha
         self.seed = seed
@@ -130,7 +134,8 @@ class GlobalState:
 
     def merge(self, name: str, delta: torch.Tensor) -> None:
         """W += delta (d_out, d_in) in the shared frozen weight, so every holder sees it."""
-        merge_delta(self.base, name, delta)
+        for model in (self.base, *self.mirrors):
+            merge_delta(model, name, delta)
         self.merged[name] = self.merged[name] + delta if name in self.merged else delta.clone()
 
     def global_delta(self, name: str) -> torch.Tensor | None:

@@ -85,15 +85,29 @@ def is_fan_in_fan_out(model: PreTrainedModel) -> bool:
     return model.config.model_type == "gpt2"
 
 
-def inject(model: PreTrainedModel, ranks: Mapping[str, int], alpha: float, dropout: float = 0.0) -> PreTrainedModel:
-    """Add LoRA branches to `model` in place (peft), for the modules and ranks in `ranks`."""
+def inject(model: PreTrainedModel, ranks: Mapping[str, int], alpha: float, dropout: float = 0.0,
+           device: torch.device | None = None) -> PreTrainedModel:
+    """Add LoRA branches to `model` in place (peft), for the modules and ranks in `ranks`.
+
+    A module whose frozen weight this party does not hold (on the meta device: dlora's device
+    runs branches of blocks it never loads) gets its adapter on `device` (default CPU)."""
     unknown = set(ranks) - {name for name, _ in model.named_modules()}
     if unknown:
         raise AdapterError(f"no such modules in the model: {sorted(unknown)[:5]}")
     if any(r > 0 for r in ranks.values()):
         inject_adapter_in_model(lora_config(ranks, alpha, dropout, is_fan_in_fan_out(model)), model)
+    for layer in lora_layers(model).values():
+        if any(p.device.type == "meta" for p in lora_ab(layer)):
+            for branch in (layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]):
+                branch.to_empty(device=device or torch.device("cpu"))
+            layer.reset_lora_parameters(ADAPTER_NAME, True)  # peft's own init: A random, B = 0
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(".lora_" in name)
+        is_adapter = ".lora_" in name
+        if is_adapter and parameter.dtype != torch.float32:
+            # peft creates a branch in its base layer's dtype; adapters, their gradients and AdamW
+            # state stay fp32 whatever the base (peft casts the branch input to the adapter dtype).
+            parameter.data = parameter.data.float()
+        parameter.requires_grad_(is_adapter)
     return model
 
 

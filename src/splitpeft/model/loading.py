@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from splitpeft.model.backbone import ModelError, backbone_of
+from splitpeft.model.parts import PartFn, load_part
 from splitpeft.storage import atomic_folder
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,14 @@ class LoadedModel:
     name: str
 
 
-def load_model(name: str = DEFAULT_MODEL, *, seed: int = 0) -> LoadedModel:
-    """Load a base model and tokenizer by name.
+def load_model(name: str = DEFAULT_MODEL, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a whole base model and its tokenizer by name, in `dtype` on `device`.
 
     `name` is one of: "smollm2-135m" (embedded default, offline), "tiny-llama" / "tiny-qwen2" /
     "tiny-mistral" / "tiny-gpt2" (random weights from `seed`, for tests), a local folder, or a
-    Hugging Face hub id (needs network or a populated HF cache).
+    Hugging Face hub id (needs network or a populated HF cache). A party that runs only part of
+    the model loads just that part with `load_model_part`.
     """
     if name == DEFAULT_MODEL:
         folder = smollm2_folder()
@@ -83,9 +86,55 @@ def load_model(name: str = DEFAULT_MODEL, *, seed: int = 0) -> LoadedModel:
     backbone_of(model)  # reject unsupported architectures before any work is done
     model.requires_grad_(False)
     model.eval()
+    torch.nn.Module.to(model, device=device, dtype=dtype)  # PreTrainedModel.to is typed as a wrapper
+    return LoadedModel(model, _padded(tokenizer), name)
+
+
+def load_model_part(name: str, part_of: PartFn, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> LoadedModel:
+    """Load only `part_of(backbone)` of model `name` (see `load_model`) from its safetensors files:
+    the rest of the model exists only as shapes on the meta device and is never read from disk."""
+    folder = model_folder(name, seed=seed)
+    model = load_part(folder, part_of, device=torch.device(device), dtype=dtype)
+    return LoadedModel(model, _padded(AutoTokenizer.from_pretrained(str(folder))), name)
+
+
+def _padded(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, name)
+    return tokenizer
+
+
+def model_folder(name: str, *, seed: int = 0) -> Path:
+    """A folder with config.json, safetensors and tokenizer files for model `name`."""
+    if name == DEFAULT_MODEL:
+        return smollm2_folder()
+    if name in TINY_MODELS:
+        return tiny_folder(name, seed)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model folder {name!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as error:  # offline without a cached copy, unknown id, ...
+        raise ModelError(f"cannot find model {name!r} as a local folder or a (cached) hub id: {error}") from None
+
+
+def tiny_folder(name: str, seed: int) -> Path:
+    """The tiny random model `name` at `seed`, saved once to the cache (the same weights
+    `tiny_model` builds), so a party can load just its part from files like any other model."""
+    target = cache_dir() / "tiny" / f"{name}-seed{seed}"
+    if (target / "model.safetensors").exists():
+        return target
+    model, tokenizer = tiny_model(name, seed=seed)
+    with atomic_folder(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return target
 
 
 def _from_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

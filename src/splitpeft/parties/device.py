@@ -21,6 +21,9 @@ from splitpeft.model.adapters import (
     read_adapters,
     to_tensors,
 )
+from splitpeft.model.backbone import backbone_of
+from splitpeft.model.parts import Part
+from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.meter import DeviceMeter
 from splitpeft.parties.party import Party
 from splitpeft.placements.base import Placement
@@ -56,34 +59,24 @@ class DeviceRuntime(Party):
         dropout: float,
         lr: float,
         count_flops: bool = True,
+        runtime: Runtime = CPU_FP32,
     ) -> None:
-        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr)
+        num_blocks = backbone_of(base).num_blocks
+        blocks = placement.device_blocks(num_blocks, split_layer)
+        part = Part(blocks if placement.device_holds_blocks() else range(0), embedding=True, head=placement.device_keeps_head())
+        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime)
+        self.part = part
         self.device_id = device_id
         self.placement = placement
         self.split_layer = split_layer
         self.data = data
-        self.meter = DeviceMeter(count_flops)
-        blocks = placement.device_blocks(self.backbone.num_blocks, split_layer)
-        self._held = self._held_weights(blocks if placement.device_holds_blocks() else range(0))
+        self.meter = DeviceMeter(count_flops, device=self.torch_device)
+        self._held = self.frozen_tensors()
         self.killed: set[str] = set()
         self.kill_revive: KillRevive | None = None
         self.measure_killed = False
         self.grad_norms: dict[str, float] = {}
         self._before: dict[str, LoraWeights] = {}
-
-    def _held_weights(self, blocks: range) -> list[torch.Tensor]:
-        """Frozen tensors this device must hold: embedding, its blocks, and the head if it keeps it."""
-        backbone = self.backbone
-        held: list[torch.Tensor] = [p for p in backbone.model.get_input_embeddings().parameters()]
-        for name, parameter in backbone.model.named_parameters():
-            if any(name.startswith(backbone.block_prefix(j)) for j in blocks) and ".lora_" not in name:
-                held.append(parameter)
-        if self.placement.device_keeps_head():
-            held += [p for module in backbone.head_modules() for p in module.parameters()]
-        for name, parameter in backbone.model.named_parameters():
-            if "wpe" in name:  # GPT-2 position embeddings live with the token embedding
-                held.append(parameter)
-        return held
 
     def resident_tensors(self) -> list[torch.Tensor]:
         """Tensors the device holds across steps: frozen weights, adapters, optimiser state."""
@@ -135,7 +128,7 @@ class DeviceRuntime(Party):
         if policy is not None and self.killed:
             self.placement.apply_kill_revive(self, channel, sorted(self.killed), [])  # re-sync after aggregation
         for _ in range(steps):
-            batch = self.data.next()
+            batch = self.data.next().to(self.torch_device)
             if policy is not None:
                 self.measure_killed = policy.wants_killed_gradients()
                 self.grad_norms = {}

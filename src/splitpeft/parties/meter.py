@@ -12,7 +12,11 @@ Memory on CPU has no allocator statistics in torch, so the peak is a tensor acco
 resident state (frozen weights the device holds, adapters, their gradients, optimiser state) plus
 every distinct tensor autograd saved for backward during the step (recorded through
 `torch.autograd.graph.saved_tensors_hooks`, de-duplicated by storage). On CUDA the allocator's own
-peak (`torch.cuda.max_memory_allocated`) is used instead.
+peak is used instead: the device's resident tensors plus the most `torch.cuda.max_memory_allocated`
+rose above what was allocated when the step began, during the device's own compute segments.
+When the server shares that GPU (an in-process simulation on one GPU) and holds a U-shaped step's
+activations while the device computes its head, those count too; a device on its own GPU or
+process measures only itself.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from splitpeft.model.parts import storage_bytes
 
 # torch's registry has no formula for the CPU flash-attention kernel that sdpa uses here, so
 # attention would count as zero FLOPs; it is the same computation as the CUDA kernels'.
@@ -44,17 +50,6 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
 
 
-def storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] | None = None) -> tuple[int, set[int]]:
-    """(bytes, data pointers) of the distinct storages among `tensors`, skipping those in `exclude`:
-    tensors sharing a storage (views, tied weights) count once, as memory does."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        if exclude is None or storage.data_ptr() not in exclude:
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values()), set(seen)
-
-
 def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of distinct storages among `tensors`."""
     return storage_bytes(tensors)[0]
@@ -63,8 +58,11 @@ def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
 class DeviceMeter:
     """Accumulates a device's FLOPs and tracks the peak of its step memory."""
 
-    def __init__(self, count_flops: bool = True) -> None:
+    def __init__(self, count_flops: bool = True, device: torch.device | None = None) -> None:
         self.count_flops = count_flops
+        self.cuda = device if device is not None and device.type == "cuda" else None
+        self._cuda_base = 0
+        self._cuda_peak = 0
         self.flops = 0
         self.adapter_flops = 0  # the part spent in "adapter" blocks (dlora's branches)
         self._saved: dict[int, int] = {}
@@ -87,7 +85,11 @@ class DeviceMeter:
         self._step_flops = 0
         self._step_adapter_flops = 0
         resident = list(resident)
-        self._resident_bytes = tensor_nbytes(resident) + extra_bytes
+        self._resident_bytes = tensor_nbytes(resident)
+        self._extra_bytes = extra_bytes
+        if self.cuda is not None:
+            self._cuda_base = torch.cuda.memory_allocated(self.cuda)
+            self._cuda_peak = 0
         self._exclude = {t.untyped_storage().data_ptr() for t in resident}
         self._saved = {}
 
@@ -103,7 +105,10 @@ class DeviceMeter:
             else:
                 self.flops += self._flops_by_key[self._key]
                 self.adapter_flops += self._adapter_flops_by_key[self._key]
-        peak = self._resident_bytes + sum(self._saved.values())
+        if self.cuda is not None:
+            peak = self._resident_bytes + self._cuda_peak
+        else:
+            peak = self._resident_bytes + self._extra_bytes + sum(self._saved.values())
         self.step_peak_bytes = max(self.step_peak_bytes, peak)
         self._saved = {}
         return peak
@@ -119,8 +124,12 @@ class DeviceMeter:
     def compute(self, adapters: bool = False) -> Iterator[None]:
         """Charge the work inside this block to the device."""
         counter = flop_counter() if self._counting else nullcontext()
+        if self.cuda is not None:
+            torch.cuda.reset_peak_memory_stats(self.cuda)
         with counter, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield
+        if self.cuda is not None:
+            self._cuda_peak = max(self._cuda_peak, torch.cuda.max_memory_allocated(self.cuda) - self._cuda_base)
         if isinstance(counter, FlopCounterMode):
             self._step_flops += counter.get_total_flops()
             if adapters:

@@ -16,7 +16,9 @@ import torch
 from transformers import PreTrainedModel
 
 from splitpeft.model.adapters import AdapterError, AdapterSet
+from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loss import IGNORE_INDEX
+from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.party import Party
 from splitpeft.placements.base import Placement
 from splitpeft.placements.registry import make_placement
@@ -35,8 +37,10 @@ class ServerSession(Party):
     """The server's half for one device: blocks [split_layer, L) (+ head) with their adapters."""
 
     def __init__(self, device_id: str, base: PreTrainedModel, placement: Placement, split_layer: int,
-                 ranks: Mapping[str, int], *, alpha: float, dropout: float, lr: float) -> None:
-        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr)
+                 ranks: Mapping[str, int], *, alpha: float, dropout: float, lr: float,
+                 runtime: Runtime = CPU_FP32) -> None:
+        part = placement.server_part(backbone_of(base).num_blocks, split_layer)
+        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, on_server=True)
         self.device_id = device_id
         self.placement = placement
         self.split_layer = split_layer
@@ -68,8 +72,9 @@ class SplitServer:
 
     def __init__(self, base: PreTrainedModel, server_ranks: Callable[[range], Mapping[str, int]],
                  start_state: Callable[[str, dict[str, int]], AdapterSet], *,
-                 alpha: float, dropout: float, lr: float, num_blocks: int) -> None:
+                 alpha: float, dropout: float, lr: float, num_blocks: int, runtime: Runtime = CPU_FP32) -> None:
         self.base = base
+        self.runtime = runtime
         self.server_ranks = server_ranks
         self.start_state = start_state
         self.alpha, self.dropout, self.lr = alpha, dropout, lr
@@ -107,7 +112,7 @@ class SplitServer:
             session = ServerSession(
                 device_id, self.base, placement, split_layer,
                 self.server_ranks(placement.server_blocks(self.num_blocks, split_layer)),
-                alpha=self.alpha, dropout=self.dropout, lr=self.lr,
+                alpha=self.alpha, dropout=self.dropout, lr=self.lr, runtime=self.runtime,
             )
             placement.open_server_session(session, meta, self.server_ranks(range(self.num_blocks)))
             self.sessions[device_id] = session

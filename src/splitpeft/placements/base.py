@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from splitpeft.data.batching import Batch
 from splitpeft.model.backbone import Backbone
+from splitpeft.model.parts import Part
 from splitpeft.parties.meter import DeviceMeter
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Message
@@ -38,6 +39,7 @@ class DeviceSide(Protocol):
     device_id: str
     model: PreTrainedModel
     backbone: Backbone
+    torch_device: torch.device    # where its part of the model runs
     meter: DeviceMeter
     split_layer: int
     killed: set[str]
@@ -57,6 +59,8 @@ class ServerSide(Protocol):
     backbone: Backbone
     split_layer: int
     hidden_size: int
+    torch_device: torch.device  # where the session's part runs
+    dtype: torch.dtype          # of the frozen base and of the activations at the cut
     alpha: float          # LoRA alpha of the run (branch scale alpha / r)
     tokens: int           # completion tokens this session trained on (counted by the server)
     step_state: Any       # the placement's own state between messages of one step
@@ -85,6 +89,10 @@ class Placement(Protocol):
         ...
 
     def device_keeps_head(self) -> bool: ...
+
+    def server_part(self, num_blocks: int, split_layer: int) -> Part:
+        """The frozen tensors the server's session for a device at `split_layer` runs."""
+        ...
 
     def uses_server(self) -> bool: ...
 

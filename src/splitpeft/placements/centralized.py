@@ -9,6 +9,7 @@ from typing import Any
 
 from splitpeft.data.batching import Batch
 from splitpeft.model.loss import causal_lm_loss
+from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, freeze_locally
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Message, MessageError
@@ -24,6 +25,9 @@ class CentralizedPlacement:
 
     def server_blocks(self, num_blocks: int, split_layer: int) -> range:
         return range(0)
+
+    def server_part(self, num_blocks: int, split_layer: int) -> Part:
+        return Part(range(0), embedding=False, head=False)
 
     def device_holds_blocks(self) -> bool:
         return True

@@ -26,6 +26,7 @@ import torch
 
 from splitpeft.data.batching import Batch
 from splitpeft.model.loss import IGNORE_INDEX, causal_lm_loss
+from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, freeze_locally
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
@@ -46,6 +47,9 @@ class SplitPlacement:
 
     def server_blocks(self, num_blocks: int, split_layer: int) -> range:
         return range(split_layer, num_blocks)
+
+    def server_part(self, num_blocks: int, split_layer: int) -> Part:
+        return Part(range(split_layer, num_blocks), embedding=False, head=not self.labels_on_device)
 
     def device_holds_blocks(self) -> bool:
         return True
@@ -70,7 +74,7 @@ class SplitPlacement:
         reply = channel.exchange(Message(Kind.ACTIVATIONS, up))
         if self.labels_on_device:
             reply.expect(Kind.FINAL_HIDDEN)
-            final = reply.tensor("hidden", shape=cut.shape, dtype=cut.dtype).requires_grad_()
+            final = reply.tensor("hidden", shape=cut.shape, dtype=cut.dtype, device=cut.device).requires_grad_()
             with meter.compute():
                 loss = causal_lm_loss(backbone.head(final), batch.labels)
                 loss.backward()
@@ -81,7 +85,7 @@ class SplitPlacement:
         else:
             reply.expect(Kind.CUT_GRADIENT)
             loss_value = float(reply.meta.get(Meta.LOSS, float("nan")))
-        grad = reply.tensor("grad", shape=cut.shape, dtype=cut.dtype)
+        grad = reply.tensor("grad", shape=cut.shape, dtype=cut.dtype, device=cut.device)
         with meter.compute():
             if cut.requires_grad:
                 cut.backward(grad)
@@ -99,11 +103,11 @@ class SplitPlacement:
     def server_step(self, session: ServerSide, message: Message) -> Message:
         backbone = session.backbone
         if message.kind == Kind.ACTIVATIONS:
-            hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=torch.float32)
+            hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=session.dtype, device=session.torch_device)
             hidden = hidden.requires_grad_()
             labels = None
             if not self.labels_on_device:  # checked before any compute
-                labels = message.tensor("labels", shape=hidden.shape[:2], dtype=torch.int32).long()
+                labels = message.tensor("labels", shape=hidden.shape[:2], dtype=torch.int32, device=session.torch_device).long()
                 session.check_labels(labels)
             final = backbone.blocks(hidden, session.split_layer, backbone.num_blocks)  # (B, T, d)
             if labels is None:
@@ -118,7 +122,7 @@ class SplitPlacement:
                 raise MessageError("HEAD_GRADIENT without a preceding ACTIVATIONS message")
             hidden, final = session.step_state
             session.step_state = None
-            grad = message.tensor("grad", shape=final.shape, dtype=final.dtype)
+            grad = message.tensor("grad", shape=final.shape, dtype=final.dtype, device=final.device)
             final.backward(grad)
             session.optimizer_step(tokens=None)
             return Message(Kind.CUT_GRADIENT, {"grad": _grad(hidden)})

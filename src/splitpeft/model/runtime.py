@@ -1,0 +1,153 @@
+"""Where and in what precision each party runs: torch device, dtype of the frozen base, its
+quantization, gradient checkpointing (the config's `runtime` section, checked against this machine).
+
+Precision, for every placement::
+
+    frozen base (embedding, norms, head)   runtime.dtype (fp32 | bf16 | fp16)
+    frozen block linears                   runtime.dtype, or bitsandbytes nf4 / int8 (base_quantization)
+    activations and cut gradients          runtime.dtype (fp16: gradients cross the cut unscaled in fp32)
+    LoRA A, B, their gradients, AdamW      fp32 always (peft casts a branch's input to the adapter dtype)
+    loss                                   fp32 (logits are upcast before the cross-entropy)
+
+Quantization uses bitsandbytes rather than torchao: peft wraps bitsandbytes' `Linear4bit` and
+`Linear8bitLt` with its own LoRA layers (the QLoRA path FlowerTune and the DLoRA paper's low-bit
+bases use), and bitsandbytes >= 0.48 has CPU kernels for both, so the same code runs in CI and on
+a GPU. NF4 is stored without double quantization (one fp32 absmax per block of 64 weights), so the
+memory model's account of it is exact.
+
+Every combination this machine cannot run stops in `resolve_runtime` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import nn
+
+from splitpeft.config import ConfigError, RuntimeConfig
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+NF4_BLOCK_SIZE = 64
+
+
+"""Weights per NF4 quantization block (one fp32 absmax each)."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The `runtime` section resolved on this machine."""
+
+    server_device: torch.device
+    device_device: torch.device
+    dtype: torch.dtype
+    quantization: str  # none | int8 | nf4
+    quantize_devices: bool
+    quantize_server: bool
+    gradient_checkpointing: bool
+
+    @property
+    def dtype_name(self) -> str:
+        return next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
+
+    def device_quantization(self) -> str:
+        return self.quantization if self.quantize_devices else "none"
+
+    def server_quantization(self) -> str:
+        return self.quantization if self.quantize_server else "none"
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 activations need their gradients scaled in backward, or small ones flush to zero."""
+        return self.dtype == torch.float16
+
+
+CPU_FP32 = Runtime(torch.device("cpu"), torch.device("cpu"), torch.float32, "none", False, False, False)
+
+
+def resolve_runtime(config: RuntimeConfig) -> Runtime:
+    """The runtime of `config` on this machine; ConfigError naming the key if it cannot run here."""
+    server = _torch_device(config.server_device, "runtime.server_device")
+    device = _torch_device(config.device_device, "runtime.device_device")
+    dtype = DTYPES[config.dtype]
+    if dtype == torch.float16:
+        for key, where in (("runtime.server_device", server), ("runtime.device_device", device)):
+            if where.type != "cuda":
+                raise ConfigError(f"runtime.dtype=fp16 needs CUDA ({key} is {where}); use bf16 on CPU")
+    quantize_devices = config.base_quantization != "none" and config.quantize in ("devices", "both")
+    quantize_server = config.base_quantization != "none" and config.quantize in ("server", "both")
+    for key, where, wanted in (("runtime.device_device", device, quantize_devices),
+                               ("runtime.server_device", server, quantize_server)):
+        if wanted:
+            problem = quantization_problem(config.base_quantization, where.type, config.dtype)
+            if problem:
+                raise ConfigError(f"runtime.base_quantization={config.base_quantization} cannot run on {key}={where}: {problem}")
+    return Runtime(server, device, dtype, config.base_quantization, quantize_devices, quantize_server,
+                   config.gradient_checkpointing)
+
+
+def _torch_device(text: str, key: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}={text} but no CUDA GPU is visible (torch.cuda.is_available() is False); use cpu or auto")
+        index_text = text.partition(":")[2] or str(torch.cuda.current_device())
+        if not index_text.isdigit() or int(index_text) >= torch.cuda.device_count():
+            raise ConfigError(f"{key}={text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", int(index_text))
+    raise ConfigError(f"{key} must be cpu, cuda, cuda:N or auto, not {text!r}")
+
+
+@cache
+def quantization_problem(mode: str, device_type: str, dtype_name: str) -> str | None:
+    """Why bitsandbytes cannot run `mode` on `device_type` here (None: it can).
+
+    Decided by running it: a small quantized linear does a forward and a backward on that device.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes==0.50.2)"
+    try:
+        device = torch.device(device_type)
+        layer = quantized_linear(nn.Linear(64, 64, bias=False), mode, DTYPES[dtype_name], device)
+        x = torch.randn(2, 64, dtype=DTYPES[dtype_name], device=device, requires_grad=True)
+        layer(x).float().sum().backward()
+        if x.grad is None or not bool(torch.isfinite(x.grad).all()):
+            return "its backward gives no finite input gradient"
+    except Exception as error:  # any failure of the library on this device is the answer
+        return f"bitsandbytes has no working kernel for it ({type(error).__name__}: {str(error)[:120]})"
+    return None
+
+
+def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A frozen bitsandbytes copy of `linear` on `device`: nf4 (4-bit NormalFloat) or int8."""
+    import bitsandbytes as bnb
+
+    weight = linear.weight.detach().to("cpu", torch.float32)
+    bias = linear.bias.detach().to("cpu", dtype) if linear.bias is not None else None
+    layer: nn.Module
+    if mode == "nf4":
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None, compute_dtype=dtype,
+                                  compress_statistics=False, quant_type="nf4", device="cpu")
+        layer.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, compress_statistics=False,
+                                         quant_type="nf4", blocksize=NF4_BLOCK_SIZE)
+    elif mode == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None,
+                                    has_fp16_weights=False, threshold=0.0, device="cpu")
+        layer.weight = bnb.nn.Int8Params(weight.to(dtype), requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ValueError(f"unknown quantization {mode!r}")
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer.to(device)  # bitsandbytes quantizes as the weight moves to its device
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear (checked by name: bitsandbytes may be absent)."""
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
