@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from splitpeft.config import ConfigError, ExperimentConfig, load_config
+from splitpeft.config import ConfigError, ExperimentConfig, describe_keys, load_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, FileNotFoundError, OSError)
 
@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    simulate = commands.add_parser("simulate", help="run a federated split fine-tuning experiment")
+    simulate = commands.add_parser("simulate", help="run a federated split fine-tuning experiment",
+                                   epilog=describe_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
     source = simulate.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, help="YAML config file")
     source.add_argument("--preset", help="built-in preset: default, tiny, e2e")

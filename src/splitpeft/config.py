@@ -204,6 +204,8 @@ class ExperimentConfig:
             (self.runtime.base_quantization == "none" or self.federation.aggregator == "fedavg",
              "runtime.base_quantization: only fedavg keeps the global update a LoRA adapter; noise_free, zero_pad "
              "and svd merge dense updates into the frozen weights, which a quantized base cannot take exactly"),
+            (self.runtime.dtype != "fp16" or self.placement.placement != "dlora",
+             "runtime.dtype=fp16: dlora's remote branches have no loss scaling; use bf16"),
             (self.runtime.base_quantization == "none" or not self.export_merged,
              "runtime.base_quantization: export_merged would merge into a quantized base; set export_merged=false"),
         ]
@@ -211,6 +213,22 @@ class ExperimentConfig:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+def describe_keys() -> str:
+    """Every config key with its default and help, one per line (for `splitpeft simulate --help`)."""
+    lines = ["config keys (key=value overrides; defaults before any preset):"]
+
+    def walk(section: Any, prefix: str) -> None:
+        for item in fields(section):
+            value = getattr(section, item.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{item.name}.")
+            else:
+                lines.append(f"  {prefix}{item.name} = {value!r}\n      {item.metadata.get('help', '')}")
+
+    walk(ExperimentConfig(), "")
+    return "\n".join(lines)
 
 
 PRESETS = ("default", "tiny", "e2e")

@@ -61,7 +61,10 @@ from splitpeft.federation.records import (
 )
 from splitpeft.federation.state import merge_delta
 from splitpeft.model import adapters as lora
-from splitpeft.model.loading import load_model
+from splitpeft.model.backbone import Backbone
+from splitpeft.model.loading import load_model_part
+from splitpeft.model.parts import Part, quantize_blocks
+from splitpeft.model.runtime import resolve_runtime
 from splitpeft.parties.device import DeviceRuntime
 from splitpeft.placements.registry import make_placement
 from splitpeft.transport.grpc import GrpcChannel
@@ -137,11 +140,20 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
 
 
 def build_own_device(config: ExperimentConfig, node: NodeSettings, split_layer: int, ranks: dict[str, int]) -> DeviceRuntime:
-    """This device alone: the model, its own shard (or its own data file, all of it training
-    data), its runtime at the server's plan. No server state, no other device's data."""
+    """This device alone: its part of the model (read from the model's safetensors files: the
+    embedding, blocks [0, split_layer) and the head if it keeps the labels; never a block it does
+    not run), its own shard (or its own data file, all of it training data), its runtime at the
+    server's plan. No server state, no other device's data."""
     seed_everything(config.seed)
-    loaded = load_model(config.model.name, seed=config.seed)
+    runtime = resolve_runtime(config.runtime)
     placement = make_placement(config.placement.placement, labels_on_device=config.placement.labels_on_device)
+
+    def own_part(backbone: Backbone) -> Part:
+        blocks = placement.device_blocks(backbone.num_blocks, split_layer) if placement.device_holds_blocks() else range(0)
+        return Part(blocks, embedding=True, head=placement.device_keeps_head())
+
+    loaded = load_model_part(config.model.name, own_part, seed=config.seed, dtype=runtime.dtype, device=runtime.device_device)
+    quantize_blocks(loaded.model, range(split_layer), runtime.device_quantization(), runtime.dtype)
     if node.data_path is not None:  # the device's own file: all of it is its training data
         examples = load_examples(config.data.source, node.data_path, limit=config.data.limit, seed=config.seed)
     else:
@@ -150,7 +162,7 @@ def build_own_device(config: ExperimentConfig, node: NodeSettings, split_layer: 
     pad_id = int(loaded.tokenizer.pad_token_id)
     items = encode_examples(examples, loaded.tokenizer, config.data.max_length)
     return build_device(config, loaded.model, placement, node.device, device_stream(config, items, node.device, pad_id),
-                        split_layer, ranks)
+                        split_layer, ranks, runtime=runtime)
 
 
 def _yaml_mapping(text: str) -> dict[str, Any]:

@@ -48,9 +48,13 @@ def input_groups(module_names: Sequence[str]) -> dict[str, str]:
 
 
 def branch(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    """The LoRA branch s * B A x of a peft layer, without its base linear: (..., d_in) -> (..., d_out)."""
+    """The LoRA branch s * B A x of a peft layer, without its base linear: (..., d_in) -> (..., d_out).
+
+    As in peft, the branch runs in the adapter's dtype (fp32) on `x` cast to it; its output goes
+    back in `x`'s dtype (the runtime dtype of the activations on the wire)."""
     a, b = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
-    return b(a(layer.lora_dropout[ADAPTER_NAME](x))) * layer.scaling[ADAPTER_NAME]
+    inner = x.to(a.weight.dtype)
+    return (b(a(layer.lora_dropout[ADAPTER_NAME](inner))) * layer.scaling[ADAPTER_NAME]).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------ server side
@@ -123,6 +127,7 @@ class DLoRASession:
     calls: int = 0
     cache: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     killed_grad_norms: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the session runs
     anchor: torch.Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
     _killed_params: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -135,7 +140,7 @@ class DLoRASession:
             x = args[0]
             if name in self.killed:
                 a, b = self._killed_params[name]
-                return output + self.scales[name] * (x @ a.T) @ b.T
+                return (output + self.scales[name] * (x.to(a.dtype) @ a.T) @ b.T).to(output.dtype)
             if name not in self.active:
                 return output
             key = (self.groups[name], id(x))
@@ -150,7 +155,7 @@ class DLoRASession:
         for name, value in weights.items():
             self.killed[name] = value
             self.active.discard(name)
-            self._killed_params[name] = (value.A.clone(), value.B.clone())
+            self._killed_params[name] = (value.A.to(self.device, copy=True), value.B.to(self.device, copy=True))
 
     def revive(self, names: Sequence[str]) -> dict[str, LoraWeights]:
         handed = {}
@@ -173,7 +178,8 @@ class DLoRASession:
 def install_server_hooks(session: ServerSide, modules: Sequence[str], scales: dict[str, float]) -> DLoRASession:
     """Hook every adapted linear of the session's (adapter-free) model copy."""
     by_name = dict(session.model.named_modules())
-    state = DLoRASession(active=set(modules), scales=dict(scales), groups=input_groups(modules))
+    state = DLoRASession(active=set(modules), scales=dict(scales), groups=input_groups(modules), device=session.torch_device,
+                         anchor=torch.zeros((), requires_grad=True, device=session.torch_device))
     for name in modules:
         module = by_name[name]
         weight = module.weight

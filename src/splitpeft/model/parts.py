@@ -131,7 +131,7 @@ def load_part(folder: Path, part_of: PartFn, *, device: torch.device, dtype: tor
     keep = part_of(backbone).parameter_names(backbone)
     files = safetensors_files(folder)
     tied = getattr(model, "_tied_weights_keys", None) or {}
-    if not isinstance(tied, dict):
+    if not isinstance(tied, dict) or not getattr(model.config, "tie_word_embeddings", False):
         tied = {}
     by_name = dict(model.named_parameters(remove_duplicate=False))
     for name in sorted(keep):
@@ -143,9 +143,11 @@ def load_part(folder: Path, part_of: PartFn, *, device: torch.device, dtype: tor
             raise ModelError(f"{folder}: tensor {source} has shape {tuple(tensor.shape)}, the model expects {tuple(by_name[name].shape)}")
         _assign(model, name, nn.Parameter(tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype),
                                           requires_grad=False))
-    for target, source in tied.items():  # keep tied weights one tensor, as in memory
-        if target in keep and source in keep:
+    for target, source in tied.items():  # tied weights are one tensor under two names, as in memory
+        if source in keep:
             _assign(model, str(target), model.get_parameter(str(source)))
+        elif target in keep:
+            _assign(model, str(source), model.get_parameter(str(target)))
     for name, buffer in list(model.named_buffers()):
         module_name, _, leaf = name.rpartition(".")
         model.get_submodule(module_name).register_buffer(leaf, buffer.to(device), persistent=False)

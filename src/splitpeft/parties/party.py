@@ -60,6 +60,7 @@ class Party:
         self.optimizer = (
             torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay) if self.parameters else None
         )
+        self.scaler = torch.amp.GradScaler(self.torch_device.type) if runtime.loss_scaling and self.parameters else None
         self.model.train()
 
     def frozen_tensors(self) -> list[torch.Tensor]:
@@ -92,10 +93,47 @@ class Party:
         """This party's adapters, on the CPU (where the federation's state lives)."""
         return {name: LoraWeights(w.A.cpu(), w.B.cpu()) for name, w in read_adapters(self.model).items()}
 
+    # ------------------------------------------------------------------ backward, with fp16 loss scaling
+    #
+    # Under runtime.dtype=fp16 each party scales its own backward by its own dynamic scale S
+    # (torch.amp.GradScaler): a loss as S * loss, a gradient arriving across the cut as S * g.
+    # What it sends across the cut is unscaled again and in fp32 (`outgoing_grad`), so neither side
+    # needs the other's scale, and small gradients do not flush to zero in fp16 on the way. An
+    # overflowed step (non-finite gradients) is skipped by the scaler, which lowers S, and sends a
+    # zero gradient on. Other dtypes: plain backward.
+
+    def backward(self, tensor: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """Backward from a loss (`grad` None) or from an output receiving `grad` across the cut."""
+        if self.scaler is None:
+            tensor.backward(grad)
+            return
+        if grad is None:
+            self.scaler.scale(tensor.float()).backward()
+        else:
+            tensor.backward(self.scaler.scale(grad.float()).to(tensor.dtype))
+
+    def outgoing_grad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The gradient on `tensor` to send across the cut (zeros where backward never reached)."""
+        grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+        if self.scaler is None:
+            return grad
+        grad = grad.float() / self.scaler.get_scale()
+        return grad if bool(torch.isfinite(grad).all()) else torch.zeros_like(grad)
+
+    @property
+    def wire_grad_dtype(self) -> torch.dtype:
+        """dtype of gradients crossing the cut: fp32 under fp16 (unscaled), else the runtime dtype."""
+        return torch.float32 if self.scaler is not None else self.dtype
+
     def optimizer_step(self) -> None:
-        if self.optimizer is not None:
+        if self.optimizer is None:
+            return
+        if self.scaler is None:
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        elif any(p.grad is not None for p in self.parameters):
+            self.scaler.step(self.optimizer)  # unscales; skips the step if a gradient is not finite
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_state_tensors(self) -> list[torch.Tensor]:
         if self.optimizer is None:

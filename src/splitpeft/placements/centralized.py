@@ -43,7 +43,7 @@ class CentralizedPlacement:
         with device.meter.compute():
             hidden = backbone.blocks(backbone.embed(batch.input_ids), 0, backbone.num_blocks)  # (B, T, d)
             loss = causal_lm_loss(backbone.head(hidden), batch.labels)
-            loss.backward()
+            device.backward(loss)
             device.optimizer_step()
         return loss.item()
 

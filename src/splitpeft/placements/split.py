@@ -77,18 +77,18 @@ class SplitPlacement:
             final = reply.tensor("hidden", shape=cut.shape, dtype=cut.dtype, device=cut.device).requires_grad_()
             with meter.compute():
                 loss = causal_lm_loss(backbone.head(final), batch.labels)
-                loss.backward()
+                device.backward(loss)
             loss_value = loss.item()
-            assert final.grad is not None  # the head's backward reached it
-            reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": final.grad}, meta={Meta.LOSS: finite(loss_value)}))
+            reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": device.outgoing_grad(final)},
+                                             meta={Meta.LOSS: finite(loss_value)}))
             reply.expect(Kind.CUT_GRADIENT)
         else:
             reply.expect(Kind.CUT_GRADIENT)
             loss_value = float(reply.meta.get(Meta.LOSS, float("nan")))
-        grad = reply.tensor("grad", shape=cut.shape, dtype=cut.dtype, device=cut.device)
+        grad = reply.tensor("grad", shape=cut.shape, dtype=device.wire_grad_dtype, device=cut.device)
         with meter.compute():
             if cut.requires_grad:
-                cut.backward(grad)
+                device.backward(cut, grad)
             device.optimizer_step()
         return loss_value
 
@@ -114,24 +114,20 @@ class SplitPlacement:
                 session.step_state = (hidden, final)  # until the device's HEAD_GRADIENT
                 return Message(Kind.FINAL_HIDDEN, {"hidden": final.detach()})
             loss = causal_lm_loss(backbone.head(final), labels)
-            loss.backward()
+            session.backward(loss)
             session.optimizer_step(tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()))
-            return Message(Kind.CUT_GRADIENT, {"grad": _grad(hidden)}, meta={Meta.LOSS: finite(loss.item())})
+            return Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(hidden)}, meta={Meta.LOSS: finite(loss.item())})
         if message.kind == Kind.HEAD_GRADIENT and self.labels_on_device:
             if session.step_state is None:
                 raise MessageError("HEAD_GRADIENT without a preceding ACTIVATIONS message")
             hidden, final = session.step_state
             session.step_state = None
-            grad = message.tensor("grad", shape=final.shape, dtype=final.dtype, device=final.device)
-            final.backward(grad)
+            grad = message.tensor("grad", shape=final.shape, dtype=session.wire_grad_dtype, device=final.device)
+            session.backward(final, grad)
             session.optimizer_step(tokens=None)
-            return Message(Kind.CUT_GRADIENT, {"grad": _grad(hidden)})
+            return Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(hidden)})
         raise MessageError(f"unexpected {message.kind.name} message for placement {self.name}")
 
     def abort(self, session: ServerSide) -> None:
         session.step_state = None
 
-
-def _grad(tensor: torch.Tensor) -> torch.Tensor:
-    """The gradient backward left on `tensor` (zeros where nothing reached it)."""
-    return tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
