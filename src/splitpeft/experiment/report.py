@@ -17,8 +17,10 @@ MEASUREMENT_NOTES = {
     "flops": "device-side forward+backward FLOPs counted by torch.utils.flop_counter.FlopCounterMode",
     "peak_memory_bytes": (
         "CPU: tensor account of the device's largest step: frozen weights it holds, adapters, "
-        "their gradients and optimiser state, plus every distinct tensor saved for backward"
+        "their gradients and optimiser state, plus every distinct tensor saved for backward; "
+        "CUDA: the device's resident tensors plus the allocator's peak rise during its own compute"
     ),
+    "resident_bytes": "frozen base tensors the device holds (its part of the model; the rest is on the meta device)",
     "wall_s": "measured wall-clock seconds of the device's local phase (server time included in-process)",
 }
 
