@@ -323,7 +323,7 @@ def test_int8_round_trip_error_is_at_most_half_a_step_per_channel():
     message = _activations()
     x = message.tensors["hidden"]
     packed = compress(message, "int8")
-    assert packed.meta["compression"] == {"hidden": "int8"}
+    assert packed.meta["compression"] == {"hidden": {"mode": "int8", "dtype": "float32"}}
     scale = packed.tensors["hidden" + SCALE_SUFFIX]
     assert scale.shape == (16,) and scale.dtype == torch.float32
     torch.testing.assert_close(scale, x.abs().amax(dim=(0, 1)) / 127)
@@ -335,6 +335,48 @@ def test_int8_round_trip_error_is_at_most_half_a_step_per_channel():
     assert bool((back.tensors["hidden"][..., 4] == 0).all())
     q, _ = quantize_int8(x)
     assert int(q.abs().max()) == 127
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_int8_restores_each_tensor_to_its_own_dtype(dtype):
+    """int8 works from any float dtype; the receiver gets the sender's dtype back, within half a
+    step per channel plus the rounding of that dtype."""
+    message = _activations()
+    x = message.tensors["hidden"].to(dtype)
+    message.tensors["hidden"] = x
+    packed = compress(message, "int8")
+    assert packed.meta["compression"] == {"hidden": {"mode": "int8", "dtype": str(dtype).removeprefix("torch.")}}
+    scale = packed.tensors["hidden" + SCALE_SUFFIX]
+    assert scale.dtype == torch.float32
+    torch.testing.assert_close(scale, x.abs().amax(dim=(0, 1)).float() / 127)
+    back = decompress(decode(encode(packed)))
+    assert back.tensors["hidden"].dtype == dtype and back.tensors["labels"].dtype == torch.int32
+    restored = back.tensors["hidden"].double()
+    rounding = torch.finfo(dtype).eps * restored.abs()
+    assert bool(((restored - x.double()).abs() <= scale.double() / 2 * (1 + 1e-5) + rounding + 1e-12).all())
+
+
+def test_bf16_restores_float64_and_leaves_two_byte_floats_as_they_are():
+    message = _activations()
+    message.tensors["hidden"] = message.tensors["hidden"].double()
+    packed = compress(message, "bf16")
+    assert packed.meta["compression"] == {"hidden": {"mode": "bf16", "dtype": "float64"}}
+    back = decompress(decode(encode(packed)))
+    assert back.tensors["hidden"].dtype == torch.float64
+    x = message.tensors["hidden"]
+    assert bool(((back.tensors["hidden"] - x).abs() <= 2**-8 * x.abs()).all())
+    for dtype in (torch.bfloat16, torch.float16):  # 2 bytes already: bf16 would save nothing
+        two_bytes = Message(Kind.ACTIVATIONS, {"hidden": torch.randn(2, 3, 8).to(dtype)})
+        assert compress(two_bytes, "bf16") is two_bytes
+
+
+def test_mixed_dtypes_in_one_message_each_come_back_as_they_were():
+    tensors = {"x.f32": torch.randn(2, 8), "x.bf16": torch.randn(2, 8).bfloat16(), "x.f16": torch.randn(2, 8).half()}
+    message = Message(Kind.BRANCH_OUTPUTS, tensors)
+    for mode in ("bf16", "int8"):
+        back = decompress(decode(encode(compress(message, mode))))
+        assert {name: value.dtype for name, value in back.tensors.items()} == \
+            {name: value.dtype for name, value in tensors.items()}
 
 
 @pytest.mark.parametrize("kind", [Kind.ADAPTERS, Kind.KILL, Kind.REVIVE, Kind.OPEN_SESSION])
@@ -357,10 +399,22 @@ def _corrupt(change) -> Message:
     return message
 
 
+def _scheme(mode: str, dtype: object = "float32") -> dict[str, object]:
+    return {"mode": mode, "dtype": dtype}
+
+
 MALFORMED = {
-    "unknown mode": (lambda m: m.meta.update(compression={"hidden": "int4"}), "unknown compression mode 'int4'"),
+    "unknown mode": (lambda m: m.meta.update(compression={"hidden": _scheme("int4")}), "unknown compression mode 'int4'"),
     "not an object": (lambda m: m.meta.update(compression=["hidden"]), "must be a non-empty object"),
-    "missing tensor": (lambda m: m.meta.update(compression={"hidden": "int8", "grad": "int8"}), "lacks"),
+    "entry not an object": (lambda m: m.meta.update(compression={"hidden": "int8"}), "'int8' is not an object of mode"),
+    "entry with a stray key": (lambda m: m.meta["compression"]["hidden"].update(scale=2), "is not an object of mode"),
+    "unknown dtype": (lambda m: m.meta.update(compression={"hidden": _scheme("int8", "float128")}),
+                      "unknown original dtype 'float128'"),
+    "integer dtype": (lambda m: m.meta.update(compression={"hidden": _scheme("int8", "int32")}),
+                      "unknown original dtype 'int32'"),
+    "dtype not a name": (lambda m: m.meta.update(compression={"hidden": _scheme("int8", ["float32"])}),
+                         r"unknown original dtype \['float32'\]"),
+    "missing tensor": (lambda m: m.meta.update(compression={"hidden": _scheme("int8"), "grad": _scheme("int8")}), "lacks"),
     "missing scale": (lambda m: m.tensors.pop("hidden" + SCALE_SUFFIX), "without its scale tensor"),
     "scale shape": (lambda m: m.tensors.update({"hidden" + SCALE_SUFFIX: torch.ones(15)}), r"shape \(15,\)"),
     "scale dtype": (lambda m: m.tensors.update({"hidden" + SCALE_SUFFIX: torch.ones(16, dtype=torch.float64)}),
@@ -369,7 +423,8 @@ MALFORMED = {
     "inf scale": (lambda m: m.tensors["hidden" + SCALE_SUFFIX].__setitem__(0, float("inf")), "negative, NaN or Inf"),
     "negative scale": (lambda m: m.tensors["hidden" + SCALE_SUFFIX].__setitem__(0, -1.0), "negative, NaN or Inf"),
     "payload dtype": (lambda m: m.tensors.update(hidden=m.tensors["hidden"].float()), "has dtype torch.float32"),
-    "bf16 dtype": (lambda m: m.meta.update(compression={"hidden": "bf16"}), "bf16-compressed tensor has dtype torch.int8"),
+    "bf16 dtype": (lambda m: m.meta.update(compression={"hidden": _scheme("bf16")}),
+                   "bf16-compressed tensor has dtype torch.int8"),
     "stray scale": (lambda m: m.tensors.update({"labels" + SCALE_SUFFIX: torch.ones(5)}), "belong to no int8"),
     "scale without metadata": (lambda m: m.meta.pop("compression"), "no compression metadata"),
 }

@@ -1,12 +1,15 @@
 """Wire encoding: exact sizes, round trips, and a clear rejection of every malformed frame."""
 
 import json
+import math
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from message_strategies import DTYPES, messages, random_tensor
 
+from splitpeft.transport.compression import MODES, compress
 from splitpeft.transport.messages import (
     KIND_PREFIX_BYTES,
     MAGIC,
@@ -15,10 +18,14 @@ from splitpeft.transport.messages import (
     Kind,
     Message,
     MessageError,
+    all_finite,
     checksum,
     decode,
     encode,
+    encoded_size,
+    frame_size,
     header_bytes,
+    safetensors_header,
     tensor_bytes,
 )
 
@@ -69,6 +76,23 @@ def test_non_finite_tensors_are_rejected(bad):
         decode(encode(Message(Kind.ACTIVATIONS, {"hidden": hidden})))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_every_nan_and_inf_is_found_wherever_it_is(dtype):
+    """The min/max shortcut of `all_finite` against an independent elementwise reference."""
+    assert all_finite(torch.randn(4, 5).to(dtype)) and all_finite(torch.empty(0, 3, dtype=dtype))
+    assert all_finite(torch.tensor(2.0).to(dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        if dtype == torch.float8_e4m3fn and math.isinf(bad):
+            continue  # e4m3fn has no Inf (it saturates to NaN)
+        for position in range(20):
+            value = torch.randn(4, 5)
+            value.view(-1)[position] = bad
+            value = value.to(dtype)
+            assert not bool(torch.isfinite(value.float()).all())
+            assert not all_finite(value), (bad, position)
+        assert not all_finite(torch.tensor(bad).to(dtype))
+
+
 def test_non_finite_scalars_cannot_be_sent():
     with pytest.raises(ValueError):
         encode(Message(Kind.CUT_GRADIENT, meta={"loss": float("nan")}))
@@ -89,6 +113,25 @@ def test_malformed_frames_each_get_a_named_error():
             decode(data)
     with pytest.raises(MessageError, match="exceeds the limit of 100 bytes"):
         decode(frame, max_bytes=100)
+
+
+def test_tensor_moves_to_the_asked_device_without_a_copy_where_it_is():
+    message = _message()
+    hidden = message.tensors["hidden"]
+    assert message.tensor("hidden", device="cpu") is hidden
+    assert message.tensor("hidden", device=torch.device("cpu")) is hidden
+    moved = message.tensor("hidden", shape=(2, 5, 8), dtype=torch.float32, device="meta")
+    assert moved.device.type == "meta" and moved.shape == hidden.shape
+    with pytest.raises(MessageError, match="expected torch.int64"):
+        message.tensor("labels", dtype=torch.int64, device="meta")  # checked before it moves
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tensor_moves_to_cuda():
+    moved = _message().tensor("hidden", device="cuda")
+    assert moved.is_cuda
+    assert _message().tensor("hidden", device="cuda") is not moved
+    assert Message(Kind.ACTIVATIONS, {"hidden": moved}).tensor("hidden", device="cuda") is moved
 
 
 def test_error_reply_surfaces_the_peer_text():
@@ -135,3 +178,63 @@ def test_fuzz_crafted_frames_with_valid_checksums_are_rejected_or_sound(noise, c
             continue
         assert isinstance(message.meta, dict)
         assert all(torch.isfinite(t).all() for t in message.tensors.values() if t.is_floating_point())
+
+
+# ------------------------------------------------------------------ sizes without encoding
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", list(Kind), ids=lambda kind: kind.name)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_encoded_size_is_the_frame_length(kind, mode, data):
+    """For every kind and compression mode, the header rebuilt from names, dtypes and shapes is
+    byte for byte the one safetensors writes, so the computed size is the frame's length."""
+    packed = compress(data.draw(messages(kind)), mode)
+    frame = encode(packed)
+    assert safetensors_header(packed) == frame[PREFIX_BYTES + 8:header_bytes(frame)]
+    assert frame_size(packed) == encoded_size(packed) == len(frame)
+
+
+def test_encoded_size_of_many_tensors_with_names_of_every_length():
+    named = {"é\"\\\n\x01" * (i % 7) + f"t{i}" * (i % 13): random_tensor((i % 5, 3), DTYPES[i % len(DTYPES)], i)
+             for i in range(300)}
+    message = compress(Message(Kind.BRANCH_OUTPUTS, named, meta={"modules": list(named), "ünï": "\u2028"}), "int8")
+    assert frame_size(message) == len(encode(message))
+    assert frame_size(Message(Kind.STEP_DONE)) == len(encode(Message(Kind.STEP_DONE)))
+
+
+def test_encoded_size_does_not_read_tensor_data():
+    """Sizes come from shapes alone: a tensor with no data (device "meta") is sized like its twin."""
+    real = Message(Kind.ACTIVATIONS, {"hidden": torch.randn(2, 3, 4, dtype=torch.bfloat16)}, meta={"loss": 1.0})
+    ghost = Message(Kind.ACTIVATIONS, {"hidden": torch.empty(2, 3, 4, dtype=torch.bfloat16, device="meta")},
+                    meta={"loss": 1.0})
+    assert encoded_size(ghost) == len(encode(real))
+
+
+CORNERS = {
+    "complex": {"z": torch.ones(3, dtype=torch.complex64), "x": torch.ones(2)},
+    "uint16": {"u": torch.ones(3, dtype=torch.uint16)},
+    "float8": {"f": torch.ones(4).to(torch.float8_e4m3fn)},
+    "safetensors' own key": {"__metadata__": torch.ones(2), "x": torch.ones(3)},
+}
+
+
+@pytest.mark.parametrize("corner", sorted(CORNERS))
+def test_corners_outside_the_formula_are_sized_by_encoding(corner):
+    message = Message(Kind.ACTIVATIONS, CORNERS[corner], meta={"step": 1})
+    assert frame_size(message) is None
+    assert encoded_size(message) == len(encode(message))
+
+
+def test_what_encode_refuses_encoded_size_refuses_alike():
+    for meta, error in (({"loss": float("nan")}, ValueError), ({"ids": {1, 2}}, TypeError)):
+        with pytest.raises(error):
+            encode(Message(Kind.CUT_GRADIENT, meta=meta))
+        with pytest.raises(error):
+            encoded_size(Message(Kind.CUT_GRADIENT, meta=meta))
+    surrogate = Message(Kind.ACTIVATIONS, {"\ud800": torch.ones(2)})  # a name with no UTF-8
+    assert frame_size(surrogate) is None
+    with pytest.raises(UnicodeEncodeError):
+        encode(surrogate)
+    with pytest.raises(UnicodeEncodeError):
+        encoded_size(surrogate)

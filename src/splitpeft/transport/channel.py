@@ -1,9 +1,17 @@
 """The device <-> server channel: the only way the two halves of a split model talk.
 
-Training code calls `channel.exchange(message)` and gets the server's reply. Every message is
-encoded to its wire bytes and decoded again on the other side (also in-process), so the byte
-counts are the real serialised sizes and the decoder's validation always runs. Whether the
-channel is in-process or a gRPC stream is one constructor argument; the training code is the same.
+Training code calls `channel.exchange(message)` and gets the server's reply. Whether the channel
+is in-process or a gRPC stream is one constructor argument; the training code is the same.
+
+Byte counts are the real serialised sizes, `len(encode(message))` after compression, on every
+channel. Over the network each message is encoded and decoded. In-process (`send_locally`) it is
+encoded and decoded only when a `tap` is set, since the wire audit needs the real frames, or in
+the rare corner `messages.frame_size` does not cover (then the frame alone knows its size).
+Otherwise the size is computed from names, dtypes and shapes (`messages.frame_size` rebuilds the
+safetensors header byte for byte, so the count is the same as the frame's length) and the tensors
+are handed over in memory (`messages.hand_over`: the size limit, NaN/Inf and metadata checks of
+`decode`; detached views sharing storage with the sender's tensors, on the sender's device): an
+activation on a GPU is not copied to the CPU and back. Compression runs on both paths alike.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from splitpeft.transport.messages import (
     decode,
     encode,
     error_message,
+    frame_size,
+    hand_over,
 )
 
 Direction = Literal["up", "down"]
@@ -83,10 +93,19 @@ class _Counted(Protocol):
 
 
 def send_locally(channel: _Counted, message: Message, direction: Direction) -> Message:
-    """One message through the wire encoding on this side only: compress, encode, count, tap,
-    decode, decompress. The in-process channel uses it for everything; a network channel for
-    the adapter exchange, which travels with the federation engine rather than on its stream."""
-    frame = encode(compress(message, channel.compression))
+    """One message across this process as if through the wire: compress, count its encoded
+    size, validate, decompress. The in-process channel uses it for everything; a network channel
+    for the adapter exchange, which travels with the federation engine rather than on its stream.
+
+    With a `tap` the message really is encoded (the tap sees the frame) and decoded; without one
+    it is sized and handed over in memory, with the same count and the same errors.
+    """
+    packed = compress(message, channel.compression)
+    size = frame_size(packed) if channel.tap is None else None
+    if size is not None:
+        channel.traffic.count(direction, size)
+        return decompress(hand_over(packed, size, max_bytes=channel.max_message_bytes))
+    frame = encode(packed)
     channel.traffic.count(direction, len(frame))
     if channel.tap is not None:
         channel.tap(channel.device_id, direction, frame)
@@ -94,12 +113,13 @@ def send_locally(channel: _Counted, message: Message, direction: Direction) -> M
 
 
 class InProcessChannel:
-    """Device and server in one process; messages still cross as encoded bytes.
+    """Device and server in one process; messages are counted at their encoded size and checked
+    as on the wire, but cross as encoded bytes only when a `tap` is set (see `send_locally`).
 
     `tap`, if given, sees every frame (device id, direction, bytes): the wire audit uses it.
     `compression` ("none", "bf16", "int8"; see `compression.py`) applies to the split traffic in
     both directions, so the counted bytes are the compressed sizes and both sides see dequantised
-    float32 tensors, exactly as over the network.
+    tensors in their original dtype, exactly as over the network.
     """
 
     def __init__(
@@ -119,7 +139,7 @@ class InProcessChannel:
         self.traffic = Traffic()
 
     def send(self, message: Message, direction: Direction) -> Message:
-        """Encode, count and decode one message travelling in `direction`."""
+        """Count, check and hand over one message travelling in `direction`."""
         return send_locally(self, message, direction)
 
     def exchange(self, message: Message) -> Message:

@@ -1,4 +1,4 @@
-"""Typed messages and their wire encoding (the same bytes in-process and over the network).
+"""Typed messages, their wire encoding, and their in-process hand-over (same sizes, same checks).
 
 Frame layout::
 
@@ -11,6 +11,11 @@ to training code: size limit, magic, version, kind, checksum (so any truncated o
 is refused, even where the damage would still parse), header, offsets (safetensors checks them),
 NaN/Inf in floating tensors. Expected shapes and dtypes are checked by the receiver with
 `Message.tensor(name, shape=..., dtype=...)`, since only it knows what its session expects.
+
+In one process a message need not become bytes at all: `frame_size` computes `len(encode(m))`
+from names, dtypes and shapes alone (the safetensors header is rebuilt exactly as safetensors
+writes it), and `hand_over` runs the checks of `decode` that apply to tensors in memory (size
+limit, NaN/Inf) and gives the receiver detached views instead of decoded copies.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from safetensors.torch import save as save_safetensors
 MAGIC = b"SPFT"
 
 
-VERSION = 2
+VERSION = 3  # 3: compression metadata records each compressed tensor's original dtype
 
 
 KIND_PREFIX_BYTES = len(MAGIC) + 2
@@ -108,8 +113,11 @@ class Message:
         *,
         shape: Sequence[int | None] | None = None,
         dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """The tensor `name`, checked against the expected shape (None = any size) and dtype."""
+        """The tensor `name`, checked against the expected shape (None = any size) and dtype, and
+        moved to `device` if given (no copy where it already is: a receiver on cuda gets cuda
+        tensors whichever side of the channel they came from)."""
         if name not in self.tensors:
             raise MessageError(f"{self.kind.name} message lacks tensor {name!r}")
         value = self.tensors[name]
@@ -123,7 +131,7 @@ class Message:
                     f"{self.kind.name}.{name}: shape {tuple(value.shape)}, expected "
                     f"({', '.join('*' if s is None else str(s) for s in shape)})"
                 )
-        return value
+        return value if device is None else value.to(device)
 
     def expect(self, *kinds: Kind) -> Message:
         """Raise MessageError (carrying a peer's error text) unless this is one of `kinds`."""
@@ -159,8 +167,7 @@ def header_bytes(frame: bytes) -> int:
 
 def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, allow_nonfinite: bool = False) -> Message:
     """Parse and validate wire bytes; any defect raises MessageError naming it."""
-    if len(frame) > max_bytes:
-        raise MessageError(f"message of {len(frame)} bytes exceeds the limit of {max_bytes} bytes")
+    check_size(len(frame), max_bytes)
     if len(frame) < PREFIX_BYTES + 8:
         raise MessageError(f"truncated message: {len(frame)} bytes is shorter than any frame")
     if frame[:4] != MAGIC:
@@ -189,10 +196,38 @@ def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, allow_no
     if not isinstance(meta, dict):
         raise MessageError(f"garbled {kind.name} message: metadata is not an object")
     if not allow_nonfinite:
-        for name, value in tensors.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise MessageError(f"{kind.name}.{name} contains NaN or Inf")
+        check_finite(kind, tensors)
     return Message(kind, tensors, meta)
+
+
+def check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise MessageError(f"message of {size} bytes exceeds the limit of {max_bytes} bytes")
+
+
+def check_finite(kind: Kind, tensors: Mapping[str, torch.Tensor]) -> None:
+    """MessageError naming the first floating tensor that holds a NaN or an Inf."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not all_finite(value):
+            raise MessageError(f"{kind.name}.{name} contains NaN or Inf")
+
+
+_MIN_MAX_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no NaN and no Inf.
+
+    min and max propagate NaN and are +-Inf where any value is, so checking those two takes one
+    reduction and no (B, T, d) bool temporary: about 20x faster than `isfinite(value).all()` on
+    CPU. Other floating dtypes (float8, which neither `aminmax` nor `isfinite` takes) are checked
+    in float32.
+    """
+    if value.numel() == 0:
+        return True
+    if value.dtype in _MIN_MAX_DTYPES:
+        return bool(torch.isfinite(torch.stack(torch.aminmax(value))).all())
+    return bool(torch.isfinite(value.to(torch.float32)).all())
 
 
 def _reject_constant(name: str) -> float:
@@ -208,3 +243,95 @@ def finite(value: float) -> float:
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ------------------------------------------------------------------ in memory: sizes without bytes
+
+# safetensors' dtype names, in the order of its `Dtype` enum (increasing alignment). It writes the
+# tensors sorted by that order descending, then by name; `frame_size` must do the same. Other
+# dtypes (complex, float8, unsigned beyond uint8) are left to `encode`.
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+}
+
+
+_DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES)}
+
+
+def safetensors_header(message: Message) -> bytes | None:
+    """The JSON header `encode` writes for `message` (padded with spaces to a multiple of 8),
+    built from names, dtypes and shapes without touching tensor data; None for a corner not
+    reproduced here: a dtype outside `SAFETENSORS_DTYPES`, a value that is not a dense tensor, a
+    name that is not a UTF-8 string or is safetensors' own "__metadata__".
+
+    Raises what `encode` raises for metadata JSON cannot carry (ValueError for NaN/Inf,
+    TypeError for other objects). Mirrors safetensors 0.8 `tensor.rs: prepare` and its serde
+    JSON, which escapes exactly what `json.dumps(..., ensure_ascii=False)` escapes.
+    """
+    meta_text = json.dumps(message.meta, allow_nan=False)
+    for name, value in message.tensors.items():
+        if (not isinstance(name, str) or name == "__metadata__" or not isinstance(value, torch.Tensor)
+                or value.layout != torch.strided or value.dtype not in _DTYPE_RANK):
+            return None
+    order = sorted(message.tensors, key=lambda name: (-_DTYPE_RANK[message.tensors[name].dtype], name))
+    header: dict[str, Any] = {"__metadata__": {META_KEY: meta_text}}
+    offset = 0
+    for name in order:
+        value = message.tensors[name]
+        size = value.numel() * value.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    try:
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate in a name: safetensors refuses it too
+        return None
+    return text + b" " * (-len(text) % 8)
+
+
+def frame_size(message: Message) -> int | None:
+    """`len(encode(message))` without encoding: prefix + 8-byte length + header + tensor data;
+    None where `safetensors_header` is (then only `encode` knows)."""
+    header = safetensors_header(message)
+    if header is None:
+        return None
+    return PREFIX_BYTES + 8 + len(header) + tensor_bytes(message.tensors)
+
+
+def encoded_size(message: Message) -> int:
+    """`len(encode(message))`: computed from shapes and dtypes (no tensor data copied), or by
+    encoding in the corners `frame_size` leaves out."""
+    size = frame_size(message)
+    return len(encode(message)) if size is None else size
+
+
+def hand_over(message: Message, size: int, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """What `decode(encode(message), max_bytes=...)` gives, without the bytes; `size` is
+    `frame_size(message)`.
+
+    Runs the checks of `decode` that apply to tensors in memory, with the same errors: the size
+    limit, NaN/Inf in floating tensors, metadata that is a JSON object (and travels as JSON, so
+    the receiver gets a fresh dict with lists for tuples, as from the wire). The frame checks
+    (magic, version, checksum, offsets) have no bytes to check. Tensors are handed over as
+    detached contiguous views on their own device: no data is copied (unless a tensor was not
+    contiguous), they share storage with the sender's tensors but not its autograd graph, and an
+    in-place change by either side bumps the shared version counter, so autograd still refuses a
+    backward through a tensor changed after use instead of computing a wrong gradient. Unlike
+    `encode`, tensors that share one storage are not refused (safetensors will not write them).
+    """
+    check_size(size, max_bytes)
+    meta = json.loads(json.dumps(message.meta, allow_nan=False))
+    if not isinstance(meta, dict):
+        raise MessageError(f"garbled {message.kind.name} message: metadata is not an object")
+    tensors = {name: value.detach().contiguous() for name, value in message.tensors.items()}
+    check_finite(message.kind, tensors)
+    return Message(message.kind, tensors, meta)
