@@ -214,3 +214,21 @@ def test_restarted_adapters_drop_their_optimiser_moments():
     device.load(sim.state.start_state(device.device_id, device.ranks))
     assert not device.optimizer.state
     sim.run_round()  # and training goes on
+
+
+def test_a_bf16_fleet_is_planned_as_it_runs():
+    """runtime.dtype=bf16: ARMSC plans from the devices' precision (bf16 base and activations,
+    fp32 adapters), and each device's measured peak is its planned peak to the byte."""
+    bf16 = [*HSPLIT, "runtime.dtype=bf16"]
+    probe = Simulation(tiny_config("tiny-llama", *bf16, f"fleet.memory_bytes={[10**9] * 3}"))
+    shapes, scores = probe.planning.shapes, probe.planning.planned_scores
+    assert (shapes.dtype_bytes, shapes.quantization) == (2, "none")
+    assert shapes == ModelShapes.from_model(probe.device_base)
+    needs = _split_needs(shapes, scores, 2, batch_size=4, seq_len=48, deepest=4)
+    budgets = [(needs[i] + needs[i + 1]) // 2 for i in range(3)]  # fits i + 1 blocks, not i + 2
+    sim = Simulation(tiny_config("tiny-llama", *bf16, f"fleet.memory_bytes={budgets}"))
+    plans = {p.device: p for p in sim.planning.plans}
+    assert [p.split_layer for p in sim.planning.plans] == [1, 2, 3]
+    record = sim.run_round()
+    for device in sim.devices:
+        assert record.devices[device.device_id].peak_memory_bytes == plans[device.device_id].predicted_peak_bytes

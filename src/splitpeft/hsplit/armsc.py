@@ -1,22 +1,26 @@
 """ARMSC: a device's split point and per-module ranks from its memory budget, the IWI scores
 and the memory model (`hsplit/memory.py`): the deepest split that fits, then ranks from the rank
-set raised greedily by score per byte. (The planning loop around it: `hsplit/planning.py`.)"""
+set raised greedily by score per byte. Every byte is priced in the precision the device runs:
+`ModelShapes` carries the runtime dtype and the base's quantization, and `checkpointing` says
+whether the device blocks run under gradient checkpointing; the predicted peak includes what the
+CPU meter cannot see (int8's kept inputs, the checkpoint's recompute). (The planning loop around
+it: `hsplit/planning.py`.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from splitpeft.hsplit.budget import DeviceProfile, simulated_step_s
 from splitpeft.hsplit.memory import (
-    ADAPTER_COPIES,
     BlockSaved,
     ModelShapes,
-    _roles_per_block,
-    block_saved,
+    activation_terms,
+    adapter_bytes,
+    blocks_saved,
     flops_per_step,
     predict_peak_bytes,
-    rotary_bytes,
+    roles_per_block,
     split_bytes_per_step,
 )
 
@@ -61,22 +65,15 @@ def minimal_ranks(shapes: ModelShapes, scores: Mapping[str, float], split_layer:
 class _GreedyState:
     """Per-block saved bytes and liveness of a plan, to price raising one module incrementally."""
 
-    def __init__(self, shapes: ModelShapes, split_layer: int, ranks: dict[str, int], batch_size: int, seq_len: int):
-        self.shapes, self.k, self.b, self.t = shapes, split_layer, batch_size, seq_len
+    def __init__(self, shapes: ModelShapes, split_layer: int, ranks: dict[str, int], batch_size: int, seq_len: int,
+                 checkpointing: bool):
+        self.shapes, self.k, self.b, self.t, self.checkpointing = shapes, split_layer, batch_size, seq_len, checkpointing
         self.ranks = dict(ranks)
-        self.roles = _roles_per_block(shapes, split_layer, ranks)
-        self.saved = self._evaluate(0, False, self.roles)
+        self.roles = roles_per_block(shapes, split_layer, ranks)
+        self.saved = blocks_saved(shapes, self.roles, batch_size, seq_len)
 
-    def _evaluate(self, start: int, live: bool, roles: list[dict[str, int]]) -> list[BlockSaved]:
-        out = []
-        for j in range(start, self.k):
-            saved = block_saved(self.shapes, roles[j], live, self.b, self.t)
-            out.append(saved)
-            live = saved.live_out
-        return out
-
-    def _rotary(self, saved: Iterable[BlockSaved]) -> int:
-        return rotary_bytes(self.shapes, self.t) if any(s.rotary for s in saved) else 0
+    def _activations(self, saved: list[BlockSaved]) -> int:
+        return sum(activation_terms(self.shapes, saved, self.t, self.checkpointing))
 
     def raise_cost(self, module: str, new_rank: int) -> int:
         """Bytes the prediction grows by when `module` goes to `new_rank`."""
@@ -86,16 +83,14 @@ class _GreedyState:
         roles[j] = {**roles[j], self.shapes.module_role[module]: new_rank}
         live = self.saved[j - 1].live_out if j > 0 else False
         # Liveness only flows forward, so blocks before j keep their saved bytes.
-        new_saved = self.saved[:j] + self._evaluate(j, live, roles)
-        activations = sum(s.bytes for s in new_saved) - sum(s.bytes for s in self.saved)
-        rotary = self._rotary(new_saved) - self._rotary(self.saved)
-        adapters = ADAPTER_COPIES * self.shapes.dtype_bytes * (new_rank - old_rank) * sum(self.shapes.modules[module])
-        return activations + rotary + adapters
+        new_saved = self.saved[:j] + blocks_saved(self.shapes, roles, self.b, self.t, start=j, live=live)
+        adapters = adapter_bytes(self.shapes, {module: new_rank}) - adapter_bytes(self.shapes, {module: old_rank})
+        return self._activations(new_saved) - self._activations(self.saved) + adapters
 
     def apply(self, module: str, new_rank: int) -> None:
         self.ranks[module] = new_rank
-        self.roles = _roles_per_block(self.shapes, self.k, self.ranks)
-        self.saved = self._evaluate(0, False, self.roles)
+        self.roles = roles_per_block(self.shapes, self.k, self.ranks)
+        self.saved = blocks_saved(self.shapes, self.roles, self.b, self.t)
 
 
 def plan_device(
@@ -107,10 +102,13 @@ def plan_device(
     seq_len: int,
     rank_set: Sequence[int] = (0, 2, 4, 8, 16),
     labels_on_device: bool = False,
+    checkpointing: bool = False,
     max_split: int | None = None,
     max_step_s: float | None = None,
 ) -> DevicePlan:
     """ARMSC for one device.
+
+    Peaks are `predict_peak_bytes` in `shapes`' precision, with `checkpointing` as the run has it.
 
     1. Split: the deepest k in 1..max_split (default L - 1, so the server keeps a block) whose
        predicted peak with the minimal adapter (`minimal_ranks`) fits `profile.memory_bytes`
@@ -131,13 +129,13 @@ def plan_device(
     top = max(1, min(top, shapes.num_blocks))
 
     def step_s(k: int, ranks: Mapping[str, int]) -> float:
-        flops = flops_per_step(shapes, k, ranks, batch_size, seq_len, labels_on_device)
+        flops = flops_per_step(shapes, k, ranks, batch_size, seq_len, labels_on_device, checkpointing)
         return simulated_step_s(profile, flops, split_bytes_per_step(shapes, batch_size, seq_len, labels_on_device))
 
     split, needed = None, None
     for k in range(top, 0, -1):
         ranks = minimal_ranks(shapes, scores, k, smallest)
-        peak = predict_peak_bytes(shapes, k, ranks, batch_size, seq_len, labels_on_device)
+        peak = predict_peak_bytes(shapes, k, ranks, batch_size, seq_len, labels_on_device, checkpointing)
         needed = peak
         if peak <= budget and (max_step_s is None or step_s(k, ranks) <= max_step_s):
             split = k
@@ -150,8 +148,8 @@ def plan_device(
             + ("" if max_step_s is None else f", or no split meets max_step_s={max_step_s}")
         )
 
-    state = _GreedyState(shapes, split, minimal_ranks(shapes, scores, split, smallest), batch_size, seq_len)
-    peak = predict_peak_bytes(shapes, split, state.ranks, batch_size, seq_len, labels_on_device)
+    state = _GreedyState(shapes, split, minimal_ranks(shapes, scores, split, smallest), batch_size, seq_len, checkpointing)
+    peak = predict_peak_bytes(shapes, split, state.ranks, batch_size, seq_len, labels_on_device, checkpointing)
     order = {name: i for i, name in enumerate(shapes.modules_before(split))}
     next_rank = {r: ranks_q[i + 1] for i, r in enumerate(ranks_q[:-1])}
     blocked: set[str] = set()
@@ -184,8 +182,8 @@ def plan_device(
         device=profile.name,
         split_layer=split,
         ranks=ranks,
-        predicted_peak_bytes=predict_peak_bytes(shapes, split, ranks, batch_size, seq_len, labels_on_device),
-        flops_per_step=flops_per_step(shapes, split, ranks, batch_size, seq_len, labels_on_device),
+        predicted_peak_bytes=predict_peak_bytes(shapes, split, ranks, batch_size, seq_len, labels_on_device, checkpointing),
+        flops_per_step=flops_per_step(shapes, split, ranks, batch_size, seq_len, labels_on_device, checkpointing),
         budget_bytes=budget,
     )
 

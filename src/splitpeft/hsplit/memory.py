@@ -1,65 +1,95 @@
-"""ARMSC, adaptive rank and split-point configuration: from each device's budget to its plan.
+"""The memory and FLOP model of a `split` device, in the precision it runs: what ARMSC plans with.
 
-Inputs: a device's budget (`DeviceProfile`), the model's shapes (`ModelShapes`, read from the
-real model), IWI scores per candidate linear, and the rank set Q (0 = no adapter). Output: a
-`DevicePlan` with the split layer k and a rank per module of blocks [0, k).
+The prediction (`memory_breakdown`, `predict_peak_bytes`) is what the device's meter (`DeviceMeter`)
+measures on CPU, resident tensors + every distinct tensor autograd saves for backward, plus what
+that meter cannot see (`unmetered`, below):
 
-The memory model (`memory_breakdown`, `predict_peak_bytes`) predicts what the device's meter
-measures (`DeviceMeter`: resident tensors + every distinct tensor autograd saves for backward):
-
-    peak = frozen + adapters + activations
+    peak = frozen + adapters + activations + unmetered
 
     frozen      = embedding (+ GPT-2 wpe) + blocks [0, k) (+ final norm and LM head when the device
-                  keeps the labels; a head tied to the embedding counts once)
-    adapters    = copies x sum_m r_m (d_in_m + d_out_m) x dtype_bytes
-                  copies = 4: weights, gradients, AdamW exp_avg and exp_avg_sq
+                  keeps the labels; a head tied to the embedding counts once), each tensor as stored:
+                  in the runtime dtype (s bytes: fp32 4, bf16 / fp16 2), except the block linears
+                  under runtime.base_quantization, n = d_in d_out weights (a bias stays in the dtype):
+                      nf4   ceil(n / 2) packed + 4 ceil(n / 64) absmax + 64 (16-entry fp32 code table)
+                      int8  n + 4 d_out (one fp32 scale per row, SCB)
+    adapters    = copies x sum_m r_m (d_in_m + d_out_m) x 4
+                  copies = 4: weights, gradients, AdamW exp_avg and exp_avg_sq, fp32 whatever the base
     activations = sum over device blocks of what autograd saves there (below)
                   + rotary cos/sin tables (LLaMA family) + the head and loss (labels on device)
 
 Activations, per block, with N = B T tokens, d hidden, f MLP width, q/k/v widths d_q, d_k, d_v,
-h heads, s = dtype bytes. A frozen linear saves only its (resident) weight; its input is kept
-only by a LoRA branch, whose A-input and rank-r intermediate A x are saved. Nothing upstream of
-the first adapter needs gradients, so nothing is saved there: whether a term counts depends on
-whether its tensors require grad ("live"), which the functions below follow exactly.
+h heads, s the runtime dtype's bytes and a = 4 (the adapters' fp32). A frozen linear, quantized or
+not, saves only its resident weight; its input is kept only by a LoRA branch. peft casts a branch's
+input to the adapter dtype (`x.to(lora_A.weight.dtype)`): in fp32 that is the input itself, one
+storage for every branch reading it; in bf16 / fp16 each adapted module keeps its own fp32 copy
+(c below). Nothing upstream of the first adapter needs gradients, so nothing is saved there:
+whether a term counts depends on whether its tensors require grad ("live"), which the functions
+below follow exactly.
 
-    norm_in      N (d + c) s     input norm: its input and c per-token statistics
-                                  (RMSNorm c = 1: rsqrt; LayerNorm c = 2: mean, rstd)   [live in]
-    attn_input   N d s           normed input, kept by LoRA A of q/k/v (c_attn)        [q/k/v adapted]
-    attention    N (d_q + d_k + d_v) s + B h T 4
-                                  sdpa's query, key, value and log-sum-exp              [q/k/v need grad]
-    attn_output  N d s           sdpa output = o_proj (attn c_proj) input, one storage  [attention or o adapted]
-    norm_mid     N (d + c) s     post-attention norm                                    [live after attention]
-    mlp_input    N d s           normed input, kept by LoRA A of gate/up (c_fc)        [gate/up adapted]
+    norm_in      LLaMA: N (d + 1) 4    RMSNorm computes in fp32: its fp32 input and rsqrt   [live in]
+                 GPT-2: N (d + 2) s    LayerNorm: input, mean, rstd (the CPU kernel keeps the dtype)
+    attn_input   c N d a               LoRA A input of q/k/v (c_attn); c = 1 in fp32, else the
+                                        number of adapted modules among q, k, v              [q/k/v adapted]
+    attention    N (d_q + d_k + d_v) s + B h T 4 + N d s
+                                        sdpa's query, key, value, fp32 log-sum-exp and output
+                                        (the output is o_proj's input, one storage)           [q/k/v need grad]
+    o_input      N d a                 o_proj's LoRA input: its fp32 copy, or in fp32 the sdpa
+                                        output when sdpa kept none                            [o adapted]
+    norm_mid     as norm_in            post-attention norm                                    [live after attention]
+    mlp_input    c N d a               LoRA A input of gate/up (c_fc), c as for attn_input    [gate/up adapted]
     mlp_act      LLaMA: N f s (2 [gate needs grad] + [up needs grad])
-                                  SiLU input, SiLU output (for up's grad), up output (for SiLU's grad)
-                 GPT-2: 4 N f s   gelu_new keeps its input, tanh, 0.5 x and 1 + tanh
-    mlp_output   N f s           down_proj (mlp c_proj) input                           [down adapted]
-    lora         sum_m N r_m s   each adapter's intermediate A x
-    rotary       2 T d_head s    cos and sin, once per forward                          [LLaMA, q/k need grad]
-    head         N (d + c) s + B (T - 1) V 4 + 8 B (T - 1) + 4
-                                  final norm, log-softmax output, targets, total weight [labels on device]
+                                        SiLU input, SiLU output (for up's grad), up output (for SiLU's grad)
+                 GPT-2: 4 N f s         gelu_new keeps its input, tanh, 0.5 x and 1 + tanh
+    mlp_output   N f a                 down_proj (mlp c_proj) LoRA input                      [down adapted]
+    lora         sum_m N r_m a         each adapter's intermediate A x
+    rotary       2 T d_head s          cos and sin, once per forward                          [LLaMA, q/k need grad]
+    head         norm + N V 4 + 8 N + 4
+                                        final norm (as norm_in), fp32 log-softmax of the upcast
+                                        logits, int64 targets, total weight                   [labels on device]
 
-The prediction is exact for the meter's account on the tiny test models (scalar constants of a
-few bytes aside) and is checked against the measured peak in tests/test_planner.py.
+Unmetered: memory the CPU meter's saved-tensor hooks cannot see (on CUDA the meter reads the
+allocator, which sees it):
 
-ARMSC (`plan_device`): the deepest k whose frozen weights + activations + a minimal adapter
-(the smallest non-zero rank on the top-scoring module of blocks [0, k)) fit the memory budget;
-then, greedily, the module with the highest score per byte of raising it to its next rank in Q
-is raised, while the prediction stays within budget.
+- int8: bitsandbytes keeps each frozen linear's input on its autograd node (`ctx.A`, not
+  `save_for_backward`) whenever that input requires grad: q/k/v input N d s [live in], gate/up
+  input N d s [live after attention], down input N f s [gate or up need grad]. o_proj's input is
+  sdpa's saved output, and in fp32 a LoRA branch saves the same storage as its base linear's input:
+  those count once. nf4 keeps only its (resident) weight.
+- gradient checkpointing (runtime.gradient_checkpointing, non-reentrant, every block): inside a
+  checkpointed block nothing is saved. The checkpoint saves each block's input, N d s, which the
+  meter sees (counted under activations), and keeps the rotary tables and the int8 inputs (all of
+  them: their LoRA and sdpa twins are not kept any more) for as long as the block has a graph,
+  i.e. is live or adapted. In backward the checkpoint recomputes a block's activations (the table
+  above, less the block input that a norm saves itself: GPT-2 always, LLaMA in fp32) through its
+  own saved-tensor hooks, one block at a time: the largest recompute counts. A block with no graph
+  saves its input and frees it at once; the meter, which de-duplicates by data pointer and never
+  forgets, counts such an input unless the allocator reuses its address; the prediction does not.
+
+Like the meter, the prediction adds everything a step saves, as if all of it were alive at once,
+and leaves out transients: gradients in flight, bitsandbytes' dequantized weight inside a
+quantized matmul (d_in d_out s), the logits before their fp32 upcast. Base-model dropout is taken
+as 0 (the tiny test models, LLaMA-2): dropout would keep masks that are not counted here.
+
+The prediction equals the meter's account on the tiny test models in fp32, bf16, nf4 and int8
+(tests/hsplit/test_planner.py, test_memory_precision.py). `ModelShapes.from_config` gives the same
+shapes from a transformers config alone (built on the meta device), so paper-size models are
+planned without weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from splitpeft.hsplit.importance import base_linear, linear_dims
 from splitpeft.model.adapters import target_module_names
 from splitpeft.model.backbone import backbone_of
-from splitpeft.parties.meter import storage_bytes
+from splitpeft.model.parts import frozen_tensors, storage_bytes
+from splitpeft.model.runtime import DTYPES, NF4_BLOCK_SIZE, is_quantized
 
 ADAPTER_COPIES = 4
 
@@ -67,10 +97,31 @@ ADAPTER_COPIES = 4
 """Adapter weights, their gradients, AdamW exp_avg and exp_avg_sq."""
 
 
+ADAPTER_DTYPE_BYTES = 4
+
+
+"""Adapters, their gradients, AdamW state and each LoRA branch's computation are fp32 always."""
+
+
 LOG_SUM_EXP_BYTES = 4
 
 
 """sdpa keeps its log-sum-exp in float32 whatever the model dtype."""
+
+
+NF4_CODE_BYTES = 16 * 4
+
+
+"""The 16-entry fp32 NF4 code table bitsandbytes keeps with every quantized linear."""
+
+
+INT8_SCALE_BYTES = 4
+
+
+"""One fp32 scale (SCB) per output row of an int8 linear."""
+
+
+QUANTIZATIONS = ("none", "int8", "nf4")
 
 
 # Role of each adaptable linear in its block, by the end of its module name.
@@ -89,12 +140,26 @@ ATTENTION_INPUT_ROLES = {"q", "k", "v", "qkv"}
 MLP_INPUT_ROLES = {"gate", "up", "fc"}
 
 
+def quantized_weight_bytes(d_in: int, d_out: int, quantization: str) -> int:
+    """Bytes bitsandbytes holds for a (d_out, d_in) weight: nf4 packs two weights per byte with one
+    fp32 absmax per block of 64 and a 16-entry fp32 code table; int8 one byte per weight and an
+    fp32 scale per row; none: not quantized (0, the caller counts the dtype)."""
+    n = d_in * d_out
+    if quantization == "nf4":
+        return (n + 1) // 2 + 4 * -(-n // NF4_BLOCK_SIZE) + NF4_CODE_BYTES
+    if quantization == "int8":
+        return n + INT8_SCALE_BYTES * d_out
+    if quantization == "none":
+        return 0
+    raise ValueError(f"unknown quantization {quantization!r} (known: {', '.join(QUANTIZATIONS)})")
+
+
 # --------------------------------------------------------------------------- model shapes
 
 
 @dataclass(frozen=True)
 class ModelShapes:
-    """What the memory and FLOP models need to know about a model, read from the model itself."""
+    """What the memory and FLOP models need to know about a model in the precision a device runs it."""
 
     family: str  # "llama" (LLaMA, Qwen2, Mistral) or "gpt2"
     num_blocks: int
@@ -104,76 +169,172 @@ class ModelShapes:
     head_dim: int
     qkv_dims: tuple[int, int, int]  # output widths of the q, k, v projections
     vocab_size: int
-    dtype_bytes: int
+    dtype_bytes: int  # runtime dtype: frozen base (unless quantized), activations, the cut
     embedding_bytes: int  # token embedding (+ GPT-2 position embedding)
     head_bytes: int  # final norm + LM head, not counting storage shared with the embedding
-    block_bytes: tuple[int, ...]  # frozen parameters of each block
+    block_bytes: tuple[int, ...]  # frozen tensors of each block as stored (quantized linears included)
     block_linear_macs: tuple[int, ...]  # sum of d_in d_out over all linears of each block
+    quantization: str = "none"  # block linears: none | int8 | nf4
     modules: dict[str, tuple[int, int]] = field(default_factory=dict)  # candidate -> (d_in, d_out)
     module_block: dict[str, int] = field(default_factory=dict)
     module_role: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: PreTrainedModel, target_modules: Iterable[str] | None = None) -> ModelShapes:
-        """Shapes of `model` (plain or with LoRA injected); `target_modules` are short names
-        ("q_proj") or full module names; default: the family's default targets."""
+        """Shapes of `model` (plain or with LoRA injected, possibly quantized by `quantize_blocks`),
+        with byte counts read from the tensors it holds; `target_modules` are short names ("q_proj")
+        or full module names; default: the family's default targets. Every block must be
+        materialised (a party's view leaves other blocks on the meta device)."""
         backbone = backbone_of(model)
-        config = model.config
-        family = "gpt2" if config.model_type == "gpt2" else "llama"
-        num_blocks = backbone.num_blocks
-        targets = list(target_modules) if target_modules is not None else list(backbone.default_target_modules)
-        if any("." in t for t in targets):
-            names = targets
-        else:
-            names = target_module_names(backbone, targets, range(num_blocks))
-        if family == "gpt2":
-            hidden, heads = config.n_embd, config.n_head
-            intermediate = config.n_inner or 4 * hidden
-            head_dim = hidden // heads
-            qkv = (hidden, hidden, hidden)
-        else:
-            hidden, heads = config.hidden_size, config.num_attention_heads
-            intermediate = config.intermediate_size
-            head_dim = getattr(config, "head_dim", None) or hidden // heads
-            kv_heads = getattr(config, "num_key_value_heads", None) or heads
-            qkv = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-
-        params = dict(model.named_parameters())
         embedding = list(model.get_input_embeddings().parameters())
-        embedding += [p for n, p in params.items() if "wpe" in n]
+        embedding += [p for n, p in model.named_parameters() if n.endswith("wpe.weight")]
         embedding_bytes, embedding_storages = storage_bytes(embedding)
         head_bytes, _ = storage_bytes(
-            (p for m in backbone.head_modules() for p in m.parameters()), exclude=embedding_storages
+            (t for m in backbone.head_modules() for t in frozen_tensors(m)), exclude=embedding_storages
         )
-        block_bytes, block_macs = [], []
-        for j in range(num_blocks):
-            prefix = backbone.block_prefix(j)
-            in_block = [p for n, p in params.items() if prefix in n and ".lora_" not in n]
-            block_bytes.append(storage_bytes(in_block)[0])
-            macs = 0
-            for name, module in model.named_modules():
-                if prefix in name and not hasattr(module, "base_layer") and _is_linear(module):
-                    d_in, d_out = linear_dims(module)
-                    macs += d_in * d_out
-            block_macs.append(macs)
+        block_bytes = tuple(storage_bytes(_held(_block(model, backbone.block_prefix(j))))[0]
+                            for j in range(backbone.num_blocks))
+        dtype_bytes = embedding[0].element_size()
+        return _read_shapes(model, target_modules, dtype_bytes, _quantization_of(model),
+                            embedding_bytes, head_bytes, block_bytes)
 
-        modules, module_block, module_role = {}, {}, {}
-        prefixes = [backbone.block_prefix(j) for j in range(num_blocks)]
-        for name in names:
-            modules[name] = linear_dims(base_linear(model, name))
-            module_block[name] = next(j for j, p in enumerate(prefixes) if name.startswith(p))
-            module_role[name] = _role(family, name)
-        return cls(
-            family=family, num_blocks=num_blocks, hidden_size=hidden, intermediate_size=intermediate,
-            num_heads=heads, head_dim=head_dim, qkv_dims=qkv, vocab_size=config.vocab_size,
-            dtype_bytes=next(model.parameters()).element_size(), embedding_bytes=embedding_bytes,
-            head_bytes=head_bytes, block_bytes=tuple(block_bytes), block_linear_macs=tuple(block_macs),
-            modules=modules, module_block=module_block, module_role=module_role,
-        )
+    @classmethod
+    def from_config(
+        cls,
+        config: PretrainedConfig,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        quantization: str = "none",
+        target_modules: Iterable[str] | None = None,
+    ) -> ModelShapes:
+        """Shapes of the model `config` describes, run in `dtype` ("fp32" | "bf16" | "fp16" or a torch
+        dtype) with its block linears quantized by bitsandbytes as `quantization` says: built on the
+        meta device, so no weight is allocated (a 7B model plans in well under a second). Byte counts
+        are what `from_model` reads from the real, quantized model."""
+        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
+        if quantization != "none" and config.model_type == "gpt2":
+            raise ValueError("GPT-2 stores its block linears as Conv1D, which bitsandbytes does not quantize "
+                             "(quantize_blocks refuses it): use quantization='none'")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        backbone = backbone_of(model)
+        embedding = list(model.get_input_embeddings().parameters())
+        embedding += [p for n, p in model.named_parameters() if n.endswith("wpe.weight")]
+        counted = {id(p) for p in embedding}
+        head = [p for m in backbone.head_modules() for p in m.parameters() if id(p) not in counted]
+        block_bytes = []
+        for j in range(backbone.num_blocks):
+            block = _block(model, backbone.block_prefix(j))
+            total = 0
+            for module in block.modules():
+                for name, parameter in module.named_parameters(recurse=False):
+                    if quantization != "none" and type(module) is nn.Linear and name == "weight":
+                        total += quantized_weight_bytes(module.in_features, module.out_features, quantization)
+                    else:
+                        total += _nbytes([parameter])
+            block_bytes.append(total)
+        return _read_shapes(model, target_modules, torch.finfo(torch_dtype).bits // 8, quantization,
+                            _nbytes(embedding), _nbytes(head), tuple(block_bytes))
 
     def modules_before(self, split_layer: int) -> list[str]:
         """Candidate modules of blocks [0, split_layer), in model order."""
         return [name for name in self.modules if self.module_block[name] < split_layer]
+
+    @property
+    def casts_adapter_input(self) -> bool:
+        """Whether peft copies a branch's input to fp32 (any runtime dtype but fp32)."""
+        return self.dtype_bytes != ADAPTER_DTYPE_BYTES
+
+    def norm_saved_bytes(self, tokens: int) -> int:
+        """What one norm saves: RMSNorm its fp32 input and rsqrt, LayerNorm its input, mean and rstd."""
+        if self.family == "llama":
+            return tokens * (self.hidden_size + 1) * 4
+        return tokens * (self.hidden_size + 2) * self.dtype_bytes
+
+    def norm_keeps_input(self) -> bool:
+        """Whether a block's input norm saves the block input itself (not a copy of it)."""
+        return self.family == "gpt2" or not self.casts_adapter_input
+
+
+def _held(module: nn.Module) -> list[torch.Tensor]:
+    """`frozen_tensors`, plus the scales of int8 linears that have run: bitsandbytes' first forward
+    moves them from the weight (`weight.SCB`, where `frozen_tensors` looks) into `module.state`."""
+    held = frozen_tensors(module)
+    for layer in module.modules():
+        state = getattr(layer, "state", None)
+        scales = getattr(state, "SCB", None)
+        if type(layer).__name__ == "Linear8bitLt" and getattr(layer.weight, "SCB", None) is None and scales is not None:
+            held.append(scales)
+    return held
+
+
+def _block(model: nn.Module, prefix: str) -> nn.Module:
+    """The block module whose parameters start with `prefix` (peft's wrapper prefix allowed)."""
+    return next(module for name, module in model.named_modules() if f"{name}.".endswith(prefix))
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct tensors (by identity: meta tensors have no storage to compare)."""
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _quantization_of(model: nn.Module) -> str:
+    kinds = set()
+    for module in model.modules():
+        if is_quantized(module):
+            kinds.add("int8" if type(module).__name__ == "Linear8bitLt" else getattr(module.weight, "quant_type", "nf4"))
+    if len(kinds) > 1 or not kinds <= set(QUANTIZATIONS):
+        raise ValueError(f"the model's linears are quantized as {sorted(kinds)}: one of nf4 or int8 expected")
+    return kinds.pop() if kinds else "none"
+
+
+def _read_shapes(model: PreTrainedModel, target_modules: Iterable[str] | None, dtype_bytes: int, quantization: str,
+                 embedding_bytes: int, head_bytes: int, block_bytes: tuple[int, ...]) -> ModelShapes:
+    """The shapes both constructors share: widths from the config, candidates and MACs from the modules."""
+    backbone = backbone_of(model)
+    config = model.config
+    family = "gpt2" if config.model_type == "gpt2" else "llama"
+    num_blocks = backbone.num_blocks
+    targets = list(target_modules) if target_modules is not None else list(backbone.default_target_modules)
+    names = targets if any("." in t for t in targets) else target_module_names(backbone, targets, range(num_blocks))
+    if family == "gpt2":
+        hidden, heads = config.n_embd, config.n_head
+        intermediate = config.n_inner or 4 * hidden
+        head_dim = hidden // heads
+        qkv = (hidden, hidden, hidden)
+    else:
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        intermediate = config.intermediate_size
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        qkv = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+
+    block_macs = []
+    for j in range(num_blocks):
+        prefix = backbone.block_prefix(j)
+        macs = 0
+        for name, module in model.named_modules():
+            if prefix in name and not hasattr(module, "base_layer") and _is_linear(module) and ".lora_" not in name:
+                d_in, d_out = linear_dims(module)
+                macs += d_in * d_out
+        block_macs.append(macs)
+
+    modules, module_block, module_role = {}, {}, {}
+    prefixes = [backbone.block_prefix(j) for j in range(num_blocks)]
+    for name in names:
+        modules[name] = linear_dims(base_linear(model, name))
+        module_block[name] = next(j for j, p in enumerate(prefixes) if name.startswith(p))
+        module_role[name] = _role(family, name)
+    return ModelShapes(
+        family=family, num_blocks=num_blocks, hidden_size=hidden, intermediate_size=intermediate,
+        num_heads=heads, head_dim=head_dim, qkv_dims=qkv, vocab_size=config.vocab_size,
+        dtype_bytes=dtype_bytes, embedding_bytes=embedding_bytes, head_bytes=head_bytes,
+        block_bytes=block_bytes, block_linear_macs=tuple(block_macs), quantization=quantization,
+        modules=modules, module_block=module_block, module_role=module_role,
+    )
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -192,38 +353,52 @@ def _role(family: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class BlockSaved:
-    """What autograd saves in one block: bytes, whether its output needs grad, whether it used rotary."""
+    """What one block keeps for backward, as the module docstring's terms add up.
+
+    `bytes`: what autograd saves (the meter sees it), without checkpointing; `input_bytes`: the
+    block's input, which a checkpoint saves instead; `recompute_bytes`: what backward recomputes
+    under checkpointing beyond that input; `int8_bytes` / `int8_checkpointed_bytes`: linear inputs
+    an int8 base keeps out of the meter's sight, without / with checkpointing; `graph`: whether
+    the block has anything to backpropagate (live input or an adapter)."""
 
     bytes: int
     live_out: bool
     rotary: bool
+    graph: bool = False
+    input_bytes: int = 0
+    recompute_bytes: int = 0
+    int8_bytes: int = 0
+    int8_checkpointed_bytes: int = 0
 
 
 def block_saved(shapes: ModelShapes, roles: Mapping[str, int], live_in: bool, batch_size: int, seq_len: int) -> BlockSaved:
-    """Bytes autograd keeps for one block (terms in the module docstring).
+    """Bytes one block keeps for backward (terms in the module docstring).
 
     `roles` maps the block's adapted roles ("q", "gate", ... "qkv", "fc") to their ranks;
     `live_in` says whether the block's input requires grad (an adapter upstream).
     """
-    n, s = batch_size * seq_len, shapes.dtype_bytes
+    n, s, a = batch_size * seq_len, shapes.dtype_bytes, ADAPTER_DTYPE_BYTES
     d, f = shapes.hidden_size, shapes.intermediate_size
-    stats = 1 if shapes.family == "llama" else 2
+    cast = shapes.casts_adapter_input
     adapted = {role for role, r in roles.items() if r > 0}
-    total = sum(n * r * s for r in roles.values() if r > 0)  # lora: A x per adapter
+
+    def lora_inputs(group: set[str], width: int) -> int:
+        count = len(adapted & group)
+        return n * width * a * (count if cast else min(count, 1))
+
+    total = sum(n * r * a for r in roles.values() if r > 0)  # lora: A x per adapter
     if live_in:
-        total += n * (d + stats) * s  # norm_in
-    if adapted & ATTENTION_INPUT_ROLES:
-        total += n * d * s  # attn_input
+        total += shapes.norm_saved_bytes(n)  # norm_in
+    total += lora_inputs(ATTENTION_INPUT_ROLES, d)  # attn_input
     attention_grad = live_in or bool(adapted & ATTENTION_INPUT_ROLES)
-    if attention_grad:
-        total += n * sum(shapes.qkv_dims) * s + batch_size * shapes.num_heads * seq_len * LOG_SUM_EXP_BYTES
-    if attention_grad or "o" in adapted:
-        total += n * d * s  # attn_output
+    if attention_grad:  # attention: q, k, v, log-sum-exp, output
+        total += n * sum(shapes.qkv_dims) * s + batch_size * shapes.num_heads * seq_len * LOG_SUM_EXP_BYTES + n * d * s
+    if "o" in adapted and (cast or not attention_grad):
+        total += n * d * a  # o_input
     live_mid = attention_grad or "o" in adapted
     if live_mid:
-        total += n * (d + stats) * s  # norm_mid
-    if adapted & MLP_INPUT_ROLES:
-        total += n * d * s  # mlp_input
+        total += shapes.norm_saved_bytes(n)  # norm_mid
+    total += lora_inputs(MLP_INPUT_ROLES, d)  # mlp_input
     if shapes.family == "llama":
         gate_grad = live_mid or "gate" in adapted
         up_grad = live_mid or "up" in adapted
@@ -233,12 +408,53 @@ def block_saved(shapes: ModelShapes, roles: Mapping[str, int], live_in: bool, ba
         mlp_grad = live_mid or "fc" in adapted
         total += 4 * n * f * s * mlp_grad  # mlp_act (gelu_new)
     if "down" in adapted:
-        total += n * f * s  # mlp_output
+        total += n * f * a  # mlp_output
+
+    graph = live_in or bool(adapted)
+    int8 = int8_checkpointed = 0
+    if shapes.quantization == "int8":
+        # Inputs of the frozen linears that require grad; in fp32 a LoRA branch saves the same storage.
+        kept = [(live_in, n * d * s, ATTENTION_INPUT_ROLES), (live_mid, n * d * s, MLP_INPUT_ROLES),
+                (mlp_grad, n * f * s, {"down"})]
+        int8 = sum(size for needed, size, group in kept if needed and (cast or not adapted & group))
+        # Under checkpointing nothing else keeps them, o_proj's input (the sdpa output) included.
+        int8_checkpointed = sum(size for needed, size, _ in kept if needed) + n * d * s * attention_grad
     rotary = shapes.family == "llama" and (live_in or bool(adapted & {"q", "k"}))
-    return BlockSaved(total, mlp_grad or "down" in adapted, rotary)
+    input_bytes = n * d * s
+    recompute = total - (input_bytes if live_in and shapes.norm_keeps_input() else 0)
+    return BlockSaved(
+        bytes=total, live_out=mlp_grad or "down" in adapted, rotary=rotary, graph=graph,
+        input_bytes=input_bytes if graph else 0, recompute_bytes=recompute if graph else 0,
+        int8_bytes=int8, int8_checkpointed_bytes=int8_checkpointed if graph else 0,
+    )
 
 
-def _roles_per_block(shapes: ModelShapes, split_layer: int, ranks: Mapping[str, int]) -> list[dict[str, int]]:
+def blocks_saved(shapes: ModelShapes, per_block: Sequence[Mapping[str, int]], batch_size: int, seq_len: int,
+                 start: int = 0, live: bool = False) -> list[BlockSaved]:
+    """`block_saved` for blocks [start, len(per_block)), liveness flowing from one to the next."""
+    out = []
+    for roles in per_block[start:]:
+        saved = block_saved(shapes, roles, live, batch_size, seq_len)
+        out.append(saved)
+        live = saved.live_out
+    return out
+
+
+def activation_terms(shapes: ModelShapes, saved: Sequence[BlockSaved], seq_len: int,
+                     checkpointing: bool = False) -> tuple[int, int]:
+    """(activations the meter sees, unmetered bytes) of the device blocks, head aside."""
+    if checkpointing:
+        metered = sum(b.input_bytes for b in saved)
+        rotary = any(b.graph for b in saved)
+        unmetered = sum(b.int8_checkpointed_bytes for b in saved) + max((b.recompute_bytes for b in saved), default=0)
+        return metered, unmetered + (rotary_bytes(shapes, seq_len) if rotary else 0)
+    rotary = any(b.rotary for b in saved)
+    metered = sum(b.bytes for b in saved) + (rotary_bytes(shapes, seq_len) if rotary else 0)
+    return metered, sum(b.int8_bytes for b in saved)
+
+
+def roles_per_block(shapes: ModelShapes, split_layer: int, ranks: Mapping[str, int]) -> list[dict[str, int]]:
+    """For each device block, its adapted roles and their ranks."""
     per_block: list[dict[str, int]] = [{} for _ in range(split_layer)]
     for name, r in ranks.items():
         if r <= 0:
@@ -253,18 +469,15 @@ def _roles_per_block(shapes: ModelShapes, split_layer: int, ranks: Mapping[str, 
 
 
 def rotary_bytes(shapes: ModelShapes, seq_len: int) -> int:
-    """cos and sin tables (T, d_head) each, shared by all blocks of one forward (LLaMA family)."""
+    """cos and sin tables (T, d_head) each, in the runtime dtype, shared by all blocks of one forward (LLaMA family)."""
     return 2 * seq_len * shapes.head_dim * shapes.dtype_bytes if shapes.family == "llama" else 0
 
 
 def head_saved_bytes(shapes: ModelShapes, batch_size: int, seq_len: int) -> int:
-    """Final norm + log-softmax output + int64 targets + total weight, when the device computes the loss."""
-    n, s = batch_size * seq_len, shapes.dtype_bytes
-    stats = 1 if shapes.family == "llama" else 2
-    shifted = batch_size * (seq_len - 1)
-    # With B = 1 the shifted targets are a view of the labels: the whole (T,) storage is kept.
-    target_elements = shifted if batch_size > 1 else seq_len
-    return n * (shapes.hidden_size + stats) * s + shifted * shapes.vocab_size * 4 + 8 * target_elements + 4
+    """Final norm + fp32 log-softmax output + int64 targets + total weight, when the device computes
+    the loss (the labels are shifted and padded, so every one of the N = B T positions counts)."""
+    n = batch_size * seq_len
+    return shapes.norm_saved_bytes(n) + n * shapes.vocab_size * 4 + 8 * n + 4
 
 
 def frozen_bytes(shapes: ModelShapes, split_layer: int, labels_on_device: bool) -> int:
@@ -273,21 +486,27 @@ def frozen_bytes(shapes: ModelShapes, split_layer: int, labels_on_device: bool) 
 
 
 def adapter_bytes(shapes: ModelShapes, ranks: Mapping[str, int], copies: int = ADAPTER_COPIES) -> int:
-    """copies x sum_m r_m (d_in + d_out) x dtype_bytes."""
-    return copies * shapes.dtype_bytes * sum(r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
+    """copies x sum_m r_m (d_in + d_out) x 4 (fp32, whatever the base's dtype)."""
+    return copies * ADAPTER_DTYPE_BYTES * sum(r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
 
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """The three named terms of the predicted peak."""
+    """The named terms of the predicted peak."""
 
     frozen_bytes: int
     adapter_bytes: int
-    activation_bytes: int
+    activation_bytes: int  # saved for backward, as the CPU meter sees it
+    unmetered_bytes: int = 0  # int8's kept linear inputs, checkpointing's recompute (module docstring)
+
+    @property
+    def metered_bytes(self) -> int:
+        """What the device meter's CPU tensor account measures."""
+        return self.frozen_bytes + self.adapter_bytes + self.activation_bytes
 
     @property
     def peak_bytes(self) -> int:
-        return self.frozen_bytes + self.adapter_bytes + self.activation_bytes
+        return self.metered_bytes + self.unmetered_bytes
 
 
 def memory_breakdown(
@@ -297,21 +516,17 @@ def memory_breakdown(
     batch_size: int,
     seq_len: int,
     labels_on_device: bool = False,
+    checkpointing: bool = False,
 ) -> MemoryBreakdown:
     """Predicted peak of a `split` device, by term (see the module docstring for the formula)."""
     if not 0 <= split_layer <= shapes.num_blocks:
         raise ValueError(f"split_layer {split_layer} is out of range 0..{shapes.num_blocks}")
-    per_block = _roles_per_block(shapes, split_layer, ranks)
-    activations, live, rotary = 0, False, False
-    for roles in per_block:
-        saved = block_saved(shapes, roles, live, batch_size, seq_len)
-        activations += saved.bytes
-        live, rotary = saved.live_out, rotary or saved.rotary
-    if rotary:
-        activations += rotary_bytes(shapes, seq_len)
+    saved = blocks_saved(shapes, roles_per_block(shapes, split_layer, ranks), batch_size, seq_len)
+    activations, unmetered = activation_terms(shapes, saved, seq_len, checkpointing)
     if labels_on_device:
         activations += head_saved_bytes(shapes, batch_size, seq_len)
-    return MemoryBreakdown(frozen_bytes(shapes, split_layer, labels_on_device), adapter_bytes(shapes, ranks), activations)
+    return MemoryBreakdown(frozen_bytes(shapes, split_layer, labels_on_device), adapter_bytes(shapes, ranks),
+                           activations, unmetered)
 
 
 def predict_peak_bytes(
@@ -321,9 +536,10 @@ def predict_peak_bytes(
     batch_size: int,
     seq_len: int,
     labels_on_device: bool = False,
+    checkpointing: bool = False,
 ) -> int:
-    """Predicted peak memory of a `split` device: frozen + adapters + activations (module docstring)."""
-    return memory_breakdown(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device).peak_bytes
+    """Predicted peak memory of a `split` device: frozen + adapters + activations + unmetered (module docstring)."""
+    return memory_breakdown(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device, checkpointing).peak_bytes
 
 
 def flops_per_step(
@@ -333,11 +549,13 @@ def flops_per_step(
     batch_size: int,
     seq_len: int,
     labels_on_device: bool = False,
+    checkpointing: bool = False,
 ) -> float:
     """Estimated device FLOPs of one training step (forward + backward), N = B T:
 
         forward  = sum_blocks [2 N sum_lin d_in d_out + 4 N T d_q] + sum_m 2 N r_m (d_in + d_out)
         backward = sum_live_blocks [2 N sum_lin d_in d_out + 10 N T d_q] + sum_m 4 N r_m (d_in + d_out)
+                   (+ the forward of every live block again, with gradient checkpointing)
         head     = 4 N d V (forward + input gradient), with the labels on the device
 
     Attention is counted as full T x T products, as torch's FlopCounterMode counts sdpa; frozen
@@ -345,23 +563,25 @@ def flops_per_step(
     """
     n, t = batch_size * seq_len, seq_len
     attention_width = shapes.qkv_dims[0]
-    per_block = _roles_per_block(shapes, split_layer, ranks)
+    per_block = roles_per_block(shapes, split_layer, ranks)
     total, live = 0.0, False
     for j, roles in enumerate(per_block):
-        total += 2 * n * shapes.block_linear_macs[j] + 4 * n * t * attention_width
+        forward = 2 * n * shapes.block_linear_macs[j] + 4 * n * t * attention_width
+        forward += sum(2 * n * r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0 and shapes.module_block[m] == j)
+        total += forward
         live_out = block_saved(shapes, roles, live, batch_size, seq_len).live_out
         if live or roles:
-            total += 2 * n * shapes.block_linear_macs[j] + 10 * n * t * attention_width
+            total += 2 * n * shapes.block_linear_macs[j] + 10 * n * t * attention_width + (forward if checkpointing else 0)
         live = live_out
-    total += sum(6 * n * r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
+    total += sum(4 * n * r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
     if labels_on_device:
         total += 4 * n * shapes.hidden_size * shapes.vocab_size
     return float(total)
 
 
 def split_bytes_per_step(shapes: ModelShapes, batch_size: int, seq_len: int, labels_on_device: bool = False) -> int:
-    """Tensor bytes crossing the link per step (headers aside): the cut activations up and their
-    gradient down, plus int32 labels up, or (labels on device) the final hidden states down and
-    their gradient up."""
+    """Tensor bytes crossing the link per step (headers aside), in the runtime dtype: the cut
+    activations up and their gradient down, plus int32 labels up, or (labels on device) the final
+    hidden states down and their gradient up."""
     hidden = batch_size * seq_len * shapes.hidden_size * shapes.dtype_bytes
     return 4 * hidden if labels_on_device else 2 * hidden + 4 * batch_size * seq_len

@@ -32,6 +32,7 @@ from splitpeft.hsplit.importance import (
 )
 from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
+from splitpeft.model.runtime import resolve_runtime
 
 Plans = dict[str, tuple[int, dict[str, int]]]  # device -> (split layer, {module: rank})
 
@@ -62,15 +63,17 @@ class PlanOptions:
     batch_size: int
     seq_len: int
     labels_on_device: bool
+    checkpointing: bool = False  # runtime.gradient_checkpointing
 
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> PlanOptions:
         return cls(config.placement.split_layer, config.lora.rank, tuple(config.hsplit.rank_set),
                    config.hsplit.max_split, config.federation.batch_size, config.data.max_length,
-                   config.placement.labels_on_device)
+                   config.placement.labels_on_device, config.runtime.gradient_checkpointing)
 
     def memory(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "labels_on_device": self.labels_on_device}
+        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "labels_on_device": self.labels_on_device,
+                "checkpointing": self.checkpointing}
 
 
 @dataclass
@@ -136,7 +139,9 @@ class Planning:
     """The loop around a planner: probe IWI scores, plan, and re-plan when they move.
 
     `model` is the frozen base the probe measures; `train` the examples it draws batches from
-    (never the held-out ones).
+    (never the held-out ones). The memory model sees the model as the devices will run it: the
+    run's `runtime.dtype` and the devices' quantization (`Runtime.device_quantization`), read from
+    the model's config on the meta device, whatever precision `model` itself is held in.
     """
 
     def __init__(self, planner: Planner, config: ExperimentConfig, model: PreTrainedModel,
@@ -147,7 +152,9 @@ class Planning:
         self.profiles = list(profiles)
         self.backbone = backbone_of(model)
         targets = config.lora.target_modules or list(self.backbone.default_target_modules)
-        self.shapes = ModelShapes.from_model(model, targets)
+        runtime = resolve_runtime(config.runtime)
+        self.shapes = ModelShapes.from_config(model.config, dtype=runtime.dtype,
+                                              quantization=runtime.device_quantization(), target_modules=targets)
         self.tracker = ImportanceTracker()
         self.probe_stream = BatchStream(train, config.federation.batch_size, pad_id, config.seed + 10_000)
         self.plans: list[DevicePlan] = []
