@@ -204,6 +204,9 @@ class ExperimentConfig:
             (self.runtime.base_quantization == "none" or self.federation.aggregator == "fedavg",
              "runtime.base_quantization: only fedavg keeps the global update a LoRA adapter; noise_free, zero_pad "
              "and svd merge dense updates into the frozen weights, which a quantized base cannot take exactly"),
+            (self.runtime.base_quantization == "none" or self.hsplit.planner == "fixed",
+             "runtime.base_quantization: hsplit.planner armsc and budget_rank give devices different ranks, which "
+             "fedavg cannot average, and IWI needs float weights; use hsplit.planner=fixed"),
             (self.runtime.dtype != "fp16" or self.placement.placement != "dlora",
              "runtime.dtype=fp16: dlora's remote branches have no loss scaling; use bf16"),
             (self.runtime.base_quantization == "none" or not self.export_merged,

@@ -152,8 +152,9 @@ def test_planning_plans_the_run_as_it_will_run():
     from splitpeft.data.batching import EncodedExample
     from splitpeft.hsplit.planning import ArmscPlanner, Planning, PlanOptions
 
-    config = tiny_config("tiny-llama", "hsplit.planner=armsc", "fleet.memory_bytes=[1,2,3]", "runtime.dtype=bf16",
+    config = tiny_config("tiny-llama", "fleet.memory_bytes=[1,2,3]", "runtime.dtype=bf16",
                          "runtime.base_quantization=nf4", "runtime.quantize=devices", "runtime.gradient_checkpointing=true")
+    config.hsplit.planner = "armsc"  # planning an nf4 fleet on paper (a run refuses armsc + nf4: see config.validate)
     fp32_base = load_model("tiny-llama").model
     planning = Planning(ArmscPlanner(PlanOptions.from_config(config)), config, fp32_base, [],
                         [EncodedExample([5, 6, 7], [5, 6, 7])], pad_id=1)

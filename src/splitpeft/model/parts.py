@@ -89,6 +89,11 @@ def view_part(base: PreTrainedModel, part: Part, *, device: torch.device | None 
             memo[key] = _placed(parameter, device, dtype)
         else:
             memo[key] = nn.Parameter(torch.empty_like(parameter, device="meta"), requires_grad=False)
+    for module in base.modules():  # bitsandbytes int8 moves its weight and scales here on first use
+        state = getattr(module, "state", None)
+        for tensor in (getattr(state, "CB", None), getattr(state, "SCB", None)):
+            if isinstance(tensor, torch.Tensor) and (device is None or tensor.device == device):
+                memo[id(tensor)] = tensor  # shared with the base, as its weight is
     view = copy.deepcopy(base, memo)
     for name, buffer in list(view.named_buffers()):
         if device is not None and buffer.device != device:
@@ -240,12 +245,25 @@ def frozen_tensors(model: nn.Module) -> list[torch.Tensor]:
         scales = getattr(parameter, "SCB", None)
         if isinstance(scales, torch.Tensor):
             held.append(scales)
+    return held + _int8_state(model)
+
+
+def _int8_state(model: nn.Module) -> list[torch.Tensor]:
+    """Tensors bitsandbytes' int8 layers keep in `module.state` after their first forward (the
+    int8 weight and its per-row scales move there from the parameter)."""
+    held = []
+    for module in model.modules():
+        state = getattr(module, "state", None)
+        for tensor in (getattr(state, "CB", None), getattr(state, "SCB", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                held.append(tensor)
     return held
 
 
 def resident_bytes(model: nn.Module) -> int:
     """Bytes of the frozen tensors `model` holds (distinct storages)."""
     return storage_bytes(frozen_tensors(model))[0]
+
 
 
 def quantized_modules(model: nn.Module) -> list[str]:
