@@ -47,6 +47,7 @@ from splitpeft.federation.records import (
 )
 from splitpeft.federation.state import GlobalState
 from splitpeft.hsplit.budget import simulated_step_s
+from splitpeft.hsplit.memory import ModelShapes, frozen_bytes
 from splitpeft.hsplit.planning import Planning, make_planner
 from splitpeft.model import adapters as lora
 from splitpeft.model.adapters import AdapterSet
@@ -258,6 +259,9 @@ class Simulation:
     def info(self) -> dict[str, Any]:
         plans = self.planning.describe() if self.planning is not None else None
         num_blocks = self.backbone.num_blocks
+        shapes = ModelShapes.from_config(self.loaded.model.config, dtype=self.runtime.dtype,
+                                         quantization=self.runtime.device_quantization(),
+                                         target_modules=self.config.lora.target_modules)
         return {
             "plans": plans,
             "model": self.loaded.name,
@@ -270,6 +274,7 @@ class Simulation:
                     "train_examples": self.shard_sizes[d.device_id],
                     "adapted_modules": len(d.modules),
                     "resident_bytes": d.resident_bytes(),
+                    "predicted_resident_bytes": frozen_bytes(shapes, len(d.part.blocks), d.part.head),
                 }
                 for d in self.devices
             },
