@@ -40,7 +40,7 @@ from flwr.clientapp import ClientApp
 from splitpeft.config import ExperimentConfig, config_from_dict
 from splitpeft.data.batching import encode as encode_examples
 from splitpeft.data.sources import load_examples
-from splitpeft.deploy.keys import DeploymentError
+from splitpeft.deploy.keys import DeploymentError, identity_proof
 from splitpeft.deploy.records import FRAME, frame_array, frame_of
 from splitpeft.deploy.settings import NodeSettings
 from splitpeft.federation.checkpoint import (
@@ -79,7 +79,13 @@ client_app = ClientApp()
 @client_app.query()
 def _identify(message: FlowerMessage, context: Context) -> FlowerMessage:
     node = NodeSettings.from_node_config(context.node_config)
-    return FlowerMessage(RecordDict({"device": ConfigRecord({"device": f"device-{node.device}"})}), reply_to=message)
+    device_id = f"device-{node.device}"
+    try:
+        challenge = str(message.content.config_records["challenge"]["challenge"])
+    except KeyError:
+        raise DeploymentError("the server's identity query carries no challenge") from None
+    proof = identity_proof(node.token, challenge, int(context.node_id), device_id)
+    return FlowerMessage(RecordDict({"device": ConfigRecord({"device": device_id, "proof": proof})}), reply_to=message)
 
 
 @client_app.train()

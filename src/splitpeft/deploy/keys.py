@@ -3,10 +3,25 @@ an EC key pair per SuperNode for Flower's node authentication (`splitpeft deploy
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from pathlib import Path
 
 from splitpeft.storage import atomic_folder
+
+
+def identity_proof(token: str, challenge: str, node_id: int, device_id: str) -> str:
+    """A node's answer to "which device are you": HMAC-SHA256, keyed by that device's split-stream
+    token, over the server's fresh challenge, the node's Flower id and the device id. It proves
+    the node holds the device's token without sending it, and cannot be replayed by another node
+    or for another challenge."""
+    message = f"{challenge}:{node_id}:{device_id}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def proof_matches(token: str, challenge: str, node_id: int, device_id: str, proof: str) -> bool:
+    return hmac.compare_digest(identity_proof(token, challenge, node_id, device_id), proof)
 
 
 def read_secret(path: str, what: str) -> bytes:

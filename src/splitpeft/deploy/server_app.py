@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -18,7 +19,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from splitpeft.config import dump_yaml
-from splitpeft.deploy.keys import DeploymentError
+from splitpeft.deploy.keys import DeploymentError, proof_matches
 from splitpeft.deploy.records import FRAME, frame_array, frame_of, round_stats_from_json
 from splitpeft.deploy.settings import ServerSettings
 from splitpeft.experiment.run import run_experiment
@@ -52,6 +53,7 @@ class FlowerEngine:
         self.server: GrpcSplitServer | None = None
         self._asked: set[int] = set()  # nodes that were asked which device they are
         self._queries: dict[str, int] = {}  # id of each question not answered yet -> the node asked
+        self._challenges: dict[int, str] = {}  # node -> the fresh challenge it must answer with a proof
         self._gone: set[str] = set()  # devices whose node seemed to die last round: may come back on a new node
         self._lost: set[str] = set()
         self._lost_guard = threading.Lock()
@@ -155,7 +157,9 @@ class FlowerEngine:
             fresh = [n for n in self.grid.get_node_ids() if n not in self._asked]
             if fresh:
                 self._asked.update(fresh)
-                queries = [FlowerMessage(RecordDict({}), dst_node_id=n, message_type="query") for n in fresh]
+                self._challenges.update({n: secrets.token_hex(16) for n in fresh})
+                queries = [FlowerMessage(RecordDict({"challenge": ConfigRecord({"challenge": self._challenges[n]})}),
+                                         dst_node_id=n, message_type="query") for n in fresh]
                 self._queries.update(zip(self.grid.push_messages(queries), fresh))
                 answers_by = time.monotonic() + QUERY_WAIT_S
             for reply in self.grid.pull_messages(list(self._queries)) if self._queries else []:
@@ -182,13 +186,25 @@ class FlowerEngine:
         return self._claim_device(node, reply.content)
 
     def _claim_device(self, node: int, content: RecordDict) -> set[str]:
+        """Map `node` to the device it proves to be: its answer names a device and carries
+        `identity_proof` keyed by that device's token over this node's challenge. A node's word
+        alone is never enough, and a node is one device."""
         try:
             device_id = str(content.config_records["device"]["device"])
+            proof = str(content.config_records["device"]["proof"])
         except KeyError as error:
-            log.warning("node %d answered without a device id (%s); ignored", node, error)
+            log.warning("node %d answered without a device id and proof (%s); ignored", node, error)
             return set()
         if device_id not in self.settings.tokens:
             log.warning("node %d claims unknown device %r; ignored", node, device_id)
+            return set()
+        challenge = self._challenges.get(node)
+        if challenge is None or not proof_matches(self.settings.tokens[device_id], challenge, node, device_id, proof):
+            log.warning("node %d claims %s without proving it holds its token; ignored", node, device_id)
+            return set()
+        other = next((d for d, n in self.nodes.items() if n == node and d != device_id), None)
+        if other is not None:
+            log.warning("node %d, already %s, also claims %s; ignored (a node is one device)", node, other, device_id)
             return set()
         if self.nodes.get(device_id) == node:
             log.info("%s is back on Flower node %d", device_id, node)
@@ -221,6 +237,12 @@ class FlowerEngine:
             raise MessageError(f"upload says device {upload.meta.get('device')!r}, expected {device_id}")
         uploaded = lora.from_tensors(upload.tensors)
         device = next(d for d in sim.devices if d.device_id == device_id)
+        if sim.placement.uses_server():  # the reply must come from the session this device trained on
+            session = sim.server.sessions.get(device_id)
+            if device_id not in sim.server.opened or session is None:
+                raise MessageError(f"{device_id} replied, but no split session authenticated as {device_id} trained this round")
+            if session.split_layer != device.split_layer:
+                raise MessageError(f"{device_id} trained at split {session.split_layer}, the plan says {device.split_layer}")
         for name, weights in uploaded.items():
             if device.ranks.get(name) != weights.rank:
                 raise MessageError(f"upload carries {name} at rank {weights.rank}, the plan says {device.ranks.get(name)}")

@@ -8,7 +8,8 @@ One step, the batch flowing one way (B, T tokens, d hidden)::
     backward [0, k)    <-- CUT_GRADIENT -----  backward; server adapters step
                            grad (B,T,d), loss
 
-U-shaped (`labels_on_device`): labels never leave the device::
+U-shaped (`labels_on_device`): no label tensor leaves the device (the hidden states still carry
+most of what the tokens were: see the README's "What leaves the device")::
 
     embed, blocks [0, k) -- ACTIVATIONS ---->  blocks [k, L)
     norm, head, loss     <-- FINAL_HIDDEN ---  (B,T,d)
