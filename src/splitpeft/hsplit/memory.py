@@ -579,9 +579,14 @@ def flops_per_step(
     return float(total)
 
 
-def split_bytes_per_step(shapes: ModelShapes, batch_size: int, seq_len: int, labels_on_device: bool = False) -> int:
-    """Tensor bytes crossing the link per step (headers aside), in the runtime dtype: the cut
-    activations up and their gradient down, plus int32 labels up, or (labels on device) the final
-    hidden states down and their gradient up."""
-    hidden = batch_size * seq_len * shapes.hidden_size * shapes.dtype_bytes
-    return 4 * hidden if labels_on_device else 2 * hidden + 4 * batch_size * seq_len
+def split_bytes_per_step(shapes: ModelShapes, batch_size: int, seq_len: int, labels_on_device: bool = False,
+                         gradient_bytes: int | None = None) -> int:
+    """Tensor bytes crossing the link per step (headers aside): the cut activations up (runtime
+    dtype) and their gradient down, plus int32 labels up, or (labels on device) the final hidden
+    states down and their gradient up. Gradients travel in the runtime dtype (`gradient_bytes`
+    per value, default the dtype's), except under fp16, where each side sends them unscaled in
+    fp32 (parties/party.py): pass gradient_bytes=4 for an fp16 run."""
+    values = batch_size * seq_len * shapes.hidden_size
+    activation = values * shapes.dtype_bytes
+    gradient = values * (shapes.dtype_bytes if gradient_bytes is None else gradient_bytes)
+    return 2 * (activation + gradient) if labels_on_device else activation + gradient + 4 * batch_size * seq_len
