@@ -61,7 +61,7 @@ def test_simulate_evaluate_generate_end_to_end(tmp_path):
     )
     for name in ("config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png", "bytes.png"):
         assert (out / name).is_file(), name
-    assert not list(tmp_path.glob(".run.partial-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder or lock beside it
 
     evaluated = _run("evaluate", str(out), "eval.groups=2")
     assert evaluated.returncode == 0, evaluated.stderr
@@ -100,7 +100,7 @@ def test_bad_input_is_one_clear_error_and_no_run_folder(tmp_path, capsys, args, 
     err = capsys.readouterr().err
     assert err.startswith("splitpeft: error:") and message in err
     assert not out.exists()
-    assert not list(tmp_path.glob(".run.partial-*"))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")]
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, capsys):
@@ -110,6 +110,87 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert main(["simulate", "--preset", "tiny", "--out", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (out / "report.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------ output paths (issue 12, finding 9)
+
+
+def _user_files(root):
+    """Every file under `root` with its content: what a refused run must leave as it was."""
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def _checkpoint_folder(path):
+    from splitpeft.federation.checkpoint import write_state
+
+    write_state(path, {"rounds_done": 1}, {})
+
+
+# (arguments, working folder relative to the test's folder, expected message): the test's folder
+# holds work/notes.txt, mydata/notes.txt and elsewhere/ (a splitpeft checkpoint)
+UNSAFE = {
+    "--checkpoint is a folder of the user's": (["--out", "run", "--checkpoint", "../mydata"], "work",
+                                               "checkpoint folder ../mydata exists and was not written by splitpeft"),
+    "--out . --overwrite": (["--out", ".", "--overwrite"], "work", "is the working folder or one of its parents"),
+    "--out .. --overwrite": (["--out", "..", "--overwrite"], "work", "is the working folder or one of its parents"),
+    "--checkpoint .": (["--out", "run", "--checkpoint", "."], "work", "is the working folder or one of its parents"),
+    "--out a folder of the user's --overwrite": (["--out", "../mydata", "--overwrite"], "work",
+                                                 "was not written by splitpeft (no .splitpeft-run in it)"),
+    "--checkpoint inside --out": (["--out", "run", "--checkpoint", "run/ckpt"], "work",
+                                  "checkpoint folder run/ckpt is inside the output folder run"),
+    "--out inside --checkpoint": (["--out", "ckpt/run", "--checkpoint", "ckpt"], "work",
+                                  "output folder ckpt/run is inside the checkpoint folder ckpt"),
+    "symlinked --out": (["--out", "link", "--overwrite"], "work", "output folder link is a symbolic link"),
+    "symlinked --checkpoint": (["--out", "run", "--checkpoint", "link"], "work", "checkpoint folder link is a symbolic link"),
+    "a run's checkpoint without --resume": (["--out", "run", "--checkpoint", "../elsewhere"], "work",
+                                            "holds a checkpoint already: --resume continues that run, --overwrite starts over"),
+    "--resume without a checkpoint": (["--out", "run", "--checkpoint", "nothing", "--resume"], "work",
+                                      "no checkpoint in nothing to resume from"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE))
+def test_output_paths_that_could_lose_data_are_refused_before_training(tmp_path, capsys, monkeypatch, case):
+    """Bug (issue 12, finding 9): `--checkpoint mydata` deleted an unrelated folder, `--out .
+    --overwrite` emptied the working folder, a checkpoint inside `--out` was destroyed at the
+    end, a symlinked `--out` trained to the end and then failed. Now each is refused with one
+    line before any training, and every file is left as it was."""
+    from splitpeft.experiment import run
+
+    arguments, cwd, message = UNSAFE[case]
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("the user's notes")
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "notes.txt").write_text("the user's data")
+    _checkpoint_folder(tmp_path / "elsewhere")
+    (tmp_path / "work" / "link").symlink_to(tmp_path / "mydata")
+    before = _user_files(tmp_path)
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(run, "Simulation", no_training)
+    monkeypatch.chdir(tmp_path / cwd)
+    assert main(["simulate", "--preset", "tiny", "--no-progress", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splitpeft: error:") and message in err and err.count("\n") == 1
+    assert _user_files(tmp_path) == before
+    assert not [p for p in tmp_path.rglob(".*splitpeft-*")]  # no staging folder or lock left anywhere
+
+
+def test_overwrite_replaces_only_a_run_folder_splitpeft_wrote(tmp_path, capsys):
+    """A run folder carries splitpeft's marker; --overwrite replaces it (and an empty folder),
+    and starts a checkpoint of the same run over."""
+    args = ["simulate", "--preset", "tiny", "--no-progress", "federation.rounds=1", "federation.local_steps=1",
+            "eval.generation=false", "eval.every_round=false", "data.max_length=48"]
+    out, checkpoint = tmp_path / "run", tmp_path / "ckpt"
+    out.mkdir()  # empty: nothing to lose
+    assert main([*args, "--out", str(out), "--checkpoint", str(checkpoint)]) == 0
+    assert (out / ".splitpeft-run").is_file() and (checkpoint / "manifest.json").is_file()
+    assert main([*args, "--out", str(out), "--checkpoint", str(checkpoint)]) == 2
+    assert "is not empty (use --overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(out), "--checkpoint", str(checkpoint), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "run"]
 
 
 def test_overrides_after_options_and_unknown_flags(tmp_path, capsys):

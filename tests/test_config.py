@@ -1,6 +1,10 @@
+import dataclasses
+import re
+import typing
+
 import pytest
 
-from splitpeft.config import ConfigError, load_config
+from splitpeft.config import ConfigError, ExperimentConfig, load_config
 
 
 def test_presets_load_and_overrides_are_typed():
@@ -41,3 +45,58 @@ def test_missing_or_broken_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config(preset="huge")
+
+
+# Issue 12, finding 10: lr=inf, alpha=inf and max_message_bytes=0 ran to exit 0 with every device
+# dropped; lora.rank=1e8 was killed by the kernel with no message; rounds=1e9 grew memory by 37 MB/s
+# before the first round; eval.max_new_tokens=1e6 ran for minutes.
+@pytest.mark.parametrize("override,message", [
+    ("federation.lr=inf", "federation.lr must be a finite number, not inf"),
+    ("lora.alpha=inf", "lora.alpha must be a finite number, not inf"),
+    ("lora.alpha=.nan", "lora.alpha must be a finite number, not nan"),
+    ("transport.max_message_bytes=0", "transport.max_message_bytes must be in [65536, 2147483647], not 0"),
+    ("lora.rank=100000000", "lora.rank must be in [1, 65536], not 100000000"),
+    ("federation.rounds=1000000000", "federation.rounds must be in [1, 100000], not 1000000000"),
+    ("eval.max_new_tokens=1000000", "eval.max_new_tokens must be in [1, 2048], not 1000000"),
+    ("eval.num_beams=1000", "eval.num_beams must be in [1, 32], not 1000"),
+    ("federation.lr=5", "federation.lr must be in (0, 1], not 5"),
+    ("fleet.bandwidth_bytes_per_s=[1e7,0,1e7]", "fleet.bandwidth_bytes_per_s must be in (0, 1e+15], not 0"),
+    ("seed=-1", "seed must be in [0, 2147483647], not -1"),
+    ("transport.idle_timeout_s=0", "transport.idle_timeout_s must be in (0, 86400], not 0"),
+])
+def test_numbers_out_of_range_stop_the_cli_with_one_line_naming_the_key(tmp_path, capsys, override, message):
+    from splitpeft.cli import main
+
+    out = tmp_path / "run"
+    assert main(["simulate", "--preset", "tiny", override, "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"splitpeft: error: {message}\n"
+    assert not out.exists()
+
+
+def _numeric_keys(section=None, prefix=""):
+    """(key, its type hint) for every key of a number or a list of numbers."""
+    section = ExperimentConfig() if section is None else section
+    hints = typing.get_type_hints(type(section))
+    for item in dataclasses.fields(section):
+        value, hint = getattr(section, item.name), hints[item.name]
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_keys(value, f"{prefix}{item.name}.")
+        elif any(t in str(hint) for t in ("int", "float")) and "Literal" not in str(hint):
+            yield f"{prefix}{item.name}", hint
+
+
+@pytest.mark.parametrize("key,hint", list(_numeric_keys()), ids=[key for key, _ in _numeric_keys()])
+def test_every_numeric_key_is_refused_when_huge_or_negative(key, hint):
+    """Every number (sections added later included) has both ends checked, by name."""
+    for magnitude in (-1, 1):
+        value = magnitude * (1e300 if "float" in str(hint) else 10**20)
+        text = f"[{value}, {value}, {value}]" if str(hint).startswith("list") else str(value)
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(preset="tiny", overrides=[f"{key}={text}"])
+
+
+def test_the_transport_deadlines_default_to_the_servers():
+    from splitpeft.transport.grpc import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S
+
+    assert (ExperimentConfig().transport.idle_timeout_s, ExperimentConfig().transport.step_timeout_s) == (
+        DEFAULT_IDLE_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S)

@@ -1,7 +1,8 @@
 """Command line: `splitpeft simulate | compare | evaluate | generate | deploy-keys`.
 
 Every user error (bad config key or value, missing file, unknown model, split point out of range,
-non-empty output folder) is one line on stderr naming the problem and exit status 2.
+an output or checkpoint folder that could not be replaced without losing data, a corrupted or
+mismatching checkpoint) is one line on stderr naming the problem and exit status 2.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", help="built-in preset: default, tiny, e2e")
     simulate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. federation.rounds=5")
     simulate.add_argument("--out", type=Path, required=True, help="run folder to write")
-    simulate.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    simulate.add_argument("--overwrite", action="store_true",
+                          help="replace an existing run folder splitpeft wrote (and start --checkpoint over)")
     simulate.add_argument("--no-progress", action="store_true", help="no progress bars")
-    simulate.add_argument("--checkpoint", type=Path, help="save the federation's state here after every round")
-    simulate.add_argument("--resume", action="store_true", help="continue from --checkpoint's last completed round")
+    simulate.add_argument("--checkpoint", type=Path,
+                          help="save the federation's state here after every round (a new folder, or one splitpeft wrote)")
+    simulate.add_argument("--resume", action="store_true",
+                          help="continue from --checkpoint's last completed round (verified: intact and of this run)")
 
     compare = commands.add_parser("compare", help="run a suite of methods side by side (hsplit, dlora)")
     compare.add_argument("suite", help="hsplit: HSplitLoRA vs HetLoRA vs SplitLoRA vs CenLoRA; dlora: KR vs no KR vs static")

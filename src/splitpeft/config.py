@@ -7,6 +7,7 @@ field. Unknown keys are errors (a typo must not silently fall back to a default)
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -75,10 +76,31 @@ class FederationConfig:
 
 
 @dataclass
+class RobustConfig:
+    clip: Literal["median", "none"] = _help(
+        "update clipping before aggregation: median = every holder's update of a module (what it uploads "
+        "minus what it was given; A and B separately for fedavg-style aggregators) is scaled down to at "
+        "most robust.clip_factor x the median update of that module's copies; none = off", "median")
+    clip_factor: float = _help("c: an update may be at most c x the median update of its module (>= 1)", 4.0)
+    combine: Literal["mean", "trimmed_mean", "median"] = _help(
+        "with federation.aggregator=fedavg: combine A and B by their token-weighted mean (FedAvg), or, "
+        "per coordinate and unweighted, by a trimmed mean or the median", "mean")
+    trim_fraction: float = _help(
+        "trimmed_mean: share of the copies cut at each end of every coordinate, rounded up "
+        "(at most (n - 1) // 2 of n)", 0.2)
+
+
+@dataclass
 class TransportConfig:
     compression: Literal["none", "bf16", "int8"] = _help(
         "compression of split activations and gradients on the wire (int8: per channel)", "none")
     max_message_bytes: int = _help("largest frame either side accepts", 512 * 1024 * 1024)
+    idle_timeout_s: float = _help(
+        "the split server closes a device's stream that sends no frame (or does not read its reply) for this "
+        "long, and resets its session; one stream per device, a newer one replaces it", 300.0)
+    step_timeout_s: float = _help(
+        "the split server closes a device's stream whose training step (ACTIVATIONS to its last reply) "
+        "takes longer than this, and resets its session", 600.0)
 
 
 @dataclass
@@ -153,6 +175,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     kill_revive: KillReviveConfig = field(default_factory=KillReviveConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
@@ -161,6 +184,9 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> ExperimentConfig:
+        for key, value in _numbers(self):  # NaN and inf pass most comparisons below, so first
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, not {value}")
         checks = [
             (self.lora.rank >= 1, "lora.rank must be >= 1"),
             (self.lora.alpha > 0, "lora.alpha must be > 0"),
@@ -180,6 +206,10 @@ class ExperimentConfig:
             (self.federation.local_steps >= 1, "federation.local_steps must be >= 1"),
             (self.federation.batch_size >= 1, "federation.batch_size must be >= 1"),
             (self.federation.lr > 0, "federation.lr must be > 0"),
+            (1 <= self.robust.clip_factor <= 1e6, "robust.clip_factor must be in [1, 1e6]"),
+            (0 <= self.robust.trim_fraction < 0.5, "robust.trim_fraction must be in [0, 0.5)"),
+            (self.robust.combine == "mean" or self.federation.aggregator == "fedavg",
+             f"robust.combine={self.robust.combine} combines A and B like fedavg; it needs federation.aggregator=fedavg"),
             (0 < self.kill_revive.active_fraction <= 1, "kill_revive.active_fraction must be in (0, 1]"),
             (self.kill_revive.interval >= 1 and self.kill_revive.revive_interval >= 1,
              "kill_revive.interval and kill_revive.revive_interval must be >= 1"),
@@ -215,7 +245,90 @@ class ExperimentConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for key, value in _numbers(self):
+            bound = NUMERIC_BOUNDS.get(key)
+            if bound is not None and not bound.holds(value):
+                raise ConfigError(f"{key} must be in {bound}, not {_number(value)}")
         return self
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An interval of allowed values: [low, high], either end open if so marked."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
+
+
+# Every numeric key's range (each entry of a list), checked after the rules in `validate`. The upper
+# ends are far above any real run and low enough that a slip (rounds=1e9, max_new_tokens=1e6,
+# lora.rank=1e8) fails here at once, not after hours or when the kernel kills the process. Sizes that
+# depend on the model and the machine (rank <= min(d_in, d_out), one step's frame, predicted memory)
+# are checked once the model is loaded: `federation/preflight.py`.
+NUMERIC_BOUNDS: dict[str, Bound] = {
+    "seed": Bound(0, 2**31 - 1),
+    "lora.rank": Bound(1, 65_536),
+    "lora.alpha": Bound(0, 1e6, low_open=True),
+    "lora.dropout": Bound(0, 1, high_open=True),
+    "data.limit": Bound(1, 10**9),
+    "data.eval_fraction": Bound(0, 1, low_open=True, high_open=True),
+    "data.max_length": Bound(8, 131_072),
+    "data.dirichlet_alpha": Bound(0, 1e6, low_open=True),
+    "placement.split_layer": Bound(0, 4096),
+    "federation.num_devices": Bound(1, 10_000),
+    "federation.devices_per_round": Bound(1, 10_000),
+    "federation.rounds": Bound(1, 100_000),
+    "federation.local_steps": Bound(1, 1_000_000),
+    "federation.batch_size": Bound(1, 65_536),
+    "federation.lr": Bound(0, 1, low_open=True),
+    "transport.max_message_bytes": Bound(64 * 1024, 2**31 - 1),
+    "transport.idle_timeout_s": Bound(0, 86_400, low_open=True),
+    "transport.step_timeout_s": Bound(0, 86_400, low_open=True),
+    "fleet.memory_bytes": Bound(1, 2**50),
+    "fleet.memory_range": Bound(1, 2**50),
+    "fleet.flops_per_s": Bound(0, 1e18, low_open=True),
+    "fleet.bandwidth_bytes_per_s": Bound(0, 1e15, low_open=True),
+    "hsplit.rank_set": Bound(0, 65_536),
+    "hsplit.probe_batches": Bound(1, 10_000),
+    "hsplit.replan_threshold": Bound(0, 1e6),
+    "hsplit.max_split": Bound(0, 4096),
+    "kill_revive.warmup": Bound(0, 10**9),
+    "kill_revive.interval": Bound(1, 10**9),
+    "kill_revive.revive_interval": Bound(1, 10**9),
+    "kill_revive.active_fraction": Bound(0, 1, low_open=True),
+    "kill_revive.revive_margin": Bound(0, 1e6),
+    "kill_revive.ema": Bound(0, 1, high_open=True),
+    "eval.perplexity_examples": Bound(1, 1_000_000),
+    "eval.groups": Bound(1, 100_000),
+    "eval.max_new_tokens": Bound(1, 2048),
+    "eval.num_beams": Bound(1, 32),
+}
+
+
+def _numbers(section: Any, prefix: str = "") -> typing.Iterator[tuple[str, float]]:
+    """(key, value) for every number in `section` and its sub-sections, each entry of a list."""
+    for item in fields(section):
+        value, key = getattr(section, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, f"{key}.")
+            continue
+        for entry in value if isinstance(value, list) else [value]:
+            if isinstance(entry, (int, float)) and not isinstance(entry, bool):
+                yield key, entry
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e12 else f"{value:g}"
 
 
 def describe_keys() -> str:

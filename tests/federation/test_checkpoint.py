@@ -64,6 +64,182 @@ def test_incomplete_or_foreign_checkpoints_are_refused(tmp_path):
         load_checkpoint(other, tmp_path / "ckpt")
 
 
+# ------------------------------------------------------------------ verification (issue 12, finding 8)
+
+SMALL = ["federation.num_devices=2", "federation.local_steps=1", "data.max_length=48"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A checkpoint after one round of a small run, and a fresh Simulation of the same config."""
+    folder = tmp_path_factory.mktemp("saved") / "ckpt"
+    sim = Simulation(tiny_config("tiny-llama", *SMALL))
+    sim.run_round()
+    save_checkpoint(sim, folder)
+    return folder, Simulation(tiny_config("tiny-llama", *SMALL))
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    return shutil.copytree(saved[0], tmp_path / "ckpt")
+
+
+def _rehash(path):
+    """Make the manifest describe the files as they are now: a checkpoint edited by hand, or by
+    a bug, that no hash check can catch."""
+    import hashlib
+    import json
+
+    manifest_file = path / "manifest.json"
+    if not manifest_file.exists():  # a checkpoint written before manifests
+        return
+    manifest = json.loads(manifest_file.read_text())
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest_file.write_text(json.dumps(manifest))
+
+
+def _flip_bytes(path):
+    data = bytearray((path / "tensors.safetensors").read_bytes())
+    for offset in range(len(data) - 40, len(data) - 36):  # in the tensor data, not the header
+        data[offset] ^= 0xFF
+    (path / "tensors.safetensors").write_bytes(bytes(data))
+
+
+def _truncate(path):
+    data = (path / "tensors.safetensors").read_bytes()
+    (path / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _edit_state(path):
+    state = (path / "state.json").read_text()
+    (path / "state.json").write_text(state.replace('"rounds_done": 1', '"rounds_done": 0'))
+
+
+CORRUPTIONS = {
+    "flipped tensor bytes": (_flip_bytes, "tensors.safetensors does not match the SHA-256"),
+    "truncated tensors": (_truncate, "(truncated or extended)"),
+    "edited state": (_edit_state, "state.json does not match the SHA-256"),
+    "no tensors": (lambda p: (p / "tensors.safetensors").unlink(), "tensors.safetensors is missing"),
+    "no manifest": (lambda p: (p / "manifest.json").unlink(), "no manifest.json"),
+    "garbled manifest": (lambda p: (p / "manifest.json").write_text('{"format": "splitpeft-st'), "is not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_corrupted_or_truncated_checkpoint_is_refused_with_one_line(saved, tmp_path, case):
+    """Bug (issue 12, finding 8): nothing checked a checkpoint's files; 4 flipped data bytes
+    resumed with a different adapter, a truncated file gave a traceback. Now the manifest's
+    sizes and SHA-256 refuse either with one line naming the file."""
+    corrupt, message = CORRUPTIONS[case]
+    path = _copy(saved, tmp_path)
+    corrupt(path)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(saved[1], path)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def _state_edit(edit):
+    def apply(path):
+        import json
+
+        state = json.loads((path / "state.json").read_text())
+        edit(state)
+        (path / "state.json").write_text(json.dumps(state))
+    return apply
+
+
+def _tensor_edit(edit):
+    def apply(path):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(path / "tensors.safetensors"))
+        edit(tensors)
+        save_file(tensors, str(path / "tensors.safetensors"))
+    return apply
+
+
+def _first(tensors, prefix):
+    return next(key for key in sorted(tensors) if key.startswith(prefix))
+
+
+MALFORMED = {
+    "no devices": (_state_edit(lambda s: s.update(devices={})), "devices are [], this run has ['device-0', 'device-1']"),
+    "rounds_done -1": (_state_edit(lambda s: s.update(rounds_done=-1)), "rounds_done is -1, not an integer in 0..2"),
+    "rounds_done past the run": (_state_edit(lambda s: s.update(rounds_done=7)), "rounds_done is 7"),
+    "rounds_done disagrees with the rounds": (_state_edit(lambda s: s.update(rounds_done=2)), "records 1 rounds"),
+    "negative stream epoch": (_state_edit(lambda s: s["devices"]["device-0"].update(stream=[-1, 0])), "stream epoch is -1"),
+    "unknown module": (_state_edit(lambda s: s["devices"]["device-0"]["ranks"].update({"no.such.module": 4})),
+                       "names modules the model does not adapt"),
+    "rank out of range": (_state_edit(lambda s: s["devices"]["device-0"]["ranks"].update(
+        {next(iter(s["devices"]["device-0"]["ranks"])): 100000000})), "not an integer in 0..16"),
+    "negative optimiser steps": (_state_edit(lambda s: s["devices"]["device-0"]["optimizer_steps"].update({"0": -3.0})),
+                                 "not a finite number >= 0"),
+    "NaN in an adapter": (_tensor_edit(lambda t: t[_first(t, "global/")].fill_(float("nan"))), "is not finite"),
+    "adapter of the wrong width": (_tensor_edit(lambda t: t.update({_first(t, "global/"): t[_first(t, "global/")][:, :3].contiguous()})),
+                                   "expected (r, "),
+    "moment of the wrong shape": (_tensor_edit(lambda t: t.update({_first(t, "opt/"): t[_first(t, "opt/")][:1].contiguous()})),
+                                  "has shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_checkpoint_is_refused_with_one_line(saved, tmp_path, case):
+    """Bug (issue 12, finding 8): `devices={}` gave a traceback and `rounds_done=-1` trained 6
+    rounds of a 3-round run. Now every field is range-checked against the run, even in a
+    checkpoint whose manifest matches its files (edited by hand, or written by a bug)."""
+    edit, message = MALFORMED[case]
+    path = _copy(saved, tmp_path)
+    edit(path)
+    _rehash(path)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(saved[1], path)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("placement.placement=dlora", "placement.placement is 'split' there, 'dlora' here"),
+    ("federation.num_devices=3", "federation.num_devices is 2 there, 3 here"),
+    ("federation.aggregator=noise_free", "federation.aggregator is 'fedavg' there, 'noise_free' here"),
+])
+def test_a_checkpoint_of_another_run_is_refused_with_one_line(saved, override, message):
+    """Bug (issue 12, finding 8): a `split` checkpoint resumed under `dlora` without complaint, a
+    changed `num_devices` gave a traceback. The manifest's run identity must match."""
+    other = Simulation(tiny_config("tiny-llama", *SMALL, override))
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(other, saved[0])
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_cli_resume_refuses_a_corrupted_or_foreign_checkpoint_before_training(tmp_path, capsys, monkeypatch):
+    """Through the CLI: exit status 2, one line on stderr, no run folder, no training."""
+    from splitpeft.cli import main
+    from splitpeft.experiment import run
+
+    args = ["simulate", "--preset", "tiny", "--no-progress", "federation.rounds=2", "federation.local_steps=1",
+            "eval.generation=false", "eval.every_round=false", "data.max_length=48"]
+    checkpoint = tmp_path / "ckpt"
+    assert main([*args, "federation.rounds=1", "--out", str(tmp_path / "first"), "--checkpoint", str(checkpoint)]) == 0
+    capsys.readouterr()
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("a refused resume built a simulation")
+
+    monkeypatch.setattr(run, "Simulation", no_training)
+    assert main([*args, "placement.placement=dlora", "--out", str(tmp_path / "second"), "--checkpoint", str(checkpoint),
+                 "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splitpeft: error: checkpoint") and "placement.placement is 'split' there" in err
+    assert err.count("\n") == 1
+    _flip_bytes(checkpoint)
+    assert main([*args, "--out", str(tmp_path / "second"), "--checkpoint", str(checkpoint), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "tensors.safetensors does not match the SHA-256" in err and err.count("\n") == 1
+    assert not (tmp_path / "second").exists()
+
+
 @pytest.mark.slow
 def test_cli_resume_after_a_killed_run_matches_an_uninterrupted_one(tmp_path):
     """The run is killed (SIGKILL) after its first checkpoint; --resume finishes it, and the

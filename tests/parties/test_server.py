@@ -7,6 +7,7 @@ from conftest import tiny_config
 
 from splitpeft.federation.simulation import Simulation
 from splitpeft.parties.meter import DeviceMeter, storage_bytes, tensor_nbytes
+from splitpeft.parties.server import StepLimits
 from splitpeft.transport.messages import Kind, Message, Meta
 
 
@@ -83,3 +84,22 @@ def test_meter_take_round_returns_and_resets_every_count():
     flops, adapter_flops, peak = meter.take_round()
     assert flops == 2 * 8 * 16 * 4 + 2 * 8 * 4 * 2 and adapter_flops == 2 * 8 * 4 * 2 and peak >= x.nbytes
     assert meter.take_round() == (0, 0, 0)
+
+
+def test_step_limits_name_the_limit_a_step_exceeds_and_the_server_keeps_serving():
+    """Issue 12, finding 6, at the dispatch: B, T and B T are each bounded (here T alone would
+    pass a B T budget that B = 4, T = 8 already fills); a refused step resets nothing else."""
+    sim = _sim()
+    sim.server.limits = StepLimits(max_batch=4, max_seq_len=16, max_tokens=32)
+    assert _open(sim, "device-0").kind == Kind.SESSION_READY
+    cases = {(5, 4): "batch 5 exceeds the server's limit of 4 (federation.batch_size)",
+             (1, 17): "sequence length 17 exceeds the server's limit of 16 (data.max_length)",
+             (4, 9): "36 tokens exceed the server's limit of 32 per step"}
+    for (batch, seq_len), problem in cases.items():
+        message = Message(Kind.ACTIVATIONS, {"hidden": torch.randn(batch, seq_len, 32),
+                                             "labels": torch.zeros(batch, seq_len, dtype=torch.int32)})
+        reply = sim.server.handle("device-0", message)
+        assert reply.kind == Kind.ERROR and problem in reply.meta[Meta.ERROR]
+    fits = Message(Kind.ACTIVATIONS, {"hidden": torch.randn(4, 8, 32), "labels": torch.zeros(4, 8, dtype=torch.int32)})
+    assert sim.server.handle("device-0", fits).kind == Kind.CUT_GRADIENT
+    assert StepLimits.from_config(sim.config) == StepLimits(max_batch=4, max_seq_len=48, max_tokens=4 * 48)

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import grpc
 import pytest
 import torch
 from conftest import tiny_config
 
 from splitpeft.federation.simulation import Simulation
+from splitpeft.parties.server import StepLimits
 from splitpeft.transport.channel import InProcessChannel
 from splitpeft.transport.compression import (
     SCALE_SUFFIX,
@@ -27,6 +30,9 @@ from splitpeft.transport.compression import (
     quantize_int8,
 )
 from splitpeft.transport.grpc import (
+    AUTHORIZATION_HEADER,
+    DEVICE_ID_HEADER,
+    METHOD_PATH,
     GrpcChannel,
     GrpcSplitServer,
     TransportError,
@@ -46,12 +52,13 @@ ROUND = ("federation.num_devices=2", "federation.local_steps=2")
 
 @contextmanager
 def served(sim: Simulation, *, tls: bool = False, compression: str = "none", max_message_bytes: int | None = None,
-           tap=None, connect: bool = True) -> Iterator[tuple[GrpcSplitServer, str, dict[str, str], bytes | None]]:
-    """`sim.server` behind a loopback GrpcSplitServer; with `connect`, every device's channel is a GrpcChannel."""
+           tap=None, connect: bool = True, **options) -> Iterator[tuple[GrpcSplitServer, str, dict[str, str], bytes | None]]:
+    """`sim.server` behind a loopback GrpcSplitServer (`options`: its deadlines); with `connect`,
+    every device's channel is a GrpcChannel."""
     tokens = {d: f"secret-{d}" for d in sim.device_ids}
     cert_key = self_signed_certificate() if tls else None
     limits = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
-    server = GrpcSplitServer(sim.server, tokens=tokens, tls=cert_key, **limits)  # replies follow each device's mode
+    server = GrpcSplitServer(sim.server, tokens=tokens, tls=cert_key, **limits, **options)  # replies follow each device's mode
     address = f"127.0.0.1:{server.start()}"
     root = cert_key[0] if cert_key else None
     channels = []
@@ -218,6 +225,141 @@ def test_a_frame_far_beyond_the_limit_is_refused_by_grpc_itself():
             sim.channels["device-0"].exchange_frame(b"x" * (LIMIT + 2 * 1024 * 1024))
         sim.devices[1].open_session(sim.channels["device-1"])
         assert math.isfinite(sim.devices[1].local_phase(1, sim.channels["device-1"]).losses[0])
+
+
+# ------------------------------------------------------------------------ (d') server-side limits
+
+
+@contextmanager
+def silent_streams(address: str, device_id: str, token: str, count: int) -> Iterator[list[grpc.Call]]:
+    """`count` authenticated streams of `device_id` that never send a frame (an attacker holding one token)."""
+    connection = grpc.insecure_channel(address)
+    rpc = connection.stream_stream(METHOD_PATH, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    done = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        done.wait()
+        yield from ()
+
+    metadata = ((DEVICE_ID_HEADER, device_id), (AUTHORIZATION_HEADER, f"Bearer {token}"))
+    calls = [rpc(nothing(), metadata=metadata) for _ in range(count)]
+    try:
+        yield calls
+    finally:
+        done.set()
+        for call in calls:
+            call.cancel()
+        connection.close()
+
+
+def _wait_until(condition, timeout_s: float) -> float:
+    """Seconds until `condition()` held; fails after `timeout_s`."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_s, "timed out"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_one_token_cannot_hold_the_servers_workers_and_silent_streams_are_closed():
+    """Issue 12, finding 5: with device-1's valid token, 40 silent streams filled the server's 32
+    workers and device-0 was refused (RESOURCE_EXHAUSTED) for as long as the attacker wished.
+    Now a device has one stream (a newer one replaces it), and a stream silent for
+    idle_timeout_s is closed and its session reset."""
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=2", "data.max_length=48"))
+    with served(sim, connect=False, idle_timeout_s=3.0) as (server, address, tokens, _root):
+        with silent_streams(address, "device-1", tokens["device-1"], 40) as calls:
+            _wait_until(lambda: sum(call.done() for call in calls) >= len(calls) - 1, timeout_s=20)
+            survivor = next(call for call in calls if not call.done())
+            start = time.monotonic()
+            with GrpcChannel("device-0", address, token=tokens["device-0"], deadline_s=30) as channel:
+                device = sim.devices[0]
+                device.open_session(channel)
+                phase = device.local_phase(2, channel)
+                device.close_session(channel)
+            assert time.monotonic() - start < 20
+            assert all(math.isfinite(loss) for loss in phase.losses)
+            _wait_until(survivor.done, timeout_s=3.0 + 10)
+            assert survivor.code() == grpc.StatusCode.CANCELLED
+            _wait_until(lambda: any(d == "device-1" and "no frame for 3 s (transport.idle_timeout_s)" in e
+                                    for d, e in sim.server.rejected), timeout_s=5)
+    assert all(d == "device-1" for d, _ in sim.server.rejected)
+
+
+def _u_shaped_step_opened(sim: Simulation, channel: GrpcChannel) -> None:
+    """device-0 opens its session and sends a U-shaped step's ACTIVATIONS: the server keeps the step."""
+    sim.devices[0].open_session(channel)
+    reply = channel.exchange(Message(Kind.ACTIVATIONS, {"hidden": torch.randn(2, 5, 32)}))
+    assert reply.kind == Kind.FINAL_HIDDEN
+    assert sim.server.sessions["device-0"].step_state is not None
+
+
+def test_a_device_that_goes_silent_mid_step_is_closed_and_its_step_dropped():
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1", "placement.labels_on_device=true"))
+    with served(sim, idle_timeout_s=1.0) as (_, _address, _tokens, _root):
+        channel = sim.channels["device-0"]
+        _u_shaped_step_opened(sim, channel)
+        waited = _wait_until(lambda: sim.server.sessions["device-0"].step_state is None, timeout_s=10)
+        assert waited > 0.5
+        with pytest.raises(TransportError, match="device-0.*CANCELLED"):
+            channel.exchange(Message(Kind.CLOSE_SESSION))
+    assert [(d, "transport.idle_timeout_s" in e) for d, e in sim.server.rejected] == [("device-0", True)]
+
+
+def test_a_step_that_outlasts_the_step_deadline_is_closed_though_frames_keep_coming():
+    """A device that keeps its stream busy with frames but never finishes its step (it holds the
+    server's half of the step) is closed after step_timeout_s."""
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1", "placement.labels_on_device=true"))
+    with served(sim, idle_timeout_s=1.0, step_timeout_s=1.5) as (_, _address, _tokens, _root):
+        channel = sim.channels["device-0"]
+        _u_shaped_step_opened(sim, channel)
+        start = time.monotonic()
+        with pytest.raises(TransportError, match="device-0.*CANCELLED"):
+            while time.monotonic() - start < 15:
+                channel.exchange(Message(Kind.CLOSE_SESSION))  # not part of the step: it stays open
+                time.sleep(0.2)
+        assert time.monotonic() - start > 1.0
+        _wait_until(lambda: sim.server.sessions["device-0"].step_state is None, timeout_s=5)
+    assert [(d, "transport.step_timeout_s" in e) for d, e in sim.server.rejected] == [("device-0", True)]
+
+
+def test_a_second_stream_of_a_device_replaces_the_first():
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1", "data.max_length=48"))
+    device = sim.devices[0]
+    with served(sim, connect=False) as (_, address, tokens, _root):
+        with GrpcChannel("device-0", address, token=tokens["device-0"], deadline_s=30) as first:
+            device.open_session(first)
+            with GrpcChannel("device-0", address, token=tokens["device-0"], deadline_s=30) as second:
+                device.open_session(second)
+                assert math.isfinite(device.local_phase(1, second).losses[0])
+                with pytest.raises(TransportError, match="device-0.*CANCELLED"):
+                    first.exchange(Message(Kind.CLOSE_SESSION))
+    assert [(d, "replaced" in e) for d, e in sim.server.rejected] == [("device-0", True)]
+
+
+@pytest.mark.parametrize("batch, seq_len, limit", [(1, 4096, "data.max_length"), (64, 8, "federation.batch_size")])
+def test_a_step_larger_than_the_run_allows_is_refused_before_any_compute(batch, seq_len, limit):
+    """Issue 12, finding 6: a small valid ACTIVATIONS frame (T = 16384) cost 26 s of server time
+    under the server-wide lock; B = 1024 took the server from 0.45 to 3.06 GB. Now B, T and B T
+    are checked against the run's batch size and max_length before anything runs."""
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1", "data.max_length=48"))
+    sim.server.limits = StepLimits.from_config(sim.config)
+    forwards = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: forwards.append(module))
+    try:
+        with served(sim):
+            channel, device = sim.channels["device-0"], sim.devices[0]
+            device.open_session(channel)
+            oversized = Message(Kind.ACTIVATIONS, {"hidden": torch.randn(batch, seq_len, 32),
+                                                   "labels": torch.zeros(batch, seq_len, dtype=torch.int32)})
+            reply = channel.exchange(oversized)
+            assert reply.kind == Kind.ERROR and limit in reply.meta["error"]
+            assert not forwards  # refused before the server ran any module
+            assert math.isfinite(device.local_phase(1, channel).losses[0])  # the next honest step works
+            assert forwards
+    finally:
+        hook.remove()
+    assert [d for d, _ in sim.server.rejected] == ["device-0"]
 
 
 # ------------------------------------------------------------------------ (e) compression

@@ -8,14 +8,18 @@ round with (at that holder's rank) and, where the policy merges into the frozen 
 delta to add to it.
 
 Policies (DESIGN.md, "NAA"): `noise_free` (exact stacked aggregate merged into the frozen weight,
-fresh adapters), and the baselines `fedavg`, `zero_pad` (HetLoRA) and `svd` (FlexLoRA).
+fresh adapters), and the baselines `fedavg`, `zero_pad` (HetLoRA) and `svd` (FlexLoRA); robust
+variants (update clipping, coordinate-wise trimmed mean and median) in `aggregation/robust.py`.
+
+Every copy is checked before any arithmetic on it (`check_copy`; the federation's state also checks
+it against what the holder was given, `checked_upload`): a copy that fails names its own holder.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -35,12 +39,36 @@ class AdapterCopy:
     weights: LoraWeights
     tokens: int
     scale: float = 1.0  # alpha / r of this copy: its dense update is scale * B @ A
+    # The adapter the holder started the round with (same rank): its update is what it added to
+    # it. None: measured from zero (A0 = 0, B0 = 0).
+    start: LoraWeights | None = None
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One holder's update of one module, scaled down by `factor` (< 1) before aggregation.
+
+    `norm` is the update's size and `limit` what it was allowed (clip_factor x the module's
+    median); `on` says what was measured: "BA" (the dense update s B A - s B0 A0) or "A" / "B"
+    (the factor updates, for aggregators that average A and B separately)."""
+
+    holder: str
+    module: str
+    factor: float
+    norm: float
+    limit: float
+    on: str
+
+    def describe(self) -> dict[str, str | float]:
+        return {"holder": self.holder, "module": self.module, "factor": self.factor, "on": self.on,
+                "norm": self.norm, "limit": self.limit}
 
 
 @dataclass
 class Aggregate:
     adapters: dict[str, LoraWeights]           # holder -> adapter for the next round
     base_delta: torch.Tensor | None = None      # (d_out, d_in) merged into the frozen weight
+    clipped: list[Clip] = field(default_factory=list)  # updates a robust policy scaled down
 
 
 class Aggregator(Protocol):
@@ -48,25 +76,67 @@ class Aggregator(Protocol):
     # True: every holder gets the same adapter back (the global model is base + that adapter);
     # False: holders' adapters differ, or updates are merged into the frozen weights.
     shared_adapter: bool
+    # True: A and B are combined separately (fedavg, zero_pad, trimmed mean, median), so a holder
+    # moves the result through its A and B updates; False: only each copy's product s B A counts.
+    averages_factors: bool
 
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate: ...
 
 
 def check_copy(module: str, copy: AdapterCopy) -> None:
-    """Reject a copy that is not a finite, sane LoRA pair (a poisoned or broken upload)."""
+    """Reject a copy that is not a finite, sane LoRA pair (a poisoned or broken upload).
+
+    Nothing is computed on a tensor before its type and dtype are known to be a floating one."""
     a, b = copy.weights
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise AggregationError(f"{module} from {copy.holder}: A and B must be tensors")
+    for name, value in (("A", a), ("B", b)):
+        if not value.is_floating_point():
+            raise AggregationError(f"{module} from {copy.holder}: {name} has dtype {value.dtype}, not a floating one")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
         raise AggregationError(f"{module} from {copy.holder}: A{tuple(a.shape)} B{tuple(b.shape)} is not a LoRA pair")
     for name, value in (("A", a), ("B", b)):
         if not bool(torch.isfinite(value).all()):
             raise AggregationError(f"{module} from {copy.holder}: {name} contains NaN or Inf")
-        norm = float(value.norm())
-        if norm > MAX_ADAPTER_NORM:
+        norm = float(value.float().norm())
+        if not norm <= MAX_ADAPTER_NORM:  # also catches a norm that overflows to inf
             raise AggregationError(f"{module} from {copy.holder}: |{name}| = {norm:.3g} exceeds {MAX_ADAPTER_NORM:g}")
-    if copy.tokens < 0:
-        raise AggregationError(f"{module} from {copy.holder}: negative token count {copy.tokens}")
-    if not (math.isfinite(copy.scale) and copy.scale > 0):
+    check_tokens(module, copy)
+    if not (isinstance(copy.scale, (int, float)) and math.isfinite(copy.scale) and copy.scale > 0):
         raise AggregationError(f"{module} from {copy.holder}: scale {copy.scale!r} is not a positive number")
+
+
+def check_tokens(module: str, copy: AdapterCopy) -> None:
+    """A token count is a non-negative integer (a bool, a float, NaN or Inf is not)."""
+    tokens = copy.tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise AggregationError(f"{module} from {copy.holder}: token count {tokens!r} is not a non-negative integer")
+
+
+def checked_upload(module: str, copy: AdapterCopy, *, rank: int, d_in: int, d_out: int) -> AdapterCopy:
+    """`copy` as an fp32 copy once it proves to be what its holder was given to train: floating
+    A (rank, d_in) and B (d_out, rank), finite, within the norm cap, trained on a positive integer
+    number of tokens. Raises AggregationError naming the holder otherwise.
+
+    Every check happens before any arithmetic that a wrong dtype or shape could break, and against
+    the module's own (d_out, d_in) and the holder's rank, never against another holder's copy."""
+    a, b = copy.weights
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise AggregationError(f"{module} from {copy.holder}: A and B must be tensors")
+    for name, value, shape in (("A", a, (rank, d_in)), ("B", b, (d_out, rank))):
+        if not value.is_floating_point():
+            raise AggregationError(f"{module} from {copy.holder}: {name} has dtype {value.dtype}, not a floating one")
+        if tuple(value.shape) != shape:
+            raise AggregationError(
+                f"{module} from {copy.holder}: {name} has shape {tuple(value.shape)}, expected {shape} "
+                f"(rank {rank}, d_in {d_in}, d_out {d_out})")
+    tokens = copy.tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise AggregationError(f"{module} from {copy.holder}: token count {tokens!r} is not a positive integer")
+    # fp32 after the dtype check: a float64 beyond fp32's range becomes inf and fails below.
+    converted = replace(copy, weights=LoraWeights(a.detach().to(torch.float32), b.detach().to(torch.float32)))
+    check_copy(module, converted)
+    return converted
 
 
 def check_copies(module: str, copies: Sequence[AdapterCopy]) -> tuple[int, int]:
@@ -95,7 +165,9 @@ def check_copies(module: str, copies: Sequence[AdapterCopy]) -> tuple[int, int]:
 
 
 def token_weights(copies: Sequence[AdapterCopy]) -> list[float]:
-    """p_i = tokens_i / sum tokens (uniform when no copy trained on any token)."""
+    """p_i = tokens_i / sum tokens (uniform when no copy trained on any token).
+
+    Integer division of Python ints: exact for any count, never an overflow or a NaN."""
     total = sum(c.tokens for c in copies)
     if total == 0:
         return [1.0 / len(copies)] * len(copies)

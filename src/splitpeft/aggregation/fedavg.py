@@ -20,21 +20,27 @@ class FedAvg:
 
     name = "fedavg"
     shared_adapter = True
+    averages_factors = True
 
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
-        if not copies:
-            raise AggregationError(f"{module}: nothing to aggregate")
-        for copy in copies:
-            check_copy(module, copy)
-        shape = (copies[0].weights.A.shape, copies[0].weights.B.shape)
-        for copy in copies[1:]:
-            if (copy.weights.A.shape, copy.weights.B.shape) != shape:
-                raise AggregationError(
-                    f"{module}: fedavg needs equal ranks and shapes; {copy.holder} has "
-                    f"A{tuple(copy.weights.A.shape)} vs A{tuple(shape[0])} (use noise_free, zero_pad or svd)"
-                )
+        check_homogeneous(module, copies, self.name)
         p = token_weights(copies)
         a = sum(pi * c.weights.A for pi, c in zip(p, copies))
         b = sum(pi * c.weights.B for pi, c in zip(p, copies))
         merged = LoraWeights(a, b)  # type: ignore[arg-type]
         return Aggregate({c.holder: merged for c in copies})
+
+
+def check_homogeneous(module: str, copies: Sequence[AdapterCopy], policy: str) -> None:
+    """Every copy sane (`check_copy`) and of one rank and shape, as averaging A and B needs."""
+    if not copies:
+        raise AggregationError(f"{module}: nothing to aggregate")
+    for copy in copies:
+        check_copy(module, copy)
+    shape = (copies[0].weights.A.shape, copies[0].weights.B.shape)
+    for copy in copies[1:]:
+        if (copy.weights.A.shape, copy.weights.B.shape) != shape:
+            raise AggregationError(
+                f"{module}: {policy} needs equal ranks and shapes; {copy.holder} has "
+                f"A{tuple(copy.weights.A.shape)} vs A{tuple(shape[0])} (use noise_free, zero_pad or svd)"
+            )

@@ -51,6 +51,7 @@ class NoiseFree:
 
     name = "noise_free"
     shared_adapter = False
+    averages_factors = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

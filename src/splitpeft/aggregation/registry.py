@@ -1,4 +1,5 @@
-"""The aggregators by name (`federation.aggregator`): one constructor per policy."""
+"""The aggregators by name (`federation.aggregator`), with the robust policies of `robust.*`
+around them: one constructor per policy."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from collections.abc import Callable
 from splitpeft.aggregation.base import Aggregator
 from splitpeft.aggregation.fedavg import FedAvg
 from splitpeft.aggregation.noise_free import NoiseFree
+from splitpeft.aggregation.robust import CoordinateMedian, MedianClip, TrimmedMean
 from splitpeft.aggregation.svd import SvdTruncate
 from splitpeft.aggregation.zero_pad import ZeroPad
+from splitpeft.config import RobustConfig
 
 # name -> constructor taking the run's seed (noise_free seeds its fresh adapters with it)
 REGISTRY: dict[str, Callable[[int], Aggregator]] = {
@@ -20,8 +23,22 @@ REGISTRY: dict[str, Callable[[int], Aggregator]] = {
 AGGREGATORS = tuple(REGISTRY)
 
 
-def make_aggregator(name: str, seed: int = 0) -> Aggregator:
-    """The aggregator called `name`; `seed` seeds the fresh adapters of noise_free."""
+def make_aggregator(name: str, seed: int = 0, robust: RobustConfig | None = None) -> Aggregator:
+    """The aggregator called `name` (`seed` seeds noise_free's fresh adapters), inside the robust
+    policies of `robust` (None: the plain aggregator).
+
+    `robust.combine` replaces fedavg's token-weighted mean by a coordinate-wise trimmed mean or
+    median; `robust.clip` = "median" clips every holder's update first (`aggregation/robust.py`)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(AGGREGATORS)}")
-    return REGISTRY[name](seed)
+    aggregator = REGISTRY[name](seed)
+    if robust is None:
+        return aggregator
+    if robust.combine != "mean":
+        if name != "fedavg":
+            raise ValueError(f"robust.combine={robust.combine} combines A and B like fedavg; "
+                             f"federation.aggregator is {name}")
+        aggregator = TrimmedMean(robust.trim_fraction) if robust.combine == "trimmed_mean" else CoordinateMedian()
+    if robust.clip == "median":
+        aggregator = MedianClip(aggregator, robust.clip_factor)
+    return aggregator

@@ -28,6 +28,7 @@ class SvdTruncate:
 
     name = "svd"
     shared_adapter = False
+    averages_factors = False
 
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
         check_copies(module, copies)

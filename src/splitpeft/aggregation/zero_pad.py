@@ -26,6 +26,7 @@ class ZeroPad:
 
     name = "zero_pad"
     shared_adapter = False
+    averages_factors = True
 
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
         check_copies(module, copies)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -53,4 +54,10 @@ def round_stats_from_json(text: str) -> DeviceRound:
     for name in numbers:
         if name in raw and (isinstance(raw[name], bool) or not isinstance(raw[name], (int, float))):
             raise MessageError(f"round statistic {name!r} must be a number")
+        # JSON's NaN and Infinity parse to floats; train_loss may be NaN (a round without steps)
+        if name in raw and name != "train_loss" and not math.isfinite(raw[name]):
+            raise MessageError(f"round statistic {name!r} must be finite, not {raw[name]}")
+    # The device's word: aggregation weighs the tokens the server counted, bounded by this claim.
+    if "tokens" in raw and (not isinstance(raw["tokens"], int) or raw["tokens"] < 0):
+        raise MessageError(f"round statistic 'tokens' must be a non-negative integer, not {raw['tokens']!r}")
     return DeviceRound(**raw)

@@ -22,7 +22,8 @@ from splitpeft.config import dump_yaml
 from splitpeft.deploy.keys import DeploymentError, proof_matches
 from splitpeft.deploy.records import FRAME, frame_array, frame_of, round_stats_from_json
 from splitpeft.deploy.settings import ServerSettings
-from splitpeft.experiment.run import run_experiment
+from splitpeft.experiment.run import RunFolderError, run_experiment
+from splitpeft.federation.checkpoint import CheckpointError
 from splitpeft.federation.records import (
     DeviceResult,
     RoundRecord,
@@ -67,7 +68,9 @@ class FlowerEngine:
             raise DeploymentError(f"the tokens file has no token for {missing}")
         self.run_key = str((resumed or {}).get("run_key") or uuid.uuid4().hex)
         self.server = GrpcSplitServer(sim.server, settings.split_address, tokens=settings.tokens, tls=settings.tls,
-                                      max_message_bytes=sim.config.transport.max_message_bytes)
+                                      max_message_bytes=sim.config.transport.max_message_bytes,
+                                      idle_timeout_s=sim.config.transport.idle_timeout_s,
+                                      step_timeout_s=sim.config.transport.step_timeout_s)
         self.server.on_lost = self._on_lost
         self.server.start()
         self._discover(set(sim.device_ids), self.settings.join_timeout_s)
@@ -260,5 +263,9 @@ def _server_main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.from_run_config(context.run_config)
     log.info("splitpeft ServerApp: %s, %d devices, %d rounds -> %s", settings.config.model.name,
              settings.config.federation.num_devices, settings.config.federation.rounds, settings.out)
-    run_experiment(settings.config, settings.out, overwrite=True, progress=False, checkpoint=settings.checkpoint,
-                   resume=settings.resume and settings.checkpoint.exists(), engine=FlowerEngine(grid, settings))
+    try:  # resume=true without an intact checkpoint of this run is refused, never a silent start over
+        run_experiment(settings.config, settings.out, overwrite=True, progress=False, checkpoint=settings.checkpoint,
+                       resume=settings.resume, engine=FlowerEngine(grid, settings))
+    except (CheckpointError, RunFolderError) as error:
+        log.error("splitpeft ServerApp refuses to run: %s", error)
+        raise

@@ -208,7 +208,7 @@ def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tenso
         grad = reply.tensor("grad", shape=final.shape, dtype=final.dtype, device=final.device)
         if final.requires_grad:
             final.backward(grad)
-        session.tokens += int(reply.meta.get(Meta.TOKENS, 0))
+        session.tokens += served_tokens(reply.meta.get(Meta.TOKENS, 0), hidden)
         meta: dict[str, Any] = {Meta.KILLED_GRAD_NORMS: state.killed_norms()} if track else {}
         last = Message(Kind.STEP_DONE, meta=meta)
     except Exception as error:  # report to the device, never leave it waiting
@@ -220,6 +220,15 @@ def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tenso
             a.requires_grad_(False)
             b.requires_grad_(False)
     link.to_device.put(last)
+
+
+def served_tokens(claimed: Any, hidden: torch.Tensor) -> int:
+    """The tokens one dlora step counts for its device: the device's claim (the server never sees
+    the labels), never more than the B x T positions of the activations `hidden` (B, T, d) the
+    server computed for it. A claim that is not a non-negative integer fails the step."""
+    if isinstance(claimed, bool) or not isinstance(claimed, int) or claimed < 0:
+        raise MessageError(f"token count {claimed!r} is not a non-negative integer")
+    return min(claimed, int(hidden.shape[0]) * int(hidden.shape[1]))
 
 
 def abort_step(state: DLoRASession) -> None:

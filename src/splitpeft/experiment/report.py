@@ -34,6 +34,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "rejected": record.rejected,
             "replanned": record.replanned,
             "dropped": record.dropped,
+            "clipped": record.clipped,
             "selected": record.selected,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},
         }

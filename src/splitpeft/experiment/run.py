@@ -7,9 +7,12 @@ Run folder layout::
     config.yaml   the resolved config (re-runnable with --config)
     adapter/      PEFT adapter folder (PeftModel.from_pretrained(base, adapter) loads it)
     loss.png, bytes.png
+    .splitpeft-run  marker: splitpeft wrote this folder (only such a folder is ever replaced)
 
-Everything is written into a hidden staging folder beside the target and renamed into place at
-the end, so a failed or interrupted run never leaves a folder that looks complete.
+Everything is written into a hidden staging folder beside the target and swapped into place at
+the end (`storage.atomic_folder`), so a failed or interrupted run never leaves a folder that looks
+complete. Before any work, `check_paths` refuses every output and checkpoint path whose
+replacement could destroy something splitpeft did not write.
 """
 
 from __future__ import annotations
@@ -37,19 +40,77 @@ from splitpeft.experiment.report import (
     write_json,
 )
 from splitpeft.federation.checkpoint import (
+    MANIFEST_FILE,
+    CheckpointError,
     checkpoint_extra,
+    is_state_folder,
     load_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from splitpeft.federation.engine import Engine, InProcessEngine
 from splitpeft.federation.simulation import Simulation
-from splitpeft.storage import atomic_folder
+from splitpeft.storage import atomic_folder, recover
 
 log = logging.getLogger(__name__)
 
+RUN_MARKER = ".splitpeft-run"
+
 
 class RunFolderError(ValueError):
-    """The output folder cannot be used."""
+    """The output folder (or the checkpoint folder) cannot be used."""
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise RunFolderError(f"output folder {out} is a symbolic link or a file; it was left as it is")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise RunFolderError(f"output folder {out} is not empty (use --overwrite to replace it)")
+        if not (out / RUN_MARKER).is_file():
+            raise RunFolderError(f"output folder {out} was not written by splitpeft (no {RUN_MARKER} in it); "
+                                 "refusing to replace it: remove it yourself or choose another --out")
+
+
+def check_paths(out: Path, checkpoint: Path | None, *, overwrite: bool, resume: bool) -> None:
+    """Refuse (RunFolderError, one line) every `out` and `checkpoint` that replacing could lose
+    data with: a symbolic link, the working folder or one of its parents, one folder inside the
+    other, a non-empty `out` without --overwrite or without splitpeft's marker, an existing
+    `checkpoint` splitpeft did not write, or one holding a run's state without --resume or
+    --overwrite. Finishes first any swap of either that a killed run left half done."""
+    cwd = Path.cwd().resolve()
+    folders = [("output folder", out)] + ([("checkpoint folder", checkpoint)] if checkpoint is not None else [])
+    for what, path in folders:
+        recover(path)
+        if path.is_symlink():
+            raise RunFolderError(f"{what} {path} is a symbolic link; give the folder itself")
+        if _inside(cwd, path.resolve()):
+            raise RunFolderError(f"{what} {path} is the working folder or one of its parents; choose a folder of its own")
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"{what} {path} exists and is not a folder")
+    if checkpoint is not None:
+        if _inside(checkpoint.resolve(), out.resolve()):
+            raise RunFolderError(f"checkpoint folder {checkpoint} is inside the output folder {out}, which is replaced "
+                                 "at the end; put it beside it")
+        if _inside(out.resolve(), checkpoint.resolve()):
+            raise RunFolderError(f"output folder {out} is inside the checkpoint folder {checkpoint}, which is replaced "
+                                 "every round; put it beside it")
+    _check_replaceable(out, overwrite)
+    if resume and checkpoint is None:
+        raise RunFolderError("--resume needs --checkpoint DIR")
+    if checkpoint is not None and checkpoint.is_dir() and any(checkpoint.iterdir()):
+        if not is_state_folder(checkpoint):
+            raise RunFolderError(f"checkpoint folder {checkpoint} exists and was not written by splitpeft (no valid "
+                                 f"{MANIFEST_FILE}); refusing to overwrite it")
+        if not resume and not overwrite:
+            raise RunFolderError(f"checkpoint folder {checkpoint} holds a checkpoint already: --resume continues "
+                                 "that run, --overwrite starts over")
+    if resume and checkpoint is not None and not checkpoint.is_dir():
+        raise CheckpointError(f"no checkpoint in {checkpoint} to resume from")
 
 
 def evaluate_model(
@@ -94,17 +155,23 @@ def run_experiment(
     """Run `config` end to end and write the run folder `out`; returns the report.
 
     With `checkpoint`, the federation's state is saved there after every completed round;
-    `resume` first restores it and continues from the next round. `engine` plays the rounds
+    `resume` first restores it (refused, CheckpointError, unless it is intact and of this run)
+    and continues from the next round. `check_paths` runs before any work. `engine` plays the rounds
     (default: every device in this process; `splitpeft.flower` plays them on Flower nodes).
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunFolderError(f"output folder {out} is not empty (use --overwrite to replace it)")
-    if resume and checkpoint is None:
-        raise RunFolderError("--resume needs --checkpoint DIR")
+    checkpoint = None if checkpoint is None else Path(checkpoint)
+    check_paths(out, checkpoint, overwrite=overwrite, resume=resume)
+    if resume and checkpoint is not None:
+        verify_checkpoint(checkpoint, config)  # before any work: intact, of this run, in range
     with atomic_folder(out) as staging:
-        return _run(config, staging, progress=progress, on_round=on_round, checkpoint=checkpoint, resume=resume,
-                    engine=engine or InProcessEngine())
+        report = _run(config, staging, progress=progress, on_round=on_round, checkpoint=checkpoint, resume=resume,
+                      engine=engine or InProcessEngine())
+        try:  # again: something may have appeared there during the run
+            _check_replaceable(out, overwrite)
+        except RunFolderError as error:
+            raise RunFolderError(f"{error} (it changed during the run; this run's results were not written)") from None
+    return report
 
 
 def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: Callable[[int, dict[str, Any]], None] | None,
@@ -112,6 +179,7 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     started = time.perf_counter()
+    (staging / RUN_MARKER).write_text(f"a run folder written by splitpeft {__version__}\n")
     sim = Simulation(config)
     tokenizer = sim.loaded.tokenizer
     report: dict[str, Any] = {"splitpeft_version": __version__, "config": to_dict(config), "info": sim.info()}

@@ -1,20 +1,28 @@
 """Checkpoints of a simulated federation after each completed round, and exact resumption.
 
-A checkpoint folder (written atomically: a crash mid-write leaves the previous one intact)::
+A checkpoint folder (written by `storage.atomic_folder`: a kill at any instant leaves the
+previous checkpoint or the new one, complete)::
 
     state.json          round count, round records, batch-stream positions, Kill-and-Revive state,
                         importance tracker, optimiser hyper-state (steps), plans
     tensors.safetensors global adapters, every holder's adapters, merged weight deltas,
                         every device's and server session's AdamW moments
+    manifest.json       splitpeft's marker: format, the size and SHA-256 of both files, and the
+                        run's identity (its config, less what may change on resume: `run_identity`)
 
 No pickle anywhere: tensors go through safetensors, the rest through JSON. Restoring into a
 `Simulation` built from the same config continues exactly where the run stopped: the final
-adapters equal those of an uninterrupted run with the same seed (tested).
+adapters equal those of an uninterrupted run with the same seed (tested). Before anything is
+restored, the files are checked against the manifest (corruption, truncation), the identity
+against the run's config, and every field and tensor against what the run can hold (names,
+shapes, ranges, finiteness); any failure is one `CheckpointError` line naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,9 +30,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from splitpeft import __version__
+from splitpeft.config import ExperimentConfig, to_dict
 from splitpeft.federation.records import DeviceRound, RoundRecord
 from splitpeft.model.adapters import LoraWeights
-from splitpeft.storage import atomic_folder
+from splitpeft.storage import atomic_folder, recover
 
 if TYPE_CHECKING:
     from splitpeft.federation.simulation import Simulation
@@ -33,13 +43,17 @@ if TYPE_CHECKING:
 
 
 STATE_FILE = "state.json"
-
-
 TENSOR_FILE = "tensors.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT, FORMAT_VERSION = "splitpeft-state", 1
+
+# Config keys a resumed run may change: they do not shape the state a checkpoint holds.
+NOT_IDENTITY = ("eval.", "federation.rounds", "count_flops", "export_merged", "fleet.flops_per_s",
+                "fleet.bandwidth_bytes_per_s", "transport.max_message_bytes")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, or from a different experiment."""
+    """A checkpoint that is missing, corrupted, malformed, or from a different experiment."""
 
 
 def _put_adapters(tensors: dict[str, torch.Tensor], prefix: str, adapters: dict[str, LoraWeights]) -> None:
@@ -72,7 +86,10 @@ def _optimizer_state(party: Party, prefix: str, tensors: dict[str, torch.Tensor]
 
 def _restore_optimizer(party: Party, prefix: str, steps: dict[str, float], tensors: dict[str, torch.Tensor]) -> None:
     if party.optimizer is None:
+        _need(not steps, f"{prefix} has optimiser steps, but this party has no optimiser")
         return
+    unknown = sorted(set(steps) - {str(i) for i in range(len(party.parameters))})
+    _need(not unknown, f"{prefix} has optimiser steps for parameters {unknown[:3]} it does not have")
     party.optimizer.state.clear()
     for index, parameter in enumerate(party.parameters):
         if str(index) not in steps:
@@ -80,9 +97,10 @@ def _restore_optimizer(party: Party, prefix: str, steps: dict[str, float], tenso
         state: dict[str, Any] = {"step": torch.tensor(steps[str(index)])}
         for key in ("exp_avg", "exp_avg_sq"):
             name = f"{prefix}/{index}/{key}"
-            if name not in tensors:
-                raise CheckpointError(f"checkpoint lacks {name}")
-            state[key] = tensors[name].clone()
+            _need(name in tensors, f"it lacks {name}")
+            _need(tensors[name].shape == parameter.shape,
+                  f"{name} has shape {list(tensors[name].shape)}, its parameter {list(parameter.shape)}")
+            state[key] = tensors[name].to(device=parameter.device, dtype=parameter.dtype, copy=True)
         party.optimizer.state[parameter] = state
 
 
@@ -118,6 +136,22 @@ def restore_device_state(device: DeviceRuntime, info: dict[str, Any], tensors: d
         policy.active_history = [(step, frozenset(active)) for step, active in saved["history"]]
 
 
+def run_identity(config: ExperimentConfig) -> dict[str, Any]:
+    """What a checkpoint must have been written under to be resumed by a run of `config`: every
+    config key (dotted) except those in NOT_IDENTITY, with JSON values."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        elif not prefix[:-1].startswith(NOT_IDENTITY):
+            flat[prefix[:-1]] = value
+
+    walk("", to_dict(config))
+    return dict(json.loads(json.dumps(flat)))
+
+
 def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = None) -> None:
     """Write the state after the last completed round to `path` (atomically), with `extra`
     (JSON) for whoever drives the rounds (`checkpoint_extra` reads it back)."""
@@ -151,29 +185,125 @@ def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = 
         "planning": planning,
         "extra": extra or {},
     }
-    write_state(Path(path), state, tensors)
+    write_state(Path(path), state, tensors, run_identity(sim.config))
 
 
-def write_state(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """A state folder: `state` as JSON beside `tensors` as safetensors, written atomically."""
+# ------------------------------------------------------------------------------------ files
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def write_state(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor],
+                identity: dict[str, Any] | None = None) -> None:
+    """A state folder: `state` as JSON beside `tensors` as safetensors and a manifest (their
+    sizes and SHA-256, `identity`), written atomically."""
     with atomic_folder(path) as staging:
         save_file(tensors, str(staging / TENSOR_FILE))
-        (staging / STATE_FILE).write_text(json.dumps(state))
+        (staging / STATE_FILE).write_text(json.dumps(state, allow_nan=False))
+        files = {name: {"bytes": (staging / name).stat().st_size, "sha256": _digest(staging / name)}
+                 for name in (STATE_FILE, TENSOR_FILE)}
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "splitpeft_version": __version__,
+                    "files": files, "identity": identity}
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
 
-def read_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The (state, tensors) of a folder `write_state` wrote."""
-    if not (path / STATE_FILE).is_file() or not (path / TENSOR_FILE).is_file():
+def is_state_folder(path: Path) -> bool:
+    """Whether `path` holds a manifest that says splitpeft wrote it (its files unchecked)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _differences(saved: Any, current: dict[str, Any]) -> str:
+    if not isinstance(saved, dict):
+        return "it records no run identity"
+    keys = [k for k in current if saved.get(k, "<absent>") != current[k]]
+    keys += [k for k in saved if k not in current]
+    shown = ", ".join(f"{k} is {saved.get(k, '<absent>')!r} there, {current.get(k, '<absent>')!r} here" for k in keys[:4])
+    return shown + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
+
+
+def _verified(path: Path, identity: dict[str, Any] | None) -> dict[str, Any]:
+    """The parsed state.json of the state folder `path`, after checking its files against the
+    manifest and the manifest's identity against `identity` (if given)."""
+    path = Path(path)
+    recover(path)  # a write killed mid-swap leaves the previous folder beside `path`
+    if not path.is_dir():
         raise CheckpointError(f"no complete checkpoint in {path}")
-    return json.loads((path / STATE_FILE).read_text()), load_file(str(path / TENSOR_FILE))
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path} is not a complete splitpeft checkpoint: it has no {MANIFEST_FILE} "
+                              "(not written by splitpeft, or by a version before manifests)")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {MANIFEST_FILE} is not JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"checkpoint {path} is malformed: {MANIFEST_FILE} is not a splitpeft manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {manifest.get('version')!r}; "
+                              f"this splitpeft reads version {FORMAT_VERSION}")
+    for name in (STATE_FILE, TENSOR_FILE):
+        entry = manifest["files"].get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+            raise CheckpointError(f"checkpoint {path} is malformed: its manifest does not describe {name}")
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} has {size} bytes, "
+                                  f"its manifest says {entry['bytes']} (truncated or extended)")
+        if _digest(file) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match the SHA-256 in its manifest")
+    if identity is not None and manifest.get("identity") != identity:
+        raise CheckpointError(f"checkpoint {path} is from a different run: {_differences(manifest.get('identity'), identity)}")
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"checkpoint {path} is malformed: {STATE_FILE} is not JSON ({error})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is malformed: {STATE_FILE} is not an object")
+    return state
+
+
+def read_state(path: Path, identity: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The (state, tensors) of a folder `write_state` wrote, verified against its manifest (and
+    against `identity`, if given); CheckpointError names what is wrong."""
+    state = _verified(path, identity)
+    try:
+        tensors = load_file(str(Path(path) / TENSOR_FILE))
+    except Exception as error:  # safetensors raises its own error type for a malformed file
+        raise CheckpointError(f"checkpoint {path} is malformed: {TENSOR_FILE} does not load ({error})") from None
+    return state, tensors
+
+
+def verify_checkpoint(path: Path, config: ExperimentConfig) -> int:
+    """Check, without building anything, that `path` is an intact checkpoint of a run of `config`
+    with a number of completed rounds `config` allows; returns that number."""
+    state = _verified(path, run_identity(config))
+    try:
+        return _int(state.get("rounds_done"), "rounds_done", 0, config.federation.rounds)
+    except _Malformed as error:
+        raise CheckpointError(f"checkpoint {path} is malformed: {error}") from None
 
 
 def checkpoint_extra(path: Path) -> dict[str, Any] | None:
-    """The `extra` saved with the checkpoint in `path`, or None if there is no checkpoint."""
-    state_file = Path(path) / STATE_FILE
-    if not state_file.is_file():
+    """The `extra` saved with the (verified) checkpoint in `path`, or None if there is none."""
+    if not Path(path).is_dir():
         return None
-    return dict(json.loads(state_file.read_text()).get("extra", {}))
+    extra = _verified(path, None).get("extra", {})
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"checkpoint {path} is malformed: 'extra' is not an object")
+    return dict(extra)
 
 
 def _round_to_json(record: RoundRecord) -> dict[str, Any]:
@@ -186,14 +316,184 @@ def _round_from_json(entry: dict[str, Any]) -> RoundRecord:
     return RoundRecord(devices=devices, **entry)
 
 
+# ------------------------------------------------------------------------------------ checks
+
+
+class _Malformed(CheckpointError):
+    """A field of a checkpoint out of range, of the wrong type, or naming what the run lacks
+    (`load_checkpoint` adds which checkpoint)."""
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Malformed(what)
+
+
+def _int(value: Any, what: str, low: int, high: float = math.inf) -> int:
+    _need(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+          f"{what} is {value!r}, not an integer in {low}..{high}")
+    return int(value)
+
+
+def _number(value: Any, what: str, low: float = -math.inf) -> float:
+    _need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low,
+          f"{what} is {value!r}, not a finite number >= {low}")
+    return float(value)
+
+
+def _mapping(value: Any, what: str, keys: set[str] | None = None) -> dict[str, Any]:
+    _need(isinstance(value, dict), f"{what} is not an object")
+    if keys is not None:
+        _need(set(value) == keys, f"{what} has keys {sorted(value)}, expected {sorted(keys)}")
+    return dict(value)
+
+
+def _names(value: Any, what: str, allowed: set[str]) -> list[str]:
+    _need(isinstance(value, list) and all(isinstance(v, str) for v in value), f"{what} is not a list of names")
+    unknown = sorted(set(value) - allowed)
+    _need(not unknown, f"{what} names modules this device does not hold: {unknown[:3]}")
+    return list(value)
+
+
+def _scores(value: Any, what: str) -> None:
+    for name, score in _mapping(value, what).items():
+        _number(score, f"{what}[{name!r}]")
+
+
+def _steps(value: Any, what: str, most: int) -> None:
+    for index, steps in _mapping(value, what).items():
+        _need(index.isdigit(), f"{what} has key {index!r}, not a parameter index")
+        _need(_number(steps, f"{what}[{index}]", 0) <= most, f"{what}[{index}] is {steps}, more than {most} steps")
+
+
+def _check_state(state: dict[str, Any], sim: Simulation) -> None:
+    """Every field of `state` in range for `sim` (see `save_checkpoint` for the layout)."""
+    config, fed = sim.config, sim.config.federation
+    _mapping(state, STATE_FILE, {"model", "seed", "rounds_done", "rounds", "devices", "sessions", "last_weights",
+                                 "planning", "extra"})
+    _need(state["model"] == sim.loaded.name and state["seed"] == config.seed,
+          f"it is from model {state['model']!r} seed {state['seed']}, not {sim.loaded.name!r} seed {config.seed}")
+    done = _int(state["rounds_done"], "rounds_done", 0, fed.rounds)
+    rounds = state["rounds"]
+    _need(isinstance(rounds, list) and len(rounds) == done, f"it records {len(rounds) if isinstance(rounds, list) else 'no'}"
+          f" rounds, rounds_done says {done}")
+    for index, entry in enumerate(rounds):
+        _need(isinstance(entry, dict) and entry.get("round") == index, f"round record {index} is not round {index}")
+    steps_most = done * fed.local_steps
+    examples_most = steps_most * fed.batch_size
+    devices = _mapping(state["devices"], "devices")
+    _need(set(devices) == set(sim.device_ids), f"devices are {sorted(devices)}, this run has {sim.device_ids}")
+    num_blocks = sim.backbone.num_blocks
+    most_rank = max([config.lora.rank, *config.hsplit.rank_set])
+    for device_id, info in devices.items():
+        where = f"devices[{device_id!r}]"
+        _mapping(info, where, {"split_layer", "ranks", "stream", "optimizer_steps", "killed", "kill_revive"})
+        split_layer = _int(info["split_layer"], f"{where}.split_layer", 0, num_blocks)
+        try:
+            sim.placement.device_blocks(num_blocks, split_layer)
+        except ValueError as error:
+            raise _Malformed(f"{where}.split_layer: {error}") from None
+        ranks = _mapping(info["ranks"], f"{where}.ranks")
+        unknown = sorted(set(ranks) - set(sim.ranks))
+        _need(not unknown, f"{where}.ranks names modules the model does not adapt: {unknown[:3]}")
+        for name, rank in ranks.items():
+            _int(rank, f"{where}.ranks[{name!r}]", 0, most_rank)
+        stream = info["stream"]
+        _need(isinstance(stream, list) and len(stream) == 2, f"{where}.stream is not [epoch, cursor]")
+        _int(stream[0], f"{where}.stream epoch", 0, examples_most + 1)
+        _int(stream[1], f"{where}.stream cursor", 0)
+        _steps(info["optimizer_steps"], f"{where}.optimizer_steps", steps_most)
+        _names(info["killed"], f"{where}.killed", set(ranks))
+        policy = info["kill_revive"]
+        if policy is not None:
+            _mapping(policy, f"{where}.kill_revive", {"active", "scores", "events", "step", "frozen_choice", "history"})
+            _names(policy["active"], f"{where}.kill_revive.active", set(ranks))
+            _scores(policy["scores"], f"{where}.kill_revive.scores")
+            _need(isinstance(policy["events"], list), f"{where}.kill_revive.events is not a list")
+            _int(policy["step"], f"{where}.kill_revive.step", 0, steps_most)
+            _need(isinstance(policy["frozen_choice"], bool), f"{where}.kill_revive.frozen_choice is not true/false")
+            history = policy["history"]
+            _need(isinstance(history, list) and all(isinstance(h, list) and len(h) == 2 for h in history),
+                  f"{where}.kill_revive.history is not a list of [step, active]")
+            for step, active in history:
+                _int(step, f"{where}.kill_revive.history step", 0, steps_most)
+                _names(active, f"{where}.kill_revive.history", set(ranks))
+    sessions = _mapping(state["sessions"], "sessions")
+    _need(set(sessions) <= set(sim.device_ids), f"sessions name devices this run lacks: {sorted(set(sessions) - set(sim.device_ids))}")
+    for device_id, info in sessions.items():
+        _mapping(info, f"sessions[{device_id!r}]", {"optimizer_steps", "tokens"})
+        _steps(info["optimizer_steps"], f"sessions[{device_id!r}].optimizer_steps", steps_most)
+        _int(info["tokens"], f"sessions[{device_id!r}].tokens", 0)
+    for name, weights in _mapping(state["last_weights"], "last_weights").items():
+        _need(name in sim.ranks, f"last_weights names {name!r}, which the model does not adapt")
+        for holder, weight in _mapping(weights, f"last_weights[{name!r}]").items():
+            _need(0 <= _number(weight, f"last_weights[{name!r}][{holder!r}]") <= 1 + 1e-9,
+                  f"last_weights[{name!r}][{holder!r}] is {weight}, not a weight in 0..1")
+    planning = state["planning"]
+    _need((planning is None) == (sim.planning is None), "its planner state does not fit this run's planner")
+    if planning is not None:
+        _mapping(planning, "planning", {"tracker_scores", "planned_scores", "history", "probe_stream"})
+        _scores(planning["tracker_scores"], "planning.tracker_scores")
+        _scores(planning["planned_scores"], "planning.planned_scores")
+        _need(isinstance(planning["history"], list), "planning.history is not a list")
+        probe = planning["probe_stream"]
+        _need(isinstance(probe, list) and len(probe) == 2, "planning.probe_stream is not [epoch, cursor]")
+        _int(probe[0], "planning.probe_stream epoch", 0)
+        _int(probe[1], "planning.probe_stream cursor", 0)
+    _mapping(state["extra"], "extra")
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], sim: Simulation) -> None:
+    """Every tensor named for something the run holds, finite, floating point, of its shape."""
+    shapes = {name: (w.B.shape[0], w.A.shape[1]) for name, w in sim.state.global_adapters.items()}  # (d_out, d_in)
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        _need(tensor.is_floating_point() and bool(torch.isfinite(tensor).all()), f"tensor {key} is not finite floating point")
+        kind = key.split("/", 1)[0]
+        if kind in ("global", "holder"):
+            owner, name, part = key.rsplit("/", 2)
+            _need(name in shapes and part in ("A", "B") and (kind == "holder") == (owner != "global"),
+                  f"tensor {key} is not an adapter of this model")
+            adapters.setdefault(f"{owner}/{name}", {})[part] = tensor
+        elif kind == "merged":
+            name = key[len("merged/"):]
+            _need(name in shapes and tuple(tensor.shape) == shapes[name], f"tensor {key} is not a merged update of this model")
+        else:
+            _need(kind in ("opt", "session"), f"tensor {key} is not part of a checkpoint")
+    for key, pair in adapters.items():
+        _need(set(pair) == {"A", "B"}, f"adapter {key} lacks its A or B")
+        d_out, d_in = shapes[key.rsplit("/", 1)[1]]
+        A, B = pair["A"], pair["B"]
+        _need(A.dim() == 2 and B.dim() == 2 and A.shape[1] == d_in and B.shape[0] == d_out
+              and A.shape[0] == B.shape[1] >= 1, f"adapter {key} has A {list(A.shape)}, B {list(B.shape)}; "
+              f"expected (r, {d_in}) and ({d_out}, r)")
+    for name in shapes:
+        _need(f"global/{name}" in adapters, f"it lacks the global adapter of {name}")
+
+
+# ------------------------------------------------------------------------------------ restore
+
+
 def load_checkpoint(sim: Simulation, path: Path) -> int:
-    """Restore `sim` (built from the same config) to the checkpoint; returns the rounds done."""
+    """Restore `sim` (built from the same config) to the checkpoint; returns the rounds done.
+
+    Raises CheckpointError (one line) for a checkpoint that is missing, corrupted, malformed or
+    from a different run; after one, `sim` is unusable."""
     path = Path(path)
-    state, tensors = read_state(path)
-    if state.get("model") != sim.loaded.name or state.get("seed") != sim.config.seed:
-        raise CheckpointError(
-            f"checkpoint {path} is from model {state.get('model')!r} seed {state.get('seed')}, "
-            f"not {sim.loaded.name!r} seed {sim.config.seed}")
+    state, tensors = read_state(path, run_identity(sim.config))
+    try:
+        _check_state(state, sim)
+        _check_tensors(tensors, sim)
+        return _restore(sim, state, tensors)
+    except _Malformed as error:
+        raise CheckpointError(f"checkpoint {path} is malformed: {error}") from None
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:  # what the checks missed
+        raise CheckpointError(f"checkpoint {path} is malformed: {type(error).__name__}: {error}") from None
+
+
+def _restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> int:
     sim.state.global_adapters.update(_get_adapters(tensors, "global"))
     holders = {key.split("/")[1] if not key.startswith("holder/server/") else "server/" + key.split("/")[2]
                for key in tensors if key.startswith("holder/")}

@@ -1,5 +1,6 @@
 """What a round records: per device (bytes, FLOPs, peak memory, tokens, losses, wall and
-simulated time, Kill-and-Revive events) and per round (who trained, who was dropped or rejected)."""
+simulated time, Kill-and-Revive events) and per round (who trained, who was dropped or rejected,
+whose update was clipped)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ class RoundRecord:
     rejected: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     replanned: list[str] = field(default_factory=list)
-    dropped: list[dict[str, str]] = field(default_factory=list)  # devices lost mid-round, and why
+    dropped: list[dict[str, str]] = field(default_factory=list)  # devices lost mid-round or whose upload was refused, and why
+    # updates a robust policy scaled down: holder, module, factor (< 1), on ("BA", "A" or "B"), norm, limit
+    clipped: list[dict[str, Any]] = field(default_factory=list)
     selected: list[str] = field(default_factory=list)  # devices asked to train this round
 
 
@@ -51,7 +54,7 @@ class DeviceResult:
     """A device's finished round as the server receives it."""
 
     uploaded: AdapterSet
-    tokens: int
+    tokens: int  # the device's own claim; aggregation weighs what the server counted (`Simulation.counted_tokens`)
     stats: DeviceRound
 
 

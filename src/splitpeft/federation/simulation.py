@@ -6,8 +6,9 @@ One round, readable top to bottom in `Simulation.run_round`:
 2. it opens its session on the server (the server loads its half's adapters from the global
    state) and trains `local_steps` batches through its channel;
 3. it uploads its adapters (an ADAPTERS message);
-4. for every module, all copies (devices and server sessions holding it) are aggregated,
-   weighted by the tokens each trained on, into the next global state (`federation/state.py`).
+4. for every module, all copies (devices and server sessions holding it) are checked and
+   aggregated, weighted by the tokens each trained on as the server counted them, into the next
+   global state (`federation/state.py`).
 
 Every message is encoded as on the wire, so the bytes in the report are real sizes. The fleet
 comes from `federation/fleet.py`, plans from `hsplit/planning.py`; `begin_round`,
@@ -39,13 +40,14 @@ from splitpeft.federation.fleet import (
     modules_in,
     seed_everything,
 )
+from splitpeft.federation.preflight import check_against_model
 from splitpeft.federation.records import (
     DeviceResult,
     DeviceRound,
     RoundRecord,
     fill_round_stats,
 )
-from splitpeft.federation.state import GlobalState
+from splitpeft.federation.state import GlobalState, device_of
 from splitpeft.hsplit.budget import simulated_step_s
 from splitpeft.hsplit.memory import ModelShapes, frozen_bytes
 from splitpeft.hsplit.planning import Planning, make_planner
@@ -56,7 +58,7 @@ from splitpeft.model.loading import LoadedModel, load_model
 from splitpeft.model.parts import Part, quantize_blocks, view_part
 from splitpeft.model.runtime import resolve_runtime
 from splitpeft.parties.device import DeviceRuntime
-from splitpeft.parties.server import SplitServer
+from splitpeft.parties.server import SplitServer, StepLimits
 from splitpeft.placements.registry import make_placement
 from splitpeft.transport.channel import InProcessChannel, Tap
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta
@@ -72,6 +74,7 @@ class Simulation:
         seed_everything(config.seed)
         self.runtime = runtime = resolve_runtime(config.runtime)
         self.loaded = loaded or load_model(config.model.name, seed=config.seed, dtype=runtime.dtype, device=runtime.server_device)
+        check_against_model(config, self.loaded.model)  # ranks, split, frame sizes, memory: before any work
         base, tokenizer = self.loaded.model, self.loaded.tokenizer
         self.backbone = backbone_of(base)
         num_blocks = self.backbone.num_blocks
@@ -103,11 +106,12 @@ class Simulation:
         modules = adapted_modules(config, self.backbone)
         self.ranks = {name: config.lora.rank for name in modules}
         self.state = GlobalState(base, modules, rank=config.lora.rank, alpha=config.lora.alpha, seed=config.seed,
-                                 aggregator=make_aggregator(fed.aggregator, seed=config.seed),
+                                 aggregator=make_aggregator(fed.aggregator, seed=config.seed, robust=config.robust),
                                  mirrors=[] if same_side else [self.device_base])
         self.server = SplitServer(
             base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,
             alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks, runtime=runtime,
+            limits=StepLimits.from_config(config),
         )
         if config.data.partition == "whole":  # every device trains on all of it: encode once
             encoded = [encode(train, tokenizer, config.data.max_length)] * len(shards)
@@ -220,28 +224,55 @@ class Simulation:
         stats.bytes_down = channel.traffic.bytes_down - before[1]
         return DeviceResult(uploaded, phase.tokens, stats)
 
+    def counted_tokens(self, device_id: str, claimed: int) -> int:
+        """The tokens `device_id` trained on this round, as the server counted them: its claim
+        (`claimed`, the device's word) never beyond what its server session counted from the
+        split traffic it served (`split`: the labelled positions it computed the loss on;
+        U-shaped: B x T of the activations it trained on; `dlora`: each step's claim bounded by
+        that step's B x T). 0 (refused by the aggregation) for a bad claim or a device the server
+        did not serve this round. `centralized`: no server, the one party is this process."""
+        if not self.placement.uses_server():
+            return claimed
+        session = self.server.sessions.get(device_id)
+        if session is None or device_id not in self.server.opened:
+            return 0
+        if isinstance(claimed, bool) or not isinstance(claimed, int) or claimed <= 0:
+            return 0
+        return min(claimed, session.tokens)
+
     def finish_round(self, record: RoundRecord, results: dict[str, DeviceResult]) -> RoundRecord:
-        """Aggregate the devices' uploads with their server sessions' adapters; close the round."""
-        alpha = self.config.lora.alpha
+        """Aggregate the devices' uploads with their server sessions' adapters; close the round.
+
+        Every copy weighs the tokens its device trained on as the server counted them
+        (`counted_tokens`): a server session trained on its device's batches, so it weighs the same."""
         copies: dict[str, list[AdapterCopy]] = defaultdict(list)
         for device_id, result in results.items():
             if self.profiles is not None:
                 profile = self.profiles[self.device_ids.index(device_id)]
                 result.stats.simulated_s = simulated_step_s(
                     profile, result.stats.flops, result.stats.bytes_up + result.stats.bytes_down)
+            result.stats.tokens = self.counted_tokens(device_id, result.tokens)
             record.devices[device_id] = result.stats
             for name, weights in result.uploaded.items():
-                copies[name].append(AdapterCopy(device_id, weights, result.tokens, scale=alpha / weights.rank))
+                copies[name].append(self._copy(device_id, weights, result.stats.tokens))
         dropped = {entry["device"] for entry in record.dropped}
-        for holder, adapters, tokens in self.server.session_copies(exclude=dropped):
+        for holder, adapters, _ in self.server.session_copies(exclude=dropped):
+            device = record.devices.get(device_of(holder))
             for name, weights in adapters.items():
-                copies[name].append(AdapterCopy(holder, weights, tokens, scale=alpha / weights.rank))
-        record.rejected = self.state.aggregate(copies)
-        record.rejected += [f"{device}: {error}" for device, error in self.server.rejected]
+                copies[name].append(self._copy(holder, weights, device.tokens if device is not None else 0))
+        outcome = self.state.aggregate(copies)
+        record.rejected = outcome.rejected + [f"{device}: {error}" for device, error in self.server.rejected]
+        record.dropped += [{"device": device, "error": f"upload rejected: {error}"} for device, error in outcome.dropped.items()]
+        record.clipped = [clip.describe() for clip in outcome.clipped]
         self.server.rejected.clear()
         record.wall_s = time.perf_counter() - self._round_start
         self.rounds.append(record)
         return record
+
+    def _copy(self, holder: str, weights: lora.LoraWeights, tokens: int) -> AdapterCopy:
+        """`holder`'s copy of a module, scaled alpha / r (r = its rank as uploaded, checked later)."""
+        rank = weights.A.shape[0] if weights.A.dim() == 2 else 0
+        return AdapterCopy(holder, weights, tokens, scale=self.config.lora.alpha / rank if rank > 0 else float("nan"))
 
     def download_message(self, device: DeviceRuntime) -> Message:
         """The ADAPTERS message that starts `device`'s round: its modules' adapters."""

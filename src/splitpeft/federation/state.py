@@ -5,9 +5,12 @@ that holder starts the next round with; the dense updates merged into the shared
 (noise-free aggregation); the token weights of the last aggregation. From these come the global
 model (for evaluation) and the exported PEFT folder.
 
-One round's aggregation, per module: check every copy (a bad one is dropped and reported, never
-the run), hand the good ones to the aggregator, merge its base delta into the frozen weight,
-and keep each holder's next adapter.
+One round's aggregation: check every copy against what its holder was given this round (dtype,
+shapes, rank, finiteness, token count) before any arithmetic; a device with a bad copy is dropped
+with all its copies and its server session's, named in the report, never the run and never
+another device. Then, per module, hand the good copies (fp32, each with the adapter its holder
+started from) to the aggregator (robust policies included), merge its base delta into the frozen
+weight, and keep each holder's next adapter.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import copy
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -26,7 +30,8 @@ from splitpeft.aggregation.base import (
     AdapterCopy,
     AggregationError,
     Aggregator,
-    check_copy,
+    Clip,
+    checked_upload,
     token_weights,
 )
 from splitpeft.model import adapters as lora
@@ -34,6 +39,23 @@ from splitpeft.model.adapters import AdapterSet, LoraWeights
 from splitpeft.model.backbone import share_frozen_copy
 
 log = logging.getLogger(__name__)
+
+
+SERVER_HOLDER = "server/"  # a server session's holder name: "server/<device>"
+
+
+def device_of(holder: str) -> str:
+    """The device a holder stands for: itself, or the device whose server session it is."""
+    return holder.removeprefix(SERVER_HOLDER)
+
+
+@dataclass
+class AggregationReport:
+    """What one round's aggregation refused or changed."""
+
+    rejected: list[str] = field(default_factory=list)      # one line per refused copy: module, holder, why
+    dropped: dict[str, str] = field(default_factory=dict)  # device -> why all its copies were left out
+    clipped: list[Clip] = field(default_factory=list)      # updates a robust policy scaled down
 
 
 def initial_adapters(base: torch.nn.Module, ranks: Mapping[str, int], alpha: float, seed: int) -> AdapterSet:
@@ -91,9 +113,14 @@ class GlobalState:
         self.holder_state: dict[str, AdapterSet] = defaultdict(dict)
         self.last_weights: dict[str, dict[str, float]] = {}  # module -> holder -> p_h of the last aggregation
         self.merged: dict[str, torch.Tensor] = {}  # sum of deltas merged into each frozen weight
+        # What each holder was given this round: its upload is checked against it (modules, ranks)
+        # and its update measured from it. Cleared by `aggregate`.
+        self.given: dict[str, AdapterSet] = {}
 
     def start_state(self, holder: str, ranks: Mapping[str, int]) -> AdapterSet:
-        """What `holder` starts the round with: its aggregated adapters, else the initial ones."""
+        """What `holder` starts the round with: its aggregated adapters, else the initial ones.
+
+        Remembered as what `holder` was given this round (`given`)."""
         state = self.holder_state.get(holder, {})
         start = {}
         for name, rank in ranks.items():
@@ -106,20 +133,43 @@ class GlobalState:
                     self._initial_by_rank[rank] = initial_adapters(
                         self.base, {n: rank for n in self.ranks}, self.alpha, self.seed)
                 start[name] = self._initial_by_rank[rank][name]
+        self.given[holder] = start
         return start
 
-    def aggregate(self, copies: Mapping[str, list[AdapterCopy]]) -> list[str]:
-        """Next round's adapters per holder; a poisoned copy is dropped (and reported), the others count."""
-        rejected = []
+    def check_upload(self, name: str, copy: AdapterCopy) -> AdapterCopy:
+        """`copy` in fp32 with the adapter its holder started from, once it proves to be module
+        `name` at the rank its holder was given, of the module's (d_out, d_in), finite and sane."""
+        start = self.given.get(copy.holder, {}).get(name)
+        if start is None:
+            raise AggregationError(f"{name} from {copy.holder}: this holder was not given {name} this round")
+        initial = self.global_adapters[name]
+        checked = checked_upload(name, copy, rank=start.rank, d_in=initial.A.shape[1], d_out=initial.B.shape[0])
+        return AdapterCopy(checked.holder, checked.weights, checked.tokens, checked.scale,
+                           start=LoraWeights(start.A.to(torch.float32), start.B.to(torch.float32)))
+
+    def aggregate(self, copies: Mapping[str, list[AdapterCopy]]) -> AggregationReport:
+        """Next round's adapters per holder from this round's copies (module -> copies).
+
+        First every copy is checked (`check_upload`); a device with any bad copy (its own or its
+        server session's) loses all of them this round. Then each module's good copies are
+        aggregated; the robust policies in the aggregator may clip some (reported)."""
+        report = AggregationReport()
+        checked: dict[str, list[AdapterCopy]] = defaultdict(list)
         for name, module_copies in copies.items():
-            good = []
+            seen: set[str] = set()
             for candidate in module_copies:
                 try:
-                    check_copy(name, candidate)
-                    good.append(candidate)
+                    if candidate.holder in seen:
+                        raise AggregationError(f"{name} from {candidate.holder}: more than one copy")
+                    seen.add(candidate.holder)
+                    checked[name].append(self.check_upload(name, candidate))
                 except AggregationError as error:
-                    log.warning("dropping an adapter upload: %s", error)
-                    rejected.append(str(error))
+                    device = device_of(candidate.holder)
+                    log.warning("dropping %s's uploads this round: %s", device, error)
+                    report.rejected.append(str(error))
+                    report.dropped.setdefault(device, str(error))
+        for name, module_copies in checked.items():
+            good = [c for c in module_copies if device_of(c.holder) not in report.dropped]
             if not good:
                 continue
             result = self.aggregator.aggregate(name, good)
@@ -130,7 +180,9 @@ class GlobalState:
             self.last_weights[name] = dict(zip((c.holder for c in good), token_weights(good)))
             if self.aggregator.shared_adapter:
                 self.global_adapters[name] = next(iter(result.adapters.values()))
-        return rejected
+            report.clipped += result.clipped
+        self.given.clear()
+        return report
 
     def merge(self, name: str, delta: torch.Tensor) -> None:
         """W += delta (d_out, d_in) in the shared frozen weight, so every holder sees it."""

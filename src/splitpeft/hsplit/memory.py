@@ -215,8 +215,8 @@ class ModelShapes:
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
         if quantization != "none" and config.model_type == "gpt2":
-            raise ValueError("GPT-2 stores its block linears as Conv1D, which bitsandbytes does not quantize "
-                             "(quantize_blocks refuses it): use quantization='none'")
+            raise ValueError("runtime.base_quantization: GPT-2 stores its block linears as Conv1D, which bitsandbytes "
+                             "does not quantize; use a LLaMA-family model or base_quantization=none")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         backbone = backbone_of(model)

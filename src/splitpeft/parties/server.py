@@ -4,13 +4,19 @@ server-side adapters), and message dispatch that keeps serving others when one d
 The server knows placements only through their interface (`placements/base.py`): a session's
 placement answers each message (`server_step`), sets up what it needs when the session opens
 (`open_server_session`) and drops a half-done step when a device sends garbage (`abort`).
+
+A frame's size does not bound the work it asks for: a (1, 16384, d) ACTIVATIONS frame is small but
+its attention costs T^2, and the logits of a server that holds the head are (B, T, V) floats. So
+each step's batch B, sequence T and tokens B T are checked against `StepLimits` (the run's
+federation.batch_size and data.max_length, which no honest device exceeds) before any compute.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
@@ -30,7 +36,49 @@ from splitpeft.transport.messages import (
     error_message,
 )
 
+if TYPE_CHECKING:
+    from splitpeft.config import ExperimentConfig
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    """The most one training step may ask of the server: batch B, sequence T, tokens B T.
+
+    Every tensor of an ACTIVATIONS message, hidden (B, T, d) and labels (B, T), is checked before
+    the server runs anything. The server's step costs about B T (d^2 + T d) per block and, with the
+    head, B T V for the logits (fp32, the largest tensor of the step): bounding B, T and B T bounds
+    its time and memory, which `federation/preflight.py` predicts for the same B and T.
+    """
+
+    max_batch: int
+    max_seq_len: int
+    max_tokens: int
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig) -> StepLimits:
+        """Exactly what the run's devices send at most: federation.batch_size rows of at most
+        data.max_length tokens (batches are padded to their longest row)."""
+        batch, seq_len = config.federation.batch_size, config.data.max_length
+        return cls(max_batch=batch, max_seq_len=seq_len, max_tokens=batch * seq_len)
+
+    def check(self, message: Message) -> None:
+        """Raise MessageError naming the limit if `message` asks for more than a step may."""
+        for name, tensor in message.tensors.items():
+            if tensor.dim() < 2:
+                continue
+            batch, seq_len = int(tensor.shape[0]), int(tensor.shape[1])
+            where = f"{message.kind.name}.{name} of shape {tuple(tensor.shape)}"
+            if batch > self.max_batch:
+                raise MessageError(f"{where}: batch {batch} exceeds the server's limit of {self.max_batch} "
+                                   "(federation.batch_size)")
+            if seq_len > self.max_seq_len:
+                raise MessageError(f"{where}: sequence length {seq_len} exceeds the server's limit of "
+                                   f"{self.max_seq_len} (data.max_length)")
+            if batch * seq_len > self.max_tokens:
+                raise MessageError(f"{where}: {batch * seq_len} tokens exceed the server's limit of "
+                                   f"{self.max_tokens} per step (federation.batch_size x data.max_length)")
 
 
 class ServerSession(Party):
@@ -67,13 +115,15 @@ class SplitServer:
 
     `server_ranks(blocks)` gives the server-side rank map of the adapted modules in `blocks`;
     `start_state(holder, ranks)` the adapters a holder starts the round with (the federation's
-    global state).
+    global state). `limits` bound each step's work (`StepLimits.from_config`); None: unbounded.
     """
 
     def __init__(self, base: PreTrainedModel, server_ranks: Callable[[range], Mapping[str, int]],
                  start_state: Callable[[str, dict[str, int]], AdapterSet], *,
-                 alpha: float, dropout: float, lr: float, num_blocks: int, runtime: Runtime = CPU_FP32) -> None:
+                 alpha: float, dropout: float, lr: float, num_blocks: int, runtime: Runtime = CPU_FP32,
+                 limits: StepLimits | None = None) -> None:
         self.base = base
+        self.limits = limits
         self.runtime = runtime
         self.server_ranks = server_ranks
         self.start_state = start_state
@@ -96,6 +146,8 @@ class SplitServer:
                 raise MessageError(f"device {device_id!r} has no open session")
             if message.kind == Kind.CLOSE_SESSION:
                 return Message(Kind.SESSION_CLOSED, meta={Meta.TOKENS: session.tokens})
+            if message.kind == Kind.ACTIVATIONS and self.limits is not None:
+                self.limits.check(message)  # before any compute
             return session.placement.server_step(session, message)
         except (MessageError, AdapterError, ValueError) as error:
             self.reject(device_id, error)

@@ -125,7 +125,9 @@ class SplitPlacement:
             session.step_state = None
             grad = message.tensor("grad", shape=final.shape, dtype=session.wire_grad_dtype, device=final.device)
             session.backward(final, grad)
-            session.optimizer_step(tokens=None)
+            # The server never sees the labels here: it counts the B x T positions it trained on,
+            # which bounds the device's claim (`Simulation.counted_tokens`).
+            session.optimizer_step(tokens=int(final.shape[0]) * int(final.shape[1]))
             return Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(hidden)})
         raise MessageError(f"unexpected {message.kind.name} message for placement {self.name}")
 

@@ -15,6 +15,14 @@ A frame that fails validation gets an ERROR frame naming the defect (and `endpoi
 the device's half-done step); the stream stays open, so the device's next step works. A stream that
 fails authentication is aborted with UNAUTHENTICATED; every other device is served as before.
 
+No device can hold the server's workers (each open stream holds one thread): a device has at most
+one stream, and a new stream of the same device replaces the old one (the old one is cancelled and
+the device's half-done step dropped), so a device that lost its link reconnects at once and one
+stolen token holds one worker, not all of them. A stream that sends no frame for `idle_timeout_s`
+(or does not read its reply), or whose training step (ACTIVATIONS to its last reply) lasts longer
+than `step_timeout_s`, is cancelled and the device's session reset; the device sees CANCELLED, the
+server logs the reason and records it with `endpoint.reject`.
+
 Training code sees a `Channel` like the in-process one (`exchange`, `traffic`), with the same
 byte counts: a frame's size on the wire is its encoded size (gRPC adds a few bytes of framing per
 message and HTTP/2 headers per stream, which we do not count).
@@ -27,6 +35,7 @@ import hmac
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from typing import Any
@@ -77,6 +86,20 @@ GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
 DEFAULT_DEADLINE_S = 600.0  # one exchange; a dlora step's server half waits as long (dlora.STEP_TIMEOUT_S)
 
 
+# The server's deadlines (config: transport.idle_timeout_s, transport.step_timeout_s).
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+DEFAULT_STEP_TIMEOUT_S = 600.0
+
+
+# A training step opens with the device's ACTIVATIONS and ends with the server's last reply of it:
+# CUT_GRADIENT (split, U-shaped), STEP_DONE (dlora) or an ERROR that dropped it.
+STEP_OPENS = frozenset({Kind.ACTIVATIONS})
+STEP_ENDS = frozenset({Kind.CUT_GRADIENT, Kind.STEP_DONE, Kind.ERROR})
+
+
+REPLACED = "the device opened a newer stream"
+
+
 class TransportError(ConnectionError):
     """The stream to the server failed (refused, unreachable, reset or timed out)."""
 
@@ -103,6 +126,30 @@ def _grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 # ------------------------------------------------------------------------------------ server
 
 
+class _Stream:
+    """One authenticated stream, as the watchdog sees it: since when it waits for the device (its
+    next frame, or the device reading the last reply) and since when its current step runs."""
+
+    def __init__(self, device_id: str, context: grpc.ServicerContext) -> None:
+        self.device_id = device_id
+        self.context = context
+        self.peer = context.peer()  # for the logs: a finished RPC may no longer say
+        self.waiting_since: float | None = time.monotonic()  # None while the server works on a frame
+        self.step_since: float | None = None
+        self.closed_because: str | None = None  # set by whoever cancels it (watchdog, a newer stream)
+        self.session_open = False
+        self.released = False
+        self.finished = threading.Event()
+
+    def overdue(self, now: float, idle_timeout_s: float, step_timeout_s: float) -> str | None:
+        waiting, step = self.waiting_since, self.step_since
+        if waiting is not None and now - waiting > idle_timeout_s:
+            return f"no frame for {idle_timeout_s:g} s (transport.idle_timeout_s)"
+        if step is not None and now - step > step_timeout_s:
+            return f"step not finished within {step_timeout_s:g} s (transport.step_timeout_s)"
+        return None
+
+
 class GrpcSplitServer:
     """Serves `endpoint` (a `SplitServer`) to authenticated devices over gRPC.
 
@@ -112,8 +159,10 @@ class GrpcSplitServer:
     the mode each device asks for when it opens its stream (it knows its link). With `serialize` (default) one
     lock around `endpoint.handle` makes the server's work happen in one order whatever the thread
     scheduling, so results are deterministic; frames of one device are always handled in order.
-    Each open stream holds one of `max_workers` threads; streams beyond that are refused with
-    RESOURCE_EXHAUSTED rather than queued.
+    Each open stream holds one of `max_workers` threads (default: one per device plus 16 for
+    streams being refused or replaced, at least 32); streams beyond that are refused with
+    RESOURCE_EXHAUSTED rather than queued. One stream per device, `idle_timeout_s` and
+    `step_timeout_s`: see the module docstring.
     """
 
     def __init__(
@@ -126,20 +175,30 @@ class GrpcSplitServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         compression: str | None = None,
         serialize: bool = True,
-        max_workers: int = 32,
+        max_workers: int | None = None,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
     ) -> None:
         if any(not token for token in tokens.values()):
             raise ValueError("every device needs a non-empty token")
+        if not (0 < idle_timeout_s < float("inf") and 0 < step_timeout_s < float("inf")):
+            raise ValueError("idle_timeout_s and step_timeout_s must be finite and > 0")
         self.endpoint = endpoint
         self.address = address
         self.tokens = dict(tokens)
         self.tls = tls
         self.max_message_bytes = max_message_bytes
         self.compression = None if compression is None else check_mode(compression)
-        self.max_workers = max_workers
+        self.max_workers = max_workers if max_workers is not None else max(32, len(self.tokens) + 16)
+        self.idle_timeout_s = idle_timeout_s
+        self.step_timeout_s = step_timeout_s
         self._handle_lock: threading.Lock | None = threading.Lock() if serialize else None
         self._device_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._streams: dict[str, _Stream] = {}  # device id -> its one open stream
+        self._streams_guard = threading.Lock()
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
         self._server: grpc.Server | None = None
         self.port: int | None = None
         # Called with the device id when a device's stream ends without the device closing it
@@ -167,6 +226,9 @@ class GrpcSplitServer:
             raise TransportError(f"cannot bind {self.address}")
         server.start()
         self._server, self.port = server, port
+        self._stopping.clear()
+        self._watchdog = threading.Thread(target=self._watch, name="splitpeft-grpc-watchdog", daemon=True)
+        self._watchdog.start()
         log.info("split traffic server on port %d (%s)", port, "TLS" if self.tls else "plaintext")
         return port
 
@@ -175,6 +237,10 @@ class GrpcSplitServer:
         if self._server is not None:
             self._server.stop(grace_s).wait()
             self._server = None
+        self._stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
 
     def __enter__(self) -> GrpcSplitServer:
         self.start()
@@ -189,25 +255,106 @@ class GrpcSplitServer:
         device_id = self._authenticate(context)
         compression = self.compression or self._requested_compression(context)
         log.info("device %s connected from %s (replies: %s)", device_id, context.peer(), compression)
-        session_open = False
+        stream, previous = self._register(device_id, context)
+        # gRPC drops a response iterator whose RPC was cancelled during a send without closing it,
+        # so the `finally` below may never run: the end of the RPC releases the stream as well
+        # (in a thread of its own: callbacks run on gRPC's polling thread, which must not wait).
+        def on_end() -> None:
+            if not stream.released:
+                threading.Thread(target=self._release, args=(stream, False), daemon=True).start()
+
+        if not context.add_callback(on_end):
+            self._release(stream, ended=False)
+            return
         ended = False
         try:
+            if previous is not None:
+                self._take_over(previous)
             for frame in frames:
-                reply, kind = self._reply(device_id, frame, compression)
+                arrived, stream.waiting_since = time.monotonic(), None
+                reply, kind, reply_kind = self._reply(device_id, frame, compression)
                 if kind in (Kind.OPEN_SESSION, Kind.CLOSE_SESSION):
-                    session_open = kind == Kind.OPEN_SESSION
+                    stream.session_open = kind == Kind.OPEN_SESSION
+                if reply_kind in STEP_ENDS:
+                    stream.step_since = None
+                elif kind in STEP_OPENS and stream.step_since is None:
+                    stream.step_since = arrived
+                stream.waiting_since = time.monotonic()  # sending the reply counts: a device must read it
                 yield reply
             # A dying device can end its request stream as if it closed it; a device that is
             # done closes its session first (CLOSE_SESSION), and its call is still active here.
-            ended = not session_open and context.is_active()
+            ended = not stream.session_open and context.is_active()
+        except grpc.RpcError:  # cancelled: by the device, the watchdog or a newer stream
+            pass
         finally:
-            if ended:
+            self._release(stream, ended)
+
+    def _register(self, device_id: str, context: grpc.ServicerContext) -> tuple[_Stream, _Stream | None]:
+        """The new stream of `device_id`, now its only one, and the stream it replaces (if any)."""
+        stream = _Stream(device_id, context)
+        with self._streams_guard:
+            previous = self._streams.get(device_id)
+            self._streams[device_id] = stream
+        return stream, previous
+
+    def _take_over(self, previous: _Stream) -> None:
+        """Cancel the stream a device's new stream replaces (the newer wins, so a device that lost
+        its link reconnects at once) and, once it has finished (within the step deadline, as its
+        current frame may be computing), drop the device's half-done step."""
+        device_id = previous.device_id
+        log.warning("device %s opened another stream: it replaces the one from %s", device_id, previous.peer)
+        self._cancel(previous, REPLACED)
+        previous.finished.wait(timeout=self.step_timeout_s)
+        with self._device_lock(device_id):
+            self._locked(self.endpoint.reject, device_id, TransportError(f"split stream replaced: {REPLACED}"))
+
+    def _release(self, stream: _Stream, ended: bool) -> None:
+        """A stream is over (called once, by whichever comes first of its handler's end and the
+        RPC's): unregister it, and reset the device's session unless it closed cleanly or a newer
+        stream of the device took over (which resets it itself)."""
+        device_id = stream.device_id
+        with self._streams_guard:
+            if stream.released:
+                return
+            stream.released = True
+            if self._streams.get(device_id) is stream:
+                del self._streams[device_id]
+            reason = stream.closed_because
+        try:
+            if reason == REPLACED:
+                log.info("the replaced stream of device %s ended", device_id)
+            elif ended and reason is None:  # a stream cancelled here can end as if closed
                 log.info("device %s closed its stream", device_id)
             else:
-                log.warning("lost the stream of device %s (%s)%s", device_id, context.peer(),
-                            " with its session open" if session_open else "")
+                log.warning("lost the stream of device %s (%s)%s%s", device_id, stream.peer,
+                            " with its session open" if stream.session_open else "", f": {reason}" if reason else "")
+                if reason is not None:
+                    with self._device_lock(device_id):
+                        self._locked(self.endpoint.reject, device_id, TransportError(f"split stream closed: {reason}"))
                 if self.on_lost is not None:
                     self.on_lost(device_id)
+        finally:
+            stream.finished.set()
+
+    def _cancel(self, stream: _Stream, reason: str) -> None:
+        with self._streams_guard:
+            if stream.closed_because is not None:
+                return
+            stream.closed_because = reason
+        log.warning("closing the stream of device %s: %s", stream.device_id, reason)
+        stream.context.cancel()
+
+    def _watch(self) -> None:
+        """Cancel streams past a deadline, until the server stops."""
+        tick_s = min(1.0, max(0.01, min(self.idle_timeout_s, self.step_timeout_s) / 10))
+        while not self._stopping.wait(tick_s):
+            now = time.monotonic()
+            with self._streams_guard:
+                streams = list(self._streams.values())
+            for stream in streams:
+                reason = stream.overdue(now, self.idle_timeout_s, self.step_timeout_s)
+                if reason is not None:
+                    self._cancel(stream, reason)
 
     def _authenticate(self, context: grpc.ServicerContext) -> str:
         """The stream's device id if its bearer token matches; otherwise abort UNAUTHENTICATED."""
@@ -237,9 +384,9 @@ class GrpcSplitServer:
         with self._locks_guard:
             return self._device_locks.setdefault(device_id, threading.Lock())
 
-    def _reply(self, device_id: str, frame: bytes, compression: str) -> tuple[bytes, Kind | None]:
-        """The encoded reply to one frame and the frame's kind (None if it was not readable);
-        a bad frame gets an ERROR frame, never a dead stream."""
+    def _reply(self, device_id: str, frame: bytes, compression: str) -> tuple[bytes, Kind | None, Kind]:
+        """The encoded reply to one frame, the frame's kind (None if it was not readable) and the
+        reply's; a bad frame gets an ERROR frame, never a dead stream."""
         kind = None
         with self._device_lock(device_id):
             try:
@@ -256,7 +403,7 @@ class GrpcSplitServer:
                     log.exception("%s message from device %s failed", message.kind.name, device_id)
                     self._locked(self.endpoint.reject, device_id, error)
                     reply = error_message(f"server failed on {message.kind.name}: {error}")
-            return encode(compress(reply, compression)), kind
+            return encode(compress(reply, compression)), kind, reply.kind
 
     def _locked(self, function: Any, *args: Any) -> Any:
         if self._handle_lock is None:
@@ -337,6 +484,9 @@ class GrpcChannel:
         code = error.code() if isinstance(error, grpc.Call) else None
         details = error.details() if isinstance(error, grpc.Call) else str(error)
         name = code.name if code is not None else "UNKNOWN"
+        if code == grpc.StatusCode.CANCELLED:  # this side cancels only after raising its own error
+            details = (f"{details} (the server closes a stream silent for transport.idle_timeout_s, one whose step "
+                       "outlasts transport.step_timeout_s, and one that a newer stream of the same device replaced)")
         return TransportError(f"device {self.device_id}: split stream to {self.address} failed with {name}: {details}")
 
     def exchange_frame(self, frame: bytes) -> bytes:

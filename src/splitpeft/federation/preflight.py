@@ -1,0 +1,155 @@
+"""Checks of a config against the loaded model and this machine, before any training.
+
+`ExperimentConfig.validate` checks every key alone (finite, in range); what depends on the model
+waits until it is loaded, and is checked here, at the start of a `Simulation`:
+
+- the split point and `hsplit.max_split` lie within the model's blocks;
+- `lora.rank` <= min(d_in, d_out) of every adapted linear (a larger rank adds parameters, not rank);
+- a learned position table (GPT-2) holds data.max_length + eval.max_new_tokens positions;
+- the run's predicted peak memory fits the machine (host memory, or the GPU the model is on);
+- `transport.max_message_bytes` holds one step's largest frame and a device's adapter upload.
+
+Each failure is one ConfigError naming the key, as `validate` gives.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import PreTrainedModel
+
+from splitpeft.config import ConfigError, ExperimentConfig
+from splitpeft.dlora.remote import input_groups
+from splitpeft.hsplit.memory import ModelShapes, adapter_bytes, memory_breakdown
+
+# Room in a frame for its header (kind, meta, the safetensors header, compression scales).
+FRAME_HEADER_ALLOWANCE_BYTES = 64 * 1024
+
+
+def check_against_model(config: ExperimentConfig, model: PreTrainedModel) -> None:
+    """Raise ConfigError (one line naming the key) if `config` does not fit `model` or this machine."""
+    quantized = config.runtime.quantize in ("server", "both")
+    shapes = ModelShapes.from_config(
+        model.config, dtype=config.runtime.dtype,
+        quantization=config.runtime.base_quantization if quantized else "none",
+        target_modules=config.lora.target_modules)
+    if not shapes.modules:
+        raise ConfigError(f"lora.target_modules {config.lora.target_modules} match no module of {config.model.name}")
+    check_blocks(config, shapes)
+    check_ranks(config, shapes)
+    check_positions(config, model)
+    check_memory(config, shapes, machine_memory_bytes(model))
+    check_frame_size(config, shapes)
+
+
+def check_blocks(config: ExperimentConfig, shapes: ModelShapes) -> None:
+    blocks = shapes.num_blocks
+    if config.placement.placement == "split" and config.placement.split_layer > blocks:
+        raise ConfigError(f"placement.split_layer {config.placement.split_layer} is out of range: "
+                          f"{config.model.name} has {blocks} blocks (0..{blocks})")
+    if config.hsplit.max_split is not None and config.hsplit.max_split > blocks:
+        raise ConfigError(f"hsplit.max_split {config.hsplit.max_split} is out of range: "
+                          f"{config.model.name} has {blocks} blocks (0..{blocks})")
+
+
+def check_ranks(config: ExperimentConfig, shapes: ModelShapes) -> None:
+    """lora.rank against every adapted linear; with a planner, no rank of hsplit.rank_set may
+    exceed every module's min(d_in, d_out)."""
+    name, (d_in, d_out) = min(shapes.modules.items(), key=lambda item: min(item[1]))
+    if config.lora.rank > min(d_in, d_out):
+        raise ConfigError(f"lora.rank {config.lora.rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
+                          f"of {name} ({d_in} -> {d_out})")
+    if config.hsplit.planner != "fixed":
+        widest = max(min(dims) for dims in shapes.modules.values())
+        too_big = [r for r in config.hsplit.rank_set if r > widest]
+        if too_big:
+            raise ConfigError(f"hsplit.rank_set {too_big}: above min(d_in, d_out) of every adapted module (at most {widest})")
+
+
+def check_positions(config: ExperimentConfig, model: PreTrainedModel) -> None:
+    """A learned position table (GPT-2's wpe) has no row past n_positions: an index error mid-run."""
+    positions = getattr(model.config, "n_positions", None)
+    if positions is None:
+        return
+    if config.data.max_length > positions:
+        raise ConfigError(f"data.max_length {config.data.max_length} exceeds the {positions} positions of "
+                          f"{config.model.name}")
+    if config.eval.generation and config.data.max_length + config.eval.max_new_tokens > positions:
+        raise ConfigError(f"eval.max_new_tokens {config.eval.max_new_tokens}: with data.max_length "
+                          f"{config.data.max_length} it exceeds the {positions} positions of {config.model.name}")
+
+
+def step_frame_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
+    """The largest frame of one step, uncompressed: (B, T, width) activations in the runtime dtype
+    (+ int32 labels in plain split). width: d at the cut (split, U-shaped, dlora's embeddings); in
+    dlora also every branch message, d_in of a linear group or the sum of its d_out."""
+    batch, seq_len = config.federation.batch_size, config.data.max_length
+    width = shapes.hidden_size
+    if config.placement.placement == "dlora":
+        groups: dict[str, list[str]] = {}
+        for name, group in input_groups(list(shapes.modules)).items():
+            groups.setdefault(group, []).append(name)
+        for members in groups.values():
+            width = max(width, shapes.modules[members[0]][0], sum(shapes.modules[m][1] for m in members))
+    labels = 4 * batch * seq_len if config.placement.placement == "split" and not config.placement.labels_on_device else 0
+    return batch * seq_len * width * shapes.dtype_bytes + labels + FRAME_HEADER_ALLOWANCE_BYTES
+
+
+def upload_frame_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
+    """A device's ADAPTERS frame: r (d_in + d_out) fp32 per module it holds (with a planner, every
+    module at the largest rank of hsplit.rank_set: the most a plan can give one device)."""
+    if config.hsplit.planner != "fixed":
+        modules, rank = list(shapes.modules), max(config.hsplit.rank_set)
+    else:
+        split = config.placement.split_layer if config.placement.placement == "split" else shapes.num_blocks
+        modules, rank = shapes.modules_before(split), config.lora.rank
+    return adapter_bytes(shapes, dict.fromkeys(modules, rank), copies=1) + FRAME_HEADER_ALLOWANCE_BYTES
+
+
+def check_frame_size(config: ExperimentConfig, shapes: ModelShapes) -> None:
+    if config.placement.placement == "centralized":
+        return
+    limit = config.transport.max_message_bytes
+    step, upload = step_frame_bytes(config, shapes), upload_frame_bytes(config, shapes)
+    if limit < step:
+        raise ConfigError(f"transport.max_message_bytes {limit} is too small for one step's activations "
+                          f"({step} bytes at federation.batch_size {config.federation.batch_size} x "
+                          f"data.max_length {config.data.max_length})")
+    if limit < upload:
+        raise ConfigError(f"transport.max_message_bytes {limit} is too small for a device's adapter upload ({upload} bytes)")
+
+
+def predicted_peak_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
+    """The run's predicted peak in one process (`hsplit/memory.py`'s model, one step of the whole
+    model: device and server halves are alive together): frozen weights + head, the activations of
+    a (federation.batch_size, data.max_length) step through every block and the head, and the
+    adapters with gradients and AdamW moments of every party (each device's and its server
+    session's halves make one full set per device) plus the global state's weights."""
+    rank = config.lora.rank if config.hsplit.planner == "fixed" else max(config.hsplit.rank_set)
+    ranks = dict.fromkeys(shapes.modules, rank)
+    step = memory_breakdown(shapes, shapes.num_blocks, ranks, config.federation.batch_size, config.data.max_length,
+                            labels_on_device=True, checkpointing=config.runtime.gradient_checkpointing)
+    parties = 1 if config.placement.placement == "centralized" else config.federation.num_devices
+    return step.peak_bytes + (parties - 1) * adapter_bytes(shapes, ranks) + adapter_bytes(shapes, ranks, copies=1)
+
+
+def machine_memory_bytes(model: PreTrainedModel) -> int:
+    """Memory of where `model` runs: its GPU's, or this machine's physical memory."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf (not POSIX): nothing to check against
+        return 2**63
+
+
+def check_memory(config: ExperimentConfig, shapes: ModelShapes, available_bytes: int) -> None:
+    peak = predicted_peak_bytes(config, shapes)
+    if peak > available_bytes:
+        raise ConfigError(
+            f"the run needs about {peak / 2**30:.1f} GiB (predicted peak at federation.batch_size "
+            f"{config.federation.batch_size}, data.max_length {config.data.max_length}, lora.rank {config.lora.rank}, "
+            f"federation.num_devices {config.federation.num_devices}), more than the {available_bytes / 2**30:.1f} GiB "
+            "this machine has")

@@ -1,0 +1,91 @@
+"""Config against the loaded model and this machine (federation/preflight.py): what `validate`
+cannot know before the model is loaded is refused in one line naming the key, before training.
+
+Issue 12, finding 10: lora.rank beyond the model's widths and plans larger than the machine's
+memory ran until the kernel killed them; a frame limit too small for one step dropped every device.
+"""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from splitpeft.config import ConfigError
+from splitpeft.federation.preflight import (
+    check_against_model,
+    check_memory,
+    predicted_peak_bytes,
+    step_frame_bytes,
+)
+from splitpeft.hsplit.memory import ModelShapes, adapter_bytes
+from splitpeft.model.loading import load_model
+from splitpeft.transport.messages import Kind, Message, encode
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: load_model(name).model for name in ("tiny-llama", "tiny-gpt2")}
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("placement", ["placement.placement=split", "placement.labels_on_device=true",
+                                       "placement.placement=dlora", "placement.placement=centralized"])
+def test_the_tiny_preset_passes(models, model, placement):
+    check_against_model(tiny_config(model, placement), models[model])
+
+
+@pytest.mark.parametrize("model,overrides,message", [
+    ("tiny-llama", ["lora.rank=17"], "lora.rank 17 exceeds min(d_in, d_out) = 16 of model.layers.0.self_attn.k_proj (32 -> 16)"),
+    ("tiny-llama", ["placement.split_layer=9"], "placement.split_layer 9 is out of range: tiny-llama has 4 blocks (0..4)"),
+    ("tiny-llama", ["hsplit.planner=armsc", "fleet.memory_range=[1000000,9000000]", "hsplit.rank_set=[0,4,64]"],
+     "hsplit.rank_set [64]: above min(d_in, d_out) of every adapted module (at most 32)"),
+    ("tiny-llama", ["transport.max_message_bytes=65536"],
+     "transport.max_message_bytes 65536 is too small for one step's activations (150016 bytes at federation.batch_size 4 x data.max_length 160)"),
+    ("tiny-gpt2", ["data.max_length=300"], "data.max_length 300 exceeds the 256 positions of tiny-gpt2"),
+    ("tiny-gpt2", ["data.max_length=250", "eval.max_new_tokens=40"],
+     "eval.max_new_tokens 40: with data.max_length 250 it exceeds the 256 positions of tiny-gpt2"),
+    ("tiny-llama", ["federation.batch_size=65536", "data.max_length=131072"], "more than the"),
+])
+def test_a_config_that_does_not_fit_the_model_or_machine_is_one_line_naming_the_key(models, model, overrides, message):
+    with pytest.raises(ConfigError) as raised:
+        check_against_model(tiny_config(model, *overrides), models[model])
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_memory_check_refuses_exactly_past_the_prediction(models):
+    config = tiny_config("tiny-llama")
+    shapes = ModelShapes.from_config(models["tiny-llama"].config)
+    peak = predicted_peak_bytes(config, shapes)
+    check_memory(config, shapes, peak)
+    with pytest.raises(ConfigError, match=r"the run needs about .* GiB .* federation.batch_size 4"):
+        check_memory(config, shapes, peak - 1)
+    # one more device adds its adapters, their gradients and AdamW moments (4 fp32 copies)
+    more = tiny_config("tiny-llama", "federation.num_devices=4")
+    assert predicted_peak_bytes(more, shapes) - peak == adapter_bytes(shapes, dict.fromkeys(shapes.modules, 4))
+
+
+def test_the_step_frame_is_the_cut_activations_and_labels(models):
+    """(B, T, d) fp32 + int32 labels (+ header room): the size `encode` gives for them."""
+    config = tiny_config("tiny-llama", "federation.batch_size=2", "data.max_length=16")
+    shapes = ModelShapes.from_config(models["tiny-llama"].config)
+    frame = encode(Message(Kind.ACTIVATIONS, {"hidden": torch.zeros(2, 16, 32), "labels": torch.zeros(2, 16, dtype=torch.int32)}))
+    assert len(frame) <= step_frame_bytes(config, shapes) <= len(frame) + 64 * 1024
+
+
+def test_simulate_checks_the_config_against_the_model_before_training(capsys):
+    from splitpeft.cli import main
+
+    assert main(["simulate", "--preset", "tiny", "--out", "/tmp/never-written-run", "lora.rank=33"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lora.rank 33 exceeds" in err[0]
+    from pathlib import Path
+    assert not Path("/tmp/never-written-run").exists()
+
+
+def test_the_simulation_server_enforces_the_runs_step_limits():
+    from conftest import tiny_config
+
+    from splitpeft.federation.simulation import Simulation
+    from splitpeft.parties.server import StepLimits
+
+    config = tiny_config("tiny-llama")
+    assert Simulation(config).server.limits == StepLimits.from_config(config)
