@@ -24,15 +24,15 @@ from peft import get_peft_model
 from planner_accuracy import fixed_length
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
+from splitpeft.config import RuntimeConfig
 from splitpeft.data.batching import BatchStream, encode
 from splitpeft.data.sources import load_examples
 from splitpeft.federation.fleet import modules_in
 from splitpeft.federation.simulation import start_state_of
 from splitpeft.federation.state import initial_adapters
+from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 from splitpeft.model.adapters import lora_config, target_module_names
 from splitpeft.model.backbone import backbone_of, share_frozen_copy
-from splitpeft.config import RuntimeConfig
-from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 from splitpeft.model.loading import load_model
 from splitpeft.model.runtime import DTYPES, resolve_runtime
 from splitpeft.parties.device import DeviceRuntime
@@ -110,7 +110,7 @@ def main() -> None:
 
     # plain single-process peft loop: get_peft_model + AdamW, loss from the model's own forward
     plain = get_peft_model(share_frozen_copy(base), lora_config(ranks, 16.0, 0.0, False))
-    for name, parameter in plain.named_parameters():  # adapters in fp32, as splitpeft keeps them
+    for parameter in plain.parameters():  # adapters in fp32, as splitpeft keeps them
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     plain.train()

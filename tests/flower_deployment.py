@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,18 @@ def toml_value(value: Any) -> str:
 class Deployment:
     """`tls`: keys from `splitpeft deploy-keys` secure the SuperLink (Flower's side) and the split
     stream, as the README's deployment does; otherwise both run in plaintext. `node_auth` (with
-    tls): the SuperLink admits only SuperNodes whose public key was registered with `flwr`."""
+    tls): the SuperLink admits only SuperNodes whose public key was registered with `flwr`.
 
-    def __init__(self, root: Path, num_devices: int, *, tls: bool = False, node_auth: bool = False) -> None:
+    Across hosts (bench/netns_deploy.py): `host` is the cloud's address, where the SuperLink and
+    the split server listen and devices reach them; `cloud_prefix` and `device_prefix(index)` start
+    each process on its host (e.g. `ip netns exec NAME`). The defaults keep everything on loopback."""
+
+    def __init__(self, root: Path, num_devices: int, *, tls: bool = False, node_auth: bool = False,
+                 host: str = "127.0.0.1", cloud_prefix: Sequence[str] = (),
+                 device_prefix: Callable[[int], Sequence[str]] = lambda index: ()) -> None:
         self.node_auth = node_auth and tls
+        self.host = host
+        self.cloud_prefix, self.device_prefix = list(cloud_prefix), device_prefix
         self.num_devices = num_devices
         self.root = root
         self.home = root / "flwr-home"
@@ -47,7 +56,8 @@ class Deployment:
         if tls:
             self.keys = root / "keys"
             subprocess.run([str(Path(sys.executable).parent / "splitpeft"), "deploy-keys", "--devices", str(num_devices),
-                            "--out", str(self.keys)], check=True, capture_output=True)
+                            "--hosts", ",".join(dict.fromkeys(["localhost", "127.0.0.1", host])), "--out", str(self.keys)],
+                           check=True, capture_output=True)
             security = f'root-certificates = "{self.keys / "server-cert.pem"}"'
             self.tokens = {f"device-{i}": (self.keys / f"device-{i}.token").read_text() for i in range(num_devices)}
             self.tokens_file = self.keys / "tokens.json"
@@ -57,37 +67,46 @@ class Deployment:
             self.tokens_file = root / "tokens.json"
             self.tokens_file.write_text(json.dumps(self.tokens))
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{self.link_port}"\n{security}\n')
+            f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "{host}:{self.link_port}"\n{security}\n')
         self.env = dict(os.environ, FLWR_HOME=str(self.home),
                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         self.env.pop("PYTEST_CURRENT_TEST", None)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def _start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+    def _start(self, name: str, command: list[str], prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+        process = subprocess.Popen([*prefix, *command], stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
                                    start_new_session=True)  # its own process group: kill() takes its children
         self.processes[name] = process
         return process
 
     def start_superlink(self) -> None:
         auth = ["--enable-supernode-auth"] if self.node_auth else []
-        self._start("superlink", ["flower-superlink", *self._link_security(server=True), *auth, "--port", str(self.link_port),
-                                  "--database", str(self.root / "superlink.db")])
+        self._start("superlink", ["flower-superlink", *self._link_security(server=True), *auth, "--host", self.host,
+                                  "--port", str(self.link_port), "--database", str(self.root / "superlink.db")],
+                    self.cloud_prefix)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.link_port)) == 0:
-                    return
+            if self._listening(self.link_port):
+                return
             if self.processes["superlink"].poll() is not None:
                 break
             time.sleep(0.2)
         raise RuntimeError(f"SuperLink did not start: {self.log('superlink')}")
 
+    def _listening(self, port: int) -> bool:
+        """Whether the cloud accepts connections on `port` (asked on the cloud's host)."""
+        if self.cloud_prefix:
+            probe = f"import socket; socket.create_connection(({self.host!r}, {port}), timeout=1).close()"
+            return subprocess.run([*self.cloud_prefix, sys.executable, "-c", probe], capture_output=True).returncode == 0
+        with socket.socket() as sock:
+            return sock.connect_ex((self.host, port)) == 0
+
     def register_devices(self) -> None:
         """`flwr supernode register` each device's public key from deploy-keys (node_auth)."""
         for index in range(self.num_devices):
-            subprocess.run(["flwr", "supernode", "register", str(self.keys / f"device-{index}.node-key.pub"), "local"],
+            key = self.keys / f"device-{index}.node-key.pub"
+            subprocess.run([*self.cloud_prefix, "flwr", "supernode", "register", str(key), "local"],
                            check=True, capture_output=True, env=self.env, cwd=self.root, timeout=60)
 
     def _link_security(self, *, server: bool) -> list[str]:
@@ -102,7 +121,7 @@ class Deployment:
                      node_key: Path | None = None, **extra: Any) -> subprocess.Popen[bytes]:
         """A SuperNode for device `index` (`name`: its process name, default device-N; `node_key`:
         its SuperNode private key, default deploy-keys' device-N.node-key under node_auth)."""
-        config = {"device": index, "split-server": f"127.0.0.1:{self.split_port}",
+        config = {"device": index, "split-server": f"{self.host}:{self.split_port}",
                   "state-dir": str(self.root / f"state-{index}"), **extra}
         if self.keys is not None:
             config["root-cert"] = str(self.keys / "server-cert.pem")
@@ -116,8 +135,9 @@ class Deployment:
             node_key = self.keys / f"device-{index}.node-key"
         auth = ["--auth-supernode-private-key", str(node_key)] if node_key is not None else []
         return self._start(name or f"device-{index}", [
-            "flower-supernode", *self._link_security(server=False), *auth, "--superlink", f"127.0.0.1:{self.link_port}",
-            "--port", str(free_port()), "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())])
+            "flower-supernode", *self._link_security(server=False), *auth, "--superlink", f"{self.host}:{self.link_port}",
+            "--port", str(free_port()), "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())],
+            self.device_prefix(index))
 
     def restart_device(self, index: int, timeout: float = 240.0) -> None:
         """Start device `index` again after a crash, as a supervisor would (systemd Restart=): under
@@ -136,7 +156,7 @@ class Deployment:
 
     def run_config(self, out: Path, overrides: list[str], **extra: Any) -> str:
         config = {"preset": "tiny", "overrides": " ".join(overrides), "out": str(out), "tokens-file": str(self.tokens_file),
-                  "split-address": f"127.0.0.1:{self.split_port}", "join-timeout": 90.0, "round-timeout": 120.0, **extra}
+                  "split-address": f"{self.host}:{self.split_port}", "join-timeout": 90.0, "round-timeout": 120.0, **extra}
         if self.keys is not None:
             config.update({"tls-cert": str(self.keys / "server-cert.pem"), "tls-key": str(self.keys / "server-key.pem")})
         return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
@@ -144,7 +164,8 @@ class Deployment:
     def submit(self, out: Path, overrides: list[str], **extra: Any) -> subprocess.Popen[bytes]:
         """`flwr run deploy/flower --stream`: returns while it runs; it exits when the run ends."""
         return self._start(f"flwr-run-{len(self.processes)}", [
-            "flwr", "run", str(APP), "local", "--stream", "--run-config", self.run_config(out, overrides, **extra)])
+            "flwr", "run", str(APP), "local", "--stream", "--run-config", self.run_config(out, overrides, **extra)],
+            self.cloud_prefix)
 
     def kill(self, name: str) -> None:
         """SIGKILL a process and everything it started, at once (a machine losing power, as far as
