@@ -8,8 +8,11 @@ latency-bound. One run::
     flwr run deploy/flower <connection>        (anywhere)   submits the ServerApp below
       ServerApp (cloud, started by the SuperLink):
         builds the federation's server side from the run config, serves split traffic on
-        `split-address` (a token per device, optional TLS), asks every SuperNode which device it
-        is, then each round sends each device its adapters and plan and waits for the uploads
+        `split-address` (a token per device, optional TLS), challenges every SuperNode to prove
+        which device it is (an HMAC of a fresh challenge keyed by that device's token; a node's
+        word alone counts for nothing), then each round sends each device its adapters and plan
+        and waits for the uploads, accepting only a device's whose authenticated split session
+        trained this round
     flower-supernode --node-config "device=0 split-server=HOST:PORT token-file=..."   (each device)
       ClientApp (device, one process per message): rebuilds its part of the model and its
         carry-over state (data position, AdamW moments, Kill-and-Revive) from its state folder,
