@@ -75,16 +75,18 @@ def test_a_checkpoint_survives_sigkill_at_random_points_of_repeated_writes(folde
         _write_round(target, round_index)
     write_s = (time.perf_counter() - started) / 5
     last, rng, advanced = 4, random.Random(12), 0
+    window = 4 * write_s  # widened while kills land before any write completes (a loaded machine is slower)
     for _ in range(100):
         ready = FORK.Event()
         child = FORK.Process(target=_write_forever, args=(target, last + 1, ready))
         child.start()
         ready.wait(10)
-        time.sleep(rng.uniform(0.0, 4 * write_s))
+        time.sleep(rng.uniform(0.0, window))
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         round_index = _assert_complete(target, last)
         advanced += round_index > last
+        window = max(4 * write_s, window / 1.2) if round_index > last else min(window * 1.5, 2.0)
         last = round_index
         assert _leftovers(folder) == []
     assert advanced > 10  # the kills did land after some writes were done, and in the middle of others

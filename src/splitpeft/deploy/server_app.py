@@ -89,7 +89,11 @@ class FlowerEngine:
         sent: dict[str, bytes] = {}
         for device in sim.selected_devices(record.round):
             node = self.nodes.get(device.device_id)
-            if node is None or node not in online:
+            if node is None:  # never claimed: new nodes are asked at every round start, no waiting for it
+                sim.drop(record, device.device_id,
+                         "no Flower node has proved to be this device (none connected, or its token proof failed)")
+                continue
+            if node not in online:
                 sim.drop(record, device.device_id, "its Flower node is not connected")
                 self._gone.add(device.device_id)
                 continue
