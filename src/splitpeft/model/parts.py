@@ -89,17 +89,21 @@ def view_part(base: PreTrainedModel, part: Part, *, device: torch.device | None 
             memo[key] = _placed(parameter, device, dtype)
         else:
             memo[key] = nn.Parameter(torch.empty_like(parameter, device="meta"), requires_grad=False)
-    for module in base.modules():  # bitsandbytes int8 moves its weight and scales here on first use
-        state = getattr(module, "state", None)
-        for tensor in (getattr(state, "CB", None), getattr(state, "SCB", None)):
-            if isinstance(tensor, torch.Tensor) and (device is None or tensor.device == device):
-                memo[id(tensor)] = tensor  # shared with the base, as its weight is
+    for tensor in _int8_state(base):
+        if device is None or tensor.device == device:
+            memo[id(tensor)] = tensor  # shared with the base, as its weight is
     view = copy.deepcopy(base, memo)
-    for name, buffer in list(view.named_buffers()):
-        if device is not None and buffer.device != device:
-            module_name, _, leaf = name.rpartition(".")
-            view.get_submodule(module_name).register_buffer(leaf, buffer.to(device), persistent=False)
+    if device is not None:
+        _buffers_to(view, device)
     return view
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Move every buffer (rotary tables) to `device`; parameters are placed by the caller."""
+    for name, buffer in list(model.named_buffers()):
+        if buffer.device != device:
+            module_name, _, leaf = name.rpartition(".")
+            model.get_submodule(module_name).register_buffer(leaf, buffer.to(device), persistent=False)
 
 
 def _placed(parameter: nn.Parameter, device: torch.device | None, dtype: torch.dtype | None) -> nn.Parameter:
@@ -153,9 +157,7 @@ def load_part(folder: Path, part_of: PartFn, *, device: torch.device, dtype: tor
             _assign(model, str(target), model.get_parameter(str(source)))
         elif target in keep:
             _assign(model, str(source), model.get_parameter(str(target)))
-    for name, buffer in list(model.named_buffers()):
-        module_name, _, leaf = name.rpartition(".")
-        model.get_submodule(module_name).register_buffer(leaf, buffer.to(device), persistent=False)
+    _buffers_to(model, device)
     model.requires_grad_(False)
     model.eval()
     return model
@@ -250,7 +252,7 @@ def frozen_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 def _int8_state(model: nn.Module) -> list[torch.Tensor]:
     """Tensors bitsandbytes' int8 layers keep in `module.state` after their first forward (the
-    int8 weight and its per-row scales move there from the parameter)."""
+    int8 weight and its per-row scales move there from the parameter), meta ones aside."""
     held = []
     for module in model.modules():
         state = getattr(module, "state", None)
