@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from splitpeft.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
-COMMON = ["eval.generation=false", "eval.baseline=false", "eval.perplexity_examples=8", "data.max_length=48"]
+COMMON = ["eval.generation=false", "eval.baseline=false", "eval.perplexity_examples=8", "data.max_length=48",
+          "placement.labels_on_device=false"]  # recorded before U-shaped became the default
 RUNS: dict[str, list[str]] = {
     "split": [],
     "split_u": ["placement.labels_on_device=true"],

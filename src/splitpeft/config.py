@@ -58,7 +58,12 @@ class DataConfig:
 class PlacementConfig:
     placement: Literal["split", "dlora", "centralized"] = _help("where each part of the model runs", "split")
     split_layer: int = _help("k: the device runs blocks [0, k)", 2)
-    labels_on_device: bool = _help("U-shaped split: the device also keeps head and loss", False)
+    labels_on_device: bool = _help(
+        "U-shaped split (the default): the device also keeps head and loss, so no label tensor leaves it; "
+        "false = plain split, the server computes the loss from the completion tokens sent up as labels", True)
+    dlora_device_blocks: int = _help(
+        "dlora's hybrid: the device also runs blocks [0, k) itself (their frozen weights and adapters), so the "
+        "server receives the hidden states after k blocks instead of raw token embeddings (0 = DLoRA as published)", 0)
 
 
 @dataclass
@@ -122,6 +127,14 @@ class HSplitConfig:
     probe_batches: int = _help("batches per IWI probe (each round)", 2)
     replan_threshold: float = _help("re-plan when IWI scores moved this much (relative L1) since the plan", 0.2)
     max_split: int | None = _help("deepest split the planner may choose (default L - 1)", None)
+    min_split: int = _help("privacy floor: the shallowest split the planner may choose (armsc, budget_rank: "
+                           "a device whose budget fits no split this deep fails the plan)", 0)
+    max_leakage: float | None = _help(
+        "privacy ceiling: splits whose measured leakage (the strongest attacker's token accuracy at that depth "
+        "in hsplit.leakage_table) exceeds this are never planned; null = no ceiling", None)
+    leakage_table: str | None = _help(
+        "privacy.json written by `splitpeft privacy` for this model (needed by hsplit.max_leakage; its "
+        "leakage is reported with every plan)", None)
 
 
 @dataclass
@@ -148,6 +161,34 @@ class EvalConfig:
     num_beams: int = _help("1 = greedy, >1 = beam search", 1)
     meteor: bool = _help("compute METEOR (starts a Java process)", True)
     baseline: bool = _help("also evaluate the untuned base model for comparison", False)
+
+
+ATTACKER_NAMES = ("embedding_nn", "linear", "learned", "gradient", "labels")  # privacy/attackers.py
+
+
+@dataclass
+class PrivacyConfig:
+    audit: bool = _help(
+        "after training, play an honest-but-curious server against each device's traffic (privacy/meter.py) "
+        "and add the leakage to the report (report section privacy)", False)
+    attackers: list[str] = _help(f"attackers the audit runs ({', '.join(ATTACKER_NAMES)})",
+                                 default_factory=lambda: list(ATTACKER_NAMES))
+    audit_examples: int = _help("private examples per device the audit tries to reconstruct", 32)
+    aux_source: Literal["builtin", "e2e", "jsonl"] = _help(
+        "public auxiliary text the attackers train on (the built-in task, or a file)", "builtin")
+    aux_path: str | None = _help("file for aux_source e2e / jsonl; its last privacy.aux_examples examples "
+                                 "are used, and any whose text the devices train on is dropped", None)
+    aux_examples: int = _help("auxiliary examples the attackers train on", 256)
+    learned_steps: int = _help("training steps of the learned inverter", 300)
+    noise_multiplier: float = _help(
+        "sigma: Gaussian release of what the device sends up, each token's vector clipped to privacy.clip_norm C "
+        "and N(0, (sigma C)^2) added (privacy/defences.py); 0 = off", 0.0)
+    clip_norm: float = _help("C: L2 clipping of each token's vector sent up (0 = off; needed with noise)", 0.0)
+    noise_gradients: bool = _help("also clip and noise the head gradient the device sends (U-shaped split, dlora)", True)
+    nopeek_weight: float = _help(
+        "alpha: the device adds alpha dCor(input embeddings, cut activations) to its loss (NoPeek); needs "
+        "device-side adapters before the cut", 0.0)
+    delta: float = _help("delta of the (epsilon, delta) the report gives for the Gaussian release", 1e-5)
 
 
 @dataclass
@@ -181,6 +222,7 @@ class ExperimentConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     hsplit: HSplitConfig = field(default_factory=HSplitConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> ExperimentConfig:
@@ -239,6 +281,25 @@ class ExperimentConfig:
              "fedavg cannot average, and IWI needs float weights; use hsplit.planner=fixed"),
             (self.runtime.dtype != "fp16" or self.placement.placement != "dlora",
              "runtime.dtype=fp16: dlora's remote branches have no loss scaling; use bf16"),
+            (self.placement.placement == "dlora" or self.placement.dlora_device_blocks == 0,
+             "placement.dlora_device_blocks is dlora's hybrid; for split use placement.split_layer"),
+            (self.hsplit.max_leakage is None or self.hsplit.leakage_table is not None,
+             "hsplit.max_leakage needs hsplit.leakage_table (privacy.json from `splitpeft privacy` for this model)"),
+            (self.hsplit.planner != "fixed" or self.placement.placement != "split" or self.placement.split_layer >= self.hsplit.min_split,
+             "placement.split_layer is below hsplit.min_split"),
+            (self.hsplit.max_split is None or self.hsplit.min_split <= self.hsplit.max_split,
+             "hsplit.min_split must be <= hsplit.max_split"),
+            (all(name in ATTACKER_NAMES for name in self.privacy.attackers),
+             f"privacy.attackers: choose from {', '.join(ATTACKER_NAMES)}"),
+            (self.privacy.noise_multiplier == 0 or self.privacy.clip_norm > 0,
+             "privacy.noise_multiplier needs privacy.clip_norm > 0 (the noise is sigma x C)"),
+            ((self.privacy.noise_multiplier == 0 and self.privacy.clip_norm == 0 and self.privacy.nopeek_weight == 0)
+             or self.placement.placement != "centralized",
+             "privacy defences protect what crosses the cut; placement centralized sends nothing"),
+            (self.privacy.nopeek_weight == 0 or (self.placement.placement == "split" and self.placement.split_layer > 0)
+             or self.hsplit.planner != "fixed" or self.placement.dlora_device_blocks > 0,
+             "privacy.nopeek_weight trains device adapters before the cut: needs placement.split_layer >= 1 "
+             "(split) or placement.dlora_device_blocks >= 1 (dlora)"),
             (self.runtime.base_quantization == "none" or not self.export_merged,
              "runtime.base_quantization: export_merged would merge into a quantized base; set export_merged=false"),
         ]
@@ -302,6 +363,16 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "hsplit.probe_batches": Bound(1, 10_000),
     "hsplit.replan_threshold": Bound(0, 1e6),
     "hsplit.max_split": Bound(0, 4096),
+    "hsplit.min_split": Bound(0, 4096),
+    "hsplit.max_leakage": Bound(0, 1),
+    "placement.dlora_device_blocks": Bound(0, 4096),
+    "privacy.audit_examples": Bound(1, 100_000),
+    "privacy.aux_examples": Bound(2, 1_000_000),
+    "privacy.learned_steps": Bound(0, 1_000_000),
+    "privacy.noise_multiplier": Bound(0, 1e6),
+    "privacy.clip_norm": Bound(0, 1e9),
+    "privacy.nopeek_weight": Bound(0, 1e6),
+    "privacy.delta": Bound(0, 1, low_open=True, high_open=True),
     "kill_revive.warmup": Bound(0, 10**9),
     "kill_revive.interval": Bound(1, 10**9),
     "kill_revive.revive_interval": Bound(1, 10**9),

@@ -13,11 +13,12 @@ NUM_BLOCKS = 4
 RTOL = 1e-5
 
 
-def _simulation(model: str, placement: str, split_layer: int = 0, labels_on_device: bool = False) -> Simulation:
+def _simulation(model: str, placement: str, split_layer: int = 0, labels_on_device: bool = False,
+                *overrides: str) -> Simulation:
     config = tiny_config(
         model, "federation.num_devices=1", f"placement.placement={placement}",
         f"placement.split_layer={split_layer}", f"placement.labels_on_device={str(labels_on_device).lower()}",
-        "federation.local_steps=4",
+        "federation.local_steps=4", *overrides,
     )
     sim = Simulation(config)
     # peft starts B at zero, which makes every dL/dA zero; random B makes the gradient check bite.
@@ -89,14 +90,18 @@ def test_split_matches_centralized_after_several_steps(model, split_layer, label
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_dlora_matches_centralized_loss_gradients_and_steps(model):
+@pytest.mark.parametrize("hybrid", [0, 1, 3])
+def test_dlora_matches_centralized_loss_gradients_and_steps(model, hybrid):
+    """DLoRA as published (0), and its hybrid keeping blocks [0, k) on the device."""
     ref_loss, ref_grads = _first_step(_simulation(model, "centralized"))
-    loss, grads = _first_step(_simulation(model, "dlora"))
+    extra = f"placement.dlora_device_blocks={hybrid}"
+    loss, grads = _first_step(_simulation(model, "dlora", 0, False, extra))
     assert loss == pytest.approx(ref_loss, rel=RTOL)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
         assert _close(grads[name], ref_grads[name]), name
-    reference, dlora = _simulation(model, "centralized"), _simulation(model, "dlora")
+    reference, dlora = _simulation(model, "centralized"), _simulation(model, "dlora", 0, False, extra)
+    assert dlora.devices[0].part.blocks == range(hybrid)
     reference.run_round()
     dlora.run_round()
     for name, weights in reference.state.global_adapters.items():

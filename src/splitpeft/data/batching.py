@@ -97,9 +97,18 @@ class Batch:
         only by padding, so a row's length is 1 + the index of its last label != -100. Counting it
         this way stays right when ``pad_id`` is also a real token (e.g. GPT-2's eos).
         """
+        return int(self.lengths().sum()) if self.labels.numel() else 0
+
+    def lengths(self) -> torch.Tensor:
+        """(B,) non-pad tokens of each row: 1 + the index of its last label != -100 (see `tokens`)."""
         labelled = self.labels != IGNORE_INDEX  # (B, T)
         positions = torch.arange(1, self.labels.shape[1] + 1, device=self.labels.device)  # (T,)
-        return int((labelled * positions).amax(dim=1).sum()) if self.labels.numel() else 0
+        return (labelled * positions).amax(dim=1)
+
+    def token_mask(self) -> torch.Tensor:
+        """(B, T) bool: True on real tokens, False on padding."""
+        positions = torch.arange(self.labels.shape[1], device=self.labels.device)  # (T,)
+        return positions[None, :] < self.lengths()[:, None]
 
 
 def collate(items: Sequence[EncodedExample], pad_id: int) -> Batch:

@@ -158,8 +158,7 @@ def build_own_device(config: ExperimentConfig, node: NodeSettings, split_layer: 
     placement = make_placement(config.placement.placement, labels_on_device=config.placement.labels_on_device)
 
     def own_part(backbone: Backbone) -> Part:
-        blocks = placement.device_blocks(backbone.num_blocks, split_layer) if placement.device_holds_blocks() else range(0)
-        return Part(blocks, embedding=True, head=placement.device_keeps_head())
+        return placement.device_part(backbone.num_blocks, split_layer)
 
     loaded = load_model_part(config.model.name, own_part, seed=config.seed, dtype=runtime.dtype, device=runtime.device_device)
     quantize_blocks(loaded.model, range(split_layer), runtime.device_quantization(), runtime.dtype)

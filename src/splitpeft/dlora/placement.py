@@ -53,7 +53,7 @@ from splitpeft.model.adapters import (
 )
 from splitpeft.model.loss import causal_lm_loss
 from splitpeft.model.parts import Part
-from splitpeft.placements.base import DeviceSide, ServerSide, freeze_locally
+from splitpeft.placements.base import DeviceSide, ServerSide, backward_from_cut, freeze_locally
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
 
@@ -63,19 +63,27 @@ class DLoRAPlacement:
     """Cloud-device placement of DLoRA; `kill_revive` (a KillRevive policy) may be attached by the device."""
 
     name: str = field(default="dlora", init=False)
-    killed_run_on_device: bool = field(default=False, init=False)  # the server computes them
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
+        if not 0 <= split_layer < num_blocks:
+            raise ValueError(f"dlora's hybrid keeps blocks [0, k) on the device: k = {split_layer} must be in 0..{num_blocks - 1}")
         return range(0, num_blocks)  # the device owns every block's adapters ...
 
     def server_blocks(self, num_blocks: int, split_layer: int) -> range:
         return range(0)  # the server trains no adapters of its own; it runs the killed ones
 
     def server_part(self, num_blocks: int, split_layer: int) -> Part:
-        return Part(range(num_blocks), embedding=False, head=False)  # every frozen block; the device embeds
+        return Part(range(split_layer, num_blocks), embedding=False, head=False)  # the device embeds
 
-    def device_holds_blocks(self) -> bool:
-        return False  # ... but none of the blocks' frozen weights
+    def device_part(self, num_blocks: int, split_layer: int) -> Part:
+        # ... but only the frozen weights of the blocks it runs itself: none in DLoRA as published,
+        # [0, k) in the hybrid (k = placement.dlora_device_blocks).
+        return Part(range(split_layer), embedding=True, head=True)
+
+    def killed_on_device(self, device: DeviceSide, names: Collection[str]) -> list[str]:
+        """The hybrid's own blocks [0, k) stay on the device, killed or not; the rest the server runs."""
+        own = tuple(device.backbone.block_prefix(j) for j in range(device.split_layer))
+        return sorted(n for n in names if n.startswith(own)) if own else []
 
     def device_keeps_head(self) -> bool:
         return True
@@ -90,7 +98,9 @@ class DLoRAPlacement:
         layers = lora_layers(device.model)
         with meter.compute():
             embedded = backbone.embed(batch.input_ids)  # (B, T, d); frozen, so no graph is kept
-        reply = channel.exchange(Message(Kind.ACTIVATIONS, {"hidden": embedded.detach()},
+            # The hybrid runs its own blocks [0, k) first (k = 0: the embeddings themselves).
+            cut = device.defence.release(backbone.blocks(embedded, 0, device.split_layer))  # (B, T, d)
+        reply = channel.exchange(Message(Kind.ACTIVATIONS, {"hidden": cut.detach()},
                                          meta={Meta.KILLED_GRAD_NORMS: device.measure_killed}))
         pending: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         while reply.kind == Kind.BRANCH_INPUTS:
@@ -110,7 +120,7 @@ class DLoRAPlacement:
             loss = causal_lm_loss(backbone.head(final), batch.labels)
             loss.backward()
         assert final.grad is not None  # the head's backward reached it
-        reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": final.grad},
+        reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": device.defence.release_gradient(final.grad)},
                                          meta={Meta.LOSS: finite(loss.item()), Meta.TOKENS: batch.completion_tokens}))
         while reply.kind == Kind.BRANCH_GRADS:
             call = int(reply.meta.get(Meta.CALL, -1))
@@ -131,18 +141,24 @@ class DLoRAPlacement:
         if isinstance(norms, dict):
             device.grad_norms.update({str(n): float(v) for n, v in norms.items()})
         with meter.compute():
+            if cut.requires_grad:  # the hybrid: the server's gradient for h_k, into blocks [0, k)
+                grad = reply.tensor("grad", shape=cut.shape, dtype=cut.dtype, device=cut.device)
+                backward_from_cut(device, embedded, cut, grad, batch)
             device.optimizer_step()
         return loss.item()
 
     def apply_kill_revive(self, device: DeviceSide, channel: Channel, kill: list[str], revive: list[str]) -> None:
         """Hand killed adapters (frozen) to the server; take revived ones back from it."""
-        if kill:
-            weights = read_adapters(device.model, kill)
+        own = set(self.killed_on_device(device, [*kill, *revive]))  # the hybrid's blocks [0, k): local
+        handed = [n for n in kill if n not in own]
+        taken = [n for n in revive if n not in own]
+        if handed:
+            weights = read_adapters(device.model, handed)
             channel.exchange(Message(Kind.KILL, to_tensors(weights))).expect(Kind.SESSION_READY)
-        if revive:
-            reply = channel.exchange(Message(Kind.REVIVE, meta={Meta.MODULES: list(revive)})).expect(Kind.REVIVE)
+        if taken:
+            reply = channel.exchange(Message(Kind.REVIVE, meta={Meta.MODULES: list(taken)})).expect(Kind.REVIVE)
             returned = from_tensors(reply.tensors)
-            if sorted(returned) != sorted(revive):
+            if sorted(returned) != sorted(taken):
                 raise MessageError("server returned other adapters than the ones revived")
             write_adapters(device.model, returned)
         freeze_locally(device, kill, revive)
@@ -161,7 +177,9 @@ class DLoRAPlacement:
         if not all(isinstance(r, int) and 0 < r <= 4096 for r in ranks.values()):
             raise MessageError("adapter ranks must be integers in 1..4096")
         alpha = session.alpha  # the server's own setting, never the device's word
-        session.step_state = install_server_hooks(session, sorted(ranks), {name: alpha / r for name, r in ranks.items()})
+        own = tuple(session.backbone.block_prefix(j) for j in range(session.split_layer))  # the hybrid's, on the device
+        remote = sorted(name for name in ranks if not (own and name.startswith(own)))
+        session.step_state = install_server_hooks(session, remote, {name: alpha / ranks[name] for name in remote})
 
     def abort(self, session: ServerSide) -> None:
         if session.step_state is not None:

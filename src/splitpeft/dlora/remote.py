@@ -1,6 +1,6 @@
 """The server's half of a `dlora` step: remote adapter branches.
 
-The server runs every frozen block in a worker thread that pauses at every adapted linear whose
+The server runs every frozen block (in the hybrid, blocks [k, L)) in a worker thread that pauses at every adapted linear whose
 adapter is active on the device: a forward hook sends the linear's input (BRANCH_INPUTS, one
 message per group of linears sharing an input) and adds the branch outputs the device sends
 back; one autograd Function per group asks the device for dL/dx in backward. Autograd drives the
@@ -202,7 +202,10 @@ def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tenso
             b.requires_grad_(track)
             a.grad = b.grad = None
         backbone = session.backbone
-        final = backbone.blocks(hidden, 0, backbone.num_blocks)  # (B, T, d)
+        hybrid = session.split_layer > 0  # the device ran blocks [0, k) and needs dL/dh_k back
+        if hybrid:
+            hidden.requires_grad_()
+        final = backbone.blocks(hidden, session.split_layer, backbone.num_blocks)  # (B, T, d)
         state.cache.clear()
         reply = link.request(Message(Kind.FINAL_HIDDEN, {"hidden": final.detach()}), Kind.HEAD_GRADIENT)
         grad = reply.tensor("grad", shape=final.shape, dtype=final.dtype, device=final.device)
@@ -210,7 +213,8 @@ def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tenso
             final.backward(grad)
         session.tokens += served_tokens(reply.meta.get(Meta.TOKENS, 0), hidden)
         meta: dict[str, Any] = {Meta.KILLED_GRAD_NORMS: state.killed_norms()} if track else {}
-        last = Message(Kind.STEP_DONE, meta=meta)
+        tensors = {"grad": session.outgoing_grad(hidden)} if hybrid else {}
+        last = Message(Kind.STEP_DONE, tensors, meta=meta)
     except Exception as error:  # report to the device, never leave it waiting
         log.warning("dlora step for %s failed: %s", session.device_id, error)
         last = Message(Kind.ERROR, meta={Meta.ERROR: str(error)})

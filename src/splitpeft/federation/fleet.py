@@ -25,6 +25,7 @@ from splitpeft.model.backbone import Backbone
 from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.device import DeviceRuntime
 from splitpeft.placements.base import Placement
+from splitpeft.privacy.defences import Defence
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,23 @@ def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Pla
     device = DeviceRuntime(
         f"device-{index}", base, placement, split_layer, ranks, stream,
         alpha=config.lora.alpha, dropout=config.lora.dropout, lr=config.federation.lr, count_flops=config.count_flops,
-        runtime=runtime,
+        runtime=runtime, defence=defence_of(config, index),
     )
     if config.kill_revive.enabled:
         device.attach_kill_revive(config.kill_revive, seed=config.seed + index)
     return device
+
+
+def defence_of(config: ExperimentConfig, index: int) -> Defence:
+    """Device `index`'s defences from `privacy.*`, its noise seeded by (seed, index)."""
+    p = config.privacy
+    return Defence(noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm, noise_gradients=p.noise_gradients,
+                   nopeek_weight=p.nopeek_weight, seed=config.seed * 1_000 + index + 7)
+
+
+def fixed_split(config: ExperimentConfig) -> int:
+    """The split every device takes without a planner: placement.split_layer, or for dlora the
+    blocks its hybrid keeps on the device (placement.dlora_device_blocks, 0 as published)."""
+    if config.placement.placement == "dlora":
+        return config.placement.dlora_device_blocks
+    return config.placement.split_layer

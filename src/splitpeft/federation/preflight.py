@@ -48,6 +48,12 @@ def check_blocks(config: ExperimentConfig, shapes: ModelShapes) -> None:
     if config.placement.placement == "split" and config.placement.split_layer > blocks:
         raise ConfigError(f"placement.split_layer {config.placement.split_layer} is out of range: "
                           f"{config.model.name} has {blocks} blocks (0..{blocks})")
+    if config.placement.placement == "dlora" and config.placement.dlora_device_blocks >= blocks:
+        raise ConfigError(f"placement.dlora_device_blocks {config.placement.dlora_device_blocks} is out of range: "
+                          f"{config.model.name} has {blocks} blocks, so dlora's hybrid keeps 0..{blocks - 1} of them")
+    if config.hsplit.min_split > blocks:
+        raise ConfigError(f"hsplit.min_split {config.hsplit.min_split} is out of range: "
+                          f"{config.model.name} has {blocks} blocks (0..{blocks})")
     if config.hsplit.max_split is not None and config.hsplit.max_split > blocks:
         raise ConfigError(f"hsplit.max_split {config.hsplit.max_split} is out of range: "
                           f"{config.model.name} has {blocks} blocks (0..{blocks})")

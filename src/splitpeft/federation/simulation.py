@@ -36,6 +36,7 @@ from splitpeft.federation.fleet import (
     device_examples,
     device_ids,
     device_stream,
+    fixed_split,
     fleet_profiles,
     modules_in,
     seed_everything,
@@ -92,7 +93,7 @@ class Simulation:
             quantize_blocks(self.device_base, range(num_blocks), runtime.device_quantization(), runtime.dtype)
         placement_cfg, fed = config.placement, config.federation
         self.placement = make_placement(placement_cfg.placement, labels_on_device=placement_cfg.labels_on_device)
-        self.placement.device_blocks(num_blocks, placement_cfg.split_layer)  # range check before any work
+        self.placement.device_blocks(num_blocks, fixed_split(config))  # range check before any work
 
         # Without a server (centralized) one party trains on the pooled data of all devices.
         num_devices = fed.num_devices if self.placement.uses_server() else 1
@@ -141,7 +142,7 @@ class Simulation:
 
     def build_device(self, index: int, split_layer: int | None = None, ranks: dict[str, int] | None = None) -> DeviceRuntime:
         """Device `index` with its plan (split point, ranks), or the config's fixed ones."""
-        split_layer = self.config.placement.split_layer if split_layer is None else split_layer
+        split_layer = fixed_split(self.config) if split_layer is None else split_layer
         if ranks is None:
             ranks = modules_in(self.ranks, self.backbone, self.placement.device_blocks(self.backbone.num_blocks, split_layer))
         return build_device(self.config, self.device_base, self.placement, index, self.streams[index], split_layer, ranks,

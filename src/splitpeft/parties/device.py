@@ -22,11 +22,11 @@ from splitpeft.model.adapters import (
     to_tensors,
 )
 from splitpeft.model.backbone import backbone_of
-from splitpeft.model.parts import Part
 from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.meter import DeviceMeter
 from splitpeft.parties.party import Party
 from splitpeft.placements.base import Placement
+from splitpeft.privacy.defences import NO_DEFENCE, Defence
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Kind, Message, Meta
 
@@ -60,16 +60,16 @@ class DeviceRuntime(Party):
         lr: float,
         count_flops: bool = True,
         runtime: Runtime = CPU_FP32,
+        defence: Defence = NO_DEFENCE,
     ) -> None:
-        num_blocks = backbone_of(base).num_blocks
-        blocks = placement.device_blocks(num_blocks, split_layer)
-        part = Part(blocks if placement.device_holds_blocks() else range(0), embedding=True, head=placement.device_keeps_head())
+        part = placement.device_part(backbone_of(base).num_blocks, split_layer)
         super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime)
         self.part = part
         self.device_id = device_id
         self.placement = placement
         self.split_layer = split_layer
         self.data = data
+        self.defence = defence  # what it does to the tensors it sends up (privacy/defences.py)
         self.meter = DeviceMeter(count_flops, device=self.torch_device)
         self._held = self.frozen_tensors()
         self.killed: set[str] = set()
@@ -133,7 +133,7 @@ class DeviceRuntime(Party):
                 self.measure_killed = policy.wants_killed_gradients()
                 self.grad_norms = {}
                 self._before = read_adapters(self.model, sorted(policy.active))
-                self.set_trainable(self.killed, self.measure_killed and self.placement.killed_run_on_device)
+                self.set_trainable(self.placement.killed_on_device(self, self.killed), self.measure_killed)
             self.meter.begin_step(self.resident_tensors(), key=(tuple(batch.input_ids.shape), frozenset(self.killed), self.measure_killed),
                                   extra_bytes=self.gradient_bytes())
             flops_before, up_before, down_before = self.meter.flops, channel.traffic.bytes_up, channel.traffic.bytes_down

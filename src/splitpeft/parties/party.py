@@ -102,15 +102,15 @@ class Party:
     # overflowed step (non-finite gradients) is skipped by the scaler, which lowers S, and sends a
     # zero gradient on. Other dtypes: plain backward.
 
-    def backward(self, tensor: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+    def backward(self, tensor: torch.Tensor, grad: torch.Tensor | None = None, *, retain_graph: bool = False) -> None:
         """Backward from a loss (`grad` None) or from an output receiving `grad` across the cut."""
         if self.scaler is None:
-            tensor.backward(grad)
+            tensor.backward(grad, retain_graph=retain_graph)
             return
         if grad is None:
-            self.scaler.scale(tensor.float()).backward()
+            self.scaler.scale(tensor.float()).backward(retain_graph=retain_graph)
         else:
-            tensor.backward(self.scaler.scale(grad.float()).to(tensor.dtype))
+            tensor.backward(self.scaler.scale(grad.float()).to(tensor.dtype), retain_graph=retain_graph)
 
     def outgoing_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         """The gradient on `tensor` to send across the cut (zeros where backward never reached)."""

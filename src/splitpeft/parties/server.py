@@ -159,6 +159,7 @@ class SplitServer:
         if not isinstance(split_layer, int) or not 0 <= split_layer <= self.num_blocks:
             raise MessageError(f"split_layer {split_layer!r} is out of range 0..{self.num_blocks}")
         placement = make_placement(str(meta.get(Meta.PLACEMENT)), labels_on_device=bool(meta.get(Meta.LABELS_ON_DEVICE)))
+        placement.device_blocks(self.num_blocks, split_layer)  # ValueError (refused) where the placement has no such split
         existing = self.sessions.get(device_id)
         if existing is None or existing.split_layer != split_layer or existing.placement != placement:
             session = ServerSession(

@@ -29,6 +29,7 @@ from splitpeft.data.batching import Batch
 from splitpeft.model.backbone import Backbone
 from splitpeft.model.parts import Part
 from splitpeft.parties.meter import DeviceMeter
+from splitpeft.privacy.defences import Defence
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Message
 
@@ -42,13 +43,14 @@ class DeviceSide(Protocol):
     torch_device: torch.device    # where its part of the model runs
     meter: DeviceMeter
     split_layer: int
+    defence: Defence              # what it does to the tensors it sends up (privacy/defences.py)
     killed: set[str]
     measure_killed: bool          # this step also measures killed adapters' gradient norms
     grad_norms: dict[str, float]  # measured gradient norms of this step (Kill and Revive)
 
     def optimizer_step(self) -> None: ...
 
-    def backward(self, tensor: torch.Tensor, grad: torch.Tensor | None = None) -> None: ...
+    def backward(self, tensor: torch.Tensor, grad: torch.Tensor | None = None, *, retain_graph: bool = False) -> None: ...
 
     def outgoing_grad(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
@@ -86,9 +88,6 @@ class ServerSide(Protocol):
 
 class Placement(Protocol):
     name: str
-    # Killed adapters keep running on the device (their gradients can be measured there);
-    # False where the server computes them (dlora).
-    killed_run_on_device: bool
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         """Blocks whose adapters the device owns."""
@@ -98,8 +97,13 @@ class Placement(Protocol):
         """Blocks whose adapters the server's session for that device trains."""
         ...
 
-    def device_holds_blocks(self) -> bool:
-        """Whether the device also holds (and runs) those blocks' frozen weights."""
+    def device_part(self, num_blocks: int, split_layer: int) -> Part:
+        """The frozen tensors a device at `split_layer` holds (and runs)."""
+        ...
+
+    def killed_on_device(self, device: DeviceSide, names: Collection[str]) -> list[str]:
+        """Which of the killed adapters `names` the device still computes (so their gradients can
+        be measured there); the others the server computes (dlora)."""
         ...
 
     def device_keeps_head(self) -> bool: ...
@@ -135,3 +139,16 @@ def freeze_locally(device: DeviceSide, kill: list[str], revive: list[str]) -> No
     device.killed -= set(revive)
     device.set_trainable(kill, False)
     device.set_trainable(revive, True)
+
+
+def backward_from_cut(device: DeviceSide, embedded: torch.Tensor, cut: torch.Tensor, grad: torch.Tensor, batch: Batch) -> None:
+    """The device's backward from the gradient `grad` (B, T, d) the server sent for the cut
+    activations `cut` it released, plus its own defence penalty (NoPeek) on (`embedded`, `cut`)."""
+    if not cut.requires_grad:
+        return  # nothing before the cut trains (k = 0)
+    penalty = device.defence.penalty(embedded, cut, batch.token_mask())
+    if penalty is None:
+        device.backward(cut, grad)
+        return
+    device.backward(penalty, None, retain_graph=True)
+    device.backward(cut, grad)

@@ -18,7 +18,6 @@ from splitpeft.transport.messages import Message, MessageError
 @dataclass
 class CentralizedPlacement:
     name: str = field(default="centralized", init=False)
-    killed_run_on_device: bool = field(default=True, init=False)
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         return range(0, num_blocks)
@@ -29,8 +28,11 @@ class CentralizedPlacement:
     def server_part(self, num_blocks: int, split_layer: int) -> Part:
         return Part(range(0), embedding=False, head=False)
 
-    def device_holds_blocks(self) -> bool:
-        return True
+    def device_part(self, num_blocks: int, split_layer: int) -> Part:
+        return Part(range(num_blocks), embedding=True, head=True)
+
+    def killed_on_device(self, device: DeviceSide, names: Collection[str]) -> list[str]:
+        return sorted(names)
 
     def device_keeps_head(self) -> bool:
         return True

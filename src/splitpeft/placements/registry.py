@@ -18,7 +18,7 @@ REGISTRY: dict[str, Callable[[bool], Placement]] = {
 PLACEMENTS = tuple(REGISTRY)
 
 
-def make_placement(name: str, *, labels_on_device: bool = False) -> Placement:
+def make_placement(name: str, *, labels_on_device: bool = True) -> Placement:
     if name not in REGISTRY:
         raise ValueError(f"unknown placement {name!r}; choose from {', '.join(PLACEMENTS)}")
     return REGISTRY[name](labels_on_device)

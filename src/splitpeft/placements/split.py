@@ -8,8 +8,9 @@ One step, the batch flowing one way (B, T tokens, d hidden)::
     backward [0, k)    <-- CUT_GRADIENT -----  backward; server adapters step
                            grad (B,T,d), loss
 
-U-shaped (`labels_on_device`): no label tensor leaves the device (the hidden states still carry
-most of what the tokens were: see the README's "What leaves the device")::
+U-shaped (`labels_on_device`, the default): no label tensor leaves the device. The hidden states
+still carry most of what the tokens were, and the head gradient the labels (the privacy meter,
+`privacy/meter.py`, measures both; see the README's "What the server can learn")::
 
     embed, blocks [0, k) -- ACTIVATIONS ---->  blocks [k, L)
     norm, head, loss     <-- FINAL_HIDDEN ---  (B,T,d)
@@ -28,7 +29,7 @@ import torch
 from splitpeft.data.batching import Batch
 from splitpeft.model.loss import IGNORE_INDEX, causal_lm_loss
 from splitpeft.model.parts import Part
-from splitpeft.placements.base import DeviceSide, ServerSide, freeze_locally
+from splitpeft.placements.base import DeviceSide, ServerSide, backward_from_cut, freeze_locally
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
 
@@ -37,9 +38,8 @@ from splitpeft.transport.messages import Kind, Message, MessageError, Meta, fini
 class SplitPlacement:
     """Split learning at block k; `labels_on_device` makes it U-shaped."""
 
-    labels_on_device: bool = False
+    labels_on_device: bool = True
     name: str = field(default="split", init=False)
-    killed_run_on_device: bool = field(default=True, init=False)
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         if not 0 <= split_layer <= num_blocks:
@@ -52,8 +52,11 @@ class SplitPlacement:
     def server_part(self, num_blocks: int, split_layer: int) -> Part:
         return Part(range(split_layer, num_blocks), embedding=False, head=not self.labels_on_device)
 
-    def device_holds_blocks(self) -> bool:
-        return True
+    def device_part(self, num_blocks: int, split_layer: int) -> Part:
+        return Part(self.device_blocks(num_blocks, split_layer), embedding=True, head=self.labels_on_device)
+
+    def killed_on_device(self, device: DeviceSide, names: Collection[str]) -> list[str]:
+        return sorted(names)
 
     def device_keeps_head(self) -> bool:
         return self.labels_on_device
@@ -66,7 +69,8 @@ class SplitPlacement:
     def device_step(self, device: DeviceSide, batch: Batch, channel: Channel) -> float:
         backbone, meter = device.backbone, device.meter
         with meter.compute():
-            cut = backbone.blocks(backbone.embed(batch.input_ids), 0, device.split_layer)  # (B, T, d)
+            embedded = backbone.embed(batch.input_ids)  # (B, T, d)
+            cut = device.defence.release(backbone.blocks(embedded, 0, device.split_layer))  # (B, T, d)
         up = {"hidden": cut.detach()}
         if not self.labels_on_device:
             # The server computes the loss, so it needs the labels: completion tokens only
@@ -80,7 +84,8 @@ class SplitPlacement:
                 loss = causal_lm_loss(backbone.head(final), batch.labels)
                 device.backward(loss)
             loss_value = loss.item()
-            reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": device.outgoing_grad(final)},
+            head_grad = device.defence.release_gradient(device.outgoing_grad(final))
+            reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": head_grad},
                                              meta={Meta.LOSS: finite(loss_value)}))
             reply.expect(Kind.CUT_GRADIENT)
         else:
@@ -88,8 +93,7 @@ class SplitPlacement:
             loss_value = float(reply.meta.get(Meta.LOSS, float("nan")))
         grad = reply.tensor("grad", shape=cut.shape, dtype=device.wire_grad_dtype, device=cut.device)
         with meter.compute():
-            if cut.requires_grad:
-                device.backward(cut, grad)
+            backward_from_cut(device, embedded, cut, grad, batch)
             device.optimizer_step()
         return loss_value
 
