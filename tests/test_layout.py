@@ -84,4 +84,4 @@ def test_library_modules_live_in_concept_folders():
     assert top_level == ["cli", "config", "storage"]
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
     assert folders == ["aggregation", "data", "deploy", "dlora", "experiment", "federation", "hsplit", "model",
-                       "parties", "placements", "transport"]
+                       "parties", "placements", "privacy", "transport"]

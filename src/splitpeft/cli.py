@@ -62,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-beams", type=int, default=1)
     generate.add_argument("--max-new-tokens", type=int, default=40)
 
+    privacy = commands.add_parser(
+        "privacy", help="measure how much of a device's text the server can recover at each split depth",
+        description="Plays an honest-but-curious server against the traffic of plain split, U-shaped split and "
+                    "dlora at each depth, on the config's model, data and defences (privacy.*): attackers trained "
+                    "on public auxiliary text (privacy.aux_*) reconstruct the devices' private tokens.")
+    privacy_source = privacy.add_mutually_exclusive_group()
+    privacy_source.add_argument("--config", type=Path, help="YAML config file")
+    privacy_source.add_argument("--preset", help="built-in preset: default, tiny, e2e")
+    privacy.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. privacy.noise_multiplier=1 privacy.clip_norm=50")
+    privacy.add_argument("--depths", default=",".join(map(str, (0, 1, 2, 4, 8, 16))),
+                         help="comma-separated split depths k (those below the model's block count are measured)")
+    privacy.add_argument("--out", type=Path, required=True, help="folder to write privacy.json, privacy.md, leakage.png")
+    privacy.add_argument("--overwrite", action="store_true", help="replace a folder splitpeft wrote")
+
     keys = commands.add_parser("deploy-keys", help="write device tokens, a TLS certificate and SuperNode keys for a real deployment")
     keys.add_argument("--devices", type=int, required=True, help="number of devices (device-0 ... device-N-1)")
     keys.add_argument("--hosts", default="localhost,127.0.0.1",
@@ -92,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "deploy-keys":
             return _deploy_keys(args)
+        if args.command == "privacy":
+            return _privacy(args)
         return _generate(args)
     except USER_ERRORS as error:
         print(f"splitpeft: error: {error}", file=sys.stderr)
@@ -109,6 +125,21 @@ def _simulate(args: argparse.Namespace) -> int:
                             checkpoint=args.checkpoint, resume=args.resume)
     _summary(report, config)
     print(f"report: {args.out / 'report.json'}  adapter: {args.out / 'adapter'}")
+    return 0
+
+
+def _privacy(args: argparse.Namespace) -> int:
+    from splitpeft.experiment.run import write_privacy_table
+
+    config = load_config(args.config, args.overrides, preset=args.preset)
+    try:
+        depths = [int(k) for k in args.depths.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--depths must be comma-separated integers, not {args.depths!r}") from None
+    table = write_privacy_table(config, args.out, depths, overwrite=args.overwrite)
+    print((args.out / "privacy.md").read_text())
+    print(f"table: {args.out / 'privacy.json'}  plot: {args.out / 'leakage.png'}  "
+          f"(chance {table['chance_token_accuracy']:.3f})")
     return 0
 
 

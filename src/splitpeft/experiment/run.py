@@ -49,7 +49,11 @@ from splitpeft.federation.checkpoint import (
     verify_checkpoint,
 )
 from splitpeft.federation.engine import Engine, InProcessEngine
+from splitpeft.federation.fleet import seed_everything
 from splitpeft.federation.simulation import Simulation
+from splitpeft.model.loading import load_model
+from splitpeft.model.runtime import resolve_runtime
+from splitpeft.privacy.audit import audit_simulation, leakage_table, markdown, plot_leakage
 from splitpeft.storage import atomic_folder, recover
 
 log = logging.getLogger(__name__)
@@ -240,7 +244,34 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
                              f"{device.device_id}: active adapters per step (Kill and Revive)")
     if kill_revive:
         report["kill_revive"] = kill_revive
+    if config.privacy.audit:
+        log.info("privacy audit: an honest-but-curious server against each device's traffic")
+        report["privacy"] = audit_simulation(sim)
+        if "leakage" in report["privacy"]:
+            utility = {"perplexity": report["eval"].get("perplexity"), "bleu / 100": _scaled(report["eval"].get("bleu"))}
+            plot_leakage(report["privacy"], staging / "leakage.png", utility=utility)
     report["measurement"] = MEASUREMENT_NOTES
     report["wall_s"] = time.perf_counter() - started
     write_json(staging / "report.json", report)
     return report
+
+
+def _scaled(value: Any) -> float | None:
+    return None if value is None else float(value) / 100
+
+
+def write_privacy_table(config: ExperimentConfig, out: Path, depths: list[int], *, overwrite: bool = False) -> dict[str, Any]:
+    """`splitpeft privacy`: the leakage table of `config`'s model at `depths`, written to `out`
+    (a new folder, or one splitpeft wrote, replaced only with `overwrite`)."""
+    check_paths(out, None, overwrite=overwrite, resume=False)
+    seed_everything(config.seed)
+    runtime = resolve_runtime(config.runtime)
+    loaded = load_model(config.model.name, seed=config.seed, dtype=runtime.dtype, device=runtime.server_device)
+    table = leakage_table(config, loaded.model, loaded.tokenizer, depths)
+    with atomic_folder(out) as staging:
+        (staging / RUN_MARKER).write_text(f"a privacy table written by splitpeft {__version__}\n")
+        write_json(staging / "privacy.json", table)
+        (staging / "privacy.md").write_text(markdown(table))
+        (staging / "config.yaml").write_text(dump_yaml(config))
+        plot_leakage(table, staging / "leakage.png")
+    return table

@@ -51,7 +51,7 @@ from splitpeft.federation.records import (
 from splitpeft.federation.state import GlobalState, device_of
 from splitpeft.hsplit.budget import simulated_step_s
 from splitpeft.hsplit.memory import ModelShapes, frozen_bytes
-from splitpeft.hsplit.planning import Planning, make_planner
+from splitpeft.hsplit.planning import Planning, PlanOptions, make_planner
 from splitpeft.model import adapters as lora
 from splitpeft.model.adapters import AdapterSet
 from splitpeft.model.backbone import backbone_of
@@ -119,12 +119,15 @@ class Simulation:
         else:
             encoded = [encode(shard, tokenizer, config.data.max_length) for shard in shards]
         self.streams = [device_stream(config, items, index, self.pad_id) for index, items in enumerate(encoded)]
+        self.train_examples, self.device_encoded = train, encoded  # the privacy audit reads them
         self.device_ids = device_ids(len(shards))
         self.profiles = fleet_profiles(config, self.device_ids)
         self.rounds: list[RoundRecord] = []
         planner = make_planner(config)
         self.planning: Planning | None = None
         plans = {}
+        if not planner.uses_budgets and config.placement.placement == "split":
+            PlanOptions.from_config(config).check_fixed_split(config.placement.split_layer)  # the privacy floor
         if planner.uses_budgets:
             if self.profiles is None:
                 raise ValueError(f"hsplit.planner={planner.name} needs fleet budgets")

@@ -8,7 +8,7 @@ it: `hsplit/planning.py`.)"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from splitpeft.hsplit.budget import DeviceProfile, simulated_step_s
@@ -105,6 +105,7 @@ def plan_device(
     checkpointing: bool = False,
     max_split: int | None = None,
     max_step_s: float | None = None,
+    allowed_splits: Callable[[int], bool] | None = None,
 ) -> DevicePlan:
     """ARMSC for one device.
 
@@ -112,7 +113,8 @@ def plan_device(
 
     1. Split: the deepest k in 1..max_split (default L - 1, so the server keeps a block) whose
        predicted peak with the minimal adapter (`minimal_ranks`) fits `profile.memory_bytes`
-       (and, if `max_step_s` is given, whose simulated step time at that plan fits it).
+       (and, if `max_step_s` is given, whose simulated step time at that plan fits it), among
+       the splits `allowed_splits` accepts (the privacy floor: `hsplit.min_split`, `hsplit.max_leakage`).
     2. Ranks: starting from the minimal adapter, repeatedly raise the module with the highest
        score / cost to its next rank in `rank_set`, cost = the bytes the predicted peak grows by
        (adapter weights, gradients, optimiser state, and the activations the new adapter keeps),
@@ -134,12 +136,20 @@ def plan_device(
 
     split, needed = None, None
     for k in range(top, 0, -1):
+        if allowed_splits is not None and not allowed_splits(k):
+            continue
         ranks = minimal_ranks(shapes, scores, k, smallest)
         peak = predict_peak_bytes(shapes, k, ranks, batch_size, seq_len, labels_on_device, checkpointing)
         needed = peak
         if peak <= budget and (max_step_s is None or step_s(k, ranks) <= max_step_s):
             split = k
             break
+    if split is None and allowed_splits is not None:
+        raise PlanError(
+            f"device {profile.name!r}: no split the privacy floor allows (hsplit.min_split, hsplit.max_leakage) fits "
+            f"a memory budget of {budget} bytes" + ("" if needed is None else f" (the shallowest allowed needs {needed} bytes)")
+            + ("" if max_step_s is None else f" within max_step_s={max_step_s}")
+        )
     if split is None:
         raise PlanError(
             f"device {profile.name!r}: a memory budget of {budget} bytes cannot hold even one block "

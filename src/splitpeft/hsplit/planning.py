@@ -7,22 +7,27 @@ Planners are named policies behind one interface (`Planner`), chosen by `hsplit.
 - `armsc`: ARMSC (`hsplit/armsc.py`): from each device's budget and the IWI scores, the deepest
   split that fits, then ranks greedily by score per byte. Re-planned when the scores move past
   `hsplit.replan_threshold` (relative L1) since the current plan.
+
+Every planner honours the privacy floor (`PrivacyFloor`: `hsplit.min_split`, and
+`hsplit.max_leakage` against the privacy meter's table), and each plan reports its expected leakage.
 - `budget_rank` (HetLoRA): the fixed split, and per device the largest rank of `hsplit.rank_set`
   whose predicted peak fits its budget, on every adapted module.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from transformers import PreTrainedModel
 
 from splitpeft.config import ExperimentConfig
 from splitpeft.data.batching import BatchStream, EncodedExample
-from splitpeft.hsplit.armsc import DevicePlan, plan_fleet
+from splitpeft.hsplit.armsc import DevicePlan, PlanError, plan_fleet
 from splitpeft.hsplit.budget import DeviceProfile
 from splitpeft.hsplit.importance import (
     ImportanceTracker,
@@ -33,6 +38,7 @@ from splitpeft.hsplit.importance import (
 from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.runtime import resolve_runtime
+from splitpeft.privacy.meter import leakage_at
 
 Plans = dict[str, tuple[int, dict[str, int]]]  # device -> (split layer, {module: rank})
 
@@ -53,6 +59,49 @@ class Planner(Protocol):
 
 
 @dataclass
+class PrivacyFloor:
+    """Which splits a plan may use: at least `min_split` blocks on the device, and, with a leakage
+    table (`splitpeft privacy`'s privacy.json for this model), a measured leakage of at most
+    `max_leakage` for the run's placement (`privacy/meter.py`: the combined attack's token accuracy;
+    an unmeasured depth takes the nearest shallower measured one)."""
+
+    min_split: int = 0
+    max_leakage: float | None = None
+    table: dict[str, Any] | None = None
+    placement: str = "split_u"  # the table's rows for the run's placement
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig) -> PrivacyFloor | None:
+        h = config.hsplit
+        if h.min_split == 0 and h.leakage_table is None:
+            return None
+        table = None
+        if h.leakage_table is not None:
+            path = Path(h.leakage_table)
+            if not path.is_file():
+                raise FileNotFoundError(f"hsplit.leakage_table {h.leakage_table!r} does not exist (write it with `splitpeft privacy`)")
+            try:
+                table = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"hsplit.leakage_table {h.leakage_table!r} is not valid JSON: {error}") from None
+            if not isinstance(table, dict) or not isinstance(table.get("leakage"), list):
+                raise ValueError(f"hsplit.leakage_table {h.leakage_table!r} is not a table written by `splitpeft privacy`")
+        placement = "split_u" if config.placement.labels_on_device else "split"
+        return cls(h.min_split, h.max_leakage, table, placement)
+
+    def expected_leakage(self, split_layer: int) -> float | None:
+        return None if self.table is None else leakage_at(self.table, self.placement, split_layer)
+
+    def allows(self, split_layer: int) -> bool:
+        if split_layer < self.min_split:
+            return False
+        if self.max_leakage is None:
+            return True
+        leakage = self.expected_leakage(split_layer)
+        return leakage is not None and leakage <= self.max_leakage
+
+
+@dataclass
 class PlanOptions:
     """What every planner's memory model needs besides the budgets."""
 
@@ -64,16 +113,25 @@ class PlanOptions:
     seq_len: int
     labels_on_device: bool
     checkpointing: bool = False  # runtime.gradient_checkpointing
+    privacy: PrivacyFloor | None = None  # hsplit.min_split, hsplit.max_leakage
 
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> PlanOptions:
         return cls(config.placement.split_layer, config.lora.rank, tuple(config.hsplit.rank_set),
                    config.hsplit.max_split, config.federation.batch_size, config.data.max_length,
-                   config.placement.labels_on_device, config.runtime.gradient_checkpointing)
+                   config.placement.labels_on_device, config.runtime.gradient_checkpointing,
+                   PrivacyFloor.from_config(config))
 
     def memory(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len, "labels_on_device": self.labels_on_device,
                 "checkpointing": self.checkpointing}
+
+    def check_fixed_split(self, split_layer: int) -> None:
+        """A planner that does not choose the split: refuse one the privacy floor does not allow."""
+        if self.privacy is not None and not self.privacy.allows(split_layer):
+            raise PlanError(f"placement.split_layer {split_layer} is below the privacy floor (hsplit.min_split "
+                            f"{self.privacy.min_split}, hsplit.max_leakage {self.privacy.max_leakage}: measured "
+                            f"leakage {self.privacy.expected_leakage(split_layer)})")
 
 
 @dataclass
@@ -85,6 +143,7 @@ class FixedPlanner:
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
         k = self.options.split_layer
+        self.options.check_fixed_split(k)
         ranks = {name: self.options.rank for name in shapes.modules_before(k)}
         peak = predict_peak_bytes(shapes, k, ranks, **self.options.memory())
         return [DevicePlan(p.name, k, dict(ranks), peak, 0.0, p.memory_bytes) for p in profiles]
@@ -98,8 +157,9 @@ class ArmscPlanner:
     uses_scores: ClassVar[bool] = True
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
+        privacy = self.options.privacy
         return plan_fleet(profiles, shapes, scores, rank_set=self.options.rank_set, max_split=self.options.max_split,
-                          **self.options.memory())
+                          allowed_splits=privacy.allows if privacy is not None else None, **self.options.memory())
 
 
 @dataclass
@@ -114,6 +174,7 @@ class BudgetRankPlanner:
 
     def _plan(self, profile: DeviceProfile, shapes: ModelShapes) -> DevicePlan:
         k = self.options.split_layer
+        self.options.check_fixed_split(k)
         modules = shapes.modules_before(k)
         for rank in sorted((r for r in self.options.rank_set if r > 0), reverse=True):
             ranks = {name: rank for name in modules}
@@ -186,6 +247,9 @@ class Planning:
         return self.plan(round_index)
 
     def describe(self) -> list[dict[str, Any]]:
+        """One row per device's plan, with the leakage the privacy meter measured at its split
+        (`expected_leakage`: None without hsplit.leakage_table)."""
+        privacy = PlanOptions.from_config(self.config).privacy
         rows = []
         for plan in self.plans:
             histogram: dict[int, int] = defaultdict(int)
@@ -195,5 +259,6 @@ class Planning:
                 "device": plan.device, "budget_bytes": plan.budget_bytes, "split_layer": plan.split_layer,
                 "adapted_modules": len(plan.ranks), "ranks": dict(sorted(histogram.items())),
                 "predicted_peak_bytes": plan.predicted_peak_bytes, "flops_per_step": plan.flops_per_step,
+                "expected_leakage": privacy.expected_leakage(plan.split_layer) if privacy is not None else None,
             })
         return rows

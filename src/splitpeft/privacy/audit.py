@@ -1,0 +1,205 @@
+"""The privacy meter's two entry points, and what they write.
+
+- `audit_simulation(sim)`: after a run with `privacy.audit=true`, each device's own traffic at its
+  own split, with the run's defences and trained adapters (the server knows them: it aggregates
+  them). The report's `privacy` section and `leakage.png`.
+- `leakage_table(config, ...)`: `splitpeft privacy`, the table a user chooses a split point from:
+  every depth of `depths` for plain split, U-shaped split and dlora (whose hybrid at k shows the
+  server what U-shaped split at k does: the hidden states after k blocks and the head gradient),
+  on the base model with the config's defences. Writes privacy.json, privacy.md, leakage.png.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from splitpeft.config import ExperimentConfig
+from splitpeft.data.batching import EncodedExample, encode
+from splitpeft.data.builtin import builtin_examples
+from splitpeft.data.examples import Example
+from splitpeft.data.sources import load_examples
+from splitpeft.federation.fleet import defence_of, device_examples
+from splitpeft.hsplit.memory import ModelShapes, flops_per_step, predict_peak_bytes
+from splitpeft.model.backbone import backbone_of
+from splitpeft.privacy.defences import gaussian_epsilon
+from splitpeft.privacy.meter import Exposure, MeterSettings, exposure_of, measure, releases_per_example
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPTHS = (0, 1, 2, 4, 8, 16)
+
+
+def auxiliary_examples(config: ExperimentConfig, tokenizer: Any, training: Sequence[Example]) -> list[EncodedExample]:
+    """The public text the attackers train on (`privacy.aux_*`), without any example whose
+    completion a device trains on."""
+    p = config.privacy
+    if p.aux_source == "builtin":
+        # Another draw of the built-in generator: the same kind of text, other restaurants.
+        examples = builtin_examples(seed=config.seed + 7_919)
+    else:
+        if p.aux_path is None:
+            raise ValueError(f"privacy.aux_source={p.aux_source} needs privacy.aux_path")
+        examples = load_examples(p.aux_source, p.aux_path)
+    seen = {example.completion for example in training}
+    kept = [example for example in examples if example.completion not in seen]
+    if len(kept) < 2:
+        raise ValueError("privacy: fewer than 2 auxiliary examples are left once the training texts are removed")
+    return encode(kept[-p.aux_examples:], tokenizer, config.data.max_length)
+
+
+def settings_of(config: ExperimentConfig) -> MeterSettings:
+    p = config.privacy
+    return MeterSettings(attackers=tuple(p.attackers), batch_size=config.federation.batch_size, seed=config.seed,
+                         learned_steps=p.learned_steps, compression=config.transport.compression,
+                         defence=defence_of(config, 0))
+
+
+def accounting(config: ExperimentConfig, releases: int) -> dict[str, Any] | None:
+    """(epsilon, delta) of the Gaussian release over `releases` releases of each example, per
+    token vector and per sequence of data.max_length vectors; None without noise."""
+    p = config.privacy
+    if p.noise_multiplier <= 0:
+        return None
+    return {
+        "mechanism": "each token's vector clipped to L2 norm C and N(0, (sigma C)^2 I) added, per release",
+        "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "delta": p.delta,
+        "releases_per_example": releases,
+        "epsilon_per_token_vector": gaussian_epsilon(p.noise_multiplier, releases, p.delta),
+        "epsilon_per_sequence": gaussian_epsilon(p.noise_multiplier, releases, p.delta, vectors=config.data.max_length),
+        "note": "Renyi accounting, sensitivity 2C per vector (2C sqrt(T) per sequence), no subsampling amplification; "
+                "the head gradient is covered only with privacy.noise_gradients",
+    }
+
+
+def audit_simulation(sim: Any) -> dict[str, Any]:
+    """The report's `privacy` section for a finished `Simulation`: every device's traffic at its
+    own split and placement, against the trained global model."""
+    config: ExperimentConfig = sim.config
+    tokenizer = sim.loaded.tokenizer
+    aux = auxiliary_examples(config, tokenizer, sim.train_examples)
+    cases: dict[Exposure, list[EncodedExample]] = {}
+    devices: dict[str, str] = {}
+    for device, encoded in zip(sim.devices, sim.device_encoded):
+        exposure = exposure_of(config.placement.placement, device.split_layer, config.placement.labels_on_device)
+        if exposure is None:
+            continue
+        cases.setdefault(exposure, []).extend(encoded[: config.privacy.audit_examples])
+        devices[device.device_id] = exposure.label
+    if not cases:
+        return {"note": "placement centralized: nothing crosses a cut"}
+    section = measure(sim.global_model(), aux, list(cases.items()), settings_of(config), pad_id=sim.pad_id)
+    section["devices"] = devices
+    fed = config.federation
+    steps = fed.rounds * fed.local_steps
+    releases = max(releases_per_example(steps, fed.batch_size, len(items)) for items in sim.device_encoded)
+    section["accounting"] = accounting(config, releases)
+    return section
+
+
+def leakage_table(config: ExperimentConfig, model: PreTrainedModel, tokenizer: Any,
+                  depths: Sequence[int] = DEFAULT_DEPTHS) -> dict[str, Any]:
+    """`splitpeft privacy`: leakage per depth for plain split, U-shaped split and dlora, on the
+    private examples of the config's devices (the first privacy.audit_examples, pooled)."""
+    num_blocks = backbone_of(model).num_blocks
+    depths = sorted({k for k in depths if 0 <= k < num_blocks})
+    if not depths:
+        raise ValueError(f"no depth in 0..{num_blocks - 1} to measure")
+    train, shards, _ = device_examples(config, config.federation.num_devices)
+    pooled = [example for shard in shards for example in shard]
+    private = encode(pooled[: config.privacy.audit_examples], tokenizer, config.data.max_length)
+    aux = auxiliary_examples(config, tokenizer, train)
+    exposures = [Exposure("dlora", 0, labels=False, head_gradient=True)]
+    for k in depths:
+        exposures += [Exposure("split", k, labels=True, head_gradient=False),
+                      Exposure("split_u", k, labels=False, head_gradient=True)]
+    pad_id = int(tokenizer.pad_token_id)
+    table = measure(model, aux, [(e, private) for e in exposures], settings_of(config), pad_id=pad_id)
+    table["model"] = config.model.name
+    table["depths"] = depths
+    table["num_blocks"] = num_blocks
+    table["device_cost"] = device_cost(config, model, depths)
+    table["note"] = ("dlora's hybrid at k shows the server what split_u at k does (the hidden states after k "
+                     "blocks and the head gradient), so its leakage is split_u's row at k")
+    return table
+
+
+def device_cost(config: ExperimentConfig, model: PreTrainedModel, depths: Sequence[int]) -> list[dict[str, Any]]:
+    """What a device pays at each depth (hsplit/memory.py): predicted peak bytes and FLOPs per
+    step at lora.rank on every module, U-shaped."""
+    shapes = ModelShapes.from_config(model.config, target_modules=config.lora.target_modules)
+    rows = []
+    for k in depths:
+        ranks = dict.fromkeys(shapes.modules_before(k), config.lora.rank)
+        args = (shapes, k, ranks, config.federation.batch_size, config.data.max_length, True)
+        rows.append({"split_layer": k, "predicted_peak_bytes": predict_peak_bytes(*args),
+                     "flops_per_step": flops_per_step(*args)})
+    return rows
+
+
+def markdown(table: dict[str, Any]) -> str:
+    """The leakage table as Markdown: token accuracy (ROUGE-L F) per attacker and exposure."""
+    attackers = [a for a in table["attackers"] if any(r["attacker"] == a for r in table["rows"])]
+    lines = [f"chance (most frequent auxiliary token): {table['chance_token_accuracy']:.3f}", "",
+             "| placement | k | " + " | ".join(attackers) + " | leakage (combined) |",
+             "|---|---|" + "---|" * len(attackers) + "---|"]
+    for row in table["leakage"]:
+        cells = []
+        for name in attackers:
+            hit = [r for r in table["rows"] if r["attacker"] == name and r["placement"] == row["placement"]
+                   and r["split_layer"] == row["split_layer"]]
+            cells.append(f"{hit[0]['token_accuracy']:.3f} ({hit[0]['rouge_l_f']:.3f})" if hit else "-")
+        lines.append(f"| {row['placement']} | {row['split_layer']} | " + " | ".join(cells)
+                     + f" | **{row['token_accuracy']:.3f}** ({row['rouge_l_f']:.3f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_leakage(table: dict[str, Any], path: Path, utility: dict[str, Any] | None = None) -> None:
+    """Leakage against split depth per attacker (token accuracy), chance dashed; beside it, what
+    the device pays at each depth (`device_cost`), or the run's utility (`utility`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    by_attacker: dict[str, list[tuple[int, float]]] = {}
+    for row in table["rows"]:
+        if row["placement"] in ("split_u", "dlora") or row["attacker"] == "labels":
+            by_attacker.setdefault(row["attacker"], []).append((row["split_layer"], row["token_accuracy"]))
+    for name, points in sorted(by_attacker.items()):
+        points = sorted(set(points))
+        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    for placement, style in (("split", ":"), ("split_u", "-")):
+        points = sorted((r["split_layer"], r["token_accuracy"]) for r in table["leakage"] if r["placement"] == placement)
+        if points:
+            left.plot([p[0] for p in points], [p[1] for p in points], style, color="black", linewidth=2,
+                      label=f"{placement} combined")
+    left.axhline(table["chance_token_accuracy"], linestyle="--", color="grey", label="chance")
+    left.set_xlabel("split depth k (blocks on the device)")
+    left.set_ylabel("private tokens recovered (token accuracy)")
+    left.set_ylim(0, 1.02)
+    left.legend(fontsize=7)
+    left.set_title("what the server can learn")
+    if utility is not None:
+        names = [k for k, v in utility.items() if isinstance(v, (int, float)) and v is not None]
+        right.bar(names, [float(utility[k]) for k in names])
+        right.set_title("the run's utility (held-out)")
+    elif "device_cost" in table:
+        cost = table["device_cost"]
+        right.plot([c["split_layer"] for c in cost], [c["predicted_peak_bytes"] / 2**20 for c in cost], marker="o",
+                   label="predicted device peak (MiB)")
+        twin = right.twinx()
+        twin.plot([c["split_layer"] for c in cost], [c["flops_per_step"] / 1e9 for c in cost], marker="s", color="tab:red",
+                  label="device GFLOP per step")
+        right.set_xlabel("split depth k")
+        right.set_ylabel("MiB")
+        twin.set_ylabel("GFLOP per step")
+        right.set_title("what the device pays")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

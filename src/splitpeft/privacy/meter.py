@@ -1,0 +1,233 @@
+"""The privacy meter: an honest-but-curious server played against a device's own traffic.
+
+The server follows the protocol and keeps everything it sees. It also knows the frozen base model,
+the adapters (it aggregates them every round), the defence's mechanism (sigma and C, not the noise
+itself) and public text of the task's kind (the *auxiliary* text). The meter:
+
+1. `capture`s, for the device's private examples, exactly what crosses the cut at split k for the
+   run's placement (`Exposure`): the cut activations after the device's defence and the wire's
+   compression; plain split's label tensor; U-shaped split's and dlora's head gradient, with the
+   final hidden states the server sent down. The same functions produce the server's own copy of
+   that traffic on the auxiliary text, on which the attackers train.
+2. Runs every attacker (`privacy/attackers.py`) that the traffic exposes, and scores its
+   reconstruction of the private tokens (`privacy/scoring.py`): token accuracy over every real
+   token of the private text, and ROUGE-L F on token ids.
+3. A placement's *leakage* is its combined reconstruction: the strongest activation attacker's
+   guesses, overwritten by the label or head-gradient attacker's where those make one (they
+   recover the completion tokens exactly, but only those).
+
+Chance is the best constant guess (the most frequent auxiliary token).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from splitpeft.data.batching import Batch, EncodedExample, collate
+from splitpeft.model.backbone import backbone_of
+from splitpeft.model.loss import causal_lm_loss
+from splitpeft.privacy.attackers import CutBatch, ServerKnowledge, make_attacker
+from splitpeft.privacy.defences import Defence
+from splitpeft.privacy.scoring import Score, chance_accuracy, score
+from splitpeft.transport.compression import compress, decompress
+from splitpeft.transport.messages import Kind, Message
+
+log = logging.getLogger(__name__)
+
+ACTIVATION_ATTACKERS = ("embedding_nn", "linear", "learned")  # read the cut activations
+SIDE_ATTACKERS = ("labels", "gradient")                       # read the labels / the head gradient
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What one placement at split k shows the server each step."""
+
+    placement: str         # split (plain), split_u (U-shaped), dlora (k = the hybrid's device blocks)
+    split_layer: int
+    labels: bool           # the label tensor goes up (plain split)
+    head_gradient: bool    # the head gradient goes up, the final hidden states come down
+
+    @property
+    def label(self) -> str:
+        return f"{self.placement}@{self.split_layer}"
+
+
+def exposure_of(placement: str, split_layer: int, labels_on_device: bool) -> Exposure | None:
+    """The exposure of a run's placement; None for centralized (nothing crosses)."""
+    if placement == "centralized":
+        return None
+    if placement == "dlora":
+        return Exposure("dlora", split_layer, labels=False, head_gradient=True)
+    if labels_on_device:
+        return Exposure("split_u", split_layer, labels=False, head_gradient=True)
+    return Exposure("split", split_layer, labels=True, head_gradient=False)
+
+
+@dataclass
+class MeterSettings:
+    attackers: Sequence[str] = ACTIVATION_ATTACKERS + SIDE_ATTACKERS
+    batch_size: int = 8
+    seed: int = 0
+    learned_steps: int = 300
+    compression: str = "none"                               # transport.compression of the run
+    defence: Defence = field(default_factory=Defence)       # its noise seed is replaced per use
+
+
+def _wire(name: str, tensor: torch.Tensor, compression: str) -> torch.Tensor:
+    """`tensor` as the receiver gets it after the wire's compression (fp32, CPU)."""
+    message = decompress(compress(Message(Kind.ACTIVATIONS, {name: tensor.detach()}), compression))
+    return message.tensors[name].float().cpu()
+
+
+def _batches(examples: Sequence[EncodedExample], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start:start + batch_size], pad_id)
+
+
+@torch.no_grad()
+def capture(model: PreTrainedModel, examples: Sequence[EncodedExample], exposure: Exposure, defence: Defence,
+            *, pad_id: int, batch_size: int = 8, compression: str = "none") -> list[tuple[CutBatch, torch.Tensor]]:
+    """What the server sees of `examples` under `exposure`, batch by batch, with the true input ids
+    (B, T) of each batch (for scoring and for training attackers on auxiliary text).
+
+    The device side is the model's own computation with the device's `defence` (the same calls as
+    the placements' `device_step`); the server side recomputes the rest of the model from what it
+    received, as in training.
+    """
+    return [(capture_batch(model, batch, exposure, defence, compression=compression), batch.input_ids.cpu())
+            for batch in _batches(examples, batch_size, pad_id)]
+
+
+@torch.no_grad()
+def capture_batch(model: PreTrainedModel, batch: Batch, exposure: Exposure, defence: Defence, *,
+                  compression: str = "none") -> CutBatch:
+    """What the server sees of one `batch` under `exposure` (see `capture`)."""
+    backbone = backbone_of(model)
+    parameter = next(model.parameters())
+    batch = batch.to(parameter.device)
+    cut = defence.release(backbone.blocks(backbone.embed(batch.input_ids), 0, exposure.split_layer))  # (B, T, d)
+    hidden = _wire("hidden", cut, compression)
+    seen = CutBatch(hidden=hidden, mask=batch.token_mask().cpu())
+    if exposure.labels:
+        seen.labels = batch.labels.cpu()
+    if exposure.head_gradient:
+        final = backbone.blocks(hidden.to(parameter.device, cut.dtype), exposure.split_layer, backbone.num_blocks)
+        final = _wire("hidden", final, compression).to(parameter.device, cut.dtype)
+        with torch.enable_grad():
+            leaf = final.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(causal_lm_loss(backbone.head(leaf), batch.labels), leaf)
+        seen.final_hidden = final.float().cpu()
+        seen.head_grad = _wire("grad", defence.release_gradient(grad), compression)
+    return seen
+
+
+def _seeded(defence: Defence, seed: int) -> Defence:
+    return Defence(defence.noise_multiplier, defence.clip_norm, defence.noise_gradients, defence.nopeek_weight, seed=seed)
+
+
+def _overlay(base: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    return torch.where(top >= 0, top, base)
+
+
+def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
+            cases: Sequence[tuple[Exposure, Sequence[EncodedExample]]], settings: MeterSettings, *,
+            pad_id: int) -> dict[str, Any]:
+    """Every attacker of `settings` against each case's traffic (an exposure, and the private
+    examples of the devices with it), trained on the same exposure's traffic on the `aux`
+    examples. Returns the report section: {"chance_token_accuracy", "rows": per (exposure,
+    attacker), "leakage": per exposure (combined), ...}."""
+    model.eval()
+    knowledge = ServerKnowledge.of(model)
+    rows: list[dict[str, Any]] = []
+    leakage: list[dict[str, Any]] = []
+    chance: float | None = None
+    fitted: dict[tuple[int, str], Any] = {}  # activation attackers depend only on the depth
+    for exposure, private in cases:
+        # The server's copy of the mechanism uses its own noise; the device's is seeded apart.
+        aux_seen = capture(model, aux, exposure, _seeded(settings.defence, settings.seed + 1), pad_id=pad_id,
+                           batch_size=settings.batch_size, compression=settings.compression)
+        private_seen = capture(model, private, exposure, _seeded(settings.defence, settings.seed + 2), pad_id=pad_id,
+                               batch_size=settings.batch_size, compression=settings.compression)
+        truths = [ids for _, ids in private_seen]
+        masks = [seen.mask for seen, _ in private_seen]
+        if chance is None:
+            chance = chance_accuracy(torch.cat([i.reshape(-1) for _, i in aux_seen]),
+                                     torch.cat([s.mask.reshape(-1) for s, _ in aux_seen]),
+                                     torch.cat([t.reshape(-1) for t in truths]), torch.cat([m.reshape(-1) for m in masks]))
+        guesses: dict[str, list[torch.Tensor]] = {}
+        for name in settings.attackers:
+            if not all(_applies(name, seen) for seen, _ in private_seen):
+                continue
+            key = (exposure.split_layer, name)
+            attacker = fitted.get(key) if name in ACTIVATION_ATTACKERS else None
+            if attacker is None:
+                options = {"steps": settings.learned_steps} if name == "learned" else {}
+                attacker = make_attacker(name, knowledge, seed=settings.seed, **options)
+                attacker.fit(aux_seen)
+                if name in ACTIVATION_ATTACKERS:
+                    fitted[key] = attacker
+            guesses[name] = [attacker.reconstruct(seen) for seen, _ in private_seen]
+            result = score(guesses[name], truths, masks)
+            rows.append({"placement": exposure.placement, "split_layer": exposure.split_layer, "attacker": name,
+                         **_score_fields(result)})
+        leakage.append(_combined(exposure, guesses, truths, masks))
+        log.info("privacy: %s leaks %.3f of tokens", exposure.label, leakage[-1]["token_accuracy"])
+    return {"chance_token_accuracy": chance, "rows": rows, "leakage": leakage,
+            "private_examples": sum(len(private) for _, private in cases), "aux_examples": len(aux), "defence": settings.defence.describe(),
+            "compression": settings.compression, "attackers": list(settings.attackers)}
+
+
+def _applies(name: str, seen: CutBatch) -> bool:
+    if name == "labels":
+        return seen.labels is not None
+    if name == "gradient":
+        return seen.head_grad is not None
+    return True
+
+
+def _score_fields(result: Score) -> dict[str, float]:
+    return {"token_accuracy": result.token_accuracy, "rouge_l_f": result.rouge_l_f}
+
+
+def _combined(exposure: Exposure, guesses: dict[str, list[torch.Tensor]], truths: list[torch.Tensor],
+              masks: list[torch.Tensor]) -> dict[str, Any]:
+    """The exposure's leakage: the best activation attacker's guesses with the side channels'
+    (labels or head gradient) on top."""
+    best_name, best = None, None
+    for name in ACTIVATION_ATTACKERS:
+        if name in guesses:
+            result = score(guesses[name], truths, masks)
+            if best is None or result.token_accuracy > best.token_accuracy:
+                best_name, best = name, result
+    combined = guesses[best_name] if best_name is not None else [torch.full_like(t, -1) for t in truths]
+    used = [best_name] if best_name is not None else []
+    for name in SIDE_ATTACKERS:
+        if name in guesses:
+            combined = [_overlay(base, top) for base, top in zip(combined, guesses[name])]
+            used.append(name)
+    result = score(combined, truths, masks)
+    return {"placement": exposure.placement, "split_layer": exposure.split_layer, "attackers": used,
+            "strongest_activation_attacker": best_name, **_score_fields(result)}
+
+
+def leakage_at(table: dict[str, Any], placement: str, split_layer: int) -> float | None:
+    """The measured leakage (token accuracy) of `placement` at `split_layer` from a meter's output;
+    at an unmeasured depth, that of the nearest shallower measured one (leakage falls with depth,
+    so this errs on the side of more leakage); None if no depth <= `split_layer` was measured."""
+    measured = {row["split_layer"]: row["token_accuracy"] for row in table.get("leakage", [])
+                if row["placement"] == placement and row["split_layer"] <= split_layer}
+    if not measured:
+        return None
+    return float(measured[max(measured)])
+
+
+def releases_per_example(steps: int, batch_size: int, examples: int) -> int:
+    """How many times each of a device's examples crosses the cut: its epochs, rounded up."""
+    return math.ceil(steps * batch_size / max(1, examples))
