@@ -337,3 +337,26 @@ def test_killed_norms_are_zero_for_a_killed_adapter_backward_never_reached():
     norms = state.killed_norms()
     assert norms["m"] == 0.0
     assert norms["n"] == pytest.approx((6 * 4.0 + 8 * 1.0) ** 0.5)
+
+
+def test_dlora_hybrid_kills_its_own_blocks_locally_and_hands_the_rest_to_the_server():
+    """dlora's hybrid (the device runs blocks [0, 2) itself): a killed adapter of those blocks stays
+    on the device, frozen and still measured for revival; one of the server's blocks is handed over."""
+    sim, _ = _kr_run("dlora", True, 12, "placement.dlora_device_blocks=2")
+    device = sim.devices[0]
+    channel = sim.channels[device.device_id]
+    device.load(sim.state.global_adapters)
+    device.open_session(channel)
+    device.local_phase(2, channel)
+    own = next(n for n in sorted(device.modules) if ".layers.0." in n)
+    remote = next(n for n in sorted(device.modules) if ".layers.3." in n)
+    sim.placement.apply_kill_revive(device, channel, [own, remote], [])
+    session = sim.server.sessions[device.device_id].step_state
+    assert set(session.killed) == {remote}
+    assert sim.placement.killed_on_device(device, device.killed) == [own]
+    device.local_phase(3, channel)  # trains with both killed
+    sim.placement.apply_kill_revive(device, channel, [], [own, remote])
+    assert own not in device.killed and remote not in device.killed and remote not in session.killed
+    assert set(session.killed) == set(device.killed) - set(sim.placement.killed_on_device(device, device.killed))
+    record = sim.run_round()
+    assert record.devices["device-0"].steps == 12 and not record.dropped
