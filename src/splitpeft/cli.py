@@ -269,6 +269,12 @@ def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
     if "baseline_eval" in report:
         columns = {"untuned": report["baseline_eval"], **columns}
     _print_metrics(columns)
+    privacy = report.get("privacy", {})
+    for row in privacy.get("leakage", []):
+        exposure = f"{row['placement']}@{row['split_layer']}"
+        devices = ", ".join(d for d, e in privacy["devices"].items() if e == exposure)
+        console.print(f"privacy: the server recovers {row['token_accuracy']:.1%} of the private tokens of {devices} "
+                      f"({exposure}; attackers {' + '.join(row['attackers'])}; chance {privacy['chance_token_accuracy']:.1%})")
 
 
 if __name__ == "__main__":
