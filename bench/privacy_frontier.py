@@ -22,13 +22,13 @@ from splitpeft.config import load_config
 from splitpeft.experiment.run import run_experiment
 
 DEFENCES: dict[str, list[str]] = {  # name -> overrides on top of the shared ones
-    "plain split k=4": ["placement.labels_on_device=false"],
     "U-shaped k=4": [],
-    "U-shaped k=4, noise 0.05": ["privacy.noise_multiplier=0.05", "privacy.clip_norm={clip}"],
     "U-shaped k=4, noise 0.2": ["privacy.noise_multiplier=0.2", "privacy.clip_norm={clip}"],
     "U-shaped k=4, NoPeek 1": ["privacy.nopeek_weight=1.0"],
     "dlora": ["placement.placement=dlora"],
     "dlora hybrid k=2": ["placement.placement=dlora", "placement.dlora_device_blocks=2"],
+    "U-shaped k=4, noise 0.05": ["privacy.noise_multiplier=0.05", "privacy.clip_norm={clip}"],
+    "plain split k=4": ["placement.labels_on_device=false"],
 }
 
 
