@@ -23,11 +23,11 @@ from splitpeft.experiment.run import run_experiment
 
 DEFENCES: dict[str, list[str]] = {  # name -> overrides on top of the shared ones
     "U-shaped k=4": [],
-    "U-shaped k=4, noise 0.2": ["privacy.noise_multiplier=0.2", "privacy.clip_norm={clip}"],
+    "U-shaped k=4, noise 0.2": ["privacy.noise_multiplier=0.2", "privacy.clip_norm={clip}", "privacy.gradient_clip_norm={grad_clip}"],
     "U-shaped k=4, NoPeek 1": ["privacy.nopeek_weight=1.0"],
     "dlora": ["placement.placement=dlora"],
     "dlora hybrid k=2": ["placement.placement=dlora", "placement.dlora_device_blocks=2"],
-    "U-shaped k=4, noise 0.05": ["privacy.noise_multiplier=0.05", "privacy.clip_norm={clip}"],
+    "U-shaped k=4, noise 0.05": ["privacy.noise_multiplier=0.05", "privacy.clip_norm={clip}", "privacy.gradient_clip_norm={grad_clip}"],
     "plain split k=4": ["placement.labels_on_device=false"],
 }
 
@@ -36,7 +36,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="E2E file (MR||text lines)")
     parser.add_argument("--aux", type=int, default=256, help="last lines of the file kept for the attackers")
-    parser.add_argument("--clip", type=float, default=60.0, help="privacy.clip_norm C of the noisy rows")
+    parser.add_argument("--clip", type=float, default=85.0,
+                        help="privacy.clip_norm C of the noisy rows (SmolLM2's median row norm after 4 blocks)")
+    parser.add_argument("--grad-clip", type=float, default=0.0012,
+                        help="privacy.gradient_clip_norm C_g of the noisy rows (SmolLM2's median head-gradient row norm)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--only", help="comma-separated subset of the defences")
@@ -52,7 +55,7 @@ def main() -> None:
     chosen = args.only.split(",") if args.only else list(DEFENCES)
     rows = []
     for name in chosen:
-        overrides = shared + [o.format(clip=args.clip) for o in DEFENCES[name]]
+        overrides = shared + [o.format(clip=args.clip, grad_clip=args.grad_clip) for o in DEFENCES[name]]
         config = load_config(preset="e2e", overrides=overrides)
         started = time.perf_counter()
         out = args.out / name.replace(" ", "_").replace(",", "").replace("=", "")

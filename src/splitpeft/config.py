@@ -184,7 +184,9 @@ class PrivacyConfig:
         "sigma: Gaussian release of what the device sends up, each token's vector clipped to privacy.clip_norm C "
         "and N(0, (sigma C)^2) added (privacy/defences.py); 0 = off", 0.0)
     clip_norm: float = _help("C: L2 clipping of each token's vector sent up (0 = off; needed with noise)", 0.0)
-    noise_gradients: bool = _help("also clip and noise the head gradient the device sends (U-shaped split, dlora)", True)
+    gradient_clip_norm: float = _help(
+        "C_g: with noise, the head gradient the device sends (U-shaped split, dlora) is also clipped to C_g per "
+        "token and gets N(0, (sigma C_g)^2) (its rows are far smaller than the activations'); 0 = sent as is", 0.0)
     nopeek_weight: float = _help(
         "alpha: the device adds alpha dCor(input embeddings, cut activations) to its loss (NoPeek); needs "
         "device-side adapters before the cut", 0.0)
@@ -371,6 +373,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "privacy.learned_steps": Bound(0, 1_000_000),
     "privacy.noise_multiplier": Bound(0, 1e6),
     "privacy.clip_norm": Bound(0, 1e9),
+    "privacy.gradient_clip_norm": Bound(0, 1e9),
     "privacy.nopeek_weight": Bound(0, 1e6),
     "privacy.delta": Bound(0, 1, low_open=True, high_open=True),
     "kill_revive.warmup": Bound(0, 10**9),

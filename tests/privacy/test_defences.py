@@ -72,7 +72,8 @@ def _frames(*overrides):
 def test_a_noisy_run_sends_clipped_noised_activations_and_head_gradients():
     clean_sim, clean = _frames("placement.split_layer=2")
     clean_sim.run_round()
-    sim, noisy = _frames("placement.split_layer=2", "privacy.clip_norm=0.5", "privacy.noise_multiplier=2.0")
+    sim, noisy = _frames("placement.split_layer=2", "privacy.clip_norm=0.5", "privacy.noise_multiplier=2.0",
+                         "privacy.gradient_clip_norm=0.5")
     sim.run_round()
     up = [m for d, m in noisy if d == "up" and m.kind == Kind.ACTIVATIONS]
     clean_up = [m for d, m in clean if d == "up" and m.kind == Kind.ACTIVATIONS]

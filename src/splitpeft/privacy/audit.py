@@ -67,12 +67,13 @@ def accounting(config: ExperimentConfig, releases: int) -> dict[str, Any] | None
         return None
     return {
         "mechanism": "each token's vector clipped to L2 norm C and N(0, (sigma C)^2 I) added, per release",
-        "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "delta": p.delta,
+        "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "gradient_clip_norm": p.gradient_clip_norm,
+        "delta": p.delta,
         "releases_per_example": releases,
         "epsilon_per_token_vector": gaussian_epsilon(p.noise_multiplier, releases, p.delta),
         "epsilon_per_sequence": gaussian_epsilon(p.noise_multiplier, releases, p.delta, vectors=config.data.max_length),
         "note": "Renyi accounting, sensitivity 2C per vector (2C sqrt(T) per sequence), no subsampling amplification; "
-                "the head gradient is covered only with privacy.noise_gradients",
+                "the head gradient is covered only with privacy.gradient_clip_norm > 0 (its own C_g)",
     }
 
 

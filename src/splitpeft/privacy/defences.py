@@ -3,8 +3,9 @@
 Three named options (`privacy.*`), each measured by the privacy meter (`privacy/meter.py`):
 
 - **Gaussian release** (`privacy.noise_multiplier` sigma, `privacy.clip_norm` C): every token's
-  vector x_t (d,) that the device sends up (the cut activations; with `privacy.noise_gradients`
-  also the head gradient of U-shaped split and dlora) is clipped and noised,
+  vector x_t (d,) that the device sends up (the cut activations; with `privacy.gradient_clip_norm`
+  C_g > 0 also the head gradient of U-shaped split and dlora, C_g in place of C) is clipped and
+  noised,
 
       x_t -> x_t min(1, C / ||x_t||_2) + sigma C xi_t,      xi_t ~ N(0, I_d)
 
@@ -66,7 +67,7 @@ class Defence:
 
     noise_multiplier: float = 0.0
     clip_norm: float = 0.0
-    noise_gradients: bool = True
+    gradient_clip_norm: float = 0.0
     nopeek_weight: float = 0.0
     seed: int = 0
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
@@ -96,9 +97,12 @@ class Defence:
         return released
 
     def release_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        """A gradient the device sends up (U-shaped split's and dlora's head gradient): released
-        like the activations when `noise_gradients`, else unchanged."""
-        return self.release(grad) if self.noise_gradients else grad
+        """A gradient the device sends up (U-shaped split's and dlora's head gradient, (B, T, d)):
+        each token's row clipped to `gradient_clip_norm` C_g and N(0, (sigma C_g)^2) added; as is
+        when C_g is 0. Its own C, since a gradient row is orders of magnitude smaller than a state."""
+        if self.gradient_clip_norm <= 0:
+            return grad
+        return Defence(self.noise_multiplier, self.gradient_clip_norm, seed=self.seed, _generators=self._generators).release(grad)
 
     def penalty(self, embedded: torch.Tensor, cut: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """alpha dCor(E, Z) over up to NOPEEK_TOKENS real positions (mask (B, T)) of the input
@@ -116,7 +120,7 @@ class Defence:
 
     def describe(self) -> dict[str, float | bool]:
         return {"noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
-                "noise_gradients": self.noise_gradients, "nopeek_weight": self.nopeek_weight}
+                "gradient_clip_norm": self.gradient_clip_norm, "nopeek_weight": self.nopeek_weight}
 
 
 NO_DEFENCE = Defence()

@@ -129,7 +129,7 @@ def capture_batch(model: PreTrainedModel, batch: Batch, exposure: Exposure, defe
 
 
 def _seeded(defence: Defence, seed: int) -> Defence:
-    return Defence(defence.noise_multiplier, defence.clip_norm, defence.noise_gradients, defence.nopeek_weight, seed=seed)
+    return Defence(defence.noise_multiplier, defence.clip_norm, defence.gradient_clip_norm, defence.nopeek_weight, seed=seed)
 
 
 def _overlay(base: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
