@@ -171,7 +171,8 @@ def plot_leakage(table: dict[str, Any], path: Path, utility: dict[str, Any] | No
     by_attacker: dict[str, list[tuple[int, float]]] = {}
     for row in table["rows"]:
         if row["placement"] in ("split_u", "dlora") or row["attacker"] == "labels":
-            by_attacker.setdefault(row["attacker"], []).append((row["split_layer"], row["token_accuracy"]))
+            name = row["attacker"] if row["attacker"] not in ("labels", "gradient") else "labels / head gradient"
+            by_attacker.setdefault(name, []).append((row["split_layer"], row["token_accuracy"]))
     for name, points in sorted(by_attacker.items()):
         points = sorted(set(points))
         left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
@@ -193,10 +194,12 @@ def plot_leakage(table: dict[str, Any], path: Path, utility: dict[str, Any] | No
     elif "device_cost" in table:
         cost = table["device_cost"]
         right.plot([c["split_layer"] for c in cost], [c["predicted_peak_bytes"] / 2**20 for c in cost], marker="o",
-                   label="predicted device peak (MiB)")
+                   color="tab:blue", label="predicted device peak (MiB)")
         twin = right.twinx()
         twin.plot([c["split_layer"] for c in cost], [c["flops_per_step"] / 1e9 for c in cost], marker="s", color="tab:red",
-                  label="device GFLOP per step")
+                  linestyle="--", label="device GFLOP per step")
+        right.legend(loc="upper left", fontsize=7)
+        twin.legend(loc="lower right", fontsize=7)
         right.set_xlabel("split depth k")
         right.set_ylabel("MiB")
         twin.set_ylabel("GFLOP per step")
