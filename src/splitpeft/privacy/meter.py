@@ -180,7 +180,7 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
         leakage.append(_combined(exposure, guesses, truths, masks))
         log.info("privacy: %s leaks %.3f of tokens", exposure.label, leakage[-1]["token_accuracy"])
     return {"chance_token_accuracy": chance, "rows": rows, "leakage": leakage,
-            "private_examples": sum(len(private) for _, private in cases), "aux_examples": len(aux), "defence": settings.defence.describe(),
+            "private_examples": sum(len(p) for p in {id(p): p for _, p in cases}.values()), "aux_examples": len(aux), "defence": settings.defence.describe(),
             "compression": settings.compression, "attackers": list(settings.attackers)}
 
 
