@@ -51,6 +51,7 @@ def main() -> None:
         f"privacy.aux_path={args.data}", f"privacy.aux_examples={args.aux}", "privacy.audit_examples=16",
         f"federation.rounds={args.rounds}", f"federation.local_steps={args.local_steps}",
         "eval.groups=20", "eval.meteor=false", "eval.baseline=false", "eval.every_round=false", "eval.perplexity_examples=32",
+        "count_flops=false",  # FlopCounterMode slows CPU steps; the FLOPs are not what this bench compares
     ]
     chosen = args.only.split(",") if args.only else list(DEFENCES)
     rows = []

@@ -12,9 +12,10 @@ itself) and public text of the task's kind (the *auxiliary* text). The meter:
 2. Runs every attacker (`privacy/attackers.py`) that the traffic exposes, and scores its
    reconstruction of the private tokens (`privacy/scoring.py`): token accuracy over every real
    token of the private text, and ROUGE-L F on token ids.
-3. A placement's *leakage* is its combined reconstruction: the strongest activation attacker's
+3. A placement's *leakage* is the strongest reconstruction: the strongest activation attacker's
    guesses, overwritten by the label or head-gradient attacker's where those make one (they
-   recover the completion tokens exactly, but only those).
+   recover the completion tokens exactly, but only those), or any attacker alone where that does
+   better (under noise, the head-gradient inversion guesses worse than the activations do).
 
 Chance is the best constant guess (the most frequent auxiliary token).
 """
@@ -213,6 +214,12 @@ def _combined(exposure: Exposure, guesses: dict[str, list[torch.Tensor]], truths
             combined = [_overlay(base, top) for base, top in zip(combined, guesses[name])]
             used.append(name)
     result = score(combined, truths, masks)
+    # Under noise a side channel's guesses can be worse than the activation attacker's on the same
+    # positions: the leakage is the strongest of the combination and every attacker alone.
+    for name, guessed in guesses.items():
+        alone = score(guessed, truths, masks)
+        if alone.token_accuracy > result.token_accuracy:
+            used, result = [name], alone
     return {"placement": exposure.placement, "split_layer": exposure.split_layer, "attackers": used,
             "strongest_activation_attacker": best_name, **_score_fields(result)}
 
