@@ -64,7 +64,8 @@ def test_gaussian_epsilon_matches_the_closed_form_optimum():
 
 def _frames(*overrides):
     frames = []
-    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1", "federation.local_steps=2", *overrides))
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1", "federation.local_steps=2",
+                                 "placement.labels_on_device=true", *overrides))
     sim.channels["device-0"].tap = lambda _d, direction, frame: frames.append((direction, decode(frame)))
     return sim, frames
 

@@ -19,12 +19,12 @@ from splitpeft.privacy.meter import Exposure, MeterSettings, capture_batch, expo
 from splitpeft.transport.compression import decompress
 from splitpeft.transport.messages import Kind, decode
 
-FAST = ["privacy.learned_steps=40", "privacy.aux_examples=48", "privacy.audit_examples=12", "data.max_length=64"]
+FAST = ["placement.labels_on_device=true", "privacy.learned_steps=40", "privacy.aux_examples=48", "privacy.audit_examples=12", "data.max_length=64"]
 
 
 @pytest.mark.parametrize("overrides,kind,name", [
     (["placement.labels_on_device=false", "placement.split_layer=2"], Kind.ACTIVATIONS, "hidden"),
-    (["placement.split_layer=1", "transport.compression=int8"], Kind.HEAD_GRADIENT, "grad"),
+    (["placement.split_layer=1", "placement.labels_on_device=true", "transport.compression=int8"], Kind.HEAD_GRADIENT, "grad"),
     (["placement.placement=dlora", "placement.dlora_device_blocks=1", "transport.compression=bf16"], Kind.ACTIVATIONS, "hidden"),
 ])
 def test_the_meter_sees_exactly_what_the_device_sends(overrides, kind, name):
@@ -119,7 +119,7 @@ def _table(tmp_path, values):
     return str(path)
 
 
-HSPLIT = ["hsplit.planner=armsc", "federation.aggregator=noise_free", "hsplit.max_split=3", "federation.num_devices=3"]
+HSPLIT = ["placement.labels_on_device=true", "hsplit.planner=armsc", "federation.aggregator=noise_free", "hsplit.max_split=3", "federation.num_devices=3"]
 
 
 def test_the_planner_keeps_every_device_within_the_leakage_ceiling(tmp_path):
@@ -139,5 +139,5 @@ def test_the_planner_keeps_every_device_within_the_leakage_ceiling(tmp_path):
 def test_a_fixed_split_below_the_floor_is_refused(tmp_path):
     table = _table(tmp_path, {0: 1.0, 2: 0.8})
     with pytest.raises(PlanError, match="below the privacy floor"):
-        Simulation(tiny_config("tiny-llama", "placement.split_layer=2", f"hsplit.leakage_table={table}",
+        Simulation(tiny_config("tiny-llama", "placement.split_layer=2", "placement.labels_on_device=true", f"hsplit.leakage_table={table}",
                                "hsplit.max_leakage=0.5"))
