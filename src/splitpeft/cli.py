@@ -38,14 +38,17 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--resume", action="store_true",
                           help="continue from --checkpoint's last completed round (verified: intact and of this run)")
 
-    compare = commands.add_parser("compare", help="run a suite of methods side by side (hsplit, dlora)")
-    compare.add_argument("suite", help="hsplit: HSplitLoRA vs HetLoRA vs SplitLoRA vs CenLoRA; dlora: KR vs no KR vs static")
+    compare = commands.add_parser("compare", help="run a suite of methods side by side (hsplit, dlora), over seeds")
+    compare.add_argument("suite", help="hsplit: HSplitLoRA against its baselines; dlora: Kill and Revive against no KR and static")
     compare_source = compare.add_mutually_exclusive_group()
     compare_source.add_argument("--config", type=Path, help="YAML config file (the shared base)")
     compare_source.add_argument("--preset", help="built-in preset: default, tiny, e2e")
     compare.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every method")
-    compare.add_argument("--methods", help="comma-separated subset of the suite's methods")
-    compare.add_argument("--target-loss", type=float, help="held-out loss for 'rounds to target' (default: worst final)")
+    compare.add_argument("--methods", help="comma-separated subset of the suite's methods (default: all)")
+    compare.add_argument("--seeds", type=int, default=1,
+                         help="runs per method, with seeds seed, seed+1, ... (config key `seed`); the table shows mean ± std")
+    compare.add_argument("--target-loss", type=float,
+                         help="held-out loss for rounds and simulated time to target (default: worst mean final loss)")
     compare.add_argument("--out", type=Path, required=True, help="folder for the runs and the table")
     compare.add_argument("--overwrite", action="store_true")
     compare.add_argument("--no-progress", action="store_true")
@@ -157,7 +160,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     run_comparison(
         args.suite, args.out, config_path=args.config, preset=args.preset, overrides=args.overrides,
-        methods=args.methods.split(",") if args.methods else None, target_loss=args.target_loss,
+        methods=args.methods.split(",") if args.methods else None, seeds=args.seeds, target_loss=args.target_loss,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
     print((args.out / "comparison.md").read_text())

@@ -168,7 +168,7 @@ def test_compare_command_writes_table_and_plot(tmp_path):
     )
     assert set(comparison["methods"]) == {"hsplitlora", "hetlora", "splitlora", "cenlora"}
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    assert saved["methods"]["cenlora"]["tokens"] > 0
+    assert saved["methods"]["cenlora"]["runs"]["seed-0"]["tokens"] > 0
     assert (tmp_path / "cmp" / "convergence.png").is_file()
     assert "| hsplitlora |" in (tmp_path / "cmp" / "comparison.md").read_text()
 

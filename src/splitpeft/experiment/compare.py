@@ -1,6 +1,6 @@
-"""Side-by-side comparisons on the same data, model, fleet and token budget.
+"""Side-by-side comparisons on the same data, model, fleet and token budget, over several seeds.
 
-Suites (each method is the base config plus a few overrides):
+Suites (each method is the base config plus a few overrides; a method is one entry of `SUITES`):
 
 * `hsplit`: HSplitLoRA (IWI + ARMSC + noise_free), HetLoRA (rank by budget, fixed split,
   zero_pad), SplitLoRA (fixed split, one rank, fedavg), CenLoRA (centralized; one party doing
@@ -8,13 +8,21 @@ Suites (each method is the base config plus a few overrides):
 * `dlora`: dlora without KR, with KR, and the static baselines (same number of active adapters,
   chosen once at random / by initial score).
 
-Writes one run folder per method under `out/`, `comparison.json`, `comparison.md` (the table) and
-`convergence.png` (held-out loss and training loss per round, one line per method).
+Each method runs once per seed (config key `seed`: base, base + 1, ...), in `out/METHOD/seed-S`.
+`comparison.json` keeps every run's summary and, per method, the mean, sample standard deviation,
+min and max over seeds of each number in `SCALARS`; `comparison.md` is the table (mean ± std);
+`convergence.png` plots held-out loss per round, training loss per round and held-out loss against
+cumulative simulated time (mean over seeds, band min-max).
+
+Rounds and simulated time to target are measured against one target held-out loss for every run:
+`target_loss` if given, else the worst (highest) of the methods' mean final held-out losses, so
+every method reaches it on average.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,8 @@ from splitpeft.config import ExperimentConfig, load_config
 from splitpeft.experiment.report import write_json
 from splitpeft.experiment.run import run_experiment
 
+# suite -> method -> the overrides that make the method from the base config. A new method is one
+# more entry; run_comparison (and the CLI's --methods) take the names from here.
 SUITES: dict[str, dict[str, list[str]]] = {
     "hsplit": {
         "hsplitlora": ["hsplit.planner=armsc", "federation.aggregator=noise_free"],
@@ -38,6 +48,25 @@ SUITES: dict[str, dict[str, list[str]]] = {
 }
 
 
+# The per-run numbers whose mean and spread over seeds comparison.json keeps (summary key: what it is).
+SCALARS: dict[str, str] = {
+    "bleu": "BLEU of the final adapter on the held-out MRs",
+    "rouge_l": "ROUGE-L",
+    "meteor": "METEOR",
+    "perplexity": "held-out perplexity of the final adapter",
+    "final_heldout_loss": "held-out loss (log perplexity) after the last round",
+    "rounds_to_target": "first round whose held-out loss is at or below the target",
+    "simulated_s_to_target": "simulated wall time up to and including that round",
+    "simulated_s": "simulated wall time of the whole run (sum of the rounds' times)",
+    "device_flops": "FLOPs on the devices",
+    "device_adapter_flops": "of which in adapter branches (dlora)",
+    "bytes_up": "bytes devices -> server",
+    "bytes_down": "bytes server -> devices",
+    "max_peak_memory_bytes": "largest device peak memory",
+    "tokens": "tokens trained on",
+}
+
+
 def method_config(base: ExperimentConfig, path: Path | None, preset: str | None, overrides: list[str], method_overrides: list[str]) -> ExperimentConfig:
     config = load_config(path, [*overrides, *method_overrides], preset=preset)
     if config.placement.placement == "centralized":
@@ -47,29 +76,38 @@ def method_config(base: ExperimentConfig, path: Path | None, preset: str | None,
     return config
 
 
-def summarise(report: dict[str, Any]) -> dict[str, Any]:
-    rounds = report["rounds"]
-    evaluation = report["eval"]
-    simulated = [s.get("simulated_s") for r in rounds for s in r["devices"].values()]
-    return {
-        "bleu": evaluation.get("bleu"),
-        "rouge_l": evaluation.get("rouge_l"),
-        "meteor": evaluation.get("meteor"),
-        "perplexity": evaluation.get("perplexity"),
-        "heldout_loss_per_round": [math.log(r["eval_perplexity"]) if r.get("eval_perplexity") else None for r in rounds],
-        "train_loss_per_round": [
-            sum(s["train_loss"] * s["tokens"] for s in r["devices"].values()) / max(1, sum(s["tokens"] for s in r["devices"].values()))
-            for r in rounds
-        ],
-        "device_flops": report["totals"]["device_flops"],
-        "device_adapter_flops": sum(s.get("adapter_flops", 0) for r in rounds for s in r["devices"].values()),
-        "bytes_up": report["totals"]["bytes_up"],
-        "bytes_down": report["totals"]["bytes_down"],
-        "tokens": report["totals"]["tokens"],
-        "max_peak_memory_bytes": max(d["peak_memory_bytes"] for d in report["totals"]["per_device"].values()),
-        "simulated_s": sum(s for s in simulated if s is not None) if any(s is not None for s in simulated) else None,
-        "plans": report["info"].get("plans"),
-    }
+def round_simulated_s(record: dict[str, Any]) -> float | None:
+    """Simulated wall time of one round of a report (`report["rounds"][i]`).
+
+    The round's own `simulated_round_s` when the report has it (the round including the server's
+    shared compute); else the slowest device's `simulated_s`, since the round waits for it:
+    `max_i simulated_s_i`. None when no device has a simulated time (no fleet profiles: set
+    `fleet.memory_bytes` or `fleet.memory_range`); 0.0 for a round in which no device trained.
+    """
+    if record.get("simulated_round_s") is not None:
+        return float(record["simulated_round_s"])
+    devices = record["devices"].values()
+    if not devices:
+        return 0.0
+    times = [d["simulated_s"] for d in devices if d.get("simulated_s") is not None]
+    return max(times) if times else None
+
+
+def cumulative_simulated_s(rounds: list[dict[str, Any]]) -> list[float | None]:
+    """Simulated wall time from the start to the end of each round; None from the first round
+    without a simulated time on."""
+    total: float | None = 0.0
+    out: list[float | None] = []
+    for record in rounds:
+        step = round_simulated_s(record)
+        total = None if total is None or step is None else total + step
+        out.append(total)
+    return out
+
+
+def heldout_loss(record: dict[str, Any]) -> float | None:
+    """A round's held-out loss: log of its eval perplexity (None if the round was not evaluated)."""
+    return math.log(record["eval_perplexity"]) if record.get("eval_perplexity") else None
 
 
 def rounds_to_target(losses: list[float | None], target: float) -> int | None:
@@ -80,6 +118,67 @@ def rounds_to_target(losses: list[float | None], target: float) -> int | None:
     return None
 
 
+def simulated_s_to_target(rounds: list[dict[str, Any]], target: float) -> float | None:
+    """Simulated wall time to the target held-out loss: the sum of `round_simulated_s` over the
+    rounds up to and including the first whose held-out loss (log eval perplexity) is <= `target`.
+    None if no round gets there or a round on the way has no simulated time."""
+    reached = rounds_to_target([heldout_loss(r) for r in rounds], target)
+    return None if reached is None else cumulative_simulated_s(rounds)[reached - 1]
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    """One run's numbers (the keys of `SCALARS` but the two to-target ones, and per-round curves)."""
+    rounds = report["rounds"]
+    evaluation = report["eval"]
+    heldout = [heldout_loss(r) for r in rounds]
+    cumulative = cumulative_simulated_s(rounds)
+    return {
+        "seed": report["config"].get("seed"),
+        "bleu": evaluation.get("bleu"),
+        "rouge_l": evaluation.get("rouge_l"),
+        "meteor": evaluation.get("meteor"),
+        "perplexity": evaluation.get("perplexity"),
+        "final_heldout_loss": heldout[-1] if heldout else None,
+        "heldout_loss_per_round": heldout,
+        "train_loss_per_round": [
+            sum(s["train_loss"] * s["tokens"] for s in r["devices"].values()) / max(1, sum(s["tokens"] for s in r["devices"].values()))
+            for r in rounds
+        ],
+        "simulated_s_per_round": [round_simulated_s(r) for r in rounds],
+        "cumulative_simulated_s": cumulative,
+        "simulated_s": cumulative[-1] if cumulative else None,
+        "device_flops": report["totals"]["device_flops"],
+        "device_adapter_flops": sum(s.get("adapter_flops", 0) for r in rounds for s in r["devices"].values()),
+        "bytes_up": report["totals"]["bytes_up"],
+        "bytes_down": report["totals"]["bytes_down"],
+        "tokens": report["totals"]["tokens"],
+        "max_peak_memory_bytes": max(d["peak_memory_bytes"] for d in report["totals"]["per_device"].values()),
+        "plans": report["info"].get("plans"),
+    }
+
+
+def spread(values: list[float | None]) -> dict[str, float | int | None]:
+    """Mean, sample standard deviation (n - 1), min and max of the values that are not None, and
+    their count `n`; std is None below two values, everything but n is None with none."""
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": statistics.fmean(present),
+        "std": statistics.stdev(present) if len(present) > 1 else None,
+        "min": min(present),
+        "max": max(present),
+        "n": len(present),
+    }
+
+
+def curves(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, float | int | None]]]:
+    """Per round, the spread over seeds of held-out loss, training loss and cumulative simulated time."""
+    keys = {"heldout_loss": "heldout_loss_per_round", "train_loss": "train_loss_per_round",
+            "cumulative_simulated_s": "cumulative_simulated_s"}
+    return {name: [spread(list(per_round)) for per_round in zip(*(run[key] for run in runs))] for name, key in keys.items()}
+
+
 def run_comparison(
     suite: str,
     out: Path,
@@ -88,74 +187,137 @@ def run_comparison(
     preset: str | None = None,
     overrides: list[str] | None = None,
     methods: list[str] | None = None,
+    seeds: int = 1,
     target_loss: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
+    """Run each method of `suite` with seeds base, base + 1, ..., base + seeds - 1 (base: the config's
+    `seed`) into `out/METHOD/seed-S`; write and return the comparison (see the module docstring)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"--seeds must be a whole number of runs per method, at least 1, not {seeds!r}")
     chosen = methods or list(SUITES[suite])
     unknown = [m for m in chosen if m not in SUITES[suite]]
     if unknown:
         raise ValueError(f"unknown methods for suite {suite}: {unknown}; choose from {', '.join(SUITES[suite])}")
     overrides = list(overrides or [])
     base = load_config(config_path, overrides, preset=preset)
-    configs = {m: method_config(base, config_path, preset, overrides, SUITES[suite][m]) for m in chosen}  # validate all first
+    seed_list = [base.seed + i for i in range(seeds)]
+    configs = {  # all validated before any run
+        (method, seed): method_config(base, config_path, preset, [*overrides, f"seed={seed}"], SUITES[suite][method])
+        for method in chosen for seed in seed_list
+    }
     out = Path(out)
-    results: dict[str, Any] = {}
-    for method, config in configs.items():
-        report = run_experiment(config, out / method, overwrite=overwrite, progress=progress)
-        results[method] = summarise(report)
-    finals = [r["heldout_loss_per_round"][-1] for r in results.values() if r["heldout_loss_per_round"][-1] is not None]
-    target = target_loss if target_loss is not None else (max(finals) if finals else None)
-    for result in results.values():
-        result["rounds_to_target"] = rounds_to_target(result["heldout_loss_per_round"], target) if target is not None else None
-    comparison = {"suite": suite, "target_heldout_loss": target, "methods": results}
+    reports = {key: run_experiment(config, out / key[0] / f"seed-{key[1]}", overwrite=overwrite, progress=progress)
+               for key, config in configs.items()}
+
+    runs = {method: {seed: summarise(reports[method, seed]) for seed in seed_list} for method in chosen}
+    mean_finals = {method: spread([r["final_heldout_loss"] for r in by_seed.values()])["mean"] for method, by_seed in runs.items()}
+    reached = {m: v for m, v in mean_finals.items() if v is not None}
+    if target_loss is not None:
+        target, source = target_loss, "--target-loss"
+    elif reached:
+        worst = max(reached, key=lambda m: reached[m])
+        target, source = reached[worst], f"worst mean final held-out loss ({worst})"
+    else:
+        target, source = None, "no held-out loss"
+    for (method, seed), report in reports.items():
+        run = runs[method][seed]
+        run["rounds_to_target"] = None if target is None else rounds_to_target(run["heldout_loss_per_round"], target)
+        run["simulated_s_to_target"] = None if target is None else simulated_s_to_target(report["rounds"], target)
+
+    comparison = {
+        "suite": suite,
+        "seeds": seed_list,
+        "target_heldout_loss": target,
+        "target_from": source,
+        "methods": {
+            method: {
+                "spread": {key: spread([r[key] for r in by_seed.values()]) for key in SCALARS},
+                "curves": curves(list(by_seed.values())),
+                "runs": {f"seed-{seed}": run for seed, run in by_seed.items()},
+            }
+            for method, by_seed in runs.items()
+        },
+    }
     write_json(out / "comparison.json", comparison)
     (out / "comparison.md").write_text(markdown_table(comparison))
-    plot_convergence(results, out / "convergence.png")
+    plot_convergence(comparison, out / "convergence.png")
     return comparison
 
 
 def markdown_table(comparison: dict[str, Any]) -> str:
-    header = ("| method | BLEU | ROUGE-L | METEOR | perplexity | rounds to target | device GFLOP | of which adapters "
-              "| MB up | MB down | max peak MB | simulated s |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    """Mean ± sample std over seeds per method; `(k/n)` where only k of the n seeds have the value
+    (for example only k reached the target)."""
+    columns = [  # header, SCALARS key, format, scale
+        ("BLEU", "bleu", ".2f", 1.0), ("ROUGE-L", "rouge_l", ".4f", 1.0), ("METEOR", "meteor", ".4f", 1.0),
+        ("perplexity", "perplexity", ".3f", 1.0), ("rounds to target", "rounds_to_target", ".1f", 1.0),
+        ("simulated s to target", "simulated_s_to_target", ".1f", 1.0), ("device GFLOP", "device_flops", ".0f", 1e-9),
+        ("of which adapters", "device_adapter_flops", ".1f", 1e-9), ("MB up", "bytes_up", ".1f", 1e-6),
+        ("MB down", "bytes_down", ".1f", 1e-6), ("max peak MB", "max_peak_memory_bytes", ".0f", 1e-6),
+        ("simulated s", "simulated_s", ".1f", 1.0),
+    ]
+    seeds = len(comparison["seeds"])
+    header = "| method | seeds | " + " | ".join(c[0] for c in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
 
-    def fmt(value: Any, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+    def cell(stats: dict[str, Any], spec: str, scale: float) -> str:
+        if stats["mean"] is None:
+            return "-"
+        text = format(stats["mean"] * scale, spec)
+        if stats["std"] is not None:
+            text += " ± " + format(stats["std"] * scale, spec)
+        return text if stats["n"] == seeds else f"{text} ({stats['n']}/{seeds})"
 
-    for method, r in comparison["methods"].items():
-        lines.append(
-            f"| {method} | {fmt(r['bleu'], '.2f')} | {fmt(r['rouge_l'], '.4f')} | {fmt(r['meteor'], '.4f')} "
-            f"| {fmt(r['perplexity'], '.3f')} | {fmt(r['rounds_to_target'], 'd')} | {r['device_flops'] / 1e9:.0f} "
-            f"| {r['device_adapter_flops'] / 1e9:.1f} "
-            f"| {r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} | {r['max_peak_memory_bytes'] / 1e6:.0f} "
-            f"| {fmt(r['simulated_s'], '.1f')} |"
-        )
+    for method, entry in comparison["methods"].items():
+        cells = [cell(entry["spread"][key], spec, scale) for _, key, spec, scale in columns]
+        lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
     target = comparison.get("target_heldout_loss")
-    lines.append("")
-    lines.append(f"Target held-out loss (log perplexity): {fmt(target, '.4f')}")
+    seed_list = comparison["seeds"]
+    lines += ["", f"Mean ± sample standard deviation over seeds {seed_list[0]}..{seed_list[-1]} (n = {seeds}).",
+              f"Target held-out loss (log perplexity): {'-' if target is None else format(target, '.4f')}, "
+              f"from {comparison['target_from']}."]
     return "\n".join(lines) + "\n"
 
 
-def plot_convergence(results: dict[str, Any], path: Path) -> None:
+def plot_convergence(comparison: dict[str, Any], path: Path) -> None:
+    """Held-out and training loss per round, and held-out loss against cumulative simulated time:
+    the mean over seeds, shaded from the min to the max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method, r in results.items():
-        held = r["heldout_loss_per_round"]
-        axes[0].plot(range(1, len(held) + 1), held, marker="o", label=method)
-        train = r["train_loss_per_round"]
-        axes[1].plot(range(1, len(train) + 1), train, marker="o", label=method)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    timed = False
+    for method, entry in comparison["methods"].items():
+        for ax, name in ((axes[0], "heldout_loss"), (axes[1], "train_loss")):
+            points = [(i + 1, s) for i, s in enumerate(entry["curves"][name]) if s["mean"] is not None]
+            x = [i for i, _ in points]
+            (line,) = ax.plot(x, [s["mean"] for _, s in points], marker="o", label=method)
+            ax.fill_between(x, [s["min"] for _, s in points], [s["max"] for _, s in points], color=line.get_color(), alpha=0.2)
+        pairs = [(t["mean"], h) for t, h in zip(entry["curves"]["cumulative_simulated_s"], entry["curves"]["heldout_loss"])
+                 if t["n"] == len(comparison["seeds"]) and h["mean"] is not None]
+        if pairs:
+            timed = True
+            x = [t for t, _ in pairs]
+            (line,) = axes[2].plot(x, [h["mean"] for _, h in pairs], marker="o", label=method)
+            axes[2].fill_between(x, [h["min"] for _, h in pairs], [h["max"] for _, h in pairs], color=line.get_color(), alpha=0.2)
     axes[0].set_title("held-out loss (log perplexity) after each round")
     axes[1].set_title("training loss per round (token-weighted)")
-    for ax in axes:
+    axes[2].set_title("held-out loss against simulated wall time")
+    for ax in axes[:2]:
         ax.set_xlabel("round")
-        ax.legend()
+    axes[2].set_xlabel("cumulative simulated time (s; mean over seeds)")
+    if not timed:
+        axes[2].text(0.5, 0.5, "no simulated time\n(set fleet.memory_bytes or fleet.memory_range)",
+                     ha="center", va="center", transform=axes[2].transAxes)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(f"mean over {len(comparison['seeds'])} seed(s); band: min to max")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

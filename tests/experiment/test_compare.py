@@ -1,0 +1,168 @@
+"""`splitpeft compare`: seeds, mean and spread, rounds and simulated time to target."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitpeft.cli import main
+from splitpeft.experiment import compare
+from splitpeft.experiment.compare import (
+    SCALARS,
+    round_simulated_s,
+    run_comparison,
+    simulated_s_to_target,
+    spread,
+)
+
+
+def _round(number, loss, device_s, round_s=None):
+    """A report round: held-out loss `loss` (stored as its perplexity), devices' simulated times."""
+    record = {
+        "round": number,
+        "eval_perplexity": None if loss is None else math.exp(loss),
+        "devices": {f"device-{i}": {"simulated_s": s, "train_loss": loss or 1.0, "tokens": 10, "adapter_flops": 0}
+                    for i, s in enumerate(device_s)},
+    }
+    if round_s is not None:
+        record["simulated_round_s"] = round_s
+    return record
+
+
+def test_a_round_lasts_as_long_as_its_slowest_device_unless_the_report_says():
+    assert round_simulated_s(_round(1, 2.0, [3.0, 7.5, 1.0])) == 7.5
+    # the round's own time (server compute included) wins over the devices'
+    assert round_simulated_s(_round(1, 2.0, [3.0, 7.5], round_s=9.25)) == 9.25
+    assert round_simulated_s(_round(1, 2.0, [None, None])) is None
+    assert round_simulated_s(_round(1, 2.0, [])) == 0.0
+
+
+def test_simulated_time_to_target_sums_the_rounds_up_to_the_first_at_or_below_it():
+    rounds = [
+        _round(1, 3.0, [4.0, 10.0]),
+        _round(2, None, [5.0, 6.0]),  # not evaluated: its time still counts
+        _round(3, 2.0, [1.0, 2.0], round_s=8.0),
+        _round(4, 1.0, [3.0, 3.0]),
+    ]
+    assert simulated_s_to_target(rounds, 2.0) == 10.0 + 6.0 + 8.0  # round 3 is at the target
+    assert simulated_s_to_target(rounds, 2.5) == 10.0 + 6.0 + 8.0
+    assert simulated_s_to_target(rounds, 3.0) == 10.0
+    assert simulated_s_to_target(rounds, 1.0) == 10.0 + 6.0 + 8.0 + 3.0
+    assert simulated_s_to_target(rounds, 0.5) is None  # never reached
+    untimed = [_round(1, 3.0, [None]), _round(2, 1.0, [2.0])]
+    assert simulated_s_to_target(untimed, 1.0) is None
+
+
+def test_spread_is_numpys_mean_sample_std_min_max():
+    values = [3.25, None, 1.5, 4.0, 2.0]
+    present = np.array([3.25, 1.5, 4.0, 2.0])
+    stats = spread(values)
+    assert stats["n"] == 4
+    assert stats["mean"] == pytest.approx(np.mean(present))
+    assert stats["std"] == pytest.approx(np.std(present, ddof=1))
+    assert (stats["min"], stats["max"]) == (1.5, 4.0)
+    assert spread([2.0]) == {"mean": 2.0, "std": None, "min": 2.0, "max": 2.0, "n": 1}
+    assert spread([None, None])["mean"] is None
+
+
+JITTER = {5: 0.0, 6: 0.1, 7: 0.5}
+
+
+def _fake_report(seed: int, method_offset: float) -> dict:
+    """A run whose held-out loss falls 0.5 a round from 4 + offset + jitter; device 1 is the slow one."""
+    losses = [4.0 + method_offset + JITTER[seed] - 0.5 * r for r in range(3)]
+    rounds = [_round(r + 1, loss, [1.0 + seed, 2.0 + 2 * seed]) for r, loss in enumerate(losses)]
+    return {
+        "config": {"seed": seed},
+        "rounds": rounds,
+        "eval": {"bleu": 10.0 + seed, "perplexity": math.exp(losses[-1])},
+        "totals": {"device_flops": 1000 * (seed + 1), "bytes_up": 7, "bytes_down": 9, "tokens": 60,
+                   "per_device": {"device-0": {"peak_memory_bytes": 5}}},
+        "info": {},
+    }
+
+
+def test_each_seed_runs_in_its_own_folder_against_one_target(tmp_path, monkeypatch):
+    """The target is the worst of the methods' mean final losses; every seed is measured against it."""
+    calls: list[tuple[int, Path]] = []
+
+    def fake_run(config, out, **_):
+        calls.append((config.seed, Path(out)))
+        offset = 0.25 if config.kill_revive.enabled else 0.0
+        return _fake_report(config.seed, offset)
+
+    monkeypatch.setattr(compare, "run_experiment", fake_run)
+    out = tmp_path / "cmp"
+    comparison = run_comparison("dlora", out, preset="tiny", overrides=["seed=5"], methods=["no_kr", "kr"], seeds=3,
+                                progress=False)
+    assert sorted(calls) == sorted((s, out / m / f"seed-{s}") for m in ("no_kr", "kr") for s in (5, 6, 7))
+    assert comparison["seeds"] == [5, 6, 7]
+    # kr's finals are 3.25, 3.35, 3.75: mean 3.45, worse than no_kr's 3.2
+    assert comparison["target_heldout_loss"] == pytest.approx(3.45)
+    kr = comparison["methods"]["kr"]["runs"]
+    # seed 5: 4.25, 3.75, 3.25 reaches it in round 3; seed 7 ends at 3.75, never
+    assert kr["seed-5"]["rounds_to_target"] == 3 and kr["seed-5"]["simulated_s_to_target"] == pytest.approx(3 * 12.0)
+    assert kr["seed-7"]["rounds_to_target"] is None and kr["seed-7"]["simulated_s_to_target"] is None
+    no_kr = comparison["methods"]["no_kr"]["runs"]
+    # no_kr seed 6: losses 4.1, 3.6, 3.1 -> round 3; each round lasts the slow device's 2 + 2 * 6 s
+    assert no_kr["seed-6"]["rounds_to_target"] == 3 and no_kr["seed-6"]["simulated_s_to_target"] == pytest.approx(3 * 14.0)
+    assert no_kr["seed-6"]["simulated_s"] == pytest.approx(3 * 14.0)
+
+    saved = json.loads((out / "comparison.json").read_text())
+    for method, entry in saved["methods"].items():
+        assert set(entry["spread"]) == set(SCALARS)
+        for key, stats in entry["spread"].items():
+            values = np.array([r[key] for r in entry["runs"].values() if r[key] is not None], dtype=float)
+            assert stats["n"] == len(values), (method, key)
+            if len(values) > 1:
+                assert stats["mean"] == pytest.approx(values.mean()), (method, key)
+                assert stats["std"] == pytest.approx(values.std(ddof=1)), (method, key)
+                assert (stats["min"], stats["max"]) == (values.min(), values.max())
+    assert saved["methods"]["kr"]["spread"]["rounds_to_target"]["n"] == 2  # seed 7 never got there
+    table = (out / "comparison.md").read_text()
+    assert "| kr | 3 | 16.00 ± 1.00 |" in table  # BLEU 10 + s over seeds 5, 6, 7
+    assert "(2/3)" in table and "worst mean final held-out loss (kr)" in table
+    assert (out / "convergence.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("seeds", ["0", "-2"])
+def test_seeds_below_one_are_refused_before_any_run(tmp_path, capsys, seeds):
+    out = tmp_path / "cmp"
+    assert main(["compare", "dlora", "--preset", "tiny", "--seeds", seeds, "--out", str(out)]) == 2
+    assert f"--seeds must be a whole number of runs per method, at least 1, not {seeds}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_compare_cli_runs_every_seed_on_the_tiny_preset(tmp_path, capsys):
+    """Two seeds of two dlora methods on the tiny model, through the CLI: different seeds, different runs."""
+    out = tmp_path / "cmp"
+    args = ["compare", "dlora", "--preset", "tiny", "--methods", "no_kr,kr", "--seeds", "2", "--out", str(out),
+            "--no-progress", "federation.num_devices=2", "federation.rounds=2", "federation.local_steps=1",
+            "data.limit=80", "data.max_length=96", "eval.generation=false", "eval.perplexity_examples=8",
+            "fleet.memory_range=[1000000000,2000000000]", "fleet.flops_per_s=[1e8,4e8]"]
+    assert main(args) == 0
+    assert "comparison.md" not in capsys.readouterr().err
+    for method in ("no_kr", "kr"):
+        for seed in (0, 1):
+            assert (out / method / f"seed-{seed}" / "report.json").is_file()
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["seeds"] == [0, 1]
+    for entry in saved["methods"].values():
+        runs = entry["runs"]
+        assert [r["seed"] for r in runs.values()] == [0, 1]
+        assert runs["seed-0"]["heldout_loss_per_round"] != runs["seed-1"]["heldout_loss_per_round"]
+        finals = np.array([r["final_heldout_loss"] for r in runs.values()])
+        assert entry["spread"]["final_heldout_loss"]["mean"] == pytest.approx(finals.mean())
+        assert entry["spread"]["final_heldout_loss"]["std"] == pytest.approx(finals.std(ddof=1))
+        assert all(run["simulated_s"] is not None and run["simulated_s"] > 0 for run in runs.values())
+    for method, entry in saved["methods"].items():
+        for seed, run in entry["runs"].items():
+            report = json.loads((out / method / seed / "report.json").read_text())
+            assert run["simulated_s_to_target"] == simulated_s_to_target(report["rounds"], saved["target_heldout_loss"])
+    # the worst method's mean final is the target, so at least one of its seeds reaches it
+    assert any(r["rounds_to_target"] is not None for e in saved["methods"].values() for r in e["runs"].values())
+    assert "±" in (out / "comparison.md").read_text()
+    assert (out / "convergence.png").stat().st_size > 0
