@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +77,14 @@ def test_coco_tokenize_matches_ptb_style() -> None:
     assert coco_tokenize("It's family-friendly. Near X, too!") == "it 's family-friendly near x too"
 
 
+def test_coco_tokenize_normalises_currency_and_brackets_like_ptb() -> None:
+    """Bug: "£20" stayed one token, where the PTBTokenizer of the E2E script writes "# 20"
+    (and the euro as "$", brackets as -lrb- ...); every E2E price differed, so ROUGE-L and
+    CIDEr were off in the third decimal. Expected strings are CoreNLP 3.4.1's output."""
+    assert coco_tokenize("Prices are £20-25, less than €5 or ¥5.") == "prices are # 20-25 less than $ 5 or ¥ 5"
+    assert coco_tokenize("A pub (cheap) [b] {c}") == "a pub -lrb- cheap -rrb- -lsb- b -rsb- -lcb- c -rcb-"
+
+
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
 def test_meteor_runs_and_leaves_no_java_process() -> None:
     def meteor_jvms() -> int:
@@ -93,6 +103,151 @@ def test_meteor_without_java_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
     scores = e2e_metrics([refs[0] for refs in REFS], REFS)
     assert scores["meteor"] is None
     assert scores["bleu"] == pytest.approx(100.0)
+
+
+# --- agreement with the official E2E scorer ----------------------------------------------
+
+NAMES = ["The Eagle", "Alimentum", "The Mill", "Zizzi", "Fitzbillies", "The Phoenix", "Cotto", "Aromi",
+         "Blue Spice", "The Wrestlers", "Clowns", "Strada", "Giraffe", "The Cricketers", "Loch Fyne"]
+FOODS = ["Italian", "French", "English", "Japanese", "Chinese", "Indian", "fast food"]
+KINDS = ["coffee shop", "pub", "restaurant"]
+AREAS = ["city centre", "riverside"]
+PRICES = ["cheap", "moderate", "high", "less than £20", "£20-25", "more than £30"]
+RATINGS = ["0 out of 5", "1 out of 5", "3 out of 5", "5 out of 5", "low", "average", "high"]
+NEAR = ["Burger King", "the Rice Boat", "Café Brazil", "Crowne Plaza Hotel", "All Bar One", "Raja Indian Cuisine"]
+FILLERS = ["It's", "There is", "Located in the", "Near", "a", "the", "is", "and", "with", "which", "serves",
+           "food", ",", "."]
+
+
+def _reference(rng: random.Random, slots: tuple) -> str:
+    name, food, kind, area, price, rating, near, family = slots
+    openings = [
+        f"{name} is a {kind} serving {food} food",
+        f"{name} is a {food} {kind}",
+        f"There is a {kind} called {name} that serves {food} food",
+        f"Located in the {area}, {name} offers {food} food",
+    ]
+    details = [
+        f"it is in the {area} area near {near}",
+        f"prices are {price}",
+        f"its customer rating is {rating}",
+        f"it's {'family-friendly' if family else 'not kid friendly'}",
+        f"you can find it near {near}",
+        f"the price range is {price} and it is rated {rating}",
+    ]
+    parts = [rng.choice(openings)] + rng.sample(details, rng.randint(0, 3))
+    text = parts[0]
+    for part in parts[1:]:
+        joiner = rng.choice([", and ", ". ", "; ", " - ", " and "])
+        capital = joiner == ". " or rng.random() < 0.2
+        text += joiner + (part[0].upper() + part[1:] if capital else part)
+    return text + rng.choice([".", ".", "!", ""])
+
+
+def _hypothesis(rng: random.Random, references: list[str]) -> str:
+    """A reference as it is (1 in 5), or with words dropped, replaced, upper-cased or doubled;
+    1 in 10 also cut to half its length (so the length penalties act)."""
+    words = rng.choice(references).split()
+    edit = rng.random()
+    if edit < 0.2:
+        return " ".join(words)
+    out = []
+    for word in words:
+        r = rng.random()
+        if r < 0.12:
+            continue
+        out.append(rng.choice(FILLERS) if r < 0.2 else word.upper() if r < 0.24 else word)
+        if rng.random() < 0.05:
+            out.append(word)
+    if edit > 0.9:
+        out = out[: max(1, len(out) // 2)]
+    return " ".join(out)
+
+
+def official_fixture(seed: int = 14, num_mrs: int = 60) -> tuple[list[str], list[list[str]]]:
+    """E2E-like outputs and 1-8 references per MR, the same on every run (a seeded generator)."""
+    rng = random.Random(seed)
+    hypotheses, references = [], []
+    for _ in range(num_mrs):
+        slots = (rng.choice(NAMES), rng.choice(FOODS), rng.choice(KINDS), rng.choice(AREAS),
+                 rng.choice(PRICES), rng.choice(RATINGS), rng.choice(NEAR), rng.random() < 0.5)
+        group = [_reference(rng, slots) for _ in range(rng.randint(1, 8))]
+        references.append(group)
+        hypotheses.append(_hypothesis(rng, group))
+    return hypotheses, references
+
+
+def write_official_inputs(folder: str) -> None:
+    """The fixture in the official scorer's text format: one output a line; references one a
+    line, MRs separated by an empty line."""
+    hypotheses, references = official_fixture()
+    Path(folder, "outputs.txt").write_text("\n".join(hypotheses) + "\n")
+    Path(folder, "references.txt").write_text("\n\n".join("\n".join(refs) for refs in references) + "\n")
+
+
+# The official scorer's numbers on exactly `official_fixture()`: tuetschek/e2e-metrics at 1b9c4d8
+# (measure_scores.py; BLEU and NIST from its mteval-v13a-sig.pl, METEOR 1.5 and CIDEr/ROUGE-L
+# from its pycocoevalcap after CoreNLP 3.4.1's PTBTokenizer), checked out at /tmp/e2e-metrics
+# and run once with
+#   .venv/bin/python -c "import sys; sys.path.insert(0, 'tests/experiment'); \
+#       from test_metrics import write_official_inputs; write_official_inputs('/tmp/fixture')"
+#   cd /tmp/e2e-metrics && PERL5LIB=/tmp/e2e-shim PYTHONPATH=/tmp/e2e-shim /tmp/e2evenv/bin/python \
+#       measure_scores.py /tmp/fixture/references.txt /tmp/fixture/outputs.txt
+# where /tmp/e2evenv is this project's venv plus `future`, and /tmp/e2e-shim holds stand-ins for
+# the two imports the text-file path never calls (Perl's XML::Twig, for .xml inputs, and
+# skimage.draw, for COCO segmentation masks). It prints BLEU on 0-1 and every score to 4 decimals.
+OFFICIAL = {"bleu": 0.7135, "nist": 8.2422, "meteor": 0.4778, "rouge_l": 0.8376, "cider": 2.8704}
+
+
+def _ours_on_the_official_scale(meteor: bool) -> dict[str, float | None]:
+    hypotheses, references = official_fixture()
+    scores = e2e_metrics(hypotheses, references, meteor=meteor)
+    assert scores["bleu"] is not None
+    return {**scores, "bleu": scores["bleu"] / 100}
+
+
+def test_fixture_has_many_mrs_and_varying_reference_counts() -> None:
+    hypotheses, references = official_fixture()
+    assert len(hypotheses) == len(references) == 60
+    assert {len(refs) for refs in references} == set(range(1, 9))
+    assert sum(any(h == r for r in refs) for h, refs in zip(hypotheses, references)) < 20  # mostly edited (16 of 60 copy a reference)
+    assert official_fixture() == (hypotheses, references)
+
+
+@pytest.mark.parametrize("name", ["bleu", "nist", "rouge_l", "cider"])
+def test_metric_equals_the_official_scorer(name: str) -> None:
+    assert _ours_on_the_official_scale(meteor=False)[name] == pytest.approx(OFFICIAL[name], abs=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
+def test_meteor_equals_the_official_scorer() -> None:
+    assert _ours_on_the_official_scale(meteor=True)["meteor"] == pytest.approx(OFFICIAL["meteor"], abs=1e-4)
+
+
+def test_nist_is_not_nltks() -> None:
+    """Bug: NIST came from nltk's corpus_nist, which matches each reference separately (best
+    one per n-gram order) and gave 6.22 where mteval-v13a gives 7.82; on the fixture too it
+    is far from the official number that `nist` reproduces."""
+    from nltk.translate.nist_score import corpus_nist
+
+    from splitpeft.experiment.metrics import mteval_tokenize
+
+    hypotheses, references = official_fixture()
+    nltk_nist = corpus_nist([[mteval_tokenize(r) for r in refs] for refs in references],
+                            [mteval_tokenize(h) for h in hypotheses], n=5)
+    assert abs(nltk_nist - OFFICIAL["nist"]) > 0.5
+
+
+def test_nist_length_penalty_halves_at_two_thirds_of_the_reference_length() -> None:
+    """mteval's penalty exp(-beta log(ratio)^2) is 0.5 at L_hyp / L_ref = 2/3 and 1 from 1 on:
+    a hypothesis of 2 of a reference's 3 words (all matching) scores half of its info sum."""
+    from splitpeft.experiment.metrics import nist
+
+    full = nist([["a", "b", "c"]], [[["a", "b", "c"]]])
+    short = nist([["a", "b"]], [[["a", "b", "c"]]])
+    # info from the one reference: unigrams log2(3/1), bigrams log2(1/1) = 0, ...
+    assert full == pytest.approx(math.log2(3))
+    assert short == pytest.approx(0.5 * math.log2(3))
 
 
 # --- evaluation.py on a tiny random LLaMA -------------------------------------------------
