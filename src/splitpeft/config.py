@@ -146,8 +146,18 @@ class KillReviveConfig:
     revive_interval: int = _help("score killed adapters by gradient norm every N steps", 10)
     revive_margin: float = _help("a killed adapter revives if it beats the weakest active one by this (relative)", 0.1)
     ema: float = _help("EMA factor of the update-size score ||delta(BA)|| / ||BA||", 0.9)
-    selection: Literal["dynamic", "static_random", "static_score"] = _help(
-        "dynamic = KR; static_* = baselines choosing the active set once when warm-up ends", "dynamic")
+    selection: Literal["dynamic", "scheduled", "converged", "static_random", "static_score"] = _help(
+        "dynamic = KR; scheduled = KR whose active share shrinks from fraction_start to active_fraction over "
+        "decay_intervals kill steps; converged = KR killing only adapters whose update score fell below "
+        "kill_threshold; static_* = baselines choosing the active set once when warm-up ends", "dynamic")
+    fraction_start: float = _help("scheduled: the active share when warm-up ends (>= active_fraction)", 1.0)
+    decay_intervals: int = _help("scheduled: kill steps over which the active share falls linearly to active_fraction", 4)
+    kill_threshold: float = _help(
+        "converged: an active adapter is killed only once its update score (EMA of ||delta(BA)|| / ||BA|| per step) "
+        "is below this", 0.01)
+    block_floor: int = _help(
+        "dynamic, scheduled, converged: kills and revival swaps keep at least this many active adapters in every "
+        "transformer block (may keep more than active_fraction; 0 = no floor)", 0)
 
 
 @dataclass
@@ -259,6 +269,10 @@ class ExperimentConfig:
              "kill_revive.interval and kill_revive.revive_interval must be >= 1"),
             (self.kill_revive.warmup >= 0, "kill_revive.warmup must be >= 0"),
             (0 <= self.kill_revive.ema < 1, "kill_revive.ema must be in [0, 1)"),
+            (self.kill_revive.fraction_start >= self.kill_revive.active_fraction,
+             "kill_revive.fraction_start must be >= kill_revive.active_fraction (the schedule only shrinks)"),
+            (self.kill_revive.block_floor == 0 or not self.kill_revive.selection.startswith("static"),
+             "kill_revive.block_floor: the static baselines choose once by count; use dynamic, scheduled or converged"),
             (self.fleet.memory_range is None or (len(self.fleet.memory_range) == 2 and 0 < self.fleet.memory_range[0] <= self.fleet.memory_range[1]),
              "fleet.memory_range must be [min, max] with 0 < min <= max"),
             (self.fleet.memory_bytes is None or len(self.fleet.memory_bytes) == self.federation.num_devices,
@@ -382,6 +396,10 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "kill_revive.active_fraction": Bound(0, 1, low_open=True),
     "kill_revive.revive_margin": Bound(0, 1e6),
     "kill_revive.ema": Bound(0, 1, high_open=True),
+    "kill_revive.fraction_start": Bound(0, 1, low_open=True),
+    "kill_revive.decay_intervals": Bound(0, 10**9),
+    "kill_revive.kill_threshold": Bound(0, 1e6),
+    "kill_revive.block_floor": Bound(0, 4096),
     "eval.perplexity_examples": Bound(1, 1_000_000),
     "eval.groups": Bound(1, 100_000),
     "eval.max_new_tokens": Bound(1, 2048),

@@ -6,10 +6,14 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from splitpeft.config import KillReviveConfig
+from splitpeft.config import ConfigError, KillReviveConfig
 from splitpeft.dlora.killrevive import (
     KillRevive,
+    block_of,
+    jaccard,
+    kr_summary,
     product_norm,
+    scheduled_target,
     update_norm,
 )
 from splitpeft.dlora.remote import input_groups
@@ -360,3 +364,176 @@ def test_dlora_hybrid_kills_its_own_blocks_locally_and_hands_the_rest_to_the_ser
     assert set(session.killed) == set(device.killed) - set(sim.placement.killed_on_device(device, device.killed))
     record = sim.run_round()
     assert record.devices["device-0"].steps == 12 and not record.dropped
+
+
+# ---------------------------------------------------------------- the new selections and the measurement
+
+_BLOCKS = [f"model.layers.{b}.{m}" for b in range(4) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def _blocks_active(policy) -> dict[str, int]:
+    counts = {block_of(n): 0 for n in policy.modules}
+    for name in policy.active:
+        counts[block_of(name)] += 1
+    return counts
+
+
+def test_block_of_names_the_transformer_block():
+    assert block_of("model.layers.12.mlp.up_proj") == "model.layers.12"
+    assert block_of("base_model.model.transformer.h.3.attn.c_attn") == "base_model.model.transformer.h.3"
+    assert block_of("lm_head") == "lm_head"
+
+
+def test_block_floor_keeps_an_adapter_in_every_block_through_kills_and_revivals():
+    """Block 0 scores lowest everywhere: without the floor all of it dies, with block_floor=1 one
+    of its adapters stays, and revival swaps never take a block's last active adapter."""
+    for selection in ("dynamic", "scheduled", "converged"):
+        settings = KillReviveConfig(warmup=1, interval=1, active_fraction=0.125, revive_interval=2, revive_margin=0.0,
+                                    selection=selection, fraction_start=0.125, kill_threshold=1e9)
+        bare = KillRevive(settings, _BLOCKS)
+        bare.scores = {n: float(i) for i, n in enumerate(_BLOCKS)}
+        bare.decide()
+        assert len(bare.active) == 2 and _blocks_active(bare)["model.layers.0"] == 0, selection
+
+        floored = KillRevive(KillReviveConfig(**{**settings.__dict__, "block_floor": 1}), _BLOCKS)
+        floored.scores = {n: float(i) for i, n in enumerate(_BLOCKS)}
+        floored.decide()
+        counts = _blocks_active(floored)
+        assert set(counts.values()) == {1}, (selection, counts)  # the floor keeps 4 > target 2
+        # each block's survivor is its best-scoring adapter
+        assert floored.active == {f"model.layers.{b}.mlp.down_proj" for b in range(4)}
+        # a revive step where every killed adapter beats every active one: swaps stay within blocks
+        assert floored.wants_killed_gradients()
+        grads = {n: (10.0 if n not in floored.active else 1.0) for n in _BLOCKS}
+        kill, revive = floored.decide(grads)
+        assert revive and len(kill) == len(revive)
+        assert set(_blocks_active(floored).values()) == {1}, selection
+        assert {block_of(n) for n in kill} == {block_of(n) for n in revive}
+
+
+@pytest.mark.parametrize("start,decay", [(1.0, 4), (0.5, 3), (1.0, 0)])
+def test_scheduled_active_count_follows_the_linear_schedule(start, decay):
+    """After the j-th kill step: round(n (f_end + (start - f_end) max(0, 1 - j / decay))), computed
+    here independently, with no revivals (revive_interval past the run)."""
+    n, f_end, warmup, interval = 32, 0.125, 3, 2
+    modules = [f"model.layers.{i // 8}.m{i % 8}" for i in range(n)]
+    settings = KillReviveConfig(warmup=warmup, interval=interval, active_fraction=f_end, revive_interval=10**6,
+                                selection="scheduled", fraction_start=start, decay_intervals=decay)
+    policy = KillRevive(settings, modules)
+    policy.scores = {m: float(i) for i, m in enumerate(modules)}
+    for step in range(1, 20):
+        policy.decide()
+        if step < warmup:
+            assert len(policy.active) == n
+            continue
+        last_kill_step = step if (step % interval == 0 or step == warmup) else step - step % interval
+        last_kill_step = max(last_kill_step, warmup)
+        j = (last_kill_step - warmup) // interval
+        fraction = f_end + (start - f_end) * (max(0.0, 1 - j / decay) if decay else 0.0)
+        expected = max(1, round(fraction * n))
+        assert len(policy.active) == expected, (step, len(policy.active), expected)
+        assert scheduled_target(settings, n, last_kill_step) == expected
+        # the survivors are the highest scores
+        assert policy.active == set(modules[n - expected:])
+    assert len(policy.active) == round(f_end * n)
+
+
+def test_converged_kills_only_adapters_below_the_threshold():
+    modules = [f"model.layers.{i // 4}.m{i % 4}" for i in range(16)]
+    settings = KillReviveConfig(warmup=2, interval=2, active_fraction=0.125, revive_interval=10**6,
+                                selection="converged", kill_threshold=0.01)
+    policy = KillRevive(settings, modules)
+    moving = {m: 0.05 for m in modules}                  # everyone still moving
+    policy.scores = dict(moving)
+    policy.decide()
+    assert policy.decide() == ([], [])                   # kill step: nobody converged, nobody dies
+    converged = {modules[3], modules[7], modules[8]}
+    policy.scores.update({m: 0.001 for m in converged})  # three converge
+    policy.scores[modules[0]] = 0.0099                   # just under
+    policy.scores[modules[1]] = 0.0101                   # just over
+    policy.decide()
+    kill, _ = policy.decide()
+    assert set(kill) == converged | {modules[0]}
+    assert modules[1] in policy.active
+    # when all converge the target still holds: never below active_fraction (2 of 16)
+    policy.scores = {m: 1e-6 * i for i, m in enumerate(modules)}
+    policy.decide()
+    policy.decide()
+    assert policy.active == set(modules[-2:])
+
+
+def test_dynamic_kills_to_the_target_whatever_the_threshold():
+    """The threshold is `converged`'s: dynamic (the golden run's policy) ignores it."""
+    modules = [f"model.layers.0.m{i}" for i in range(8)]
+    policy = KillRevive(KillReviveConfig(warmup=1, interval=1, active_fraction=0.25, kill_threshold=0.0), modules)
+    policy.scores = {m: 1.0 for m in modules}
+    policy.decide()
+    assert len(policy.active) == 2
+
+
+def test_new_settings_are_checked():
+    from splitpeft.config import load_config
+
+    with pytest.raises(ConfigError, match="fraction_start"):
+        load_config(preset="tiny", overrides=["kill_revive.active_fraction=0.5", "kill_revive.fraction_start=0.25"])
+    with pytest.raises(ConfigError, match="block_floor"):
+        load_config(preset="tiny", overrides=["kill_revive.selection=static_score", "kill_revive.block_floor=1"])
+    with pytest.raises(ConfigError, match="kill_threshold"):
+        load_config(preset="tiny", overrides=["kill_revive.kill_threshold=-1"])
+    with pytest.raises(ConfigError, match="decay_intervals"):
+        load_config(preset="tiny", overrides=["kill_revive.decay_intervals=-1"])
+
+
+def test_events_and_summary_measure_the_active_set_and_killed_gradients():
+    """Every revive step is an event with the killed adapters' gradient ratios, even when nothing
+    revives; the summary's counts, overlaps and shares match a hand count."""
+    modules = [f"model.layers.0.m{i}" for i in range(4)]
+    policy = KillRevive(KillReviveConfig(warmup=2, interval=100, active_fraction=0.5, revive_interval=2, revive_margin=0.5), modules)
+    policy.scores = {m: float(i) for i, m in enumerate(modules)}
+    policy.decide()
+    policy.decide()                                        # step 2: cut to m2, m3
+    assert policy.active == {modules[2], modules[3]}
+    policy.decide()                                        # step 3: nothing
+    policy.decide({modules[0]: 1.2, modules[1]: 0.5, modules[2]: 1.0, modules[3]: 4.0})  # step 4: m0 1.2 < 1.5
+    policy.decide()
+    policy.decide({modules[0]: 1.6, modules[1]: 0.5, modules[2]: 1.0, modules[3]: 4.0})  # step 6: m0 revives
+    events = policy.events
+    assert [e["step"] for e in events] == [2, 4, 6]
+    assert events[1]["revived"] == [] and events[1]["killed_grad_ratio"] == {modules[0]: 1.2, modules[1]: 0.5}
+    assert events[2]["revived"] == [modules[0]] and events[2]["killed"] == [modules[2]]
+    assert events[2]["jaccard"] == pytest.approx(1 / 3) and events[1]["jaccard"] == 1.0
+    summary = policy.summary()
+    assert summary["kills"] == 1 and summary["revives"] == 1
+    assert summary["swaps_per_check"] == pytest.approx(0.5)
+    assert summary["jaccard_min"] == pytest.approx(1 / 3)
+    assert summary["ever_active"] == 3                     # m1 never came back
+    # entries from step 2 on (5 sets): m3 all 5, m2 4 of 5, m0 1 of 5
+    assert summary["active_share"][modules[3]] == 1.0 and summary["active_share"][modules[2]] == pytest.approx(0.8)
+    assert summary["active_share"][modules[0]] == pytest.approx(0.2) and summary["active_share"][modules[1]] == 0.0
+    growth = summary["grad_ratio_by_age"]                  # m0, m1 killed at step 2: ages 2 and 4
+    assert growth[2]["count"] == 2 and growth[2]["max"] == pytest.approx(1.2) and growth[2]["above_margin"] == 0.0
+    assert growth[4]["above_margin"] == 0.5
+    assert jaccard(set(), set()) == 1.0
+    # the same from a report's form (names per step)
+    same = kr_summary(modules, [a for _, a in policy.active_history], events, 2, 0.5)
+    assert same["active_share"] == summary["active_share"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ("kill_revive.selection=scheduled", "kill_revive.fraction_start=0.5", "kill_revive.decay_intervals=1"),
+    ("kill_revive.selection=converged", "kill_revive.kill_threshold=1e6"),
+    ("kill_revive.selection=dynamic", "kill_revive.block_floor=1"),
+])
+def test_new_selections_still_cut_dlora_traffic_and_adapter_flops(overrides):
+    """Once the schedule / test has run its course the device runs the target's share of
+    adapters (block_floor 1 on 4 blocks keeps 7 = the target here), so bytes and adapter FLOPs drop."""
+    steps = 12
+    _, full, full_trace = _traced_kr_run(False, steps, "kill_revive.revive_interval=1000")
+    sim, kr, trace = _traced_kr_run(True, steps, "kill_revive.revive_interval=1000", *overrides)
+    assert len(sim.devices[0].kill_revive.active) == round(0.25 * 28)
+    assert kr.bytes_up < full.bytes_up and kr.bytes_down < full.bytes_down
+    assert kr.adapter_flops < full.adapter_flops
+    assert trace[-1]["adapter_flops"] < 0.5 * full_trace[-1]["adapter_flops"]
+    late_up = sum(len(f) for f in trace[-1]["up"])
+    assert late_up < 0.6 * full.step_bytes_up[-1]
+    _check_step_traffic(sim, kr, trace)

@@ -21,9 +21,9 @@ adapters, chosen once when warm-up ends (at random, or by the score at that mome
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -41,6 +41,85 @@ def update_norm(before: LoraWeights, after: LoraWeights) -> float:
     a = torch.cat([after.A, before.A], dim=0)     # (2r, d_in)
     b = torch.cat([after.B, -before.B], dim=1)    # (d_out, 2r)
     return product_norm(a, b)
+
+
+def block_of(module: str) -> str:
+    """The transformer block a module sits in: its name up to the first all-digit part
+    (`model.layers.3.mlp.up_proj` -> `model.layers.3`); the whole name if there is none."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return module
+
+
+def block_counts(modules: Iterable[str]) -> dict[str, int]:
+    """Number of the given modules in each block."""
+    counts: dict[str, int] = {}
+    for name in modules:
+        counts[block_of(name)] = counts.get(block_of(name), 0) + 1
+    return counts
+
+
+def jaccard(a: Collection[str], b: Collection[str]) -> float:
+    """|a & b| / |a | b| (1 for two empty sets)."""
+    union = len(set(a) | set(b))
+    return len(set(a) & set(b)) / union if union else 1.0
+
+
+def kr_summary(modules: Sequence[str], active_per_step: Sequence[Collection[str]],
+               events: Sequence[Mapping[str, Any]], warmup: int, margin: float) -> dict[str, Any]:
+    """How much the active set moved and how fast killed adapters' gradients came back.
+
+    From a policy's `active_history` (or a report's `kill_revive.<device>.active_per_step`, as
+    names) and `events`. After warm-up (the first cut excluded):
+
+    * `kills`, `revives`: counts; `swaps_per_check`: revives per revive step that measured;
+    * `jaccard_mean` / `jaccard_min`: overlap of the active sets before and after each decision;
+    * `ever_active`: modules active on any post-warm-up step; `active_share`: per module, the
+      share of post-warm-up steps it was active (`share_quantiles`: min, median, max of it over
+      the ever-active ones);
+    * `grad_ratio_by_age`: on each revive step, killed adapters' gradient norm / the weakest
+      active one's, grouped by steps since their kill: count, median, max, share above 1 and
+      above 1 + margin (would revive).
+    """
+    after = list(active_per_step[max(warmup, 1) - 1:])  # entry i: the set after step i + 1's decision
+    counts = dict.fromkeys(modules, 0)
+    for members in after:
+        for name in members:
+            counts[name] += 1
+    share = {n: c / len(after) for n, c in counts.items()} if after else {}
+    ever = sorted(n for n, c in counts.items() if c)
+    shares = sorted(share[n] for n in ever)
+    late = [e for e in events if int(e["step"]) > max(warmup, 1)]  # the warm-up cut excluded
+    measured = [e for e in late if "killed_grad_ratio" in e]
+    killed_at: dict[str, int] = {}
+    by_age: dict[int, list[float]] = {}
+    for event in events:
+        step = int(event["step"])
+        for name, ratio in dict(event.get("killed_grad_ratio", {})).items():
+            by_age.setdefault(step - killed_at.get(name, max(warmup, 1)), []).append(float(ratio))
+        for name in event["killed"]:
+            killed_at[name] = step
+    growth = {}
+    for age, ratios in sorted(by_age.items()):
+        ratios.sort()
+        growth[age] = {"count": len(ratios), "median": ratios[len(ratios) // 2], "max": ratios[-1],
+                       "above_1": sum(r > 1 for r in ratios) / len(ratios),
+                       "above_margin": sum(r > 1 + margin for r in ratios) / len(ratios)}
+    overlaps = [float(e["jaccard"]) for e in late if "jaccard" in e]
+    return {
+        "post_warmup_steps": len(after),
+        "kills": sum(len(e["killed"]) for e in late),
+        "revives": sum(len(e["revived"]) for e in late),
+        "swaps_per_check": sum(len(e["revived"]) for e in measured) / len(measured) if measured else 0.0,
+        "jaccard_mean": sum(overlaps) / len(overlaps) if overlaps else 1.0,
+        "jaccard_min": min(overlaps, default=1.0),
+        "ever_active": len(ever),
+        "share_quantiles": [shares[0], shares[len(shares) // 2], shares[-1]] if shares else [],
+        "active_share": share,
+        "grad_ratio_by_age": growth,
+    }
 
 
 @dataclass
@@ -95,18 +174,60 @@ class KillRevive:
             self.active_history.append((self.step, frozenset(self.active)))
             return [], []
         kill, revive = self.selection.choose(self, grad_norms)
+        before = frozenset(self.active)
         self.active -= set(kill)
         self.active |= set(revive)
-        if kill or revive:
-            self.events.append({"step": self.step, "killed": sorted(kill), "revived": sorted(revive)})
+        if kill or revive or grad_norms:
+            self.events.append(self._event(kill, revive, before, grad_norms))
         self.active_history.append((self.step, frozenset(self.active)))
         return kill, revive
 
-    def lowest(self, count: int, exclude: set[str]) -> list[str]:
+    def _event(self, kill: list[str], revive: list[str], before: frozenset[str],
+               grad_norms: Mapping[str, float] | None) -> dict[str, object]:
+        """What one decision did and, on a revive step, what it saw (report data, `kr_summary`).
+
+        `jaccard` = |before & after| / |before | after| of the active sets; `killed_grad_ratio`
+        = each killed adapter's gradient norm / the weakest active one's, measured on this step
+        (before the swap), so > 1 + revive_margin means it was worth reviving; `active_score_quantiles`
+        = min, median, max update score over the active set before the decision."""
+        event: dict[str, object] = {"step": self.step, "killed": sorted(kill), "revived": sorted(revive),
+                                    "active": len(self.active), "jaccard": jaccard(before, self.active)}
+        scores = sorted(self.scores.get(n, 0.0) for n in before)
+        if scores:  # the update scores the kill saw: min, median, max over the active set
+            event["active_score_quantiles"] = [scores[0], scores[len(scores) // 2], scores[-1]]
+        if grad_norms:
+            weakest = min((grad_norms.get(n, 0.0) for n in before), default=0.0)
+            event["weakest_active_grad"] = weakest
+            event["killed_grad_ratio"] = {n: (grad_norms.get(n, 0.0) / weakest if weakest > 0 else 0.0)
+                                          for n in sorted(set(self.modules) - before)}
+        return event
+
+    def summary(self) -> dict[str, Any]:
+        """`kr_summary` of this policy's history so far."""
+        return kr_summary(self.modules, [active for _, active in self.active_history], self.events,
+                          self.settings.warmup, self.settings.revive_margin)
+
+    def lowest(self, count: int, exclude: set[str], below: float | None = None) -> list[str]:
+        """Up to `count` active adapters (not in `exclude`) with the lowest update scores, only
+        scores < `below` if given, skipping any whose kill would leave its block fewer than
+        `block_floor` active adapters (`exclude`'s members count as gone)."""
         if count <= 0:
             return []
         candidates = sorted((n for n in self.active if n not in exclude), key=lambda n: (self.scores.get(n, 0.0), n))
-        return candidates[:count]
+        if below is not None:
+            candidates = [n for n in candidates if self.scores.get(n, 0.0) < below]
+        floor = self.settings.block_floor
+        if floor == 0:
+            return candidates[:count]
+        left = block_counts(n for n in self.active if n not in exclude)
+        chosen: list[str] = []
+        for name in candidates:
+            if len(chosen) == count:
+                break
+            if left[block_of(name)] > floor:
+                chosen.append(name)
+                left[block_of(name)] -= 1
+        return chosen
 
 
 class Selection(Protocol):
@@ -135,17 +256,26 @@ class DynamicSelection:
         if grad_norms and policy.killed and policy.step % s.revive_interval == 0:
             revive, kill = self._revivals(policy, grad_norms)
         if policy.step % s.interval == 0 or policy.step == s.warmup:
-            excess = len(policy.active) - len(kill) + len(revive) - policy.target_active
-            kill += policy.lowest(excess, exclude=set(revive) | set(kill))
+            kill += self.kills(policy, len(policy.active) - len(kill) + len(revive), exclude=set(revive) | set(kill))
         return kill, revive
+
+    def kills(self, policy: KillRevive, active: int, exclude: set[str]) -> list[str]:
+        """On a kill step with `active` adapters after the revivals: the lowest scores down to the target."""
+        return policy.lowest(active - policy.target_active, exclude=exclude)
 
     @staticmethod
     def _revivals(policy: KillRevive, grad_norms: Mapping[str, float]) -> tuple[list[str], list[str]]:
-        """Killed adapters whose gradient norm beats the weakest active one by the margin swap in."""
+        """Killed adapters whose gradient norm beats the weakest active one by the margin swap in
+        (the weakest whose kill keeps its block at `block_floor`; the revived count toward it)."""
         active = sorted((grad_norms.get(n, 0.0), n) for n in policy.active)
         candidates = sorted(((grad_norms.get(n, 0.0), n) for n in policy.killed), reverse=True)
+        floor = policy.settings.block_floor
+        left = block_counts(policy.active)
         revive, kill = [], []
         for norm, name in candidates:
+            if floor:
+                left[block_of(name)] = left.get(block_of(name), 0) + 1
+                active = [(g, n) for g, n in active if left[block_of(n)] > floor]
             if not active:
                 break
             weakest_norm, weakest = active[0]
@@ -153,9 +283,45 @@ class DynamicSelection:
                 revive.append(name)
                 kill.append(weakest)
                 active.pop(0)
+                left[block_of(weakest)] -= 1
             else:
                 break
         return revive, kill
+
+
+class ScheduledSelection(DynamicSelection):
+    """KR with a shrinking target: at the j-th kill step after warm-up (j = (step - warmup) //
+    interval, j = 0 when warm-up ends) at most
+
+        f_j = f_end + (fraction_start - f_end) * max(0, 1 - j / decay_intervals)
+
+    of the adapters stay active (f_end = active_fraction; decay_intervals = 0: f_end at once),
+    i.e. round(f_j * n) of n, at least 1; the lowest scores go first. Revivals as `dynamic`."""
+
+    name: ClassVar[str] = "scheduled"
+
+    def kills(self, policy: KillRevive, active: int, exclude: set[str]) -> list[str]:
+        return policy.lowest(active - scheduled_target(policy.settings, len(policy.modules), policy.step), exclude=exclude)
+
+
+def scheduled_target(settings: KillReviveConfig, modules: int, step: int) -> int:
+    """`scheduled`'s active count after the kill step `step` (>= warmup), out of `modules`."""
+    j = max(0, step - settings.warmup) // settings.interval
+    left = max(0.0, 1 - j / settings.decay_intervals) if settings.decay_intervals else 0.0
+    fraction = settings.active_fraction + (settings.fraction_start - settings.active_fraction) * left
+    return max(1, round(fraction * modules))
+
+
+class ConvergedSelection(DynamicSelection):
+    """KR by a convergence test: on a kill step only active adapters whose update score (EMA of
+    ||delta(B A)|| / ||B A|| per step) is below `kill_threshold` are killed, lowest first, and never
+    below the target (active_fraction): an adapter still moving keeps training, so the active set
+    shrinks only as fast as the adapters converge. Revivals as `dynamic`."""
+
+    name: ClassVar[str] = "converged"
+
+    def kills(self, policy: KillRevive, active: int, exclude: set[str]) -> list[str]:
+        return policy.lowest(active - policy.target_active, exclude=exclude, below=policy.settings.kill_threshold)
 
 
 class _StaticSelection:
@@ -190,5 +356,6 @@ class StaticScoreSelection(_StaticSelection):
 
 
 SELECTIONS: dict[str, type[Selection]] = {
-    cls.name: cls for cls in (DynamicSelection, StaticRandomSelection, StaticScoreSelection)
+    cls.name: cls for cls in (DynamicSelection, ScheduledSelection, ConvergedSelection,
+                              StaticRandomSelection, StaticScoreSelection)
 }
