@@ -91,6 +91,10 @@ def test_simulate_evaluate_generate_end_to_end(tmp_path):
     (["simulate", "--preset", "tiny", "data.source=e2e", "data.path=/no/such/file.txt"], "/no/such/file.txt"),
     (["simulate", "--config", "/no/such/config.yaml"], "does not exist"),
     (["evaluate", "/no/such/run"], "is not a splitpeft run folder"),
+    (["simulate", "--preset", "tiny", "eval.length_penalty=100"], "eval.length_penalty must be in [-10, 10], not 100"),
+    (["simulate", "--preset", "tiny", "eval.length_penalty=short"], "eval.length_penalty must be a number"),
+    (["simulate", "--preset", "tiny", "eval.no_repeat_ngram_size=-1"], "eval.no_repeat_ngram_size must be in [0, 64], not -1"),
+    (["simulate", "--preset", "tiny", "eval.no_repeat_ngram_size=1.5"], "eval.no_repeat_ngram_size must be an integer"),
 ])
 def test_bad_input_is_one_clear_error_and_no_run_folder(tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -211,3 +215,96 @@ def test_summary_says_why_a_device_has_no_loss_in_the_last_round():
     last_round = {"devices": {"device-0": {}}, "dropped": [{"device": "device-1", "error": "link cut"}]}
     assert _absence(last_round, "device-1") == "dropped"
     assert _absence(last_round, "device-2") == "not selected"
+
+
+# ------------------------------------------------------------------ evaluate --data (issue 14)
+
+TEST_FILE = """\
+name : Aromi | food : Italian||Aromi serves Italian food.
+name : Aromi | food : Italian||Italian food is served at Aromi.
+name : The Mill | area : riverside||The Mill is by the river.
+name : Zizzi | eatType : pub||Zizzi is a pub.
+name : Zizzi | eatType : pub||There is a pub called Zizzi.
+name : Zizzi | eatType : pub||Zizzi is a pub in town.
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_on_a_file(tmp_path_factory):
+    """A tiny run trained on an E2E file that is deleted afterwards: evaluating on --data
+    must not need it."""
+    root = tmp_path_factory.mktemp("evaluate-data")
+    train = root / "train.txt"
+    train.write_text("".join(f"name : Place{i} | food : Thai||Place{i} serves Thai food.\n" for i in range(40)))
+    run = root / "run"
+    assert main(["simulate", "--preset", "tiny", "--no-progress", "--out", str(run), "data.source=e2e",
+                 f"data.path={train}", "data.limit=null", "federation.rounds=1", "federation.local_steps=1",
+                 "eval.generation=false", "eval.every_round=false", "data.max_length=48"]) == 0
+    train.unlink()
+    test = root / "test.txt"
+    test.write_text(TEST_FILE)
+    return run, test
+
+
+def test_evaluate_on_a_test_file_holds_out_all_of_it(trained_on_a_file, capsys):
+    from splitpeft.cli import _adapted_model, _load_run
+    from splitpeft.data.batching import encode
+    from splitpeft.data.sources import load_examples
+    from splitpeft.experiment.evaluation import perplexity
+
+    run, test = trained_on_a_file
+    assert main(["evaluate", str(run), "--data", str(test), "eval.generation=true", "eval.groups=2"]) == 0
+    assert f"written: {run / 'eval-test.json'}" in capsys.readouterr().out
+    result = json.loads((run / "eval-test.json").read_text())
+    assert result["data"] == str(test)
+    # generation: the first eval.groups MRs of the file, each against all of its references
+    assert [s["group"] for s in result["samples"]] == ["name : Aromi | food : Italian", "name : The Mill | area : riverside"]
+    assert result["samples"][0]["references"] == ["Aromi serves Italian food.", "Italian food is served at Aromi."]
+    assert {"bleu", "nist", "rouge_l", "cider"} <= set(result)
+    # perplexity: every example of the file (the run's config says 16), recomputed here
+    config = _load_run(run, [])
+    assert config.eval.perplexity_examples == 16 < 100
+    model, tokenizer = _adapted_model(run, config)
+    examples = load_examples("e2e", str(test))
+    expected = perplexity(model, encode(examples, tokenizer, config.data.max_length), config.federation.batch_size,
+                          int(tokenizer.pad_token_id))
+    assert result["perplexity_examples"] == 6
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+    assert main(["evaluate", str(run), "--data", str(test), "eval.perplexity_examples=2"]) == 0
+    assert json.loads((run / "eval-test.json").read_text())["perplexity_examples"] == 2
+    assert not (run / "eval.json").exists()  # the held-out split was never evaluated
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "e2e data file not found: "),
+    ("name : Aromi||Aromi is nice.\nno separator here\n", "test.txt:2: expected 'MR||text', found no '||'"),
+    ("", "has no examples"),
+])
+def test_evaluate_with_a_missing_or_malformed_test_file_is_one_error(trained_on_a_file, tmp_path, capsys, content, message):
+    run, _ = trained_on_a_file
+    test = tmp_path / "test.txt"
+    if content is not None:
+        test.write_text(content)
+    before = {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+    assert main(["evaluate", str(run), "--data", str(test)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splitpeft: error:") and message in err and err.count("\n") == 1
+    assert {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()} == before
+
+
+def test_evaluate_passes_the_eval_decoding_options_to_generation(trained_on_a_file, monkeypatch):
+    from splitpeft.experiment import run as run_module
+
+    seen = {}
+    real = run_module.evaluate_generation
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate_generation", spy)
+    run, test = trained_on_a_file
+    assert main(["evaluate", str(run), "--data", str(test), "eval.generation=true", "eval.groups=1", "eval.max_new_tokens=4",
+                 "eval.num_beams=2", "eval.length_penalty=0.8", "eval.no_repeat_ngram_size=3"]) == 0
+    assert (seen["num_beams"], seen["length_penalty"], seen["no_repeat_ngram_size"]) == (2, 0.8, 3)

@@ -53,9 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--overwrite", action="store_true")
     compare.add_argument("--no-progress", action="store_true")
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a saved run's adapter on its held-out data")
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved run's adapter on its held-out data, or on --data")
     evaluate.add_argument("run", type=Path, help="run folder written by simulate")
-    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.num_beams=4 eval.groups=100")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="e.g. eval.num_beams=10 eval.length_penalty=0.8 eval.no_repeat_ngram_size=4 eval.groups=100")
+    evaluate.add_argument("--data", type=Path,
+                          help="a test file of E2E 'MR||text' lines: every MR of it is held out (perplexity over all its "
+                               "examples unless eval.perplexity_examples is given, generation for eval.groups of its MRs), "
+                               "and the run's own data is not read; writes RUN/eval-<file stem>.json")
 
     generate = commands.add_parser("generate", help="generate text with a saved run's adapter")
     generate.add_argument("run", type=Path, help="run folder written by simulate")
@@ -184,6 +189,8 @@ def _adapted_model(run: Path, config: ExperimentConfig) -> tuple[Any, Any]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from splitpeft.data.batching import encode
     from splitpeft.data.partition import split_by_group
     from splitpeft.data.sources import load_examples
@@ -191,13 +198,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     from splitpeft.experiment.run import evaluate_model
 
     config = _load_run(args.run, args.overrides)
+    if args.data is None:
+        examples = load_examples(config.data.source, config.data.path, limit=config.data.limit, seed=config.seed)
+        _, held_out = split_by_group(examples, config.data.eval_fraction, config.seed)
+        written = args.run / "eval.json"
+    else:
+        held_out = load_examples("e2e", str(args.data))  # a missing or malformed file fails here, before the model loads
+        if not any(item.partition("=")[0].strip() == "eval.perplexity_examples" for item in args.overrides):
+            config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, perplexity_examples=len(held_out)))
+        written = args.run / f"eval-{args.data.stem}.json"
     model, tokenizer = _adapted_model(args.run, config)
-    examples = load_examples(config.data.source, config.data.path, limit=config.data.limit, seed=config.seed)
-    _, held_out = split_by_group(examples, config.data.eval_fraction, config.seed)
     result = evaluate_model(model, tokenizer, config, held_out, encode(held_out, tokenizer, config.data.max_length), progress=True)
-    write_json(args.run / "eval.json", result)
+    result["data"] = "held-out split of data.path" if args.data is None else str(args.data)
+    if "perplexity" in result:
+        result["perplexity_examples"] = min(len(held_out), config.eval.perplexity_examples)
+    write_json(written, result)
     _print_metrics({"adapter": result})
-    print(f"written: {args.run / 'eval.json'}")
+    print(f"written: {written}")
     return 0
 
 

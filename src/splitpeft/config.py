@@ -169,6 +169,10 @@ class EvalConfig:
     groups: int = _help("held-out groups (e.g. distinct MRs) to generate for", 32)
     max_new_tokens: int = _help("generation length limit", 40)
     num_beams: int = _help("1 = greedy, >1 = beam search", 1)
+    length_penalty: float = _help(
+        "beam search: a finished beam scores sum log p / length^length_penalty (< 1 favours shorter outputs, "
+        "> 1 longer; no effect when greedy)", 1.0)
+    no_repeat_ngram_size: int = _help("no n-gram of this size appears twice in one output (0 = off)", 0)
     meteor: bool = _help("compute METEOR (starts a Java process)", True)
     baseline: bool = _help("also evaluate the untuned base model for comparison", False)
 
@@ -404,6 +408,8 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "eval.groups": Bound(1, 100_000),
     "eval.max_new_tokens": Bound(1, 2048),
     "eval.num_beams": Bound(1, 32),
+    "eval.length_penalty": Bound(-10, 10),
+    "eval.no_repeat_ngram_size": Bound(0, 64),
 }
 
 

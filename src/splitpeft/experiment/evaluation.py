@@ -111,10 +111,17 @@ def generate(
     *,
     max_new_tokens: int = 40,
     num_beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[str]:
     """Deterministic continuation of each prompt (greedy, or beam search if ``num_beams > 1``).
+
+    ``length_penalty`` (beam search only) ranks finished beams by ``sum log p / length**length_penalty``;
+    ``no_repeat_ngram_size > 0`` bans any n-gram of that size from occurring twice in an output
+    (prompt included, as Hugging Face counts it). The E2E literature decodes with both (SplitLoRA:
+    10 beams, length penalty 0.8, no-repeat-ngram 4).
 
     Prompts are tokenised without special tokens (the training format adds none) and
     left-padded so that every row's next token sits at the same position. Returns only the
@@ -124,6 +131,10 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer needs an eos token to stop generation")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
+    # Beam-only options are passed only to beam search: greedy decoding would warn about them.
+    beam_options = {"length_penalty": length_penalty} if num_beams > 1 else {}
     device = _model_device(model)
     saved_padding_side, saved_pad_token = tokenizer.padding_side, tokenizer.pad_token
     if tokenizer.pad_token is None:
@@ -146,6 +157,8 @@ def generate(
                     attention_mask=enc["attention_mask"].to(device),
                     max_new_tokens=max_new_tokens,
                     num_beams=num_beams,
+                    no_repeat_ngram_size=no_repeat_ngram_size,
+                    **beam_options,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
@@ -166,6 +179,8 @@ def evaluate_generation(
     *,
     max_new_tokens: int = 40,
     num_beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     limit_groups: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
@@ -174,7 +189,7 @@ def evaluate_generation(
     """Generate one output per group and score it against all of the group's completions.
 
     Groups (E2E: one per MR) keep first-seen order; ``limit_groups`` keeps the first N. The
-    prompt of a group is that of its first example. Returns :func:`e2e_metrics` and one sample
+    prompt of a group is that of its first example; decoding options are :func:`generate`'s. Returns :func:`e2e_metrics` and one sample
     ``{"group", "prompt", "hypothesis", "references"}`` per group.
     """
     if limit_groups is not None and limit_groups < 1:
@@ -194,6 +209,8 @@ def evaluate_generation(
         prompts,
         max_new_tokens=max_new_tokens,
         num_beams=num_beams,
+        length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         batch_size=batch_size,
         progress=progress,
     )

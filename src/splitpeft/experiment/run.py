@@ -136,7 +136,8 @@ def evaluate_model(
     if config.eval.generation:
         scores, samples = evaluate_generation(
             model, tokenizer, held_out, max_new_tokens=config.eval.max_new_tokens,
-            num_beams=config.eval.num_beams, limit_groups=config.eval.groups, progress=progress,
+            num_beams=config.eval.num_beams, length_penalty=config.eval.length_penalty,
+            no_repeat_ngram_size=config.eval.no_repeat_ngram_size, limit_groups=config.eval.groups, progress=progress,
             meteor=config.eval.meteor,
         )
         result.update(scores)
