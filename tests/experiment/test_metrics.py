@@ -361,6 +361,58 @@ def test_generate_greedy_deterministic_and_beam(tiny_lm) -> None:
     assert len(beams) == len(prompts)
 
 
+def _new_token_ids(model, tokenizer, prompts, **options) -> list[list[int]]:
+    """The token ids `generate` decodes for each prompt, captured from model.generate."""
+    captured: list[list[int]] = []
+    original = model.generate
+
+    def spy(**kwargs):
+        out = original(**kwargs)
+        captured.extend(row[kwargs["input_ids"].shape[1]:].tolist() for row in out)
+        return out
+
+    model.generate = spy
+    try:
+        generate(model, tokenizer, prompts, max_new_tokens=20, batch_size=1, **options)
+    finally:
+        del model.generate
+    return [[t for t in ids if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)] for ids in captured]
+
+
+def test_no_repeat_ngram_size_reaches_generate(tiny_lm) -> None:
+    """no_repeat_ngram_size=1: no token twice in an output (the random model repeats without it)."""
+    model, tokenizer = tiny_lm
+    prompts = [line.split("||")[0] for line in CORPUS]
+    plain = _new_token_ids(model, tokenizer, prompts)
+    assert any(len(set(ids)) < len(ids) for ids in plain)
+    for num_beams in (1, 3):
+        banned = _new_token_ids(model, tokenizer, prompts, no_repeat_ngram_size=1, num_beams=num_beams)
+        assert all(ids and len(set(ids)) == len(ids) for ids in banned), num_beams
+
+
+def test_decoding_options_reach_model_generate(tiny_lm) -> None:
+    model, tokenizer = tiny_lm
+    seen: list[dict] = []
+    original = model.generate
+
+    def spy(**kwargs):
+        seen.append({k: kwargs.get(k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size")})
+        return original(**kwargs)
+
+    model.generate = spy
+    try:
+        examples = [Example("name : A ||", "A is nice.", "A"), Example("name : B ||", "B is far.", "B")]
+        evaluate_generation(model, tokenizer, examples, max_new_tokens=4, num_beams=3, length_penalty=0.8,
+                            no_repeat_ngram_size=4, meteor=False)
+        generate(model, tokenizer, ["name : A ||"], max_new_tokens=4, length_penalty=0.8)
+    finally:
+        del model.generate
+    assert seen[0] == {"num_beams": 3, "length_penalty": 0.8, "no_repeat_ngram_size": 4}
+    assert seen[-1] == {"num_beams": 1, "length_penalty": None, "no_repeat_ngram_size": 0}  # greedy: no beam option
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        generate(model, tokenizer, ["name : A ||"], no_repeat_ngram_size=-1)
+
+
 def test_evaluate_generation_groups(tiny_lm, monkeypatch: pytest.MonkeyPatch) -> None:
     import splitpeft.experiment.metrics
 
