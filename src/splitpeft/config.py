@@ -78,6 +78,15 @@ class FederationConfig:
     aggregator: Literal["fedavg", "noise_free", "zero_pad", "svd"] = _help(
         "how the copies of an adapter are combined: fedavg (equal ranks), noise_free (HSplitLoRA NAA), "
         "zero_pad (HetLoRA), svd (FlexLoRA)", "fedavg")
+    noise_free_start: Literal["cold", "warm"] = _help(
+        "with federation.aggregator=noise_free, what each holder starts the next round from (the aggregate is "
+        "exact either way): cold = a fresh adapter (A random, B = 0) on the merged weight; warm = the top-r SVD "
+        "of the copies' aggregate as its adapter at its own rank, the rest merged into its own frozen weight, "
+        "so it computes the merged model and trains on from a non-zero adapter", "cold")
+    noise_free_moments: Literal["reset", "keep"] = _help(
+        "with federation.noise_free_start=warm, the AdamW moments at a round boundary: reset = dropped (the "
+        "warm factors are a new basis, U sqrt(S) and sqrt(S) V^T, not the holder's own A and B, so old "
+        "per-coordinate moments describe other coordinates); keep = carried over as they are", "reset")
 
 
 @dataclass
@@ -266,6 +275,14 @@ class ExperimentConfig:
             (self.federation.lr > 0, "federation.lr must be > 0"),
             (1 <= self.robust.clip_factor <= 1e6, "robust.clip_factor must be in [1, 1e6]"),
             (0 <= self.robust.trim_fraction < 0.5, "robust.trim_fraction must be in [0, 0.5)"),
+            (self.federation.noise_free_start == "cold" or self.federation.aggregator == "noise_free",
+             "federation.noise_free_start=warm needs federation.aggregator=noise_free"),
+            (self.federation.noise_free_start == "cold" or self.placement.placement != "dlora",
+             "federation.noise_free_start=warm: under dlora the server runs every device's frozen blocks on its one "
+             "shared copy, which cannot hold a per-device residual; use cold"),
+            (self.federation.noise_free_moments == "reset" or self.federation.noise_free_start == "warm",
+             "federation.noise_free_moments=keep needs federation.noise_free_start=warm (a cold start has B = 0 "
+             "and drops its moments)"),
             (self.robust.combine == "mean" or self.federation.aggregator == "fedavg",
              f"robust.combine={self.robust.combine} combines A and B like fedavg; it needs federation.aggregator=fedavg"),
             (0 < self.kill_revive.active_fraction <= 1, "kill_revive.active_fraction must be in (0, 1]"),

@@ -7,8 +7,8 @@ normalised to p_i = w_i / sum w. An aggregator returns the adapter each holder s
 round with (at that holder's rank) and, where the policy merges into the frozen weight, the dense
 delta to add to it.
 
-Policies (DESIGN.md, "NAA"): `noise_free` (exact stacked aggregate merged into the frozen weight,
-fresh adapters), and the baselines `fedavg`, `zero_pad` (HetLoRA) and `svd` (FlexLoRA); robust
+Policies (DESIGN.md, "NAA"): `noise_free` (exact stacked aggregate merged into the frozen weight;
+fresh adapters, or warm ones whose product each holder subtracts from its own frozen weight), and the baselines `fedavg`, `zero_pad` (HetLoRA) and `svd` (FlexLoRA); robust
 variants (update clipping, coordinate-wise trimmed mean and median) in `aggregation/robust.py`.
 
 Every copy is checked before any arithmetic on it (`check_copy`; the federation's state also checks
@@ -66,9 +66,18 @@ class Clip:
 
 @dataclass
 class Aggregate:
+    """One module's aggregation: each holder's next adapter and what is merged into the frozen weight.
+
+    `adapters_in_base` (noise_free's warm start): `base_delta` already holds the adapters'
+    products, so holder h trains against its own frozen weight W + base_delta - s_h B_h A_h (W the
+    shared frozen weight before this merge, (A_h, B_h) = adapters[h]) and computes exactly
+    W + base_delta. The residual is derived from the adapter by the holder itself (`Party.load`),
+    never sent. False: every holder trains against W + base_delta (plus its adapter)."""
+
     adapters: dict[str, LoraWeights]           # holder -> adapter for the next round
     base_delta: torch.Tensor | None = None      # (d_out, d_in) merged into the frozen weight
     clipped: list[Clip] = field(default_factory=list)  # updates a robust policy scaled down
+    adapters_in_base: bool = False              # the adapters' products are inside base_delta (warm start)
 
 
 class Aggregator(Protocol):

@@ -503,6 +503,8 @@ def _restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, torch.Te
         if key.startswith("merged/"):
             sim.state.merge(key[len("merged/"):], delta)
     sim.state.last_weights = state["last_weights"]
+    if sim.config.federation.noise_free_start == "warm":  # (run identity) every aggregation put the adapters in the merged weights
+        sim.state.adapters_in_base = set(sim.state.last_weights)
     if state["planning"] is not None and sim.planning is not None:
         planning = state["planning"]
         sim.planning.tracker.scores = planning["tracker_scores"]

@@ -24,6 +24,7 @@ from splitpeft.model import adapters as lora
 from splitpeft.model.backbone import Backbone
 from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.party import WarmStart
 from splitpeft.placements.base import Placement
 from splitpeft.privacy.defences import Defence
 
@@ -97,11 +98,20 @@ def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Pla
     device = DeviceRuntime(
         f"device-{index}", base, placement, split_layer, ranks, stream,
         alpha=config.lora.alpha, dropout=config.lora.dropout, lr=config.federation.lr, count_flops=config.count_flops,
-        runtime=runtime, defence=defence_of(config, index),
+        runtime=runtime, defence=defence_of(config, index), warm=warm_start_of(config),
     )
     if config.kill_revive.enabled:
         device.attach_kill_revive(config.kill_revive, seed=config.seed + index)
     return device
+
+
+def warm_start_of(config: ExperimentConfig) -> WarmStart | None:
+    """How parties take their adapters: noise-free's warm start (`federation.noise_free_start=warm`,
+    with `federation.noise_free_moments`), or None (cold, and every other aggregator)."""
+    fed = config.federation
+    if fed.aggregator != "noise_free" or fed.noise_free_start != "warm":
+        return None
+    return WarmStart(keep_moments=fed.noise_free_moments == "keep")
 
 
 def defence_of(config: ExperimentConfig, index: int) -> Defence:

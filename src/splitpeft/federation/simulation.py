@@ -40,6 +40,7 @@ from splitpeft.federation.fleet import (
     fleet_profiles,
     modules_in,
     seed_everything,
+    warm_start_of,
 )
 from splitpeft.federation.preflight import check_against_model
 from splitpeft.federation.records import (
@@ -107,12 +108,13 @@ class Simulation:
         modules = adapted_modules(config, self.backbone)
         self.ranks = {name: config.lora.rank for name in modules}
         self.state = GlobalState(base, modules, rank=config.lora.rank, alpha=config.lora.alpha, seed=config.seed,
-                                 aggregator=make_aggregator(fed.aggregator, seed=config.seed, robust=config.robust),
+                                 aggregator=make_aggregator(fed.aggregator, seed=config.seed, robust=config.robust,
+                                                            noise_free_start=fed.noise_free_start),
                                  mirrors=[] if same_side else [self.device_base])
         self.server = SplitServer(
             base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,
             alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks, runtime=runtime,
-            limits=StepLimits.from_config(config),
+            limits=StepLimits.from_config(config), warm=warm_start_of(config),
         )
         if config.data.partition == "whole":  # every device trains on all of it: encode once
             encoded = [encode(train, tokenizer, config.data.max_length)] * len(shards)

@@ -11,6 +11,12 @@ with all its copies and its server session's, named in the report, never the run
 another device. Then, per module, hand the good copies (fp32, each with the adapter its holder
 started from) to the aggregator (robust policies included), merge its base delta into the frozen
 weight, and keep each holder's next adapter.
+
+Noise-free's warm start (`Aggregate.adapters_in_base`): the merged weights hold the whole
+aggregate, and each holder trains against them minus its own adapter's product (`Party.load`
+derives that residual from the adapter it is given). The global model is then the merged weights
+alone, and a checkpoint of the holders' adapters and the merged deltas restores every holder's
+frozen weight exactly, with nothing per holder stored beside them.
 """
 
 from __future__ import annotations
@@ -113,6 +119,8 @@ class GlobalState:
         self.holder_state: dict[str, AdapterSet] = defaultdict(dict)
         self.last_weights: dict[str, dict[str, float]] = {}  # module -> holder -> p_h of the last aggregation
         self.merged: dict[str, torch.Tensor] = {}  # sum of deltas merged into each frozen weight
+        # Modules whose last aggregation put the holders' adapters inside the merged weight (warm start)
+        self.adapters_in_base: set[str] = set()
         # What each holder was given this round: its upload is checked against it (modules, ranks)
         # and its update measured from it. Cleared by `aggregate`.
         self.given: dict[str, AdapterSet] = {}
@@ -178,6 +186,10 @@ class GlobalState:
             for holder, weights in result.adapters.items():
                 self.holder_state[holder][name] = weights
             self.last_weights[name] = dict(zip((c.holder for c in good), token_weights(good)))
+            if result.adapters_in_base:
+                self.adapters_in_base.add(name)
+            else:
+                self.adapters_in_base.discard(name)
             if self.aggregator.shared_adapter:
                 self.global_adapters[name] = next(iter(result.adapters.values()))
             report.clipped += result.clipped
@@ -191,9 +203,11 @@ class GlobalState:
         self.merged[name] = self.merged[name] + delta if name in self.merged else delta.clone()
 
     def global_delta(self, name: str) -> torch.Tensor | None:
-        """The global model's adapter update of `name` beyond what is merged: sum_h p_h s_h B_h A_h."""
+        """The global model's adapter update of `name` beyond what is merged: sum_h p_h s_h B_h A_h
+        (None where nothing is beyond it: no aggregation yet, or a warm start, whose adapters
+        are inside the merged weight)."""
         weights = self.last_weights.get(name)
-        if not weights:
+        if not weights or name in self.adapters_in_base:
             return None
         total = torch.zeros(())
         for holder, p in weights.items():

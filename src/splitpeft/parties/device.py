@@ -24,7 +24,7 @@ from splitpeft.model.adapters import (
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.meter import DeviceMeter
-from splitpeft.parties.party import Party
+from splitpeft.parties.party import Party, WarmStart
 from splitpeft.placements.base import Placement
 from splitpeft.privacy.defences import NO_DEFENCE, Defence
 from splitpeft.transport.channel import Channel
@@ -61,9 +61,10 @@ class DeviceRuntime(Party):
         count_flops: bool = True,
         runtime: Runtime = CPU_FP32,
         defence: Defence = NO_DEFENCE,
+        warm: WarmStart | None = None,
     ) -> None:
         part = placement.device_part(backbone_of(base).num_blocks, split_layer)
-        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime)
+        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, warm=warm)
         self.part = part
         self.device_id = device_id
         self.placement = placement

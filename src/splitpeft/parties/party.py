@@ -1,20 +1,27 @@
 """A party is one holder of adapters: a device, or the server's session for one device.
 
 Every party has its own structural copy of the base model (the frozen weights are shared, not
-copied), its own LoRA branches on the modules it runs, and its own optimiser.
+copied), its own LoRA branches on the modules it runs, and its own optimiser. Under noise-free's
+warm start (`WarmStart`) a party trains each module against its own copy of the frozen weight,
+the shared one minus its adapter's product (`Party.load`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
 
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from splitpeft.model.adapters import (
+    ADAPTER_NAME,
     AdapterSet,
     LoraWeights,
     inject,
+    is_fan_in_fan_out,
     lora_ab,
     lora_layers,
     lora_parameters,
@@ -24,6 +31,22 @@ from splitpeft.model.adapters import (
 from splitpeft.model.backbone import backbone_of, share_frozen_copy
 from splitpeft.model.parts import Part, frozen_tensors, resident_bytes, view_part
 from splitpeft.model.runtime import CPU_FP32, Runtime
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """How a party takes noise-free's warm adapters (`federation.noise_free_start=warm`).
+
+    The shared frozen weight W holds the whole aggregate, and the adapter (A, B) a party is given
+    is part of it; the party trains against its own W - s B A (s = alpha / r), so it starts the
+    round computing W exactly. `keep_moments` (`federation.noise_free_moments`): False drops each
+    loaded adapter's AdamW moments (and step count) at every round start, because the warm factors
+    U sqrt(S) and sqrt(S) V^T of the aggregate are a new basis, not the party's own A and B moved
+    a little: a factorisation is unique only up to B G, G^-1 A, and the SVD fixes G by the
+    aggregate's singular vectors, so the old per-coordinate moments (exp_avg_sq most of all)
+    describe other coordinates. True carries them over as they are, for comparison."""
+
+    keep_moments: bool = False
 
 
 class Party:
@@ -39,10 +62,13 @@ class Party:
         part: Part | None = None,
         runtime: Runtime = CPU_FP32,
         on_server: bool = False,
+        warm: WarmStart | None = None,
     ) -> None:
         """`part`: the frozen tensors this party holds (None: a view of all of `base`);
-        `runtime` says on which torch device and, with `on_server`, for which side."""
+        `runtime` says on which torch device and, with `on_server`, for which side; `warm`:
+        noise-free's warm start (None: adapters are added to the shared frozen weights as they are)."""
         self.alpha = alpha
+        self.warm = warm
         self.runtime = runtime
         self.torch_device = runtime.server_device if on_server else runtime.device_device
         self.dtype = runtime.dtype
@@ -57,6 +83,10 @@ class Party:
         self.modules = sorted(lora_layers(self.model))
         self.ranks = {name: rank for name, rank in ranks.items() if rank > 0}
         self.parameters = lora_parameters(self.model)
+        # The shared frozen weight of each adapted module (merges reach it in place); under a warm
+        # start the layer may hold this party's own copy instead (`_train_against`).
+        self._shared_weights = {name: cast(torch.Tensor, layer.get_base_layer().weight)
+                                for name, layer in lora_layers(self.model).items()}
         self.optimizer = (
             torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay) if self.parameters else None
         )
@@ -76,18 +106,48 @@ class Party:
 
         An adapter arriving with B == 0 starts from its initialisation (noise-free aggregation
         merged the previous one into the frozen weight): its AdamW moments described the old
-        adapter, so they are dropped rather than applied to the new one.
+        adapter, so they are dropped rather than applied to the new one. Under a warm start each
+        module is trained against W - s B A (`_train_against`), and the moments of every loaded
+        adapter are dropped unless `warm.keep_moments` (see `WarmStart`).
         """
         incoming = {name: adapters[name] for name in self.modules}
         write_adapters(self.model, incoming)
+        layers = lora_layers(self.model)
+        if self.warm is not None:
+            for name, weights in incoming.items():
+                self._train_against(name, layers[name], weights)
         if self.optimizer is None:
             return
-        layers = lora_layers(self.model)
+        reset_all = self.warm is not None and not self.warm.keep_moments
         for name, weights in incoming.items():
-            if not bool(weights.B.any()):
+            if reset_all or not bool(weights.B.any()):
                 layer = layers[name]
                 for parameter in lora_ab(layer):
                     self.optimizer.state.pop(parameter, None)
+
+    def _train_against(self, name: str, layer: LoraLayer, weights: LoraWeights) -> None:
+        """Warm start: module `name` computes (W - s B A) x + s B A x = W x, W the shared frozen
+        weight (d_out, d_in) with every merged aggregate, (A, B) = `weights`, s = alpha / r.
+
+        W - s B A is this party's own copy, computed afresh from W at every load (so loading twice
+        is loading once, and a later merge into W is seen); with B == 0 the layer goes back to W
+        itself. In float64, then cast to W's dtype: exact to that dtype's rounding of W - s B A.
+        Costs one (d_out, d_in) copy per warm module per party (the shared copy stays as it is)."""
+        shared = self._shared_weights[name]
+        base_layer = layer.get_base_layer()
+        if shared.device.type == "meta":
+            return
+        if not bool(weights.B.any()):
+            if base_layer.weight is not shared:
+                base_layer.weight = shared
+            return
+        scale = float(layer.scaling[ADAPTER_NAME])
+        product = scale * (weights.B.double() @ weights.A.double())  # (d_out, d_in)
+        if is_fan_in_fan_out(self.model):  # GPT-2 Conv1D stores (d_in, d_out)
+            product = product.T
+        with torch.no_grad():
+            own = (shared.double() - product.to(shared.device)).to(shared.dtype)
+        base_layer.weight = torch.nn.Parameter(own, requires_grad=False)
 
     def adapters(self) -> AdapterSet:
         """This party's adapters, on the CPU (where the federation's state lives)."""

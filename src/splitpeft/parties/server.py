@@ -25,7 +25,7 @@ from splitpeft.model.adapters import AdapterError, AdapterSet
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loss import IGNORE_INDEX
 from splitpeft.model.runtime import CPU_FP32, Runtime
-from splitpeft.parties.party import Party
+from splitpeft.parties.party import Party, WarmStart
 from splitpeft.placements.base import Placement
 from splitpeft.placements.registry import make_placement
 from splitpeft.transport.messages import (
@@ -86,9 +86,10 @@ class ServerSession(Party):
 
     def __init__(self, device_id: str, base: PreTrainedModel, placement: Placement, split_layer: int,
                  ranks: Mapping[str, int], *, alpha: float, dropout: float, lr: float,
-                 runtime: Runtime = CPU_FP32) -> None:
+                 runtime: Runtime = CPU_FP32, warm: WarmStart | None = None) -> None:
         part = placement.server_part(backbone_of(base).num_blocks, split_layer)
-        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, on_server=True)
+        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, on_server=True,
+                         warm=warm)
         self.device_id = device_id
         self.placement = placement
         self.split_layer = split_layer
@@ -116,13 +117,15 @@ class SplitServer:
     `server_ranks(blocks)` gives the server-side rank map of the adapted modules in `blocks`;
     `start_state(holder, ranks)` the adapters a holder starts the round with (the federation's
     global state). `limits` bound each step's work (`StepLimits.from_config`); None: unbounded.
+    `warm`: every session takes noise-free's warm adapters (`WarmStart`); None: cold.
     """
 
     def __init__(self, base: PreTrainedModel, server_ranks: Callable[[range], Mapping[str, int]],
                  start_state: Callable[[str, dict[str, int]], AdapterSet], *,
                  alpha: float, dropout: float, lr: float, num_blocks: int, runtime: Runtime = CPU_FP32,
-                 limits: StepLimits | None = None) -> None:
+                 limits: StepLimits | None = None, warm: WarmStart | None = None) -> None:
         self.base = base
+        self.warm = warm
         self.limits = limits
         self.runtime = runtime
         self.server_ranks = server_ranks
@@ -165,7 +168,7 @@ class SplitServer:
             session = ServerSession(
                 device_id, self.base, placement, split_layer,
                 self.server_ranks(placement.server_blocks(self.num_blocks, split_layer)),
-                alpha=self.alpha, dropout=self.dropout, lr=self.lr, runtime=self.runtime,
+                alpha=self.alpha, dropout=self.dropout, lr=self.lr, runtime=self.runtime, warm=self.warm,
             )
             placement.open_server_session(session, meta, self.server_ranks(range(self.num_blocks)))
             self.sessions[device_id] = session
