@@ -8,13 +8,14 @@ record` writes them to tests/golden/; tests/test_golden.py compares a fresh run 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from splitpeft.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
 COMMON = ["eval.generation=false", "eval.baseline=false", "eval.perplexity_examples=8", "data.max_length=48",
@@ -25,17 +26,28 @@ RUNS: dict[str, list[str]] = {
     "dlora_kr": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.warmup=1",
                  "kill_revive.interval=1", "kill_revive.revive_interval=2", "kill_revive.active_fraction=0.25"],
     "centralized": ["placement.placement=centralized"],
-    "hsplit": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "hsplit.max_split=3",
+    "hsplit": ["hsplit.planner=armsc_deepest", "federation.aggregator=noise_free", "hsplit.max_split=3",
                "fleet.memory_bytes=[700000,1200000,4000000]"],
 }
 COUNTS = ("bytes_up", "bytes_down", "flops", "tokens")
 
 
+# The same kernels on every x86 machine: one thread, and ATen, MKL and oneDNN held to their AVX2
+# code paths. Without this an AVX-512 machine rounds differently from an AVX2 one, which moved the
+# adapters by ~2e-6, a float's printed length in a message header by bytes, and a Kill-and-Revive
+# decision that rounding broke.
+KERNELS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+           "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
 def run(name: str, out: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Run `name` into `out`; returns (adapter tensors, {totals and per-device counts})."""
-    code = main(["simulate", "--preset", "tiny", *COMMON, *RUNS[name], "--out", str(out), "--no-progress"])
-    if code != 0:
-        raise RuntimeError(f"golden run {name} exited {code}")
+    """Run `name` into `out` (the real CLI, in a process of its own with `KERNELS`); returns
+    (adapter tensors, {totals and per-device counts})."""
+    command = [sys.executable, "-m", "splitpeft.cli", "simulate", "--preset", "tiny", *COMMON, *RUNS[name],
+               "--out", str(out), "--no-progress"]
+    done = subprocess.run(command, env={**os.environ, **KERNELS}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"golden run {name} exited {done.returncode}: {done.stderr[-2000:]}")
     report = json.loads((out / "report.json").read_text())
     tensors = load_file(out / "adapter" / "adapter_model.safetensors")
     totals = report["totals"]
@@ -65,6 +77,4 @@ def record(folder: Path = GOLDEN) -> None:
 if __name__ == "__main__":
     if sys.argv[1:] != ["record"]:
         sys.exit("usage: python tests/golden_runs.py record")
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
     record()

@@ -275,16 +275,24 @@ def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
     console.print(table)
     plans = report["info"].get("plans")
     if plans:
-        plan_table = Table(title="device plans (ARMSC / budget ranks)")
-        for column in ("device", "budget MB", "split k", "adapted", "ranks", "predicted peak MB", "measured peak MB", "GFLOP/step"):
+        plan_table = Table(title=f"device plans (hsplit.planner={config.hsplit.planner})")
+        for column in ("device", "budget MB", "k", "ranks: modules", "pred. MB", "meas. MB", "GFLOP/step",
+                       "importance", "step s"):
             plan_table.add_column(column, justify="right")
         for row in plans:
             plan_table.add_row(
-                row["device"], f"{row['budget_bytes'] / 1e6:.0f}", str(row["split_layer"]), str(row["adapted_modules"]),
-                str(row["ranks"]), f"{row['predicted_peak_bytes'] / 1e6:.1f}", f"{row['measured_peak_bytes'] / 1e6:.1f}",
+                row["device"], f"{row['budget_bytes'] / 1e6:.0f}", str(row["split_layer"]),
+                " ".join(f"{rank}:{count}" for rank, count in row["ranks"].items()),
+                f"{row['predicted_peak_bytes'] / 1e6:.1f}", f"{row['measured_peak_bytes'] / 1e6:.1f}",
                 f"{row['measured_flops_per_step'] / 1e9:.2f}",
+                "-" if row.get("importance") is None else f"{row['importance']:.3f}",
+                "-" if row.get("planned_step_s") is None else f"{row['planned_step_s']:.2f}",
             )
         console.print(plan_table)
+        simulated = [r.get("simulated_round_s") for r in report["rounds"]]
+        if all(t is not None for t in simulated):
+            console.print(f"simulated wall time: {sum(simulated):.1f} s over {len(simulated)} rounds "
+                          "(each round: its slowest device, or the shared server)")
     columns = {"fine-tuned": report["eval"]}
     if "baseline_eval" in report:
         columns = {"untuned": report["baseline_eval"], **columns}

@@ -123,14 +123,22 @@ class FleetConfig:
     memory_range: list[int] | None = _help("[min, max]: budgets spread evenly over the devices", None)
     flops_per_s: float | list[float] = _help("device compute (one value, or one per device), for the simulated wall time", 5e10)
     bandwidth_bytes_per_s: float | list[float] = _help("device link (one value, or one per device), for the simulated wall time", 1.25e7)
+    server_flops_per_s: float = _help(
+        "the server's compute, shared by every device's session: the simulated round time and the armsc planner", 5e11)
+    max_step_s: float | list[float] | None = _help(
+        "each device's time budget: the planners choose no plan whose simulated step (device compute + link + "
+        "server) exceeds it (one value, or one per device); null = none", None)
 
 
 @dataclass
 class HSplitConfig:
-    planner: Literal["fixed", "armsc", "budget_rank"] = _help(
-        "fixed: placement.split_layer and lora.rank everywhere (SplitLoRA); armsc: per-device split "
-        "and per-module ranks from IWI scores and budgets (HSplitLoRA); budget_rank: fixed split, one "
-        "rank per device, the largest that fits its budget (HetLoRA)", "fixed")
+    planner: Literal["fixed", "armsc", "armsc_deepest", "budget_rank", "uniform"] = _help(
+        "fixed: placement.split_layer and lora.rank everywhere; armsc: per-device split and per-module "
+        "ranks maximising the IWI importance trained per second of simulated round time under every "
+        "budget (HSplitLoRA); armsc_deepest: the first ARMSC, deepest split that fits then ranks by "
+        "score per byte; budget_rank: fixed split, one rank per device, the largest that fits its budget "
+        "(HetLoRA); uniform: fixed split, one rank for all, the largest that fits the weakest device (SplitLoRA)",
+        "fixed")
     rank_set: list[int] = _help("ranks the planner may give a module (0 = no adapter)",
                                 default_factory=lambda: [0, 2, 4, 8, 16])
     probe_batches: int = _help("batches per IWI probe (each round)", 2)
@@ -304,8 +312,8 @@ class ExperimentConfig:
              "hsplit.rank_set needs non-negative ranks, at least one above 0"),
             (self.hsplit.probe_batches >= 1, "hsplit.probe_batches must be >= 1"),
             (all(not isinstance(v, list) or len(v) == self.federation.num_devices
-                 for v in (self.fleet.flops_per_s, self.fleet.bandwidth_bytes_per_s)),
-             "fleet.flops_per_s and fleet.bandwidth_bytes_per_s lists need one value per device"),
+                 for v in (self.fleet.flops_per_s, self.fleet.bandwidth_bytes_per_s, self.fleet.max_step_s)),
+             "fleet.flops_per_s, fleet.bandwidth_bytes_per_s and fleet.max_step_s lists need one value per device"),
             (self.eval.perplexity_examples >= 1, "eval.perplexity_examples must be >= 1"),
             (self.eval.groups >= 1, "eval.groups must be >= 1"),
             (self.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
@@ -396,6 +404,8 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "fleet.memory_range": Bound(1, 2**50),
     "fleet.flops_per_s": Bound(0, 1e18, low_open=True),
     "fleet.bandwidth_bytes_per_s": Bound(0, 1e15, low_open=True),
+    "fleet.server_flops_per_s": Bound(0, 1e21, low_open=True),
+    "fleet.max_step_s": Bound(0, 1e9, low_open=True),
     "hsplit.rank_set": Bound(0, 65_536),
     "hsplit.probe_batches": Bound(1, 10_000),
     "hsplit.replan_threshold": Bound(0, 1e6),

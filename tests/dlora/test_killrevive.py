@@ -537,3 +537,26 @@ def test_new_selections_still_cut_dlora_traffic_and_adapter_flops(overrides):
     late_up = sum(len(f) for f in trace[-1]["up"])
     assert late_up < 0.6 * full.step_bytes_up[-1]
     _check_step_traffic(sim, kr, trace)
+
+
+def test_the_first_update_from_b_zero_scores_exactly_one_so_ties_break_by_model_order():
+    """Bug: from B = 0 the relative update ||B1 A1 - 0|| / ||B1 A1|| is 1, but computed through
+    the Gram matrices it was 1 up to rounding, so the first kill ranked every adapter by float
+    noise and another CPU's kernels killed other adapters (the golden dlora_kr run drifted)."""
+    from splitpeft.config import KillReviveConfig
+    from splitpeft.dlora.killrevive import KillRevive
+    from splitpeft.model.adapters import LoraWeights
+
+    generator = torch.Generator().manual_seed(3)
+    names = [f"model.layers.{j}.mlp.{m}" for j in range(4) for m in ("up_proj", "down_proj", "gate_proj")]
+    before, after = {}, {}
+    for i, name in enumerate(names):
+        r, d_in, d_out = 2 + i % 3, 16 + 8 * i, 24 + 4 * i
+        a = torch.randn(r, d_in, generator=generator)
+        before[name] = LoraWeights(a, torch.zeros(d_out, r))
+        after[name] = LoraWeights(a + 0.01 * torch.randn(r, d_in, generator=generator), 1e-3 * torch.randn(d_out, r, generator=generator))
+    policy = KillRevive(KillReviveConfig(enabled=True, warmup=1, interval=1, active_fraction=0.25), names)
+    policy.observe(before, after)
+    assert all(policy.scores[n] == 1.0 for n in names)
+    kill, _ = policy.decide()
+    assert kill == sorted(names)[:len(names) - 3]  # 3 of 12 stay: the last three in name order

@@ -15,6 +15,7 @@ from splitpeft.model.adapters import LoraWeights
 
 HSPLIT = ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.num_devices=3",
           "hsplit.max_split=3", "federation.local_steps=2", "data.max_length=48"]
+DEEPEST = ["hsplit.planner=armsc_deepest", *HSPLIT[1:]]  # the first ARMSC's rule, which these tests re-derive
 
 
 def _budgets(sim_config_overrides, fractions=(0.35, 0.6, 1.0)):
@@ -42,7 +43,7 @@ def test_heterogeneous_fleet_gets_different_plans_and_trains():
     # The split a budget buys depends on which module the IWI probe scores highest, so read the
     # scores first: the probe sees only the model and the training data, never the budgets, so a
     # fleet with other budgets gets the very same scores (checked below).
-    probe = Simulation(tiny_config("tiny-llama", *HSPLIT, f"fleet.memory_bytes={[10**9] * 3}"))
+    probe = Simulation(tiny_config("tiny-llama", *DEEPEST, f"fleet.memory_bytes={[10**9] * 3}"))
     scores, shapes, config = probe.planning.planned_scores, probe.planning.shapes, probe.config
     smallest = min(r for r in config.hsplit.rank_set if r > 0)
     batch, seq, max_split = config.federation.batch_size, config.data.max_length, config.hsplit.max_split
@@ -53,7 +54,7 @@ def test_heterogeneous_fleet_gets_different_plans_and_trains():
     expected = [max(k for k in range(1, max_split + 1) if needs[k - 1] <= budget) for budget in budgets]
     assert expected == [1, 2, 3]  # one device per split point, deeper with the bigger budget
 
-    sim = Simulation(tiny_config("tiny-llama", *HSPLIT, f"fleet.memory_bytes={budgets}"))
+    sim = Simulation(tiny_config("tiny-llama", *DEEPEST, f"fleet.memory_bytes={budgets}"))
     assert sim.planning.planned_scores == scores
     assert [d.split_layer for d in sim.devices] == expected
     plans = {p.device: p for p in sim.planning.plans}
@@ -166,7 +167,9 @@ def test_compare_command_writes_table_and_plot(tmp_path):
                    "eval.groups=2", "eval.max_new_tokens=4"],
         progress=False,
     )
-    assert set(comparison["methods"]) == {"hsplitlora", "hetlora", "splitlora", "cenlora"}
+    assert set(comparison["methods"]) == {"hsplitlora", "hsplitlora_cold", "hsplitlora_v1", "hetlora", "splitlora", "cenlora"}
+    splitlora = comparison["methods"]["splitlora"]["runs"]["seed-0"]["plans"]
+    assert len({(p["split_layer"], str(p["ranks"])) for p in splitlora}) == 1  # one plan for all: the weakest's
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert saved["methods"]["cenlora"]["runs"]["seed-0"]["tokens"] > 0
     assert (tmp_path / "cmp" / "convergence.png").is_file()
@@ -219,7 +222,7 @@ def test_restarted_adapters_drop_their_optimiser_moments():
 def test_a_bf16_fleet_is_planned_as_it_runs():
     """runtime.dtype=bf16: ARMSC plans from the devices' precision (bf16 base and activations,
     fp32 adapters), and each device's measured peak is its planned peak to the byte."""
-    bf16 = [*HSPLIT, "runtime.dtype=bf16"]
+    bf16 = [*DEEPEST, "runtime.dtype=bf16"]
     probe = Simulation(tiny_config("tiny-llama", *bf16, f"fleet.memory_bytes={[10**9] * 3}"))
     shapes, scores = probe.planning.shapes, probe.planning.planned_scores
     assert (shapes.dtype_bytes, shapes.quantization) == (2, "none")

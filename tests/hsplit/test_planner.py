@@ -189,7 +189,7 @@ def test_planners_are_named_objects_chosen_by_config():
 
     from splitpeft.hsplit.planning import PLANNERS, ArmscPlanner, BudgetRankPlanner, FixedPlanner, make_planner
 
-    assert sorted(PLANNERS) == ["armsc", "budget_rank", "fixed"]
+    assert sorted(PLANNERS) == ["armsc", "armsc_deepest", "budget_rank", "fixed", "uniform"]
     config = tiny_config("tiny-llama", "placement.split_layer=2", "lora.rank=4")
     planner = make_planner(config)
     assert isinstance(planner, FixedPlanner) and not planner.uses_budgets and not planner.uses_scores

@@ -162,7 +162,15 @@ class KillRevive:
             if name not in before or name not in after:
                 continue
             size = product_norm(after[name].A, after[name].B)
-            ratio = update_norm(before[name], after[name]) / size if size > 0 else 0.0
+            if size <= 0:
+                ratio = 0.0
+            elif not bool(before[name].B.any()):
+                # From B = 0 the whole product is the update: exactly 1. Computed, it is 1 up to
+                # rounding, and the first kill would rank every adapter by that noise (a CPU with
+                # other kernels kills others); equal scores break by model order instead.
+                ratio = 1.0
+            else:
+                ratio = update_norm(before[name], after[name]) / size
             previous = self.scores.get(name)
             self.scores[name] = ratio if previous is None else self.settings.ema * previous + (1 - self.settings.ema) * ratio
 

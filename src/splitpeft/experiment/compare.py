@@ -2,10 +2,19 @@
 
 Suites (each method is the base config plus a few overrides; a method is one entry of `SUITES`):
 
-* `hsplit`: HSplitLoRA (IWI + ARMSC + noise_free), HetLoRA (rank by budget, fixed split,
-  zero_pad), SplitLoRA (fixed split, one rank, fedavg), CenLoRA (centralized; one party doing
-  every device's steps, so the token budget is the same).
-* `dlora`: dlora without KR, with KR, and the static baselines (same number of active adapters,
+* `hsplit` (every method fits every device's memory budget):
+  - `hsplitlora`: IWI + ARMSC as the optimiser (`armsc`) + noise_free with warm restarts;
+  - `hsplitlora_cold`: the same with noise_free's cold restarts (B = 0 every round);
+  - `hsplitlora_v1`: the first version: the deepest-fit rule (`armsc_deepest`) + cold noise_free;
+  - `hetlora`: the fixed split, per device the largest rank that fits its budget, zero-padding
+    aggregation, as published;
+  - `splitlora`: the fixed split and one rank for all, the largest that fits the weakest device,
+    FedAvg of A and B (as `zero_pad`, which on equal ranks is exactly that average);
+  - `cenlora`: centralized, one party doing every device's steps on the pooled data (same tokens).
+  (FedLoRA, every device training the whole model, applies only where the whole model fits every
+  device's budget: not a method of this suite.)
+* `dlora`: dlora without KR, with KR (`dynamic`; `scheduled`: the active share decays from all to
+  `kill_revive.active_fraction`), and the static baselines (same number of active adapters,
   chosen once at random / by initial score).
 
 Each method runs once per seed (config key `seed`: base, base + 1, ...), in `out/METHOD/seed-S`.
@@ -34,14 +43,19 @@ from splitpeft.experiment.run import run_experiment
 # more entry; run_comparison (and the CLI's --methods) take the names from here.
 SUITES: dict[str, dict[str, list[str]]] = {
     "hsplit": {
-        "hsplitlora": ["hsplit.planner=armsc", "federation.aggregator=noise_free"],
+        "hsplitlora": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm"],
+        "hsplitlora_cold": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=cold"],
+        "hsplitlora_v1": ["hsplit.planner=armsc_deepest", "federation.aggregator=noise_free",
+                          "federation.noise_free_start=cold"],
         "hetlora": ["hsplit.planner=budget_rank", "federation.aggregator=zero_pad"],
-        "splitlora": ["hsplit.planner=fixed", "federation.aggregator=fedavg"],
+        # one rank for all, so zero_pad's average of A and B is FedAvg's (fedavg itself keeps lora.rank)
+        "splitlora": ["hsplit.planner=uniform", "federation.aggregator=zero_pad"],
         "cenlora": ["placement.placement=centralized", "hsplit.planner=fixed", "federation.aggregator=fedavg"],
     },
     "dlora": {
         "no_kr": ["placement.placement=dlora", "kill_revive.enabled=false"],
         "kr": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=dynamic"],
+        "kr_scheduled": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=scheduled"],
         "static_random": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=static_random"],
         "static_score": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=static_score"],
     },

@@ -22,6 +22,10 @@ MEASUREMENT_NOTES = {
     ),
     "resident_bytes": "frozen base tensors the device holds (its part of the model; the rest is on the meta device)",
     "wall_s": "measured wall-clock seconds of the device's local phase (server time included in-process)",
+    "simulated_s": "device FLOPs / fleet.flops_per_s + bytes both ways / fleet.bandwidth_bytes_per_s (measured FLOPs and bytes)",
+    "simulated_server_s": ("the server's FLOPs for the device's steps, estimated by hsplit/memory.server_flops_per_step "
+                           "at the configured batch and sequence length, / fleet.server_flops_per_s"),
+    "simulated_round_s": "max(max over devices of simulated_s + simulated_server_s, sum of simulated_server_s)",
 }
 
 
@@ -36,6 +40,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "dropped": record.dropped,
             "clipped": record.clipped,
             "selected": record.selected,
+            "simulated_round_s": record.simulated_round_s,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},
         }
         for record in rounds

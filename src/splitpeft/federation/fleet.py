@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,11 +85,11 @@ def fleet_profiles(config: ExperimentConfig, ids: list[str]) -> list[DeviceProfi
     else:
         return None
 
-    def each(value: float | list[float]) -> list[float]:
+    def each(value: float | list[float] | None) -> list[Any]:
         return list(value) if isinstance(value, list) else [value] * n
 
-    return [DeviceProfile(d, b, f, w) for d, b, f, w in
-            zip(ids, budgets, each(fleet.flops_per_s), each(fleet.bandwidth_bytes_per_s))]
+    return [DeviceProfile(d, b, f, w, t) for d, b, f, w, t in
+            zip(ids, budgets, each(fleet.flops_per_s), each(fleet.bandwidth_bytes_per_s), each(fleet.max_step_s))]
 
 
 def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Placement, index: int,

@@ -33,6 +33,7 @@ class DeviceRound:
     kr_events: list[dict[str, Any]] = field(default_factory=list)
     active_adapters: int | None = None
     simulated_s: float | None = None  # flops / device compute + bytes / device link
+    simulated_server_s: float | None = None  # the server's estimated FLOPs for its steps / the server's compute
 
 
 @dataclass
@@ -47,6 +48,8 @@ class RoundRecord:
     # updates a robust policy scaled down: holder, module, factor (< 1), on ("BA", "A" or "B"), norm, limit
     clipped: list[dict[str, Any]] = field(default_factory=list)
     selected: list[str] = field(default_factory=list)  # devices asked to train this round
+    # max(max_i (simulated_s_i + simulated_server_s_i), sum_i simulated_server_s_i): hsplit/budget.round_time_s
+    simulated_round_s: float | None = None
 
 
 @dataclass

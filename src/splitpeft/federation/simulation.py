@@ -21,6 +21,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,8 @@ from splitpeft.federation.records import (
     fill_round_stats,
 )
 from splitpeft.federation.state import GlobalState, device_of
-from splitpeft.hsplit.budget import simulated_step_s
-from splitpeft.hsplit.memory import ModelShapes, frozen_bytes
+from splitpeft.hsplit.budget import StepTime, round_time_s, simulated_step_s
+from splitpeft.hsplit.memory import ModelShapes, frozen_bytes, server_flops_per_step
 from splitpeft.hsplit.planning import Planning, PlanOptions, make_planner
 from splitpeft.model import adapters as lora
 from splitpeft.model.adapters import AdapterSet
@@ -257,6 +258,7 @@ class Simulation:
                 profile = self.profiles[self.device_ids.index(device_id)]
                 result.stats.simulated_s = simulated_step_s(
                     profile, result.stats.flops, result.stats.bytes_up + result.stats.bytes_down)
+                result.stats.simulated_server_s = self.simulated_server_s(device_id, result.stats.steps)
             result.stats.tokens = self.counted_tokens(device_id, result.tokens)
             record.devices[device_id] = result.stats
             for name, weights in result.uploaded.items():
@@ -271,9 +273,35 @@ class Simulation:
         record.dropped += [{"device": device, "error": f"upload rejected: {error}"} for device, error in outcome.dropped.items()]
         record.clipped = [clip.describe() for clip in outcome.clipped]
         self.server.rejected.clear()
+        if self.profiles is not None:
+            record.simulated_round_s = round_time_s([
+                StepTime(s.simulated_s or 0.0, 0.0, s.simulated_server_s or 0.0) for s in record.devices.values()])
         record.wall_s = time.perf_counter() - self._round_start
         self.rounds.append(record)
         return record
+
+    @cached_property
+    def shapes(self) -> ModelShapes:
+        """The model's shapes as the devices run it (the memory and FLOP models' input)."""
+        if self.planning is not None:
+            return self.planning.shapes
+        return ModelShapes.from_config(self.loaded.model.config, dtype=self.runtime.dtype,
+                                       quantization=self.runtime.device_quantization(),
+                                       target_modules=self.config.lora.target_modules)
+
+    def simulated_server_s(self, device_id: str, steps: int) -> float:
+        """The server's simulated time for `steps` of `device_id`'s split at its current plan: the
+        memory model's FLOPs (`server_flops_per_step`, at the configured batch and length) over
+        `fleet.server_flops_per_s`. 0 without a server (centralized). dlora: the server runs every
+        block from the device's k on, the adapter branches aside."""
+        if not self.placement.uses_server():
+            return 0.0
+        device = self.devices[self.device_ids.index(device_id)]
+        on_device = self.config.placement.labels_on_device or self.config.placement.placement == "dlora"
+        rank = 0 if self.config.placement.placement == "dlora" else self.config.lora.rank
+        flops = server_flops_per_step(self.shapes, device.split_layer, rank, self.config.federation.batch_size,
+                                      self.config.data.max_length, on_device)
+        return steps * flops / self.config.fleet.server_flops_per_s
 
     def _copy(self, holder: str, weights: lora.LoraWeights, tokens: int) -> AdapterCopy:
         """`holder`'s copy of a module, scaled alpha / r (r = its rank as uploaded, checked later)."""
@@ -296,9 +324,7 @@ class Simulation:
     def info(self) -> dict[str, Any]:
         plans = self.planning.describe() if self.planning is not None else None
         num_blocks = self.backbone.num_blocks
-        shapes = ModelShapes.from_config(self.loaded.model.config, dtype=self.runtime.dtype,
-                                         quantization=self.runtime.device_quantization(),
-                                         target_modules=self.config.lora.target_modules)
+        shapes = self.shapes
         return {
             "plans": plans,
             "model": self.loaded.name,

@@ -579,6 +579,36 @@ def flops_per_step(
     return float(total)
 
 
+def server_flops_per_step(
+    shapes: ModelShapes,
+    split_layer: int,
+    server_rank: int,
+    batch_size: int,
+    seq_len: int,
+    labels_on_device: bool = False,
+) -> float:
+    """Estimated server FLOPs of one device's training step at split k, N = B T: every server
+    block [k, L) forward and backward with a rank-`server_rank` adapter on each candidate module
+    (the server session's adapters), and the head and loss when the labels are on the server:
+
+        sum_{j >= k} [4 N sum_lin d_in d_out + 14 N T d_q] + sum_{m in j >= k} 6 N r (d_in + d_out)
+        + 4 N d V (plain split only)
+
+    Every server block is live in backward (its input gradient goes down to the device).
+    """
+    n, t = batch_size * seq_len, seq_len
+    attention_width = shapes.qkv_dims[0]
+    total = 0.0
+    for j in range(split_layer, shapes.num_blocks):
+        total += 4 * n * shapes.block_linear_macs[j] + 14 * n * t * attention_width
+    if server_rank > 0:
+        total += sum(6 * n * server_rank * sum(dims) for m, dims in shapes.modules.items()
+                     if shapes.module_block[m] >= split_layer)
+    if not labels_on_device:
+        total += 4 * n * shapes.hidden_size * shapes.vocab_size
+    return float(total)
+
+
 def split_bytes_per_step(shapes: ModelShapes, batch_size: int, seq_len: int, labels_on_device: bool = False,
                          gradient_bytes: int | None = None) -> int:
     """Tensor bytes crossing the link per step (headers aside): the cut activations up (runtime

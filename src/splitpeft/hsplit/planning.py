@@ -4,9 +4,15 @@ Planners are named policies behind one interface (`Planner`), chosen by `hsplit.
 
 - `fixed`: every device at `placement.split_layer`, `lora.rank` on every adapted module; no
   budgets, no probe (the plain SplitLoRA set-up).
-- `armsc`: ARMSC (`hsplit/armsc.py`): from each device's budget and the IWI scores, the deepest
-  split that fits, then ranks greedily by score per byte. Re-planned when the scores move past
-  `hsplit.replan_threshold` (relative L1) since the current plan.
+- `armsc`: ARMSC as an optimiser (`hsplit/armsc.py`, `optimise_fleet`): every device's split and
+  ranks chosen together to maximise the IWI importance the fleet trains per second of simulated
+  round time (the slowest device, or the server's shared compute), under each device's memory and
+  time budget. Re-planned when the scores move past `hsplit.replan_threshold` (relative L1).
+- `armsc_deepest`: the first ARMSC, a rule: per device the deepest split that fits, then ranks
+  greedily by score per byte (kept for comparison: it leaves deep devices short of adapters and
+  makes them the stragglers).
+- `uniform` (SplitLoRA, fair): `placement.split_layer` and one rank for every device, the largest
+  of `hsplit.rank_set` whose predicted peak fits the weakest device's budget.
 
 Every planner honours the privacy floor (`PrivacyFloor`: `hsplit.min_split`, and
 `hsplit.max_leakage` against the privacy meter's table), and each plan reports its expected leakage.
@@ -27,7 +33,7 @@ from transformers import PreTrainedModel
 
 from splitpeft.config import ExperimentConfig
 from splitpeft.data.batching import BatchStream, EncodedExample
-from splitpeft.hsplit.armsc import DevicePlan, PlanError, plan_fleet
+from splitpeft.hsplit.armsc import DevicePlan, FleetOptions, PlanError, optimise_fleet, plan_fleet
 from splitpeft.hsplit.budget import DeviceProfile
 from splitpeft.hsplit.importance import (
     ImportanceTracker,
@@ -114,13 +120,20 @@ class PlanOptions:
     labels_on_device: bool
     checkpointing: bool = False  # runtime.gradient_checkpointing
     privacy: PrivacyFloor | None = None  # hsplit.min_split, hsplit.max_leakage
+    server_flops_per_s: float = 5e11  # fleet.server_flops_per_s
 
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> PlanOptions:
         return cls(config.placement.split_layer, config.lora.rank, tuple(config.hsplit.rank_set),
                    config.hsplit.max_split, config.federation.batch_size, config.data.max_length,
                    config.placement.labels_on_device, config.runtime.gradient_checkpointing,
-                   PrivacyFloor.from_config(config))
+                   PrivacyFloor.from_config(config), config.fleet.server_flops_per_s)
+
+    def fleet(self) -> FleetOptions:
+        """The optimiser's options: the server's sessions train every module of their blocks at lora.rank."""
+        return FleetOptions(self.batch_size, self.seq_len, self.rank_set, self.rank, self.server_flops_per_s,
+                            self.labels_on_device, self.checkpointing, self.max_split,
+                            self.privacy.allows if self.privacy is not None else None)
 
     def memory(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len, "labels_on_device": self.labels_on_device,
@@ -157,6 +170,17 @@ class ArmscPlanner:
     uses_scores: ClassVar[bool] = True
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
+        return optimise_fleet(profiles, shapes, scores, self.options.fleet())
+
+
+@dataclass
+class ArmscDeepestPlanner:
+    options: PlanOptions
+    name: ClassVar[str] = "armsc_deepest"
+    uses_budgets: ClassVar[bool] = True
+    uses_scores: ClassVar[bool] = True
+
+    def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
         privacy = self.options.privacy
         return plan_fleet(profiles, shapes, scores, rank_set=self.options.rank_set, max_split=self.options.max_split,
                           allowed_splits=privacy.allows if privacy is not None else None, **self.options.memory())
@@ -184,8 +208,30 @@ class BudgetRankPlanner:
         raise ValueError(f"{profile.name}: a budget of {profile.memory_bytes} bytes fits no rank at split {k}")
 
 
-PLANNERS: dict[str, type[FixedPlanner] | type[ArmscPlanner] | type[BudgetRankPlanner]] = {
-    cls.name: cls for cls in (FixedPlanner, ArmscPlanner, BudgetRankPlanner)
+@dataclass
+class UniformPlanner:
+    options: PlanOptions
+    name: ClassVar[str] = "uniform"
+    uses_budgets: ClassVar[bool] = True
+    uses_scores: ClassVar[bool] = False
+
+    def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
+        k = self.options.split_layer
+        self.options.check_fixed_split(k)
+        weakest = min(profiles, key=lambda p: p.memory_bytes)
+        modules = shapes.modules_before(k)
+        for rank in sorted((r for r in self.options.rank_set if r > 0), reverse=True):
+            ranks = {name: rank for name in modules}
+            peak = predict_peak_bytes(shapes, k, ranks, **self.options.memory())
+            if peak <= weakest.memory_bytes:
+                return [DevicePlan(p.name, k, dict(ranks), peak, 0.0, p.memory_bytes) for p in profiles]
+        raise PlanError(f"{weakest.name}: a budget of {weakest.memory_bytes} bytes fits no rank at split {k}, "
+                        "so no one plan fits every device (hsplit.planner=uniform)")
+
+
+PlannerType = type[FixedPlanner] | type[ArmscPlanner] | type[ArmscDeepestPlanner] | type[BudgetRankPlanner] | type[UniformPlanner]
+PLANNERS: dict[str, PlannerType] = {
+    cls.name: cls for cls in (FixedPlanner, ArmscPlanner, ArmscDeepestPlanner, BudgetRankPlanner, UniformPlanner)
 }
 
 
@@ -259,6 +305,7 @@ class Planning:
                 "device": plan.device, "budget_bytes": plan.budget_bytes, "split_layer": plan.split_layer,
                 "adapted_modules": len(plan.ranks), "ranks": dict(sorted(histogram.items())),
                 "predicted_peak_bytes": plan.predicted_peak_bytes, "flops_per_step": plan.flops_per_step,
+                "importance": plan.importance, "planned_step_s": plan.step_s,
                 "expected_leakage": privacy.expected_leakage(plan.split_layer) if privacy is not None else None,
             })
         return rows
