@@ -155,7 +155,7 @@ def test_uniform_gives_every_device_the_largest_rank_the_weakest_fits():
     profiles = [DeviceProfile("weak", peak(k, 4) + 1, 1e9, 1e7), DeviceProfile("strong", peak(k, 16) * 2, 1e9, 1e7)]
     plans = UniformPlanner(opts).plan(profiles, SHAPES, {})
     assert [(p.split_layer, set(p.ranks.values())) for p in plans] == [(k, {4}), (k, {4})]
-    with pytest.raises(PlanError, match="'weak'|weak: a budget"):
+    with pytest.raises(PlanError, match="weak: a budget of .* fits no rank at split 3"):
         UniformPlanner(opts).plan([DeviceProfile("weak", peak(k, 2) - 1, 1e9, 1e7)], SHAPES, {})
     assert {"armsc", "armsc_deepest", "uniform"} <= set(PLANNERS)
 

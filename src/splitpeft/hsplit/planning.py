@@ -205,7 +205,7 @@ class BudgetRankPlanner:
             peak = predict_peak_bytes(shapes, k, ranks, **self.options.memory())
             if peak <= profile.memory_bytes:
                 return DevicePlan(profile.name, k, ranks, peak, 0.0, profile.memory_bytes)
-        raise ValueError(f"{profile.name}: a budget of {profile.memory_bytes} bytes fits no rank at split {k}")
+        raise PlanError(f"{profile.name}: a budget of {profile.memory_bytes} bytes fits no rank at split {k}")
 
 
 @dataclass
@@ -216,17 +216,10 @@ class UniformPlanner:
     uses_scores: ClassVar[bool] = False
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
-        k = self.options.split_layer
-        self.options.check_fixed_split(k)
         weakest = min(profiles, key=lambda p: p.memory_bytes)
-        modules = shapes.modules_before(k)
-        for rank in sorted((r for r in self.options.rank_set if r > 0), reverse=True):
-            ranks = {name: rank for name in modules}
-            peak = predict_peak_bytes(shapes, k, ranks, **self.options.memory())
-            if peak <= weakest.memory_bytes:
-                return [DevicePlan(p.name, k, dict(ranks), peak, 0.0, p.memory_bytes) for p in profiles]
-        raise PlanError(f"{weakest.name}: a budget of {weakest.memory_bytes} bytes fits no rank at split {k}, "
-                        "so no one plan fits every device (hsplit.planner=uniform)")
+        plan = BudgetRankPlanner(self.options)._plan(weakest, shapes)  # HetLoRA's rank for the weakest, for all
+        return [DevicePlan(p.name, plan.split_layer, dict(plan.ranks), plan.predicted_peak_bytes, 0.0, p.memory_bytes)
+                for p in profiles]
 
 
 PlannerType = type[FixedPlanner] | type[ArmscPlanner] | type[ArmscDeepestPlanner] | type[BudgetRankPlanner] | type[UniformPlanner]
