@@ -26,6 +26,7 @@ from splitpeft.hsplit.memory import (
     roles_per_block,
     server_flops_per_step,
     split_bytes_per_step,
+    warm_copy_bytes,
 )
 
 
@@ -72,8 +73,9 @@ class _GreedyState:
     """Per-block saved bytes and liveness of a plan, to price raising one module incrementally."""
 
     def __init__(self, shapes: ModelShapes, split_layer: int, ranks: dict[str, int], batch_size: int, seq_len: int,
-                 checkpointing: bool):
+                 checkpointing: bool, warm: bool = False):
         self.shapes, self.k, self.b, self.t, self.checkpointing = shapes, split_layer, batch_size, seq_len, checkpointing
+        self.warm = warm
         self.ranks = dict(ranks)
         self.roles = roles_per_block(shapes, split_layer, ranks)
         self.saved = blocks_saved(shapes, self.roles, batch_size, seq_len)
@@ -91,6 +93,8 @@ class _GreedyState:
         # Liveness only flows forward, so blocks before j keep their saved bytes.
         new_saved = self.saved[:j] + blocks_saved(self.shapes, roles, self.b, self.t, start=j, live=live)
         adapters = adapter_bytes(self.shapes, {module: new_rank}) - adapter_bytes(self.shapes, {module: old_rank})
+        if self.warm and old_rank == 0:
+            adapters += warm_copy_bytes(self.shapes, {module: new_rank})
         return self._activations(new_saved) - self._activations(self.saved) + adapters
 
     def apply(self, module: str, new_rank: int) -> None:
@@ -110,6 +114,7 @@ def greedy_ranks(
     seq_len: int,
     labels_on_device: bool,
     checkpointing: bool,
+    warm: bool = False,
     gain: Callable[[str, int, int], float] | None = None,
     fits_time: Callable[[Mapping[str, int]], bool] | None = None,
     start: Mapping[str, int] | None = None,
@@ -126,8 +131,8 @@ def greedy_ranks(
     """
     ranks_q = _validated_rank_set(rank_set)
     first = dict(start) if start is not None else minimal_ranks(shapes, scores, split_layer, ranks_q[1])
-    state = _GreedyState(shapes, split_layer, first, batch_size, seq_len, checkpointing)
-    peak = predict_peak_bytes(shapes, split_layer, state.ranks, batch_size, seq_len, labels_on_device, checkpointing)
+    state = _GreedyState(shapes, split_layer, first, batch_size, seq_len, checkpointing, warm)
+    peak = predict_peak_bytes(shapes, split_layer, state.ranks, batch_size, seq_len, labels_on_device, checkpointing, warm)
     order = {name: i for i, name in enumerate(shapes.modules_before(split_layer))}
     next_rank = {r: ranks_q[i + 1] for i, r in enumerate(ranks_q[:-1])}
     blocked: set[str] = set()
@@ -166,6 +171,7 @@ def plan_device(
     rank_set: Sequence[int] = (0, 2, 4, 8, 16),
     labels_on_device: bool = False,
     checkpointing: bool = False,
+    warm: bool = False,
     max_split: int | None = None,
     max_step_s: float | None = None,
     allowed_splits: Callable[[int], bool] | None = None,
@@ -201,7 +207,7 @@ def plan_device(
         if allowed_splits is not None and not allowed_splits(k):
             continue
         ranks = minimal_ranks(shapes, scores, k, smallest)
-        peak = predict_peak_bytes(shapes, k, ranks, batch_size, seq_len, labels_on_device, checkpointing)
+        peak = predict_peak_bytes(shapes, k, ranks, batch_size, seq_len, labels_on_device, checkpointing, warm)
         needed = peak
         if peak <= budget and (max_step_s is None or step_s(k, ranks) <= max_step_s):
             split = k
@@ -221,13 +227,13 @@ def plan_device(
         )
 
     ranks = greedy_ranks(shapes, scores, split, ranks_q, budget, batch_size=batch_size, seq_len=seq_len,
-                         labels_on_device=labels_on_device, checkpointing=checkpointing,
+                         labels_on_device=labels_on_device, checkpointing=checkpointing, warm=warm,
                          fits_time=None if max_step_s is None else (lambda trial: step_s(split, trial) <= max_step_s))
     return DevicePlan(
         device=profile.name,
         split_layer=split,
         ranks=ranks,
-        predicted_peak_bytes=predict_peak_bytes(shapes, split, ranks, batch_size, seq_len, labels_on_device, checkpointing),
+        predicted_peak_bytes=predict_peak_bytes(shapes, split, ranks, batch_size, seq_len, labels_on_device, checkpointing, warm),
         flops_per_step=flops_per_step(shapes, split, ranks, batch_size, seq_len, labels_on_device, checkpointing),
         budget_bytes=budget,
     )
@@ -296,10 +302,11 @@ class FleetOptions:
     checkpointing: bool = False
     max_split: int | None = None
     allowed_splits: Callable[[int], bool] | None = None
+    warm: bool = False  # noise-free's warm start: each adapted module's frozen weight copy counts
 
     def memory(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len, "labels_on_device": self.labels_on_device,
-                "checkpointing": self.checkpointing}
+                "checkpointing": self.checkpointing, "warm": self.warm}
 
     def candidate(self, profile: DeviceProfile, shapes: ModelShapes, scores: Mapping[str, float], split_layer: int,
                   ranks: dict[str, int]) -> Candidate:

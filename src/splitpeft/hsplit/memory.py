@@ -14,6 +14,8 @@ that meter cannot see (`unmetered`, below):
                       int8  n + 4 d_out (one fp32 scale per row, SCB)
     adapters    = copies x sum_m r_m (d_in_m + d_out_m) x 4
                   copies = 4: weights, gradients, AdamW exp_avg and exp_avg_sq, fp32 whatever the base
+                  + under noise-free's warm start (`warm`), each adapted module's own frozen weight
+                  W - s B A beside the shared one: sum_m d_in_m d_out_m s (`warm_copy_bytes`)
     activations = sum over device blocks of what autograd saves there (below)
                   + rotary cos/sin tables (LLaMA family) + the head and loss (labels on device)
 
@@ -485,6 +487,12 @@ def frozen_bytes(shapes: ModelShapes, split_layer: int, labels_on_device: bool) 
     return shapes.embedding_bytes + sum(shapes.block_bytes[:split_layer]) + (shapes.head_bytes if labels_on_device else 0)
 
 
+def warm_copy_bytes(shapes: ModelShapes, ranks: Mapping[str, int]) -> int:
+    """Noise-free's warm start: every adapted module's own copy of its frozen weight (`Party.load`),
+    sum_m d_in d_out x the runtime dtype's bytes (a quantized base never runs noise_free)."""
+    return shapes.dtype_bytes * sum(shapes.modules[m][0] * shapes.modules[m][1] for m, r in ranks.items() if r > 0)
+
+
 def adapter_bytes(shapes: ModelShapes, ranks: Mapping[str, int], copies: int = ADAPTER_COPIES) -> int:
     """copies x sum_m r_m (d_in + d_out) x 4 (fp32, whatever the base's dtype)."""
     return copies * ADAPTER_DTYPE_BYTES * sum(r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
@@ -517,16 +525,18 @@ def memory_breakdown(
     seq_len: int,
     labels_on_device: bool = False,
     checkpointing: bool = False,
+    warm: bool = False,
 ) -> MemoryBreakdown:
-    """Predicted peak of a `split` device, by term (see the module docstring for the formula)."""
+    """Predicted peak of a `split` device, by term (see the module docstring for the formula);
+    `warm`: noise-free's warm start, whose per-module weight copies count with the adapters."""
     if not 0 <= split_layer <= shapes.num_blocks:
         raise ValueError(f"split_layer {split_layer} is out of range 0..{shapes.num_blocks}")
     saved = blocks_saved(shapes, roles_per_block(shapes, split_layer, ranks), batch_size, seq_len)
     activations, unmetered = activation_terms(shapes, saved, seq_len, checkpointing)
     if labels_on_device:
         activations += head_saved_bytes(shapes, batch_size, seq_len)
-    return MemoryBreakdown(frozen_bytes(shapes, split_layer, labels_on_device), adapter_bytes(shapes, ranks),
-                           activations, unmetered)
+    adapters = adapter_bytes(shapes, ranks) + (warm_copy_bytes(shapes, ranks) if warm else 0)
+    return MemoryBreakdown(frozen_bytes(shapes, split_layer, labels_on_device), adapters, activations, unmetered)
 
 
 def predict_peak_bytes(
@@ -537,9 +547,11 @@ def predict_peak_bytes(
     seq_len: int,
     labels_on_device: bool = False,
     checkpointing: bool = False,
+    warm: bool = False,
 ) -> int:
     """Predicted peak memory of a `split` device: frozen + adapters + activations + unmetered (module docstring)."""
-    return memory_breakdown(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device, checkpointing).peak_bytes
+    return memory_breakdown(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device, checkpointing,
+                            warm).peak_bytes
 
 
 def flops_per_step(

@@ -121,23 +121,25 @@ class PlanOptions:
     checkpointing: bool = False  # runtime.gradient_checkpointing
     privacy: PrivacyFloor | None = None  # hsplit.min_split, hsplit.max_leakage
     server_flops_per_s: float = 5e11  # fleet.server_flops_per_s
+    warm: bool = False  # federation.noise_free_start=warm: each adapted module holds its own frozen copy
 
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> PlanOptions:
         return cls(config.placement.split_layer, config.lora.rank, tuple(config.hsplit.rank_set),
                    config.hsplit.max_split, config.federation.batch_size, config.data.max_length,
                    config.placement.labels_on_device, config.runtime.gradient_checkpointing,
-                   PrivacyFloor.from_config(config), config.fleet.server_flops_per_s)
+                   PrivacyFloor.from_config(config), config.fleet.server_flops_per_s,
+                   config.federation.aggregator == "noise_free" and config.federation.noise_free_start == "warm")
 
     def fleet(self) -> FleetOptions:
         """The optimiser's options: the server's sessions train every module of their blocks at lora.rank."""
         return FleetOptions(self.batch_size, self.seq_len, self.rank_set, self.rank, self.server_flops_per_s,
                             self.labels_on_device, self.checkpointing, self.max_split,
-                            self.privacy.allows if self.privacy is not None else None)
+                            self.privacy.allows if self.privacy is not None else None, self.warm)
 
     def memory(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len, "labels_on_device": self.labels_on_device,
-                "checkpointing": self.checkpointing}
+                "checkpointing": self.checkpointing, "warm": self.warm}
 
     def check_fixed_split(self, split_layer: int) -> None:
         """A planner that does not choose the split: refuse one the privacy floor does not allow."""

@@ -80,8 +80,9 @@ class DeviceRuntime(Party):
         self._before: dict[str, LoraWeights] = {}
 
     def resident_tensors(self) -> list[torch.Tensor]:
-        """Tensors the device holds across steps: frozen weights, adapters, optimiser state."""
-        return self._held + self.parameters + self.optimizer_state_tensors()
+        """Tensors the device holds across steps: frozen weights (with a warm start's own copies),
+        adapters, optimiser state."""
+        return self._held + self.warm_copies() + self.parameters + self.optimizer_state_tensors()
 
     def gradient_bytes(self) -> int:
         """Bytes of the gradients a step allocates (one per trainable adapter parameter)."""

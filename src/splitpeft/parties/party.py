@@ -101,6 +101,12 @@ class Party:
         """Bytes of those frozen tensors."""
         return resident_bytes(self.model)
 
+    def warm_copies(self) -> list[torch.Tensor]:
+        """The party's own frozen weights W - s B A of a warm start, held beside the shared ones."""
+        layers = lora_layers(self.model)
+        weights = [cast(torch.Tensor, layers[name].get_base_layer().weight) for name in self._shared_weights]
+        return [w for w, shared in zip(weights, self._shared_weights.values()) if w is not shared]
+
     def load(self, adapters: Mapping[str, LoraWeights]) -> None:
         """Load this party's modules from a larger set of adapters (e.g. the global state).
 
