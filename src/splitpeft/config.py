@@ -163,10 +163,11 @@ class KillReviveConfig:
     revive_interval: int = _help("score killed adapters by gradient norm every N steps", 10)
     revive_margin: float = _help("a killed adapter revives if it beats the weakest active one by this (relative)", 0.1)
     ema: float = _help("EMA factor of the update-size score ||delta(BA)|| / ||BA||", 0.9)
-    selection: Literal["dynamic", "scheduled", "converged", "static_random", "static_score"] = _help(
+    selection: Literal["dynamic", "scheduled", "converged", "gradient", "static_random", "static_score"] = _help(
         "dynamic = KR; scheduled = KR whose active share shrinks from fraction_start to active_fraction over "
         "decay_intervals kill steps; converged = KR killing only adapters whose update score fell below "
-        "kill_threshold; static_* = baselines choosing the active set once when warm-up ends", "dynamic")
+        "kill_threshold; gradient = KR killing the lowest EMA of gradient norm (what revival compares); "
+        "static_* = baselines choosing the active set once when warm-up ends", "dynamic")
     fraction_start: float = _help("scheduled: the active share when warm-up ends (>= active_fraction)", 1.0)
     decay_intervals: int = _help("scheduled: kill steps over which the active share falls linearly to active_fraction", 4)
     kill_threshold: float = _help(
@@ -301,7 +302,7 @@ class ExperimentConfig:
             (self.kill_revive.fraction_start >= self.kill_revive.active_fraction,
              "kill_revive.fraction_start must be >= kill_revive.active_fraction (the schedule only shrinks)"),
             (self.kill_revive.block_floor == 0 or not self.kill_revive.selection.startswith("static"),
-             "kill_revive.block_floor: the static baselines choose once by count; use dynamic, scheduled or converged"),
+             "kill_revive.block_floor: the static baselines choose once by count; use dynamic, scheduled, converged or gradient"),
             (self.fleet.memory_range is None or (len(self.fleet.memory_range) == 2 and 0 < self.fleet.memory_range[0] <= self.fleet.memory_range[1]),
              "fleet.memory_range must be [min, max] with 0 < min <= max"),
             (self.fleet.memory_bytes is None or len(self.fleet.memory_bytes) == self.federation.num_devices,

@@ -523,6 +523,7 @@ def test_events_and_summary_measure_the_active_set_and_killed_gradients():
     ("kill_revive.selection=scheduled", "kill_revive.fraction_start=0.5", "kill_revive.decay_intervals=1"),
     ("kill_revive.selection=converged", "kill_revive.kill_threshold=1e6"),
     ("kill_revive.selection=dynamic", "kill_revive.block_floor=1"),
+    ("kill_revive.selection=gradient",),
 ])
 def test_new_selections_still_cut_dlora_traffic_and_adapter_flops(overrides):
     """Once the schedule / test has run its course the device runs the target's share of
@@ -560,3 +561,29 @@ def test_the_first_update_from_b_zero_scores_exactly_one_so_ties_break_by_model_
     assert all(policy.scores[n] == 1.0 for n in names)
     kill, _ = policy.decide()
     assert kill == sorted(names)[:len(names) - 3]  # 3 of 12 stay: the last three in name order
+
+
+def test_gradient_kills_the_lowest_gradient_ema_not_the_lowest_update_score():
+    """`gradient` ranks kills by the EMA of each active adapter's gradient norm (what revival
+    compares), whatever the update scores say; `dynamic` on the same state kills by update score."""
+    modules = [f"model.layers.{i // 4}.m{i % 4}" for i in range(8)]
+    settings = KillReviveConfig(warmup=2, interval=2, active_fraction=0.25, revive_interval=10**6, ema=0.5,
+                                selection="gradient")
+    policy = KillRevive(settings, modules)
+    assert policy.wants_active_gradients()
+    policy.scores = {m: float(i) for i, m in enumerate(modules)}       # update scores: m0 lowest
+    first = {m: float(8 - i) for i, m in enumerate(modules)}           # gradients: m7 lowest
+    second = {**first, modules[7]: 100.0}                              # m7's gradient jumps
+    policy.observe_gradients(first)
+    policy.decide()
+    policy.observe_gradients(second)
+    assert policy.grad_scores[modules[7]] == 0.5 * 1.0 + 0.5 * 100.0  # EMA with ema = 0.5
+    kill, _ = policy.decide()                                          # kill step: 6 of 8 go
+    assert policy.active == {modules[0], modules[7]}                  # the two largest gradient EMAs stay
+    assert sorted(kill) == sorted(set(modules) - {modules[0], modules[7]})
+    dynamic = KillRevive(KillReviveConfig(warmup=2, interval=2, active_fraction=0.25, revive_interval=10**6), modules)
+    dynamic.scores = dict(policy.scores)
+    dynamic.decide()
+    dynamic.decide()
+    assert dynamic.active == {modules[6], modules[7]}                 # by update score instead
+    assert not dynamic.wants_active_gradients()

@@ -21,6 +21,9 @@ CASES = {
     "dlora-kr": ["federation.num_devices=2", "placement.placement=dlora", "kill_revive.enabled=true",
                  "kill_revive.warmup=2", "kill_revive.interval=2", "kill_revive.revive_interval=3",
                  "kill_revive.active_fraction=0.25"],
+    "dlora-kr-gradient": ["federation.num_devices=2", "placement.placement=dlora", "kill_revive.enabled=true",
+                          "kill_revive.warmup=2", "kill_revive.interval=2", "kill_revive.revive_interval=3",
+                          "kill_revive.active_fraction=0.25", "kill_revive.selection=gradient"],
 }
 
 

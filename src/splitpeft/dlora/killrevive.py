@@ -131,6 +131,7 @@ class KillRevive:
     seed: int = 0
     active: set[str] = field(init=False)
     scores: dict[str, float] = field(default_factory=dict)
+    grad_scores: dict[str, float] = field(default_factory=dict)  # `gradient`: EMA of each active adapter's gradient norm
     events: list[dict[str, object]] = field(default_factory=list)
     active_history: list[tuple[int, frozenset[str]]] = field(default_factory=list)
     step: int = 0
@@ -174,6 +175,18 @@ class KillRevive:
             previous = self.scores.get(name)
             self.scores[name] = ratio if previous is None else self.settings.ema * previous + (1 - self.settings.ema) * ratio
 
+    def wants_active_gradients(self) -> bool:
+        """Whether every step must report the active adapters' gradient norms (`gradient`)."""
+        return self.selection.ranks_by_gradient
+
+    def observe_gradients(self, grad_norms: Mapping[str, float]) -> None:
+        """Fold one step's gradient norms of the active adapters into `grad_scores` (EMA, `ema`)."""
+        for name in self.active:
+            if name in grad_norms:
+                previous = self.grad_scores.get(name)
+                norm = float(grad_norms[name])
+                self.grad_scores[name] = norm if previous is None else self.settings.ema * previous + (1 - self.settings.ema) * norm
+
     def decide(self, grad_norms: Mapping[str, float] | None = None) -> tuple[list[str], list[str]]:
         """After a step: (modules to kill, modules to revive) now. Advances the step counter."""
         self.step += 1
@@ -215,15 +228,17 @@ class KillRevive:
         return kr_summary(self.modules, [active for _, active in self.active_history], self.events,
                           self.settings.warmup, self.settings.revive_margin)
 
-    def lowest(self, count: int, exclude: set[str], below: float | None = None) -> list[str]:
-        """Up to `count` active adapters (not in `exclude`) with the lowest update scores, only
-        scores < `below` if given, skipping any whose kill would leave its block fewer than
-        `block_floor` active adapters (`exclude`'s members count as gone)."""
+    def lowest(self, count: int, exclude: set[str], below: float | None = None,
+               scores: Mapping[str, float] | None = None) -> list[str]:
+        """Up to `count` active adapters (not in `exclude`) with the lowest `scores` (default the
+        update scores), only scores < `below` if given, skipping any whose kill would leave its
+        block fewer than `block_floor` active adapters (`exclude`'s members count as gone)."""
         if count <= 0:
             return []
-        candidates = sorted((n for n in self.active if n not in exclude), key=lambda n: (self.scores.get(n, 0.0), n))
+        ranking = self.scores if scores is None else scores
+        candidates = sorted((n for n in self.active if n not in exclude), key=lambda n: (ranking.get(n, 0.0), n))
         if below is not None:
-            candidates = [n for n in candidates if self.scores.get(n, 0.0) < below]
+            candidates = [n for n in candidates if ranking.get(n, 0.0) < below]
         floor = self.settings.block_floor
         if floor == 0:
             return candidates[:count]
@@ -243,6 +258,7 @@ class Selection(Protocol):
 
     name: ClassVar[str]
     revives: ClassVar[bool]  # asks for killed adapters' gradient norms every revive_interval
+    ranks_by_gradient: ClassVar[bool]  # asks for the active adapters' gradient norms every step
 
     def choose(self, policy: KillRevive, grad_norms: Mapping[str, float] | None) -> tuple[list[str], list[str]]:
         """(kill, revive) after `policy.step`."""
@@ -256,6 +272,7 @@ class DynamicSelection:
 
     name: ClassVar[str] = "dynamic"
     revives: ClassVar[bool] = True
+    ranks_by_gradient: ClassVar[bool] = False
 
     def choose(self, policy: KillRevive, grad_norms: Mapping[str, float] | None) -> tuple[list[str], list[str]]:
         s = policy.settings
@@ -332,11 +349,27 @@ class ConvergedSelection(DynamicSelection):
         return policy.lowest(active - policy.target_active, exclude=exclude, below=policy.settings.kill_threshold)
 
 
+class GradientSelection(DynamicSelection):
+    """KR that kills by what revives: on a kill step the active adapters with the lowest EMA of
+    their gradient norm (`grad_scores`, folded every step with `ema`) are killed down to the
+    target, and killed adapters whose gradient norm on a revive step beats the weakest active
+    one's (this step's norm) by `revive_margin` swap in, as `dynamic`. Measured on SmolLM2,
+    `dynamic`'s update score kills adapters whose gradients are still larger than the survivors'
+    (BENCHMARKS.md), so its revivals undo its kills; here both rules rank by one quantity."""
+
+    name: ClassVar[str] = "gradient"
+    ranks_by_gradient: ClassVar[bool] = True
+
+    def kills(self, policy: KillRevive, active: int, exclude: set[str]) -> list[str]:
+        return policy.lowest(active - policy.target_active, exclude=exclude, scores=policy.grad_scores)
+
+
 class _StaticSelection:
     """Baseline: the target number of active adapters, chosen once when warm-up ends, never changed."""
 
     name: ClassVar[str]
     revives: ClassVar[bool] = False
+    ranks_by_gradient: ClassVar[bool] = False
 
     def choose(self, policy: KillRevive, grad_norms: Mapping[str, float] | None) -> tuple[list[str], list[str]]:
         if policy._frozen_choice or policy.step < max(1, policy.settings.warmup):
@@ -364,6 +397,6 @@ class StaticScoreSelection(_StaticSelection):
 
 
 SELECTIONS: dict[str, type[Selection]] = {
-    cls.name: cls for cls in (DynamicSelection, ScheduledSelection, ConvergedSelection,
+    cls.name: cls for cls in (DynamicSelection, ScheduledSelection, ConvergedSelection, GradientSelection,
                               StaticRandomSelection, StaticScoreSelection)
 }

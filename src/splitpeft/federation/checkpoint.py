@@ -115,8 +115,8 @@ def device_state(device: DeviceRuntime, tensors: dict[str, torch.Tensor], prefix
         "optimizer_steps": _optimizer_state(device, prefix, tensors),
         "killed": sorted(device.killed),
         "kill_revive": None if policy is None else {
-            "active": sorted(policy.active), "scores": policy.scores, "events": policy.events,
-            "step": policy.step, "frozen_choice": policy._frozen_choice,
+            "active": sorted(policy.active), "scores": policy.scores, "grad_scores": policy.grad_scores,
+            "events": policy.events, "step": policy.step, "frozen_choice": policy._frozen_choice,
             "history": [[step, sorted(active)] for step, active in policy.active_history],
         },
     }
@@ -132,6 +132,7 @@ def restore_device_state(device: DeviceRuntime, info: dict[str, Any], tensors: d
     if saved is not None and device.kill_revive is not None:
         policy = device.kill_revive
         policy.active, policy.scores, policy.events = set(saved["active"]), saved["scores"], saved["events"]
+        policy.grad_scores = saved["grad_scores"]
         policy.step, policy._frozen_choice = saved["step"], saved["frozen_choice"]
         policy.active_history = [(step, frozenset(active)) for step, active in saved["history"]]
 
@@ -406,9 +407,11 @@ def _check_state(state: dict[str, Any], sim: Simulation) -> None:
         _names(info["killed"], f"{where}.killed", set(ranks))
         policy = info["kill_revive"]
         if policy is not None:
-            _mapping(policy, f"{where}.kill_revive", {"active", "scores", "events", "step", "frozen_choice", "history"})
+            _mapping(policy, f"{where}.kill_revive",
+                     {"active", "scores", "grad_scores", "events", "step", "frozen_choice", "history"})
             _names(policy["active"], f"{where}.kill_revive.active", set(ranks))
             _scores(policy["scores"], f"{where}.kill_revive.scores")
+            _scores(policy["grad_scores"], f"{where}.kill_revive.grad_scores")
             _need(isinstance(policy["events"], list), f"{where}.kill_revive.events is not a list")
             _int(policy["step"], f"{where}.kill_revive.step", 0, steps_most)
             _need(isinstance(policy["frozen_choice"], bool), f"{where}.kill_revive.frozen_choice is not true/false")

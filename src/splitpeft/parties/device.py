@@ -101,7 +101,7 @@ class DeviceRuntime(Party):
 
     def optimizer_step(self) -> None:
         """Step the active adapters; on a revive step first record every adapter's gradient norm."""
-        if self.kill_revive is not None and self.measure_killed:
+        if self.kill_revive is not None and (self.measure_killed or self.kill_revive.wants_active_gradients()):
             layers = lora_layers(self.model)
             norms = {}
             for name, layer in layers.items():
@@ -119,6 +119,8 @@ class DeviceRuntime(Party):
         assert policy is not None
         after = read_adapters(self.model, sorted(policy.active))
         policy.observe(self._before, after)
+        if policy.wants_active_gradients():
+            policy.observe_gradients(self.grad_norms)
         kill, revive = policy.decide(self.grad_norms if self.measure_killed else None)
         if kill or revive:
             self.placement.apply_kill_revive(self, channel, kill, revive)
