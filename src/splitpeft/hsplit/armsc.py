@@ -1,6 +1,14 @@
-"""ARMSC: a device's split point and per-module ranks from its memory budget, the IWI scores
-and the memory model (`hsplit/memory.py`): the deepest split that fits, then ranks from the rank
-set raised greedily by score per byte. Every byte is priced in the precision the device runs:
+"""ARMSC: every device's split point and per-module ranks from its budgets, the IWI scores and
+the memory and FLOP model (`hsplit/memory.py`).
+
+- `optimise_fleet` (`hsplit.planner=armsc`): ARMSC as an optimiser. The devices' plans are chosen
+  together to maximise the importance the fleet trains per second of simulated round time
+  (`fleet_objective`), under each device's memory and time budget.
+- `plan_device` / `plan_fleet` (`hsplit.planner=armsc_deepest`): the first ARMSC, a rule. Per
+  device it takes the deepest split that fits, then raises ranks from the rank set greedily by
+  score per byte (`greedy_ranks`).
+
+Every byte is priced in the precision the device runs:
 `ModelShapes` carries the runtime dtype and the base's quantization, and `checkpointing` says
 whether the device blocks run under gradient checkpointing; the predicted peak includes what the
 CPU meter cannot see (int8's kept inputs, the checkpoint's recompute). (The planning loop around
