@@ -30,6 +30,9 @@ def test_presets_load_and_overrides_are_typed():
     ("lora.dropout=1.5", "lora.dropout must be in"),
     ("rounds", "is not of the form key=value"),
     ("federation=3", "is a section"),
+    ("fleet.max_step_s=[1.0,2.0]", "fleet.max_step_s lists need one value per device"),
+    ("hsplit.planner=deepest", "hsplit.planner must be one of fixed, armsc, armsc_deepest, budget_rank, uniform"),
+    ("kill_revive.selection=grad", "kill_revive.selection must be one of .*gradient"),
 ])
 def test_bad_config_is_named(override, message):
     with pytest.raises(ConfigError, match=message):
