@@ -295,6 +295,7 @@ class Candidate:
     peak_bytes: int
     importance: float
     time: StepTime
+    device_flops: float  # per step, `flops_per_step`
 
 
 @dataclass(frozen=True)
@@ -318,15 +319,14 @@ class FleetOptions:
 
     def candidate(self, profile: DeviceProfile, shapes: ModelShapes, scores: Mapping[str, float], split_layer: int,
                   ranks: dict[str, int]) -> Candidate:
-        m = self.memory()
-        device_flops = flops_per_step(shapes, split_layer, ranks, m["batch_size"], m["seq_len"],
+        device_flops = flops_per_step(shapes, split_layer, ranks, self.batch_size, self.seq_len,
                                       self.labels_on_device, self.checkpointing)
         server_flops = server_flops_per_step(shapes, split_layer, self.server_rank, self.batch_size, self.seq_len,
                                              self.labels_on_device)
         link = split_bytes_per_step(shapes, self.batch_size, self.seq_len, self.labels_on_device)
-        return Candidate(split_layer, ranks, predict_peak_bytes(shapes, split_layer, ranks, **m),
+        return Candidate(split_layer, ranks, predict_peak_bytes(shapes, split_layer, ranks, **self.memory()),
                          trained_importance(scores, split_layer, ranks, shapes, self.server_rank),
-                         step_time(profile, device_flops, link, server_flops, self.server_flops_per_s))
+                         step_time(profile, device_flops, link, server_flops, self.server_flops_per_s), device_flops)
 
 
 def _fits(profile: DeviceProfile, candidate: Candidate) -> bool:
@@ -462,8 +462,6 @@ def optimise_fleet(profiles: Sequence[DeviceProfile], shapes: ModelShapes, score
                              start=candidate.ranks, **options.memory())
         refined = options.candidate(profile, shapes, scores, k, ranks)
         best = refined if refined.importance > candidate.importance and _fits(profile, refined) else candidate
-        device_flops = flops_per_step(shapes, k, best.ranks, options.batch_size, options.seq_len,
-                                      options.labels_on_device, options.checkpointing)
-        plans.append(DevicePlan(profile.name, k, dict(best.ranks), best.peak_bytes, device_flops, profile.memory_bytes,
+        plans.append(DevicePlan(profile.name, k, dict(best.ranks), best.peak_bytes, best.device_flops, profile.memory_bytes,
                                 importance=best.importance, step_s=best.time.total_s))
     return plans
