@@ -48,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, default=1,
                          help="runs per method, with seeds seed, seed+1, ... (config key `seed`); the table shows mean ± std")
     compare.add_argument("--target-loss", type=float,
-                         help="held-out loss for rounds and simulated time to target (default: worst mean final loss)")
+                         help="held-out loss for rounds and simulated time to target (default: see --target)")
+    compare.add_argument("--target", choices=["worst-mean", "per-seed"], default="worst-mean",
+                         help="without --target-loss: worst-mean = one target, the worst of the methods' mean final "
+                              "held-out losses; per-seed = per seed, the worst of the methods' final losses on that seed")
+    compare.add_argument("--reuse", action="store_true",
+                         help="read a method's run folder whose finished report has exactly its config instead of running it again")
     compare.add_argument("--out", type=Path, required=True, help="folder for the runs and the table")
     compare.add_argument("--overwrite", action="store_true")
     compare.add_argument("--no-progress", action="store_true")
@@ -166,7 +171,7 @@ def _compare(args: argparse.Namespace) -> int:
     run_comparison(
         args.suite, args.out, config_path=args.config, preset=args.preset, overrides=args.overrides,
         methods=args.methods.split(",") if args.methods else None, seeds=args.seeds, target_loss=args.target_loss,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        target=args.target.replace("-", "_"), overwrite=args.overwrite, reuse=args.reuse, progress=not args.no_progress,
     )
     print((args.out / "comparison.md").read_text())
     print(f"comparison: {args.out / 'comparison.json'}  plot: {args.out / 'convergence.png'}")

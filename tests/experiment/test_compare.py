@@ -127,6 +127,47 @@ def test_each_seed_runs_in_its_own_folder_against_one_target(tmp_path, monkeypat
     assert (out / "convergence.png").stat().st_size > 0
 
 
+def test_a_per_seed_target_is_the_worst_final_loss_of_that_seed(tmp_path, monkeypatch):
+    """Seed 7's jitter lifts every method's losses; its own target still lets both methods reach it."""
+    monkeypatch.setattr(compare, "run_experiment",
+                        lambda config, out, **_: _fake_report(config.seed, 0.25 if config.kill_revive.enabled else 0.0))
+    out = tmp_path / "cmp"
+    comparison = run_comparison("dlora", out, preset="tiny", overrides=["seed=5"], methods=["no_kr", "kr"], seeds=3,
+                                target="per_seed", progress=False)
+    # kr is the worse method on every seed: its final loss 3 + 0.25 + jitter is each seed's target
+    expected = {f"seed-{s}": 3.25 + JITTER[s] for s in (5, 6, 7)}
+    assert comparison["target_per_seed"] == pytest.approx(expected)
+    assert comparison["target_heldout_loss"] is None  # the seeds' targets differ
+    for method in ("no_kr", "kr"):
+        for s in (5, 6, 7):
+            run = comparison["methods"][method]["runs"][f"seed-{s}"]
+            assert run["target_heldout_loss"] == pytest.approx(expected[f"seed-{s}"])
+            assert run["rounds_to_target"] == 3  # no_kr's 3.0 + jitter and kr's own final are both at or below
+    table = (out / "comparison.md").read_text()
+    assert "3.2500 (seed 5), 3.3500 (seed 6), 3.7500 (seed 7)" in table and "| kr | " in table.split("Per seed")[1]
+    with pytest.raises(ValueError, match="unknown target 'best'"):
+        run_comparison("dlora", tmp_path / "other", preset="tiny", target="best", progress=False)  # type: ignore[arg-type]
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
+def test_reuse_reads_a_finished_run_of_the_same_config_and_reruns_a_changed_one(tmp_path):
+    """--reuse: the second comparison reads seed 0 from disk and runs only the new seed 1; a run whose
+    config changed is not reused (without --overwrite its folder is refused, not replaced)."""
+    out = tmp_path / "cmp"
+    common = ["compare", "dlora", "--preset", "tiny", "--methods", "no_kr", "--out", str(out), "--no-progress",
+              "federation.num_devices=1", "federation.rounds=1", "federation.local_steps=1", "data.limit=40",
+              "eval.generation=false", "eval.perplexity_examples=4"]
+    assert main([*common, "--seeds", "1"]) == 0
+    first = (out / "no_kr" / "seed-0" / "report.json").stat().st_mtime_ns
+    assert main([*common, "--seeds", "2", "--reuse"]) == 0
+    assert (out / "no_kr" / "seed-0" / "report.json").stat().st_mtime_ns == first  # read, not run again
+    assert (out / "no_kr" / "seed-1" / "report.json").is_file()
+    assert json.loads((out / "comparison.json").read_text())["seeds"] == [0, 1]
+    assert main([*common, "--seeds", "1", "--reuse", "federation.lr=0.01"]) == 2  # another config: not reused
+    assert (out / "no_kr" / "seed-0" / "report.json").stat().st_mtime_ns == first
+
+
 @pytest.mark.parametrize("seeds", ["0", "-2"])
 def test_seeds_below_one_are_refused_before_any_run(tmp_path, capsys, seeds):
     out = tmp_path / "cmp"

@@ -23,21 +23,30 @@ min and max over seeds of each number in `SCALARS`; `comparison.md` is the table
 `convergence.png` plots held-out loss per round, training loss per round and held-out loss against
 cumulative simulated time (mean over seeds, band min-max).
 
-Rounds and simulated time to target are measured against one target held-out loss for every run:
-`target_loss` if given, else the worst (highest) of the methods' mean final held-out losses, so
-every method reaches it on average.
+Rounds and simulated time to target are measured against a target held-out loss: `target_loss`
+if given; else, with `target="worst_mean"`, one target for every run, the worst (highest) of the
+methods' mean final held-out losses, so every method reaches it on average; with
+`target="per_seed"`, one target per seed, the worst of the methods' final losses on that seed (the
+seed also draws the held-out examples, so losses compare within a seed, not across seeds).
+
+With `reuse`, a run folder holding a finished report of exactly this method's config (and this
+splitpeft version) is read instead of run again, so a comparison can grow by seeds or methods.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from splitpeft.config import ExperimentConfig, load_config
-from splitpeft.experiment.report import write_json
+from splitpeft import __version__
+from splitpeft.config import ExperimentConfig, load_config, to_dict
+from splitpeft.experiment.report import _clean, write_json
 from splitpeft.experiment.run import run_experiment
+
+TARGETS = ("worst_mean", "per_seed")
 
 # suite -> method -> the overrides that make the method from the base config. A new method is one
 # more entry; run_comparison (and the CLI's --methods) take the names from here.
@@ -194,6 +203,22 @@ def curves(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, float | int |
     return {name: [spread(list(per_round)) for per_round in zip(*(run[key] for run in runs))] for name, key in keys.items()}
 
 
+def finished_report(folder: Path, config: ExperimentConfig) -> dict[str, Any] | None:
+    """The report in `folder` if it is a finished run of exactly `config` by this splitpeft version,
+    else None (no report, another config, another version, or a file that does not parse)."""
+    path = folder / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = json.loads(json.dumps(_clean(to_dict(config))))
+    if not isinstance(report, dict) or report.get("splitpeft_version") != __version__ or report.get("config") != wanted:
+        return None
+    return report
+
+
 def run_comparison(
     suite: str,
     out: Path,
@@ -204,7 +229,9 @@ def run_comparison(
     methods: list[str] | None = None,
     seeds: int = 1,
     target_loss: float | None = None,
+    target: Literal["worst_mean", "per_seed"] = "worst_mean",
     overwrite: bool = False,
+    reuse: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run each method of `suite` with seeds base, base + 1, ..., base + seeds - 1 (base: the config's
@@ -213,6 +240,8 @@ def run_comparison(
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be a whole number of runs per method, at least 1, not {seeds!r}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     chosen = methods or list(SUITES[suite])
     unknown = [m for m in chosen if m not in SUITES[suite]]
     if unknown:
@@ -225,28 +254,27 @@ def run_comparison(
         for method in chosen for seed in seed_list
     }
     out = Path(out)
-    reports = {key: run_experiment(config, out / key[0] / f"seed-{key[1]}", overwrite=overwrite, progress=progress)
-               for key, config in configs.items()}
+    reports = {}
+    for key, config in configs.items():
+        folder = out / key[0] / f"seed-{key[1]}"
+        found = finished_report(folder, config) if reuse else None
+        reports[key] = found if found is not None else run_experiment(config, folder, overwrite=overwrite, progress=progress)
 
     runs = {method: {seed: summarise(reports[method, seed]) for seed in seed_list} for method in chosen}
-    mean_finals = {method: spread([r["final_heldout_loss"] for r in by_seed.values()])["mean"] for method, by_seed in runs.items()}
-    reached = {m: v for m, v in mean_finals.items() if v is not None}
-    if target_loss is not None:
-        target, source = target_loss, "--target-loss"
-    elif reached:
-        worst = max(reached, key=lambda m: reached[m])
-        target, source = reached[worst], f"worst mean final held-out loss ({worst})"
-    else:
-        target, source = None, "no held-out loss"
+    targets, source = _targets(runs, seed_list, target_loss, target)
     for (method, seed), report in reports.items():
         run = runs[method][seed]
-        run["rounds_to_target"] = None if target is None else rounds_to_target(run["heldout_loss_per_round"], target)
-        run["simulated_s_to_target"] = None if target is None else simulated_s_to_target(report["rounds"], target)
+        goal = targets[seed]
+        run["target_heldout_loss"] = goal
+        run["rounds_to_target"] = None if goal is None else rounds_to_target(run["heldout_loss_per_round"], goal)
+        run["simulated_s_to_target"] = None if goal is None else simulated_s_to_target(report["rounds"], goal)
+    distinct = set(targets.values())
 
     comparison = {
         "suite": suite,
         "seeds": seed_list,
-        "target_heldout_loss": target,
+        "target_heldout_loss": distinct.pop() if len(distinct) == 1 else None,
+        "target_per_seed": {f"seed-{seed}": goal for seed, goal in targets.items()},
         "target_from": source,
         "methods": {
             method: {
@@ -261,6 +289,26 @@ def run_comparison(
     (out / "comparison.md").write_text(markdown_table(comparison))
     plot_convergence(comparison, out / "convergence.png")
     return comparison
+
+
+def _targets(runs: dict[str, dict[int, dict[str, Any]]], seeds: list[int], target_loss: float | None,
+             target: str) -> tuple[dict[int, float | None], str]:
+    """The target held-out loss of each seed, and where it came from (see the module docstring)."""
+    if target_loss is not None:
+        return dict.fromkeys(seeds, target_loss), "--target-loss"
+    if target == "per_seed":
+        targets: dict[int, float | None] = {}
+        for seed in seeds:
+            finals = [by_seed[seed]["final_heldout_loss"] for by_seed in runs.values()]
+            present = [f for f in finals if f is not None]
+            targets[seed] = max(present) if present else None
+        return targets, "per seed, the worst final held-out loss among the methods on that seed"
+    means = {method: spread([r["final_heldout_loss"] for r in by_seed.values()])["mean"] for method, by_seed in runs.items()}
+    reached = {m: v for m, v in means.items() if v is not None}
+    if not reached:
+        return dict.fromkeys(seeds), "no held-out loss"
+    worst = max(reached, key=lambda m: reached[m])
+    return dict.fromkeys(seeds, reached[worst]), f"worst mean final held-out loss ({worst})"
 
 
 def markdown_table(comparison: dict[str, Any]) -> str:
@@ -289,11 +337,23 @@ def markdown_table(comparison: dict[str, Any]) -> str:
     for method, entry in comparison["methods"].items():
         cells = [cell(entry["spread"][key], spec, scale) for _, key, spec, scale in columns]
         lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
-    target = comparison.get("target_heldout_loss")
     seed_list = comparison["seeds"]
+    per_seed = comparison.get("target_per_seed") or {}
+
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    targets = ", ".join(f"{number(per_seed.get(f'seed-{s}'), '.4f')} (seed {s})" for s in seed_list)
+    target = comparison.get("target_heldout_loss")
     lines += ["", f"Mean ± sample standard deviation over seeds {seed_list[0]}..{seed_list[-1]} (n = {seeds}).",
-              f"Target held-out loss (log perplexity): {'-' if target is None else format(target, '.4f')}, "
-              f"from {comparison['target_from']}."]
+              f"Target held-out loss (log perplexity): {targets if target is None and per_seed else number(target, '.4f')}, "
+              f"from {comparison['target_from']}.",
+              "", "Per seed: final perplexity / simulated s to target.", "",
+              "| method | " + " | ".join(f"seed {s}" for s in seed_list) + " |", "|" + "---|" * (len(seed_list) + 1)]
+    for method, entry in comparison["methods"].items():
+        cells = [f"{number(r['perplexity'], '.3f')} / {number(r['simulated_s_to_target'], '.1f')}"
+                 for r in (entry["runs"][f"seed-{s}"] for s in seed_list)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
