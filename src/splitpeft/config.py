@@ -36,7 +36,10 @@ class ModelConfig:
 @dataclass
 class LoraSettings:
     rank: int = _help("LoRA rank r of every adapted module", 8)
-    alpha: float = _help("LoRA alpha; the branch is scaled by alpha / r", 16.0)
+    alpha: float = _help("LoRA alpha; the branch is scaled by alpha / r (alpha / sqrt(r) with rslora)", 16.0)
+    rslora: bool = _help(
+        "rank-stabilised LoRA: scale the branch by alpha / sqrt(r), not alpha / r, so adapters of different ranks "
+        "(HSplitLoRA, HetLoRA) learn at the same speed; under alpha / r a larger rank learns slower", False)
     dropout: float = _help("dropout on the LoRA branch input", 0.0)
     target_modules: list[str] | None = _help("module names to adapt; null = all attention and MLP linears", None)
 

@@ -51,6 +51,7 @@ from splitpeft.model.adapters import (
     to_tensors,
     write_adapters,
 )
+from splitpeft.model.adapters import scale as lora_scale
 from splitpeft.model.loss import causal_lm_loss
 from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, backward_from_cut, freeze_locally
@@ -179,7 +180,8 @@ class DLoRAPlacement:
         alpha = session.alpha  # the server's own setting, never the device's word
         own = tuple(session.backbone.block_prefix(j) for j in range(session.split_layer))  # the hybrid's, on the device
         remote = sorted(name for name in ranks if not (own and name.startswith(own)))
-        session.step_state = install_server_hooks(session, remote, {name: alpha / ranks[name] for name in remote})
+        session.step_state = install_server_hooks(
+            session, remote, {name: lora_scale(alpha, ranks[name], session.rslora) for name in remote})
 
     def abort(self, session: ServerSide) -> None:
         if session.step_state is not None:

@@ -99,7 +99,7 @@ def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Pla
     device = DeviceRuntime(
         f"device-{index}", base, placement, split_layer, ranks, stream,
         alpha=config.lora.alpha, dropout=config.lora.dropout, lr=config.federation.lr, count_flops=config.count_flops,
-        runtime=runtime, defence=defence_of(config, index), warm=warm_start_of(config),
+        runtime=runtime, defence=defence_of(config, index), warm=warm_start_of(config), rslora=config.lora.rslora,
     )
     if config.kill_revive.enabled:
         device.attach_kill_revive(config.kill_revive, seed=config.seed + index)

@@ -108,14 +108,15 @@ class Simulation:
 
         modules = adapted_modules(config, self.backbone)
         self.ranks = {name: config.lora.rank for name in modules}
-        self.state = GlobalState(base, modules, rank=config.lora.rank, alpha=config.lora.alpha, seed=config.seed,
+        self.state = GlobalState(base, modules, rank=config.lora.rank, alpha=config.lora.alpha, rslora=config.lora.rslora,
+                                 seed=config.seed,
                                  aggregator=make_aggregator(fed.aggregator, seed=config.seed, robust=config.robust,
                                                             noise_free_start=fed.noise_free_start),
                                  mirrors=[] if same_side else [self.device_base])
         self.server = SplitServer(
             base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,
             alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks, runtime=runtime,
-            limits=StepLimits.from_config(config), warm=warm_start_of(config),
+            limits=StepLimits.from_config(config), warm=warm_start_of(config), rslora=config.lora.rslora,
         )
         if config.data.partition == "whole":  # every device trains on all of it: encode once
             encoded = [encode(train, tokenizer, config.data.max_length)] * len(shards)
@@ -304,9 +305,10 @@ class Simulation:
         return steps * flops / self.config.fleet.server_flops_per_s
 
     def _copy(self, holder: str, weights: lora.LoraWeights, tokens: int) -> AdapterCopy:
-        """`holder`'s copy of a module, scaled alpha / r (r = its rank as uploaded, checked later)."""
+        """`holder`'s copy of a module, scaled alpha / r or alpha / sqrt(r) (r = its rank as uploaded, checked later)."""
         rank = weights.A.shape[0] if weights.A.dim() == 2 else 0
-        return AdapterCopy(holder, weights, tokens, scale=self.config.lora.alpha / rank if rank > 0 else float("nan"))
+        s = lora.scale(self.config.lora.alpha, rank, self.config.lora.rslora) if rank > 0 else float("nan")
+        return AdapterCopy(holder, weights, tokens, scale=s)
 
     def download_message(self, device: DeviceRuntime) -> Message:
         """The ADAPTERS message that starts `device`'s round: its modules' adapters."""

@@ -64,20 +64,21 @@ class AggregationReport:
     clipped: list[Clip] = field(default_factory=list)      # updates a robust policy scaled down
 
 
-def initial_adapters(base: torch.nn.Module, ranks: Mapping[str, int], alpha: float, seed: int) -> AdapterSet:
+def initial_adapters(base: torch.nn.Module, ranks: Mapping[str, int], alpha: float, seed: int,
+                     rslora: bool = False) -> AdapterSet:
     """Fresh LoRA weights for every module (peft's init: A random, B = 0) from `seed`."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = lora.inject(share_frozen_copy(base), ranks, alpha)  # type: ignore[arg-type]
+    model = lora.inject(share_frozen_copy(base), ranks, alpha, rslora=rslora)  # type: ignore[arg-type]
     torch.random.set_rng_state(state)
     return lora.read_adapters(model)
 
 
-def factorise(delta: torch.Tensor, alpha: float, tolerance: float = 1e-6) -> LoraWeights:
-    """A LoRA pair with s B A == delta (d_out, d_in), s = alpha / r, r = numerical rank of delta."""
+def factorise(delta: torch.Tensor, alpha: float, tolerance: float = 1e-6, rslora: bool = False) -> LoraWeights:
+    """A LoRA pair with s B A == delta (d_out, d_in), s = lora.scale(alpha, r, rslora), r = numerical rank of delta."""
     u, singular, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     rank = max(1, int((singular > tolerance * singular[0].clamp(min=1e-30)).sum()))
-    root = singular[:rank].sqrt() / (alpha / rank) ** 0.5
+    root = singular[:rank].sqrt() / lora.scale(alpha, rank, rslora) ** 0.5
     return LoraWeights((root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float())
 
 
@@ -107,14 +108,15 @@ class GlobalState:
     """
 
     def __init__(self, base: PreTrainedModel, modules: list[str], *, rank: int, alpha: float, seed: int,
-                 aggregator: Aggregator, mirrors: list[PreTrainedModel] | None = None) -> None:
+                 aggregator: Aggregator, mirrors: list[PreTrainedModel] | None = None, rslora: bool = False) -> None:
         self.base = base
         self.mirrors = mirrors or []  # other copies of the frozen weights a merge must reach
         self.ranks = {name: rank for name in modules}
         self.alpha = alpha
+        self.rslora = rslora
         self.seed = seed
         self.aggregator = aggregator
-        self.global_adapters = initial_adapters(base, self.ranks, alpha, seed)
+        self.global_adapters = initial_adapters(base, self.ranks, alpha, seed, rslora)
         self._initial_by_rank = {rank: self.global_adapters}
         self.holder_state: dict[str, AdapterSet] = defaultdict(dict)
         self.last_weights: dict[str, dict[str, float]] = {}  # module -> holder -> p_h of the last aggregation
@@ -139,7 +141,7 @@ class GlobalState:
             else:
                 if rank not in self._initial_by_rank:
                     self._initial_by_rank[rank] = initial_adapters(
-                        self.base, {n: rank for n in self.ranks}, self.alpha, self.seed)
+                        self.base, {n: rank for n in self.ranks}, self.alpha, self.seed, self.rslora)
                 start[name] = self._initial_by_rank[rank][name]
         self.given[holder] = start
         return start
@@ -212,7 +214,7 @@ class GlobalState:
         total = torch.zeros(())
         for holder, p in weights.items():
             adapter = self.holder_state[holder][name]
-            total = total + p * (self.alpha / adapter.rank) * (adapter.B @ adapter.A)
+            total = total + p * lora.scale(self.alpha, adapter.rank, self.rslora) * (adapter.B @ adapter.A)
         return total
 
     def homogeneous(self) -> bool:
@@ -226,7 +228,7 @@ class GlobalState:
         whose frozen weights include the dense global updates.
         """
         if self.homogeneous():
-            model = lora.inject(share_frozen_copy(self.base), self.ranks, self.alpha)
+            model = lora.inject(share_frozen_copy(self.base), self.ranks, self.alpha, rslora=self.rslora)
             lora.write_adapters(model, self.global_adapters)
         else:
             model = copy.deepcopy(self.base)
@@ -243,10 +245,10 @@ class GlobalState:
         """Write the global model as a PEFT adapter folder relative to the original base weights.
 
         Heterogeneous or merged updates are factorised exactly: delta = U S V^T at its numerical
-        rank, B = U sqrt(S) / sqrt(s), A = sqrt(S) V^T / sqrt(s) with s = alpha / rank.
+        rank, B = U sqrt(S) / sqrt(s), A = sqrt(S) V^T / sqrt(s) with s = lora.scale(alpha, rank).
         """
         if self.homogeneous():
-            lora.export_peft(self.base, self.global_adapters, self.alpha, path, merged=merged)
+            lora.export_peft(self.base, self.global_adapters, self.alpha, path, merged=merged, rslora=self.rslora)
             return
         original = copy.deepcopy(self.base)
         factors = {}
@@ -259,7 +261,7 @@ class GlobalState:
                     weight.sub_(merged_delta.T if lora.is_fan_in_fan_out(original) else merged_delta)
                 parts = [t for t in (merged_delta, delta) if t is not None]
                 if parts:
-                    factors[name] = factorise(sum(parts[1:], parts[0]), self.alpha)
+                    factors[name] = factorise(sum(parts[1:], parts[0]), self.alpha, rslora=self.rslora)
         if not factors:
             factors = dict(self.global_adapters)
-        lora.export_peft(original, factors, self.alpha, path, merged=merged)
+        lora.export_peft(original, factors, self.alpha, path, merged=merged, rslora=self.rslora)

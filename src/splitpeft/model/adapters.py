@@ -1,7 +1,8 @@
 """LoRA adapters: per-module ranks, injection with peft, reading/writing A and B, PEFT export.
 
-A LoRA branch on a linear layer computes `x -> W x + (alpha / r) B A x` with
-A: (r, d_in), B: (d_out, r), B zero-initialised. Modules are named by their full path in the
+A LoRA branch on a linear layer computes `x -> W x + s B A x` with
+A: (r, d_in), B: (d_out, r), B zero-initialised, s = alpha / r (`scale`; alpha / sqrt(r) with
+rsLoRA, peft's `use_rslora`). Modules are named by their full path in the
 base model (e.g. "model.layers.3.self_attn.q_proj"); a rank map {module name: r} says which
 modules of a party carry adapters (rank 0 = none). Injection and export use peft
 (`inject_adapter_in_model`, `get_peft_model` with `rank_pattern`); only moving A/B between
@@ -11,6 +12,7 @@ parties and serialising them is ours.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -63,7 +65,13 @@ def target_module_names(backbone: Backbone, targets: Iterable[str], blocks: Iter
     return names
 
 
-def lora_config(ranks: Mapping[str, int], alpha: float, dropout: float, fan_in_fan_out: bool) -> LoraConfig:
+def scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The branch scale s of a rank-`rank` adapter: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def lora_config(ranks: Mapping[str, int], alpha: float, dropout: float, fan_in_fan_out: bool,
+                rslora: bool = False) -> LoraConfig:
     """A peft LoraConfig targeting exactly the modules of `ranks` with r > 0, at those ranks."""
     active = {name: r for name, r in ranks.items() if r > 0}
     if not active:
@@ -72,6 +80,7 @@ def lora_config(ranks: Mapping[str, int], alpha: float, dropout: float, fan_in_f
     return LoraConfig(
         r=default_rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; a float alpha works (scaling = alpha / r)
+        use_rslora=rslora,
         lora_dropout=dropout,
         target_modules=sorted(active),
         rank_pattern={re.escape(name): r for name, r in active.items() if r != default_rank},
@@ -86,7 +95,7 @@ def is_fan_in_fan_out(model: PreTrainedModel) -> bool:
 
 
 def inject(model: PreTrainedModel, ranks: Mapping[str, int], alpha: float, dropout: float = 0.0,
-           device: torch.device | None = None) -> PreTrainedModel:
+           device: torch.device | None = None, rslora: bool = False) -> PreTrainedModel:
     """Add LoRA branches to `model` in place (peft), for the modules and ranks in `ranks`.
 
     A module whose frozen weight this party does not hold (on the meta device: dlora's device
@@ -95,7 +104,7 @@ def inject(model: PreTrainedModel, ranks: Mapping[str, int], alpha: float, dropo
     if unknown:
         raise AdapterError(f"no such modules in the model: {sorted(unknown)[:5]}")
     if any(r > 0 for r in ranks.values()):
-        inject_adapter_in_model(lora_config(ranks, alpha, dropout, is_fan_in_fan_out(model)), model)
+        inject_adapter_in_model(lora_config(ranks, alpha, dropout, is_fan_in_fan_out(model), rslora), model)
     for layer in lora_layers(model).values():
         if any(p.device.type == "meta" for p in lora_ab(layer)):
             for branch in (layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]):
@@ -188,6 +197,7 @@ def export_peft(
     path: Path,
     *,
     merged: bool = False,
+    rslora: bool = False,
 ) -> None:
     """Write a standard PEFT adapter folder (and optionally merged full weights under merged/).
 
@@ -196,7 +206,7 @@ def export_peft(
     """
     model = get_peft_model(
         copy.deepcopy(base) if merged else share_frozen_copy(base),
-        lora_config({n: w.rank for n, w in weights.items()}, alpha, 0.0, is_fan_in_fan_out(base)),
+        lora_config({n: w.rank for n, w in weights.items()}, alpha, 0.0, is_fan_in_fan_out(base), rslora),
     )
     write_adapters(model, weights)
     with atomic_folder(Path(path)) as staging:

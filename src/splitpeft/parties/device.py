@@ -62,9 +62,11 @@ class DeviceRuntime(Party):
         runtime: Runtime = CPU_FP32,
         defence: Defence = NO_DEFENCE,
         warm: WarmStart | None = None,
+        rslora: bool = False,
     ) -> None:
         part = placement.device_part(backbone_of(base).num_blocks, split_layer)
-        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, warm=warm)
+        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, warm=warm,
+                         rslora=rslora)
         self.part = part
         self.device_id = device_id
         self.placement = placement

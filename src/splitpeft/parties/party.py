@@ -63,17 +63,19 @@ class Party:
         runtime: Runtime = CPU_FP32,
         on_server: bool = False,
         warm: WarmStart | None = None,
+        rslora: bool = False,
     ) -> None:
         """`part`: the frozen tensors this party holds (None: a view of all of `base`);
         `runtime` says on which torch device and, with `on_server`, for which side; `warm`:
         noise-free's warm start (None: adapters are added to the shared frozen weights as they are)."""
         self.alpha = alpha
+        self.rslora = rslora
         self.warm = warm
         self.runtime = runtime
         self.torch_device = runtime.server_device if on_server else runtime.device_device
         self.dtype = runtime.dtype
         frozen = share_frozen_copy(base) if part is None else view_part(base, part, device=self.torch_device, dtype=self.dtype)
-        self.model = inject(frozen, ranks, alpha, dropout, device=self.torch_device)
+        self.model = inject(frozen, ranks, alpha, dropout, device=self.torch_device, rslora=rslora)
         if runtime.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad, so the hook transformers
             # adds to make embedding outputs require grad (for reentrant checkpointing) comes off again.

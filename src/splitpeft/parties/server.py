@@ -86,10 +86,10 @@ class ServerSession(Party):
 
     def __init__(self, device_id: str, base: PreTrainedModel, placement: Placement, split_layer: int,
                  ranks: Mapping[str, int], *, alpha: float, dropout: float, lr: float,
-                 runtime: Runtime = CPU_FP32, warm: WarmStart | None = None) -> None:
+                 runtime: Runtime = CPU_FP32, warm: WarmStart | None = None, rslora: bool = False) -> None:
         part = placement.server_part(backbone_of(base).num_blocks, split_layer)
         super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, on_server=True,
-                         warm=warm)
+                         warm=warm, rslora=rslora)
         self.device_id = device_id
         self.placement = placement
         self.split_layer = split_layer
@@ -123,8 +123,9 @@ class SplitServer:
     def __init__(self, base: PreTrainedModel, server_ranks: Callable[[range], Mapping[str, int]],
                  start_state: Callable[[str, dict[str, int]], AdapterSet], *,
                  alpha: float, dropout: float, lr: float, num_blocks: int, runtime: Runtime = CPU_FP32,
-                 limits: StepLimits | None = None, warm: WarmStart | None = None) -> None:
+                 limits: StepLimits | None = None, warm: WarmStart | None = None, rslora: bool = False) -> None:
         self.base = base
+        self.rslora = rslora
         self.warm = warm
         self.limits = limits
         self.runtime = runtime
@@ -169,6 +170,7 @@ class SplitServer:
                 device_id, self.base, placement, split_layer,
                 self.server_ranks(placement.server_blocks(self.num_blocks, split_layer)),
                 alpha=self.alpha, dropout=self.dropout, lr=self.lr, runtime=self.runtime, warm=self.warm,
+                rslora=self.rslora,
             )
             placement.open_server_session(session, meta, self.server_ranks(range(self.num_blocks)))
             self.sessions[device_id] = session

@@ -71,6 +71,7 @@ class ServerSide(Protocol):
     torch_device: torch.device  # where the session's part runs
     dtype: torch.dtype          # of the frozen base and of the activations at the cut
     alpha: float          # LoRA alpha of the run (branch scale alpha / r)
+    rslora: bool          # ... or alpha / sqrt(r) (rsLoRA)
     tokens: int           # tokens this session trained on, counted by the server (labelled positions, else B x T)
     step_state: Any       # the placement's own state between messages of one step
 
