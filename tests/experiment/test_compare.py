@@ -151,7 +151,7 @@ def test_a_per_seed_target_is_the_worst_final_loss_of_that_seed(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_reuse_reads_a_finished_run_of_the_same_config_and_reruns_a_changed_one(tmp_path):
+def test_reuse_reads_a_finished_run_of_the_same_config_and_reruns_a_changed_one(tmp_path, capsys):
     """--reuse: the second comparison reads seed 0 from disk and runs only the new seed 1; a run whose
     config changed is not reused (without --overwrite its folder is refused, not replaced)."""
     out = tmp_path / "cmp"
@@ -164,7 +164,9 @@ def test_reuse_reads_a_finished_run_of_the_same_config_and_reruns_a_changed_one(
     assert (out / "no_kr" / "seed-0" / "report.json").stat().st_mtime_ns == first  # read, not run again
     assert (out / "no_kr" / "seed-1" / "report.json").is_file()
     assert json.loads((out / "comparison.json").read_text())["seeds"] == [0, 1]
+    capsys.readouterr()
     assert main([*common, "--seeds", "1", "--reuse", "federation.lr=0.01"]) == 2  # another config: not reused
+    assert "was not reused: its config differs at federation.lr (0.001 there, 0.01 now)" in capsys.readouterr().err
     assert (out / "no_kr" / "seed-0" / "report.json").stat().st_mtime_ns == first
 
 

@@ -44,7 +44,7 @@ from typing import Any, Literal
 from splitpeft import __version__
 from splitpeft.config import ExperimentConfig, load_config, to_dict
 from splitpeft.experiment.report import _clean, write_json
-from splitpeft.experiment.run import run_experiment
+from splitpeft.experiment.run import RunFolderError, run_experiment
 
 TARGETS = ("worst_mean", "per_seed")
 
@@ -203,20 +203,40 @@ def curves(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, float | int |
     return {name: [spread(list(per_round)) for per_round in zip(*(run[key] for run in runs))] for name, key in keys.items()}
 
 
-def finished_report(folder: Path, config: ExperimentConfig) -> dict[str, Any] | None:
-    """The report in `folder` if it is a finished run of exactly `config` by this splitpeft version,
-    else None (no report, another config, another version, or a file that does not parse)."""
+def first_difference(stored: Any, wanted: Any, path: str = "") -> str | None:
+    """The first key (dotted) where two JSON trees differ, '' for the roots; None if they are equal."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        for key in sorted(set(stored) | set(wanted)):
+            found = first_difference(stored.get(key), wanted.get(key), f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    return None if stored == wanted else path
+
+
+def finished_report(folder: Path, config: ExperimentConfig) -> tuple[dict[str, Any] | None, str | None]:
+    """(the report, None) if `folder` holds a finished run of exactly `config` by this splitpeft
+    version; else (None, why not), or (None, None) where there is no report at all."""
     path = folder / "report.json"
     if not path.is_file():
-        return None
+        return None, None
     try:
         report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    wanted = json.loads(json.dumps(_clean(to_dict(config))))
-    if not isinstance(report, dict) or report.get("splitpeft_version") != __version__ or report.get("config") != wanted:
-        return None
-    return report
+    except (OSError, ValueError) as error:
+        return None, f"its report.json does not parse ({error})"
+    if not isinstance(report, dict):
+        return None, "its report.json is not a report"
+    if report.get("splitpeft_version") != __version__:
+        return None, f"it was written by splitpeft {report.get('splitpeft_version')}, this is {__version__}"
+    stored, wanted = report.get("config"), json.loads(json.dumps(_clean(to_dict(config))))
+    key = first_difference(stored, wanted)
+    if key is not None:
+        def at(tree: Any) -> Any:
+            for part in key.split(".") if key else []:
+                tree = tree.get(part) if isinstance(tree, dict) else None
+            return tree
+        return None, f"its config differs at {key or 'the top'} ({at(stored)!r} there, {at(wanted)!r} now)"
+    return report, None
 
 
 def run_comparison(
@@ -257,7 +277,9 @@ def run_comparison(
     reports = {}
     for key, config in configs.items():
         folder = out / key[0] / f"seed-{key[1]}"
-        found = finished_report(folder, config) if reuse else None
+        found, why_not = finished_report(folder, config) if reuse else (None, None)
+        if why_not is not None and not overwrite:
+            raise RunFolderError(f"{folder} was not reused: {why_not}; use --overwrite to run it again")
         reports[key] = found if found is not None else run_experiment(config, folder, overwrite=overwrite, progress=progress)
 
     runs = {method: {seed: summarise(reports[method, seed]) for seed in seed_list} for method in chosen}
