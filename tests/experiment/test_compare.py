@@ -11,6 +11,7 @@ from splitpeft.cli import main
 from splitpeft.experiment import compare
 from splitpeft.experiment.compare import (
     SCALARS,
+    after_warmup,
     round_simulated_s,
     run_comparison,
     simulated_s_to_target,
@@ -65,6 +66,24 @@ def test_spread_is_numpys_mean_sample_std_min_max():
     assert (stats["min"], stats["max"]) == (1.5, 4.0)
     assert spread([2.0]) == {"mean": 2.0, "std": None, "min": 2.0, "max": 2.0, "n": 1}
     assert spread([None, None])["mean"] is None
+
+
+def test_after_warmup_counts_each_devices_rounds_that_start_past_its_warmup_steps():
+    """warm-up 4, 2 steps a round: device-0 (every round) counts from its 3rd round; device-1, sampled
+    in rounds 1, 3, 4 and 5, from its 3rd selected round (round 4)."""
+    def stats(i):
+        return {"steps": 2, "bytes_up": 10 * i, "bytes_down": i, "adapter_flops": 100.0 * i}
+
+    rounds = [{"devices": {"device-0": stats(1), "device-1": stats(7)}},
+              {"devices": {"device-0": stats(2)}},
+              {"devices": {"device-0": stats(3), "device-1": stats(8)}},
+              {"devices": {"device-0": stats(4), "device-1": stats(9)}},
+              {"devices": {"device-0": stats(5), "device-1": stats(10)}}]
+    traffic, flops = after_warmup({"config": {"kill_revive": {"warmup": 4}}, "rounds": rounds})
+    counted = [3, 4, 5, 9, 10]  # device-0's rounds 3-5, device-1's rounds 4 and 5
+    assert traffic == sum(11 * i for i in counted)
+    assert flops == sum(100.0 * i for i in counted)
+    assert after_warmup({"config": {"kill_revive": {"warmup": 0}}, "rounds": rounds})[0] == 11 * (1 + 2 + 3 + 4 + 5 + 7 + 8 + 9 + 10)
 
 
 JITTER = {5: 0.0, 6: 0.1, 7: 0.5}

@@ -88,6 +88,8 @@ SCALARS: dict[str, str] = {
     "bytes_down": "bytes server -> devices",
     "max_peak_memory_bytes": "largest device peak memory",
     "tokens": "tokens trained on",
+    "bytes_after_warmup": "bytes up + down of the device rounds after Kill and Revive's warm-up (after_warmup)",
+    "adapter_flops_after_warmup": "adapter-branch FLOPs of those device rounds",
 }
 
 
@@ -150,12 +152,29 @@ def simulated_s_to_target(rounds: list[dict[str, Any]], target: float) -> float 
     return None if reached is None else cumulative_simulated_s(rounds)[reached - 1]
 
 
+def after_warmup(report: dict[str, Any]) -> tuple[int, float]:
+    """(bytes up + down, adapter FLOPs) of the device rounds that start after `kill_revive.warmup`
+    steps of that device (its steps counted over the rounds it was selected for); the same cut for
+    a method without KR, so the two compare over the same steps when warm-up is whole rounds."""
+    warmup = int(report["config"].get("kill_revive", {}).get("warmup", 0))
+    done: dict[str, int] = {}
+    traffic, flops = 0, 0.0
+    for record in report["rounds"]:
+        for device, stats in record["devices"].items():
+            if done.get(device, 0) >= warmup:
+                traffic += stats.get("bytes_up", 0) + stats.get("bytes_down", 0)
+                flops += stats.get("adapter_flops", 0)
+            done[device] = done.get(device, 0) + stats.get("steps", 0)
+    return traffic, flops
+
+
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     """One run's numbers (the keys of `SCALARS` but the two to-target ones, and per-round curves)."""
     rounds = report["rounds"]
     evaluation = report["eval"]
     heldout = [heldout_loss(r) for r in rounds]
     cumulative = cumulative_simulated_s(rounds)
+    traffic_after, flops_after = after_warmup(report)
     return {
         "seed": report["config"].get("seed"),
         "bleu": evaluation.get("bleu"),
@@ -177,6 +196,8 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "bytes_down": report["totals"]["bytes_down"],
         "tokens": report["totals"]["tokens"],
         "max_peak_memory_bytes": max(d["peak_memory_bytes"] for d in report["totals"]["per_device"].values()),
+        "bytes_after_warmup": traffic_after,
+        "adapter_flops_after_warmup": flops_after,
         "plans": report["info"].get("plans"),
     }
 
@@ -344,6 +365,9 @@ def markdown_table(comparison: dict[str, Any]) -> str:
         ("MB down", "bytes_down", ".1f", 1e-6), ("max peak MB", "max_peak_memory_bytes", ".0f", 1e-6),
         ("simulated s", "simulated_s", ".1f", 1.0),
     ]
+    if comparison.get("suite") == "dlora":  # Kill and Revive's claim is about the rounds after its warm-up
+        columns += [("MB after warm-up", "bytes_after_warmup", ".1f", 1e-6),
+                    ("adapter GFLOP after warm-up", "adapter_flops_after_warmup", ".1f", 1e-9)]
     seeds = len(comparison["seeds"])
     header = "| method | seeds | " + " | ".join(c[0] for c in columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 2)]
