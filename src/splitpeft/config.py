@@ -90,6 +90,12 @@ class FederationConfig:
         "with federation.noise_free_start=warm, the AdamW moments at a round boundary: reset = dropped (the "
         "warm factors are a new basis, U sqrt(S) and sqrt(S) V^T, not the holder's own A and B, so old "
         "per-coordinate moments describe other coordinates); keep = carried over as they are", "reset")
+    noise_free_factors: Literal["balanced", "lora"] = _help(
+        "with federation.noise_free_start=warm, how the top-r SVD U S V^T is split into the adapter's factors "
+        "(s B A is the same either way): balanced = B = U sqrt(S / s), A = sqrt(S / s) V^T (as FlexLoRA); lora = "
+        "A's rows are V's at the norm peft gives a fresh A's rows and B = U S / (s |A_j|) carries the singular "
+        "values, the scale LoRA training starts from (balanced factors of a small update shrink A, and with it "
+        "how fast B can move the product)", "balanced")
 
 
 @dataclass
@@ -292,6 +298,9 @@ class ExperimentConfig:
             (self.federation.noise_free_start == "cold" or self.placement.placement != "dlora",
              "federation.noise_free_start=warm: under dlora the server runs every device's frozen blocks on its one "
              "shared copy, which cannot hold a per-device residual; use cold"),
+            (self.federation.noise_free_factors == "balanced" or self.federation.noise_free_start == "warm",
+             "federation.noise_free_factors=lora needs federation.noise_free_start=warm (a cold start has no factors "
+             "to split)"),
             (self.federation.noise_free_moments == "reset" or self.federation.noise_free_start == "warm",
              "federation.noise_free_moments=keep needs federation.noise_free_start=warm (a cold start has B = 0 "
              "and drops its moments)"),

@@ -83,6 +83,40 @@ def test_warm_keeps_every_holder_at_base_plus_the_exact_aggregate(ranks, data):
         assert float(warm.B.abs().max()) > 0  # training goes on from a non-zero adapter
 
 
+@settings(max_examples=25, deadline=None)
+@given(ranks=rank_lists, data=st.data())
+def test_lora_factors_give_the_same_product_with_a_at_the_fresh_rows_norm(ranks, data):
+    """noise_free_factors=lora: s B A is the balanced split's (the top-r SVD of P), A's row j is V_j at
+    the norm of the fresh adapter's row j, and B carries the singular values."""
+    tokens = data.draw(st.lists(st.integers(1, 1000), min_size=len(ranks), max_size=len(ranks)))
+    copies = _copies(ranks, tokens, seed=7 + len(ranks) + sum(ranks))
+    balanced = NoiseFree(start="warm").aggregate("m", copies)
+    lora = NoiseFree(start="warm", factors="lora").aggregate("m", copies)
+    np.testing.assert_array_equal(lora.base_delta.numpy(), balanced.base_delta.numpy())
+    aggregate, _ = _aggregate_reference(copies)
+    u, singular, vh = np.linalg.svd(aggregate, full_matrices=False)
+    for c in copies:
+        one, two = balanced.adapters[c.holder], lora.adapters[c.holder]
+        np.testing.assert_allclose(_dense(two, c.scale), _dense(one, c.scale), rtol=1e-8, atol=1e-9)
+        fresh = NoiseFree(start="cold").aggregate("m", copies).adapters[c.holder]  # the same seeded fresh A
+        k = min(c.weights.rank, len(singular))
+        np.testing.assert_allclose(np.linalg.norm(two.A[:k].numpy(), axis=1), np.linalg.norm(fresh.A[:k].numpy(), axis=1),
+                                   rtol=1e-6)
+        directions = two.A[:k].numpy() / np.linalg.norm(two.A[:k].numpy(), axis=1, keepdims=True)
+        np.testing.assert_allclose(np.abs((directions * vh[:k]).sum(axis=1)), 1.0, rtol=1e-6)  # rows along V's
+        np.testing.assert_allclose(np.linalg.norm(two.B[:, :k].numpy(), axis=0) * np.linalg.norm(two.A[:k].numpy(), axis=1),
+                                   singular[:k] / c.scale, rtol=1e-6)
+
+
+def test_factors_need_noise_free_warm():
+    with pytest.raises(ConfigError, match="noise_free_factors=lora needs federation.noise_free_start=warm"):
+        tiny_config("tiny-llama", "federation.aggregator=noise_free", "federation.noise_free_factors=lora")
+    with pytest.raises(ValueError, match="noise_free's option"):
+        make_aggregator("zero_pad", noise_free_factors="lora")
+    with pytest.raises(ValueError, match="noise_free factors 'tall'"):
+        NoiseFree(start="warm", factors="tall")  # type: ignore[arg-type]
+
+
 def test_ranks_beyond_the_aggregate_start_fresh_not_dead():
     """A holder whose rank exceeds the aggregate's (here min(d_out, d_in) = 7 < 16) gets its
     extra slots as a fresh adapter's (A random, B = 0): they add nothing and can still learn."""
@@ -196,10 +230,12 @@ def test_warm_federation_keeps_every_holder_at_the_global_model_and_trains_on():
     assert len(losses) == 4 and all(np.isfinite(losses))
 
 
-def test_warm_and_cold_compute_the_same_model_at_the_round_boundary():
+@pytest.mark.parametrize("factors", ["balanced", "lora"])
+def test_warm_and_cold_compute_the_same_model_at_the_round_boundary(factors):
     """Round 1 is the same in both (every start has B = 0), so the merged model is; round 2's
     first step then sees the same function in both, whatever adapter each holder carries."""
-    cold, warm = _mixed_rank_sim(), _mixed_rank_sim("federation.noise_free_start=warm")
+    cold = _mixed_rank_sim()
+    warm = _mixed_rank_sim("federation.noise_free_start=warm", f"federation.noise_free_factors={factors}")
     for sim in (cold, warm):
         sim.run_round()
         sim.run_round()

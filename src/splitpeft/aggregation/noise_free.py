@@ -29,6 +29,8 @@ from splitpeft.model.adapters import LoraWeights
 
 NoiseFreeStart = Literal["cold", "warm"]
 START_OPTIONS: tuple[NoiseFreeStart, ...] = ("cold", "warm")
+WarmFactors = Literal["balanced", "lora"]
+FACTOR_OPTIONS: tuple[WarmFactors, ...] = ("balanced", "lora")
 # Singular values at or below this fraction of the largest count as zero: their rank slots start
 # fresh (A random, B = 0) instead of as a near-zero pair that would learn almost nothing.
 RANK_TOLERANCE = 1e-6
@@ -65,22 +67,33 @@ def product_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def warm_adapter(u: torch.Tensor, singular: torch.Tensor, vh: torch.Tensor, rank: int, scale: float,
-                 fresh: LoraWeights) -> LoraWeights:
+                 fresh: LoraWeights, factors: WarmFactors = "balanced") -> LoraWeights:
     """The rank-`rank` adapter with scale * B A = U_k S_k V_k^T, the Eckart-Young optimum.
 
     u (d_out, K), singular (K,), vh (K, d_in): an SVD of the aggregate. k = min(rank, number of
-    singular values above RANK_TOLERANCE x the largest); B[:, :k] = U_k sqrt(S_k / s) (d_out, k) and
-    A[:k] = sqrt(S_k / s) V_k^T (k, d_in), balanced as `svd` (FlexLoRA) balances them. Slots k..rank-1
+    singular values above RANK_TOLERANCE x the largest). `factors` = "balanced": B[:, :k] =
+    U_k sqrt(S_k / s) (d_out, k) and A[:k] = sqrt(S_k / s) V_k^T (k, d_in), as `svd` (FlexLoRA)
+    balances them. "lora": A[j] = n_j V_j^T with n_j = ||fresh.A[j]|| (the norm peft's init gives
+    a row) and B[:, j] = U_j S_j / (s n_j), so A keeps the scale LoRA trains from and B carries the
+    singular values (balanced factors of a small update make A small, and dL/dB is proportional to
+    A x). Either way s B A = U_k S_k V_k^T. Slots k..rank-1
     (a rank above what the aggregate has) are `fresh`'s (A random, B = 0): they add nothing to the
     product and can still learn, where zero A rows with zero B columns would get no gradient ever.
     """
     top = float(singular[0]) if singular.numel() else 0.0
     k = min(rank, int((singular > RANK_TOLERANCE * top).sum())) if top > 0 else 0
-    root = (singular[:k] / scale).sqrt()  # (k,)
+    if factors not in FACTOR_OPTIONS:
+        raise ValueError(f"warm factors {factors!r}; choose from {', '.join(FACTOR_OPTIONS)}")
     a = fresh.A.to(torch.float64).clone()  # (rank, d_in)
     b = fresh.B.to(torch.float64).clone()  # (d_out, rank), zero
-    a[:k] = root[:, None] * vh[:k]
-    b[:, :k] = u[:, :k] * root
+    if factors == "lora":
+        norms = a[:k].norm(dim=1).clamp(min=1e-12)  # (k,)
+        a[:k] = norms[:, None] * vh[:k]
+        b[:, :k] = u[:, :k] * (singular[:k] / (scale * norms))
+    else:
+        root = (singular[:k] / scale).sqrt()  # (k,)
+        a[:k] = root[:, None] * vh[:k]
+        b[:, :k] = u[:, :k] * root
     return LoraWeights(a, b)
 
 
@@ -119,11 +132,14 @@ class NoiseFree:
     shared_adapter = False
     averages_factors = False
 
-    def __init__(self, seed: int = 0, start: NoiseFreeStart = "cold") -> None:
+    def __init__(self, seed: int = 0, start: NoiseFreeStart = "cold", factors: WarmFactors = "balanced") -> None:
         if start not in START_OPTIONS:
             raise ValueError(f"noise_free start {start!r}; choose from {', '.join(START_OPTIONS)}")
+        if factors not in FACTOR_OPTIONS:
+            raise ValueError(f"noise_free factors {factors!r}; choose from {', '.join(FACTOR_OPTIONS)}")
         self.seed = seed
         self.start = start
+        self.factors = factors
 
     def _fresh(self, module: str, copy: AdapterCopy, d_in: int, d_out: int) -> LoraWeights:
         generator = torch.Generator().manual_seed(fresh_seed(self.seed, module, copy.holder))
@@ -158,7 +174,8 @@ class NoiseFree:
         u, singular, vh = product_svd(left, right)  # P = U S V^T: (d_out, K), (K,), (K, d_in)
         adapters = {}
         for c in copies:
-            warm = warm_adapter(u, singular, vh, c.weights.rank, c.scale, self._fresh(module, c, d_in, d_out))
+            warm = warm_adapter(u, singular, vh, c.weights.rank, c.scale, self._fresh(module, c, d_in, d_out),
+                                self.factors)
             adapters[c.holder] = LoraWeights(
                 warm.A.to(dtype=c.weights.A.dtype, device=c.weights.A.device),
                 warm.B.to(dtype=c.weights.B.dtype, device=c.weights.B.device),

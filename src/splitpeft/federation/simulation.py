@@ -111,7 +111,8 @@ class Simulation:
         self.state = GlobalState(base, modules, rank=config.lora.rank, alpha=config.lora.alpha, rslora=config.lora.rslora,
                                  seed=config.seed,
                                  aggregator=make_aggregator(fed.aggregator, seed=config.seed, robust=config.robust,
-                                                            noise_free_start=fed.noise_free_start),
+                                                            noise_free_start=fed.noise_free_start,
+                                                            noise_free_factors=fed.noise_free_factors),
                                  mirrors=[] if same_side else [self.device_base])
         self.server = SplitServer(
             base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,
