@@ -108,6 +108,21 @@ def test_lora_factors_give_the_same_product_with_a_at_the_fresh_rows_norm(ranks,
                                    singular[:k] / c.scale, rtol=1e-6)
 
 
+def test_own_a_keeps_each_holders_a_and_fits_b_to_the_aggregate_in_its_row_space():
+    copies = _copies([2, 3, 8], [4, 1, 2], seed=11)
+    result = NoiseFree(start="warm", factors="own_a").aggregate("m", copies)
+    aggregate, delta = _aggregate_reference(copies)
+    np.testing.assert_allclose(result.base_delta.numpy(), delta, rtol=1e-10, atol=1e-10)
+    for c in copies:
+        adapter = result.adapters[c.holder]
+        assert torch.equal(adapter.A, c.weights.A)
+        a = c.weights.A.numpy()
+        projected = aggregate @ np.linalg.pinv(a) @ a  # P onto the inputs A reads
+        np.testing.assert_allclose(_dense(adapter, c.scale), projected, rtol=1e-8, atol=1e-9)
+        # the least-squares optimum: the residual is orthogonal to A's row space
+        np.testing.assert_allclose((aggregate - _dense(adapter, c.scale)) @ a.T, 0, atol=1e-8)
+
+
 def test_factors_need_noise_free_warm():
     with pytest.raises(ConfigError, match="noise_free_factors=lora needs federation.noise_free_start=warm"):
         tiny_config("tiny-llama", "federation.aggregator=noise_free", "federation.noise_free_factors=lora")
@@ -230,7 +245,7 @@ def test_warm_federation_keeps_every_holder_at_the_global_model_and_trains_on():
     assert len(losses) == 4 and all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize("factors", ["balanced", "lora"])
+@pytest.mark.parametrize("factors", ["balanced", "lora", "own_a"])
 def test_warm_and_cold_compute_the_same_model_at_the_round_boundary(factors):
     """Round 1 is the same in both (every start has B = 0), so the merged model is; round 2's
     first step then sees the same function in both, whatever adapter each holder carries."""

@@ -29,8 +29,8 @@ from splitpeft.model.adapters import LoraWeights
 
 NoiseFreeStart = Literal["cold", "warm"]
 START_OPTIONS: tuple[NoiseFreeStart, ...] = ("cold", "warm")
-WarmFactors = Literal["balanced", "lora"]
-FACTOR_OPTIONS: tuple[WarmFactors, ...] = ("balanced", "lora")
+WarmFactors = Literal["balanced", "lora", "own_a"]
+FACTOR_OPTIONS: tuple[WarmFactors, ...] = ("balanced", "lora", "own_a")
 # Singular values at or below this fraction of the largest count as zero: their rank slots start
 # fresh (A random, B = 0) instead of as a near-zero pair that would learn almost nothing.
 RANK_TOLERANCE = 1e-6
@@ -82,8 +82,8 @@ def warm_adapter(u: torch.Tensor, singular: torch.Tensor, vh: torch.Tensor, rank
     """
     top = float(singular[0]) if singular.numel() else 0.0
     k = min(rank, int((singular > RANK_TOLERANCE * top).sum())) if top > 0 else 0
-    if factors not in FACTOR_OPTIONS:
-        raise ValueError(f"warm factors {factors!r}; choose from {', '.join(FACTOR_OPTIONS)}")
+    if factors not in ("balanced", "lora"):
+        raise ValueError(f"warm factors {factors!r} from an SVD; choose balanced or lora (own_a: own_a_adapter)")
     a = fresh.A.to(torch.float64).clone()  # (rank, d_in)
     b = fresh.B.to(torch.float64).clone()  # (d_out, rank), zero
     if factors == "lora":
@@ -95,6 +95,16 @@ def warm_adapter(u: torch.Tensor, singular: torch.Tensor, vh: torch.Tensor, rank
         a[:k] = root[:, None] * vh[:k]
         b[:, :k] = u[:, :k] * root
     return LoraWeights(a, b)
+
+
+def own_a_adapter(left: torch.Tensor, right: torch.Tensor, a: torch.Tensor, scale: float) -> LoraWeights:
+    """The holder's own A (r, d_in) and B = P A^+ / s (d_out, r), the least-squares fit of the
+    aggregate P = left @ right in A's row space: s B A = P A^+ A, P projected onto the inputs A
+    reads. Never forms P: right (R, d_in) @ A^+ (d_in, r) first. A keeps its coordinates, so its
+    AdamW moments still describe it."""
+    a = a.to(torch.float64)
+    b = left.to(torch.float64) @ (right.to(torch.float64) @ torch.linalg.pinv(a)) / scale  # (d_out, r)
+    return LoraWeights(a.clone(), b)
 
 
 class NoiseFree:
@@ -124,7 +134,10 @@ class NoiseFree:
       rest of the aggregate, merged into that holder's copy only. Its function is W + Delta
       exactly, as cold, but its adapter carries on what the round learned (as FlexLoRA's does,
       without FlexLoRA's truncation error: the tail singular values are in the frozen weight, not
-      lost). `Aggregate.adapters_in_base` says so; the holder derives its residual from the adapter
+      lost). `factors` ("balanced", "lora", "own_a"; `federation.noise_free_factors`) says how the
+      adapter is cut from P: the two SVD splits of `warm_adapter`, or `own_a_adapter`, the holder's
+      own A with B = P A^+ / s (P projected onto A's row space, the rest in the frozen weight as
+      before). `Aggregate.adapters_in_base` says so; the holder derives its residual from the adapter
       it is given (`Party.load`), so nothing (d_out, d_in) per holder is sent or stored.
     """
 
@@ -171,11 +184,14 @@ class NoiseFree:
         left0 = torch.cat([-pi * c.scale * s.B.to(left.dtype) for pi, c, s in zip(p, copies, starts)], dim=1)  # (d_out, R)
         right0 = torch.cat([s.A.to(right.dtype) for s in starts], dim=0)  # (R, d_in)
         base_delta = torch.cat([left, left0], dim=1) @ torch.cat([right, right0], dim=0)  # (d_out, d_in): P - P0
-        u, singular, vh = product_svd(left, right)  # P = U S V^T: (d_out, K), (K,), (K, d_in)
+        # P = U S V^T: (d_out, K), (K,), (K, d_in); own_a needs no SVD
+        svd = None if self.factors == "own_a" else product_svd(left, right)
         adapters = {}
         for c in copies:
-            warm = warm_adapter(u, singular, vh, c.weights.rank, c.scale, self._fresh(module, c, d_in, d_out),
-                                self.factors)
+            if svd is None:
+                warm = own_a_adapter(left, right, c.weights.A, c.scale)
+            else:
+                warm = warm_adapter(*svd, c.weights.rank, c.scale, self._fresh(module, c, d_in, d_out), self.factors)
             adapters[c.holder] = LoraWeights(
                 warm.A.to(dtype=c.weights.A.dtype, device=c.weights.A.device),
                 warm.B.to(dtype=c.weights.B.dtype, device=c.weights.B.device),
