@@ -6,7 +6,8 @@ Suites (each method is the base config plus a few overrides; a method is one ent
   - `hsplitlora`: IWI + ARMSC as the optimiser (`armsc`) + noise_free with warm restarts;
   - `hsplitlora_cold`: the same with noise_free's cold restarts (B = 0 every round);
   - `hsplitlora_lora_factors`: warm restarts whose A keeps peft's initial row norms (B carries S);
-  - `hsplitlora_own_a`: warm restarts keeping each holder's own A, B fitted to the aggregate;
+  - `hsplitlora_own_a`: warm restarts keeping each holder's own A, B fitted to the aggregate, and
+    the AdamW moments (A's coordinates are unchanged);
   - `hsplitlora_v1`: the first version: the deepest-fit rule (`armsc_deepest`) + cold noise_free;
   - `hetlora`: the fixed split, per device the largest rank that fits its budget, zero-padding
     aggregation, as published;
@@ -58,8 +59,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "hsplitlora_cold": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=cold"],
         "hsplitlora_lora_factors": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
                                     "federation.noise_free_start=warm", "federation.noise_free_factors=lora"],
-        "hsplitlora_own_a": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
-                             "federation.noise_free_start=warm", "federation.noise_free_factors=own_a"],
+        "hsplitlora_own_a": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm",
+                             "federation.noise_free_factors=own_a", "federation.noise_free_moments=keep"],
         "hsplitlora_v1": ["hsplit.planner=armsc_deepest", "federation.aggregator=noise_free",
                           "federation.noise_free_start=cold"],
         "hetlora": ["hsplit.planner=budget_rank", "federation.aggregator=zero_pad"],
