@@ -17,6 +17,8 @@ CASES = {
     "noise_free-warm": ["federation.num_devices=2", "federation.aggregator=noise_free", "federation.noise_free_start=warm"],
     "noise_free-warm-keep": ["federation.num_devices=3", "federation.devices_per_round=2", "federation.aggregator=noise_free",
                              "federation.noise_free_start=warm", "federation.noise_free_moments=keep"],
+    "noise_free-own_a-keep": ["federation.num_devices=2", "federation.aggregator=noise_free", "federation.noise_free_start=warm",
+                              "federation.noise_free_factors=own_a", "federation.noise_free_moments=keep"],
     "sampled": ["federation.num_devices=3", "federation.devices_per_round=2"],
     "dlora-kr": ["federation.num_devices=2", "placement.placement=dlora", "kill_revive.enabled=true",
                  "kill_revive.warmup=2", "kill_revive.interval=2", "kill_revive.revive_interval=3",
