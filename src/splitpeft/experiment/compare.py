@@ -3,11 +3,11 @@
 Suites (each method is the base config plus a few overrides; a method is one entry of `SUITES`):
 
 * `hsplit` (every method fits every device's memory budget):
-  - `hsplitlora`: IWI + ARMSC as the optimiser (`armsc`) + noise_free with warm restarts;
-  - `hsplitlora_cold`: the same with noise_free's cold restarts (B = 0 every round);
-  - `hsplitlora_lora_factors`: warm restarts whose A keeps peft's initial row norms (B carries S);
-  - `hsplitlora_own_a`: warm restarts keeping each holder's own A, B fitted to the aggregate, and
-    the AdamW moments (A's coordinates are unchanged);
+  - `hsplitlora`: IWI + ARMSC as the optimiser (`armsc`) + noise_free with warm restarts that
+    keep each holder's own A, fit B to the exact aggregate and keep the AdamW moments (`own_a`);
+  - `hsplitlora_svd`: warm restarts from the balanced top-r SVD of the aggregate, moments reset;
+  - `hsplitlora_lora_factors`: the same SVD with A at peft's initial row norms and B carrying S;
+  - `hsplitlora_cold`: noise_free's cold restarts (B = 0 every round);
   - `hsplitlora_v1`: the first version: the deepest-fit rule (`armsc_deepest`) + cold noise_free;
   - `hetlora`: the fixed split, per device the largest rank that fits its budget, zero-padding
     aggregation, as published;
@@ -55,12 +55,12 @@ TARGETS = ("worst_mean", "per_seed")
 # more entry; run_comparison (and the CLI's --methods) take the names from here.
 SUITES: dict[str, dict[str, list[str]]] = {
     "hsplit": {
-        "hsplitlora": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm"],
-        "hsplitlora_cold": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=cold"],
+        "hsplitlora": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm",
+                       "federation.noise_free_factors=own_a", "federation.noise_free_moments=keep"],
+        "hsplitlora_svd": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm"],
         "hsplitlora_lora_factors": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
                                     "federation.noise_free_start=warm", "federation.noise_free_factors=lora"],
-        "hsplitlora_own_a": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm",
-                             "federation.noise_free_factors=own_a", "federation.noise_free_moments=keep"],
+        "hsplitlora_cold": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=cold"],
         "hsplitlora_v1": ["hsplit.planner=armsc_deepest", "federation.aggregator=noise_free",
                           "federation.noise_free_start=cold"],
         "hetlora": ["hsplit.planner=budget_rank", "federation.aggregator=zero_pad"],
