@@ -11,6 +11,20 @@ def tiny_config(model: str = "tiny-llama", *overrides: str) -> ExperimentConfig:
     return load_config(preset="tiny", overrides=[f"model.name={model}", *overrides])
 
 
+def assert_export_reproduces_global_model(sim, folder) -> None:
+    """`sim.export(folder)` loaded back with peft on a fresh tiny-llama computes `sim.global_model()`'s logits."""
+    from peft import PeftModel
+
+    from splitpeft.model.loading import load_model
+
+    model = sim.global_model()
+    sim.export(folder)
+    loaded = PeftModel.from_pretrained(load_model("tiny-llama").model, str(folder)).eval()
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def record_holders(sim) -> dict[str, list[str]]:
     """Wrap `sim`'s aggregator: module -> sorted holders of the copies it aggregated (last round)."""
     holders: dict[str, list[str]] = {}

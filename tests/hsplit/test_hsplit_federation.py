@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import record_holders, tiny_config
+from conftest import assert_export_reproduces_global_model, record_holders, tiny_config
 
 from splitpeft.aggregation.base import AdapterCopy
 from splitpeft.experiment.compare import run_comparison
@@ -104,19 +104,10 @@ def test_block_copies_on_devices_and_server_are_all_aggregated():
 
 
 def test_export_after_merges_reproduces_the_global_model(tmp_path):
-    from peft import PeftModel
-
-    from splitpeft.model.loading import load_model
-
     budgets = _budgets(HSPLIT)
     sim = Simulation(tiny_config("tiny-llama", *HSPLIT, f"fleet.memory_bytes={budgets}"))
     sim.run_round()
-    model = sim.global_model()
-    sim.export(tmp_path / "adapter")
-    loaded = PeftModel.from_pretrained(load_model("tiny-llama").model, str(tmp_path / "adapter")).eval()
-    ids = torch.randint(0, 300, (2, 10))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert_export_reproduces_global_model(sim, tmp_path / "adapter")
 
 
 def test_budget_too_small_for_one_block_names_the_device():
