@@ -300,8 +300,8 @@ class ExperimentConfig:
              "federation.noise_free_start=warm: under dlora the server runs every device's frozen blocks on its one "
              "shared copy, which cannot hold a per-device residual; use cold"),
             (self.federation.noise_free_factors == "balanced" or self.federation.noise_free_start == "warm",
-             "federation.noise_free_factors=lora needs federation.noise_free_start=warm (a cold start has no factors "
-             "to split)"),
+             f"federation.noise_free_factors={self.federation.noise_free_factors} needs federation.noise_free_start=warm "
+             "(a cold start has no factors to split)"),
             (self.federation.noise_free_moments == "reset" or self.federation.noise_free_start == "warm",
              "federation.noise_free_moments=keep needs federation.noise_free_start=warm (a cold start has B = 0 "
              "and drops its moments)"),

@@ -126,6 +126,8 @@ def test_own_a_keeps_each_holders_a_and_fits_b_to_the_aggregate_in_its_row_space
 def test_factors_need_noise_free_warm():
     with pytest.raises(ConfigError, match="noise_free_factors=lora needs federation.noise_free_start=warm"):
         tiny_config("tiny-llama", "federation.aggregator=noise_free", "federation.noise_free_factors=lora")
+    with pytest.raises(ConfigError, match="noise_free_factors=own_a needs federation.noise_free_start=warm"):
+        tiny_config("tiny-llama", "federation.aggregator=noise_free", "federation.noise_free_factors=own_a")
     with pytest.raises(ValueError, match="noise_free's option"):
         make_aggregator("zero_pad", noise_free_factors="lora")
     with pytest.raises(ValueError, match="noise_free factors 'tall'"):

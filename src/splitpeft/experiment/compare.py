@@ -231,15 +231,16 @@ def curves(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, float | int |
     return {name: [spread(list(per_round)) for per_round in zip(*(run[key] for run in runs))] for name, key in keys.items()}
 
 
-def first_difference(stored: Any, wanted: Any, path: str = "") -> str | None:
-    """The first key (dotted) where two JSON trees differ, '' for the roots; None if they are equal."""
+def first_difference(stored: Any, wanted: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """The first key (dotted, '' for the roots) where two JSON trees differ, with the two values
+    there; None if they are equal."""
     if isinstance(stored, dict) and isinstance(wanted, dict):
         for key in sorted(set(stored) | set(wanted)):
             found = first_difference(stored.get(key), wanted.get(key), f"{path}.{key}" if path else key)
             if found is not None:
                 return found
         return None
-    return None if stored == wanted else path
+    return None if stored == wanted else (path, stored, wanted)
 
 
 def finished_report(folder: Path, config: ExperimentConfig) -> tuple[dict[str, Any] | None, str | None]:
@@ -257,13 +258,10 @@ def finished_report(folder: Path, config: ExperimentConfig) -> tuple[dict[str, A
     if report.get("splitpeft_version") != __version__:
         return None, f"it was written by splitpeft {report.get('splitpeft_version')}, this is {__version__}"
     stored, wanted = report.get("config"), json.loads(json.dumps(_clean(to_dict(config))))
-    key = first_difference(stored, wanted)
-    if key is not None:
-        def at(tree: Any) -> Any:
-            for part in key.split(".") if key else []:
-                tree = tree.get(part) if isinstance(tree, dict) else None
-            return tree
-        return None, f"its config differs at {key or 'the top'} ({at(stored)!r} there, {at(wanted)!r} now)"
+    difference = first_difference(stored, wanted)
+    if difference is not None:
+        key, there, now = difference
+        return None, f"its config differs at {key or 'the top'} ({there!r} there, {now!r} now)"
     return report, None
 
 
