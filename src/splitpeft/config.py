@@ -74,6 +74,10 @@ class FederationConfig:
     num_devices: int = _help("number of simulated devices", 3)
     devices_per_round: int | None = _help(
         "devices that train in each round, drawn uniformly without replacement (seeded); null = all", None)
+    min_devices: int = _help(
+        "a round in which fewer devices complete (trained, and their upload accepted) stops the run with an "
+        "error naming why each was dropped, and is not checkpointed: a run whose devices all fail must not "
+        "report the untrained model as its result (centralized: its one party)", 1)
     rounds: int = _help("federated rounds", 3)
     local_steps: int = _help("training steps per device per round", 10)
     batch_size: int = _help("examples per step", 4)
@@ -112,6 +116,10 @@ class RobustConfig:
     trim_fraction: float = _help(
         "trimmed_mean: share of the copies cut at each end of every coordinate, rounded up "
         "(at most (n - 1) // 2 of n)", 0.2)
+    frame_norm_factor: float = _help(
+        "the server refuses, before any compute, a frame whose cut activations or head gradient has a position "
+        "whose norm exceeds this x the largest the frozen model itself produces there for random tokens "
+        "(plus what a configured privacy defence adds); 0 = no bound", 100.0)
 
 
 @dataclass
@@ -195,7 +203,12 @@ class EvalConfig:
     every_round: bool = _help("also compute held-out perplexity after each round", True)
     generation: bool = _help("generate for held-out groups and score BLEU/NIST/METEOR/ROUGE-L/CIDEr", True)
     groups: int = _help("held-out groups (e.g. distinct MRs) to generate for", 32)
-    max_new_tokens: int = _help("generation length limit", 40)
+    max_new_tokens: int = _help(
+        "generation length limit; a prompt keeps at most the model's context less this many tokens (its end)", 40)
+    max_generation_s_per_prompt: float | None = _help(
+        "time bound on generation: a batch of n prompts stops after n x this many seconds (Hugging Face's "
+        "max_time); its outputs are scored as they stood and counted in the result's generation_cut; null = no bound",
+        60.0)
     num_beams: int = _help("1 = greedy, >1 = beam search", 1)
     length_penalty: float = _help(
         "beam search: a finished beam scores sum log p / length^length_penalty (< 1 favours shorter outputs, "
@@ -288,12 +301,17 @@ class ExperimentConfig:
             (self.federation.num_devices >= 1, "federation.num_devices must be >= 1"),
             (self.federation.devices_per_round is None or 1 <= self.federation.devices_per_round <= self.federation.num_devices,
              "federation.devices_per_round must be in 1..federation.num_devices (or null for all)"),
+            (self.federation.min_devices <= (self.federation.devices_per_round or self.federation.num_devices),
+             "federation.min_devices must be at most the devices that train in a round (federation.devices_per_round, "
+             "or federation.num_devices)"),
             (self.federation.rounds >= 1, "federation.rounds must be >= 1"),
             (self.federation.local_steps >= 1, "federation.local_steps must be >= 1"),
             (self.federation.batch_size >= 1, "federation.batch_size must be >= 1"),
             (self.federation.lr > 0, "federation.lr must be > 0"),
             (1 <= self.robust.clip_factor <= 1e6, "robust.clip_factor must be in [1, 1e6]"),
             (0 <= self.robust.trim_fraction < 0.5, "robust.trim_fraction must be in [0, 0.5)"),
+            (self.robust.frame_norm_factor == 0 or 1 <= self.robust.frame_norm_factor <= 1e9,
+             "robust.frame_norm_factor must be 0 (off) or in [1, 1e9]"),
             (self.federation.noise_free_start == "cold" or self.federation.aggregator == "noise_free",
              "federation.noise_free_start=warm needs federation.aggregator=noise_free"),
             (self.federation.noise_free_start == "cold" or self.placement.placement != "dlora",
@@ -407,6 +425,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "placement.split_layer": Bound(0, 4096),
     "federation.num_devices": Bound(1, 10_000),
     "federation.devices_per_round": Bound(1, 10_000),
+    "federation.min_devices": Bound(1, 10_000),
     "federation.rounds": Bound(1, 100_000),
     "federation.local_steps": Bound(1, 1_000_000),
     "federation.batch_size": Bound(1, 65_536),
@@ -448,6 +467,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "eval.perplexity_examples": Bound(1, 1_000_000),
     "eval.groups": Bound(1, 100_000),
     "eval.max_new_tokens": Bound(1, 2048),
+    "eval.max_generation_s_per_prompt": Bound(0, 86_400, low_open=True),
     "eval.num_beams": Bound(1, 32),
     "eval.length_penalty": Bound(-10, 10),
     "eval.no_repeat_ngram_size": Bound(0, 64),

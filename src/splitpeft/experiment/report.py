@@ -39,6 +39,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "replanned": record.replanned,
             "dropped": record.dropped,
             "clipped": record.clipped,
+            "repaired": record.repaired,
             "selected": record.selected,
             "simulated_round_s": record.simulated_round_s,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},

@@ -48,6 +48,9 @@ class RoundRecord:
     # updates a robust policy scaled down: holder, module, factor (< 1), on ("BA", "A" or "B"), norm, limit
     clipped: list[dict[str, Any]] = field(default_factory=list)
     selected: list[str] = field(default_factory=list)  # devices asked to train this round
+    # parties (server sessions "server/<device>", devices) whose adapters or moments went non-finite
+    # and were reset from the global state at the round's end: "holder: tensor"
+    repaired: list[str] = field(default_factory=list)
     # max(max_i (simulated_s_i + simulated_server_s_i), sum_i simulated_server_s_i): hsplit/budget.round_time_s
     simulated_round_s: float | None = None
 

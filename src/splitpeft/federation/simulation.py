@@ -61,6 +61,7 @@ from splitpeft.model.loading import LoadedModel, load_model
 from splitpeft.model.parts import Part, quantize_blocks, view_part
 from splitpeft.model.runtime import resolve_runtime
 from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.frame_bounds import FrameBounds
 from splitpeft.parties.server import SplitServer, StepLimits
 from splitpeft.placements.registry import make_placement
 from splitpeft.transport.channel import InProcessChannel, Tap
@@ -118,6 +119,7 @@ class Simulation:
             base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,
             alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks, runtime=runtime,
             limits=StepLimits.from_config(config), warm=warm_start_of(config), rslora=config.lora.rslora,
+            bounds=FrameBounds.from_config(config, base),
         )
         if config.data.partition == "whole":  # every device trains on all of it: encode once
             encoded = [encode(train, tokenizer, config.data.max_length)] * len(shards)
@@ -275,12 +277,28 @@ class Simulation:
         record.dropped += [{"device": device, "error": f"upload rejected: {error}"} for device, error in outcome.dropped.items()]
         record.clipped = [clip.describe() for clip in outcome.clipped]
         self.server.rejected.clear()
+        self.repair_parties(record)
         if self.profiles is not None:
             record.simulated_round_s = round_time_s([
                 StepTime(s.simulated_s or 0.0, 0.0, s.simulated_server_s or 0.0) for s in record.devices.values()])
         record.wall_s = time.perf_counter() - self._round_start
         self.rounds.append(record)
         return record
+
+    def repair_parties(self, record: RoundRecord) -> None:
+        """Nothing non-finite outlives a round: a server session or a device whose adapters or
+        AdamW moments went non-finite (a step the guards did not stop, or a device's own diverging
+        training) drops its optimiser state and restarts from the global state at its next round;
+        it is listed in the round's `repaired`, and never banned."""
+        self.server.repair_all()
+        repaired = [f"server/{device}: {tensor}" for device, tensor in self.server.repaired]
+        self.server.repaired.clear()
+        for device in self.devices:
+            bad = device.reset_if_nonfinite()
+            if bad is not None:
+                log.warning("%s held a non-finite %s: its optimiser state is reset", device.device_id, bad)
+                repaired.append(f"{device.device_id}: {bad}")
+        record.repaired = repaired
 
     @cached_property
     def shapes(self) -> ModelShapes:

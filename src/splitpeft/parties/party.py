@@ -31,6 +31,7 @@ from splitpeft.model.adapters import (
 from splitpeft.model.backbone import backbone_of, share_frozen_copy
 from splitpeft.model.parts import Part, frozen_tensors, resident_bytes, view_part
 from splitpeft.model.runtime import CPU_FP32, Runtime
+from splitpeft.parties.frame_bounds import nonfinite_state
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,24 @@ class Party:
             self.scaler.step(self.optimizer)  # unscales; skips the step if a gradient is not finite
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def nonfinite(self) -> str | None:
+        """The name of the first trainable adapter or AdamW moment of this party that is not finite, or None."""
+        named: list[tuple[str, torch.Tensor]] = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if self.optimizer is not None:
+            index = {id(p): name for name, p in self.model.named_parameters()}
+            named += [(f"{index.get(id(p), '?')}.{key}", value) for p, state in self.optimizer.state.items()
+                      for key, value in state.items() if torch.is_tensor(value)]
+        return nonfinite_state(named)
+
+    def reset_if_nonfinite(self) -> str | None:
+        """Drop the optimiser state (moments, step counts) if an adapter or moment is not finite;
+        returns the first such tensor's name. The adapters themselves are reloaded at the next
+        round start (`load`), so nothing non-finite outlives the round or reaches a checkpoint."""
+        bad = self.nonfinite()
+        if bad is not None and self.optimizer is not None:
+            self.optimizer.state.clear()
+        return bad
 
     def optimizer_state_tensors(self) -> list[torch.Tensor]:
         if self.optimizer is None:

@@ -14,6 +14,7 @@ federation.batch_size and data.max_length, which no honest device exceeds) befor
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from splitpeft.model.adapters import AdapterError, AdapterSet
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loss import IGNORE_INDEX
 from splitpeft.model.runtime import CPU_FP32, Runtime
+from splitpeft.parties.frame_bounds import FrameBounds, gradient_problem
 from splitpeft.parties.party import Party, WarmStart
 from splitpeft.placements.base import Placement
 from splitpeft.placements.registry import make_placement
@@ -104,8 +106,23 @@ class ServerSession(Party):
         if bool(bad.any()):
             raise MessageError(f"labels outside the vocabulary (0..{self.vocab_size - 1}) or {IGNORE_INDEX}")
 
-    def optimizer_step(self, tokens: int | None = None) -> None:
-        """Step the session's adapters; `tokens` (counted by the server) adds to its weight."""
+    def optimizer_step(self, tokens: int | None = None, loss: float | None = None) -> None:
+        """Step the session's adapters; `tokens` (counted by the server) adds to its weight.
+
+        A step whose `loss` (where the server computed one) or gradients are not finite, or whose
+        gradients are too large for AdamW's moments to stay finite (`gradient_problem`), is not
+        taken: its gradients are dropped, the adapters, moments and token count stay as they were,
+        and MessageError tells the device why. (Under fp16 loss scaling, overflowed gradients are
+        the scaler's to skip, as usual.)"""
+        problem = None
+        if loss is not None and not math.isfinite(loss):
+            problem = f"the loss is {loss}"
+        elif self.scaler is None:
+            problem = gradient_problem(self.model.named_parameters())
+        if problem is not None:
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            raise MessageError(f"server step rolled back: {problem}; the session keeps the state it had before it")
         if tokens is not None:
             self.tokens += tokens
         super().optimizer_step()
@@ -118,13 +135,16 @@ class SplitServer:
     `start_state(holder, ranks)` the adapters a holder starts the round with (the federation's
     global state). `limits` bound each step's work (`StepLimits.from_config`); None: unbounded.
     `warm`: every session takes noise-free's warm adapters (`WarmStart`); None: cold.
+    `bounds` bound the norm of what enters a server step (`FrameBounds.from_config`); None: unbounded.
     """
 
     def __init__(self, base: PreTrainedModel, server_ranks: Callable[[range], Mapping[str, int]],
                  start_state: Callable[[str, dict[str, int]], AdapterSet], *,
                  alpha: float, dropout: float, lr: float, num_blocks: int, runtime: Runtime = CPU_FP32,
-                 limits: StepLimits | None = None, warm: WarmStart | None = None, rslora: bool = False) -> None:
+                 limits: StepLimits | None = None, warm: WarmStart | None = None, rslora: bool = False,
+                 bounds: FrameBounds | None = None) -> None:
         self.base = base
+        self.bounds = bounds
         self.rslora = rslora
         self.warm = warm
         self.limits = limits
@@ -135,6 +155,7 @@ class SplitServer:
         self.num_blocks = num_blocks
         self.sessions: dict[str, ServerSession] = {}
         self.rejected: list[tuple[str, str]] = []
+        self.repaired: list[tuple[str, str]] = []  # (device, the non-finite tensor) of sessions reset
         self.opened: set[str] = set()  # devices that opened a session this round
 
     def begin_round(self) -> None:
@@ -152,6 +173,8 @@ class SplitServer:
                 return Message(Kind.SESSION_CLOSED, meta={Meta.TOKENS: session.tokens})
             if message.kind == Kind.ACTIVATIONS and self.limits is not None:
                 self.limits.check(message)  # before any compute
+            if self.bounds is not None:
+                self.bounds.check(message, session.split_layer)  # before any compute
             return session.placement.server_step(session, message)
         except (MessageError, AdapterError, ValueError) as error:
             self.reject(device_id, error)
@@ -175,6 +198,7 @@ class SplitServer:
             placement.open_server_session(session, meta, self.server_ranks(range(self.num_blocks)))
             self.sessions[device_id] = session
         session = self.sessions[device_id]
+        self.repair(device_id)
         session.load(self.start_state(f"server/{device_id}", session.ranks))
         session.tokens = 0
         self.opened.add(device_id)
@@ -185,6 +209,23 @@ class SplitServer:
         log.warning("rejected a message from %s: %s", device_id, error)
         self.rejected.append((device_id, str(error)))
         self.reset_session(device_id)
+
+    def repair(self, device_id: str) -> bool:
+        """If `device_id`'s session holds a non-finite adapter or moment (a step the guards did not
+        stop), drop its optimiser state: its adapters are reloaded from the global state at every
+        OPEN_SESSION, so the session starts over from the global state and its device is not
+        banned. True if it was repaired."""
+        session = self.sessions.get(device_id)
+        bad = session.reset_if_nonfinite() if session is not None else None
+        if bad is None:
+            return False
+        log.warning("session of %s held a non-finite %s: reset from the global state", device_id, bad)
+        self.repaired.append((device_id, bad))
+        return True
+
+    def repair_all(self) -> list[str]:
+        """`repair` every session (a round boundary, before a checkpoint); the devices repaired."""
+        return [device_id for device_id in sorted(self.sessions) if self.repair(device_id)]
 
     def reset_session(self, device_id: str) -> None:
         """Forget `device_id`'s half-done step (a bad message, or a lost device); its session

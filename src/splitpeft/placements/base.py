@@ -84,7 +84,10 @@ class ServerSide(Protocol):
     @property
     def wire_grad_dtype(self) -> torch.dtype: ...
 
-    def optimizer_step(self, tokens: int | None = None) -> None: ...
+    def optimizer_step(self, tokens: int | None = None, loss: float | None = None) -> None:
+        """Step the session's adapters, or raise MessageError and take no step if `loss` or a
+        gradient is not finite (the session keeps its state)."""
+        ...
 
 
 class Placement(Protocol):

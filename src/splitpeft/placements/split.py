@@ -120,8 +120,9 @@ class SplitPlacement:
                 return Message(Kind.FINAL_HIDDEN, {"hidden": final.detach()})
             loss = causal_lm_loss(backbone.head(final), labels)
             session.backward(loss)
-            session.optimizer_step(tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()))
-            return Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(hidden)}, meta={Meta.LOSS: finite(loss.item())})
+            loss_value = loss.item()
+            session.optimizer_step(tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()), loss=loss_value)
+            return Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(hidden)}, meta={Meta.LOSS: finite(loss_value)})
         if message.kind == Kind.HEAD_GRADIENT and self.labels_on_device:
             if session.step_state is None:
                 raise MessageError("HEAD_GRADIENT without a preceding ACTIVATIONS message")
