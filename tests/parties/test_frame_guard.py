@@ -143,3 +143,17 @@ def test_issue21_finding1_gradient_problem_names_the_parameter():
     assert gradient_problem([("good", good)]) is None
     assert gradient_problem([("good", good), ("bad", nan)]) == "the gradient of bad contains NaN or Inf"
     assert "the gradient of big reaches" in gradient_problem([("big", huge)])
+
+
+def test_issue21_finding1_a_checkpoint_is_never_written_with_non_finite_state(tmp_path):
+    """Issue 21 finding 1: save_checkpoint refuses non-finite state, naming the tensor, and leaves
+    the last checkpoint as it was (the round end repairs parties first, so a run never meets this)."""
+    from splitpeft.federation.checkpoint import CheckpointError, verify_checkpoint
+
+    sim = _sim("placement.labels_on_device=true")
+    sim.run_round()
+    save_checkpoint(sim, tmp_path / "ckpt")
+    next(iter(sim.server.sessions["device-0"].optimizer.state.values()))["exp_avg"].fill_(float("inf"))
+    with pytest.raises(CheckpointError, match="session/device-0/.* is not finite"):
+        save_checkpoint(sim, tmp_path / "ckpt")
+    assert verify_checkpoint(tmp_path / "ckpt", sim.config) == 1
