@@ -186,6 +186,10 @@ def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = 
         "planning": planning,
         "extra": extra or {},
     }
+    for name, tensor in tensors.items():  # the round's end repaired every party (`Simulation.repair_parties`)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"refusing to write checkpoint {path}: {name} is not finite (the last complete "
+                                  "checkpoint stays as it was)")
     write_state(Path(path), state, tensors, run_identity(sim.config))
 
 
