@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from splitpeft import __version__
 from splitpeft.cli import main
+from splitpeft.config import to_dict
 from splitpeft.experiment import compare
 from splitpeft.experiment.compare import (
     SCALARS,
@@ -17,6 +19,7 @@ from splitpeft.experiment.compare import (
     simulated_s_to_target,
     spread,
 )
+from splitpeft.experiment.report import _clean, write_json
 
 
 def _round(number, loss, device_s, round_s=None):
@@ -228,3 +231,121 @@ def test_compare_cli_runs_every_seed_on_the_tiny_preset(tmp_path, capsys):
     assert any(r["rounds_to_target"] is not None for e in saved["methods"].values() for r in e["runs"].values())
     assert "±" in (out / "comparison.md").read_text()
     assert (out / "convergence.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------- Issue 21 finding 7: --reuse checks a report
+
+
+def _run_then_reuse(tmp_path, monkeypatch, capsys):
+    """A comparison of one method (seed 5) whose run writes a report as run_experiment would, then the same
+    comparison with --reuse reading it back; from then on a run is an error. Returns (the --reuse
+    arguments, the run folder, the report as written)."""
+    def fake_run(config, out, **_):
+        report = _fake_report(config.seed, 0.0)
+        report.update(splitpeft_version=__version__, config=json.loads(json.dumps(_clean(to_dict(config)))))
+        write_json(Path(out) / "report.json", report)
+        return report
+
+    def no_run(config, out, **_):
+        raise AssertionError(f"{out} was run again")
+
+    out = tmp_path / "cmp"
+    args = ["compare", "dlora", "--preset", "tiny", "--methods", "no_kr", "--out", str(out), "--no-progress", "seed=5"]
+    monkeypatch.setattr(compare, "run_experiment", fake_run)
+    assert main(args) == 0
+    monkeypatch.setattr(compare, "run_experiment", no_run)
+    assert main([*args, "--reuse"]) == 0  # the report as written fits
+    capsys.readouterr()
+    folder = out / "no_kr" / "seed-5"
+    return [*args, "--reuse"], folder, json.loads((folder / "report.json").read_text())
+
+
+def _refusal(args, capsys) -> str:
+    """Run the CLI, expect exit 2 and exactly one line on stderr; return it."""
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_reuse_refuses_a_report_edited_to_a_negative_perplexity(tmp_path, monkeypatch, capsys):
+    """Issue 21 finding 7: a report edited to perplexity -5 was copied into comparison.json. It is now
+    refused, naming the folder and the key, before any run; comparison.json keeps what it had; --overwrite
+    runs it again."""
+    args, folder, report = _run_then_reuse(tmp_path, monkeypatch, capsys)
+    comparison = folder.parent.parent / "comparison.json"
+    before = comparison.read_text()
+    report["eval"]["perplexity"] = -5
+    write_json(folder / "report.json", report)
+    line = _refusal(args, capsys)
+    assert f"{folder} was not reused: in its report.json, eval.perplexity = -5 is not a finite number >= 1" in line
+    assert "use --overwrite to run it again" in line
+    assert comparison.read_text() == before
+    assert "eval.perplexity = -5" in _refusal([*args, "--seeds", "2"], capsys)  # before seed 6 runs (a run would raise)
+    assert not (folder.parent / "seed-6").exists()
+    runs: list[Path] = []
+    monkeypatch.setattr(compare, "run_experiment", lambda config, out, **_: runs.append(out) or _fake_report(config.seed, 0.0))
+    assert main([*args, "--overwrite"]) == 0
+    assert runs == [folder]
+
+
+def test_reuse_refuses_a_report_with_a_key_missing(tmp_path, monkeypatch, capsys):
+    """Issue 21 finding 7: a report without a key compare reads gave a KeyError traceback; now one line."""
+    args, folder, report = _run_then_reuse(tmp_path, monkeypatch, capsys)
+    del report["totals"]["bytes_up"]
+    write_json(folder / "report.json", report)
+    assert f"{folder} was not reused: in its report.json, totals.bytes_up is missing" in _refusal(args, capsys)
+    del report["rounds"][1]["devices"]["device-0"]["train_loss"]
+    write_json(folder / "report.json", report)
+    assert "rounds[1].devices.device-0.train_loss is missing" in _refusal(args, capsys)
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda r: r["rounds"][1]["devices"]["device-0"].update(tokens="60"),
+     'rounds[1].devices.device-0.tokens = "60" is not a whole number from 0 to 9223372036854775807'),
+    (lambda r: r["rounds"][0]["devices"]["device-1"].update(tokens=True), "rounds[0].devices.device-1.tokens = true is not"),
+    (lambda r: r["totals"].update(device_flops=1.5), "totals.device_flops = 1.5 is not a whole number"),
+    (lambda r: r["totals"].update(bytes_down=-9), "totals.bytes_down = -9 is not a whole number from 0"),
+    (lambda r: r["totals"]["per_device"].update({"device-0": []}), "totals.per_device.device-0 = [] is not an object"),
+    (lambda r: r.update(rounds={}), "rounds = {} is not a list"),
+    (lambda r: r["rounds"][2]["devices"]["device-1"].update(train_loss=float("nan")),
+     "rounds[2].devices.device-1.train_loss = NaN is not a finite number"),
+    (lambda r: r["rounds"][0].update(eval_perplexity=0.5), "rounds[0].eval_perplexity = 0.5 is not a finite number >= 1 or null"),
+    (lambda r: r["eval"].update(bleu=250), "eval.bleu = 250 is not a finite number from 0 to 100 or null"),
+    (lambda r: r["eval"].update(perplexity=10**400), "eval.perplexity = 1000000000000"),
+    (lambda r: r["info"].update(plans="none"), 'info.plans = "none" is not a list or null'),
+], ids=["string-count", "true-count", "fractional-flops", "negative-bytes", "device-not-object", "rounds-not-list",
+        "nan-loss", "perplexity-below-1", "bleu-above-100", "perplexity-beyond-float", "plans-not-list"])
+def test_reuse_refuses_a_report_with_a_value_of_the_wrong_type_or_range(tmp_path, monkeypatch, capsys, edit, expected):
+    """Issue 21 finding 7: a string where a count belongs gave a TypeError traceback, and NaN, a negative
+    count or BLEU 250 went into comparison.json; each is now one line naming the key and the value."""
+    args, folder, report = _run_then_reuse(tmp_path, monkeypatch, capsys)
+    edit(report)
+    (folder / "report.json").write_text(json.dumps(report))  # as edited: NaN stays NaN
+    line = _refusal(args, capsys)
+    assert line.startswith(f"splitpeft: error: {folder} was not reused: in its report.json, ") and expected in line
+    assert len(line) < 400  # a huge value is cut
+
+
+@pytest.mark.parametrize(("depth", "expected"), [
+    (100_000, "its report.json nests lists or objects deeper than Python can parse"),  # json.loads: RecursionError
+    (100, "its report.json nests deeper than 32 levels at info.plans[0][0]"),  # parses; compare must not recurse into it
+])
+def test_reuse_refuses_a_deeply_nested_report(tmp_path, monkeypatch, capsys, depth, expected):
+    """Issue 21 finding 7: 100,000 nested lists in a report gave a RecursionError traceback; 100 were copied
+    into comparison.json. Both are refused in one line."""
+    args, folder, report = _run_then_reuse(tmp_path, monkeypatch, capsys)
+    report["info"]["plans"] = "HERE"
+    (folder / "report.json").write_text(json.dumps(report).replace('"HERE"', "[" * depth + "]" * depth))
+    assert f"{folder} was not reused: {expected}" in _refusal(args, capsys)
+
+
+@pytest.mark.parametrize("content", [
+    b'{"splitpeft_version": "0', b"\xff\xfe\x00binary", b"[" * 100_000,
+], ids=["cut-short", "not-utf8", "unclosed-brackets"])
+def test_reuse_refuses_a_report_that_is_not_json(tmp_path, monkeypatch, capsys, content):
+    """Issue 21 finding 7: a report.json that is not JSON is refused in one line naming the folder (a file
+    cut short or not UTF-8 was already; 100,000 unclosed brackets gave a RecursionError traceback)."""
+    args, folder, _ = _run_then_reuse(tmp_path, monkeypatch, capsys)
+    (folder / "report.json").write_bytes(content)
+    assert f"{folder} was not reused: its report.json " in _refusal(args, capsys)

@@ -33,16 +33,20 @@ methods' mean final held-out losses, so every method reaches it on average; with
 seed also draws the held-out examples, so losses compare within a seed, not across seeds).
 
 With `reuse`, a run folder holding a finished report of exactly this method's config (and this
-splitpeft version) is read instead of run again, so a comparison can grow by seeds or methods.
+splitpeft version) is read instead of run again, so a comparison can grow by seeds or methods. A reused
+report is checked against `REPORT_SCHEMA` (what `summarise` reads, with the values it accepts) before
+any number of it is used; a folder whose report does not fit is refused like one of another config.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from splitpeft import __version__
 from splitpeft.config import ExperimentConfig, load_config, to_dict
@@ -202,7 +206,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "bytes_up": report["totals"]["bytes_up"],
         "bytes_down": report["totals"]["bytes_down"],
         "tokens": report["totals"]["tokens"],
-        "max_peak_memory_bytes": max(d["peak_memory_bytes"] for d in report["totals"]["per_device"].values()),
+        "max_peak_memory_bytes": max((d["peak_memory_bytes"] for d in report["totals"]["per_device"].values()), default=None),
         "bytes_after_warmup": traffic_after,
         "adapter_flops_after_warmup": flops_after,
         "plans": report["info"].get("plans"),
@@ -243,18 +247,154 @@ def first_difference(stored: Any, wanted: Any, path: str = "") -> tuple[str, Any
     return None if stored == wanted else (path, stored, wanted)
 
 
+# ------------------------------------------------------------------------------ what a reused report must hold
+# Written by hand: JSON Schema (the jsonschema package, not a dependency) has no "finite", and a refusal
+# here is one line naming the key and the value.
+
+
+@dataclass(frozen=True)
+class Number:
+    """A JSON number (not true/false), finite, in [low, high]; a whole number if `whole`; null if `null`."""
+
+    low: float | None = None
+    high: float | None = None
+    whole: bool = False
+    null: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.null
+        if isinstance(value, bool) or not isinstance(value, int if self.whole else (int, float)):
+            return False
+        try:
+            finite = math.isfinite(float(value))
+        except OverflowError:  # an integer beyond float's range: 1e309 written out
+            return False
+        return finite and (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        span = (f" from {self.low} to {self.high}" if self.low is not None and self.high is not None
+                else f" >= {self.low}" if self.low is not None else f" <= {self.high}" if self.high is not None else "")
+        return ("a whole number" if self.whole else "a finite number") + span + (" or null" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Fields:
+    """A JSON object with the `required` keys and perhaps the `optional` ones (other keys are not read)."""
+
+    required: dict[str, Schema] = field(default_factory=dict)
+    optional: dict[str, Schema] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Each:
+    """A JSON list (`keyed`: an object, any keys) whose every item fits `item`; null too if `null`."""
+
+    item: Schema
+    keyed: bool = False
+    null: bool = False
+
+
+Schema: TypeAlias = Number | Fields | Each | None  # None: any JSON value (its depth is bounded by MAX_REPORT_DEPTH)
+
+PERPLEXITY = Number(1, null=True)  # exp(mean NLL) >= 1; null where it was not finite
+SECONDS = Number(0, null=True)
+COUNT = Number(0, 2**63 - 1, whole=True)  # bytes, FLOPs, tokens, steps: spread() takes them to float
+MAX_REPORT_DEPTH = 32  # splitpeft's reports nest 6 deep; far below the recursion first_difference and json.dump need
+
+# What summarise (and simulated_s_to_target) read of a report: a key read with [] is required, one read with
+# .get() optional. `config` is compared key by key with the method's config before this is checked.
+REPORT_SCHEMA = Fields({
+    "config": Fields(),
+    "rounds": Each(Fields({"devices": Each(Fields(
+        {"train_loss": Number(), "tokens": COUNT},
+        {"simulated_s": SECONDS, "bytes_up": COUNT, "bytes_down": COUNT, "adapter_flops": COUNT, "steps": COUNT},
+    ), keyed=True)}, {"eval_perplexity": PERPLEXITY, "simulated_round_s": SECONDS})),
+    "eval": Fields(optional={"perplexity": PERPLEXITY, "bleu": Number(0, 100, null=True),
+                             "rouge_l": Number(0, 1, null=True), "meteor": Number(0, 1, null=True)}),
+    "totals": Fields({"device_flops": COUNT, "bytes_up": COUNT, "bytes_down": COUNT, "tokens": COUNT,
+                      "per_device": Each(Fields({"peak_memory_bytes": COUNT}), keyed=True)}),
+    "info": Fields(optional={"plans": Each(None, null=True)}),
+})
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """`value` as JSON on one line, cut to `limit` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key(at: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{at}[{key}]"
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,60}", key):
+        return f"{at}.{key}" if at else key
+    return f"{at}[{_shown(key)}]"
+
+
+def too_deep(value: Any, limit: int = MAX_REPORT_DEPTH) -> str | None:
+    """The key of the first list or object nested more than `limit` deep in `value` (the top is depth
+    1; '' for the top itself), or None. Walks with its own stack, so any depth json.loads returns is safe."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while stack:
+        item, at, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return at
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend((child, _key(at, key), depth + 1) for key, child in children)
+    return None
+
+
+def misfit(value: Any, schema: Schema, at: str = "") -> str | None:
+    """Where `value` first does not fit `schema`, as 'KEY = VALUE is not WHAT' or 'KEY is missing';
+    None if it fits. Recurses only as deep as the schema."""
+    if schema is None:
+        return None
+    name = at or "the report"
+    if isinstance(schema, Number):
+        return None if schema.accepts(value) else f"{name} = {_shown(value)} is not {schema}"
+    if isinstance(schema, Fields):
+        if not isinstance(value, dict):
+            return f"{name} = {_shown(value)} is not an object"
+        for key in schema.required:
+            if key not in value:
+                return f"{_key(at, key)} is missing"
+        for key, inner in {**schema.required, **schema.optional}.items():
+            found = misfit(value[key], inner, _key(at, key)) if key in value else None
+            if found is not None:
+                return found
+        return None
+    if value is None and schema.null:
+        return None
+    if not isinstance(value, dict if schema.keyed else list):
+        return f"{name} = {_shown(value)} is not {'an object' if schema.keyed else 'a list'}{' or null' if schema.null else ''}"
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for place, item in items:
+        found = misfit(item, schema.item, _key(at, place))
+        if found is not None:
+            return found
+    return None
+
+
 def finished_report(folder: Path, config: ExperimentConfig) -> tuple[dict[str, Any] | None, str | None]:
     """(the report, None) if `folder` holds a finished run of exactly `config` by this splitpeft
-    version; else (None, why not), or (None, None) where there is no report at all."""
+    version whose report fits `REPORT_SCHEMA`; else (None, why not, one line), or (None, None) where
+    there is no report at all."""
     path = folder / "report.json"
     if not path.is_file():
         return None, None
     try:
         report = json.loads(path.read_text())
+    except RecursionError:  # json.loads recurses once per level: 100,000 nested lists exhaust the stack
+        return None, f"its report.json nests lists or objects deeper than Python can parse (at most {MAX_REPORT_DEPTH} are read)"
     except (OSError, ValueError) as error:
         return None, f"its report.json does not parse ({error})"
     if not isinstance(report, dict):
         return None, "its report.json is not a report"
+    deep = too_deep(report)
+    if deep is not None:
+        return None, f"its report.json nests deeper than {MAX_REPORT_DEPTH} levels at {deep}"
     if report.get("splitpeft_version") != __version__:
         return None, f"it was written by splitpeft {report.get('splitpeft_version')}, this is {__version__}"
     stored, wanted = report.get("config"), json.loads(json.dumps(_clean(to_dict(config))))
@@ -262,6 +402,9 @@ def finished_report(folder: Path, config: ExperimentConfig) -> tuple[dict[str, A
     if difference is not None:
         key, there, now = difference
         return None, f"its config differs at {key or 'the top'} ({there!r} there, {now!r} now)"
+    problem = misfit(report, REPORT_SCHEMA)
+    if problem is not None:
+        return None, f"in its report.json, {problem}"
     return report, None
 
 
@@ -300,13 +443,15 @@ def run_comparison(
         for method in chosen for seed in seed_list
     }
     out = Path(out)
-    reports = {}
-    for key, config in configs.items():
-        folder = out / key[0] / f"seed-{key[1]}"
-        found, why_not = finished_report(folder, config) if reuse else (None, None)
+    folders = {key: out / key[0] / f"seed-{key[1]}" for key in configs}
+    found = {key: finished_report(folders[key], config) if reuse else (None, None) for key, config in configs.items()}
+    for key, (_, why_not) in found.items():  # every folder judged before any run
         if why_not is not None and not overwrite:
-            raise RunFolderError(f"{folder} was not reused: {why_not}; use --overwrite to run it again")
-        reports[key] = found if found is not None else run_experiment(config, folder, overwrite=overwrite, progress=progress)
+            raise RunFolderError(f"{folders[key]} was not reused: {why_not}; use --overwrite to run it again")
+    reports = {
+        key: report if report is not None else run_experiment(configs[key], folders[key], overwrite=overwrite, progress=progress)
+        for key, (report, _) in found.items()
+    }
 
     runs = {method: {seed: summarise(reports[method, seed]) for seed in seed_list} for method in chosen}
     targets, source = _targets(runs, seed_list, target_loss, target)
