@@ -2,7 +2,9 @@
 
 Every user error (bad config key or value, missing file, unknown model, split point out of range,
 an output or checkpoint folder that could not be replaced without losing data, a corrupted or
-mismatching checkpoint) is one line on stderr naming the problem and exit status 2.
+mismatching checkpoint) is one line on stderr naming the problem and exit status 2. A run that
+fails on its own (a round with fewer than `federation.min_devices` completed devices, an
+evaluation that raised) is one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -130,12 +132,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _run_failed(error: Exception) -> int:
+    """A run that failed on its own (not on bad input): one line, exit status 1."""
+    print(f"splitpeft: error: {error}", file=sys.stderr)
+    return 1
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from splitpeft.experiment.run import run_experiment
+    from splitpeft.federation.simulation import RoundError
 
     config = load_config(args.config, args.overrides, preset=args.preset)
-    report = run_experiment(config, args.out, overwrite=args.overwrite, progress=not args.no_progress,
-                            checkpoint=args.checkpoint, resume=args.resume)
+    try:
+        report = run_experiment(config, args.out, overwrite=args.overwrite, progress=not args.no_progress,
+                                checkpoint=args.checkpoint, resume=args.resume)
+    except RoundError as error:
+        return _run_failed(error)
     _summary(report, config)
     print(f"report: {args.out / 'report.json'}  adapter: {args.out / 'adapter'}")
     return 0
@@ -167,12 +179,16 @@ def _deploy_keys(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from splitpeft.experiment.compare import run_comparison
+    from splitpeft.federation.simulation import RoundError
 
-    run_comparison(
-        args.suite, args.out, config_path=args.config, preset=args.preset, overrides=args.overrides,
-        methods=args.methods.split(",") if args.methods else None, seeds=args.seeds, target_loss=args.target_loss,
-        target=args.target.replace("-", "_"), overwrite=args.overwrite, reuse=args.reuse, progress=not args.no_progress,
-    )
+    try:
+        run_comparison(
+            args.suite, args.out, config_path=args.config, preset=args.preset, overrides=args.overrides,
+            methods=args.methods.split(",") if args.methods else None, seeds=args.seeds, target_loss=args.target_loss,
+            target=args.target.replace("-", "_"), overwrite=args.overwrite, reuse=args.reuse, progress=not args.no_progress,
+        )
+    except RoundError as error:
+        return _run_failed(error)
     print((args.out / "comparison.md").read_text())
     print(f"comparison: {args.out / 'comparison.json'}  plot: {args.out / 'convergence.png'}")
     return 0
@@ -201,6 +217,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from splitpeft.data.sources import load_examples
     from splitpeft.experiment.report import write_json
     from splitpeft.experiment.run import evaluate_model
+    from splitpeft.federation.preflight import check_held_out
 
     config = _load_run(args.run, args.overrides)
     if args.data is None:
@@ -213,7 +230,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, perplexity_examples=len(held_out)))
         written = args.run / f"eval-{args.data.stem}.json"
     model, tokenizer = _adapted_model(args.run, config)
-    result = evaluate_model(model, tokenizer, config, held_out, encode(held_out, tokenizer, config.data.max_length), progress=True)
+    encoded = encode(held_out, tokenizer, config.data.max_length)
+    check_held_out(config, model, tokenizer, held_out, encoded)  # warns of what the context truncates
+    result = evaluate_model(model, tokenizer, config, held_out, encoded, progress=True)
     result["data"] = "held-out split of data.path" if args.data is None else str(args.data)
     if "perplexity" in result:
         result["perplexity_examples"] = min(len(held_out), config.eval.perplexity_examples)
@@ -261,6 +280,11 @@ def _absence(last_round: dict[str, Any], device: str) -> str:
     return "not selected"
 
 
+def _completed_per_round(rounds: list[dict[str, Any]]) -> str:
+    """'3/3 2/3 ...': per round, the devices that completed (trained, upload accepted) of those selected."""
+    return " ".join(f"{len(entry.get('completed', []))}/{len(entry.get('selected', []))}" for entry in rounds)
+
+
 def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -278,6 +302,7 @@ def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
         )
     console = Console()
     console.print(table)
+    console.print(f"devices completed per round: {_completed_per_round(report['rounds'])}")
     plans = report["info"].get("plans")
     if plans:
         plan_table = Table(title=f"device plans (hsplit.planner={config.hsplit.planner})")

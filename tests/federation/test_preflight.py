@@ -12,6 +12,7 @@ from conftest import tiny_config
 from splitpeft.config import ConfigError
 from splitpeft.federation.preflight import (
     check_against_model,
+    check_held_out,
     check_memory,
     predicted_peak_bytes,
     step_frame_bytes,
@@ -41,8 +42,8 @@ def test_the_tiny_preset_passes(models, model, placement):
     ("tiny-llama", ["transport.max_message_bytes=65536"],
      "transport.max_message_bytes 65536 is too small for one step's activations (150016 bytes at federation.batch_size 4 x data.max_length 160)"),
     ("tiny-gpt2", ["data.max_length=300"], "data.max_length 300 exceeds the 256 positions of tiny-gpt2"),
-    ("tiny-gpt2", ["data.max_length=250", "eval.max_new_tokens=40"],
-     "eval.max_new_tokens 40: with data.max_length 250 it exceeds the 256 positions of tiny-gpt2"),
+    ("tiny-gpt2", ["eval.max_new_tokens=256"], "eval.max_new_tokens 256 leaves no room for a prompt in the 256 positions of tiny-gpt2"),
+    ("tiny-llama", ["eval.max_new_tokens=300"], "eval.max_new_tokens 300 leaves no room for a prompt in the 256 positions of tiny-llama"),
     ("tiny-llama", ["federation.batch_size=65536", "data.max_length=131072"], "more than the"),
 ])
 def test_a_config_that_does_not_fit_the_model_or_machine_is_one_line_naming_the_key(models, model, overrides, message):
@@ -89,3 +90,31 @@ def test_the_simulation_server_enforces_the_runs_step_limits():
 
     config = tiny_config("tiny-llama")
     assert Simulation(config).server.limits == StepLimits.from_config(config)
+
+
+def test_the_held_out_set_is_checked_against_the_context(models, caplog):
+    """Issue 21 finding 4: a held-out prompt longer than the model's context trained the whole run
+    and then crashed its evaluation. Generation now keeps the end of such a prompt, so the preflight
+    warns with the counts instead of refusing, and a learned position table no longer needs room for
+    data.max_length + eval.max_new_tokens (only for the new tokens and one prompt token)."""
+    from splitpeft.data.batching import encode
+    from splitpeft.data.examples import Example
+
+    config = tiny_config("tiny-gpt2", "data.max_length=250", "eval.max_new_tokens=40", "eval.groups=3")
+    check_against_model(config, models["tiny-gpt2"])  # was refused: 250 + 40 > 256
+    tokenizer = load_model("tiny-gpt2").tokenizer
+    long_mr = "name : Aromi | " * 400  # about 3 KB, well past 256 tokens
+    held_out = [Example(f"Meaning representation: {long_mr}{i}\nDescription:", " Aromi.", f"long-{i}") for i in range(2)]
+    held_out += [Example("Meaning representation: name : Zizzi\nDescription:", " Zizzi.", "short"),
+                 Example(f"Meaning representation: {long_mr}late\nDescription:", " Aromi.", "beyond eval.groups")]
+    encoded = encode(held_out, tokenizer, config.data.max_length)
+    with caplog.at_level("WARNING", logger="splitpeft.federation.preflight"):
+        counts = check_held_out(config, models["tiny-gpt2"], tokenizer, held_out, encoded)
+    assert counts == {"prompts_truncated": 2}  # perplexity's sequences are within data.max_length 250 < 256
+    assert ("2 of the 3 held-out prompts generation uses are longer than the 216 tokens the context of tiny-gpt2 "
+            "leaves them (256 positions less eval.max_new_tokens 40)") in caplog.text
+    # a rotary model whose data.max_length exceeds its context: perplexity keeps the last positions
+    llama = tiny_config("tiny-llama", "data.max_length=300", "eval.generation=false")
+    long_encoded = encode(held_out, tokenizer, llama.data.max_length)
+    counts = check_held_out(llama, models["tiny-llama"], tokenizer, held_out, long_encoded)
+    assert counts == {"perplexity_truncated": 3}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,13 +30,47 @@ class EncodedExample:
     labels: list[int]
 
 
+# Characters a window of text is given per token it must yield, and the tokens it must yield beyond
+# those kept (see `bounded_token_ids`). Ordinary text runs 3-5 characters a token.
+WINDOW_CHARS_PER_TOKEN = 16
+WINDOW_MARGIN_TOKENS = 8
+
+
+def bounded_token_ids(tokenizer: Any, text: str, max_tokens: int | None, keep: Literal["start", "end"]) -> list[int]:
+    """At most ``max_tokens`` token ids of ``text`` (no special tokens): its first ones
+    (``keep="start"``) or its last ones (``keep="end"``); all of them if ``max_tokens`` is None.
+
+    Tokenising a 1 MB string takes seconds (a model keeps a few hundred of its ~300,000 ids), so
+    only a window at the kept end is tokenised: ``16 * max_tokens + 64`` characters, doubled while
+    it yields fewer than ``max_tokens + 8`` ids and the text goes on. A text that fits the window
+    (every ordinary example) is tokenised whole; otherwise the ids differ from the whole text's
+    only where the window cuts a word, at least 8 tokens beyond those kept.
+    """
+    if max_tokens is not None and max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens}")
+    if max_tokens == 0:
+        return []
+    window = len(text) if max_tokens is None else WINDOW_CHARS_PER_TOKEN * max_tokens + 64
+    while True:
+        cut = len(text) > window
+        piece = (text[-window:] if keep == "end" else text[:window]) if cut else text
+        ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        if max_tokens is None:
+            return ids
+        if not cut or len(ids) >= max_tokens + WINDOW_MARGIN_TOKENS:
+            return ids[-max_tokens:] if keep == "end" else ids[:max_tokens]
+        window *= 2
+
+
 def encode(examples: Iterable[Example], tokenizer: Any, max_length: int) -> list[EncodedExample]:
     """Tokenise examples for causal-LM training with loss on the completion only.
 
     ``input_ids = prompt_ids + completion_ids + [eos]`` (no BOS, no other special tokens);
     ``labels = [-100] * len(prompt_ids) + completion_ids + [eos]``. Past ``max_length``, tokens are
     dropped from the left of the prompt first, then from the end of the completion; examples left
-    without completion tokens are skipped (the count is logged).
+    without completion tokens are skipped (the count is logged). Each text is tokenised only as far
+    as ``max_length`` tokens of it can be kept (`bounded_token_ids`), so a huge one costs no more
+    than an ordinary one.
 
     Args:
         tokenizer: a Hugging Face tokenizer (callable, with ``eos_token_id``).
@@ -49,8 +83,8 @@ def encode(examples: Iterable[Example], tokenizer: Any, max_length: int) -> list
     encoded: list[EncodedExample] = []
     skipped = 0
     for ex in examples:
-        prompt_ids = list(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"])
-        completion_ids = list(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) + [eos_id]
+        prompt_ids = bounded_token_ids(tokenizer, ex.prompt, max_length, keep="end")
+        completion_ids = bounded_token_ids(tokenizer, ex.completion, max_length, keep="start") + [eos_id]
         overflow = len(prompt_ids) + len(completion_ids) - max_length
         if overflow > 0:
             from_prompt = min(overflow, len(prompt_ids))

@@ -3,20 +3,31 @@
 Works on any Hugging Face causal LM (a ``transformers.PreTrainedModel`` or a ``peft.PeftModel``
 around one) with its tokenizer; nothing here knows about placements or adapters, so the same
 numbers are quoted for every placement and baseline.
+
+Nothing a held-out example holds can stop an evaluation: what the model sees stays within its
+context (`context_length`; a longer prompt keeps its end, a longer scored sequence its last
+positions), a huge text is tokenised only as far as it can be kept, and generation can be given a
+time bound per prompt.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from splitpeft.data.batching import bounded_token_ids
 from splitpeft.experiment.metrics import e2e_metrics, group_references
+from splitpeft.model.backbone import context_length
 from splitpeft.model.loss import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 class EncodedExampleLike(Protocol):
@@ -40,6 +51,14 @@ class ExampleLike(Protocol):
     def group(self) -> str: ...
 
 
+@dataclass
+class _Encoded:
+    """An `EncodedExampleLike` cut to the model's context."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
 @contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     # Dropout off for evaluation, but hand the model back in the mode we found it.
@@ -56,13 +75,25 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def prompt_budget(context: int | None, max_new_tokens: int) -> int | None:
+    """Prompt tokens generation can keep: the context less ``max_new_tokens`` (None: no context,
+    no bound). ValueError if the context cannot hold the new tokens and one prompt token."""
+    if context is None:
+        return None
+    if max_new_tokens >= context:
+        raise ValueError(f"eval.max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{context} positions")
+    return context - max_new_tokens
+
+
 def perplexity(model: Any, items: Sequence[EncodedExampleLike], batch_size: int, pad_id: int) -> float:
     """Completion perplexity ``exp(sum_t NLL_t / n_tokens)`` over all labelled tokens of ``items``.
 
     Token-weighted: every completion token counts once, whatever example it belongs to. The
     logit at position ``t`` predicts the label at ``t + 1``. Batches are right-padded with
     ``pad_id``; the attention mask marks real positions by length (not by ``!= pad_id``,
-    since the pad id is often the eos id, which also appears inside sequences).
+    since the pad id is often the eos id, which also appears inside sequences). An item longer
+    than the model's context (`context_length`) is scored on its last ``context`` positions.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -72,6 +103,9 @@ def perplexity(model: Any, items: Sequence[EncodedExampleLike], batch_size: int,
         if len(item.input_ids) != len(item.labels):
             raise ValueError("each item needs input_ids and labels of the same length")
     device = _model_device(model)
+    context = context_length(model)
+    if context is not None and any(len(item.input_ids) > context for item in items):
+        items = [_Encoded(item.input_ids[-context:], item.labels[-context:]) for item in items]
     # Similar lengths together waste less compute on padding; the sum is order-independent.
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     nll_sum, n_tokens = 0.0, 0
@@ -104,7 +138,22 @@ def perplexity(model: Any, items: Sequence[EncodedExampleLike], batch_size: int,
     return math.exp(nll_sum / n_tokens)
 
 
-def generate(
+@dataclass(frozen=True)
+class Generated:
+    """One prompt's output: ``text``; ``truncated``: the prompt lost its beginning to fit the
+    context; ``cut``: the time bound stopped its batch before eos or ``max_new_tokens``."""
+
+    text: str
+    truncated: bool = False
+    cut: bool = False
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], **options: Any) -> list[str]:
+    """The texts of :func:`generate_outputs` (same options)."""
+    return [output.text for output in generate_outputs(model, tokenizer, prompts, **options)]
+
+
+def generate_outputs(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
@@ -115,7 +164,8 @@ def generate(
     no_repeat_ngram_size: int = 0,
     batch_size: int = 8,
     progress: bool = False,
-) -> list[str]:
+    max_s_per_prompt: float | None = None,
+) -> list[Generated]:
     """Deterministic continuation of each prompt (greedy, or beam search if ``num_beams > 1``).
 
     ``length_penalty`` (beam search only) ranks finished beams by ``sum log p / length**length_penalty``;
@@ -123,9 +173,12 @@ def generate(
     (prompt included, as Hugging Face counts it). The E2E literature decodes with both (SplitLoRA:
     10 beams, length penalty 0.8, no-repeat-ngram 4).
 
-    Prompts are tokenised without special tokens (the training format adds none) and
-    left-padded so that every row's next token sits at the same position. Returns only the
-    generated text, stripped and cut at the first newline; generation stops at eos.
+    Prompts are tokenised without special tokens (the training format adds none), each to at most
+    the model's context less ``max_new_tokens`` tokens, keeping its end (the part next to what is
+    generated), and left-padded so that every row's next token sits at the same position.
+    ``max_s_per_prompt`` bounds a batch of n prompts to n x that many seconds (Hugging Face's
+    ``max_time``; None = no bound). Returns, per prompt, only the generated text, stripped and cut
+    at the first newline; generation stops at eos.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -133,42 +186,53 @@ def generate(
         raise ValueError("the tokenizer needs an eos token to stop generation")
     if no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
+    if max_s_per_prompt is not None and not max_s_per_prompt > 0:
+        raise ValueError(f"max_s_per_prompt must be > 0 or None, got {max_s_per_prompt}")
+    budget = prompt_budget(context_length(model), max_new_tokens)
     # Beam-only options are passed only to beam search: greedy decoding would warn about them.
     beam_options = {"length_penalty": length_penalty} if num_beams > 1 else {}
     device = _model_device(model)
-    saved_padding_side, saved_pad_token = tokenizer.padding_side, tokenizer.pad_token
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # only for padding; masked out anyway
+    eos_id = int(tokenizer.eos_token_id)
+    pad_id = eos_id if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)  # masked out anyway
     starts = range(0, len(prompts), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="generate", unit="batch")
-    outputs: list[str] = []
-    try:
-        tokenizer.padding_side = "left"
-        with _eval_mode(model):
-            for start in starts:
-                batch = list(prompts[start : start + batch_size])
-                enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-                input_ids = enc["input_ids"].to(device)  # (B, T)
-                generated = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=enc["attention_mask"].to(device),
-                    max_new_tokens=max_new_tokens,
-                    num_beams=num_beams,
-                    no_repeat_ngram_size=no_repeat_ngram_size,
-                    **beam_options,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )  # (B, T + new)
-                new_tokens = generated[:, input_ids.shape[1] :]
-                for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
-                    outputs.append(text.strip().split("\n", 1)[0].strip())
-    finally:
-        tokenizer.padding_side = saved_padding_side
-        tokenizer.pad_token = saved_pad_token
+    outputs: list[Generated] = []
+    with _eval_mode(model):
+        for start in starts:
+            batch = list(prompts[start : start + batch_size])
+            # One token more than the budget tells a prompt that had to lose its beginning.
+            ids = [bounded_token_ids(tokenizer, p, None if budget is None else budget + 1, keep="end") for p in batch]
+            truncated = [budget is not None and len(row) > budget for row in ids]
+            ids = [row[-budget:] if budget is not None and len(row) > budget else row for row in ids]
+            width = max(len(row) for row in ids)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T), left-padded
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+            for row, row_ids in enumerate(ids):
+                if row_ids:
+                    input_ids[row, width - len(row_ids) :] = torch.tensor(row_ids, dtype=torch.long)
+                    attention_mask[row, width - len(row_ids) :] = 1
+            time_options = {} if max_s_per_prompt is None else {"max_time": max_s_per_prompt * len(batch)}
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                **beam_options,
+                **time_options,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+            )  # (B, T + new)
+            new_tokens = generated[:, width:]  # (B, new)
+            # Stopped early with a row that met no eos: only the clock stops a batch there.
+            cut = new_tokens.shape[1] < max_new_tokens and not bool((new_tokens == eos_id).any(dim=1).all())
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for text, was_truncated in zip(texts, truncated):
+                outputs.append(Generated(text.strip().split("\n", 1)[0].strip(), was_truncated, cut))
     return outputs
 
 
@@ -185,12 +249,14 @@ def evaluate_generation(
     batch_size: int = 8,
     progress: bool = False,
     meteor: bool = True,
+    max_s_per_prompt: float | None = None,
 ) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
     """Generate one output per group and score it against all of the group's completions.
 
     Groups (E2E: one per MR) keep first-seen order; ``limit_groups`` keeps the first N. The
-    prompt of a group is that of its first example; decoding options are :func:`generate`'s. Returns :func:`e2e_metrics` and one sample
-    ``{"group", "prompt", "hypothesis", "references"}`` per group.
+    prompt of a group is that of its first example; decoding options are :func:`generate_outputs`'.
+    Returns :func:`e2e_metrics` and one sample ``{"group", "prompt", "hypothesis", "references",
+    "prompt_truncated", "cut"}`` per group (a sample's prompt is shown to 2,000 characters).
     """
     if limit_groups is not None and limit_groups < 1:
         raise ValueError(f"limit_groups must be >= 1 or None, got {limit_groups}")
@@ -203,7 +269,7 @@ def evaluate_generation(
     if limit_groups is not None:
         groups, references = groups[:limit_groups], references[:limit_groups]
     prompts = [prompt_of[g] for g in groups]
-    hypotheses = generate(
+    outputs = generate_outputs(
         model,
         tokenizer,
         prompts,
@@ -213,10 +279,28 @@ def evaluate_generation(
         no_repeat_ngram_size=no_repeat_ngram_size,
         batch_size=batch_size,
         progress=progress,
+        max_s_per_prompt=max_s_per_prompt,
     )
-    scores = e2e_metrics(hypotheses, references, meteor=meteor)
+    truncated, cut = sum(o.truncated for o in outputs), sum(o.cut for o in outputs)
+    if truncated:
+        log.warning("generation: %d of %d prompts were longer than the model's context less eval.max_new_tokens "
+                    "and lost their beginning", truncated, len(outputs))
+    if cut:
+        log.warning("generation: %d of %d outputs were cut short by the time bound (eval.max_generation_s_per_prompt) and are "
+                    "scored as they stood", cut, len(outputs))
+    scores = e2e_metrics([o.text for o in outputs], references, meteor=meteor)
     samples = [
-        {"group": g, "prompt": p, "hypothesis": h, "references": refs}
-        for g, p, h, refs in zip(groups, prompts, hypotheses, references)
+        {"group": g, "prompt": _shorten(p), "hypothesis": o.text, "references": refs, "prompt_truncated": o.truncated,
+         "cut": o.cut}
+        for g, p, o, refs in zip(groups, prompts, outputs, references)
     ]
     return scores, samples
+
+
+def _shorten(text: str, limit: int = 2000) -> str:
+    """`text`, or its first and last characters around '...' where it is longer than `limit`
+    (a report quotes prompts; a 1 MB one would make it 1 MB)."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"

@@ -41,6 +41,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "clipped": record.clipped,
             "repaired": record.repaired,
             "selected": record.selected,
+            "completed": record.completed,
             "simulated_round_s": record.simulated_round_s,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},
         }

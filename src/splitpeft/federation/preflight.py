@@ -5,23 +5,35 @@ waits until it is loaded, and is checked here, at the start of a `Simulation`:
 
 - the split point and `hsplit.max_split` lie within the model's blocks;
 - `lora.rank` <= min(d_in, d_out) of every adapted linear (a larger rank adds parameters, not rank);
-- a learned position table (GPT-2) holds data.max_length + eval.max_new_tokens positions;
+- a learned position table (GPT-2) holds data.max_length positions, and any model's context holds
+  eval.max_new_tokens and a prompt token;
 - the run's predicted peak memory fits the machine (host memory, or the GPU the model is on);
 - `transport.max_message_bytes` holds one step's largest frame and a device's adapter upload.
 
 Each failure is one ConfigError naming the key, as `validate` gives.
+
+`check_held_out` then checks the held-out set against the context: what is longer runs truncated
+(`experiment/evaluation.py`), so it is a logged warning with the counts, not an error.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from splitpeft.config import ConfigError, ExperimentConfig
+from splitpeft.data.batching import EncodedExample, bounded_token_ids
+from splitpeft.data.examples import Example
 from splitpeft.dlora.remote import input_groups
 from splitpeft.hsplit.memory import ModelShapes, adapter_bytes, memory_breakdown
+from splitpeft.model.backbone import context_length
+
+log = logging.getLogger(__name__)
 
 # Room in a frame for its header (kind, meta, the safetensors header, compression scales).
 FRAME_HEADER_ALLOWANCE_BYTES = 64 * 1024
@@ -74,16 +86,54 @@ def check_ranks(config: ExperimentConfig, shapes: ModelShapes) -> None:
 
 
 def check_positions(config: ExperimentConfig, model: PreTrainedModel) -> None:
-    """A learned position table (GPT-2's wpe) has no row past n_positions: an index error mid-run."""
+    """A learned position table (GPT-2's wpe) has no row past n_positions: an index error mid-run.
+    Generation keeps a prompt's end to fit the context, but the context must hold the new tokens
+    and one prompt token."""
     positions = getattr(model.config, "n_positions", None)
-    if positions is None:
-        return
-    if config.data.max_length > positions:
+    if positions is not None and config.data.max_length > positions:
         raise ConfigError(f"data.max_length {config.data.max_length} exceeds the {positions} positions of "
                           f"{config.model.name}")
-    if config.eval.generation and config.data.max_length + config.eval.max_new_tokens > positions:
-        raise ConfigError(f"eval.max_new_tokens {config.eval.max_new_tokens}: with data.max_length "
-                          f"{config.data.max_length} it exceeds the {positions} positions of {config.model.name}")
+    context = context_length(model)
+    if config.eval.generation and context is not None and config.eval.max_new_tokens >= context:
+        raise ConfigError(f"eval.max_new_tokens {config.eval.max_new_tokens} leaves no room for a prompt in the "
+                          f"{context} positions of {config.model.name}")
+
+
+def check_held_out(config: ExperimentConfig, model: Any, tokenizer: Any, held_out: Sequence[Example],
+                   held_out_encoded: Sequence[EncodedExample]) -> dict[str, int]:
+    """Count what of the held-out set exceeds the model's context (`context_length`), log a warning
+    naming the counts, and return them: ``prompts_truncated`` (of the prompts generation would use,
+    one per group of the first eval.groups, those longer than the context less eval.max_new_tokens:
+    they keep their end) and ``perplexity_truncated`` (scored sequences longer than the context:
+    scored on their last positions). Empty where nothing exceeds it or the model names no context.
+    """
+    context = context_length(model)
+    if context is None:
+        return {}
+    counts: dict[str, int] = {}
+    if config.eval.generation and config.eval.max_new_tokens < context:
+        budget = context - config.eval.max_new_tokens
+        prompts: dict[str, str] = {}
+        for example in held_out:
+            if len(prompts) >= config.eval.groups:
+                break
+            prompts.setdefault(example.group, example.prompt)
+        # The ids of a window at each prompt's end tell whether it exceeds the budget, whatever its size.
+        longer = sum(len(bounded_token_ids(tokenizer, p, budget + 1, keep="end")) > budget for p in prompts.values())
+        if longer:
+            counts["prompts_truncated"] = longer
+            log.warning("%d of the %d held-out prompts generation uses are longer than the %d tokens the context of "
+                        "%s leaves them (%d positions less eval.max_new_tokens %d): they keep their last %d tokens",
+                        longer, len(prompts), budget, config.model.name, context, config.eval.max_new_tokens, budget)
+    if config.eval.perplexity:
+        scored = held_out_encoded[: config.eval.perplexity_examples]
+        longer = sum(len(item.input_ids) > context for item in scored)
+        if longer:
+            counts["perplexity_truncated"] = longer
+            log.warning("%d of the %d held-out examples perplexity scores are longer than the %d positions of %s "
+                        "(data.max_length %d): they are scored on their last %d positions",
+                        longer, len(scored), context, config.model.name, config.data.max_length, context)
+    return counts
 
 
 def step_frame_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:

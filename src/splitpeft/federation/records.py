@@ -48,6 +48,7 @@ class RoundRecord:
     # updates a robust policy scaled down: holder, module, factor (< 1), on ("BA", "A" or "B"), norm, limit
     clipped: list[dict[str, Any]] = field(default_factory=list)
     selected: list[str] = field(default_factory=list)  # devices asked to train this round
+    completed: list[str] = field(default_factory=list)  # selected devices that trained and whose upload was accepted
     # parties (server sessions "server/<device>", devices) whose adapters or moments went non-finite
     # and were reset from the global state at the round's end: "holder: tensor"
     repaired: list[str] = field(default_factory=list)

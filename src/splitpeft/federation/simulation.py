@@ -12,7 +12,9 @@ One round, readable top to bottom in `Simulation.run_round`:
 
 Every message is encoded as on the wire, so the bytes in the report are real sizes. The fleet
 comes from `federation/fleet.py`, plans from `hsplit/planning.py`; `begin_round`,
-`finish_round` and `drop` are the hooks a remote engine (Flower) plays the same round with.
+`finish_round` and `drop` are the hooks a remote engine (Flower) plays the same round with, so
+what `finish_round` refuses (a round with fewer than `federation.min_devices` completed devices:
+`RoundError`) is refused in every engine.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from splitpeft.federation.fleet import (
     seed_everything,
     warm_start_of,
 )
-from splitpeft.federation.preflight import check_against_model
+from splitpeft.federation.preflight import check_against_model, check_held_out
 from splitpeft.federation.records import (
     DeviceResult,
     DeviceRound,
@@ -68,6 +70,11 @@ from splitpeft.transport.channel import InProcessChannel, Tap
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta
 
 log = logging.getLogger(__name__)
+
+
+class RoundError(RuntimeError):
+    """A round in which fewer than `federation.min_devices` devices completed: the run stops there,
+    and the round is neither recorded nor checkpointed."""
 
 
 class Simulation:
@@ -106,6 +113,7 @@ class Simulation:
         train, shards, self.held_out = device_examples(config, num_devices)
         self.pad_id = int(tokenizer.pad_token_id)
         self.held_out_encoded: list[EncodedExample] = encode(self.held_out, tokenizer, config.data.max_length)
+        check_held_out(config, base, tokenizer, self.held_out, self.held_out_encoded)  # warns, before training
 
         modules = adapted_modules(config, self.backbone)
         self.ranks = {name: config.lora.rank for name in modules}
@@ -255,7 +263,10 @@ class Simulation:
         """Aggregate the devices' uploads with their server sessions' adapters; close the round.
 
         Every copy weighs the tokens its device trained on as the server counted them
-        (`counted_tokens`): a server session trained on its device's batches, so it weighs the same."""
+        (`counted_tokens`): a server session trained on its device's batches, so it weighs the same.
+        RoundError (`check_completed`) if fewer than `federation.min_devices` devices trained, before
+        any aggregation, or had their upload accepted, after it; the round is then not recorded."""
+        self.check_completed(record, list(results))
         copies: dict[str, list[AdapterCopy]] = defaultdict(list)
         for device_id, result in results.items():
             if self.profiles is not None:
@@ -277,6 +288,9 @@ class Simulation:
         record.dropped += [{"device": device, "error": f"upload rejected: {error}"} for device, error in outcome.dropped.items()]
         record.clipped = [clip.describe() for clip in outcome.clipped]
         self.server.rejected.clear()
+        dropped = {entry["device"] for entry in record.dropped}
+        record.completed = [device for device in record.devices if device not in dropped]
+        self.check_completed(record, record.completed)
         self.repair_parties(record)
         if self.profiles is not None:
             record.simulated_round_s = round_time_s([
@@ -284,6 +298,20 @@ class Simulation:
         record.wall_s = time.perf_counter() - self._round_start
         self.rounds.append(record)
         return record
+
+    def check_completed(self, record: RoundRecord, completed: list[str]) -> None:
+        """RoundError, one line with every dropped device's reason, if fewer than
+        `federation.min_devices` of the round's selected devices (all of them if fewer were
+        selected: centralized has one party) are in `completed`. Without it a run whose devices
+        all failed ends with the untrained model and exit status 0."""
+        needed = min(self.config.federation.min_devices, len(record.selected))
+        if len(completed) >= needed:
+            return
+        reasons = "; ".join(f"{entry['device']}: {_clipped(entry['error'])}" for entry in record.dropped)
+        raise RoundError(
+            f"round {record.round + 1}: {len(completed)} of {len(record.selected)} devices completed, fewer than "
+            f"federation.min_devices {self.config.federation.min_devices} ({reasons or 'no device was dropped'}); "
+            "the run stops, this round is not checkpointed")
 
     def repair_parties(self, record: RoundRecord) -> None:
         """Nothing non-finite outlives a round: a server session or a device whose adapters or
@@ -367,6 +395,12 @@ class Simulation:
                         "dtype": self.runtime.dtype_name, "base_quantization": self.runtime.quantization,
                         "gradient_checkpointing": self.runtime.gradient_checkpointing},
         }
+
+
+def _clipped(text: str, limit: int = 200) -> str:
+    """`text` on one line, at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def start_state_of(adapters: AdapterSet) -> Callable[[str, dict[str, int]], AdapterSet]:

@@ -4,7 +4,7 @@ supported family (LLaMA, Qwen2, Mistral, SmolLM, GPT-2), so each party runs just
 `Backbone.blocks(hidden, a, b)` runs blocks [a, b) on hidden states (B, T, d) -> (B, T, d)
 with the family's own masks and position embeddings; running [0, k) then [k, L) equals the
 Hugging Face forward (tested at every cut). Every family fact (block prefix, head modules,
-default LoRA targets, GPT-2's Conv1D and position table) lives here."""
+default LoRA targets, GPT-2's Conv1D and position table, the context) lives here."""
 
 from __future__ import annotations
 
@@ -154,6 +154,18 @@ def backbone_of(model: PreTrainedModel) -> Backbone:
     raise ModelError(
         f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
     )
+
+
+def context_length(model: object) -> int | None:
+    """Positions the model was built for: ``max_position_embeddings`` (GPT-2's ``n_positions``), or
+    None if its config names none. Past it a learned position table (GPT-2) has no row (an
+    IndexError) and rotary models run on positions they never saw."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def share_frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
