@@ -8,7 +8,7 @@ from collections.abc import Callable
 from splitpeft.aggregation.base import Aggregator
 from splitpeft.aggregation.fedavg import FedAvg
 from splitpeft.aggregation.noise_free import NoiseFree, NoiseFreeStart, WarmFactors
-from splitpeft.aggregation.robust import CoordinateMedian, MedianClip, TrimmedMean
+from splitpeft.aggregation.robust import AdamTrustRegion, CoordinateMedian, MedianClip, TrimmedMean
 from splitpeft.aggregation.svd import SvdTruncate
 from splitpeft.aggregation.zero_pad import ZeroPad
 from splitpeft.config import RobustConfig
@@ -25,12 +25,14 @@ AGGREGATORS = tuple(REGISTRY)
 
 
 def make_aggregator(name: str, seed: int = 0, robust: RobustConfig | None = None,
-                    noise_free_start: NoiseFreeStart = "cold", noise_free_factors: WarmFactors = "balanced") -> Aggregator:
+                    noise_free_start: NoiseFreeStart = "cold", noise_free_factors: WarmFactors = "balanced",
+                    trust: AdamTrustRegion | None = None) -> Aggregator:
     """The aggregator called `name` (`seed` seeds noise_free's fresh adapters; `noise_free_start`
     is its cold or warm restart), inside the robust policies of `robust` (None: the plain aggregator).
 
     `robust.combine` replaces fedavg's token-weighted mean by a coordinate-wise trimmed mean or
-    median; `robust.clip` = "median" clips every holder's update first (`aggregation/robust.py`)."""
+    median; `robust.clip` = "median" clips every holder's update first (`aggregation/robust.py`),
+    inside the AdamW trust region `trust` of the run's lr and local steps (None: none)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(AGGREGATORS)}")
     if noise_free_start != "cold" and name != "noise_free":
@@ -46,5 +48,5 @@ def make_aggregator(name: str, seed: int = 0, robust: RobustConfig | None = None
                              f"federation.aggregator is {name}")
         aggregator = TrimmedMean(robust.trim_fraction) if robust.combine == "trimmed_mean" else CoordinateMedian()
     if robust.clip == "median":
-        aggregator = MedianClip(aggregator, robust.clip_factor)
+        aggregator = MedianClip(aggregator, robust.clip_factor, trust)
     return aggregator

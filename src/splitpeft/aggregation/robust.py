@@ -2,9 +2,27 @@
 
 Named policies behind the same `Aggregator` interface (`robust.*` in the config):
 
-- `MedianClip(inner, c)`: before `inner` sees them, every copy's update is scaled down to at most
-  c times the median update of that module's copies (the median stays honest while fewer than half
-  of the copies are bad). What "update" means follows what `inner` combines:
+- `MedianClip(inner, c, trust)`: before `inner` sees them, every copy's update is scaled down to at
+  most c times a reference update m of its module, and no coordinate of A or B may have moved
+  further than AdamW can move it in one round (`AdamTrustRegion`). The reference is never set by
+  the copies being judged alone:
+
+  * 3 or more copies: m is the median update of the module's copies (honest while fewer than half
+    of them are bad);
+  * 1 or 2 copies (a small fleet, `devices_per_round` <= 2, or Kill and Revive leaving an
+    attacker's upload the only copy of a module): the median would include the judged copy itself
+    (with 2 copies it is the mean of the two), so m is the module's own history instead: the median
+    of its accepted (clipped) update medians over the last `HISTORY_ROUNDS` rounds it was
+    aggregated in; in a module's first round there is no history and the trust region alone bounds it.
+
+  The trust region is the hard backstop whatever the count: AdamW moves a coordinate by at most
+  lr f(t) per step (`adam_step_bound`), so over a round of S local steps no honest holder's A or B
+  coordinate moves further than lr S max f, and a copy's dA, dB are clamped to that box. It comes
+  from the run's config (lr, local steps, the optimiser's betas), never from an upload, so an
+  honest copy is never clamped (`tests/aggregation/test_robust.py` trains real AdamW steps against
+  it) and a history that attackers inflate round after round stops there.
+
+  What "update" means for the relative clip follows what `inner` combines:
 
   * products (`noise_free`, `svd`): U_i = s_i B_i A_i - s_i B0_i A0_i (d_out, d_in), the change of
     the copy's dense update from the adapter (A0, B0) its holder started the round with. With
@@ -32,8 +50,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +65,65 @@ from splitpeft.aggregation.base import (
 )
 from splitpeft.aggregation.fedavg import check_homogeneous
 from splitpeft.model.adapters import LoraWeights
+
+HISTORY_ROUNDS = 3  # rounds of accepted update norms a module's history keeps
+
+
+def adam_step_bound(steps: int, betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """max over t <= `steps` of the largest |m_hat_t| / sqrt(v_hat_t) AdamW can take at step t,
+    whatever the gradients: the step of one coordinate is lr times at most this (eps only shrinks it).
+
+    By Cauchy-Schwarz on m_t = (1 - b1) sum_i b1^(t-i) g_i against v_t = (1 - b2) sum_i b2^(t-i) g_i^2:
+    |m_t| <= (1 - b1) sqrt(sum_{k<t} (b1^2 / b2)^k) sqrt(v_t / (1 - b2)), and the bias corrections
+    give f(t) = (1 - b1) sqrt(sum_{k<t} r^k / (1 - b2)) sqrt(1 - b2^t) / (1 - b1^t), r = b1^2 / b2 < 1.
+    f(1) = 1 (Adam's first step is lr sign(g)); f rises to about 1.04 at t = 10, 2.2 at 100 and tends
+    to (1 - b1) / sqrt((1 - b2)(1 - r)) = 7.27 for the default betas."""
+    b1, b2 = betas
+    r = b1 * b1 / b2
+    if not r < 1:
+        raise ValueError(f"betas {betas}: b1^2 / b2 must be < 1 for a bounded Adam step")
+    t = torch.arange(1, max(1, min(steps, 1_000_000)) + 1, dtype=torch.float64)
+    geometric = (1 - r**t) / (1 - r)
+    f = (1 - b1) * torch.sqrt(geometric / (1 - b2)) * torch.sqrt(1 - b2**t) / (1 - b1**t)
+    return float(f.max())
+
+
+@dataclass(frozen=True)
+class AdamTrustRegion:
+    """How far one round of AdamW can move any coordinate of an adapter: lr S max_{t<=T} f(t)
+    (`adam_step_bound`), S = local steps a round, T = the most optimiser steps a holder can have
+    taken by the end of round `round_index` ((round_index + 1) S). Weight decay is 0 in every party.
+    `slack` covers float rounding of the optimiser's own arithmetic."""
+
+    lr: float
+    local_steps: int
+    betas: tuple[float, float] = (0.9, 0.999)
+    slack: float = 1.01
+
+    def coordinate_bound(self, round_index: int) -> float:
+        most_steps = (round_index + 1) * self.local_steps
+        return self.slack * self.lr * self.local_steps * adam_step_bound(most_steps, self.betas)
+
+
+def clamp_to_trust_region(module: str, copies: Sequence[AdapterCopy], bound: float) -> tuple[list[AdapterCopy], list[Clip]]:
+    """Copies whose dA or dB (from the adapter their holder was given) has a coordinate beyond
+    +-`bound`, clamped into that box; one Clip ("A-box" / "B-box", factor = the largest
+    coordinate's shrink) per clamped factor."""
+    out, clips = [], []
+    for copy in copies:
+        start = start_of(copy)
+        new = {"A": copy.weights.A, "B": copy.weights.B}
+        for key, old in (("A", start.A), ("B", start.B)):
+            delta = new[key] - old
+            largest = float(delta.abs().max()) if delta.numel() else 0.0
+            if largest <= bound:
+                continue
+            new[key] = old + delta.clamp(-bound, bound)
+            clips.append(Clip(copy.holder, module, bound / largest, float(delta.double().norm()),
+                              bound, f"{key}-box"))
+        out.append(copy if new["A"] is copy.weights.A and new["B"] is copy.weights.B
+                   else replace(copy, weights=LoraWeights(new["A"], new["B"])))
+    return out, clips
 
 
 def _inner(l1: torch.Tensor, r1: torch.Tensor, l2: torch.Tensor, r2: torch.Tensor) -> float:
@@ -97,10 +174,18 @@ def _interpolation_factor(xx: float, xy: float, yy: float, limit: float) -> floa
     return low
 
 
-def clip_products(module: str, copies: Sequence[AdapterCopy], factor: float) -> tuple[list[AdapterCopy], list[Clip]]:
-    """Copies whose dense update exceeds `factor` x the median one, scaled down to it."""
+Reference = Callable[[str, list[float]], float | None]  # (quantity, the copies' norms) -> m, or None: no relative clip
+
+
+def clip_products(module: str, copies: Sequence[AdapterCopy], factor: float,
+                  reference: Reference = lambda on, norms: statistics.median(norms)) -> tuple[list[AdapterCopy], list[Clip]]:
+    """Copies whose dense update exceeds `factor` x the reference m (by default the median one),
+    scaled down to it."""
     norms = [product_update_norm(c) for c in copies]
-    limit = factor * statistics.median(norms)
+    m = reference("BA", norms)
+    if m is None:
+        return list(copies), []
+    limit = factor * m
     out, clips = [], []
     for copy, norm in zip(copies, norms):
         if limit <= 0 or norm <= limit:  # a zero median gives no scale to clip to
@@ -119,14 +204,17 @@ def clip_products(module: str, copies: Sequence[AdapterCopy], factor: float) -> 
     return out, clips
 
 
-def clip_factors(module: str, copies: Sequence[AdapterCopy], factor: float) -> tuple[list[AdapterCopy], list[Clip]]:
-    """Copies whose A or B update exceeds `factor` x the median one (of A, of B), scaled down to it."""
+def clip_factors(module: str, copies: Sequence[AdapterCopy], factor: float,
+                 reference: Reference = lambda on, norms: statistics.median(norms)) -> tuple[list[AdapterCopy], list[Clip]]:
+    """Copies whose A or B update exceeds `factor` x the reference (of A, of B; by default the
+    median one), scaled down to it."""
     starts = [start_of(c) for c in copies]
     norms = {
         "A": [float((c.weights.A - s.A).double().norm()) for c, s in zip(copies, starts)],
         "B": [float((c.weights.B - s.B).double().norm()) for c, s in zip(copies, starts)],
     }
-    limits = {key: factor * statistics.median(values) for key, values in norms.items()}
+    references = {key: reference(key, values) for key, values in norms.items()}
+    limits = {key: (factor * m if m is not None else math.inf) for key, m in references.items()}
     out, clips = [], []
     for i, (copy, start) in enumerate(zip(copies, starts)):
         new = {"A": copy.weights.A, "B": copy.weights.B}
@@ -143,26 +231,90 @@ def clip_factors(module: str, copies: Sequence[AdapterCopy], factor: float) -> t
 
 
 class MedianClip:
-    """Any aggregator, behind per-holder update clipping at `factor` x the module's median update
-    (module doc). Copies within the limit reach `inner` untouched, so honest rounds whose updates
-    are all alike aggregate exactly as without it."""
+    """Any aggregator, behind per-holder update clipping (module doc): each copy's dA, dB clamped to
+    the AdamW trust region `trust` (None: no trust region), then its update scaled down to at most
+    `factor` x the module's reference update (the median of 3 or more copies, else the module's
+    history). Copies within both reach `inner` untouched, so honest rounds whose updates are all
+    alike aggregate exactly as without it.
 
-    def __init__(self, inner: Aggregator, factor: float = 4.0) -> None:
+    State across rounds (`history`, `rounds`) goes into checkpoints (`state` / `load_state`), so a
+    resumed run clips as the uninterrupted one would. `finish_round` closes a round."""
+
+    def __init__(self, inner: Aggregator, factor: float = 4.0, trust: AdamTrustRegion | None = None) -> None:
         if not (math.isfinite(factor) and factor >= 1):
             raise ValueError(f"clip factor must be a finite number >= 1, not {factor!r}")
         self.inner = inner
         self.factor = factor
+        self.trust = trust
         self.name = inner.name
         self.shared_adapter = inner.shared_adapter
         self.averages_factors = inner.averages_factors
+        self.rounds = 0  # rounds aggregated so far (the trust region grows with the optimiser's step count)
+        # module -> quantity ("BA", "A", "B") -> medians of the accepted update norms of its last rounds
+        self.history: dict[str, dict[str, list[float]]] = {}
+        self._this_round: dict[str, dict[str, float]] = {}
+
+    def reference(self, module: str, on: str, norms: list[float]) -> float | None:
+        """m for `module`'s quantity `on` given the copies' update `norms`: their median with 3 or
+        more copies, else the median of the module's history (None: no history yet)."""
+        if len(norms) >= 3:
+            return statistics.median(norms)
+        past = self.history.get(module, {}).get(on)
+        return statistics.median(past) if past else None
 
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
         check_copies(module, copies)
+        boxed: list[Clip] = []
+        if self.trust is not None:
+            copies, boxed = clamp_to_trust_region(module, copies, self.trust.coordinate_bound(self.rounds))
         clip = clip_factors if self.averages_factors else clip_products
-        clipped, clips = clip(module, copies, self.factor)
+        clipped, clips = clip(module, copies, self.factor, lambda on, norms: self.reference(module, on, norms))
+        self._remember(module, clipped)
         result = self.inner.aggregate(module, clipped)
-        result.clipped = [*clips, *result.clipped]
+        result.clipped = [*boxed, *clips, *result.clipped]
         return result
+
+    def _remember(self, module: str, accepted: Sequence[AdapterCopy]) -> None:
+        """This round's median accepted update of `module` (after clipping), for its history."""
+        if self.averages_factors:
+            starts = [start_of(c) for c in accepted]
+            norms = {"A": [float((c.weights.A - s.A).double().norm()) for c, s in zip(accepted, starts)],
+                     "B": [float((c.weights.B - s.B).double().norm()) for c, s in zip(accepted, starts)]}
+        else:
+            norms = {"BA": [product_update_norm(c) for c in accepted]}
+        self._this_round[module] = {on: statistics.median(values) for on, values in norms.items()}
+
+    def finish_round(self) -> None:
+        """Close a round: its accepted medians join each module's history (the last HISTORY_ROUNDS kept)."""
+        for module, medians in self._this_round.items():
+            kept = self.history.setdefault(module, {})
+            for on, value in medians.items():
+                if value > 0:  # a module nobody moved gives no scale
+                    kept[on] = [*kept.get(on, []), value][-HISTORY_ROUNDS:]
+        self._this_round = {}
+        self.rounds += 1
+
+    def state(self) -> dict[str, object]:
+        """What a checkpoint keeps of this policy (JSON)."""
+        return {"rounds": self.rounds, "history": self.history}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Inverse of `state`; raises ValueError on anything but what `state` writes."""
+        rounds, history = state.get("rounds"), state.get("history")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0 or not isinstance(history, dict):
+            raise ValueError("robust clipping state: 'rounds' must be an integer >= 0 and 'history' an object")
+        loaded: dict[str, dict[str, list[float]]] = {}
+        for module, quantities in history.items():
+            if not isinstance(quantities, dict) or not set(quantities) <= {"BA", "A", "B"}:
+                raise ValueError(f"robust clipping state: history of {module!r} is malformed")
+            for on, values in quantities.items():
+                if (not isinstance(values, list) or len(values) > HISTORY_ROUNDS
+                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                                   for v in values)):
+                    raise ValueError(f"robust clipping state: history {module!r}/{on} must be up to "
+                                     f"{HISTORY_ROUNDS} finite positive numbers")
+                loaded.setdefault(module, {})[on] = [float(v) for v in values]
+        self.rounds, self.history, self._this_round = rounds, loaded, {}
 
 
 def coordinate_trimmed_mean(stacked: torch.Tensor, k: int) -> torch.Tensor:

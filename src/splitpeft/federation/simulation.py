@@ -31,6 +31,7 @@ import torch
 
 from splitpeft.aggregation.base import AdapterCopy
 from splitpeft.aggregation.registry import make_aggregator
+from splitpeft.aggregation.robust import AdamTrustRegion
 from splitpeft.config import ExperimentConfig
 from splitpeft.data.batching import EncodedExample, encode
 from splitpeft.federation.fleet import (
@@ -121,7 +122,8 @@ class Simulation:
                                  seed=config.seed,
                                  aggregator=make_aggregator(fed.aggregator, seed=config.seed, robust=config.robust,
                                                             noise_free_start=fed.noise_free_start,
-                                                            noise_free_factors=fed.noise_free_factors),
+                                                            noise_free_factors=fed.noise_free_factors,
+                                                            trust=AdamTrustRegion(fed.lr, fed.local_steps)),
                                  mirrors=[] if same_side else [self.device_base])
         self.server = SplitServer(
             base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,

@@ -195,6 +195,9 @@ class GlobalState:
             if self.aggregator.shared_adapter:
                 self.global_adapters[name] = next(iter(result.adapters.values()))
             report.clipped += result.clipped
+        finish_round = getattr(self.aggregator, "finish_round", None)
+        if finish_round is not None:  # a policy with state across rounds (robust clipping's history)
+            finish_round()
         self.given.clear()
         return report
 
