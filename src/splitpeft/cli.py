@@ -2,20 +2,27 @@
 
 Every user error (bad config key or value, missing file, unknown model, split point out of range,
 an output or checkpoint folder that could not be replaced without losing data, a corrupted or
-mismatching checkpoint) is one line on stderr naming the problem and exit status 2. A run that
-fails on its own (a round with fewer than `federation.min_devices` completed devices, an
-evaluation that raised) is one line and exit status 1.
+mismatching checkpoint, a checkpoint another run is using, a disk full while writing) is one line
+on stderr naming the problem and exit status 2. A run that fails on its own (a round with fewer
+than `federation.min_devices` completed devices, an evaluation that raised) is one line and exit
+status 1.
+
+SIGINT (Ctrl-C) and SIGTERM stop a command cleanly: the round in progress is abandoned (a
+checkpoint being written is finished first), staging folders are removed, and one line says what
+stands and how to resume; exit status 130 (SIGINT) or 143 (SIGTERM). A second signal stops at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from splitpeft.config import ConfigError, ExperimentConfig, describe_keys, load_config
+from splitpeft.storage import Stopped, stop_on_signals
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, FileNotFoundError, OSError)
 
@@ -113,23 +120,46 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "peft", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        if args.command == "simulate":
-            return _simulate(args)
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "compare":
-            return _compare(args)
-        if args.command == "deploy-keys":
-            return _deploy_keys(args)
-        if args.command == "privacy":
-            return _privacy(args)
-        return _generate(args)
+        with stop_on_signals():
+            if args.command == "simulate":
+                return _simulate(args)
+            if args.command == "evaluate":
+                return _evaluate(args)
+            if args.command == "compare":
+                return _compare(args)
+            if args.command == "deploy-keys":
+                return _deploy_keys(args)
+            if args.command == "privacy":
+                return _privacy(args)
+            return _generate(args)
     except USER_ERRORS as error:
         print(f"splitpeft: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Stopped as stop:
+        print(f"splitpeft: {stop}; {_after_stop(stop, args, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        return stop.exit_status
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
         print("splitpeft: interrupted; no run folder was written", file=sys.stderr)
         return 130
+
+
+def _after_stop(stop: Stopped, args: argparse.Namespace, argv: list[str]) -> str:
+    """What a stop left and how to go on, for the one line the CLI prints."""
+    if args.command == "compare":
+        return (f"the run folders finished so far stay in {args.out}, and the same command with --reuse reads them "
+                "instead of running them again")
+    if args.command != "simulate":
+        return "nothing was written"
+    checkpoint, done = stop.notes.get("checkpoint"), stop.notes.get("checkpoint_rounds")
+    if stop.notes.get("out_written"):  # the stop came while the finished run folder was swapped in
+        return f"the run had finished: {stop.notes.get('out')} is complete"
+    if checkpoint is None:
+        return "no run folder was written, and without --checkpoint there is nothing to resume from"
+    if done is None:
+        return f"no run folder was written and no round was checkpointed; to start again: splitpeft {shlex.join(argv)}"
+    again = argv if "--resume" in argv else [*argv, "--resume"]
+    return (f"no run folder was written; {checkpoint} holds round {done} of {stop.notes.get('rounds')}; "
+            f"to resume: splitpeft {shlex.join(again)}")
 
 
 def _run_failed(error: Exception) -> int:

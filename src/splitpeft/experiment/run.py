@@ -12,7 +12,14 @@ Run folder layout::
 Everything is written into a hidden staging folder beside the target and swapped into place at
 the end (`storage.atomic_folder`), so a failed or interrupted run never leaves a folder that looks
 complete. Before any work, `check_paths` refuses every output and checkpoint path whose
-replacement could destroy something splitpeft did not write.
+replacement could destroy something splitpeft did not write, and the run takes its checkpoint
+folder for itself (`storage.exclusive`: a second run on it is refused). A system error while
+writing (disk full) is one `WriteError` line naming the folder.
+
+A stop (SIGINT, SIGTERM: `storage.Stopped`) abandons the round in progress at once; a checkpoint
+being written when it comes is finished first. So the checkpoint that stands is that of the last
+completed round, and `--resume` continues from it; the exception's `notes` say which round
+(`checkpoint_rounds`, None when this run has none to resume from).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +62,7 @@ from splitpeft.federation.simulation import Simulation
 from splitpeft.model.loading import load_model
 from splitpeft.model.runtime import resolve_runtime
 from splitpeft.privacy.audit import audit_simulation, leakage_table, markdown, plot_leakage
-from splitpeft.storage import atomic_folder, recover
+from splitpeft.storage import FolderInUse, Stopped, atomic_folder, exclusive, holding_stops, recover, writing
 
 log = logging.getLogger(__name__)
 
@@ -167,24 +175,42 @@ def run_experiment(
     out = Path(out)
     checkpoint = None if checkpoint is None else Path(checkpoint)
     check_paths(out, checkpoint, overwrite=overwrite, resume=resume)
-    if resume and checkpoint is not None:
-        verify_checkpoint(checkpoint, config)  # before any work: intact, of this run, in range
-    with atomic_folder(out) as staging:
-        report = _run(config, staging, progress=progress, on_round=on_round, checkpoint=checkpoint, resume=resume,
-                      engine=engine or InProcessEngine())
-        try:  # again: something may have appeared there during the run
-            _check_replaceable(out, overwrite)
-        except RunFolderError as error:
-            raise RunFolderError(f"{error} (it changed during the run; this run's results were not written)") from None
+    held: AbstractContextManager[None] = (
+        exclusive(checkpoint, "checkpoint folder") if checkpoint is not None else nullcontext())
+    # What a stop leaves: the rounds of the checkpoint that stands (None: none this run may resume),
+    # and whether the run folder was already in place (a stop that came during its swap).
+    leaves: dict[str, Any] = {"checkpoint": checkpoint, "rounds": config.federation.rounds, "checkpoint_rounds": None,
+                              "out": out, "out_written": False}
+    staging_inode = None
+    try:
+        with held:  # for the run's whole life: a second run on the same checkpoint is refused here
+            if resume and checkpoint is not None:
+                leaves["checkpoint_rounds"] = verify_checkpoint(checkpoint, config)  # before any work
+            with atomic_folder(out) as staging:
+                staging_inode = staging.stat().st_ino
+                report = _run(config, staging, out=out, progress=progress, on_round=on_round, checkpoint=checkpoint,
+                              resume=resume, engine=engine or InProcessEngine(), leaves=leaves)
+                try:  # again: something may have appeared there during the run
+                    _check_replaceable(out, overwrite)
+                except RunFolderError as error:
+                    raise RunFolderError(f"{error} (it changed during the run; this run's results were not written)") from None
+    except FolderInUse as error:
+        raise RunFolderError(str(error)) from None
+    except Stopped as stop:
+        leaves["out_written"] = staging_inode is not None and out.is_dir() and out.stat().st_ino == staging_inode
+        stop.notes.update(leaves)
+        raise
     return report
 
 
-def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: Callable[[int, dict[str, Any]], None] | None,
-         checkpoint: Path | None, resume: bool, engine: Engine) -> dict[str, Any]:
+def _run(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool,
+         on_round: Callable[[int, dict[str, Any]], None] | None, checkpoint: Path | None, resume: bool,
+         engine: Engine, leaves: dict[str, Any]) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     started = time.perf_counter()
-    (staging / RUN_MARKER).write_text(f"a run folder written by splitpeft {__version__}\n")
+    with writing(out):
+        (staging / RUN_MARKER).write_text(f"a run folder written by splitpeft {__version__}\n")
     sim = Simulation(config)
     tokenizer = sim.loaded.tokenizer
     report: dict[str, Any] = {"splitpeft_version": __version__, "config": to_dict(config), "info": sim.info()}
@@ -212,7 +238,9 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
                         fed.batch_size, sim.pad_id,
                     )
                 if checkpoint is not None:
-                    save_checkpoint(sim, checkpoint, extra)
+                    with holding_stops():  # a stop during the write comes after it: this round stands
+                        save_checkpoint(sim, checkpoint, extra)
+                        leaves["checkpoint_rounds"] = round_index + 1
                 if on_round is not None:
                     on_round(round_index, round_entries([record])[0])
         finally:
@@ -227,12 +255,13 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
         row["measured_flops_per_step"] = device["flops"] / max(1, steps)
     model = sim.global_model()
     report["eval"] = evaluate_model(model, tokenizer, config, sim.held_out, sim.held_out_encoded, progress=progress)
-    sim.export(staging / "adapter", merged=config.export_merged)
-    (staging / "config.yaml").write_text(dump_yaml(config))
-    plot_rounds(sim.rounds, staging)
-    if sim.planning is not None and sim.planning.history:
-        report["importance"] = sim.planning.history
-        plot_importance(sim.planning.history[-1]["scores"], staging / "importance.png")
+    with writing(out):  # disk full, permissions: one line naming the run folder
+        sim.export(staging / "adapter", merged=config.export_merged)
+        (staging / "config.yaml").write_text(dump_yaml(config))
+        plot_rounds(sim.rounds, staging)
+        if sim.planning is not None and sim.planning.history:
+            report["importance"] = sim.planning.history
+            plot_importance(sim.planning.history[-1]["scores"], staging / "importance.png")
     kill_revive = {}
     for device in sim.devices:
         policy = device.kill_revive
@@ -241,8 +270,9 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
         modules = list(policy.modules)
         active = [[modules.index(n) for n in sorted(members)] for _, members in policy.active_history]
         kill_revive[device.device_id] = {"modules": modules, "events": policy.events, "active_per_step": active}
-        plot_active_adapters(modules, active, staging / f"active_{device.device_id}.png",
-                             f"{device.device_id}: active adapters per step (Kill and Revive)")
+        with writing(out):
+            plot_active_adapters(modules, active, staging / f"active_{device.device_id}.png",
+                                 f"{device.device_id}: active adapters per step (Kill and Revive)")
     if kill_revive:
         report["kill_revive"] = kill_revive
     if config.privacy.audit:
@@ -250,10 +280,12 @@ def _run(config: ExperimentConfig, staging: Path, *, progress: bool, on_round: C
         report["privacy"] = audit_simulation(sim)
         if "leakage" in report["privacy"]:
             utility = {"perplexity": report["eval"].get("perplexity"), "bleu / 100": _scaled(report["eval"].get("bleu"))}
-            plot_leakage(report["privacy"], staging / "leakage.png", utility=utility)
+            with writing(out):
+                plot_leakage(report["privacy"], staging / "leakage.png", utility=utility)
     report["measurement"] = MEASUREMENT_NOTES
     report["wall_s"] = time.perf_counter() - started
-    write_json(staging / "report.json", report)
+    with writing(out):
+        write_json(staging / "report.json", report)
     return report
 
 
@@ -269,7 +301,7 @@ def write_privacy_table(config: ExperimentConfig, out: Path, depths: list[int], 
     runtime = resolve_runtime(config.runtime)
     loaded = load_model(config.model.name, seed=config.seed, dtype=runtime.dtype, device=runtime.server_device)
     table = leakage_table(config, loaded.model, loaded.tokenizer, depths)
-    with atomic_folder(out) as staging:
+    with atomic_folder(out) as staging, writing(out):
         (staging / RUN_MARKER).write_text(f"a privacy table written by splitpeft {__version__}\n")
         write_json(staging / "privacy.json", table)
         (staging / "privacy.md").write_text(markdown(table))

@@ -34,7 +34,7 @@ from splitpeft import __version__
 from splitpeft.config import ExperimentConfig, to_dict
 from splitpeft.federation.records import DeviceRound, RoundRecord
 from splitpeft.model.adapters import LoraWeights
-from splitpeft.storage import atomic_folder, recover
+from splitpeft.storage import atomic_folder, recover, writing
 
 if TYPE_CHECKING:
     from splitpeft.federation.simulation import Simulation
@@ -104,9 +104,32 @@ def _restore_optimizer(party: Party, prefix: str, steps: dict[str, float], tenso
         party.optimizer.state[parameter] = state
 
 
+def _flop_counts(device: DeviceRuntime) -> list[Any]:
+    """The FLOPs the device's meter recorded per step shape, as JSON: [[shape, killed, measure_killed],
+    flops, adapter_flops]. Saved because counting runs a step under torch's FlopCounterMode, whose
+    decompositions round differently (~1e-8): a resumed run that counted each shape again would
+    not be bit-identical to an uninterrupted one, which counted it before the stop."""
+    meter = device.meter
+    counts = []
+    for key, flops in meter._flops_by_key.items():
+        if not (isinstance(key, tuple) and len(key) == 3 and isinstance(key[1], frozenset)):
+            continue  # a key of another form is counted again after a resume
+        shape, killed, measure_killed = key
+        counts.append([[list(shape), sorted(killed), bool(measure_killed)], flops, meter._adapter_flops_by_key.get(key, 0)])
+    return counts
+
+
+def _restore_flop_counts(device: DeviceRuntime, counts: list[Any]) -> None:
+    meter = device.meter
+    for (shape, killed, measure_killed), flops, adapter_flops in counts:
+        key = (tuple(shape), frozenset(killed), measure_killed)
+        meter._flops_by_key[key], meter._adapter_flops_by_key[key] = flops, adapter_flops
+
+
 def device_state(device: DeviceRuntime, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
     """What a device carries from one round to the next beyond the adapters it downloads:
-    its plan, data-stream position, AdamW moments (into `tensors` under `prefix`), Kill-and-Revive state."""
+    its plan, data-stream position, AdamW moments (into `tensors` under `prefix`), Kill-and-Revive
+    state, and the FLOPs its meter counted per step shape."""
     policy = device.kill_revive
     return {
         "split_layer": device.split_layer,
@@ -119,6 +142,7 @@ def device_state(device: DeviceRuntime, tensors: dict[str, torch.Tensor], prefix
             "events": policy.events, "step": policy.step, "frozen_choice": policy._frozen_choice,
             "history": [[step, sorted(active)] for step, active in policy.active_history],
         },
+        "flop_counts": _flop_counts(device),
     }
 
 
@@ -128,6 +152,7 @@ def restore_device_state(device: DeviceRuntime, info: dict[str, Any], tensors: d
     _restore_optimizer(device, prefix, info["optimizer_steps"], tensors)
     device.killed = set(info["killed"])
     device.set_trainable(device.killed, False)
+    _restore_flop_counts(device, info.get("flop_counts", []))  # absent from checkpoints before it was saved
     saved = info["kill_revive"]
     if saved is not None and device.kill_revive is not None:
         policy = device.kill_revive
@@ -208,7 +233,7 @@ def write_state(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tens
                 identity: dict[str, Any] | None = None) -> None:
     """A state folder: `state` as JSON beside `tensors` as safetensors and a manifest (their
     sizes and SHA-256, `identity`), written atomically."""
-    with atomic_folder(path) as staging:
+    with atomic_folder(path) as staging, writing(path):  # disk full: one WriteError line naming `path`
         save_file(tensors, str(staging / TENSOR_FILE))
         (staging / STATE_FILE).write_text(json.dumps(state, allow_nan=False))
         files = {name: {"bytes": (staging / name).stat().st_size, "sha256": _digest(staging / name)}
@@ -371,6 +396,21 @@ def _steps(value: Any, what: str, most: int) -> None:
         _need(_number(steps, f"{what}[{index}]", 0) <= most, f"{what}[{index}] is {steps}, more than {most} steps")
 
 
+def _check_flop_counts(value: Any, what: str, modules: set[str]) -> None:
+    _need(isinstance(value, list), f"{what} is not a list")
+    for entry in value:
+        _need(isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], list) and len(entry[0]) == 3,
+              f"{what} has an entry that is not [[shape, killed, measure_killed], flops, adapter_flops]")
+        (shape, killed, measure_killed), flops, adapter_flops = entry
+        _need(isinstance(shape, list) and len(shape) == 2, f"{what} has shape {shape!r}, not [batch, length]")
+        for size in shape:
+            _int(size, f"{what} shape", 1)
+        _names(killed, f"{what} killed", modules)
+        _need(isinstance(measure_killed, bool), f"{what} measure_killed is not true/false")
+        _int(flops, f"{what} flops", 0)
+        _int(adapter_flops, f"{what} adapter flops", 0, flops)
+
+
 def _check_state(state: dict[str, Any], sim: Simulation) -> None:
     """Every field of `state` in range for `sim` (see `save_checkpoint` for the layout)."""
     config, fed = sim.config, sim.config.federation
@@ -392,7 +432,10 @@ def _check_state(state: dict[str, Any], sim: Simulation) -> None:
     most_rank = max([config.lora.rank, *config.hsplit.rank_set])
     for device_id, info in devices.items():
         where = f"devices[{device_id!r}]"
-        _mapping(info, where, {"split_layer", "ranks", "stream", "optimizer_steps", "killed", "kill_revive"})
+        info = _mapping(info, where)
+        keys = {"split_layer", "ranks", "stream", "optimizer_steps", "killed", "kill_revive"}
+        _need(set(info) in (keys, keys | {"flop_counts"}),  # flop_counts: absent before it was saved
+              f"{where} has keys {sorted(info)}, expected {sorted(keys)} and flop_counts")
         split_layer = _int(info["split_layer"], f"{where}.split_layer", 0, num_blocks)
         try:
             sim.placement.device_blocks(num_blocks, split_layer)
@@ -425,6 +468,7 @@ def _check_state(state: dict[str, Any], sim: Simulation) -> None:
             for step, active in history:
                 _int(step, f"{where}.kill_revive.history step", 0, steps_most)
                 _names(active, f"{where}.kill_revive.history", set(ranks))
+        _check_flop_counts(info.get("flop_counts", []), f"{where}.flop_counts", set(ranks))
     sessions = _mapping(state["sessions"], "sessions")
     _need(set(sessions) <= set(sim.device_ids), f"sessions name devices this run lacks: {sorted(set(sessions) - set(sim.device_ids))}")
     for device_id, info in sessions.items():
