@@ -215,3 +215,19 @@ def test_issue21_findings2_3_an_attacker_cannot_move_the_global_model_with_few_c
     load_checkpoint(resumed, tmp_path / "ckpt")
     assert resumed.state.aggregator.history == sim.state.aggregator.history
     assert resumed.state.aggregator.rounds == sim.state.aggregator.rounds == 2
+
+
+@pytest.mark.parametrize("state", [
+    {"rounds": -1, "history": {}},
+    {"rounds": True, "history": {}},
+    {"rounds": 2, "history": []},
+    {"rounds": 2, "history": {"m": {"BA": [float("nan")]}}},
+    {"rounds": 2, "history": {"m": {"BA": [1.0, 2.0, 3.0, 4.0]}}},
+    {"rounds": 2, "history": {"m": {"X": [1.0]}}},
+    {"rounds": 2, "history": {"m": {"A": [-1.0]}}},
+])
+def test_a_checkpointed_clipping_history_out_of_range_is_refused(state):
+    """The clipping history read back from a checkpoint is checked: a malformed one is a ValueError
+    (a one-line CheckpointError in load_checkpoint), never a silently wrong bound."""
+    with pytest.raises(ValueError, match="robust clipping state"):
+        MedianClip(FedAvg(), 4.0).load_state(state)

@@ -211,6 +211,9 @@ def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = 
         "planning": planning,
         "extra": extra or {},
     }
+    aggregation_state = getattr(sim.state.aggregator, "state", None)  # robust clipping's history across rounds
+    if aggregation_state is not None:
+        state["aggregation"] = aggregation_state()
     for name, tensor in tensors.items():  # the round's end repaired every party (`Simulation.repair_parties`)
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"refusing to write checkpoint {path}: {name} is not finite (the last complete "
@@ -414,8 +417,12 @@ def _check_flop_counts(value: Any, what: str, modules: set[str]) -> None:
 def _check_state(state: dict[str, Any], sim: Simulation) -> None:
     """Every field of `state` in range for `sim` (see `save_checkpoint` for the layout)."""
     config, fed = sim.config, sim.config.federation
-    _mapping(state, STATE_FILE, {"model", "seed", "rounds_done", "rounds", "devices", "sessions", "last_weights",
-                                 "planning", "extra"})
+    keys = {"model", "seed", "rounds_done", "rounds", "devices", "sessions", "last_weights", "planning", "extra"}
+    _mapping(state, STATE_FILE)
+    _need(set(state) in (keys, keys | {"aggregation"}),  # aggregation: absent before robust clipping kept a history
+          f"{STATE_FILE} has keys {sorted(state)}, expected {sorted(keys)} and aggregation")
+    if "aggregation" in state:
+        _mapping(state["aggregation"], "aggregation")
     _need(state["model"] == sim.loaded.name and state["seed"] == config.seed,
           f"it is from model {state['model']!r} seed {state['seed']}, not {sim.loaded.name!r} seed {config.seed}")
     done = _int(state["rounds_done"], "rounds_done", 0, fed.rounds)
@@ -554,6 +561,12 @@ def _restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, torch.Te
         if key.startswith("merged/"):
             sim.state.merge(key[len("merged/"):], delta)
     sim.state.last_weights = state["last_weights"]
+    load_aggregation = getattr(sim.state.aggregator, "load_state", None)
+    if load_aggregation is not None:  # a checkpoint from before the history: the rounds, no history
+        try:
+            load_aggregation(state.get("aggregation", {"rounds": int(state["rounds_done"]), "history": {}}))
+        except ValueError as error:
+            raise _Malformed(str(error)) from None
     if sim.config.federation.noise_free_start == "warm":  # (run identity) every aggregation put the adapters in the merged weights
         sim.state.adapters_in_base = set(sim.state.last_weights)
     if state["planning"] is not None and sim.planning is not None:
