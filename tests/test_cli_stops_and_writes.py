@@ -3,6 +3,7 @@ stopped by a signal (issue 21, findings 6, 8 and 9): one line, an intended exit 
 state intact and nothing half-written left beside it."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -203,8 +204,9 @@ def test_a_signal_during_a_checkpoint_write_lets_it_finish(tmp_path, capsys, mon
 
 
 def test_a_signal_while_the_finished_run_folder_is_swapped_in_says_so(tmp_path, capsys, monkeypatch):
-    """Issue 21 finding 9: a stop that comes while the finished run folder is being put in place
-    lets the swap finish, and the line says the run folder is complete (no resume needed)."""
+    """Issue 21 finding 9: a stop that comes while the trained run folder is being put in place
+    lets the swap finish, and the line says the trained run is there (no resume needed) and how to
+    evaluate it (issue 21 finding 4: evaluation comes after the swap, so the stop skips it)."""
     from splitpeft import storage
 
     original = storage._fsync_tree
@@ -218,8 +220,10 @@ def test_a_signal_while_the_finished_run_folder_is_swapped_in_says_so(tmp_path, 
     monkeypatch.setattr(storage, "_fsync_tree", signalled_during_the_swap)
     out = tmp_path / "run"
     assert main([*ARGS, "federation.rounds=1", "--out", str(out), "--checkpoint", str(tmp_path / "ckpt")]) == 143
-    assert capsys.readouterr().err == f"splitpeft: stopped by SIGTERM; the run had finished: {out} is complete\n"
+    assert capsys.readouterr().err == (f"splitpeft: stopped by SIGTERM; the trained run is in {out}, not evaluated: "
+                                       f"`splitpeft evaluate {out}` evaluates it\n")
     assert (out / "report.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "report.json").read_text())["status"] == "trained"
     assert _hidden_siblings(tmp_path) == []
 
 

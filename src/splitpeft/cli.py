@@ -151,6 +151,9 @@ def _after_stop(stop: Stopped, args: argparse.Namespace, argv: list[str]) -> str
     if args.command != "simulate":
         return "nothing was written"
     checkpoint, done = stop.notes.get("checkpoint"), stop.notes.get("checkpoint_rounds")
+    if stop.notes.get("out_written") and not stop.notes.get("evaluated"):  # in the evaluation after training
+        return (f"the trained run is in {stop.notes.get('out')}, not evaluated: `splitpeft evaluate "
+                f"{stop.notes.get('out')}` evaluates it")
     if stop.notes.get("out_written"):  # the stop came while the finished run folder was swapped in
         return f"the run had finished: {stop.notes.get('out')} is complete"
     if checkpoint is None:
@@ -169,14 +172,14 @@ def _run_failed(error: Exception) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from splitpeft.experiment.run import run_experiment
+    from splitpeft.experiment.run import EvaluationError, run_experiment
     from splitpeft.federation.simulation import RoundError
 
     config = load_config(args.config, args.overrides, preset=args.preset)
     try:
         report = run_experiment(config, args.out, overwrite=args.overwrite, progress=not args.no_progress,
                                 checkpoint=args.checkpoint, resume=args.resume)
-    except RoundError as error:
+    except (RoundError, EvaluationError) as error:
         return _run_failed(error)
     _summary(report, config)
     print(f"report: {args.out / 'report.json'}  adapter: {args.out / 'adapter'}")
@@ -209,6 +212,7 @@ def _deploy_keys(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from splitpeft.experiment.compare import run_comparison
+    from splitpeft.experiment.run import EvaluationError
     from splitpeft.federation.simulation import RoundError
 
     try:
@@ -217,7 +221,7 @@ def _compare(args: argparse.Namespace) -> int:
             methods=args.methods.split(",") if args.methods else None, seeds=args.seeds, target_loss=args.target_loss,
             target=args.target.replace("-", "_"), overwrite=args.overwrite, reuse=args.reuse, progress=not args.no_progress,
         )
-    except RoundError as error:
+    except (RoundError, EvaluationError) as error:
         return _run_failed(error)
     print((args.out / "comparison.md").read_text())
     print(f"comparison: {args.out / 'comparison.json'}  plot: {args.out / 'convergence.png'}")
@@ -269,7 +273,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     write_json(written, result)
     _print_metrics({"adapter": result})
     print(f"written: {written}")
+    if args.data is None and not args.overrides and _complete_report(args.run, result, config):
+        print(f"completed: {args.run / 'report.json'} (its evaluation had not finished)")
     return 0
+
+
+def _complete_report(run: Path, result: dict[str, Any], config: ExperimentConfig) -> bool:
+    """Finish the report of a run whose evaluation failed or was stopped (``"status"`` other than
+    "finished") with `result`, an evaluation with the run's own config; True if it did."""
+    import json
+
+    from splitpeft.experiment.report import write_json
+
+    try:
+        report = json.loads((run / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(report, dict) or report.get("status", "finished") == "finished":
+        return False
+    report["eval"] = {key: value for key, value in result.items() if key not in ("data", "perplexity_examples")}
+    report.pop("eval_error", None)
+    # The privacy audit needs the training's traffic, which the run folder does not hold.
+    report["status"] = "finished" if not config.privacy.audit else "evaluated; the privacy audit did not run"
+    write_json(run / "report.json", report)
+    return True
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -122,3 +122,11 @@ def test_the_cli_run_in_which_every_device_was_dropped_exits_non_zero(tmp_path, 
     assert "device-0: " in line and "device-2: " in line
     assert not out.exists()
     assert not checkpoint.exists() or not any(checkpoint.iterdir())
+
+
+def test_a_resumed_run_may_change_min_devices():
+    """federation.min_devices decides whether a round counts, not what a checkpoint holds: a run
+    resumed with another value is the same run."""
+    from splitpeft.federation.checkpoint import run_identity
+
+    assert run_identity(tiny_config("tiny-llama", "federation.min_devices=3")) == run_identity(tiny_config("tiny-llama"))

@@ -282,9 +282,9 @@ def evaluate_generation(
         max_s_per_prompt=max_s_per_prompt,
     )
     truncated, cut = sum(o.truncated for o in outputs), sum(o.cut for o in outputs)
-    if truncated:
-        log.warning("generation: %d of %d prompts were longer than the model's context less eval.max_new_tokens "
-                    "and lost their beginning", truncated, len(outputs))
+    if truncated:  # info: `federation.preflight.check_held_out` warned of these before training
+        log.info("generation: %d of %d prompts were longer than the model's context less eval.max_new_tokens "
+                 "and lost their beginning", truncated, len(outputs))
     if cut:
         log.warning("generation: %d of %d outputs were cut short by the time bound (eval.max_generation_s_per_prompt) and are "
                     "scored as they stood", cut, len(outputs))

@@ -1,17 +1,21 @@
-"""A whole experiment: simulate the federation, evaluate, export, and write the run folder.
+"""A whole experiment: simulate the federation, export, write the run folder, then evaluate.
 
 Run folder layout::
 
     report.json   per round and device: bytes_up/down, flops, peak_memory_bytes, tokens,
-                  train_loss, wall_s; eval metrics; totals; the resolved config
+                  train_loss, wall_s; eval metrics; totals; the resolved config; status
     config.yaml   the resolved config (re-runnable with --config)
     adapter/      PEFT adapter folder (PeftModel.from_pretrained(base, adapter) loads it)
     loss.png, bytes.png
     .splitpeft-run  marker: splitpeft wrote this folder (only such a folder is ever replaced)
 
-Everything is written into a hidden staging folder beside the target and swapped into place at
-the end (`storage.atomic_folder`), so a failed or interrupted run never leaves a folder that looks
-complete. Before any work, `check_paths` refuses every output and checkpoint path whose
+The trained run (adapter, config, plots, a report with ``"status": "trained"``) is written into a
+hidden staging folder beside the target and swapped into place once training ends
+(`storage.atomic_folder`), so a failed or interrupted training never leaves a folder that looks
+complete. Evaluation comes after, on the folder in place, and rewrites its report.json
+(``"status": "finished"``): an evaluation that fails (`EvaluationError`, its report saying
+``"status": "evaluation failed"`` and why) or is stopped loses nothing of the training, and
+`splitpeft evaluate RUN` evaluates it and completes the report. Before any work, `check_paths` refuses every output and checkpoint path whose
 replacement could destroy something splitpeft did not write, and the run takes its checkpoint
 folder for itself (`storage.exclusive`: a second run on it is refused). A system error while
 writing (disk full) is one `WriteError` line naming the folder.
@@ -25,6 +29,7 @@ completed round, and `--resume` continues from it; the exception's `notes` say w
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -62,7 +67,16 @@ from splitpeft.federation.simulation import Simulation
 from splitpeft.model.loading import load_model
 from splitpeft.model.runtime import resolve_runtime
 from splitpeft.privacy.audit import audit_simulation, leakage_table, markdown, plot_leakage
-from splitpeft.storage import FolderInUse, Stopped, atomic_folder, exclusive, holding_stops, recover, writing
+from splitpeft.storage import (
+    FolderInUse,
+    Stopped,
+    WriteError,
+    atomic_folder,
+    exclusive,
+    holding_stops,
+    recover,
+    writing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +85,11 @@ RUN_MARKER = ".splitpeft-run"
 
 class RunFolderError(ValueError):
     """The output folder (or the checkpoint folder) cannot be used."""
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation of a trained run failed; the trained run is in its folder (the message says
+    which, and how to evaluate it again)."""
 
 
 def _inside(inner: Path, outer: Path) -> bool:
@@ -134,7 +153,9 @@ def evaluate_model(
     *,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Held-out perplexity and generation metrics (grouped references) for `model`."""
+    """Held-out perplexity and generation metrics (grouped references) for `model`; with
+    generation, how many prompts lost their beginning to the context (`prompts_truncated`) and
+    how many outputs the time bound cut short (`generation_cut`, eval.max_generation_s_per_prompt)."""
     result: dict[str, Any] = {}
     if config.eval.perplexity:
         result["perplexity"] = perplexity(
@@ -146,11 +167,13 @@ def evaluate_model(
             model, tokenizer, held_out, max_new_tokens=config.eval.max_new_tokens,
             num_beams=config.eval.num_beams, length_penalty=config.eval.length_penalty,
             no_repeat_ngram_size=config.eval.no_repeat_ngram_size, limit_groups=config.eval.groups, progress=progress,
-            meteor=config.eval.meteor,
+            meteor=config.eval.meteor, max_s_per_prompt=config.eval.max_generation_s_per_prompt,
         )
         result.update(scores)
         result["samples"] = samples[:8]
         result["groups"] = len(samples)
+        result["prompts_truncated"] = sum(bool(s["prompt_truncated"]) for s in samples)
+        result["generation_cut"] = sum(bool(s["cut"]) for s in samples)
     return result
 
 
@@ -167,6 +190,9 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run `config` end to end and write the run folder `out`; returns the report.
 
+    The trained run is in `out` before evaluation starts; an evaluation that fails raises
+    EvaluationError and leaves it there (`_evaluate_run`).
+
     With `checkpoint`, the federation's state is saved there after every completed round;
     `resume` first restores it (refused, CheckpointError, unless it is intact and of this run)
     and continues from the next round. `check_paths` runs before any work. `engine` plays the rounds
@@ -178,22 +204,28 @@ def run_experiment(
     held: AbstractContextManager[None] = (
         exclusive(checkpoint, "checkpoint folder") if checkpoint is not None else nullcontext())
     # What a stop leaves: the rounds of the checkpoint that stands (None: none this run may resume),
-    # and whether the run folder was already in place (a stop that came during its swap).
+    # whether the trained run folder was already in place (a stop that came during its swap or in
+    # the evaluation after it), and whether its evaluation had finished.
     leaves: dict[str, Any] = {"checkpoint": checkpoint, "rounds": config.federation.rounds, "checkpoint_rounds": None,
-                              "out": out, "out_written": False}
+                              "out": out, "out_written": False, "evaluated": False}
     staging_inode = None
     try:
         with held:  # for the run's whole life: a second run on the same checkpoint is refused here
             if resume and checkpoint is not None:
                 leaves["checkpoint_rounds"] = verify_checkpoint(checkpoint, config)  # before any work
+            started = time.perf_counter()
             with atomic_folder(out) as staging:
                 staging_inode = staging.stat().st_ino
-                report = _run(config, staging, out=out, progress=progress, on_round=on_round, checkpoint=checkpoint,
-                              resume=resume, engine=engine or InProcessEngine(), leaves=leaves)
+                sim, report = _train(config, staging, out=out, progress=progress, on_round=on_round,
+                                     checkpoint=checkpoint, resume=resume, engine=engine or InProcessEngine(),
+                                     leaves=leaves, started=started)
                 try:  # again: something may have appeared there during the run
                     _check_replaceable(out, overwrite)
                 except RunFolderError as error:
                     raise RunFolderError(f"{error} (it changed during the run; this run's results were not written)") from None
+            leaves["out_written"] = True
+            report = _evaluate_run(sim, report, out, progress=progress, started=started)
+            leaves["evaluated"] = True
     except FolderInUse as error:
         raise RunFolderError(str(error)) from None
     except Stopped as stop:
@@ -203,12 +235,13 @@ def run_experiment(
     return report
 
 
-def _run(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool,
-         on_round: Callable[[int, dict[str, Any]], None] | None, checkpoint: Path | None, resume: bool,
-         engine: Engine, leaves: dict[str, Any]) -> dict[str, Any]:
+def _train(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool,
+           on_round: Callable[[int, dict[str, Any]], None] | None, checkpoint: Path | None, resume: bool,
+           engine: Engine, leaves: dict[str, Any], started: float) -> tuple[Simulation, dict[str, Any]]:
+    """Train, and write the trained run into `staging`: adapter, config, plots, and the report
+    without its evaluation (``"status": "trained"``). Returns the simulation and the report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    started = time.perf_counter()
     with writing(out):
         (staging / RUN_MARKER).write_text(f"a run folder written by splitpeft {__version__}\n")
     sim = Simulation(config)
@@ -253,8 +286,6 @@ def _run(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool,
         steps = sum(r["devices"][row["device"]]["steps"] for r in report["rounds"])
         row["measured_peak_bytes"] = device["peak_memory_bytes"]
         row["measured_flops_per_step"] = device["flops"] / max(1, steps)
-    model = sim.global_model()
-    report["eval"] = evaluate_model(model, tokenizer, config, sim.held_out, sim.held_out_encoded, progress=progress)
     with writing(out):  # disk full, permissions: one line naming the run folder
         sim.export(staging / "adapter", merged=config.export_merged)
         (staging / "config.yaml").write_text(dump_yaml(config))
@@ -275,17 +306,47 @@ def _run(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool,
                                  f"{device.device_id}: active adapters per step (Kill and Revive)")
     if kill_revive:
         report["kill_revive"] = kill_revive
-    if config.privacy.audit:
-        log.info("privacy audit: an honest-but-curious server against each device's traffic")
-        report["privacy"] = audit_simulation(sim)
-        if "leakage" in report["privacy"]:
-            utility = {"perplexity": report["eval"].get("perplexity"), "bleu / 100": _scaled(report["eval"].get("bleu"))}
-            with writing(out):
-                plot_leakage(report["privacy"], staging / "leakage.png", utility=utility)
     report["measurement"] = MEASUREMENT_NOTES
+    report["status"] = "trained"  # evaluation comes after the folder is in place (`_evaluate_run`)
     report["wall_s"] = time.perf_counter() - started
     with writing(out):
         write_json(staging / "report.json", report)
+    return sim, report
+
+
+def _evaluate_run(sim: Simulation, report: dict[str, Any], out: Path, *, progress: bool, started: float) -> dict[str, Any]:
+    """Evaluate the trained run in `out` (and audit its privacy if configured), then rewrite its
+    report.json with the results and ``"status": "finished"``. A failure writes the report with
+    ``"status": "evaluation failed"`` and `eval_error`, and raises EvaluationError; the trained
+    run stays as it is."""
+    config, tokenizer = sim.config, sim.loaded.tokenizer
+    try:
+        report["eval"] = evaluate_model(sim.global_model(), tokenizer, config, sim.held_out, sim.held_out_encoded,
+                                        progress=progress)
+        if config.privacy.audit:
+            log.info("privacy audit: an honest-but-curious server against each device's traffic")
+            report["privacy"] = audit_simulation(sim)
+            if "leakage" in report["privacy"]:
+                utility = {"perplexity": report["eval"].get("perplexity"), "bleu / 100": _scaled(report["eval"].get("bleu"))}
+                with writing(out):  # beside it first, then renamed: a reader never sees half a plot
+                    partial = out / f".leakage-{os.getpid()}.png"
+                    plot_leakage(report["privacy"], partial, utility=utility)
+                    os.replace(partial, out / "leakage.png")
+    except WriteError:
+        raise
+    except Exception as error:
+        log.info("the evaluation of %s failed", out, exc_info=True)
+        cause = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        report.pop("eval", None)
+        report.update({"status": "evaluation failed", "eval_error": cause})
+        with writing(out):
+            write_json(out / "report.json", report)
+        raise EvaluationError(f"evaluation failed ({cause}); the trained run is in {out} (adapter/, config.yaml, "
+                              f"report.json): `splitpeft evaluate {out}` evaluates it and completes its report") from error
+    report["status"] = "finished"
+    report["wall_s"] = time.perf_counter() - started
+    with writing(out):
+        write_json(out / "report.json", report)
     return report
 
 

@@ -47,9 +47,10 @@ TENSOR_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT, FORMAT_VERSION = "splitpeft-state", 1
 
-# Config keys a resumed run may change: they do not shape the state a checkpoint holds.
-NOT_IDENTITY = ("eval.", "federation.rounds", "count_flops", "export_merged", "fleet.flops_per_s",
-                "fleet.bandwidth_bytes_per_s", "transport.max_message_bytes")
+# Config keys a resumed run may change: they do not shape the state a checkpoint holds
+# (federation.min_devices only decides whether a round counts).
+NOT_IDENTITY = ("eval.", "federation.rounds", "federation.min_devices", "count_flops", "export_merged",
+                "fleet.flops_per_s", "fleet.bandwidth_bytes_per_s", "transport.max_message_bytes")
 
 
 class CheckpointError(ValueError):
