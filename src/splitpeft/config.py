@@ -110,9 +110,11 @@ class RobustConfig:
         "minus what it was given; A and B separately for fedavg-style aggregators) is scaled down to at "
         "most robust.clip_factor x the median update of that module's copies; none = off", "median")
     clip_factor: float = _help("c: an update may be at most c x the median update of its module (>= 1)", 4.0)
-    combine: Literal["mean", "trimmed_mean", "median"] = _help(
+    combine: Literal["mean", "trimmed_mean", "median", "centered_clip"] = _help(
         "with federation.aggregator=fedavg: combine A and B by their token-weighted mean (FedAvg), or, "
-        "per coordinate and unweighted, by a trimmed mean or the median", "mean")
+        "per coordinate and unweighted, by a trimmed mean or the median, or by centered clipping around the "
+        "module's last aggregate update (Karimireddy et al. 2021; radius robust.clip_factor x the median "
+        "distance, or x the last update with fewer than 3 copies)", "mean")
     trim_fraction: float = _help(
         "trimmed_mean: share of the copies cut at each end of every coordinate, rounded up "
         "(at most (n - 1) // 2 of n)", 0.2)

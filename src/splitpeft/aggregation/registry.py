@@ -8,7 +8,7 @@ from collections.abc import Callable
 from splitpeft.aggregation.base import Aggregator
 from splitpeft.aggregation.fedavg import FedAvg
 from splitpeft.aggregation.noise_free import NoiseFree, NoiseFreeStart, WarmFactors
-from splitpeft.aggregation.robust import AdamTrustRegion, CoordinateMedian, MedianClip, TrimmedMean
+from splitpeft.aggregation.robust import AdamTrustRegion, CenteredClip, CoordinateMedian, MedianClip, TrimmedMean
 from splitpeft.aggregation.svd import SvdTruncate
 from splitpeft.aggregation.zero_pad import ZeroPad
 from splitpeft.config import RobustConfig
@@ -46,7 +46,12 @@ def make_aggregator(name: str, seed: int = 0, robust: RobustConfig | None = None
         if name != "fedavg":
             raise ValueError(f"robust.combine={robust.combine} combines A and B like fedavg; "
                              f"federation.aggregator is {name}")
-        aggregator = TrimmedMean(robust.trim_fraction) if robust.combine == "trimmed_mean" else CoordinateMedian()
+        combiners: dict[str, Callable[[], Aggregator]] = {
+            "trimmed_mean": lambda: TrimmedMean(robust.trim_fraction),
+            "median": CoordinateMedian,
+            "centered_clip": lambda: CenteredClip(robust.clip_factor),
+        }
+        aggregator = combiners[robust.combine]()
     if robust.clip == "median":
         aggregator = MedianClip(aggregator, robust.clip_factor, trust)
     return aggregator

@@ -294,6 +294,16 @@ class MedianClip:
         self._this_round = {}
         self.rounds += 1
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The inner aggregator's tensors across rounds (centered clipping's centres), if any."""
+        inner = getattr(self.inner, "state_tensors", None)
+        return inner() if inner is not None else {}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        inner = getattr(self.inner, "load_state_tensors", None)
+        if inner is not None:
+            inner(tensors)
+
     def state(self) -> dict[str, object]:
         """What a checkpoint keeps of this policy (JSON)."""
         return {"rounds": self.rounds, "history": self.history}
@@ -353,6 +363,75 @@ class TrimmedMean:
         b = coordinate_trimmed_mean(torch.stack([c.weights.B.to(dtype) for c in copies]), k)  # (d_out, r)
         merged = LoraWeights(a, b)
         return Aggregate({c.holder: merged for c in copies})
+
+
+class CenteredClip:
+    """Centered clipping (Karimireddy, He and Jaggi, "Learning from History for Byzantine Robust
+    Optimization", ICML 2021) of fedavg's factor updates, with the module's previous aggregate
+    update as the centre (the server's momentum): robust with few copies and under collusion,
+    because each copy moves the result by at most tau / n whatever it sends.
+
+    Per module, x_i = (dA_i, dB_i) (the copy's factor updates, flattened), v_0 = the module's
+    aggregate update of its last round (0 in its first), then `iterations` times
+    v <- v + (1/n) sum_i clip_tau(x_i - v), clip_tau(z) = z min(1, tau / ||z||). The radius tau is
+    `radius_factor` x the median ||x_i - v_0|| with 3 or more copies, else x ||v_0|| (the last
+    round's aggregate); with neither (a module's first round with 1 or 2 copies) the plain mean
+    (the robust clipping in front of it, `MedianClip`'s trust region, still bounds each copy).
+    Unweighted, as in the paper: a token weight would hand a heavy holder back the influence the
+    clipping removes. The result A0 + v_A, B0 + v_B is every holder's next adapter (equal ranks, a
+    common start, as fedavg). The centres are kept across rounds (`state_tensors`, checkpointed)."""
+
+    name = "centered_clip"
+    shared_adapter = True
+    averages_factors = True
+
+    def __init__(self, radius_factor: float = 4.0, iterations: int = 3) -> None:
+        if not (math.isfinite(radius_factor) and radius_factor > 0) or iterations < 1:
+            raise ValueError(f"centered clipping needs a positive radius factor and >= 1 iteration, "
+                             f"not {radius_factor!r}, {iterations!r}")
+        self.radius_factor = radius_factor
+        self.iterations = iterations
+        self.momentum: dict[str, LoraWeights] = {}  # module -> its last aggregate update (dA, dB)
+
+    def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
+        check_homogeneous(module, copies, self.name)
+        start = start_of(copies[0])
+        shape_a, shape_b = copies[0].weights.A.shape, copies[0].weights.B.shape
+        x = torch.stack([torch.cat([(c.weights.A - s.A).double().flatten(), (c.weights.B - s.B).double().flatten()])
+                         for c, s in ((c, start_of(c)) for c in copies)])  # (n, r d_in + d_out r)
+        previous = self.momentum.get(module)
+        if previous is not None and previous.A.shape == shape_a and previous.B.shape == shape_b:
+            v = torch.cat([previous.A.double().flatten(), previous.B.double().flatten()])
+        else:
+            v = torch.zeros(x.shape[1], dtype=torch.float64)
+        if len(copies) >= 3:
+            tau = self.radius_factor * float((x - v).norm(dim=1).median())
+        elif float(v.norm()) > 0:
+            tau = self.radius_factor * float(v.norm())
+        else:
+            tau = math.inf
+        for _ in range(self.iterations):
+            z = x - v  # (n, D)
+            norms = z.norm(dim=1, keepdim=True)
+            shrink = torch.where(norms > tau, tau / norms.clamp(min=1e-300), torch.ones_like(norms))
+            v = v + (z * shrink).mean(dim=0)
+        da = v[: shape_a.numel()].reshape(shape_a).float()
+        db = v[shape_a.numel():].reshape(shape_b).float()
+        self.momentum[module] = LoraWeights(da, db)
+        merged = LoraWeights(start.A.float() + da, start.B.float() + db)
+        return Aggregate({c.holder: merged for c in copies})
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The centres, for a checkpoint: "<module>/A" (r, d_in) and "<module>/B" (d_out, r)."""
+        return {f"{module}/{key}": tensor for module, pair in self.momentum.items()
+                for key, tensor in (("A", pair.A), ("B", pair.B))}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            module, part = key.rsplit("/", 1)
+            pairs.setdefault(module, {})[part] = tensor
+        self.momentum = {module: LoraWeights(pair["A"].float(), pair["B"].float()) for module, pair in pairs.items()}
 
 
 class CoordinateMedian(TrimmedMean):

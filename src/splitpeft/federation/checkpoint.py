@@ -215,6 +215,9 @@ def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = 
     aggregation_state = getattr(sim.state.aggregator, "state", None)  # robust clipping's history across rounds
     if aggregation_state is not None:
         state["aggregation"] = aggregation_state()
+    aggregation_tensors = getattr(sim.state.aggregator, "state_tensors", None)  # centered clipping's centres
+    if aggregation_tensors is not None:
+        tensors.update({f"robust/{key}": tensor.detach().clone() for key, tensor in aggregation_tensors().items()})
     for name, tensor in tensors.items():  # the round's end repaired every party (`Simulation.repair_parties`)
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"refusing to write checkpoint {path}: {name} is not finite (the last complete "
@@ -517,6 +520,12 @@ def _check_tensors(tensors: dict[str, torch.Tensor], sim: Simulation) -> None:
         elif kind == "merged":
             name = key[len("merged/"):]
             _need(name in shapes and tuple(tensor.shape) == shapes[name], f"tensor {key} is not a merged update of this model")
+        elif kind == "robust":  # centered clipping's centre of a module: its last aggregate update (dA, dB)
+            name, part = key[len("robust/"):].rsplit("/", 1)
+            rank = sim.state.global_adapters[name].rank if name in shapes else 0
+            expected = {"A": (rank, shapes[name][1]), "B": (shapes[name][0], rank)}.get(part) if rank else None
+            _need(expected is not None and tuple(tensor.shape) == expected,
+                  f"tensor {key} is not a robust aggregation centre of this model")
         else:
             _need(kind in ("opt", "session"), f"tensor {key} is not part of a checkpoint")
     for key, pair in adapters.items():
@@ -562,6 +571,9 @@ def _restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, torch.Te
         if key.startswith("merged/"):
             sim.state.merge(key[len("merged/"):], delta)
     sim.state.last_weights = state["last_weights"]
+    load_tensors = getattr(sim.state.aggregator, "load_state_tensors", None)
+    if load_tensors is not None:
+        load_tensors({key[len("robust/"):]: t for key, t in tensors.items() if key.startswith("robust/")})
     load_aggregation = getattr(sim.state.aggregator, "load_state", None)
     if load_aggregation is not None:  # a checkpoint from before the history: the rounds, no history
         try:
