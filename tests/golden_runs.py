@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-
 GOLDEN = Path(__file__).parent / "golden"
 COMMON = ["eval.generation=false", "eval.baseline=false", "eval.perplexity_examples=8", "data.max_length=48",
           "placement.labels_on_device=false"]  # recorded before U-shaped became the default

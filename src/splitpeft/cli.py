@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"splitpeft: {stop}; {_after_stop(stop, args, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return stop.exit_status
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
-        print("splitpeft: interrupted; no run folder was written", file=sys.stderr)
+        print("splitpeft: interrupted again while stopping; a folder being written was left as it was before "
+              "the write (its staging folder goes at the next run)", file=sys.stderr)
         return 130
 
 

@@ -122,7 +122,7 @@ def test_e2e_both_mr_formats(tmp_path: Path) -> None:
 )
 def test_e2e_malformed_line_names_file_and_line(tmp_path: Path, bad_line: str) -> None:
     path = write(tmp_path, "bad.txt", ["name : A | area : riverside||ok", "", bad_line])
-    with pytest.raises(DataError, match=rf"bad\.txt:3\b"):
+    with pytest.raises(DataError, match=r"bad\.txt:3\b"):
         load_examples("e2e", path)
 
 

@@ -53,8 +53,8 @@ def deployment(tmp_path):
 def finish(deployment, run, timeout=420):
     try:
         run.wait(timeout=timeout)
-    except Exception:
-        raise AssertionError(f"flwr run did not finish\n{deployment.log('superlink')}")
+    except Exception as error:
+        raise AssertionError(f"flwr run did not finish\n{deployment.log('superlink')}") from error
 
 
 @pytest.mark.slow

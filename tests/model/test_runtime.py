@@ -105,8 +105,8 @@ def test_fp16_loss_scaling_scales_backward_and_sends_unscaled_fp32_gradients(mon
 
 
 def test_fp16_overflow_sends_a_zero_gradient_and_skips_the_step():
-    from splitpeft.parties.party import Party
     from splitpeft.model.loading import load_model
+    from splitpeft.parties.party import Party
 
     base = load_model("tiny-llama").model.to(torch.float16)
     runtime = Runtime(torch.device("cpu"), torch.device("cpu"), torch.float16, "none", False, False, False)

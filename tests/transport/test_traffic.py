@@ -51,7 +51,7 @@ def _device_adapter_bytes(blocks: int, rank: int) -> int:
 @pytest.mark.parametrize("labels_on_device", [False, True])
 def test_no_input_token_ids_leave_the_device(labels_on_device):
     sim, frames = _captured_run(f"placement.labels_on_device={str(labels_on_device).lower()}")
-    for (device_id, direction), sent in frames.items():
+    for (_device_id, direction), sent in frames.items():
         for frame in sent:
             message = decode(frame)
             assert "input_ids" not in message.tensors
@@ -109,6 +109,9 @@ def test_device_flops_include_attention():
 def test_int8_compression_from_config_shrinks_activation_frames():
     plain, plain_frames = _captured_run()
     small, small_frames = _captured_run("transport.compression=int8")
-    size = lambda frames: sum(len(f) for f in frames[("device-0", "up")] if decode(f).kind == Kind.ACTIVATIONS)
+
+    def size(frames):
+        return sum(len(f) for f in frames[("device-0", "up")] if decode(f).kind == Kind.ACTIVATIONS)
+
     assert size(small_frames) < 0.4 * size(plain_frames)
     assert small.rounds[0].devices["device-0"].losses[0] == pytest.approx(plain.rounds[0].devices["device-0"].losses[0], rel=1e-2)
