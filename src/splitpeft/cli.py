@@ -175,8 +175,12 @@ def _run_failed(error: Exception) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from splitpeft.experiment.run import EvaluationError, run_experiment
     from splitpeft.federation.simulation import RoundError
+    from splitpeft.model.runtime import resolve_runtime
 
     config = load_config(args.config, args.overrides, preset=args.preset)
+    runtime = resolve_runtime(config.runtime)
+    print(f"splitpeft: {config.model.name}, {config.placement.placement}, {config.federation.num_devices} devices; "
+          f"{runtime.dtype_name} ({runtime.dtype_reason})", file=sys.stderr)
     try:
         report = run_experiment(config, args.out, overwrite=args.overwrite, progress=not args.no_progress,
                                 checkpoint=args.checkpoint, resume=args.resume)

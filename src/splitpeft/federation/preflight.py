@@ -32,6 +32,7 @@ from splitpeft.data.examples import Example
 from splitpeft.dlora.remote import input_groups
 from splitpeft.hsplit.memory import ModelShapes, adapter_bytes, memory_breakdown
 from splitpeft.model.backbone import context_length
+from splitpeft.model.runtime import resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def check_against_model(config: ExperimentConfig, model: PreTrainedModel) -> Non
     """Raise ConfigError (one line naming the key) if `config` does not fit `model` or this machine."""
     quantized = config.runtime.quantize in ("server", "both")
     shapes = ModelShapes.from_config(
-        model.config, dtype=config.runtime.dtype,
+        model.config, dtype=resolve_runtime(config.runtime).dtype,
         quantization=config.runtime.base_quantization if quantized else "none",
         target_modules=config.lora.target_modules)
     if not shapes.modules:

@@ -85,6 +85,8 @@ class Simulation:
         self.config = config
         seed_everything(config.seed)
         self.runtime = runtime = resolve_runtime(config.runtime)
+        log.info("runtime: %s on the server (%s), devices on %s; %s", runtime.dtype_name, runtime.server_device,
+                 runtime.device_device, runtime.dtype_reason)
         self.loaded = loaded or load_model(config.model.name, seed=config.seed, dtype=runtime.dtype, device=runtime.server_device)
         check_against_model(config, self.loaded.model)  # ranks, split, frame sizes, memory: before any work
         base, tokenizer = self.loaded.model, self.loaded.tokenizer
@@ -394,7 +396,8 @@ class Simulation:
             },
             "held_out_examples": len(self.held_out),
             "runtime": {"server_device": str(self.runtime.server_device), "device_device": str(self.runtime.device_device),
-                        "dtype": self.runtime.dtype_name, "base_quantization": self.runtime.quantization,
+                        "dtype": self.runtime.dtype_name, "dtype_reason": self.runtime.dtype_reason,
+                        "base_quantization": self.runtime.quantization,
                         "gradient_checkpointing": self.runtime.gradient_checkpointing},
         }
 

@@ -16,13 +16,20 @@ a GPU. NF4 is stored without double quantization (one fp32 absmax per block of 6
 memory model's account of it is exact.
 
 Every combination this machine cannot run stops in `resolve_runtime` with one line naming the key.
+
+`runtime.dtype=auto` takes bf16 where both sides' hardware has bf16 matrix units (a CUDA device
+that supports bf16; a CPU with AMX-BF16, AVX512-BF16 or Arm's BF16 instructions) and fp32
+elsewhere; `Runtime.dtype_reason` says which and why (the run's start-up line and its report).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import platform
+import subprocess
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -49,6 +56,7 @@ class Runtime:
     quantize_devices: bool
     quantize_server: bool
     gradient_checkpointing: bool
+    dtype_reason: str = "runtime.dtype as configured"  # why this dtype (runtime.dtype=auto says what it found)
 
     @property
     def dtype_name(self) -> str:
@@ -73,7 +81,11 @@ def resolve_runtime(config: RuntimeConfig) -> Runtime:
     """The runtime of `config` on this machine; ConfigError naming the key if it cannot run here."""
     server = _torch_device(config.server_device, "runtime.server_device")
     device = _torch_device(config.device_device, "runtime.device_device")
-    dtype = DTYPES[config.dtype]
+    if config.dtype == "auto":
+        dtype_name, reason = auto_dtype(server, device)
+    else:
+        dtype_name, reason = config.dtype, f"runtime.dtype={config.dtype} as configured"
+    dtype = DTYPES[dtype_name]
     if dtype == torch.float16:
         for key, where in (("runtime.server_device", server), ("runtime.device_device", device)):
             if where.type != "cuda":
@@ -83,11 +95,58 @@ def resolve_runtime(config: RuntimeConfig) -> Runtime:
     for key, where, wanted in (("runtime.device_device", device, quantize_devices),
                                ("runtime.server_device", server, quantize_server)):
         if wanted:
-            problem = quantization_problem(config.base_quantization, where.type, config.dtype)
+            problem = quantization_problem(config.base_quantization, where.type, dtype_name)
             if problem:
                 raise ConfigError(f"runtime.base_quantization={config.base_quantization} cannot run on {key}={where}: {problem}")
     return Runtime(server, device, dtype, config.base_quantization, quantize_devices, quantize_server,
-                   config.gradient_checkpointing)
+                   config.gradient_checkpointing, reason)
+
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX512, Arm (Linux "Features": bf16)
+
+
+@cache
+def cpu_bf16_feature() -> str | None:
+    """The first of BF16_CPU_FLAGS this CPU reports (Linux /proc/cpuinfo flags or Arm features; on
+    macOS the sysctl hw.optional.arm.FEAT_BF16), or None: no bf16 matrix units to use."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags: set[str] = set()
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() in ("flags", "features"):
+                flags.update(value.split())
+        return next((flag for flag in BF16_CPU_FLAGS if flag in flags), None)
+    if platform.system() == "Darwin":
+        try:
+            found = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return "bf16" if found.stdout.strip() == "1" else None
+    return None
+
+
+def _bf16_units(where: torch.device) -> tuple[bool, str]:
+    """Whether `where` has bf16 matrix units, and what says so."""
+    if where.type == "cuda":
+        name = torch.cuda.get_device_name(where)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{where} ({name}) computes in bf16"
+        return False, f"{where} ({name}) has no bf16 support"
+    feature = cpu_bf16_feature()
+    if feature is not None:
+        return True, f"the CPU has {feature}"
+    return False, f"the CPU reports none of {', '.join(BF16_CPU_FLAGS)}"
+
+
+def auto_dtype(server: torch.device, device: torch.device) -> tuple[str, str]:
+    """runtime.dtype=auto: ("bf16", why) where the server's and the devices' hardware both have bf16
+    matrix units, else ("fp32", why): a side without them would run bf16 products several times
+    slower than fp32, and the two sides share the frozen weights' dtype."""
+    answers = {str(where): _bf16_units(where) for where in dict.fromkeys((server, device))}
+    if all(ok for ok, _ in answers.values()):
+        return "bf16", "runtime.dtype=auto chose bf16: " + "; ".join(why for _, why in answers.values())
+    return "fp32", "runtime.dtype=auto chose fp32: " + "; ".join(why for ok, why in answers.values() if not ok)
 
 
 def _torch_device(text: str, key: str) -> torch.device:
