@@ -32,7 +32,8 @@ they killed at home, and the attackers upload every module: on those the attacke
 
 Columns: fedavg and noise_free alone (robust.clip=none), then behind the default robust policy
 (robust.clip=median: the AdamW trust region, then c = 4 x the median of 3 or more copies or the
-module's history), and fedavg's coordinate-wise median and trimmed mean behind it.
+module's history), and fedavg's coordinate-wise median, trimmed mean and centered clipping
+(Karimireddy et al. 2021, around each module's last aggregate update) behind it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ COLUMNS = {  # name -> config overrides
     "fedavg+clip": ["federation.aggregator=fedavg"],
     "fedavg+clip+median": ["federation.aggregator=fedavg", "robust.combine=median"],
     "fedavg+clip+trimmed": ["federation.aggregator=fedavg", "robust.combine=trimmed_mean"],
+    "fedavg+clip+cc": ["federation.aggregator=fedavg", "robust.combine=centered_clip"],
     "noise_free": ["federation.aggregator=noise_free", "robust.clip=none"],
     "noise_free+clip": ["federation.aggregator=noise_free"],
 }
