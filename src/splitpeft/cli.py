@@ -174,16 +174,18 @@ def _run_failed(error: Exception) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from splitpeft.experiment.run import EvaluationError, run_experiment
-    from splitpeft.federation.simulation import RoundError
-    from splitpeft.model.runtime import resolve_runtime
+    from splitpeft.federation.simulation import RoundError, Simulation
 
     config = load_config(args.config, args.overrides, preset=args.preset)
-    runtime = resolve_runtime(config.runtime)
-    print(f"splitpeft: {config.model.name}, {config.placement.placement}, {config.federation.num_devices} devices; "
-          f"{runtime.dtype_name} ({runtime.dtype_reason})", file=sys.stderr)
+
+    def start_line(sim: Simulation) -> None:
+        runtime = sim.runtime
+        print(f"splitpeft: {sim.loaded.name}, {config.placement.placement}, {len(sim.devices)} devices, "
+              f"{runtime.dtype_name} on {runtime.server_device} ({runtime.dtype_reason})", flush=True)
+
     try:
         report = run_experiment(config, args.out, overwrite=args.overwrite, progress=not args.no_progress,
-                                checkpoint=args.checkpoint, resume=args.resume)
+                                checkpoint=args.checkpoint, resume=args.resume, on_start=start_line)
     except (RoundError, EvaluationError) as error:
         return _run_failed(error)
     _summary(report, config)

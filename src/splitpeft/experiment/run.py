@@ -187,8 +187,12 @@ def run_experiment(
     checkpoint: Path | None = None,
     resume: bool = False,
     engine: Engine | None = None,
+    on_start: Callable[[Simulation], None] | None = None,
 ) -> dict[str, Any]:
     """Run `config` end to end and write the run folder `out`; returns the report.
+
+    `on_start` is called once the federation is built and checked, before any training (the CLI
+    prints its start-up line there).
 
     The trained run is in `out` before evaluation starts; an evaluation that fails raises
     EvaluationError and leaves it there (`_evaluate_run`).
@@ -218,7 +222,7 @@ def run_experiment(
                 staging_inode = staging.stat().st_ino
                 sim, report = _train(config, staging, out=out, progress=progress, on_round=on_round,
                                      checkpoint=checkpoint, resume=resume, engine=engine or InProcessEngine(),
-                                     leaves=leaves, started=started)
+                                     leaves=leaves, started=started, on_start=on_start)
                 try:  # again: something may have appeared there during the run
                     _check_replaceable(out, overwrite)
                 except RunFolderError as error:
@@ -237,7 +241,8 @@ def run_experiment(
 
 def _train(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool,
            on_round: Callable[[int, dict[str, Any]], None] | None, checkpoint: Path | None, resume: bool,
-           engine: Engine, leaves: dict[str, Any], started: float) -> tuple[Simulation, dict[str, Any]]:
+           engine: Engine, leaves: dict[str, Any], started: float,
+           on_start: Callable[[Simulation], None] | None = None) -> tuple[Simulation, dict[str, Any]]:
     """Train, and write the trained run into `staging`: adapter, config, plots, and the report
     without its evaluation (``"status": "trained"``). Returns the simulation and the report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -245,6 +250,8 @@ def _train(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool
     with writing(out):
         (staging / RUN_MARKER).write_text(f"a run folder written by splitpeft {__version__}\n")
     sim = Simulation(config)
+    if on_start is not None:
+        on_start(sim)
     tokenizer = sim.loaded.tokenizer
     report: dict[str, Any] = {"splitpeft_version": __version__, "config": to_dict(config), "info": sim.info()}
     if config.eval.baseline:

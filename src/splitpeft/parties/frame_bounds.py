@@ -61,8 +61,8 @@ def _largest_row_norm(tensor: torch.Tensor) -> float:
 
 def calibrate(base: PreTrainedModel, kind: Kind, split_layer: int, max_seq_len: int) -> float:
     """The largest per-position norm the frozen `base` produces for `kind`'s tensor at
-    `split_layer`, on CALIBRATION_BATCH sequences of random token ids (seeded; the global RNG and
-    the model's train/eval mode are left as they were).
+    `split_layer`, on CALIBRATION_BATCH sequences of random token ids (seeded; the global RNG is
+    left as it was).
 
     ACTIVATIONS: ||h_t|| of the hidden states after blocks [0, split_layer) (B, T, d).
     HEAD_GRADIENT: ||d l_t / d f_t|| of the summed per-token cross-entropy l_t with random labels
@@ -74,24 +74,22 @@ def calibrate(base: PreTrainedModel, kind: Kind, split_layer: int, max_seq_len: 
     vocab = int(base.config.vocab_size)
     seq_len = max(1, min(CALIBRATION_SEQ_LEN, max_seq_len))
     ids = torch.randint(0, vocab, (CALIBRATION_BATCH, seq_len), generator=generator).to(device)
-    training = base.training
-    base.eval()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            if kind == Kind.ACTIVATIONS:
-                with torch.no_grad():
-                    return _largest_row_norm(backbone.blocks(backbone.embed(ids), 0, split_layer))
+    # The model stays in its mode (bitsandbytes' 4-bit CPU kernel fails in eval mode); dropout, if
+    # the family has any, draws from a seeded fork of the global generator, left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(CALIBRATION_SEED + split_layer)
+        if kind == Kind.ACTIVATIONS:
             with torch.no_grad():
-                final = backbone.blocks(backbone.embed(ids), 0, backbone.num_blocks)
-            final = final.detach().requires_grad_()
-            with torch.enable_grad():
-                logits = backbone.head(final).float()  # (B, T, V)
-                labels = torch.randint(0, vocab, ids.shape, generator=generator).to(device)
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="sum")
-                (grad,) = torch.autograd.grad(loss, final)
-            return _largest_row_norm(grad)
-    finally:
-        base.train(training)
+                return _largest_row_norm(backbone.blocks(backbone.embed(ids), 0, split_layer))
+        with torch.no_grad():
+            final = backbone.blocks(backbone.embed(ids), 0, backbone.num_blocks)
+        final = final.detach().requires_grad_()
+        with torch.enable_grad():
+            logits = backbone.head(final).float()  # (B, T, V)
+            labels = torch.randint(0, vocab, ids.shape, generator=generator).to(device)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="sum")
+            (grad,) = torch.autograd.grad(loss, final)
+        return _largest_row_norm(grad)
 
 
 @dataclass
