@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from splitpeft.config import load_config

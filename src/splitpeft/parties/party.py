@@ -140,7 +140,8 @@ class Party:
 
         W - s B A is this party's own copy, computed afresh from W at every load (so loading twice
         is loading once, and a later merge into W is seen); with B == 0 the layer goes back to W
-        itself. In float64, then cast to W's dtype: exact to that dtype's rounding of W - s B A.
+        itself. In float64 (fp32 for a bf16 / fp16 W), then cast to W's dtype: exact to that dtype's
+        rounding of W - s B A.
         Costs one (d_out, d_in) copy per warm module per party (the shared copy stays as it is)."""
         shared = self._shared_weights[name]
         base_layer = layer.get_base_layer()
@@ -151,11 +152,15 @@ class Party:
                 base_layer.weight = shared
             return
         scale = float(layer.scaling[ADAPTER_NAME])
-        product = scale * (weights.B.double() @ weights.A.double())  # (d_out, d_in)
+        # float64 for an fp32 weight (exact to fp32's rounding); for bf16 / fp16 weights fp32 is as
+        # exact after the cast, and a float64 (d_out, d_in) pass per module per holder per round was
+        # 18% of a bf16 round of the main job (bench/profile_step.py).
+        work = torch.float64 if shared.dtype == torch.float32 else torch.float32
+        product = scale * (weights.B.to(work) @ weights.A.to(work))  # (d_out, d_in)
         if is_fan_in_fan_out(self.model):  # GPT-2 Conv1D stores (d_in, d_out)
             product = product.T
         with torch.no_grad():
-            own = (shared.double() - product.to(shared.device)).to(shared.dtype)
+            own = (shared.to(work) - product.to(shared.device)).to(shared.dtype)
         base_layer.weight = torch.nn.Parameter(own, requires_grad=False)
 
     def adapters(self) -> AdapterSet:
