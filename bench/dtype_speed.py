@@ -6,8 +6,8 @@ Builds the README's main job (default preset: SmolLM2-135M, 3 devices, U-shaped 
 `--planner fixed`, the default, every device at split 4 with rank 8, the same in every dtype) once
 per dtype, without FLOP counting or evaluation, and plays their rounds alternately
 (fp32 round 1, bf16 round 1, fp32 round 2, ...), so machine drift hits each alike. The first round
-of each is a warm-up and not timed (plans, sessions, allocator). Prints per dtype: training tokens/s
-over the timed rounds (tokens as the server counted them, all devices), each timed round's wall
+of each is a warm-up and not timed (plans, sessions, allocator). Prints per dtype: completion tokens/s
+over the timed rounds (the tokens the loss is taken on, as the server counted them, all devices), each timed round's wall
 time, and the ratio to the first dtype; then each dtype's mean training loss of the last round,
 so a speed-up that changes training shows.
 """
@@ -56,7 +56,7 @@ def main() -> None:
                 tokens[dtype] += sum(stats.tokens for stats in record.devices.values())
     base = tokens[dtypes[0]] / sum(walls[dtypes[0]])
     print()
-    print("| dtype | training tokens/s | timed rounds (s) | ratio | last round's mean loss |")
+    print("| dtype | completion tokens/s | timed rounds (s) | ratio | last round's mean loss |")
     print("|---|---:|---|---:|---:|")
     for dtype in dtypes:
         rate = tokens[dtype] / sum(walls[dtype])

@@ -5,7 +5,7 @@
 
 Builds the README's main job (default preset: SmolLM2-135M, HSplitLoRA, 3 devices) with
 `federation.local_steps` steps, no FLOP counting and no evaluation, runs one untimed round to warm
-up, then profiles one round. Prints the round's wall time, training tokens/s, and the operators by
+up, then profiles one round. Prints the round's wall time, completion tokens/s, and the operators by
 self CPU time (all devices' and the server's steps together).
 """
 
@@ -38,7 +38,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     tokens = sum(stats.tokens for stats in record.devices.values())
     print(f"{args.dtype}: one round of {args.local_steps} steps x {len(record.devices)} devices in {wall:.2f} s "
-          f"(profiled), {tokens / wall:.0f} training tokens/s")
+          f"(profiled), {tokens / wall:.0f} completion tokens/s")
     print(prof.key_averages().table(sort_by=args.sort, row_limit=args.rows))
 
 
