@@ -36,17 +36,22 @@ def _same(a, b, atol=1e-6):
         torch.testing.assert_close(a[name].B, b[name].B, rtol=1e-5, atol=atol)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_resume_equals_an_uninterrupted_run(tmp_path, case):
-    overrides = [*CASES[case], "federation.local_steps=3", "data.max_length=48"]
+def _straight_and_saved(tmp_path, overrides):
+    """An uninterrupted 3-round run of `overrides`, and a 2-round one saved to tmp_path / "ckpt"."""
     straight = Simulation(tiny_config("tiny-llama", *overrides))
     for _ in range(3):
         straight.run_round()
-
     first = Simulation(tiny_config("tiny-llama", *overrides))
     first.run_round()
     first.run_round()
     save_checkpoint(first, tmp_path / "ckpt")
+    return straight, first
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_resume_equals_an_uninterrupted_run(tmp_path, case):
+    overrides = [*CASES[case], "federation.local_steps=3", "data.max_length=48"]
+    straight, first = _straight_and_saved(tmp_path, overrides)
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         saved_logits = first.global_model()(ids).logits
@@ -311,13 +316,7 @@ def test_resume_with_flop_counting_is_bit_identical(tmp_path, case):
     counts are now checkpointed, so the resumed run steps exactly as the uninterrupted one:
     adapters, losses and FLOPs equal bit for bit."""
     overrides = [*CASES[case], "federation.local_steps=3", "data.max_length=48", "count_flops=true"]
-    straight = Simulation(tiny_config("tiny-llama", *overrides))
-    for _ in range(3):
-        straight.run_round()
-    first = Simulation(tiny_config("tiny-llama", *overrides))
-    first.run_round()
-    first.run_round()
-    save_checkpoint(first, tmp_path / "ckpt")
+    straight, first = _straight_and_saved(tmp_path, overrides)
     del first
     resumed = Simulation(tiny_config("tiny-llama", *overrides))
     load_checkpoint(resumed, tmp_path / "ckpt")
