@@ -19,8 +19,8 @@ Named policies behind the same `Aggregator` interface (`robust.*` in the config)
   lr f(t) per step (`adam_step_bound`), so over a round of S local steps no honest holder's A or B
   coordinate moves further than lr S max f, and a copy's dA, dB are clamped to that box. It comes
   from the run's config (lr, local steps, the optimiser's betas), never from an upload, so an
-  honest copy is never clamped (`tests/aggregation/test_robust.py` trains real AdamW steps against
-  it) and a history that attackers inflate round after round stops there.
+  honest copy is never clamped (`tests/aggregation/test_robust_few_copies.py` trains real AdamW steps
+  against it) and a history that attackers inflate round after round stops there.
 
   What "update" means for the relative clip follows what `inner` combines:
 
@@ -52,6 +52,7 @@ import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 
@@ -69,6 +70,7 @@ from splitpeft.model.adapters import LoraWeights
 HISTORY_ROUNDS = 3  # rounds of accepted update norms a module's history keeps
 
 
+@cache  # asked for every module of every round, with the same few step counts
 def adam_step_bound(steps: int, betas: tuple[float, float] = (0.9, 0.999)) -> float:
     """max over t <= `steps` of the largest |m_hat_t| / sqrt(v_hat_t) AdamW can take at step t,
     whatever the gradients: the step of one coordinate is lr times at most this (eps only shrinks it).
@@ -177,8 +179,13 @@ def _interpolation_factor(xx: float, xy: float, yy: float, limit: float) -> floa
 Reference = Callable[[str, list[float]], float | None]  # (quantity, the copies' norms) -> m, or None: no relative clip
 
 
+def median_reference(on: str, norms: list[float]) -> float:
+    """The default `Reference`: the median of the copies' update norms, whatever the quantity."""
+    return statistics.median(norms)
+
+
 def clip_products(module: str, copies: Sequence[AdapterCopy], factor: float,
-                  reference: Reference = lambda on, norms: statistics.median(norms)) -> tuple[list[AdapterCopy], list[Clip]]:
+                  reference: Reference = median_reference) -> tuple[list[AdapterCopy], list[Clip]]:
     """Copies whose dense update exceeds `factor` x the reference m (by default the median one),
     scaled down to it."""
     norms = [product_update_norm(c) for c in copies]
@@ -205,7 +212,7 @@ def clip_products(module: str, copies: Sequence[AdapterCopy], factor: float,
 
 
 def clip_factors(module: str, copies: Sequence[AdapterCopy], factor: float,
-                 reference: Reference = lambda on, norms: statistics.median(norms)) -> tuple[list[AdapterCopy], list[Clip]]:
+                 reference: Reference = median_reference) -> tuple[list[AdapterCopy], list[Clip]]:
     """Copies whose A or B update exceeds `factor` x the reference (of A, of B; by default the
     median one), scaled down to it."""
     starts = [start_of(c) for c in copies]

@@ -210,22 +210,21 @@ class SplitServer:
         self.rejected.append((device_id, str(error)))
         self.reset_session(device_id)
 
-    def repair(self, device_id: str) -> bool:
+    def repair(self, device_id: str) -> None:
         """If `device_id`'s session holds a non-finite adapter or moment (a step the guards did not
         stop), drop its optimiser state: its adapters are reloaded from the global state at every
         OPEN_SESSION, so the session starts over from the global state and its device is not
-        banned. True if it was repaired."""
+        banned. Listed in `repaired`."""
         session = self.sessions.get(device_id)
         bad = session.reset_if_nonfinite() if session is not None else None
-        if bad is None:
-            return False
-        log.warning("session of %s held a non-finite %s: reset from the global state", device_id, bad)
-        self.repaired.append((device_id, bad))
-        return True
+        if bad is not None:
+            log.warning("session of %s held a non-finite %s: reset from the global state", device_id, bad)
+            self.repaired.append((device_id, bad))
 
-    def repair_all(self) -> list[str]:
-        """`repair` every session (a round boundary, before a checkpoint); the devices repaired."""
-        return [device_id for device_id in sorted(self.sessions) if self.repair(device_id)]
+    def repair_all(self) -> None:
+        """`repair` every session (a round boundary, before a checkpoint)."""
+        for device_id in sorted(self.sessions):
+            self.repair(device_id)
 
     def reset_session(self, device_id: str) -> None:
         """Forget `device_id`'s half-done step (a bad message, or a lost device); its session
