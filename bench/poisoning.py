@@ -144,11 +144,11 @@ def poison(sim: Simulation, attackers: list[str], attack: Attack) -> None:
 
 
 def run(args: argparse.Namespace, devices: int, kill_revive: bool, column: list[str],
-        attack: Attack | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-    """(weights before round 2, after it, updates clipped in it)."""
+        attack: Attack | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, int]:
+    """(weights before round 2, after it, updates clipped in round 2, updates clipped in both rounds)."""
     sim = Simulation(config(args, devices, kill_revive, column))
     modules = sorted({name for device in sim.devices for name in device.ranks})
-    sim.run_round()
+    first = sim.run_round()
     before = effective_weights(sim, modules)
     if attack is not None:
         attackers = [d.device_id for d in sim.devices[-FLEETS[devices]:]]
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace, devices: int, kill_revive: bool, column: list[
             upload_everything(device)
         poison(sim, attackers, attack)
     record = sim.run_round()
-    return before, effective_weights(sim, modules), len(record.clipped)
+    return before, effective_weights(sim, modules), len(record.clipped), len(first.clipped) + len(record.clipped)
 
 
 def shift(honest_before, honest_after, attacked_after) -> float:
@@ -181,13 +181,16 @@ def main() -> None:
     print("| devices (attackers) | Kill and Revive | attack | " + " | ".join(COLUMNS) + " |")
     print("|---|---|---|" + "---:|" * len(COLUMNS))
     worst_default = []
+    honest_clipped: dict[str, int] = dict.fromkeys(COLUMNS, 0)
     for devices, attackers in FLEETS.items():
         for kill_revive in (False, True):
             honest = {name: run(args, devices, kill_revive, overrides, None) for name, overrides in COLUMNS.items()}
+            for name, (_, _, _, clipped_both) in honest.items():
+                honest_clipped[name] += clipped_both
             for attack_name, attack in ATTACKS.items():
                 cells = []
                 for name, overrides in COLUMNS.items():
-                    _, attacked_after, clipped = run(args, devices, kill_revive, overrides, attack)
+                    _, attacked_after, clipped, _ = run(args, devices, kill_revive, overrides, attack)
                     value = shift(honest[name][0], honest[name][1], attacked_after)
                     if name in DEFAULT_COLUMNS:
                         worst_default.append((value, f"{devices} devices, KR {kill_revive}, {attack_name}, {name}"))
@@ -201,6 +204,8 @@ def main() -> None:
           f"median {statistics.median(v for v, _ in worst_default):.2f}; rows over 2x: {len(over)}")
     for row in over:
         print(f"  over 2x: {row}")
+    print("honest runs (no attacker, both rounds, all fleets): updates clipped per column: "
+          + ", ".join(f"{name} {count}" for name, count in honest_clipped.items()))
     print(f"{time.perf_counter() - start:.0f} s")
 
 
