@@ -138,6 +138,16 @@ class TransportConfig:
 
 
 @dataclass
+class ServerConfig:
+    batch_devices: bool = _help(
+        "run the split steps of devices that arrive together as one pass of the server's frozen model, each "
+        "device's LoRA on its own rows (simulation: a round's devices step in lockstep; gRPC: the steps that "
+        "arrive within batch_window_ms); the same adapters as one device at a time", True)
+    batch_window_ms: float = _help(
+        "gRPC split server with batch_devices: how long the first step of a pass waits for others to join it", 5.0)
+
+
+@dataclass
 class FleetConfig:
     memory_bytes: list[int] | None = _help("each device's memory budget in bytes (one per device)", None)
     memory_range: list[int] | None = _help("[min, max]: budgets spread evenly over the devices", None)
@@ -281,6 +291,7 @@ class ExperimentConfig:
     kill_revive: KillReviveConfig = field(default_factory=KillReviveConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     hsplit: HSplitConfig = field(default_factory=HSplitConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -436,6 +447,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "federation.lr": Bound(0, 1, low_open=True),
     "transport.max_message_bytes": Bound(64 * 1024, 2**31 - 1),
     "transport.idle_timeout_s": Bound(0, 86_400, low_open=True),
+    "server.batch_window_ms": Bound(0, 60_000),
     "transport.step_timeout_s": Bound(0, 86_400, low_open=True),
     "fleet.memory_bytes": Bound(1, 2**50),
     "fleet.memory_range": Bound(1, 2**50),

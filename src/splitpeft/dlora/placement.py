@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,11 +41,11 @@ from splitpeft.dlora.remote import (
     _Link,
     _server_worker,
     abort_step,
-    branch,
     install_server_hooks,
 )
 from splitpeft.model.adapters import (
     from_tensors,
+    lora_branch,
     lora_layers,
     read_adapters,
     to_tensors,
@@ -57,6 +57,9 @@ from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, backward_from_cut, freeze_locally
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
+
+if TYPE_CHECKING:
+    from splitpeft.model.batched import BatchedPass
 
 
 @dataclass
@@ -111,7 +114,7 @@ class DLoRAPlacement:
                 raise MessageError(f"server asked for adapters this device does not run: {unknown[:3]}")
             x = reply.tensor("x", shape=(*embedded.shape[:2], None), dtype=embedded.dtype, device=embedded.device).requires_grad_()
             with meter.compute(adapters=True):
-                outputs = {name: branch(layers[name], x) for name in names}  # (B, T, d_out) each
+                outputs = {name: lora_branch(layers[name], x) for name in names}  # (B, T, d_out) each
             pending[int(reply.meta[Meta.CALL])] = (x, outputs)
             reply = channel.exchange(Message(Kind.BRANCH_OUTPUTS, {n: o.detach() for n, o in outputs.items()},
                                              meta={Meta.CALL: reply.meta[Meta.CALL]}))
@@ -186,6 +189,12 @@ class DLoRAPlacement:
     def abort(self, session: ServerSide) -> None:
         if session.step_state is not None:
             abort_step(session.step_state)
+
+    def wave_key(self, session: ServerSide, message: Message) -> Hashable | None:
+        return None  # each dlora step is its own exchange of branch inputs and outputs
+
+    def server_wave(self, batched: BatchedPass, steps: Sequence[tuple[ServerSide, Message]]) -> list[Message | Exception | None]:
+        raise MessageError("dlora steps are served one at a time")
 
     def server_step(self, session: ServerSide, message: Message) -> Message:
         state: DLoRASession = session.step_state

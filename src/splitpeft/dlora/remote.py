@@ -19,10 +19,7 @@ from typing import Any
 
 import torch
 
-from splitpeft.model.adapters import (
-    ADAPTER_NAME,
-    LoraWeights,
-)
+from splitpeft.model.adapters import LoraWeights
 from splitpeft.placements.base import ServerSide
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta
 
@@ -45,16 +42,6 @@ def input_groups(module_names: Sequence[str]) -> dict[str, str]:
         block = parent.rsplit(".", 1)[0] if leaf in shared else parent
         groups[name] = f"{block}:{shared.get(leaf, leaf)}"
     return groups
-
-
-def branch(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    """The LoRA branch s * B A x of a peft layer, without its base linear: (..., d_in) -> (..., d_out).
-
-    As in peft, the branch runs in the adapter's dtype (fp32) on `x` cast to it; its output goes
-    back in `x`'s dtype (the runtime dtype of the activations on the wire)."""
-    a, b = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
-    inner = x.to(a.weight.dtype)
-    return (b(a(layer.lora_dropout[ADAPTER_NAME](inner))) * layer.scaling[ADAPTER_NAME]).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------ server side

@@ -23,7 +23,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from splitpeft.federation.fleet import (
     seed_everything,
     warm_start_of,
 )
+from splitpeft.federation.lockstep import Lockstep
 from splitpeft.federation.preflight import check_against_model, check_held_out
 from splitpeft.federation.records import (
     DeviceResult,
@@ -131,8 +132,10 @@ class Simulation:
             base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,
             alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks, runtime=runtime,
             limits=StepLimits.from_config(config), warm=warm_start_of(config), rslora=config.lora.rslora,
-            bounds=FrameBounds.from_config(config, base),
+            bounds=FrameBounds.from_config(config, base), batch_devices=config.server.batch_devices,
         )
+        # With a batched server pass the round's devices run in lockstep (`federation/lockstep.py`).
+        self.lockstep = Lockstep(self.server) if self.server.batched is not None else None
         if config.data.partition == "whole":  # every device trains on all of it: encode once
             encoded = [encode(train, tokenizer, config.data.max_length)] * len(shards)
         else:
@@ -156,7 +159,7 @@ class Simulation:
         self.devices: list[DeviceRuntime] = [
             self.build_device(i, *plans.get(d, (None, None))) for i, d in enumerate(self.device_ids)]
         self.channels = {
-            d: InProcessChannel(d, self.server, tap=tap, compression=config.transport.compression,
+            d: InProcessChannel(d, self.lockstep or self.server, tap=tap, compression=config.transport.compression,
                                 max_message_bytes=config.transport.max_message_bytes)
             for d in self.device_ids
         }
@@ -185,8 +188,13 @@ class Simulation:
     def run_round(self, on_device_done: Callable[[str], None] | None = None) -> RoundRecord:
         record = self.begin_round()
         results: dict[str, DeviceResult] = {}
-        for device in self.selected_devices(record.round):
-            result = self._train_in_process(device, record)
+        selected = self.selected_devices(record.round)
+        if self.lockstep is not None and len(selected) > 1:
+            outcomes = self.lockstep.run([(device.device_id, partial(self._train_in_process, device, record))
+                                          for device in selected])
+        else:
+            outcomes = [self._train_in_process(device, record) for device in selected]
+        for device, result in zip(selected, outcomes):
             if result is not None:
                 results[device.device_id] = result
                 if on_device_done is not None:

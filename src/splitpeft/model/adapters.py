@@ -148,6 +148,17 @@ def read_adapters(model: nn.Module, names: Iterable[str] | None = None) -> Adapt
     layers = lora_layers(model)
     selected = layers if names is None else {n: layers[n] for n in names}
     return {name: LoraWeights(*(p.detach().clone() for p in lora_ab(layer))) for name, layer in selected.items()}
+def lora_branch(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA branch s * B A x of a peft layer, without its base linear: (..., d_in) -> (..., d_out).
+
+    Computed as peft's layer computes it (the factors choose their compute dtype, `BranchLinear`);
+    the output is in `x`'s dtype. dlora's device computes its branches with it (it holds no base
+    linear), and the server's batched pass adds each session's branch to its own rows
+    (`model/batched.py`)."""
+    a, b = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+    return (b(a(layer.lora_dropout[ADAPTER_NAME](x))) * layer.scaling[ADAPTER_NAME]).to(x.dtype)
+
+
 
 
 def write_adapters(model: nn.Module, weights: Mapping[str, LoraWeights]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from splitpeft.model.adapters import AdapterError, AdapterSet
 from splitpeft.model.backbone import backbone_of
+from splitpeft.model.batched import BatchedPass
 from splitpeft.model.loss import IGNORE_INDEX
 from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.frame_bounds import FrameBounds, gradient_problem
@@ -136,14 +137,20 @@ class SplitServer:
     global state). `limits` bound each step's work (`StepLimits.from_config`); None: unbounded.
     `warm`: every session takes noise-free's warm adapters (`WarmStart`); None: cold.
     `bounds` bound the norm of what enters a server step (`FrameBounds.from_config`); None: unbounded.
+    `batch_devices`: steps of several devices offered together (`handle_wave`) run as one pass.
     """
 
     def __init__(self, base: PreTrainedModel, server_ranks: Callable[[range], Mapping[str, int]],
                  start_state: Callable[[str, dict[str, int]], AdapterSet], *,
                  alpha: float, dropout: float, lr: float, num_blocks: int, runtime: Runtime = CPU_FP32,
                  limits: StepLimits | None = None, warm: WarmStart | None = None, rslora: bool = False,
-                 bounds: FrameBounds | None = None) -> None:
+                 bounds: FrameBounds | None = None, batch_devices: bool = False) -> None:
         self.base = base
+        # One pass of the frozen model for the steps of many devices (`handle_wave`); not under
+        # fp16 loss scaling (each session scales its own backward) or a quantized server base.
+        batchable = (batch_devices and not runtime.loss_scaling and not runtime.gradient_checkpointing
+                     and runtime.server_quantization() == "none")
+        self.batched = BatchedPass(base, device=runtime.server_device, dtype=runtime.dtype) if batchable else None
         self.bounds = bounds
         self.rslora = rslora
         self.warm = warm
@@ -166,19 +173,67 @@ class SplitServer:
         try:
             if message.kind == Kind.OPEN_SESSION:
                 return self._open(device_id, message)
-            session = self.sessions.get(device_id)
-            if session is None:
-                raise MessageError(f"device {device_id!r} has no open session")
+            session = self._checked(device_id, message)
             if message.kind == Kind.CLOSE_SESSION:
                 return Message(Kind.SESSION_CLOSED, meta={Meta.TOKENS: session.tokens})
-            if message.kind == Kind.ACTIVATIONS and self.limits is not None:
-                self.limits.check(message)  # before any compute
-            if self.bounds is not None:
-                self.bounds.check(message, session.split_layer)  # before any compute
             return session.placement.server_step(session, message)
         except (MessageError, AdapterError, ValueError) as error:
             self.reject(device_id, error)
             return error_message(str(error))
+
+    def _checked(self, device_id: str, message: Message) -> ServerSession:
+        """`device_id`'s session, once `message` passed the step limits and frame bounds
+        (MessageError otherwise): nothing is computed before this."""
+        session = self.sessions.get(device_id)
+        if session is None:
+            raise MessageError(f"device {device_id!r} has no open session")
+        if message.kind == Kind.ACTIVATIONS and self.limits is not None:
+            self.limits.check(message)
+        if self.bounds is not None:
+            self.bounds.check(message, session.split_layer)
+        return session
+
+    def handle_wave(self, items: Sequence[tuple[str, Message]]) -> list[Message | None]:
+        """Replies to messages of several devices that arrived together (at most one each).
+
+        With `batch_devices`, the steps among them that their placement can run together
+        (`Placement.wave_key`: split's ACTIVATIONS, and the head gradients of a U-shaped forward
+        run together) run as one pass of the frozen model (`parties/batched.py`); the rest, and a
+        step alone in its group, are handled one at a time as by `handle`. A bad message is refused
+        alone: the others of its wave are served. None: no reply yet (a head gradient whose forward
+        pass still waits for another member's): offer the message again with the next wave."""
+        replies: list[Message | None] = [None] * len(items)
+        groups: dict[Hashable, list[int]] = {}
+        for index, (device_id, message) in enumerate(items):
+            session = self.sessions.get(device_id)
+            key = None
+            if self.batched is not None and session is not None and message.kind != Kind.OPEN_SESSION:
+                key = session.placement.wave_key(session, message)
+            if key is None:
+                replies[index] = self.handle(device_id, message)
+                continue
+            try:
+                self._checked(device_id, message)
+            except (MessageError, AdapterError, ValueError) as error:
+                self.reject(device_id, error)
+                replies[index] = error_message(str(error))
+                continue
+            groups.setdefault(key, []).append(index)
+        for indexes in groups.values():
+            steps = [(self.sessions[items[i][0]], items[i][1]) for i in indexes]
+            if len(steps) == 1 and steps[0][1].kind == Kind.ACTIVATIONS:
+                session, message = steps[0]
+                replies[indexes[0]] = self.handle(session.device_id, message)
+                continue
+            assert self.batched is not None
+            results = steps[0][0].placement.server_wave(self.batched, steps)
+            for index, (session, _), result in zip(indexes, steps, results):
+                if isinstance(result, Exception):
+                    self.reject(session.device_id, result)
+                    replies[index] = error_message(str(result))
+                else:
+                    replies[index] = result
+        return replies
 
     def _open(self, device_id: str, message: Message) -> Message:
         meta = message.meta

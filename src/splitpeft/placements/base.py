@@ -19,8 +19,8 @@ The placements: `split` and its U-shaped variant (`placements/split.py`), `centr
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
-from typing import Any, Protocol
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -32,6 +32,9 @@ from splitpeft.parties.meter import DeviceMeter
 from splitpeft.privacy.defences import Defence
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Message
+
+if TYPE_CHECKING:
+    from splitpeft.model.batched import BatchedPass
 
 
 class DeviceSide(Protocol):
@@ -74,6 +77,7 @@ class ServerSide(Protocol):
     rslora: bool          # ... or alpha / sqrt(r) (rsLoRA)
     tokens: int           # tokens this session trained on, counted by the server (labelled positions, else B x T)
     step_state: Any       # the placement's own state between messages of one step
+    warm_factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]]  # (s, A0, B0) of a warm start's own W - s B0 A0
 
     def check_labels(self, labels: torch.Tensor) -> None: ...
 
@@ -133,6 +137,16 @@ class Placement(Protocol):
 
     def abort(self, session: ServerSide) -> None:
         """Drop any half-done step of `session` so its next step starts clean."""
+        ...
+
+    def wave_key(self, session: ServerSide, message: Message) -> Hashable | None:
+        """Messages of several sessions with the same key can be answered by one `server_wave`
+        (one pass of the frozen model for all of them); None: this one is answered alone."""
+        ...
+
+    def server_wave(self, batched: BatchedPass, steps: Sequence[tuple[ServerSide, Message]]) -> list[Message | Exception | None]:
+        """The replies to `steps` (messages with one `wave_key`, one per session), run as one pass
+        of `batched`: an Exception refuses that step alone; None: no reply yet (offer it again)."""
         ...
 
 

@@ -3,9 +3,9 @@ every other placement must match step for step."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitpeft.data.batching import Batch
 from splitpeft.model.loss import causal_lm_loss
@@ -13,6 +13,9 @@ from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, freeze_locally
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Message, MessageError
+
+if TYPE_CHECKING:
+    from splitpeft.model.batched import BatchedPass
 
 
 @dataclass
@@ -60,3 +63,9 @@ class CentralizedPlacement:
 
     def abort(self, session: ServerSide) -> None:
         pass
+
+    def wave_key(self, session: ServerSide, message: Message) -> Hashable | None:
+        return None
+
+    def server_wave(self, batched: BatchedPass, steps: Sequence[tuple[ServerSide, Message]]) -> list[Message | Exception | None]:
+        raise MessageError("the centralized placement has no server traffic")

@@ -20,13 +20,15 @@ still carry most of what the tokens were, and the head gradient the labels (the 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import math
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from splitpeft.data.batching import Batch
+from splitpeft.model.batched import BatchedPass, Member, Wave
 from splitpeft.model.loss import IGNORE_INDEX, causal_lm_loss
 from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, backward_from_cut, freeze_locally
@@ -108,12 +110,7 @@ class SplitPlacement:
     def server_step(self, session: ServerSide, message: Message) -> Message:
         backbone = session.backbone
         if message.kind == Kind.ACTIVATIONS:
-            hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=session.dtype, device=session.torch_device)
-            hidden = hidden.requires_grad_()
-            labels = None
-            if not self.labels_on_device:  # checked before any compute
-                labels = message.tensor("labels", shape=hidden.shape[:2], dtype=torch.int32, device=session.torch_device).long()
-                session.check_labels(labels)
+            hidden, labels = self._received(session, message)
             final = backbone.blocks(hidden, session.split_layer, backbone.num_blocks)  # (B, T, d)
             if labels is None:
                 session.step_state = (hidden, final)  # until the device's HEAD_GRADIENT
@@ -124,7 +121,7 @@ class SplitPlacement:
             session.optimizer_step(tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()), loss=loss_value)
             return Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(hidden)}, meta={Meta.LOSS: finite(loss_value)})
         if message.kind == Kind.HEAD_GRADIENT and self.labels_on_device:
-            if session.step_state is None:
+            if not isinstance(session.step_state, tuple):
                 raise MessageError("HEAD_GRADIENT without a preceding ACTIVATIONS message")
             hidden, final = session.step_state
             session.step_state = None
@@ -137,5 +134,113 @@ class SplitPlacement:
         raise MessageError(f"unexpected {message.kind.name} message for placement {self.name}")
 
     def abort(self, session: ServerSide) -> None:
+        if isinstance(session.step_state, _InWave):
+            session.step_state.wave.drop(session.device_id)  # the others no longer wait for it
         session.step_state = None
+
+    # ----------------------------------------------------------------- server side, many devices at once
+
+    def wave_key(self, session: ServerSide, message: Message) -> Hashable | None:
+        if message.kind == Kind.ACTIVATIONS:
+            return (self.name, self.labels_on_device, "forward")
+        if message.kind == Kind.HEAD_GRADIENT and self.labels_on_device and isinstance(session.step_state, _InWave):
+            return (self.name, "backward", id(session.step_state.wave))
+        return None
+
+    def server_wave(self, batched: BatchedPass, steps: Sequence[tuple[ServerSide, Message]]) -> list[Message | Exception | None]:
+        """`server_step` for many sessions at once: their ACTIVATIONS as one forward (and, plain
+        split, one backward); U-shaped, their HEAD_GRADIENTs as one backward once every session of
+        that forward has sent its own."""
+        if steps[0][1].kind == Kind.ACTIVATIONS:
+            return self._forward_wave(batched, steps)
+        return self._backward_wave(steps)
+
+    def _forward_wave(self, batched: BatchedPass, steps: Sequence[tuple[ServerSide, Message]]) -> list[Message | Exception | None]:
+        results: list[Message | Exception | None] = [None] * len(steps)
+        members: list[Member] = []
+        owner: dict[int, tuple[int, ServerSide]] = {}  # id(member) -> its step's index, its session
+        for i, (session, message) in enumerate(steps):
+            try:
+                hidden, labels = self._received(session, message)
+            except MessageError as error:
+                results[i] = error
+                continue
+            members.append(Member(session, hidden, labels))
+            owner[id(members[-1])] = (i, session)
+        if not members:
+            return results
+        output = batched.forward(members)
+        if self.labels_on_device:
+            wave = Wave(list(members))
+            for member in members:
+                i, session = owner[id(member)]
+                assert member.final is not None
+                session.step_state = _InWave(wave, member)
+                results[i] = Message(Kind.FINAL_HIDDEN, {"hidden": member.final.detach()})
+            return results
+        losses = batched.losses(members, output)
+        values = [float(loss.item()) for loss in losses]
+        finite_losses = [loss for loss, value in zip(losses, values) if math.isfinite(value)]
+        if finite_losses:
+            torch.autograd.backward(finite_losses)  # each session's adapters get its own loss's gradient
+        for member, value in zip(members, values):
+            i, session = owner[id(member)]
+            labels = member.labels
+            assert labels is not None
+            try:
+                session.optimizer_step(tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()), loss=value)
+                results[i] = Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(member.hidden)},
+                                     meta={Meta.LOSS: finite(value)})
+            except MessageError as error:
+                results[i] = error
+        return results
+
+    def _backward_wave(self, steps: Sequence[tuple[ServerSide, Message]]) -> list[Message | Exception | None]:
+        results: list[Message | Exception | None] = [None] * len(steps)
+        wave = steps[0][0].step_state.wave
+        offered: dict[str, int] = {}
+        for i, (session, message) in enumerate(steps):
+            member = session.step_state.member
+            try:
+                wave.grads[session.device_id] = message.tensor(
+                    "grad", shape=member.final.shape, dtype=session.wire_grad_dtype, device=member.final.device)
+                offered[session.device_id] = i
+            except MessageError as error:
+                wave.drop(session.device_id)
+                results[i] = error
+        if wave.waiting_for() or set(offered) != {m.session.device_id for m in wave.members}:
+            return results  # the wave's backward waits for every member's head gradient
+        finals = [m.final for m in wave.members]
+        torch.autograd.backward(finals, [wave.grads[m.session.device_id] for m in wave.members])
+        sessions = {session.device_id: session for session, _ in steps}
+        for member in wave.members:
+            session = sessions[member.session.device_id]
+            session.step_state = None
+            assert member.final is not None
+            i = offered[session.device_id]
+            try:
+                session.optimizer_step(tokens=int(member.final.shape[0]) * int(member.final.shape[1]))
+                results[i] = Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(member.hidden)})
+            except MessageError as error:
+                results[i] = error
+        return results
+
+    def _received(self, session: ServerSide, message: Message) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hidden states (a leaf that requires grad) and, plain split, the labels of an
+        ACTIVATIONS message, checked before any compute."""
+        hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=session.dtype,
+                                device=session.torch_device).requires_grad_()
+        labels = None
+        if not self.labels_on_device:
+            labels = message.tensor("labels", shape=hidden.shape[:2], dtype=torch.int32, device=session.torch_device).long()
+            session.check_labels(labels)
+        return hidden, labels
+
+
+@dataclass
+class _InWave:
+    """A U-shaped session's step in a shared forward pass, until its head gradient."""
+
+    wave: Wave
+    member: Member
 

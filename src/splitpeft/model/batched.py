@@ -1,0 +1,179 @@
+"""One server pass for many devices (`server.batch_devices`).
+
+Every device's server session is its own party (its own adapters, its own AdamW), but the frozen
+blocks are the same for all of them. So when the steps of several sessions arrive together (in the
+simulator every device of a round steps in lockstep; over gRPC the steps that arrive within
+`server.batch_window_ms`), the server runs its frozen blocks once over all their rows::
+
+    rows of device 0 (B0, T0, d) ─┐ padded on the right to the wave's longest T, concatenated on the batch axis
+    rows of device 1 (B1, T1, d) ─┤
+    rows of device 2 (joins at its own cut k2 > k0) ──────┐
+                                  ▼                       ▼
+          block k0 ... block k2-1 ──────────────── cat ── block k2 ... block L-1 ── (head, per-row losses)
+          every adapted linear: W x once for all rows, + each session's s B A x on its own rows only
+
+Exactness: the mask is causal, so positions padded after a row change nothing before them, and
+every operation of a block is per row (attention per sequence), so each session's rows, and the
+gradients of its adapters, are those it would get alone. Backward runs once for the wave (one
+`torch.autograd.backward` over every session's loss or head gradient); then each session takes its
+own guarded optimiser step (`ServerSession.optimizer_step`), so a session whose step is bad rolls
+back alone. Equal to one session at a time to float rounding (tests/parties/test_batched_server.py).
+
+A session trained against its own frozen copy W - s B0 A0 (noise-free's warm start) gets the
+shared W x plus the low-rank correction - s B0 (A0 x) on its rows (`Party.warm_factors`), which is
+the same product without a (d_out, d_in) matmul per session.
+
+The pass holds one structural copy of the server's frozen model (`host`: the base's own tensors,
+no adapters); forward hooks on its adapted linears add each session's branch while a wave runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import PreTrainedModel
+
+from splitpeft.model.adapters import lora_branch, lora_layers
+from splitpeft.model.backbone import backbone_of
+from splitpeft.model.loss import IGNORE_INDEX
+from splitpeft.model.parts import Part, view_part
+
+
+class WaveSession(Protocol):
+    """What the pass reads of a server session."""
+
+    device_id: str
+    split_layer: int
+    model: PreTrainedModel
+    warm_factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]]  # (s, A0, B0) of its own W - s B0 A0
+
+
+@dataclass
+class Member:
+    """One session's part of a wave: its rows in the concatenated batch and what it sent."""
+
+    session: WaveSession
+    hidden: torch.Tensor                # (B, T, d) as received, a leaf that requires grad
+    labels: torch.Tensor | None = None  # (B, T) int64 where the server computes the loss
+    rows: slice = field(default_factory=lambda: slice(0, 0))  # its rows in the wave's batch
+    final: torch.Tensor | None = None   # (B, T, d) its output after the last block
+    layers: dict[str, LoraLayer] = field(default_factory=dict)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.hidden.shape[1])
+
+
+@dataclass
+class Wave:
+    """A forward pass shared by several sessions, until each has sent its head gradient (U-shaped)."""
+
+    members: list[Member]
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # device id -> head gradient received
+
+    def waiting_for(self) -> list[str]:
+        return [m.session.device_id for m in self.members if m.session.device_id not in self.grads]
+
+    def drop(self, device_id: str) -> None:
+        """A member's step was aborted: the others no longer wait for its head gradient."""
+        self.members = [m for m in self.members if m.session.device_id != device_id]
+        self.grads.pop(device_id, None)
+
+
+class BatchedPass:
+    """The server's frozen model, run once for the rows of many sessions (see the module docstring)."""
+
+    def __init__(self, base: PreTrainedModel, *, device: torch.device, dtype: torch.dtype) -> None:
+        num_blocks = backbone_of(base).num_blocks
+        self.host = view_part(base, Part(range(num_blocks), embedding=False, head=True), device=device, dtype=dtype)
+        self.host.requires_grad_(False)
+        self.host.train()  # as the sessions' models (dropout, if the model has any, as in one-at-a-time)
+        self.backbone = backbone_of(self.host)
+        self.num_blocks = num_blocks
+        self._members: Sequence[Member] = ()
+        for name, module in self.host.named_modules():
+            if _is_linear(module):
+                module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str) -> Any:
+        def add_branches(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            members = self._members
+            if not members or not any(name in m.layers for m in members):
+                return output
+            x = inputs[0]
+            pieces = []
+            for member in members:
+                rows = output[member.rows]
+                layer = member.layers.get(name)
+                if layer is not None:
+                    xs = x[member.rows]
+                    rows = rows + lora_branch(layer, xs)
+                    warm = member.session.warm_factors.get(name)
+                    if warm is not None:  # the session's own frozen copy is W - s B0 A0
+                        scale, a0, b0 = warm
+                        rows = rows - (scale * ((xs.to(a0.dtype) @ a0.T) @ b0.T)).to(rows.dtype)
+                pieces.append(rows)
+            return torch.cat(pieces)
+        return add_branches
+
+    @contextmanager
+    def _running(self, members: Sequence[Member]) -> Iterator[None]:
+        self._members = members
+        try:
+            yield
+        finally:
+            self._members = ()
+
+    def forward(self, members: list[Member]) -> torch.Tensor:
+        """Run every member from its cut (`session.split_layer`) through the last block; sets each
+        member's `rows` and `final`; returns the wave's output (N, T_max, d)."""
+        t_max = max(m.seq_len for m in members)
+        joins = sorted({m.session.split_layer for m in members})
+        joined: list[Member] = []
+        x: torch.Tensor | None = None
+        position = joins[0]
+        with self._running(joined):
+            for k in joins:
+                if x is not None:
+                    x = self.backbone.blocks(x, position, k)
+                position = k
+                for member in (m for m in members if m.session.split_layer == k):
+                    member.layers = lora_layers(member.session.model)
+                    start = 0 if x is None else int(x.shape[0])
+                    member.rows = slice(start, start + int(member.hidden.shape[0]))
+                    padded = F.pad(member.hidden, (0, 0, 0, t_max - member.seq_len))
+                    x = padded if x is None else torch.cat([x, padded])
+                    joined.append(member)
+            assert x is not None
+            x = self.backbone.blocks(x, position, self.num_blocks)
+        for member in joined:
+            member.final = x[member.rows, : member.seq_len]
+        members[:] = joined
+        return x
+
+    def losses(self, members: list[Member], output: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's mean next-token cross-entropy over its labelled positions (as
+        `causal_lm_loss` for it alone), from one head pass over every row."""
+        logits = self.backbone.head(output)  # (N, T_max, V)
+        t_max = output.shape[1]
+        labels = torch.full(output.shape[:2], IGNORE_INDEX, dtype=torch.long, device=output.device)
+        for member in members:
+            assert member.labels is not None
+            labels[member.rows, : member.seq_len] = member.labels
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (N, T_max)
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
+                                    ignore_index=IGNORE_INDEX, reduction="none").view(-1, t_max)
+        counted = shifted != IGNORE_INDEX
+        return [per_token[m.rows].sum() / counted[m.rows].sum() for m in members]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A linear a LoRA adapter can sit on: torch's Linear (quantized ones subclass it) or GPT-2's Conv1D."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

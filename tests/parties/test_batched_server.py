@@ -1,0 +1,158 @@
+"""Issue 22 item 3: one server pass for many devices (`server.batch_devices`, `model/batched.py`)
+gives what one device at a time gives: the same losses, cut gradients and adapters to 1e-5 in
+fp32, for plain split and U-shaped, mixed split points and ranks, noise-free's warm start and Kill
+and Revive; a device whose frame is bad is refused alone."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from splitpeft.federation.simulation import Simulation
+from splitpeft.transport.messages import Kind, Message, Meta
+
+TOL = 1e-5
+
+
+def _sim(batch: bool, *overrides: str) -> Simulation:
+    return Simulation(tiny_config("tiny-llama", f"server.batch_devices={str(batch).lower()}", "data.max_length=64",
+                                  "federation.aggregator=noise_free",
+                                  *overrides))
+
+
+def _mixed_plans(sim: Simulation) -> None:
+    """Devices cut at blocks 1, 2 and 3 with ranks 2, 4 and 4-or-2: sessions join the pass at their block."""
+    plans = {}
+    for index, device in enumerate(sim.devices):
+        split = index + 1
+        names = sorted(n for n in sim.ranks if any(n.startswith(sim.backbone.block_prefix(j)) for j in range(split)))
+        plans[device.device_id] = (split, {n: (2 if (index + k) % 2 else 4) for k, n in enumerate(names)})
+    sim.replan(plans)
+
+
+def _trained_state(sim: Simulation) -> dict[str, torch.Tensor]:
+    """Every party's adapters and AdamW moments, and the frozen weights noise-free merges into."""
+    state: dict[str, torch.Tensor] = {}
+    parties = [*(("device", d.device_id, d) for d in sim.devices),
+               *(("server", name, s) for name, s in sim.server.sessions.items())]
+    for side, name, party in parties:
+        for module, weights in party.adapters().items():
+            state[f"{side}/{name}/{module}.A"] = weights.A
+            state[f"{side}/{name}/{module}.B"] = weights.B
+        for i, tensor in enumerate(party.optimizer_state_tensors()):
+            state[f"{side}/{name}/moment{i}"] = tensor.detach().clone()
+    for name, parameter in sim.loaded.model.named_parameters():
+        state[f"base/{name}"] = parameter.detach().clone()
+    return state
+
+
+def _assert_same(one: dict[str, torch.Tensor], batched: dict[str, torch.Tensor]) -> None:
+    assert one.keys() == batched.keys()
+    worst = max(float((one[k] - batched[k]).abs().max()) for k in one)
+    assert worst < TOL, f"largest difference {worst}"
+
+
+CASES = {
+    "plain_split": ["placement.labels_on_device=false"],
+    "u_shaped": ["placement.labels_on_device=true"],
+    "u_shaped_warm_start": ["placement.labels_on_device=true", "federation.aggregator=noise_free",
+                            "federation.noise_free_start=warm", "federation.noise_free_factors=own_a"],
+    "plain_warm_start_kill_revive": ["placement.labels_on_device=false", "federation.aggregator=noise_free",
+                                     "federation.noise_free_start=warm", "kill_revive.enabled=true",
+                                     "kill_revive.warmup=1", "kill_revive.interval=1", "kill_revive.active_fraction=0.5",
+                                     "kill_revive.revive_interval=2"],
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_batched_rounds_equal_one_device_at_a_time(case):
+    """Three devices at blocks 1, 2 and 3 with mixed ranks, 3 rounds: per-step losses, every
+    party's adapters and moments, and the merged frozen weights match one-at-a-time to 1e-5."""
+    runs = {}
+    for batch in (False, True):
+        sim = _sim(batch, "federation.rounds=3", *CASES[case])
+        _mixed_plans(sim)
+        records = [sim.run_round() for _ in range(3)]
+        runs[batch] = (sim, records)
+    (serial, serial_records), (batched, batched_records) = runs[False], runs[True]
+    assert serial.lockstep is None and batched.lockstep is not None
+    assert max(batched.lockstep.waves) == 3  # the 3 devices' steps were served together
+    for one, many in zip(serial_records, batched_records):
+        assert one.dropped == many.dropped == []
+        for device_id, stats in one.devices.items():
+            assert many.devices[device_id].losses == pytest.approx(stats.losses, abs=TOL)
+            # the same frames, but for the last digits of each step's loss in their metadata
+            assert abs(many.devices[device_id].bytes_down - stats.bytes_down) <= 4 * len(stats.losses)
+            assert abs(many.devices[device_id].bytes_up - stats.bytes_up) <= 4 * len(stats.losses)
+    _assert_same(_trained_state(serial), _trained_state(batched))
+
+
+def _opened(batch: bool, *overrides: str) -> Simulation:
+    sim = _sim(batch, *overrides)
+    _mixed_plans(sim)
+    for device in sim.devices:
+        device.open_session(sim.channels[device.device_id])
+    return sim
+
+
+@pytest.mark.parametrize("labels_on_device", [False, True], ids=["plain_split", "u_shaped"])
+def test_a_bad_frame_in_a_wave_is_refused_alone(labels_on_device):
+    """A wave of three ACTIVATIONS of which one has the wrong hidden size: that device gets an
+    error naming the shape and its session is reset; the other two get exactly the replies they
+    get when served one at a time."""
+    overrides = [f"placement.labels_on_device={str(labels_on_device).lower()}"]
+    serial, batched = _opened(False, *overrides), _opened(True, *overrides)
+    generator = torch.Generator().manual_seed(0)
+    hidden_size = serial.server.sessions["device-0"].hidden_size
+    frames = {}
+    for device in serial.devices:
+        tensors = {"hidden": torch.randn(2, 9 + device.split_layer, hidden_size, generator=generator)}
+        if not labels_on_device:
+            tensors["labels"] = torch.randint(0, 100, (2, 9 + device.split_layer), generator=generator, dtype=torch.int32)
+        frames[device.device_id] = Message(Kind.ACTIVATIONS, tensors)
+    bad = Message(Kind.ACTIVATIONS, {**frames["device-1"].tensors, "hidden": torch.randn(2, 10, hidden_size + 1)})
+    wave = [("device-0", frames["device-0"]), ("device-1", bad), ("device-2", frames["device-2"])]
+    replies = batched.server.handle_wave(wave)
+    assert replies[1] is not None and replies[1].kind == Kind.ERROR
+    assert "shape" in replies[1].meta[Meta.ERROR]
+    assert batched.server.rejected and batched.server.rejected[0][0] == "device-1"
+    for index, device_id in ((0, "device-0"), (2, "device-2")):
+        alone = serial.server.handle(device_id, frames[device_id])
+        reply = replies[index]
+        assert reply is not None and reply.kind == alone.kind
+        for name, tensor in alone.tensors.items():
+            assert torch.allclose(reply.tensors[name], tensor, atol=TOL), name
+    if labels_on_device:  # the two U-shaped steps finish with one backward once both head gradients are in
+        grads = {d: Message(Kind.HEAD_GRADIENT, {"grad": torch.randn_like(replies[i].tensors["hidden"])})
+                 for i, d in ((0, "device-0"), (2, "device-2"))}
+        backward = batched.server.handle_wave(list(grads.items()))
+        for (device_id, message), reply in zip(grads.items(), backward):
+            alone = serial.server.handle(device_id, message)
+            assert reply is not None and reply.kind == alone.kind == Kind.CUT_GRADIENT
+            assert torch.allclose(reply.tensors["grad"], alone.tensors["grad"], atol=TOL)
+
+
+def test_a_u_shaped_wave_waits_for_every_head_gradient_and_not_for_a_lost_device():
+    """The head gradients of a shared forward pass are answered together: one alone gets no reply
+    yet; once the other member's session is reset (its device lost), the waiting one is served."""
+    sim = _opened(True, "placement.labels_on_device=true")
+    hidden_size = sim.server.sessions["device-0"].hidden_size
+    wave = [(d.device_id, Message(Kind.ACTIVATIONS, {"hidden": torch.randn(1, 8, hidden_size)})) for d in sim.devices[:2]]
+    replies = sim.server.handle_wave(wave)
+    assert all(r is not None and r.kind == Kind.FINAL_HIDDEN for r in replies)
+    first = ("device-0", Message(Kind.HEAD_GRADIENT, {"grad": torch.randn(1, 8, hidden_size)}))
+    assert sim.server.handle_wave([first]) == [None]
+    sim.server.reset_session("device-1")
+    (reply,) = sim.server.handle_wave([first])
+    assert reply is not None and reply.kind == Kind.CUT_GRADIENT
+
+
+def test_dlora_runs_in_lockstep_one_step_at_a_time_with_the_same_result():
+    """dlora's steps are not batched (each is its own exchange of branch inputs and outputs), but
+    its devices still run in lockstep with batch_devices on, and the result is the same."""
+    states = []
+    for batch in (False, True):
+        sim = _sim(batch, "placement.placement=dlora", "placement.split_layer=0", "federation.rounds=2")
+        for _ in range(2):
+            sim.run_round()
+        states.append(_trained_state(sim))
+    _assert_same(*states)
