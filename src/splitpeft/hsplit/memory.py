@@ -20,34 +20,37 @@ that meter cannot see (`unmetered`, below):
                   + rotary cos/sin tables (LLaMA family) + the head and loss (labels on device)
 
 Activations, per block, with N = B T tokens, d hidden, f MLP width, q/k/v widths d_q, d_k, d_v,
-h heads, s the runtime dtype's bytes and a = 4 (the adapters' fp32). A frozen linear, quantized or
-not, saves only its resident weight; its input is kept only by a LoRA branch. peft casts a branch's
-input to the adapter dtype (`x.to(lora_A.weight.dtype)`): in fp32 that is the input itself, one
-storage for every branch reading it; in bf16 / fp16 each adapted module keeps its own fp32 copy
-(c below). Nothing upstream of the first adapter needs gradients, so nothing is saved there:
+h heads and s the runtime dtype's bytes. A frozen linear, quantized or not, saves only its
+resident weight; its input is kept only by a LoRA branch. A branch computes in its input's dtype
+(`adapters.BranchLinear`): it saves the input itself, one storage for every branch reading it, and
+in bf16 / fp16 the copies of its fp32 factors in that dtype (factor_casts below; in fp32 the
+factors are the resident adapters). Nothing upstream of the first adapter needs gradients, so nothing is saved there:
 whether a term counts depends on whether its tensors require grad ("live"), which the functions
 below follow exactly.
 
     norm_in      LLaMA: N (d + 1) 4    RMSNorm computes in fp32: its fp32 input and rsqrt   [live in]
                  GPT-2: N (d + 2) s    LayerNorm: input, mean, rstd (the CPU kernel keeps the dtype)
-    attn_input   c N d a               LoRA A input of q/k/v (c_attn); c = 1 in fp32, else the
-                                        number of adapted modules among q, k, v              [q/k/v adapted]
+    attn_input   N d s                 LoRA A input of q/k/v (c_attn)                         [q/k/v adapted]
     attention    N (d_q + d_k + d_v) s + B h T 4 + N d s
                                         sdpa's query, key, value, fp32 log-sum-exp and output
                                         (the output is o_proj's input, one storage)           [q/k/v need grad]
-    o_input      N d a                 o_proj's LoRA input: its fp32 copy, or in fp32 the sdpa
-                                        output when sdpa kept none                            [o adapted]
+    o_input      N d s                 o_proj's LoRA input, the sdpa output when sdpa kept none [o adapted]
     norm_mid     as norm_in            post-attention norm                                    [live after attention]
-    mlp_input    c N d a               LoRA A input of gate/up (c_fc), c as for attn_input    [gate/up adapted]
+    mlp_input    N d s                 LoRA A input of gate/up (c_fc)                         [gate/up adapted]
     mlp_act      LLaMA: N f s (2 [gate needs grad] + [up needs grad])
                                         SiLU input, SiLU output (for up's grad), up output (for SiLU's grad)
                  GPT-2: 4 N f s         gelu_new keeps its input, tanh, 0.5 x and 1 + tanh
-    mlp_output   N f a                 down_proj (mlp c_proj) LoRA input                      [down adapted]
-    lora         sum_m N r_m a         each adapter's intermediate A x
+    mlp_output   N f s                 down_proj (mlp c_proj) LoRA input                      [down adapted]
+    lora         sum_m N r_m s         each adapter's intermediate A x
+    factor_casts sum_m r_m (d_out_m + d_in_m [input needs grad]) s
+                                        B and A cast to s bytes for the product                [bf16 / fp16]
     rotary       2 T d_head s          cos and sin, once per forward                          [LLaMA, q/k need grad]
-    head         norm + N V 4 + 8 N + 4
-                                        final norm (as norm_in), fp32 log-softmax of the upcast
-                                        logits, int64 targets, total weight                   [labels on device]
+    head         fp32:  norm + N V 4 + 8 N + 4
+                                        final norm (as norm_in), log-softmax, int64 targets,
+                                        total weight                                          [labels on device]
+                 bf16 / fp16: norm + N V s + 4 N + 8 N
+                                        final norm, the logits, fp32 log-sum-exp, int64
+                                        targets (`loss.LowPrecisionCrossEntropy`)             [labels on device]
 
 Unmetered: memory the CPU meter's saved-tensor hooks cannot see (on CUDA the meter reads the
 allocator, which sees it):
@@ -55,8 +58,8 @@ allocator, which sees it):
 - int8: bitsandbytes keeps each frozen linear's input on its autograd node (`ctx.A`, not
   `save_for_backward`) whenever that input requires grad: q/k/v input N d s [live in], gate/up
   input N d s [live after attention], down input N f s [gate or up need grad]. o_proj's input is
-  sdpa's saved output, and in fp32 a LoRA branch saves the same storage as its base linear's input:
-  those count once. nf4 keeps only its (resident) weight.
+  sdpa's saved output, and a LoRA branch saves the same storage as its base linear's input: those
+  count once. nf4 keeps only its (resident) weight.
 - gradient checkpointing (runtime.gradient_checkpointing, non-reentrant, every block): inside a
   checkpointed block nothing is saved. The checkpoint saves each block's input, N d s, which the
   meter sees (counted under activations), and keeps the rotary tables and the int8 inputs (all of
@@ -69,7 +72,8 @@ allocator, which sees it):
 
 Like the meter, the prediction adds everything a step saves, as if all of it were alive at once,
 and leaves out transients: gradients in flight, bitsandbytes' dequantized weight inside a
-quantized matmul (d_in d_out s), the logits before their fp32 upcast. Base-model dropout is taken
+quantized matmul (d_in d_out s), the fp32 logits before their log-softmax (fp32), the chunk of
+fp32 rows of `LowPrecisionCrossEntropy` (bf16 / fp16). Base-model dropout is taken
 as 0 (the tiny test models, LLaMA-2): dropout would keep masks that are not counted here.
 
 The prediction equals the meter's account on the tiny test models in fp32, bf16, nf4 and int8
@@ -102,7 +106,7 @@ ADAPTER_COPIES = 4
 ADAPTER_DTYPE_BYTES = 4
 
 
-"""Adapters, their gradients, AdamW state and each LoRA branch's computation are fp32 always."""
+"""Adapters, their gradients and AdamW state are fp32 always."""
 
 
 LOG_SUM_EXP_BYTES = 4
@@ -245,8 +249,9 @@ class ModelShapes:
         return [name for name in self.modules if self.module_block[name] < split_layer]
 
     @property
-    def casts_adapter_input(self) -> bool:
-        """Whether peft copies a branch's input to fp32 (any runtime dtype but fp32)."""
+    def casts_adapter_weights(self) -> bool:
+        """Whether a LoRA branch multiplies with copies of its fp32 factors in the runtime dtype
+        (any dtype but fp32: `BranchLinear`)."""
         return self.dtype_bytes != ADAPTER_DTYPE_BYTES
 
     def norm_saved_bytes(self, tokens: int) -> int:
@@ -257,7 +262,7 @@ class ModelShapes:
 
     def norm_keeps_input(self) -> bool:
         """Whether a block's input norm saves the block input itself (not a copy of it)."""
-        return self.family == "gpt2" or not self.casts_adapter_input
+        return self.family == "gpt2" or self.dtype_bytes == 4  # RMSNorm upcasts a bf16 / fp16 input
 
 
 def _held(module: nn.Module) -> list[torch.Tensor]:
@@ -379,24 +384,22 @@ def block_saved(shapes: ModelShapes, roles: Mapping[str, int], live_in: bool, ba
     `roles` maps the block's adapted roles ("q", "gate", ... "qkv", "fc") to their ranks;
     `live_in` says whether the block's input requires grad (an adapter upstream).
     """
-    n, s, a = batch_size * seq_len, shapes.dtype_bytes, ADAPTER_DTYPE_BYTES
+    n, s = batch_size * seq_len, shapes.dtype_bytes
     d, f = shapes.hidden_size, shapes.intermediate_size
-    cast = shapes.casts_adapter_input
     adapted = {role for role, r in roles.items() if r > 0}
 
     def lora_inputs(group: set[str], width: int) -> int:
-        count = len(adapted & group)
-        return n * width * a * (count if cast else min(count, 1))
+        return n * width * s * min(len(adapted & group), 1)  # one storage, whatever the branches reading it
 
-    total = sum(n * r * a for r in roles.values() if r > 0)  # lora: A x per adapter
+    total = sum(n * r * s for r in roles.values() if r > 0)  # lora: A x per adapter
     if live_in:
         total += shapes.norm_saved_bytes(n)  # norm_in
     total += lora_inputs(ATTENTION_INPUT_ROLES, d)  # attn_input
     attention_grad = live_in or bool(adapted & ATTENTION_INPUT_ROLES)
     if attention_grad:  # attention: q, k, v, log-sum-exp, output
         total += n * sum(shapes.qkv_dims) * s + batch_size * shapes.num_heads * seq_len * LOG_SUM_EXP_BYTES + n * d * s
-    if "o" in adapted and (cast or not attention_grad):
-        total += n * d * a  # o_input
+    if "o" in adapted and not attention_grad:
+        total += n * d * s  # o_input
     live_mid = attention_grad or "o" in adapted
     if live_mid:
         total += shapes.norm_saved_bytes(n)  # norm_mid
@@ -410,15 +413,22 @@ def block_saved(shapes: ModelShapes, roles: Mapping[str, int], live_in: bool, ba
         mlp_grad = live_mid or "fc" in adapted
         total += 4 * n * f * s * mlp_grad  # mlp_act (gelu_new)
     if "down" in adapted:
-        total += n * f * a  # mlp_output
+        total += n * f * s  # mlp_output
+    if shapes.casts_adapter_weights:  # factor_casts: B's always, A's when its input needs a gradient
+        input_grad = {"q": live_in, "k": live_in, "v": live_in, "qkv": live_in, "o": attention_grad,
+                      "gate": live_mid, "up": live_mid, "fc": live_mid, "down": mlp_grad}
+        for role, r in roles.items():
+            if r > 0:
+                d_in, d_out = role_dims(shapes, role)
+                total += r * d_out * s + (r * d_in * s if input_grad[role] else 0)
 
     graph = live_in or bool(adapted)
     int8 = int8_checkpointed = 0
     if shapes.quantization == "int8":
-        # Inputs of the frozen linears that require grad; in fp32 a LoRA branch saves the same storage.
+        # Inputs of the frozen linears that require grad; a LoRA branch saves the same storage.
         kept = [(live_in, n * d * s, ATTENTION_INPUT_ROLES), (live_mid, n * d * s, MLP_INPUT_ROLES),
                 (mlp_grad, n * f * s, {"down"})]
-        int8 = sum(size for needed, size, group in kept if needed and (cast or not adapted & group))
+        int8 = sum(size for needed, size, group in kept if needed and not adapted & group)
         # Under checkpointing nothing else keeps them, o_proj's input (the sdpa output) included.
         int8_checkpointed = sum(size for needed, size, _ in kept if needed) + n * d * s * attention_grad
     rotary = shapes.family == "llama" and (live_in or bool(adapted & {"q", "k"}))
@@ -429,6 +439,14 @@ def block_saved(shapes: ModelShapes, roles: Mapping[str, int], live_in: bool, ba
         input_bytes=input_bytes if graph else 0, recompute_bytes=recompute if graph else 0,
         int8_bytes=int8, int8_checkpointed_bytes=int8_checkpointed if graph else 0,
     )
+
+
+def role_dims(shapes: ModelShapes, role: str) -> tuple[int, int]:
+    """(d_in, d_out) of the linear that plays `role` in a block."""
+    d, f = shapes.hidden_size, shapes.intermediate_size
+    d_q, d_k, d_v = shapes.qkv_dims
+    return {"q": (d, d_q), "k": (d, d_k), "v": (d, d_v), "qkv": (d, d_q + d_k + d_v), "o": (d_q, d),
+            "gate": (d, f), "up": (d, f), "fc": (d, f), "down": (f, d)}[role]
 
 
 def blocks_saved(shapes: ModelShapes, per_block: Sequence[Mapping[str, int]], batch_size: int, seq_len: int,
@@ -476,10 +494,14 @@ def rotary_bytes(shapes: ModelShapes, seq_len: int) -> int:
 
 
 def head_saved_bytes(shapes: ModelShapes, batch_size: int, seq_len: int) -> int:
-    """Final norm + fp32 log-softmax output + int64 targets + total weight, when the device computes
-    the loss (the labels are shifted and padded, so every one of the N = B T positions counts)."""
+    """What the head and the loss save when the device computes the loss (the labels are shifted
+    and padded, so every one of the N = B T positions counts): the final norm, then in fp32 torch's
+    cross-entropy: log-softmax output N V 4, int64 targets, total weight; in bf16 / fp16
+    `LowPrecisionCrossEntropy`: the logits N V s, fp32 log-sum-exp N 4, int64 targets."""
     n = batch_size * seq_len
-    return shapes.norm_saved_bytes(n) + n * shapes.vocab_size * 4 + 8 * n + 4
+    if shapes.dtype_bytes == 4:
+        return shapes.norm_saved_bytes(n) + n * shapes.vocab_size * 4 + 8 * n + 4
+    return shapes.norm_saved_bytes(n) + n * shapes.vocab_size * shapes.dtype_bytes + 4 * n + 8 * n
 
 
 def frozen_bytes(shapes: ModelShapes, split_layer: int, labels_on_device: bool) -> int:

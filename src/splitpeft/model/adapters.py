@@ -114,10 +114,27 @@ def inject(model: PreTrainedModel, ranks: Mapping[str, int], alpha: float, dropo
         is_adapter = ".lora_" in name
         if is_adapter and parameter.dtype != torch.float32:
             # peft creates a branch in its base layer's dtype; adapters, their gradients and AdamW
-            # state stay fp32 whatever the base (peft casts the branch input to the adapter dtype).
+            # state stay fp32 whatever the base.
             parameter.data = parameter.data.float()
         parameter.requires_grad_(is_adapter)
+    for layer in lora_layers(model).values():
+        # peft would cast a bf16 input to the fp32 adapter: an fp32 product and an fp32 copy of
+        # the input per adapted module. The factors cast themselves instead (`BranchLinear`).
+        layer.cast_input_dtype_enabled = False
+        for factor in (layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]):
+            factor.__class__ = BranchLinear  # same module, same parameter: only forward changes
     return model
+
+
+class BranchLinear(nn.Linear):
+    """A LoRA factor (A or B, no bias) stored in fp32 that multiplies in its input's dtype.
+
+    x (..., d_in) -> x W^T with W cast to x's dtype, as torch.autocast would: in bf16 the matrix
+    units accumulate in fp32 and autograd returns W's gradient to fp32, where AdamW keeps its
+    state; in fp32 the cast is W itself (the same product as nn.Linear, bit for bit)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -127,6 +144,17 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
         if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
             layers[name.removeprefix("base_model.model.")] = module
     return layers
+
+
+def lora_branch(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA branch s * B A x of a peft layer, without its base linear: (..., d_in) -> (..., d_out).
+
+    Computed as peft's layer computes it (the factors choose their compute dtype, `BranchLinear`);
+    the output is in `x`'s dtype. dlora's device computes its branches with it (it holds no base
+    linear), and the server's batched pass adds each session's branch to its own rows
+    (`model/batched.py`)."""
+    a, b = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+    return (b(a(layer.lora_dropout[ADAPTER_NAME](x))) * layer.scaling[ADAPTER_NAME]).to(x.dtype)
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -148,17 +176,6 @@ def read_adapters(model: nn.Module, names: Iterable[str] | None = None) -> Adapt
     layers = lora_layers(model)
     selected = layers if names is None else {n: layers[n] for n in names}
     return {name: LoraWeights(*(p.detach().clone() for p in lora_ab(layer))) for name, layer in selected.items()}
-def lora_branch(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
-    """The LoRA branch s * B A x of a peft layer, without its base linear: (..., d_in) -> (..., d_out).
-
-    Computed as peft's layer computes it (the factors choose their compute dtype, `BranchLinear`);
-    the output is in `x`'s dtype. dlora's device computes its branches with it (it holds no base
-    linear), and the server's batched pass adds each session's branch to its own rows
-    (`model/batched.py`)."""
-    a, b = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
-    return (b(a(layer.lora_dropout[ADAPTER_NAME](x))) * layer.scaling[ADAPTER_NAME]).to(x.dtype)
-
-
 
 
 def write_adapters(model: nn.Module, weights: Mapping[str, LoraWeights]) -> None:
