@@ -6,8 +6,10 @@ Precision, for every placement::
     frozen base (embedding, norms, head)   runtime.dtype (fp32 | bf16 | fp16)
     frozen block linears                   runtime.dtype, or bitsandbytes nf4 / int8 (base_quantization)
     activations and cut gradients          runtime.dtype (fp16: gradients cross the cut unscaled in fp32)
-    LoRA A, B, their gradients, AdamW      fp32 always (peft casts a branch's input to the adapter dtype)
-    loss                                   fp32 (logits are upcast before the cross-entropy)
+    LoRA A, B, their gradients, AdamW      fp32 always (a branch multiplies in the activations' dtype
+                                           with its factors cast to it: adapters.BranchLinear)
+    loss                                   fp32 (bf16 / fp16 logits are upcast a chunk of rows at a
+                                           time: loss.LowPrecisionCrossEntropy)
 
 Quantization uses bitsandbytes rather than torchao: peft wraps bitsandbytes' `Linear4bit` and
 `Linear8bitLt` with its own LoRA layers (the QLoRA path FlowerTune and the DLoRA paper's low-bit
