@@ -31,6 +31,7 @@ from splitpeft.federation.records import (
 from splitpeft.federation.simulation import Simulation
 from splitpeft.model import adapters as lora
 from splitpeft.model.adapters import AdapterError
+from splitpeft.parties.window import BatchWindow
 from splitpeft.transport.grpc import GrpcSplitServer
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta, encode
 
@@ -67,8 +68,12 @@ class FlowerEngine:
         if missing:
             raise DeploymentError(f"the tokens file has no token for {missing}")
         self.run_key = str((resumed or {}).get("run_key") or uuid.uuid4().hex)
-        self.server = GrpcSplitServer(sim.server, settings.split_address, tokens=settings.tokens, tls=settings.tls,
-                                      max_message_bytes=sim.config.transport.max_message_bytes,
+        # With the batched pass, the split steps arriving within server.batch_window_ms run as one
+        # wave; the window serialises the server's work itself.
+        batched = sim.server.batched is not None
+        endpoint = BatchWindow(sim.server, sim.config.server.batch_window_ms / 1000) if batched else sim.server
+        self.server = GrpcSplitServer(endpoint, settings.split_address, tokens=settings.tokens, tls=settings.tls,
+                                      serialize=not batched, max_message_bytes=sim.config.transport.max_message_bytes,
                                       idle_timeout_s=sim.config.transport.idle_timeout_s,
                                       step_timeout_s=sim.config.transport.step_timeout_s)
         self.server.on_lost = self._on_lost

@@ -208,8 +208,8 @@ class Simulation:
         if self.planning is not None and self.rounds:
             plans = self.planning.update(len(self.rounds))
             record.replanned = self.replan(plans) if plans is not None else []
-        self.server.begin_round()
         record.selected = [device.device_id for device in self.selected_devices(record.round)]
+        self.server.begin_round(expected=record.selected)
         return record
 
     def selected_devices(self, round_index: int) -> list[DeviceRuntime]:

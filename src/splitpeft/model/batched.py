@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 
 from splitpeft.model.adapters import lora_branch, lora_layers
 from splitpeft.model.backbone import backbone_of
-from splitpeft.model.loss import IGNORE_INDEX
+from splitpeft.model.loss import causal_lm_loss
 from splitpeft.model.parts import Part, view_part
 
 
@@ -159,19 +159,14 @@ class BatchedPass:
         return x
 
     def losses(self, members: list[Member], output: torch.Tensor) -> list[torch.Tensor]:
-        """Each member's mean next-token cross-entropy over its labelled positions (as
-        `causal_lm_loss` for it alone), from one head pass over every row."""
+        """Each member's loss (`causal_lm_loss` on its own rows and labels), from one head pass
+        over every row."""
         logits = self.backbone.head(output)  # (N, T_max, V)
-        t_max = output.shape[1]
-        labels = torch.full(output.shape[:2], IGNORE_INDEX, dtype=torch.long, device=output.device)
+        losses = []
         for member in members:
             assert member.labels is not None
-            labels[member.rows, : member.seq_len] = member.labels
-        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (N, T_max)
-        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
-                                    ignore_index=IGNORE_INDEX, reduction="none").view(-1, t_max)
-        counted = shifted != IGNORE_INDEX
-        return [per_token[m.rows].sum() / counted[m.rows].sum() for m in members]
+            losses.append(causal_lm_loss(logits[member.rows, : member.seq_len], member.labels))
+        return losses
 
 
 def _is_linear(module: nn.Module) -> bool:

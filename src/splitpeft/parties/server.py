@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -164,10 +164,19 @@ class SplitServer:
         self.rejected: list[tuple[str, str]] = []
         self.repaired: list[tuple[str, str]] = []  # (device, the non-finite tensor) of sessions reset
         self.opened: set[str] = set()  # devices that opened a session this round
+        self.expected: set[str] = set()  # devices selected for this round (`begin_round`)
+        self.finished: set[str] = set()  # devices that closed their session this round, or were refused
 
-    def begin_round(self) -> None:
-        """A new round: no session has trained yet."""
+    def begin_round(self, expected: Collection[str] = ()) -> None:
+        """A new round: no session has trained yet; `expected` are the devices selected for it."""
         self.opened.clear()
+        self.finished.clear()
+        self.expected = set(expected)
+
+    def waiting_for(self) -> set[str]:
+        """Devices that may still send a step this round: those expected (else those that opened
+        a session) that have neither closed their session nor been refused."""
+        return (self.expected or self.opened) - self.finished
 
     def handle(self, device_id: str, message: Message) -> Message:
         try:
@@ -175,6 +184,7 @@ class SplitServer:
                 return self._open(device_id, message)
             session = self._checked(device_id, message)
             if message.kind == Kind.CLOSE_SESSION:
+                self.finished.add(device_id)
                 return Message(Kind.SESSION_CLOSED, meta={Meta.TOKENS: session.tokens})
             return session.placement.server_step(session, message)
         except (MessageError, AdapterError, ValueError) as error:
@@ -263,6 +273,7 @@ class SplitServer:
         """A message from `device_id` was refused: log it and drop its half-done step."""
         log.warning("rejected a message from %s: %s", device_id, error)
         self.rejected.append((device_id, str(error)))
+        self.finished.add(device_id)
         self.reset_session(device_id)
 
     def repair(self, device_id: str) -> None:

@@ -1,0 +1,123 @@
+"""The server's throughput with one pass for many devices against one device at a time (issue 22).
+
+    .venv/bin/python bench/batched_server.py [--model smollm2-135m] [--devices 16] [--batch 1]
+        [--seq 128] [--split 2] [--dtypes fp32,bf16] [--placements u_shaped,plain] [--reps 3]
+
+Builds the default preset's model with `--devices` devices, each cut at block `--split`, opens
+every device's server session, and then serves the same frames (random cut activations of
+`--batch` x `--seq` tokens per device; plain split also random completion labels; U-shaped a
+random head gradient after the FINAL_HIDDEN reply) two ways, alternately, `--reps` times each
+after one untimed warm-up of each: one message at a time (`SplitServer.handle`, as without
+`server.batch_devices`) and one wave for all devices (`SplitServer.handle_wave`). The frames'
+norm bound is off (`robust.frame_norm_factor=0`): random frames are not the model's own. Prints
+server tokens/s (B x T per device per step) for each way and their ratio, per dtype and placement,
+and the largest difference between the two ways' cut gradients (they must agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from splitpeft.config import load_config
+from splitpeft.federation.simulation import Simulation
+from splitpeft.transport.messages import Kind, Message
+
+
+def frames(sim: Simulation, batch: int, seq: int, plain: bool, generator: torch.Generator) -> dict[str, Message]:
+    dtype = sim.runtime.dtype
+    hidden_size = sim.backbone.model.config.hidden_size
+    out = {}
+    for device in sim.devices:
+        tensors = {"hidden": torch.randn(batch, seq, hidden_size, generator=generator).to(dtype)}
+        if plain:
+            tensors["labels"] = torch.randint(0, 1000, (batch, seq), generator=generator, dtype=torch.int32)
+        out[device.device_id] = Message(Kind.ACTIVATIONS, tensors)
+    return out
+
+
+def one_at_a_time(sim: Simulation, up: dict[str, Message], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    grads = {}
+    for device_id, message in up.items():
+        reply = sim.server.handle(device_id, message)
+        if reply.kind == Kind.FINAL_HIDDEN:
+            reply = sim.server.handle(device_id, Message(Kind.HEAD_GRADIENT, {"grad": head[device_id]}))
+        assert reply.kind == Kind.CUT_GRADIENT, reply.meta
+        grads[device_id] = reply.tensors["grad"]
+    return grads
+
+
+def as_waves(sim: Simulation, up: dict[str, Message], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    replies = sim.server.handle_wave(list(up.items()))
+    if replies[0] is not None and replies[0].kind == Kind.FINAL_HIDDEN:
+        replies = sim.server.handle_wave([(d, Message(Kind.HEAD_GRADIENT, {"grad": head[d]})) for d in up])
+    grads = {}
+    for device_id, reply in zip(up, replies):
+        assert reply is not None and reply.kind == Kind.CUT_GRADIENT, reply
+        grads[device_id] = reply.tensors["grad"]
+    return grads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--devices", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--split", type=int, default=2)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--placements", default="u_shaped,plain")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="runtime.server_device and device_device")
+    args = parser.parse_args()
+    print(f"{args.model}, {args.devices} devices, B={args.batch}, T={args.seq}, cut at block {args.split}, "
+          f"{torch.get_num_threads()} threads, server on {args.device}", flush=True)
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for placement in args.placements.split(","):
+            plain = placement == "plain"
+            config = load_config(preset="default", overrides=[
+                f"model.name={args.model}", f"runtime.dtype={dtype}", f"federation.num_devices={args.devices}",
+                f"federation.batch_size={args.batch}", f"data.max_length={args.seq}", "hsplit.planner=fixed",
+                f"placement.split_layer={args.split}", f"placement.labels_on_device={str(not plain).lower()}",
+                "robust.frame_norm_factor=0", "count_flops=false", "fleet.memory_bytes=null",
+                "fleet.flops_per_s=5e10", "fleet.bandwidth_bytes_per_s=1.25e7", "server.batch_devices=true",
+                f"runtime.server_device={args.device}", f"runtime.device_device={args.device}"])
+            sim = Simulation(config)
+            for device in sim.devices:
+                device.open_session(sim.channels[device.device_id])
+            generator = torch.Generator().manual_seed(0)
+            up = frames(sim, args.batch, args.seq, plain, generator)
+            head = {d: torch.randn(args.batch, args.seq, sim.backbone.model.config.hidden_size,
+                                   generator=generator).to(sim.runtime.dtype) for d in up}
+            times: dict[str, list[float]] = {"one at a time": [], "one pass": []}
+            grads = {}
+            for rep in range(args.reps + 1):
+                for way, serve in (("one at a time", one_at_a_time), ("one pass", as_waves)):
+                    if sim.runtime.server_device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    grads[way] = serve(sim, up, head)
+                    if sim.runtime.server_device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if rep > 0:
+                        times[way].append(time.perf_counter() - start)
+            tokens = args.devices * args.batch * args.seq
+            diff = max(float((grads["one at a time"][d].float() - grads["one pass"][d].float()).abs().max()) for d in up)
+            serial, batched = (tokens / statistics.median(times[w]) for w in times)
+            rows.append((dtype, placement, serial, batched, batched / serial, diff))
+            print(f"{dtype} {placement}: {serial:,.0f} -> {batched:,.0f} tokens/s ({batched / serial:.2f}x); "
+                  f"timed {' '.join(f'{t:.2f}' for t in times['one at a time'])} vs {' '.join(f'{t:.2f}' for t in times['one pass'])} s; "
+                  f"largest cut-gradient difference {diff:.2e}", flush=True)
+    print()
+    print("| dtype | placement | one at a time (tokens/s) | one pass (tokens/s) | ratio | max cut-gradient difference |")
+    print("|---|---|---:|---:|---:|---:|")
+    for dtype, placement, serial, batched, ratio, diff in rows:
+        print(f"| {dtype} | {placement} | {serial:,.0f} | {batched:,.0f} | {ratio:.2f}x | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
