@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/batched_server.py [--model smollm2-135m] [--devices 16] [--batch 1]
         [--seq 128] [--split 2] [--dtypes fp32,bf16] [--placements u_shaped,plain] [--reps 3]
+    python3 bench/batched_server.py --device cuda --model random-llama-1b --dtypes bf16 --placements u_shaped --devices 64
 
 Builds the default preset's model with `--devices` devices, each cut at block `--split`, opens
 every device's server session, and then serves the same frames (random cut activations of
 `--batch` x `--seq` tokens per device; plain split also random completion labels; U-shaped a
 random head gradient after the FINAL_HIDDEN reply) two ways, alternately, `--reps` times each
 after one untimed warm-up of each: one message at a time (`SplitServer.handle`, as without
-`server.batch_devices`) and one wave for all devices (`SplitServer.handle_wave`). The frames'
+`server.batch_devices`) and one wave for all devices (`SplitServer.handle_wave`).
+`random-llama-1b`: Llama-3.2-1B's block shapes with random weights (bench/throughput.py), the
+devices' data tokenised by the tiny tokenizer (the frames are random anyway). The frames'
 norm bound is off (`robust.frame_norm_factor=0`): random frames are not the model's own. Prints
 server tokens/s (B x T per device per step) for each way and their ratio, per dtype and placement,
 and the largest difference between the two ways' cut gradients (they must agree).
@@ -21,9 +24,12 @@ import statistics
 import time
 
 import torch
+from throughput import random_llama_1b
 
 from splitpeft.config import load_config
 from splitpeft.federation.simulation import Simulation
+from splitpeft.model.loading import LoadedModel, load_model
+from splitpeft.model.runtime import DTYPES
 from splitpeft.transport.messages import Kind, Message
 
 
@@ -79,14 +85,20 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         for placement in args.placements.split(","):
             plain = placement == "plain"
+            name = "tiny-llama" if args.model == "random-llama-1b" else args.model
             config = load_config(preset="default", overrides=[
-                f"model.name={args.model}", f"runtime.dtype={dtype}", f"federation.num_devices={args.devices}",
+                f"model.name={name}", f"runtime.dtype={dtype}", f"federation.num_devices={args.devices}",
                 f"federation.batch_size={args.batch}", f"data.max_length={args.seq}", "hsplit.planner=fixed",
                 f"placement.split_layer={args.split}", f"placement.labels_on_device={str(not plain).lower()}",
                 "robust.frame_norm_factor=0", "count_flops=false", "fleet.memory_bytes=null",
                 "fleet.flops_per_s=5e10", "fleet.bandwidth_bytes_per_s=1.25e7", "server.batch_devices=true",
                 f"runtime.server_device={args.device}", f"runtime.device_device={args.device}"])
-            sim = Simulation(config)
+            loaded = None
+            if args.model == "random-llama-1b":  # Llama-3.2-1B's shapes, random weights, the tiny tokenizer's data
+                tokenizer = load_model("tiny-llama").tokenizer
+                loaded = LoadedModel(random_llama_1b(49152, DTYPES[dtype], torch.device(args.device)), tokenizer,
+                                     args.model)
+            sim = Simulation(config, loaded=loaded)
             for device in sim.devices:
                 device.open_session(sim.channels[device.device_id])
             generator = torch.Generator().manual_seed(0)

@@ -9,7 +9,8 @@
 # bench/throughput.py on random-llama-1b in bf16 (split against plain peft: tokens/s, ratio, MFU
 # against the measured bf16 matrix peak, device peak memory against the planner's prediction).
 # Each part has its own time limit, so one that hangs does not cost the others.
-# Not in it yet: the batched server pass against one-at-a-time (issue 22 item 3 is not built).
+# Then the batched server pass against one device at a time (bench/batched_server.py), 16 and 64
+# devices of B=1, T=128, U-shaped at block 2, random-llama-1b in bf16: server tokens/s and ratio.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-.}/gpu_check.txt"
@@ -31,5 +32,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench"
     echo "== throughput: split against plain peft, random-llama-1b, bf16, B=8, T=512"
     timeout 200 python3 bench/throughput.py --device cuda --dtype bf16 --model random-llama-1b \
         --batch-size 8 --seq-len 512 --steps 6 --repeats 2 2>&1 | grep -v Warning | tail -20
+    for devices in 16 64; do
+        echo "== batched server pass: $devices devices, random-llama-1b, bf16, U-shaped k=2, B=1, T=128"
+        timeout 150 python3 bench/batched_server.py --device cuda --model random-llama-1b --dtypes bf16 \
+            --placements u_shaped --devices "$devices" --reps 3 2>&1 | grep -v Warning | tail -6
+    done
     echo "== done $(date -u +%FT%TZ)"
 } 2>&1 | tee "$out"
