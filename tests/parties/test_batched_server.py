@@ -78,11 +78,13 @@ def test_batched_rounds_equal_one_device_at_a_time(case):
     assert max(batched.lockstep.waves) == 3  # the 3 devices' steps were served together
     for one, many in zip(serial_records, batched_records):
         assert one.dropped == many.dropped == []
+        assert one.server_passes == [] and many.server_passes == [3] * 3  # 3 steps, each one pass for 3 devices
         for device_id, stats in one.devices.items():
             assert many.devices[device_id].losses == pytest.approx(stats.losses, abs=TOL)
             # the same frames, but for the last digits of each step's loss in their metadata
             assert abs(many.devices[device_id].bytes_down - stats.bytes_down) <= 4 * len(stats.losses)
             assert abs(many.devices[device_id].bytes_up - stats.bytes_up) <= 4 * len(stats.losses)
+            assert many.devices[device_id].flops == stats.flops > 0  # counted in the device's own thread
     _assert_same(_trained_state(serial), _trained_state(batched))
 
 

@@ -21,11 +21,14 @@ MEASUREMENT_NOTES = {
         "CUDA: the device's resident tensors plus the allocator's peak rise during its own compute"
     ),
     "resident_bytes": "frozen base tensors the device holds (its part of the model; the rest is on the meta device)",
-    "wall_s": "measured wall-clock seconds of the device's local phase (server time included in-process)",
+    "wall_s": ("measured wall-clock seconds of the device's local phase (server time included in-process; with "
+               "server.batch_devices the round's devices run in lockstep, so it spans the other devices' turns too)"),
     "simulated_s": "device FLOPs / fleet.flops_per_s + bytes both ways / fleet.bandwidth_bytes_per_s (measured FLOPs and bytes)",
     "simulated_server_s": ("the server's FLOPs for the device's steps, estimated by hsplit/memory.server_flops_per_step "
                            "at the configured batch and sequence length, / fleet.server_flops_per_s"),
     "simulated_round_s": "max(max over devices of simulated_s + simulated_server_s, sum of simulated_server_s)",
+    "server_passes": ("server.batch_devices: the number of devices whose steps each shared pass of the server's "
+                      "frozen model served, in order (a step served alone is not listed)"),
 }
 
 
@@ -43,6 +46,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "selected": record.selected,
             "completed": record.completed,
             "simulated_round_s": record.simulated_round_s,
+            "server_passes": record.server_passes,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},
         }
         for record in rounds

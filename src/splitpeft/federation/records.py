@@ -54,6 +54,8 @@ class RoundRecord:
     repaired: list[str] = field(default_factory=list)
     # max(max_i (simulated_s_i + simulated_server_s_i), sum_i simulated_server_s_i): hsplit/budget.round_time_s
     simulated_round_s: float | None = None
+    # server.batch_devices: how many devices' steps each shared pass of the server served (empty: none shared)
+    server_passes: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -297,6 +297,7 @@ class Simulation:
                 copies[name].append(self._copy(holder, weights, device.tokens if device is not None else 0))
         outcome = self.state.aggregate(copies)
         record.rejected = outcome.rejected + [f"{device}: {error}" for device, error in self.server.rejected]
+        record.server_passes = list(self.server.pass_sizes)
         record.dropped += [{"device": device, "error": f"upload rejected: {error}"} for device, error in outcome.dropped.items()]
         record.clipped = [clip.describe() for clip in outcome.clipped]
         self.server.rejected.clear()

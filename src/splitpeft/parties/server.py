@@ -166,11 +166,13 @@ class SplitServer:
         self.opened: set[str] = set()  # devices that opened a session this round
         self.expected: set[str] = set()  # devices selected for this round (`begin_round`)
         self.finished: set[str] = set()  # devices that closed their session this round, or were refused
+        self.pass_sizes: list[int] = []  # devices served by each shared pass this round (`handle_wave`)
 
     def begin_round(self, expected: Collection[str] = ()) -> None:
         """A new round: no session has trained yet; `expected` are the devices selected for it."""
         self.opened.clear()
         self.finished.clear()
+        self.pass_sizes.clear()
         self.expected = set(expected)
 
     def waiting_for(self) -> set[str]:
@@ -237,6 +239,8 @@ class SplitServer:
                 continue
             assert self.batched is not None
             results = steps[0][0].placement.server_wave(self.batched, steps)
+            if steps[0][1].kind == Kind.ACTIVATIONS:
+                self.pass_sizes.append(len(steps))
             for index, (session, _), result in zip(indexes, steps, results):
                 if isinstance(result, Exception):
                     self.reject(session.device_id, result)
