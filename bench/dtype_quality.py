@@ -9,9 +9,10 @@ only once, after the last round, without the untuned baseline and without METEOR
 - main: the default preset (SmolLM2-135M, HSplitLoRA, 3 devices; ARMSC plans each dtype's own
   splits and ranks, as the default job would); held-out perplexity and BLEU on every held-out
   example and MR of the built-in task (`eval.perplexity_examples` and `eval.groups` above its size).
-- e2e: the e2e preset on data.path (default ../shared/data/e2e/valid.txt), `--e2e-eval-fraction`
-  of its MRs held out; perplexity on `--e2e-perplexity` held-out examples, BLEU (greedy, 40 new
-  tokens) on `--e2e-groups` held-out MRs.
+- e2e: the e2e preset (4 devices, non-IID, 10 steps a round) on data.path (default
+  ../shared/data/e2e/valid.txt) for `--e2e-rounds` rounds, `--e2e-eval-fraction` of its MRs held
+  out; perplexity on `--e2e-perplexity` held-out examples, BLEU (greedy, 40 new tokens) on
+  `--e2e-groups` held-out MRs (default: all of them).
 
 Prints per job a markdown table: mean ± std over the seeds per dtype, then the per-seed numbers
 and each run's device splits; then whether auto's mean perplexity is within 2% of fp32's and its
@@ -41,6 +42,7 @@ def job_arguments(job: str, args: argparse.Namespace) -> list[str]:
         return ["--preset", "default", *EVAL_ONCE, "eval.perplexity_examples=100000", "eval.groups=100000"]
     if job == "e2e":
         return ["--preset", "e2e", f"data.path={args.e2e_path}", f"data.eval_fraction={args.e2e_eval_fraction}",
+                f"federation.rounds={args.e2e_rounds}",
                 *EVAL_ONCE, f"eval.perplexity_examples={args.e2e_perplexity}", f"eval.groups={args.e2e_groups}"]
     raise SystemExit(f"unknown job {job!r} (main, e2e)")
 
@@ -72,8 +74,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/dtype_quality")
     parser.add_argument("--keep", action="store_true", help="reuse runs whose report.json exists")
     parser.add_argument("--e2e-path", default=str(REPO.parent / "shared" / "data" / "e2e" / "valid.txt"))
-    parser.add_argument("--e2e-eval-fraction", type=float, default=0.1)
-    parser.add_argument("--e2e-perplexity", type=int, default=200, help="held-out examples for perplexity")
+    parser.add_argument("--e2e-rounds", type=int, default=2, help="the preset's 4 rounds, halved to fit an hour")
+    parser.add_argument("--e2e-eval-fraction", type=float, default=0.3,
+                        help="of the MRs held out (the preset's 0.1 holds out about 50 MRs)")
+    parser.add_argument("--e2e-perplexity", type=int, default=300, help="held-out examples for perplexity")
     parser.add_argument("--e2e-groups", type=int, default=100000, help="held-out MRs for BLEU (default: all)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
