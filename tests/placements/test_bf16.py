@@ -1,13 +1,13 @@
 """Placements stay equivalent in bf16 (runtime.dtype=bf16: frozen base and activations in bf16,
-adapters, their gradients and AdamW in fp32).
+adapters, their gradients and AdamW in fp32; each LoRA branch multiplies in bf16).
 
 The tolerance is bf16's own error, measured rather than guessed: for every adapter gradient,
 the distance between a placement in bf16 and centralized in bf16 must not exceed the distance
 between centralized in bf16 and centralized in fp32 (what choosing bf16 costs at all).
 Split and U-shaped split reorder nothing: same kernels on the same bf16 values, so they stay
-within 1x of it (GPT-2: bit-identical). dlora rounds each remote branch output to bf16 on the
-wire before the server adds it to W x (peft adds the fp32 branch, then rounds once): one more
-rounding per adapted linear, so its bound is 2.5x (measured: at most 1.8x).
+within 1x of it (GPT-2: bit-identical). dlora computes each remote branch on the device, apart
+from its base linear, and the server adds it to W x after the wire: the same bf16 products in
+another order, so its bound is 2.5x (it was measured at most 1.8x when branches computed in fp32).
 """
 
 import pytest
