@@ -40,7 +40,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
 
-from splitpeft.model.adapters import lora_branch, lora_layers
+from splitpeft.model.adapters import ADAPTER_NAME, lora_ab, lora_branch, lora_layers
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loss import causal_lm_loss
 from splitpeft.model.parts import Part, view_part
@@ -107,20 +107,22 @@ class BatchedPass:
             members = self._members
             if not members or not any(name in m.layers for m in members):
                 return output
-            x = inputs[0]
+            stacked = _stacked_branches(name, members, inputs[0])
+            if stacked is not None:
+                return output + stacked.view(output.shape)
             pieces = []
-            for member in members:
-                rows = output[member.rows]
+            for member, xs in zip(members, _by_member(inputs[0], members)):
                 layer = member.layers.get(name)
-                if layer is not None:
-                    xs = x[member.rows]
-                    rows = rows + lora_branch(layer, xs)
-                    warm = member.session.warm_factors.get(name)
-                    if warm is not None:  # the session's own frozen copy is W - s B0 A0
-                        scale, a0, b0 = warm
-                        rows = rows - (scale * ((xs.to(a0.dtype) @ a0.T) @ b0.T)).to(rows.dtype)
-                pieces.append(rows)
-            return torch.cat(pieces)
+                if layer is None:
+                    pieces.append(xs.new_zeros((*xs.shape[:-1], output.shape[-1])))
+                    continue
+                delta = lora_branch(layer, xs)
+                warm = member.session.warm_factors.get(name)
+                if warm is not None:  # the session's own frozen copy is W - s B0 A0
+                    scale, a0, b0 = warm
+                    delta = delta - (scale * ((xs.to(a0.dtype) @ a0.T) @ b0.T)).to(delta.dtype)
+                pieces.append(delta)
+            return output + torch.cat(pieces)
         return add_branches
 
     @contextmanager
@@ -153,8 +155,8 @@ class BatchedPass:
                     joined.append(member)
             assert x is not None
             x = self.backbone.blocks(x, position, self.num_blocks)
-        for member in joined:
-            member.final = x[member.rows, : member.seq_len]
+        for member, rows in zip(joined, _by_member(x, joined)):
+            member.final = rows[:, : member.seq_len]
         members[:] = joined
         return x
 
@@ -163,10 +165,48 @@ class BatchedPass:
         over every row."""
         logits = self.backbone.head(output)  # (N, T_max, V)
         losses = []
-        for member in members:
+        for member, rows in zip(members, _by_member(logits, members)):
             assert member.labels is not None
-            losses.append(causal_lm_loss(logits[member.rows, : member.seq_len], member.labels))
+            losses.append(causal_lm_loss(rows[:, : member.seq_len], member.labels))
         return losses
+
+
+def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor) -> torch.Tensor | None:
+    """Every member's branch on module `name` as two batched products over the member axis,
+    (N, M, d_in) x (N, d_in, r) x (N, r, d_out), where every member adapts `name` at one rank on
+    as many rows; None otherwise (each member's branch is then computed on its own rows).
+
+    As each member's own layer computes it: the factors cast to the input's dtype
+    (`adapters.BranchLinear`), the scale applied last; the warm start's - s B0 (A0 x) in fp32.
+    Dropout, where configured, draws one mask for all rows (the same distribution as per member)."""
+    layers = [m.layers.get(name) for m in members]
+    if any(layer is None for layer in layers):
+        return None
+    present = [layer for layer in layers if layer is not None]
+    if len({m.rows.stop - m.rows.start for m in members}) != 1 or len({layer.r[ADAPTER_NAME] for layer in present}) != 1:
+        return None
+    n, d_in = len(members), x.shape[-1]
+    factors = [lora_ab(layer) for layer in present]
+    a = torch.stack([f[0] for f in factors]).to(x.dtype)  # (N, r, d_in)
+    b = torch.stack([f[1] for f in factors]).to(x.dtype)  # (N, d_out, r)
+    scales = torch.tensor([float(layer.scaling[ADAPTER_NAME]) for layer in present], dtype=x.dtype, device=x.device)
+    xs = present[0].lora_dropout[ADAPTER_NAME](x).reshape(n, -1, d_in)  # (N, M, d_in)
+    delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * scales.view(n, 1, 1)  # (N, M, d_out)
+    warm = [m.session.warm_factors.get(name) for m in members]
+    if any(w is not None for w in warm):
+        a0 = torch.stack([w[1] if w is not None else torch.zeros_like(f[0]) for w, f in zip(warm, factors)])
+        b0 = torch.stack([w[2] if w is not None else torch.zeros_like(f[1]) for w, f in zip(warm, factors)])
+        s0 = torch.tensor([w[0] if w is not None else 0.0 for w in warm], dtype=torch.float32, device=x.device)
+        correction = torch.bmm(torch.bmm(x.reshape(n, -1, d_in).float(), a0.transpose(1, 2)), b0.transpose(1, 2))
+        delta = delta - (correction * s0.view(n, 1, 1)).to(delta.dtype)
+    return delta
+
+
+def _by_member(batch: torch.Tensor, members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
+    """`batch` split into each member's rows (contiguous, in order): views whose backward is one
+    cat, where indexing each member's rows would write a zero-filled gradient of the whole batch
+    per member."""
+    return batch.split([m.rows.stop - m.rows.start for m in members])
 
 
 def _is_linear(module: nn.Module) -> bool:
