@@ -182,7 +182,8 @@ def main() -> None:
         print(f"{name:24s} {achieved / 1e9:8.1f} GFLOP/s achieved = MFU {achieved / peak:.0%} of the measured {args.dtype} "
               f"matmul peak {peak / 1e9:.1f} GFLOP/s ({total_flops / 1e9:.0f} GFLOP fwd+bwd per repetition)")
     shapes = ModelShapes.from_model(base)
-    predicted = predict_peak_bytes(shapes, args.split_layer, bare.ranks, args.batch_size, args.seq_len)
+    predicted = predict_peak_bytes(shapes, args.split_layer, bare.ranks, args.batch_size, args.seq_len,
+                                   labels_on_device=placement.labels_on_device)
     measured = bare.meter.step_peak_bytes
     source = "CUDA allocator" if device_.type == "cuda" else "CPU tensor account"
     print(f"device peak memory (split at {args.split_layer}): measured {measured / 2**20:.1f} MiB ({source}), "
