@@ -92,6 +92,28 @@ def test_flower_deployment_trains_the_same_adapters_as_the_in_process_simulation
 
 
 @pytest.mark.slow
+def test_flower_deployment_with_the_batched_server_pass_trains_the_one_at_a_time_adapters(tmp_path, deployment):
+    """server.batch_devices on the ServerApp: the split steps of the three SuperNodes' devices that
+    arrive within server.batch_window_ms run as one pass (issue 22); the adapters equal the
+    in-process simulation's one device at a time to 1e-5, and the report lists the shared passes."""
+    overrides = [*run_overrides(devices=3, rounds=2, steps=3), "server.batch_window_ms=2000"]
+    flower = deployment(3)
+    flower.start_superlink()
+    for index in range(3):
+        flower.start_device(index)
+    out = tmp_path / "flower-run"
+    finish(flower, flower.submit(out, [*overrides, "server.batch_devices=true"]))
+    report = json.loads((out / "report.json").read_text())
+    _, expected = in_process(tmp_path, [*overrides, "server.batch_devices=false"])
+    got = adapter_state(tmp_path / "flower-run.checkpoint")
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+    assert all(entry["dropped"] == [] for entry in report["rounds"])
+    assert max(size for entry in report["rounds"] for size in entry["server_passes"]) > 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("node_auth", [False, True], ids=["plain", "tls-node-auth"])
 def test_a_device_killed_mid_round_is_dropped_rejoins_after_a_restart_and_a_bad_token_is_refused(
         tmp_path, deployment, node_auth):
