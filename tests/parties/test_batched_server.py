@@ -148,13 +148,56 @@ def test_a_u_shaped_wave_waits_for_every_head_gradient_and_not_for_a_lost_device
     assert reply is not None and reply.kind == Kind.CUT_GRADIENT
 
 
-def test_dlora_runs_in_lockstep_one_step_at_a_time_with_the_same_result():
-    """dlora's steps are not batched (each is its own exchange of branch inputs and outputs), but
-    its devices still run in lockstep with batch_devices on, and the result is the same."""
-    states = []
+DLORA_CASES = {
+    "dlora": ["placement.split_layer=0"],
+    "dlora_kill_revive": ["placement.split_layer=0", "kill_revive.enabled=true", "kill_revive.warmup=1",
+                          "kill_revive.interval=1", "kill_revive.active_fraction=0.5", "kill_revive.revive_interval=2"],
+    "hybrid_mixed_cuts": ["placement.split_layer=1"],
+}
+
+
+@pytest.mark.parametrize("case", DLORA_CASES, ids=list(DLORA_CASES))
+def test_dlora_steps_in_one_pass_equal_one_at_a_time(case):
+    """dlora: one pass of the frozen blocks for every device's step, each device's branches asked
+    of it on its own rows (dlora/wave.py): the same adapters, moments and losses as one at a time,
+    with Kill and Revive (killed branches on the server, per device) and with the hybrid's
+    devices cut at blocks 0, 1 and 2."""
+    states, records = [], []
     for batch in (False, True):
-        sim = _sim(batch, "placement.placement=dlora", "placement.split_layer=0", "federation.rounds=2")
-        for _ in range(2):
-            sim.run_round()
+        sim = _sim(batch, "placement.placement=dlora", "federation.rounds=2", *DLORA_CASES[case])
+        if case == "hybrid_mixed_cuts":
+            sim.replan({d.device_id: (index, dict(d.ranks)) for index, d in enumerate(sim.devices)})
+        records.append([sim.run_round() for _ in range(2)])
         states.append(_trained_state(sim))
+    for one, many in zip(*records):
+        assert one.dropped == many.dropped == []
+        assert max(many.server_passes) == 3
+        for device_id, stats in one.devices.items():
+            assert many.devices[device_id].losses == pytest.approx(stats.losses, abs=TOL)
+            decisions = [[(e["step"], e["killed"], e["revived"], e["active"]) for e in r.devices[device_id].kr_events]
+                         for r in (one, many)]
+            assert decisions[0] == decisions[1]  # the same kills and revivals (their scores agree to rounding)
     _assert_same(*states)
+
+
+def test_a_dlora_device_sending_a_bad_branch_output_mid_pass_drops_alone():
+    """In a shared dlora pass one device answers BRANCH_INPUTS with outputs of the wrong shape: it
+    is refused and dropped from the round, the pass goes on for the other two (its branches count
+    as zero on its rows only), and it trains again in the next round."""
+    sim = _sim(True, "placement.placement=dlora", "placement.split_layer=0", "federation.rounds=2")
+    channel = sim.channels["device-1"]
+    exchange, spoiled = channel.exchange, []
+
+    def spoil(message: Message) -> Message:
+        if message.kind == Kind.BRANCH_OUTPUTS and not spoiled:
+            spoiled.append(True)
+            message = Message(message.kind, {n: t[..., :-1] for n, t in message.tensors.items()}, meta=message.meta)
+        return exchange(message)
+
+    channel.exchange = spoil
+    first = sim.run_round()
+    assert [entry["device"] for entry in first.dropped] == ["device-1"]
+    assert "shape" in first.dropped[0]["error"]
+    assert sorted(first.devices) == ["device-0", "device-2"] and max(first.server_passes) == 3
+    second = sim.run_round()
+    assert second.dropped == [] and sorted(second.devices) == ["device-0", "device-1", "device-2"]

@@ -38,9 +38,16 @@ def _concurrent_round(sim: Simulation) -> None:
     sim.finish_round(record, results)
 
 
-@pytest.mark.parametrize("labels_on_device", [False, True], ids=["plain_split", "u_shaped"])
-def test_devices_training_at_once_over_grpc_are_served_in_one_pass_with_one_at_a_time_results(labels_on_device):
-    overrides = (*ROUND, f"placement.labels_on_device={str(labels_on_device).lower()}")
+PLACEMENTS = {
+    "plain_split": ["placement.labels_on_device=false"],
+    "u_shaped": ["placement.labels_on_device=true"],
+    "dlora": ["placement.placement=dlora", "placement.split_layer=0"],
+}
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=list(PLACEMENTS))
+def test_devices_training_at_once_over_grpc_are_served_in_one_pass_with_one_at_a_time_results(placement):
+    overrides = (*ROUND, *PLACEMENTS[placement])
     reference = Simulation(tiny_config("tiny-llama", *overrides, "server.batch_devices=false"))
     reference.run_round()
     sim = Simulation(tiny_config("tiny-llama", *overrides, "server.batch_devices=true"))

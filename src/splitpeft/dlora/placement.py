@@ -43,6 +43,7 @@ from splitpeft.dlora.remote import (
     abort_step,
     install_server_hooks,
 )
+from splitpeft.dlora.wave import DLoRAWave
 from splitpeft.model.adapters import (
     from_tensors,
     lora_branch,
@@ -187,14 +188,51 @@ class DLoRAPlacement:
             session, remote, {name: lora_scale(alpha, ranks[name], session.rslora) for name in remote})
 
     def abort(self, session: ServerSide) -> None:
-        if session.step_state is not None:
-            abort_step(session.step_state)
+        state = session.step_state
+        if state is None:
+            return
+        if state.wave is not None:
+            state.wave.drop(session.device_id)
+        else:
+            abort_step(state)
+
+    # ------------------------------------------------------------------ server side, many devices at once
 
     def wave_key(self, session: ServerSide, message: Message) -> Hashable | None:
-        return None  # each dlora step is its own exchange of branch inputs and outputs
+        """ACTIVATIONS of sessions with no step in progress start one shared pass (`dlora/wave.py`);
+        every later message of such a step goes to its pass; KILL / REVIVE are served alone."""
+        state: DLoRASession | None = session.step_state
+        if state is None:
+            return None
+        if state.wave is not None:
+            return ("dlora", id(state.wave))
+        if message.kind == Kind.ACTIVATIONS and (state.worker is None or not state.worker.is_alive()):
+            return ("dlora", "forward")
+        return None
 
     def server_wave(self, batched: BatchedPass, steps: Sequence[tuple[ServerSide, Message]]) -> list[Message | Exception | None]:
-        raise MessageError("dlora steps are served one at a time")
+        if steps[0][1].kind == Kind.ACTIVATIONS and steps[0][0].step_state.wave is None:
+            results: list[Message | Exception | None] = [None] * len(steps)
+            starting = []
+            for i, (session, message) in enumerate(steps):
+                state: DLoRASession = session.step_state
+                try:
+                    hidden = message.tensor("hidden", shape=(None, None, session.hidden_size), dtype=session.dtype,
+                                            device=session.torch_device)
+                except MessageError as error:
+                    results[i] = error
+                    continue
+                state.killed_grad_norms = bool(message.meta.get(Meta.KILLED_GRAD_NORMS, False)) and bool(state.killed)
+                starting.append((session, state, message, hidden))
+            if starting:
+                _, first = DLoRAWave.start(batched, starting)
+                for i, (session, _) in enumerate(steps):
+                    if session.device_id in first:
+                        results[i] = first[session.device_id]
+            return results
+        wave: DLoRAWave = steps[0][0].step_state.wave
+        replies = wave.deliver({session.device_id: message for session, message in steps})
+        return [replies[session.device_id] for session, _ in steps]
 
     def server_step(self, session: ServerSide, message: Message) -> Message:
         state: DLoRASession = session.step_state

@@ -117,6 +117,7 @@ class DLoRASession:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the session runs
     anchor: torch.Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
     _killed_params: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    wave: Any = None  # the shared pass of its current step (dlora/wave.py), if batched
 
     def next_call(self) -> int:
         self.calls += 1

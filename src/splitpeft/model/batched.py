@@ -29,7 +29,7 @@ no adapters); forward hooks on its adapted linears add each session's branch whi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -111,7 +111,7 @@ class BatchedPass:
             if stacked is not None:
                 return output + stacked.view(output.shape)
             pieces = []
-            for member, xs in zip(members, _by_member(inputs[0], members)):
+            for member, xs in zip(members, by_member(inputs[0], members)):
                 layer = member.layers.get(name)
                 if layer is None:
                     pieces.append(xs.new_zeros((*xs.shape[:-1], output.shape[-1])))
@@ -133,9 +133,23 @@ class BatchedPass:
         finally:
             self._members = ()
 
-    def forward(self, members: list[Member]) -> torch.Tensor:
+    def forward(self, members: list[Member], extra_hooks: Mapping[str, Any] | None = None) -> torch.Tensor:
         """Run every member from its cut (`session.split_layer`) through the last block; sets each
-        member's `rows` and `final`; returns the wave's output (N, T_max, d)."""
+        member's `rows` and `final`, and orders `members` as their rows are; returns the wave's
+        output (N, T_max, d). `extra_hooks`: module name -> forward hook added for this pass (dlora's
+        remote branches), which reads the members joined so far from `joined()`."""
+        handles = [self.host.get_submodule(name).register_forward_hook(hook) for name, hook in (extra_hooks or {}).items()]
+        try:
+            return self._forward(members)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def joined(self) -> Sequence[Member]:
+        """The members in the pass so far, in the order of their rows (during `forward`)."""
+        return self._members
+
+    def _forward(self, members: list[Member]) -> torch.Tensor:
         t_max = max(m.seq_len for m in members)
         joins = sorted({m.session.split_layer for m in members})
         joined: list[Member] = []
@@ -155,7 +169,7 @@ class BatchedPass:
                     joined.append(member)
             assert x is not None
             x = self.backbone.blocks(x, position, self.num_blocks)
-        for member, rows in zip(joined, _by_member(x, joined)):
+        for member, rows in zip(joined, by_member(x, joined)):
             member.final = rows[:, : member.seq_len]
         members[:] = joined
         return x
@@ -165,7 +179,7 @@ class BatchedPass:
         over every row."""
         logits = self.backbone.head(output)  # (N, T_max, V)
         losses = []
-        for member, rows in zip(members, _by_member(logits, members)):
+        for member, rows in zip(members, by_member(logits, members)):
             assert member.labels is not None
             losses.append(causal_lm_loss(rows[:, : member.seq_len], member.labels))
         return losses
@@ -202,7 +216,7 @@ def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor) -> 
     return delta
 
 
-def _by_member(batch: torch.Tensor, members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
+def by_member(batch: torch.Tensor, members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
     """`batch` split into each member's rows (contiguous, in order): views whose backward is one
     cat, where indexing each member's rows would write a zero-filled gradient of the whole batch
     per member."""

@@ -205,6 +205,13 @@ class SplitServer:
             self.bounds.check(message, session.split_layer)
         return session
 
+    def wave_key(self, device_id: str, message: Message) -> Hashable | None:
+        """Which shared pass `message` can join (`Placement.wave_key`); None: it is served alone."""
+        session = self.sessions.get(device_id)
+        if self.batched is None or session is None or message.kind == Kind.OPEN_SESSION:
+            return None
+        return session.placement.wave_key(session, message)
+
     def handle_wave(self, items: Sequence[tuple[str, Message]]) -> list[Message | None]:
         """Replies to messages of several devices that arrived together (at most one each).
 
@@ -217,10 +224,7 @@ class SplitServer:
         replies: list[Message | None] = [None] * len(items)
         groups: dict[Hashable, list[int]] = {}
         for index, (device_id, message) in enumerate(items):
-            session = self.sessions.get(device_id)
-            key = None
-            if self.batched is not None and session is not None and message.kind != Kind.OPEN_SESSION:
-                key = session.placement.wave_key(session, message)
+            key = self.wave_key(device_id, message)
             if key is None:
                 replies[index] = self.handle(device_id, message)
                 continue

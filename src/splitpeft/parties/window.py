@@ -2,13 +2,14 @@
 are served as one wave (`SplitServer.handle_wave`, `model/batched.py`).
 
 Each device's stream has a thread of its own in the gRPC server, which calls `handle` and blocks
-until its reply. A step (ACTIVATIONS, HEAD_GRADIENT) waits in the window; the first to arrive in an
+until its reply. A message that can join a shared pass (`SplitServer.wave_key`: split's ACTIVATIONS
+and HEAD_GRADIENT, every message of a dlora step) waits in the window; the first to arrive in an
 empty window leads it: it waits until the window closes (`window_s` after it arrived, or sooner,
 once every device that may still send a step this round has one waiting, `SplitServer.waiting_for`), serves everything waiting as one wave,
 and wakes the others with their replies. A message the wave cannot answer yet (a U-shaped head
 gradient whose forward pass still waits for another member's) stays for the next window; a member
 whose device is lost is dropped from its wave (its session is reset), so no one waits for it.
-Every other message (OPEN_SESSION, CLOSE_SESSION, dlora's) is served at once. One lock holds the
+Every other message (OPEN_SESSION, CLOSE_SESSION, KILL, REVIVE) is served at once. One lock holds the
 server: the server's work happens one wave or message at a time, as with `serialize`.
 """
 
@@ -19,9 +20,7 @@ import time
 from dataclasses import dataclass
 
 from splitpeft.parties.server import SplitServer
-from splitpeft.transport.messages import Kind, Message
-
-BATCHED_KINDS = (Kind.ACTIVATIONS, Kind.HEAD_GRADIENT)
+from splitpeft.transport.messages import Message
 
 
 @dataclass
@@ -46,11 +45,10 @@ class BatchWindow:
         self.waves: list[int] = []  # how many messages each wave answered
 
     def handle(self, device_id: str, message: Message) -> Message:
-        if message.kind not in BATCHED_KINDS:
-            with self._lock:
-                return self.server.handle(device_id, message)
         entry = _Waiting(device_id, message)
         with self._lock:
+            if self.server.wave_key(device_id, message) is None:
+                return self.server.handle(device_id, message)
             self._waiting.append(entry)
             self._lock.notify_all()  # a leader waiting for the window to fill may close it now
             while entry.reply is None:
