@@ -129,6 +129,14 @@ class ServerSession(Party):
         super().optimizer_step()
 
 
+def batching_is_faster(runtime: Runtime) -> bool:
+    """`server.batch_devices=null`: one pass for many devices where it was measured faster. On this
+    project's 2-core CPU (bench/batched_server.py, 16 devices, B=1, T=128, SmolLM2 at block 2) it
+    ran 1.3-1.6x one at a time in bf16 and 0.9x in fp32, whose matrix products are already
+    efficient at one device's rows; on a GPU one device's rows are far from filling it."""
+    return runtime.server_device.type != "cpu" or runtime.dtype != torch.float32
+
+
 class SplitServer:
     """Serves every device's split traffic through `handle(device_id, message)`.
 
@@ -137,17 +145,20 @@ class SplitServer:
     global state). `limits` bound each step's work (`StepLimits.from_config`); None: unbounded.
     `warm`: every session takes noise-free's warm adapters (`WarmStart`); None: cold.
     `bounds` bound the norm of what enters a server step (`FrameBounds.from_config`); None: unbounded.
-    `batch_devices`: steps of several devices offered together (`handle_wave`) run as one pass.
+    `batch_devices`: steps of several devices offered together (`handle_wave`) run as one pass
+    (None: where it is faster, `batching_is_faster`).
     """
 
     def __init__(self, base: PreTrainedModel, server_ranks: Callable[[range], Mapping[str, int]],
                  start_state: Callable[[str, dict[str, int]], AdapterSet], *,
                  alpha: float, dropout: float, lr: float, num_blocks: int, runtime: Runtime = CPU_FP32,
                  limits: StepLimits | None = None, warm: WarmStart | None = None, rslora: bool = False,
-                 bounds: FrameBounds | None = None, batch_devices: bool = False) -> None:
+                 bounds: FrameBounds | None = None, batch_devices: bool | None = False) -> None:
         self.base = base
         # One pass of the frozen model for the steps of many devices (`handle_wave`); not under
         # fp16 loss scaling (each session scales its own backward) or a quantized server base.
+        if batch_devices is None:
+            batch_devices = batching_is_faster(runtime)
         batchable = (batch_devices and not runtime.loss_scaling and not runtime.gradient_checkpointing
                      and runtime.server_quantization() == "none")
         self.batched = BatchedPass(base, device=runtime.server_device, dtype=runtime.dtype) if batchable else None
