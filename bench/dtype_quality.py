@@ -14,10 +14,13 @@ only once, after the last round, without the untuned baseline and without METEOR
   out; perplexity on `--e2e-perplexity` held-out examples, BLEU (greedy, 40 new tokens) on
   `--e2e-groups` held-out MRs (default: all of them).
 
-Prints per job a markdown table: mean ± std over the seeds per dtype, then the per-seed numbers
-and each run's device splits; then whether auto's mean perplexity is within 2% of fp32's and its
-mean BLEU within the seeds' spread (|difference of the means| <= the larger of the two stds).
-`--keep` reuses the report of a finished run already in its folder (a run is its job, dtype and seed).
+Each run's saved adapter is also scored for perplexity in fp32 (`splitpeft evaluate RUN
+runtime.dtype=fp32 eval.generation=false`, written to RUN/eval.json), so that a bf16 run's training
+is told apart from its bf16 evaluation. Prints per job a markdown table: mean ± std over the seeds
+per dtype, then the per-seed numbers and each run's device splits; then whether auto's mean
+perplexity (scored in fp32) is within 2% of fp32's and its mean BLEU within the seeds' spread
+(|difference of the means| <= the larger of the two stds). `--keep` reuses the report (and
+eval.json) of a finished run already in its folder (a run is its job, dtype and seed).
 """
 
 from __future__ import annotations
@@ -60,6 +63,12 @@ def run(job: str, dtype: str, seed: int, args: argparse.Namespace) -> dict[str, 
         subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         print(f"  {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     data: dict[str, Any] = json.loads(report.read_text())
+    scored = out / "eval.json"
+    if not (args.keep and scored.is_file()):
+        subprocess.run([sys.executable, "-m", "splitpeft.cli", "evaluate", str(out), "runtime.dtype=fp32",
+                        "eval.generation=false"], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    data["fp32_eval_perplexity"] = json.loads(scored.read_text())["perplexity"]
     return data
 
 
@@ -90,27 +99,30 @@ def main() -> None:
         print(f"\n### {job}: {len(seeds)} seeds; perplexity on {some['info']['held_out_examples']} held-out examples "
               f"(at most eval.perplexity_examples={some['config']['eval']['perplexity_examples']}), "
               f"BLEU on {some['eval']['groups']} held-out MRs\n")
-        print("| dtype (as run) | perplexity | BLEU | per-seed perplexity | per-seed BLEU | device splits per seed "
-              "| wall s per seed |")
-        print("|---|---:|---:|---|---|---|---|")
+        print("| dtype (as run) | perplexity | perplexity, fp32 eval | BLEU | per-seed perplexity "
+              "| per-seed perplexity, fp32 eval | per-seed BLEU | device splits per seed | wall s per seed |")
+        print("|---|---:|---:|---:|---|---|---|---|---|")
         summary = {}
         for dtype in dtypes:
             runs = [reports[dtype, seed] for seed in seeds]
             ppl = [r["eval"]["perplexity"] for r in runs]
+            ppl32 = [r["fp32_eval_perplexity"] for r in runs]
             bleu = [r["eval"]["bleu"] for r in runs]
-            summary[dtype] = (mean_std(ppl), mean_std(bleu))
+            summary[dtype] = (mean_std(ppl32), mean_std(bleu))
             splits = ["/".join(str(p["split_layer"]) for p in r["info"]["plans"]) if r["info"].get("plans")
                       else str(r["config"]["placement"]["split_layer"]) for r in runs]
-            (pm, ps), (bm, bs) = summary[dtype]
+            (qm, qs), (bm, bs) = summary[dtype]
+            pm, ps = mean_std(ppl)
             walls = ", ".join(f"{r['wall_s']:.0f}" for r in runs)
-            print(f"| {dtype} ({runs[0]['info']['runtime']['dtype']}) | {pm:.4f} ± {ps:.4f} | {bm:.2f} ± {bs:.2f} | "
-                  f"{', '.join(f'{v:.4f}' for v in ppl)} | {', '.join(f'{v:.2f}' for v in bleu)} | {', '.join(splits)} | "
+            print(f"| {dtype} ({runs[0]['info']['runtime']['dtype']}) | {pm:.4f} ± {ps:.4f} | {qm:.4f} ± {qs:.4f} | "
+                  f"{bm:.2f} ± {bs:.2f} | {', '.join(f'{v:.4f}' for v in ppl)} | {', '.join(f'{v:.4f}' for v in ppl32)} | "
+                  f"{', '.join(f'{v:.2f}' for v in bleu)} | {', '.join(splits)} | "
                   f"{walls} |")
         if len(dtypes) == 2:
             (pa, _), (ba, bsa) = summary[dtypes[0]]
             (pb, _), (bb, bsb) = summary[dtypes[1]]
             ppl_change = pa / pb - 1
-            print(f"\n{dtypes[0]} against {dtypes[1]}: perplexity {ppl_change:+.2%} "
+            print(f"\n{dtypes[0]} against {dtypes[1]}: perplexity (fp32 eval) {ppl_change:+.2%} "
                   f"({'within' if abs(ppl_change) <= 0.02 else 'OUTSIDE'} 2%), BLEU {ba - bb:+.2f} "
                   f"({'within' if abs(ba - bb) <= max(bsa, bsb) else 'OUTSIDE'} the seeds' spread, "
                   f"std {max(bsa, bsb):.2f})")
