@@ -19,10 +19,10 @@ the same threads, in that dtype and in bf16.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from side_by_side import alternate_rounds
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -83,25 +83,9 @@ def main() -> None:
             "count_flops=false", "eval.every_round=false", f"hsplit.planner={args.planner}"])
         sims[dtype] = Simulation(config)
         print(f"{dtype}: {sims[dtype].runtime.dtype_reason}; {torch.get_num_threads()} threads", flush=True)
-    walls: dict[str, list[float]] = {d: [] for d in dtypes}
-    tokens: dict[str, int] = dict.fromkeys(dtypes, 0)
-    losses: dict[str, float] = {}
-    flops_per_token: dict[str, float] = {}
-    for round_index in range(args.rounds):
-        for dtype, sim in sims.items():
-            counter = MatrixFlops() if round_index == 0 else None
-            start = time.perf_counter()
-            if counter is not None:
-                with counter:
-                    record = sim.run_round()
-                flops_per_token[dtype] = counter.flops / sum(s.tokens for s in record.devices.values())
-            else:
-                record = sim.run_round()
-            wall = time.perf_counter() - start
-            losses[dtype] = statistics.mean(loss for stats in record.devices.values() for loss in stats.losses)
-            if round_index > 0:
-                walls[dtype].append(wall)
-                tokens[dtype] += sum(stats.tokens for stats in record.devices.values())
+    walls, tokens, losses, first = alternate_rounds(sims, args.rounds, around_first=MatrixFlops)
+    flops_per_token = {dtype: counter.flops / sum(s.tokens for s in record.devices.values())
+                       for dtype, (record, counter) in first.items()}
     peaks = {name: matmul_peak_flops(DTYPES[name], args.peak_size) for name in dict.fromkeys([*dtypes, "bf16"])}
     print()
     print(f"matrix peaks ({args.peak_size}^2 products, {torch.get_num_threads()} threads): "

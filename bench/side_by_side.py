@@ -16,11 +16,42 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 
 from splitpeft.config import load_config
+from splitpeft.federation.records import RoundRecord
 from splitpeft.federation.simulation import Simulation
+
+
+def alternate_rounds(sims: dict[str, Simulation], rounds: int,
+                     around_first: Callable[[], AbstractContextManager[Any]] = nullcontext,
+                     ) -> tuple[dict[str, list[float]], dict[str, int], dict[str, float], dict[str, tuple[RoundRecord, Any]]]:
+    """Play `rounds` rounds of every simulation, alternating (each one's round 1, then each one's
+    round 2, ...). Returns per name: the wall times of the timed rounds (all but the first), the
+    completion tokens of those rounds, the mean training loss of the last round, and the first
+    round's record with the context it ran in (`around_first()`, e.g. a FLOP counter)."""
+    walls: dict[str, list[float]] = {name: [] for name in sims}
+    tokens = dict.fromkeys(sims, 0)
+    losses: dict[str, float] = {}
+    first: dict[str, tuple[RoundRecord, Any]] = {}
+    for round_index in range(rounds):
+        for name, sim in sims.items():
+            context = around_first() if round_index == 0 else nullcontext()
+            start = time.perf_counter()
+            with context:
+                record = sim.run_round()
+            wall = time.perf_counter() - start
+            losses[name] = statistics.mean(loss for stats in record.devices.values() for loss in stats.losses)
+            if round_index == 0:
+                first[name] = (record, context)
+            else:
+                walls[name].append(wall)
+                tokens[name] += sum(stats.tokens for stats in record.devices.values())
+    return walls, tokens, losses, first
 
 
 def main() -> None:
@@ -41,18 +72,7 @@ def main() -> None:
         sims[name] = Simulation(config)
         print(f"{name}: {overrides or '(preset)'}; {sims[name].runtime.dtype_name}; {torch.get_num_threads()} threads",
               flush=True)
-    walls: dict[str, list[float]] = {name: [] for name in sims}
-    tokens = dict.fromkeys(sims, 0)
-    losses: dict[str, float] = {}
-    for round_index in range(args.rounds):
-        for name, sim in sims.items():
-            start = time.perf_counter()
-            record = sim.run_round()
-            wall = time.perf_counter() - start
-            losses[name] = statistics.mean(loss for stats in record.devices.values() for loss in stats.losses)
-            if round_index > 0:
-                walls[name].append(wall)
-                tokens[name] += sum(stats.tokens for stats in record.devices.values())
+    walls, tokens, losses, _ = alternate_rounds(sims, args.rounds)
     first = next(iter(sims))
     reference = tokens[first] / sum(walls[first])
     print()

@@ -127,8 +127,7 @@ class DLoRASession:
         def add_branch(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             x = args[0]
             if name in self.killed:
-                a, b = self._killed_params[name]
-                return (output + self.scales[name] * (x.to(a.dtype) @ a.T) @ b.T).to(output.dtype)
+                return (output + self.killed_branch(name, x)).to(output.dtype)
             if name not in self.active:
                 return output
             key = (self.groups[name], id(x))
@@ -138,6 +137,11 @@ class DLoRASession:
             return output + self.cache[key][name]
 
         return add_branch
+
+    def killed_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """s B A x of killed adapter `name`, which the server holds and computes (fp32)."""
+        a, b = self._killed_params[name]
+        return self.scales[name] * (x.to(a.dtype) @ a.T) @ b.T
 
     def set_killed(self, weights: dict[str, LoraWeights]) -> None:
         for name, value in weights.items():

@@ -226,8 +226,7 @@ class DLoRAWave:
             pieces = []
             for peer, xs, out in zip(peers, by_member(x, members), by_member(remote.get(name, output), members)):
                 if name in peer.state._killed_params:
-                    a, b = peer.state._killed_params[name]
-                    pieces.append((peer.state.scales[name] * (xs.to(a.dtype) @ a.T) @ b.T).to(output.dtype))
+                    pieces.append(peer.state.killed_branch(name, xs).to(output.dtype))
                 elif name in remote and name in peer.state.active:
                     pieces.append(out)
                 else:

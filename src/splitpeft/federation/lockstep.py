@@ -35,7 +35,6 @@ class _Task(Generic[T]):
     reply: Message | None = None
     result: T | None = None
     error: BaseException | None = None
-    done: bool = False
     thread: threading.Thread | None = None
 
 
@@ -120,5 +119,4 @@ class Lockstep:
         except BaseException as error:  # raised by `run` in the scheduler's thread
             task.error = error
         finally:
-            task.done = True
             self._yielded.set()

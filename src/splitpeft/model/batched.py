@@ -78,9 +78,6 @@ class Wave:
     members: list[Member]
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # device id -> head gradient received
 
-    def waiting_for(self) -> list[str]:
-        return [m.session.device_id for m in self.members if m.session.device_id not in self.grads]
-
     def drop(self, device_id: str) -> None:
         """A member's step was aborted: the others no longer wait for its head gradient."""
         self.members = [m for m in self.members if m.session.device_id != device_id]

@@ -208,7 +208,7 @@ class SplitPlacement:
             except MessageError as error:
                 wave.drop(session.device_id)
                 results[i] = error
-        if wave.waiting_for() or set(offered) != {m.session.device_id for m in wave.members}:
+        if set(offered) != {m.session.device_id for m in wave.members}:
             return results  # the wave's backward waits for every member's head gradient
         finals = [m.final for m in wave.members]
         torch.autograd.backward(finals, [wave.grads[m.session.device_id] for m in wave.members])
