@@ -14,7 +14,8 @@ after one untimed warm-up of each: one message at a time (`SplitServer.handle`, 
 devices' data tokenised by the tiny tokenizer (the frames are random anyway). The frames'
 norm bound is off (`robust.frame_norm_factor=0`): random frames are not the model's own. Prints
 server tokens/s (B x T per device per step) for each way and their ratio, per dtype and placement,
-and the largest difference between the two ways' cut gradients (they must agree).
+and the largest difference between the two ways' cut gradients (they must agree). `--profile N`
+also prints the N operators with the most self CPU time in one pass of each way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 
 import torch
 from throughput import random_llama_1b
+from torch.profiler import ProfilerActivity, profile
 
 from splitpeft.config import load_config
 from splitpeft.federation.simulation import Simulation
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--placements", default="u_shaped,plain")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=0,
+                        help="also profile one pass of each way (torch.profiler) and print this many operators")
     parser.add_argument("--device", default="cpu", help="runtime.server_device and device_device")
     args = parser.parse_args()
     print(f"{args.model}, {args.devices} devices, B={args.batch}, T={args.seq}, cut at block {args.split}, "
@@ -117,6 +121,12 @@ def main() -> None:
                         torch.cuda.synchronize()
                     if rep > 0:
                         times[way].append(time.perf_counter() - start)
+            if args.profile:
+                for way, serve in (("one at a time", one_at_a_time), ("one pass", as_waves)):
+                    with profile(activities=[ProfilerActivity.CPU]) as prof:
+                        serve(sim, up, head)
+                    print(f"{dtype} {placement}, {way}: operators by self CPU time")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
             tokens = args.devices * args.batch * args.seq
             diff = max(float((grads["one at a time"][d].float() - grads["one pass"][d].float()).abs().max()) for d in up)
             serial, batched = (tokens / statistics.median(times[w]) for w in times)
