@@ -69,6 +69,14 @@ def run(job: str, dtype: str, seed: int, args: argparse.Namespace) -> dict[str, 
                         "eval.generation=false"], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     data["fp32_eval_perplexity"] = json.loads(scored.read_text())["perplexity"]
+    if job == "main" and args.main_test_groups > 0:  # the real E2E file is held out from the built-in task entirely
+        tested = out / f"eval-{Path(args.e2e_path).stem}.json"
+        if not (args.keep and tested.is_file()):
+            subprocess.run([sys.executable, "-m", "splitpeft.cli", "evaluate", str(out), "--data", args.e2e_path,
+                            "runtime.dtype=fp32", f"eval.groups={args.main_test_groups}",
+                            f"eval.perplexity_examples={args.main_test_perplexity}"], check=True, cwd=REPO,
+                           stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        data["test"] = json.loads(tested.read_text())
     return data
 
 
@@ -90,6 +98,10 @@ def main() -> None:
                         help="of the MRs held out (the preset's 0.1 holds out about 50 MRs)")
     parser.add_argument("--e2e-perplexity", type=int, default=200, help="held-out examples for perplexity")
     parser.add_argument("--e2e-groups", type=int, default=100000, help="held-out MRs for BLEU (default: all)")
+    parser.add_argument("--main-test-groups", type=int, default=200,
+                        help="the main job's adapters also generate, in fp32, for this many MRs of --e2e-path "
+                             "(real E2E text, never seen by the built-in task; 0 = skip)")
+    parser.add_argument("--main-test-perplexity", type=int, default=500, help="examples of --e2e-path for that perplexity")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     dtypes = args.dtypes.split(",")
@@ -118,6 +130,19 @@ def main() -> None:
                   f"{bm:.2f} ± {bs:.2f} | {', '.join(f'{v:.4f}' for v in ppl)} | {', '.join(f'{v:.4f}' for v in ppl32)} | "
                   f"{', '.join(f'{v:.2f}' for v in bleu)} | {', '.join(splits)} | "
                   f"{walls} |")
+        if job == "main" and args.main_test_groups > 0:
+            some_test = some["test"]
+            print(f"\nThe same adapters on {some_test['perplexity_examples']} examples and {some_test['groups']} MRs of "
+                  f"{Path(args.e2e_path).name} (scored in fp32):\n")
+            print("| dtype | perplexity | BLEU | per-seed perplexity | per-seed BLEU |")
+            print("|---|---:|---:|---|---|")
+            for dtype in dtypes:
+                tests = [reports[dtype, seed]["test"] for seed in seeds]
+                test_ppl = [t["perplexity"] for t in tests]
+                test_bleu = [t["bleu"] for t in tests]
+                (tm, ts), (um, us) = mean_std(test_ppl), mean_std(test_bleu)
+                print(f"| {dtype} | {tm:.4f} ± {ts:.4f} | {um:.2f} ± {us:.2f} | "
+                      f"{', '.join(f'{v:.4f}' for v in test_ppl)} | {', '.join(f'{v:.2f}' for v in test_bleu)} |")
         if len(dtypes) == 2:
             (pa, _), (ba, bsa) = summary[dtypes[0]]
             (pb, _), (bb, bsb) = summary[dtypes[1]]

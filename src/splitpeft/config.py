@@ -101,6 +101,14 @@ class FederationConfig:
         "values, the scale LoRA training starts from (balanced factors of a small update shrink A, and with it "
         "how fast B can move the product); own_a = each holder keeps its own trained A and gets B = P A^+ / s, the "
         "least-squares fit of the aggregate P in A's row space (A keeps its coordinates and its moments)", "balanced")
+    state_memory_bytes: int | None = _help(
+        "devices and server sessions are state between rounds (adapters, AdamW moments) and borrow a model "
+        "to compute with only while they train (parties/shells.py); their state is kept in memory up to this "
+        "many bytes per side, the rest written to a folder under federation.spill_dir and read back when the "
+        "party next trains; null = all in memory", None)
+    spill_dir: str | None = _help(
+        "where federation.state_memory_bytes spills: a folder is created in it for the run and removed at "
+        "its end; null = the system's temporary folder", None)
 
 
 @dataclass
@@ -439,9 +447,10 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "data.max_length": Bound(8, 131_072),
     "data.dirichlet_alpha": Bound(0, 1e6, low_open=True),
     "placement.split_layer": Bound(0, 4096),
-    "federation.num_devices": Bound(1, 10_000),
-    "federation.devices_per_round": Bound(1, 10_000),
-    "federation.min_devices": Bound(1, 10_000),
+    "federation.num_devices": Bound(1, 1_000_000),
+    "federation.devices_per_round": Bound(1, 1_000_000),
+    "federation.min_devices": Bound(1, 1_000_000),
+    "federation.state_memory_bytes": Bound(0, 2**50),
     "federation.rounds": Bound(1, 100_000),
     "federation.local_steps": Bound(1, 1_000_000),
     "federation.batch_size": Bound(1, 65_536),

@@ -54,7 +54,7 @@ def test_frozen_terms_match_what_the_device_holds():
                 device = DeviceRuntime("d", base, SplitPlacement(labels_on_device=keeps_head), k, {},
                                        BatchStream([EncodedExample([5, 6], [5, 6])], 1, 1, 0),
                                        alpha=16.0, dropout=0.0, lr=1e-3, count_flops=False)
-                assert memory_breakdown(shapes, k, {}, 1, 8, keeps_head).frozen_bytes == tensor_nbytes(device._held)
+                assert memory_breakdown(shapes, k, {}, 1, 8, keeps_head).frozen_bytes == tensor_nbytes(device.shell.frozen)
 
 
 def uniform_scores(shapes: ModelShapes) -> dict[str, float]:

@@ -68,6 +68,7 @@ class DLoRAPlacement:
     """Cloud-device placement of DLoRA; `kill_revive` (a KillRevive policy) may be attached by the device."""
 
     name: str = field(default="dlora", init=False)
+    parks_server_sessions: bool = field(default=False, init=False)  # its sessions' models carry the device's branch hooks
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         if not 0 <= split_layer < num_blocks:

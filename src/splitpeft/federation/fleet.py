@@ -26,6 +26,7 @@ from splitpeft.model.backbone import Backbone
 from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.device import DeviceRuntime
 from splitpeft.parties.party import WarmStart
+from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
 from splitpeft.privacy.defences import Defence
 
@@ -93,13 +94,15 @@ def fleet_profiles(config: ExperimentConfig, ids: list[str]) -> list[DeviceProfi
 
 
 def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Placement, index: int,
-                 stream: BatchStream, split_layer: int, ranks: Mapping[str, int], *, runtime: Runtime = CPU_FP32) -> DeviceRuntime:
+                 stream: BatchStream, split_layer: int, ranks: Mapping[str, int], *, runtime: Runtime = CPU_FP32,
+                 pool: ShellPool | None = None) -> DeviceRuntime:
     """Device `index` at `split_layer` with adapters `ranks`, Kill and Revive attached if enabled.
     It holds only its part of `base` (see `DeviceRuntime`)."""
     device = DeviceRuntime(
         f"device-{index}", base, placement, split_layer, ranks, stream,
         alpha=config.lora.alpha, dropout=config.lora.dropout, lr=config.federation.lr, count_flops=config.count_flops,
         runtime=runtime, defence=defence_of(config, index), warm=warm_start_of(config), rslora=config.lora.rslora,
+        pool=pool,
     )
     if config.kill_revive.enabled:
         device.attach_kill_revive(config.kill_revive, seed=config.seed + index)

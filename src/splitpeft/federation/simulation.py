@@ -67,6 +67,7 @@ from splitpeft.model.runtime import resolve_runtime
 from splitpeft.parties.device import DeviceRuntime
 from splitpeft.parties.frame_bounds import FrameBounds
 from splitpeft.parties.server import SplitServer, StepLimits
+from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.registry import make_placement
 from splitpeft.transport.channel import InProcessChannel, Tap
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta
@@ -128,11 +129,16 @@ class Simulation:
                                                             noise_free_factors=fed.noise_free_factors,
                                                             trust=AdamTrustRegion(fed.lr, fed.local_steps)),
                                  mirrors=[] if same_side else [self.device_base])
+        # Devices and server sessions are state between rounds; they borrow their models from
+        # these pools while they train (`parties/shells.py`).
+        self.device_pool = ShellPool(self.device_base, memory_bytes=fed.state_memory_bytes, spill_dir=fed.spill_dir)
+        self.session_pool = ShellPool(base, memory_bytes=fed.state_memory_bytes, spill_dir=fed.spill_dir)
         self.server = SplitServer(
             base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,
             alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks, runtime=runtime,
             limits=StepLimits.from_config(config), warm=warm_start_of(config), rslora=config.lora.rslora,
             bounds=FrameBounds.from_config(config, base), batch_devices=config.server.batch_devices,
+            pool=self.session_pool,
         )
         # With a batched server pass the round's devices run in lockstep (`federation/lockstep.py`).
         self.lockstep = Lockstep(self.server) if self.server.batched is not None else None
@@ -171,7 +177,7 @@ class Simulation:
         if ranks is None:
             ranks = modules_in(self.ranks, self.backbone, self.placement.device_blocks(self.backbone.num_blocks, split_layer))
         return build_device(self.config, self.device_base, self.placement, index, self.streams[index], split_layer, ranks,
-                            runtime=self.runtime)
+                            runtime=self.runtime, pool=self.device_pool)
 
     def replan(self, plans: dict[str, tuple[int, dict[str, int]]]) -> list[str]:
         """Rebuild the devices whose split point or ranks changed; returns their ids."""
@@ -179,6 +185,7 @@ class Simulation:
         for index, device in enumerate(self.devices):
             split_layer, ranks = plans[device.device_id]
             if split_layer != device.split_layer or ranks != device.ranks:
+                device.close()
                 self.devices[index] = self.build_device(index, split_layer, ranks)
                 changed.append(device.device_id)
         return changed
@@ -249,8 +256,10 @@ class Simulation:
         except (ConnectionError, MessageError) as error:
             self.drop(record, device.device_id, str(error))
             device.meter.reset_round()
+            device.park()
             return None
         fill_round_stats(stats, device, phase, events_before)
+        device.park()  # the device is state again until its next round
         stats.bytes_up = channel.traffic.bytes_up - before[0]
         stats.bytes_down = channel.traffic.bytes_down - before[1]
         return DeviceResult(uploaded, phase.tokens, stats)

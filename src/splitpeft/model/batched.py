@@ -51,8 +51,10 @@ class WaveSession(Protocol):
 
     device_id: str
     split_layer: int
-    model: PreTrainedModel
     warm_factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]]  # (s, A0, B0) of its own W - s B0 A0
+
+    @property
+    def model(self) -> PreTrainedModel: ...
 
 
 @dataclass

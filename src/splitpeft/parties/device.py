@@ -25,6 +25,7 @@ from splitpeft.model.backbone import backbone_of
 from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.meter import DeviceMeter
 from splitpeft.parties.party import Party, WarmStart
+from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
 from splitpeft.privacy.defences import NO_DEFENCE, Defence
 from splitpeft.transport.channel import Channel
@@ -63,10 +64,11 @@ class DeviceRuntime(Party):
         defence: Defence = NO_DEFENCE,
         warm: WarmStart | None = None,
         rslora: bool = False,
+        pool: ShellPool | None = None,
     ) -> None:
         part = placement.device_part(backbone_of(base).num_blocks, split_layer)
         super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, warm=warm,
-                         rslora=rslora)
+                         rslora=rslora, pool=pool)
         self.part = part
         self.device_id = device_id
         self.placement = placement
@@ -74,7 +76,6 @@ class DeviceRuntime(Party):
         self.data = data
         self.defence = defence  # what it does to the tensors it sends up (privacy/defences.py)
         self.meter = DeviceMeter(count_flops, device=self.torch_device)
-        self._held = self.frozen_tensors()
         self.killed: set[str] = set()
         self.kill_revive: KillRevive | None = None
         self.measure_killed = False
@@ -84,7 +85,7 @@ class DeviceRuntime(Party):
     def resident_tensors(self) -> list[torch.Tensor]:
         """Tensors the device holds across steps: frozen weights (with a warm start's own copies),
         adapters, optimiser state."""
-        return self._held + self.warm_copies() + self.parameters + self.optimizer_state_tensors()
+        return list(self.shell.frozen) + self.warm_copies() + self.parameters + self.optimizer_state_tensors()
 
     def gradient_bytes(self) -> int:
         """Bytes of the gradients a step allocates (one per trainable adapter parameter)."""

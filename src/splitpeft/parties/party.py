@@ -20,18 +20,33 @@ from splitpeft.model.adapters import (
     ADAPTER_NAME,
     AdapterSet,
     LoraWeights,
-    inject,
     is_fan_in_fan_out,
     lora_ab,
     lora_layers,
-    lora_parameters,
     read_adapters,
     write_adapters,
 )
-from splitpeft.model.backbone import backbone_of, share_frozen_copy
-from splitpeft.model.parts import Part, frozen_tensors, resident_bytes, view_part
+from splitpeft.model.backbone import Backbone
+from splitpeft.model.parts import Part, frozen_tensors, resident_bytes
 from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.frame_bounds import nonfinite_state
+from splitpeft.parties.shells import Shell, ShellPool, ShellSpec
+
+
+@dataclass
+class Parked:
+    """What a parked party keeps besides its store ticket: which parameters (by index in the
+    shell) have AdamW state and under which keys, which are frozen, which modules a warm start
+    trained against, the shell's parameter names (shared) and whether its tensors were checked finite."""
+
+    ticket: int
+    moments: list[int]
+    moment_keys: tuple[str, ...]
+    frozen: list[int]
+    warm: list[str]
+    parameter_names: list[str]
+    parameter_keys: list[str]
+    clean: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,44 +80,135 @@ class Party:
         on_server: bool = False,
         warm: WarmStart | None = None,
         rslora: bool = False,
+        pool: ShellPool | None = None,
     ) -> None:
         """`part`: the frozen tensors this party holds (None: a view of all of `base`);
         `runtime` says on which torch device and, with `on_server`, for which side; `warm`:
-        noise-free's warm start (None: adapters are added to the shared frozen weights as they are)."""
+        noise-free's warm start (None: adapters are added to the shared frozen weights as they are).
+        `pool`: the party borrows its shell (model, branches, optimiser) from it when it first
+        needs one and gives it back at `park`; None: it builds its own now and keeps it."""
         self.alpha = alpha
         self.rslora = rslora
         self.warm = warm
         self.runtime = runtime
         self.torch_device = runtime.server_device if on_server else runtime.device_device
         self.dtype = runtime.dtype
-        frozen = share_frozen_copy(base) if part is None else view_part(base, part, device=self.torch_device, dtype=self.dtype)
-        self.model = inject(frozen, ranks, alpha, dropout, device=self.torch_device, rslora=rslora)
-        if runtime.gradient_checkpointing:
-            # Non-reentrant checkpointing needs no input that requires grad, so the hook transformers
-            # adds to make embedding outputs require grad (for reentrant checkpointing) comes off again.
-            self.model.activation_checkpointing_enable({"use_reentrant": False})
-            self.model.disable_input_require_grads()
-        self.backbone = backbone_of(self.model)
-        self.modules = sorted(lora_layers(self.model))
         self.ranks = {name: rank for name, rank in ranks.items() if rank > 0}
-        self.parameters = lora_parameters(self.model)
-        # The shared frozen weight of each adapted module (merges reach it in place); under a warm
-        # start the layer may hold this party's own copy instead (`_train_against`).
-        self._shared_weights = {name: cast(torch.Tensor, layer.get_base_layer().weight)
-                                for name, layer in lora_layers(self.model).items()}
+        self.modules = sorted(self.ranks)  # peft adds a branch to exactly these (`inject`)
+        self.spec = ShellSpec(tuple(sorted(ranks.items())), alpha, dropout, lr, weight_decay, part, runtime, on_server, rslora)
+        self._pool = pool
+        self._shell: Shell | None = None if pool is not None else Shell(base, self.spec)
+        self._parked: Parked | None = None
         # Server sessions under a warm start keep the (s, A0, B0) of each module trained against
         # its own copy W - s B0 A0 (fp32): the batched pass applies the copy as W x - s B0 (A0 x).
         self.warm_factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}
         self._keep_warm_factors = on_server
-        # bf16 / fp16 parties use the fused AdamW (one vectorised kernel for all their adapters, 6x
-        # the per-tensor loop on CPU); it rounds differently by an ulp, so fp32 runs keep the loop
-        # and the golden runs stay bit-for-bit.
-        self.optimizer = (
-            torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay, fused=self.dtype != torch.float32)
-            if self.parameters else None
-        )
-        self.scaler = torch.amp.GradScaler(self.torch_device.type) if runtime.loss_scaling and self.parameters else None
-        self.model.train()
+        self._warm_loaded: dict[str, LoraWeights] = {}  # under a warm start: the adapters it trains against
+        self.scaler = torch.amp.GradScaler(self.torch_device.type) if runtime.loss_scaling and self.modules else None
+
+    # ------------------------------------------------------------------ the shell it computes with
+
+    @property
+    def shell(self) -> Shell:
+        """This party's shell, borrowed from its pool (and its parked state put back) if it has none."""
+        return self._bind(restore=True)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.shell.model
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.shell.backbone
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.shell.parameters
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.shell.optimizer
+
+    @property
+    def is_parked(self) -> bool:
+        return self._shell is None
+
+    def _bind(self, *, restore: bool) -> Shell:
+        """Borrow a shell if this party holds none, and put its parked state into it: moments and
+        frozen flags always, the adapters (and a warm start's own weights) if `restore` (`load`
+        writes new ones anyway)."""
+        if self._shell is not None:
+            return self._shell
+        assert self._pool is not None
+        shell = self._pool.acquire(self.spec)
+        self._shell = shell
+        parked, self._parked = self._parked, None
+        if parked is None:
+            return shell
+        tensors = self._pool.store.take(parked.ticket)
+        if shell.optimizer is not None:
+            for index in parked.moments:
+                shell.optimizer.state[shell.parameters[index]] = {
+                    key: tensors[f"m/{index}/{key}"] for key in parked.moment_keys}
+        for index in parked.frozen:
+            shell.parameters[index].requires_grad_(False)
+        self._warm_loaded = {name: LoraWeights(tensors[f"w/{name}/A"], tensors[f"w/{name}/B"]) for name in parked.warm}
+        if restore:
+            write_adapters(shell.model, {name: LoraWeights(tensors[f"a/{name}/A"], tensors[f"a/{name}/B"])
+                                         for name in self.modules})
+            layers = lora_layers(shell.model)
+            for name, weights in list(self._warm_loaded.items()):
+                self._train_against(name, layers[name], weights)
+        return shell
+
+    def park(self) -> None:
+        """Give the shell back to the pool, keeping this party's adapters, AdamW moments, frozen
+        flags and warm-start adapters as tensors (in memory or spilled). No-op without a pool, or
+        parked already. Only between steps: a half-done step's graph would be lost."""
+        if self._pool is None or self._shell is None:
+            return
+        shell = self._shell
+        tensors: dict[str, torch.Tensor] = {}
+        for name, weights in read_adapters(shell.model).items():
+            tensors[f"a/{name}/A"], tensors[f"a/{name}/B"] = weights.A, weights.B
+        moments: list[int] = []
+        keys: tuple[str, ...] = ()
+        if shell.optimizer is not None:
+            for index, parameter in enumerate(shell.parameters):
+                state = shell.optimizer.state.get(parameter)
+                if state:
+                    keys = tuple(sorted(state))
+                    moments.append(index)
+                    for key in keys:
+                        tensors[f"m/{index}/{key}"] = state[key]
+        for name, weights in self._warm_loaded.items():
+            tensors[f"w/{name}/A"], tensors[f"w/{name}/B"] = weights.A, weights.B
+        frozen = [index for index, parameter in enumerate(shell.parameters) if not parameter.requires_grad]
+        self._parked = Parked(self._pool.store.put(tensors), moments, keys, frozen, sorted(self._warm_loaded),
+                              shell.parameter_names, shell.parameter_keys)
+        self._warm_loaded = {}
+        self.warm_factors = {}
+        self._shell = None
+        self._pool.release(self.spec, shell)
+
+    def close(self) -> None:
+        """Forget this party: its shell goes back to the pool, its parked tensors are dropped."""
+        if self._pool is None:
+            return
+        if self._shell is not None:
+            shell, self._shell = self._shell, None
+            self._pool.release(self.spec, shell)
+        if self._parked is not None:
+            self._pool.store.drop(self._parked.ticket)
+            self._parked = None
+
+    def _parked_tensors(self) -> dict[str, torch.Tensor]:
+        assert self._pool is not None and self._parked is not None
+        return self._pool.store.peek(self._parked.ticket)
+
+    @property
+    def _shared_weights(self) -> dict[str, torch.Tensor]:
+        return self.shell.shared_weights
 
     def frozen_tensors(self) -> list[torch.Tensor]:
         """The frozen base tensors this party really holds (not on the meta device)."""
@@ -128,6 +234,7 @@ class Party:
         adapter are dropped unless `warm.keep_moments` (see `WarmStart`).
         """
         incoming = {name: adapters[name] for name in self.modules}
+        self._bind(restore=False)  # what a parked party held is overwritten here
         write_adapters(self.model, incoming)
         layers = lora_layers(self.model)
         if self.warm is not None:
@@ -156,11 +263,13 @@ class Party:
         if shared.device.type == "meta":
             return
         self.warm_factors.pop(name, None)
+        self._warm_loaded.pop(name, None)
         if not bool(weights.B.any()):
             if base_layer.weight is not shared:
                 base_layer.weight = shared
             return
         scale = float(layer.scaling[ADAPTER_NAME])
+        self._warm_loaded[name] = weights  # to rebuild the copy after parking
         if self._keep_warm_factors:
             self.warm_factors[name] = (scale, weights.A.to(shared.device, torch.float32, copy=True),
                                        weights.B.to(shared.device, torch.float32, copy=True))
@@ -176,7 +285,11 @@ class Party:
         base_layer.weight = torch.nn.Parameter(own, requires_grad=False)
 
     def adapters(self) -> AdapterSet:
-        """This party's adapters, on the CPU (where the federation's state lives)."""
+        """This party's adapters, on the CPU (where the federation's state lives); a parked
+        party's from what it keeps, without borrowing a shell."""
+        if self._shell is None and self._parked is not None:
+            tensors = self._parked_tensors()
+            return {name: LoraWeights(tensors[f"a/{name}/A"].cpu(), tensors[f"a/{name}/B"].cpu()) for name in self.modules}
         return {name: LoraWeights(w.A.cpu(), w.B.cpu()) for name, w in read_adapters(self.model).items()}
 
     # ------------------------------------------------------------------ backward, with fp16 loss scaling
@@ -222,7 +335,19 @@ class Party:
         self.optimizer.zero_grad(set_to_none=True)
 
     def nonfinite(self) -> str | None:
-        """The name of the first trainable adapter or AdamW moment of this party that is not finite, or None."""
+        """The name of the first trainable adapter or AdamW moment of this party that is not finite, or None.
+        A parked party is checked in what it keeps, without borrowing a shell, and once only."""
+        parked = self._parked
+        if self._shell is None and parked is not None:
+            if parked.clean:
+                return None
+            tensors = self._parked_tensors()
+            names = parked.parameter_names
+            kept = [(names[i], tensors[f"a/{parked.parameter_keys[i]}"]) for i in range(len(names)) if i not in parked.frozen]
+            kept += [(f"{names[i]}.{key}", tensors[f"m/{i}/{key}"]) for i in parked.moments for key in parked.moment_keys]
+            bad = nonfinite_state(kept)
+            parked.clean = bad is None
+            return bad
         named: list[tuple[str, torch.Tensor]] = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         if self.optimizer is not None:
             index = {id(p): name for name, p in self.model.named_parameters()}
@@ -235,9 +360,17 @@ class Party:
         returns the first such tensor's name. The adapters themselves are reloaded at the next
         round start (`load`), so nothing non-finite outlives the round or reaches a checkpoint."""
         bad = self.nonfinite()
-        if bad is not None and self.optimizer is not None:
+        if bad is not None and self._shell is None and self._parked is not None:
+            self._bind(restore=True)  # rare: the moments go, the rest is parked again
+            self.park_moments_cleared()
+        elif bad is not None and self.optimizer is not None:
             self.optimizer.state.clear()
         return bad
+
+    def park_moments_cleared(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+        self.park()
 
     def optimizer_state_tensors(self) -> list[torch.Tensor]:
         if self.optimizer is None:

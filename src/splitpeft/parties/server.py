@@ -29,6 +29,7 @@ from splitpeft.model.loss import IGNORE_INDEX
 from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.frame_bounds import FrameBounds, gradient_problem
 from splitpeft.parties.party import Party, WarmStart
+from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
 from splitpeft.placements.registry import make_placement
 from splitpeft.transport.messages import (
@@ -89,14 +90,15 @@ class ServerSession(Party):
 
     def __init__(self, device_id: str, base: PreTrainedModel, placement: Placement, split_layer: int,
                  ranks: Mapping[str, int], *, alpha: float, dropout: float, lr: float,
-                 runtime: Runtime = CPU_FP32, warm: WarmStart | None = None, rslora: bool = False) -> None:
+                 runtime: Runtime = CPU_FP32, warm: WarmStart | None = None, rslora: bool = False,
+                 pool: ShellPool | None = None) -> None:
         part = placement.server_part(backbone_of(base).num_blocks, split_layer)
         super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, on_server=True,
-                         warm=warm, rslora=rslora)
+                         warm=warm, rslora=rslora, pool=pool)
         self.device_id = device_id
         self.placement = placement
         self.split_layer = split_layer
-        config = self.model.config
+        config = base.config
         self.hidden_size = int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd)
         self.vocab_size = int(config.vocab_size)
         self.step_state: Any = None  # the placement's state between the messages of one step
@@ -153,8 +155,12 @@ class SplitServer:
                  start_state: Callable[[str, dict[str, int]], AdapterSet], *,
                  alpha: float, dropout: float, lr: float, num_blocks: int, runtime: Runtime = CPU_FP32,
                  limits: StepLimits | None = None, warm: WarmStart | None = None, rslora: bool = False,
-                 bounds: FrameBounds | None = None, batch_devices: bool | None = False) -> None:
+                 bounds: FrameBounds | None = None, batch_devices: bool | None = False,
+                 pool: ShellPool | None = None) -> None:
         self.base = base
+        # Sessions borrow their shells from `pool` and park them when their device closes the
+        # session (`parties/shells.py`), where the placement allows it; None: each keeps its own.
+        self.pool = pool
         # One pass of the frozen model for the steps of many devices (`handle_wave`); not under
         # fp16 loss scaling (each session scales its own backward) or a quantized server base.
         if batch_devices is None:
@@ -198,6 +204,7 @@ class SplitServer:
             session = self._checked(device_id, message)
             if message.kind == Kind.CLOSE_SESSION:
                 self.finished.add(device_id)
+                session.park()
                 return Message(Kind.SESSION_CLOSED, meta={Meta.TOKENS: session.tokens})
             return session.placement.server_step(session, message)
         except (MessageError, AdapterError, ValueError) as error:
@@ -273,11 +280,13 @@ class SplitServer:
         placement.device_blocks(self.num_blocks, split_layer)  # ValueError (refused) where the placement has no such split
         existing = self.sessions.get(device_id)
         if existing is None or existing.split_layer != split_layer or existing.placement != placement:
+            if existing is not None:
+                existing.close()
             session = ServerSession(
                 device_id, self.base, placement, split_layer,
                 self.server_ranks(placement.server_blocks(self.num_blocks, split_layer)),
                 alpha=self.alpha, dropout=self.dropout, lr=self.lr, runtime=self.runtime, warm=self.warm,
-                rslora=self.rslora,
+                rslora=self.rslora, pool=self.pool if placement.parks_server_sessions else None,
             )
             placement.open_server_session(session, meta, self.server_ranks(range(self.num_blocks)))
             self.sessions[device_id] = session
@@ -318,8 +327,11 @@ class SplitServer:
         if session is None:
             return
         session.placement.abort(session)
+        if session.is_parked:
+            return  # parked between steps: nothing half-done, and no gradient held
         if session.optimizer is not None:
             session.optimizer.zero_grad(set_to_none=True)
+        session.park()
 
     def session_copies(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, AdapterSet, int]]:
         """(holder, adapters, tokens trained this round) for every session opened this round and

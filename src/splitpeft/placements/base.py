@@ -41,8 +41,13 @@ class DeviceSide(Protocol):
     """What a placement uses of a device: its model part, meter, and adapter switches."""
 
     device_id: str
-    model: PreTrainedModel
-    backbone: Backbone
+
+    @property
+    def model(self) -> PreTrainedModel: ...
+
+    @property
+    def backbone(self) -> Backbone: ...
+
     torch_device: torch.device    # where its part of the model runs
     meter: DeviceMeter
     split_layer: int
@@ -67,8 +72,13 @@ class ServerSide(Protocol):
     """What a placement uses of the server's session for one device."""
 
     device_id: str
-    model: PreTrainedModel
-    backbone: Backbone
+
+    @property
+    def model(self) -> PreTrainedModel: ...
+
+    @property
+    def backbone(self) -> Backbone: ...
+
     split_layer: int
     hidden_size: int
     torch_device: torch.device  # where the session's part runs
@@ -96,6 +106,9 @@ class ServerSide(Protocol):
 
 class Placement(Protocol):
     name: str
+    # A server session's shell may go back to the server's pool between rounds (`Party.park`):
+    # False where the placement hooks the session's model for good when the session opens.
+    parks_server_sessions: bool
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         """Blocks whose adapters the device owns."""

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 @dataclass
 class CentralizedPlacement:
     name: str = field(default="centralized", init=False)
+    parks_server_sessions: bool = field(default=True, init=False)
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         return range(0, num_blocks)

@@ -42,6 +42,7 @@ class SplitPlacement:
 
     labels_on_device: bool = True
     name: str = field(default="split", init=False)
+    parks_server_sessions: bool = field(default=True, init=False)
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         if not 0 <= split_layer <= num_blocks:

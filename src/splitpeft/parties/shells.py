@@ -1,0 +1,256 @@
+"""Parties as state, shells as compute: what lets one process hold a fleet of thousands.
+
+A `Shell` is the compute a party trains with: a structural copy of (part of) the base model with
+LoRA branches injected (peft) and an AdamW optimiser over them. Building one costs tens of
+milliseconds and its Python modules tens of kilobytes, and it is the same for every party with the
+same part and ranks. So parties borrow shells from a `ShellPool` while they train and give them
+back (`Party.park`) between rounds, keeping only what they carry from one round to the next:
+their adapters (a snapshot), AdamW moments, which adapters are frozen, and the adapters a warm
+start trained against. A parked party costs those tensors and a few small Python objects.
+
+The parked tensors of all parties of a pool are kept in memory up to `memory_bytes`; beyond it
+they are written to a folder the pool creates (`SpillStore`, safetensors: no pickle) and read back
+when the party next binds a shell. The pool deletes only the files and the folder it created.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+from splitpeft.model.adapters import inject, lora_layers, lora_parameters
+from splitpeft.model.backbone import backbone_of, share_frozen_copy
+from splitpeft.model.parts import Part, frozen_tensors, view_part
+from splitpeft.model.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class ShellSpec:
+    """Everything a shell is built from except the base model: equal specs, interchangeable shells."""
+
+    ranks: tuple[tuple[str, int], ...]
+    alpha: float
+    dropout: float
+    lr: float
+    weight_decay: float
+    part: Part | None
+    runtime: Runtime
+    on_server: bool
+    rslora: bool
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self.runtime.server_device if self.on_server else self.runtime.device_device
+
+
+class Shell:
+    """A party's compute: `model` (frozen tensors shared with the base, its own LoRA branches),
+    `parameters` (A and B of every adapted module, in module order) and `optimizer`."""
+
+    def __init__(self, base: PreTrainedModel, spec: ShellSpec) -> None:
+        device, dtype = spec.torch_device, spec.runtime.dtype
+        frozen = share_frozen_copy(base) if spec.part is None else view_part(base, spec.part, device=device, dtype=dtype)
+        # peft draws every new A from torch's global generator: a shell is built when a pool first
+        # needs one, so building it must not move the draws of anything that runs after it.
+        with torch.random.fork_rng(devices=[]):
+            self.model = inject(frozen, dict(spec.ranks), spec.alpha, spec.dropout, device=device, rslora=spec.rslora)
+        if spec.runtime.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad, so the hook transformers
+            # adds to make embedding outputs require grad (for reentrant checkpointing) comes off again.
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
+            self.model.disable_input_require_grads()
+        self.backbone = backbone_of(self.model)
+        layers = lora_layers(self.model)
+        self.modules = sorted(layers)
+        if self.modules != sorted(name for name, rank in spec.ranks if rank > 0):
+            raise ValueError("the model's adapted modules are not those of the ranks it was given")
+        self.parameters = lora_parameters(self.model)
+        # per parameter: its name in the model, and "module/A" or "module/B"
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        self.parameter_names = [names[id(p)] for p in self.parameters]
+        self.parameter_keys = [f"{name}/{factor}" for name in layers for factor in "AB"]
+        # The shared frozen weight of each adapted module (merges reach it in place); under a warm
+        # start a party sets its own copy on the layer while it holds the shell, and puts this back.
+        self.shared_weights = {name: cast(torch.Tensor, layer.get_base_layer().weight) for name, layer in layers.items()}
+        # bf16 / fp16 parties use the fused AdamW (one vectorised kernel for all their adapters, 6x
+        # the per-tensor loop on CPU); it rounds differently by an ulp, so fp32 runs keep the loop
+        # and the golden runs stay bit-for-bit.
+        self.optimizer = (
+            torch.optim.AdamW(self.parameters, lr=spec.lr, weight_decay=spec.weight_decay, fused=dtype != torch.float32)
+            if self.parameters else None
+        )
+        self.frozen = frozen_tensors(self.model)
+        self.model.train()
+
+    def restore_shared_weights(self) -> None:
+        """Put every adapted module back on the shared frozen weight (a warm party's own copies go)."""
+        layers = lora_layers(self.model)
+        for name, shared in self.shared_weights.items():
+            base_layer = layers[name].get_base_layer()
+            if base_layer.weight is not shared:
+                base_layer.weight = shared
+
+    def clear(self) -> None:
+        """Nothing of the last party stays: no gradients, no optimiser state, every adapter trainable."""
+        for parameter in self.parameters:
+            parameter.grad = None
+            parameter.requires_grad_(True)
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+        self.restore_shared_weights()
+
+
+class SpillStore:
+    """Tensors kept in memory up to `memory_bytes` (None: no limit), the rest in safetensors files
+    under a folder this store creates in `directory` (default: the system's temporary folder) and
+    removes at `close`. `put` returns a ticket, `take` gives the tensors back once."""
+
+    def __init__(self, memory_bytes: int | None = None, directory: str | Path | None = None) -> None:
+        if memory_bytes is not None and memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be >= 0 or None, got {memory_bytes}")
+        self.memory_bytes = memory_bytes
+        self.directory = Path(directory) if directory is not None else None
+        self._folder: Path | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._in_memory: dict[int, dict[str, torch.Tensor]] = {}
+        self._on_disk: dict[int, Path] = {}
+        self._sizes: dict[int, int] = {}
+        self.resident = 0          # bytes of tensors held in memory
+        self.spilled = 0           # bytes of tensors written to disk and not yet taken back
+        self._tickets = itertools.count()
+        self._lock = threading.Lock()
+
+    def put(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        with self._lock:
+            ticket = next(self._tickets)
+            self._sizes[ticket] = size
+            if self.memory_bytes is None or self.resident + size <= self.memory_bytes:
+                self._in_memory[ticket] = dict(tensors)
+                self.resident += size
+                return ticket
+            path = self._folder_path() / f"{ticket}.safetensors"
+            self.spilled += size
+        # safetensors wants contiguous tensors that share no storage
+        save_file({name: t.detach().contiguous().clone() for name, t in tensors.items()}, str(path))
+        with self._lock:
+            self._on_disk[ticket] = path
+        return ticket
+
+    def take(self, ticket: int) -> dict[str, torch.Tensor]:
+        with self._lock:
+            size = self._sizes.pop(ticket)
+            if ticket in self._in_memory:
+                self.resident -= size
+                return self._in_memory.pop(ticket)
+            path = self._on_disk.pop(ticket)
+            self.spilled -= size
+        tensors = load_file(str(path))
+        path.unlink()
+        return tensors
+
+    def peek(self, ticket: int) -> dict[str, torch.Tensor]:
+        """The tensors of `ticket`, left where they are (read from disk if spilled)."""
+        with self._lock:
+            if ticket in self._in_memory:
+                return self._in_memory[ticket]
+            path = self._on_disk[ticket]
+        return load_file(str(path))
+
+    def drop(self, ticket: int) -> None:
+        with self._lock:
+            size = self._sizes.pop(ticket, 0)
+            if ticket in self._in_memory:
+                del self._in_memory[ticket]
+                self.resident -= size
+                return
+            path = self._on_disk.pop(ticket, None)
+            self.spilled -= size if path is not None else 0
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def _folder_path(self) -> Path:
+        if self._folder is None:
+            if self.directory is not None:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            self._folder = Path(tempfile.mkdtemp(prefix="splitpeft-spill-", dir=self.directory))
+            # removed when the store goes, or when the process exits, whichever is first
+            self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._folder), True)
+        return self._folder
+
+    def close(self) -> None:
+        """Remove the folder this store created, with the files in it (nothing else): what was
+        spilled is gone."""
+        with self._lock:
+            folder, self._folder = self._folder, None
+            for ticket in self._on_disk:
+                self._sizes.pop(ticket, None)
+            self._on_disk.clear()
+            self.spilled = 0
+        if folder is not None and self._finalizer is not None:
+            self._finalizer()
+
+
+class ShellPool:
+    """Shells of one base model, lent to parties by spec and given back when they park.
+
+    `acquire(spec)` takes a free shell of that spec or builds one; `release` returns it. At most
+    `max_free` shells wait free (the least recently returned go first), so a fleet whose every
+    device has its own plan does not keep a shell per device. `store` holds the parked parties'
+    tensors (`SpillStore`). Thread-safe: server sessions park and bind from the server's workers.
+    """
+
+    def __init__(self, base: PreTrainedModel, *, memory_bytes: int | None = None, spill_dir: str | Path | None = None,
+                 max_free: int = 64) -> None:
+        self.base = base
+        self.store = SpillStore(memory_bytes, spill_dir)
+        self.max_free = max_free
+        self._free: dict[Hashable, list[Shell]] = {}
+        self._free_order: list[tuple[Hashable, Shell]] = []
+        self._lock = threading.Lock()
+        self.built = 0      # shells built so far
+        self.lent = 0       # shells lent out now
+
+    def acquire(self, spec: ShellSpec) -> Shell:
+        with self._lock:
+            free = self._free.get(spec)
+            if free:
+                shell = free.pop()
+                self._free_order.remove((spec, shell))
+                self.lent += 1
+                return shell
+            self.built += 1
+            self.lent += 1
+        return Shell(self.base, spec)
+
+    def release(self, spec: ShellSpec, shell: Shell) -> None:
+        shell.clear()
+        with self._lock:
+            self.lent -= 1
+            self._free.setdefault(spec, []).append(shell)
+            self._free_order.append((spec, shell))
+            while len(self._free_order) > self.max_free:
+                old_spec, old = self._free_order.pop(0)
+                self._free[old_spec].remove(old)
+
+    def free_shells(self) -> int:
+        return len(self._free_order)
+
+    def describe(self) -> dict[str, Any]:
+        """For the report: shells built, lent now, free; parked bytes in memory and spilled."""
+        return {"shells_built": self.built, "shells_lent": self.lent, "shells_free": self.free_shells(),
+                "parked_bytes_in_memory": self.store.resident, "parked_bytes_spilled": self.store.spilled}
+
+    def close(self) -> None:
+        self.store.close()
