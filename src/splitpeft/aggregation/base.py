@@ -42,6 +42,9 @@ class AdapterCopy:
     # The adapter the holder started the round with (same rank): its update is what it added to
     # it. None: measured from zero (A0 = 0, B0 = 0).
     start: LoraWeights | None = None
+    # Set by `checked_upload` on the fp32 copy it returns (and kept by `replace`): `check_copy`
+    # has passed on exactly these tensors, so the aggregators' own checks do not redo it.
+    checked: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ def check_copy(module: str, copy: AdapterCopy) -> None:
     """Reject a copy that is not a finite, sane LoRA pair (a poisoned or broken upload).
 
     Nothing is computed on a tensor before its type and dtype are known to be a floating one."""
+    if copy.checked:
+        return
     a, b = copy.weights
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise AggregationError(f"{module} from {copy.holder}: A and B must be tensors")
@@ -105,10 +110,10 @@ def check_copy(module: str, copy: AdapterCopy) -> None:
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
         raise AggregationError(f"{module} from {copy.holder}: A{tuple(a.shape)} B{tuple(b.shape)} is not a LoRA pair")
     for name, value in (("A", a), ("B", b)):
-        if not bool(torch.isfinite(value).all()):
-            raise AggregationError(f"{module} from {copy.holder}: {name} contains NaN or Inf")
-        norm = float(value.float().norm())
-        if not norm <= MAX_ADAPTER_NORM:  # also catches a norm that overflows to inf
+        norm = float(value.float().norm())  # finite and within the cap only if every entry is finite
+        if not norm <= MAX_ADAPTER_NORM:
+            if not bool(torch.isfinite(value).all()):
+                raise AggregationError(f"{module} from {copy.holder}: {name} contains NaN or Inf")
             raise AggregationError(f"{module} from {copy.holder}: |{name}| = {norm:.3g} exceeds {MAX_ADAPTER_NORM:g}")
     check_tokens(module, copy)
     if not (isinstance(copy.scale, (int, float)) and math.isfinite(copy.scale) and copy.scale > 0):
@@ -143,9 +148,9 @@ def checked_upload(module: str, copy: AdapterCopy, *, rank: int, d_in: int, d_ou
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise AggregationError(f"{module} from {copy.holder}: token count {tokens!r} is not a positive integer")
     # fp32 after the dtype check: a float64 beyond fp32's range becomes inf and fails below.
-    converted = replace(copy, weights=LoraWeights(a.detach().to(torch.float32), b.detach().to(torch.float32)))
+    converted = replace(copy, weights=LoraWeights(a.detach().to(torch.float32), b.detach().to(torch.float32)), checked=False)
     check_copy(module, converted)
-    return converted
+    return replace(converted, checked=True)
 
 
 def check_copies(module: str, copies: Sequence[AdapterCopy]) -> tuple[int, int]:

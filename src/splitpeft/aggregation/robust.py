@@ -124,7 +124,7 @@ def clamp_to_trust_region(module: str, copies: Sequence[AdapterCopy], bound: flo
             clips.append(Clip(copy.holder, module, bound / largest, float(delta.double().norm()),
                               bound, f"{key}-box"))
         out.append(copy if new["A"] is copy.weights.A and new["B"] is copy.weights.B
-                   else replace(copy, weights=LoraWeights(new["A"], new["B"])))
+                   else replace(copy, weights=LoraWeights(new["A"], new["B"]), checked=False))
     return out, clips
 
 
@@ -206,7 +206,7 @@ def clip_products(module: str, copies: Sequence[AdapterCopy], factor: float,
         else:
             f = _interpolation_factor(*product_update_terms(copy), limit)
             weights = LoraWeights(a0 + f * (a - a0), b0 + f * (b - b0))
-        out.append(replace(copy, weights=weights))
+        out.append(replace(copy, weights=weights, checked=False))
         clips.append(Clip(copy.holder, module, f, norm, limit, "BA"))
     return out, clips
 
@@ -233,7 +233,7 @@ def clip_factors(module: str, copies: Sequence[AdapterCopy], factor: float,
             new[key] = old + f * (new[key] - old)
             clips.append(Clip(copy.holder, module, f, norm, limit, key))
         out.append(copy if new["A"] is copy.weights.A and new["B"] is copy.weights.B
-                   else replace(copy, weights=LoraWeights(new["A"], new["B"])))
+                   else replace(copy, weights=LoraWeights(new["A"], new["B"]), checked=False))
     return out, clips
 
 

@@ -25,7 +25,7 @@ import copy
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -154,8 +154,7 @@ class GlobalState:
             raise AggregationError(f"{name} from {copy.holder}: this holder was not given {name} this round")
         initial = self.global_adapters[name]
         checked = checked_upload(name, copy, rank=start.rank, d_in=initial.A.shape[1], d_out=initial.B.shape[0])
-        return AdapterCopy(checked.holder, checked.weights, checked.tokens, checked.scale,
-                           start=LoraWeights(start.A.to(torch.float32), start.B.to(torch.float32)))
+        return replace(checked, start=LoraWeights(start.A.to(torch.float32), start.B.to(torch.float32)))
 
     def aggregate(self, copies: Mapping[str, list[AdapterCopy]]) -> AggregationReport:
         """Next round's adapters per holder from this round's copies (module -> copies).

@@ -171,16 +171,18 @@ def _weight(module: nn.Module) -> nn.Parameter:
     return cast(nn.Parameter, module.weight)
 
 
-def read_adapters(model: nn.Module, names: Iterable[str] | None = None) -> AdapterSet:
-    """Detached copies of A and B for every adapted module (or only `names`)."""
-    layers = lora_layers(model)
+def read_adapters(model: nn.Module | Mapping[str, LoraLayer], names: Iterable[str] | None = None) -> AdapterSet:
+    """Detached copies of A and B for every adapted module (or only `names`); `model` may be its
+    `lora_layers` already found."""
+    layers = model if isinstance(model, Mapping) else lora_layers(model)
     selected = layers if names is None else {n: layers[n] for n in names}
     return {name: LoraWeights(*(p.detach().clone() for p in lora_ab(layer))) for name, layer in selected.items()}
 
 
-def write_adapters(model: nn.Module, weights: Mapping[str, LoraWeights]) -> None:
-    """Copy A and B into the model's adapters; names and shapes must match exactly."""
-    layers = lora_layers(model)
+def write_adapters(model: nn.Module | Mapping[str, LoraLayer], weights: Mapping[str, LoraWeights]) -> None:
+    """Copy A and B into the model's adapters (or into `lora_layers` already found); names and
+    shapes must match exactly."""
+    layers = model if isinstance(model, Mapping) else lora_layers(model)
     with torch.no_grad():
         for name, value in weights.items():
             if name not in layers:

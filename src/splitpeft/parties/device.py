@@ -17,7 +17,6 @@ from splitpeft.model.adapters import (
     ADAPTER_NAME,
     LoraWeights,
     lora_ab,
-    lora_layers,
     read_adapters,
     to_tensors,
 )
@@ -97,7 +96,7 @@ class DeviceRuntime(Party):
         self.kill_revive = KillRevive(settings, self.modules, seed=seed)
 
     def set_trainable(self, names: Iterable[str], trainable: bool) -> None:
-        layers = lora_layers(self.model)
+        layers = self.shell.layers
         for name in names:
             for parameter in lora_ab(layers[name]):
                 parameter.requires_grad_(trainable)
@@ -105,7 +104,7 @@ class DeviceRuntime(Party):
     def optimizer_step(self) -> None:
         """Step the active adapters; on a revive step first record every adapter's gradient norm."""
         if self.kill_revive is not None and (self.measure_killed or self.kill_revive.wants_active_gradients()):
-            layers = lora_layers(self.model)
+            layers = self.shell.layers
             norms = {}
             for name, layer in layers.items():
                 grads = [p.grad for p in lora_ab(layer) if p.grad is not None]
@@ -120,7 +119,7 @@ class DeviceRuntime(Party):
     def _kill_revive_step(self, channel: Channel) -> None:
         policy = self.kill_revive
         assert policy is not None
-        after = read_adapters(self.model, sorted(policy.active))
+        after = read_adapters(self.shell.layers, sorted(policy.active))
         policy.observe(self._before, after)
         if policy.wants_active_gradients():
             policy.observe_gradients(self.grad_norms)
@@ -139,7 +138,7 @@ class DeviceRuntime(Party):
             if policy is not None:
                 self.measure_killed = policy.wants_killed_gradients()
                 self.grad_norms = {}
-                self._before = read_adapters(self.model, sorted(policy.active))
+                self._before = read_adapters(self.shell.layers, sorted(policy.active))
                 self.set_trainable(self.placement.killed_on_device(self, self.killed), self.measure_killed)
             self.meter.begin_step(self.resident_tensors(), key=(tuple(batch.input_ids.shape), frozenset(self.killed), self.measure_killed),
                                   extra_bytes=self.gradient_bytes())
@@ -169,7 +168,7 @@ class DeviceRuntime(Party):
                     Meta.PLACEMENT: self.placement.name,
                     Meta.SPLIT_LAYER: self.split_layer,
                     Meta.LABELS_ON_DEVICE: self.placement.device_keeps_head(),
-                    Meta.RANKS: {name: layer.r[ADAPTER_NAME] for name, layer in lora_layers(self.model).items()},
+                    Meta.RANKS: {name: layer.r[ADAPTER_NAME] for name, layer in self.shell.layers.items()},
                 })
             ).expect(Kind.SESSION_READY)
 

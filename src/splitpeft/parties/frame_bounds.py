@@ -172,8 +172,19 @@ def gradient_problem(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
 
 
 def nonfinite_state(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
-    """The name of the first tensor of (name, tensor) that is not finite, or None."""
-    for name, tensor in named:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """The name of the first tensor of (name, tensor) that is not finite, or None.
+
+    One vectorised pass first (the largest |x| of each tensor: finite exactly when all of it is),
+    then, only if something is not finite, tensor by tensor for its name."""
+    floating = [(name, tensor) for name, tensor in named if tensor.is_floating_point() and tensor.numel()]
+    if not floating:
+        return None
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for _, tensor in floating:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
+    if all(bool(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all()) for group in groups.values()):
+        return None
+    for name, tensor in floating:
+        if not bool(torch.isfinite(tensor).all()):
             return name
     return None

@@ -22,7 +22,6 @@ from splitpeft.model.adapters import (
     LoraWeights,
     is_fan_in_fan_out,
     lora_ab,
-    lora_layers,
     read_adapters,
     write_adapters,
 )
@@ -154,9 +153,9 @@ class Party:
             shell.parameters[index].requires_grad_(False)
         self._warm_loaded = {name: LoraWeights(tensors[f"w/{name}/A"], tensors[f"w/{name}/B"]) for name in parked.warm}
         if restore:
-            write_adapters(shell.model, {name: LoraWeights(tensors[f"a/{name}/A"], tensors[f"a/{name}/B"])
+            write_adapters(shell.layers, {name: LoraWeights(tensors[f"a/{name}/A"], tensors[f"a/{name}/B"])
                                          for name in self.modules})
-            layers = lora_layers(shell.model)
+            layers = shell.layers
             for name, weights in list(self._warm_loaded.items()):
                 self._train_against(name, layers[name], weights)
         return shell
@@ -169,7 +168,7 @@ class Party:
             return
         shell = self._shell
         tensors: dict[str, torch.Tensor] = {}
-        for name, weights in read_adapters(shell.model).items():
+        for name, weights in read_adapters(shell.layers).items():
             tensors[f"a/{name}/A"], tensors[f"a/{name}/B"] = weights.A, weights.B
         moments: list[int] = []
         keys: tuple[str, ...] = ()
@@ -220,7 +219,7 @@ class Party:
 
     def warm_copies(self) -> list[torch.Tensor]:
         """The party's own frozen weights W - s B A of a warm start, held beside the shared ones."""
-        layers = lora_layers(self.model)
+        layers = self.shell.layers
         weights = [cast(torch.Tensor, layers[name].get_base_layer().weight) for name in self._shared_weights]
         return [w for w, shared in zip(weights, self._shared_weights.values()) if w is not shared]
 
@@ -235,8 +234,8 @@ class Party:
         """
         incoming = {name: adapters[name] for name in self.modules}
         self._bind(restore=False)  # what a parked party held is overwritten here
-        write_adapters(self.model, incoming)
-        layers = lora_layers(self.model)
+        write_adapters(self.shell.layers, incoming)
+        layers = self.shell.layers
         if self.warm is not None:
             for name, weights in incoming.items():
                 self._train_against(name, layers[name], weights)
@@ -290,7 +289,7 @@ class Party:
         if self._shell is None and self._parked is not None:
             tensors = self._parked_tensors()
             return {name: LoraWeights(tensors[f"a/{name}/A"].cpu(), tensors[f"a/{name}/B"].cpu()) for name in self.modules}
-        return {name: LoraWeights(w.A.cpu(), w.B.cpu()) for name, w in read_adapters(self.model).items()}
+        return {name: LoraWeights(w.A.cpu(), w.B.cpu()) for name, w in read_adapters(self.shell.layers).items()}
 
     # ------------------------------------------------------------------ backward, with fp16 loss scaling
     #
@@ -339,7 +338,8 @@ class Party:
         A parked party is checked in what it keeps, without borrowing a shell, and once only."""
         parked = self._parked
         if self._shell is None and parked is not None:
-            if parked.clean:
+            if parked.clean or self._pool is not None and self._pool.store.all_finite(parked.ticket):
+                parked.clean = True
                 return None
             tensors = self._parked_tensors()
             names = parked.parameter_names
@@ -348,12 +348,17 @@ class Party:
             bad = nonfinite_state(kept)
             parked.clean = bad is None
             return bad
-        named: list[tuple[str, torch.Tensor]] = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        named: list[tuple[str, torch.Tensor]] = [(name, p) for name, p in self.named_adapter_parameters() if p.requires_grad]
         if self.optimizer is not None:
-            index = {id(p): name for name, p in self.model.named_parameters()}
+            index = {id(p): name for name, p in self.named_adapter_parameters()}
             named += [(f"{index.get(id(p), '?')}.{key}", value) for p, state in self.optimizer.state.items()
                       for key, value in state.items() if torch.is_tensor(value)]
         return nonfinite_state(named)
+
+    def named_adapter_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name in the model, parameter) of every adapter factor: the only parameters that train."""
+        shell = self.shell
+        return list(zip(shell.parameter_names, shell.parameters))
 
     def reset_if_nonfinite(self) -> str | None:
         """Drop the optimiser state (moments, step counts) if an adapter or moment is not finite;

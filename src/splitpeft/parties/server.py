@@ -121,7 +121,7 @@ class ServerSession(Party):
         if loss is not None and not math.isfinite(loss):
             problem = f"the loss is {loss}"
         elif self.scaler is None:
-            problem = gradient_problem(self.model.named_parameters())
+            problem = gradient_problem(self.named_adapter_parameters())
         if problem is not None:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)

@@ -16,6 +16,7 @@ when the party next binds a shell. The pool deletes only the files and the folde
 from __future__ import annotations
 
 import itertools
+import math
 import shutil
 import tempfile
 import threading
@@ -71,7 +72,7 @@ class Shell:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
             self.model.disable_input_require_grads()
         self.backbone = backbone_of(self.model)
-        layers = lora_layers(self.model)
+        self.layers = layers = lora_layers(self.model)  # found once: named_modules is slow
         self.modules = sorted(layers)
         if self.modules != sorted(name for name, rank in spec.ranks if rank > 0):
             raise ValueError("the model's adapted modules are not those of the ranks it was given")
@@ -95,9 +96,8 @@ class Shell:
 
     def restore_shared_weights(self) -> None:
         """Put every adapted module back on the shared frozen weight (a warm party's own copies go)."""
-        layers = lora_layers(self.model)
         for name, shared in self.shared_weights.items():
-            base_layer = layers[name].get_base_layer()
+            base_layer = self.layers[name].get_base_layer()
             if base_layer.weight is not shared:
                 base_layer.weight = shared
 
@@ -109,6 +109,36 @@ class Shell:
         if self.optimizer is not None:
             self.optimizer.state.clear()
         self.restore_shared_weights()
+
+
+Layout = tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]  # (name, dtype, shape, offset) per tensor
+_LAYOUTS: dict[Layout, Layout] = {}  # one object per distinct layout: thousands of parties share a few
+
+
+def pack(tensors: Mapping[str, torch.Tensor]) -> tuple[Layout, dict[torch.dtype, torch.Tensor]]:
+    """Many small tensors as one flat buffer per dtype and a layout to cut them out again. A
+    tensor costs about a kilobyte of bookkeeping besides its bytes, so a parked party keeps one
+    or two buffers instead of hundreds of tensors."""
+    entries = []
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    offsets: dict[torch.dtype, int] = {}
+    for name, tensor in tensors.items():
+        offset = offsets.get(tensor.dtype, 0)
+        entries.append((name, tensor.dtype, tuple(tensor.shape), offset))
+        groups.setdefault(tensor.dtype, []).append(tensor.detach().reshape(-1))
+        offsets[tensor.dtype] = offset + tensor.numel()
+    layout = tuple(entries)
+    layout = _LAYOUTS.setdefault(layout, layout)
+    return layout, {dtype: torch.cat(parts) if len(parts) > 1 else parts[0].clone() for dtype, parts in groups.items()}
+
+
+def unpack(layout: Layout, buffers: Mapping[torch.dtype, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of `pack`, as views of its buffers."""
+    tensors = {}
+    for name, dtype, shape, offset in layout:
+        size = math.prod(shape)
+        tensors[name] = buffers[dtype][offset:offset + size].view(shape)
+    return tensors
 
 
 class SpillStore:
@@ -123,7 +153,8 @@ class SpillStore:
         self.directory = Path(directory) if directory is not None else None
         self._folder: Path | None = None
         self._finalizer: weakref.finalize | None = None
-        self._in_memory: dict[int, dict[str, torch.Tensor]] = {}
+        self._in_memory: dict[int, dict[torch.dtype, torch.Tensor]] = {}
+        self._layouts: dict[int, Layout] = {}
         self._on_disk: dict[int, Path] = {}
         self._sizes: dict[int, int] = {}
         self.resident = 0          # bytes of tensors held in memory
@@ -132,18 +163,19 @@ class SpillStore:
         self._lock = threading.Lock()
 
     def put(self, tensors: Mapping[str, torch.Tensor]) -> int:
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        layout, buffers = pack(tensors)
+        size = sum(t.numel() * t.element_size() for t in buffers.values())
         with self._lock:
             ticket = next(self._tickets)
             self._sizes[ticket] = size
+            self._layouts[ticket] = layout
             if self.memory_bytes is None or self.resident + size <= self.memory_bytes:
-                self._in_memory[ticket] = dict(tensors)
+                self._in_memory[ticket] = buffers
                 self.resident += size
                 return ticket
             path = self._folder_path() / f"{ticket}.safetensors"
             self.spilled += size
-        # safetensors wants contiguous tensors that share no storage
-        save_file({name: t.detach().contiguous().clone() for name, t in tensors.items()}, str(path))
+        save_file({str(dtype).removeprefix("torch."): buffer for dtype, buffer in buffers.items()}, str(path))
         with self._lock:
             self._on_disk[ticket] = path
         return ticket
@@ -151,26 +183,39 @@ class SpillStore:
     def take(self, ticket: int) -> dict[str, torch.Tensor]:
         with self._lock:
             size = self._sizes.pop(ticket)
+            layout = self._layouts.pop(ticket)
             if ticket in self._in_memory:
                 self.resident -= size
-                return self._in_memory.pop(ticket)
+                return unpack(layout, self._in_memory.pop(ticket))
             path = self._on_disk.pop(ticket)
             self.spilled -= size
-        tensors = load_file(str(path))
+        buffers = _read(path)
         path.unlink()
-        return tensors
+        return unpack(layout, buffers)
 
     def peek(self, ticket: int) -> dict[str, torch.Tensor]:
         """The tensors of `ticket`, left where they are (read from disk if spilled)."""
         with self._lock:
+            layout = self._layouts[ticket]
             if ticket in self._in_memory:
-                return self._in_memory[ticket]
+                return unpack(layout, self._in_memory[ticket])
             path = self._on_disk[ticket]
-        return load_file(str(path))
+        return unpack(layout, _read(path))
+
+    def all_finite(self, ticket: int) -> bool:
+        """Whether every tensor of `ticket` is finite: one pass over its flat buffers, no unpacking."""
+        with self._lock:
+            buffers = self._in_memory.get(ticket)
+            path = self._on_disk.get(ticket) if buffers is None else None
+        if buffers is None:
+            assert path is not None
+            buffers = _read(path)
+        return all(bool(torch.isfinite(b).all()) for b in buffers.values() if b.is_floating_point())
 
     def drop(self, ticket: int) -> None:
         with self._lock:
             size = self._sizes.pop(ticket, 0)
+            self._layouts.pop(ticket, None)
             if ticket in self._in_memory:
                 del self._in_memory[ticket]
                 self.resident -= size
@@ -196,10 +241,15 @@ class SpillStore:
             folder, self._folder = self._folder, None
             for ticket in self._on_disk:
                 self._sizes.pop(ticket, None)
+                self._layouts.pop(ticket, None)
             self._on_disk.clear()
             self.spilled = 0
         if folder is not None and self._finalizer is not None:
             self._finalizer()
+
+
+def _read(path: Path) -> dict[torch.dtype, torch.Tensor]:
+    return {getattr(torch, name): buffer for name, buffer in load_file(str(path)).items()}
 
 
 class ShellPool:

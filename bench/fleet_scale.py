@@ -1,0 +1,131 @@
+"""How big a fleet one process holds, and what a device-round costs beyond its own compute (issue 23).
+
+    .venv/bin/python bench/fleet_scale.py                       # the issue's cases, one process each
+    .venv/bin/python bench/fleet_scale.py --case 10000:10000    # registered:per-round, one case
+    .venv/bin/python bench/fleet_scale.py --profile 2000:2000   # where one case's round goes (cProfile)
+
+Each case runs in a fresh process (so its resident memory is its own): the tiny preset
+(tiny-llama, plain split at block 2, rank 4, batch 4) with `federation.num_devices` registered
+devices, `federation.devices_per_round` of them sampled per round, 1 local step each, FLOP counting
+off, `data.partition=whole` (every device trains on the same encoded examples: the builtin task has
+fewer examples than 10,000 devices, and a shared list keeps the data out of the per-device cost).
+It builds the simulation, plays `--rounds` rounds (the first is untimed unless there is one round)
+and prints, per timed round:
+
+- round s: the round's wall time (download, session, local step, upload, aggregation, repair);
+- compute s: the sum over its devices of their local phase's wall time (the device's step and the
+  server's step it waits for, through the in-process channel): the devices' own compute;
+- overhead ms per device-round: (round s - compute s) / devices in the round;
+- RSS: resident memory after building and at the end (ru_maxrss for the peak);
+- per idle device: (RSS after building - RSS of the same process before building) / registered, an
+  upper bound on what an idle device costs (it includes the shared model and data once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = ["100:100", "1000:1000", "10000:10000", "1000:1000@2", "100000:1000@2"]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def parse(case: str) -> tuple[int, int, int]:
+    """'registered:per_round[@rounds]'."""
+    sizes, _, rounds = case.partition("@")
+    registered, per_round = (int(v) for v in sizes.split(":"))
+    return registered, per_round, int(rounds or 1)
+
+
+def one_case(case: str, extra: list[str], profile: bool) -> dict[str, Any]:
+    import torch
+
+    from splitpeft.config import load_config
+    from splitpeft.federation.simulation import Simulation
+
+    torch.set_num_threads(1)
+    registered, per_round, rounds = parse(case)
+    config = load_config(preset="tiny", overrides=[
+        f"federation.num_devices={registered}", f"federation.devices_per_round={per_round}",
+        "federation.local_steps=1", "count_flops=false", "data.partition=whole", f"federation.rounds={rounds}",
+        "federation.min_devices=1", *extra])
+    before = rss_bytes()
+    start = time.perf_counter()
+    sim = Simulation(config)
+    built_s = time.perf_counter() - start
+    built_rss = rss_bytes()
+    profiler = None
+    if profile:
+        import cProfile
+        profiler = cProfile.Profile()
+    timed = []
+    for index in range(rounds):
+        if profiler is not None and (index == rounds - 1):
+            profiler.enable()
+        start = time.perf_counter()
+        record = sim.run_round()
+        wall = time.perf_counter() - start
+        if profiler is not None and index == rounds - 1:
+            profiler.disable()
+        compute = sum(stats.wall_s for stats in record.devices.values())
+        if rounds == 1 or index > 0:
+            timed.append({"round_s": wall, "compute_s": compute, "devices": len(record.devices),
+                          "overhead_ms_per_device_round": 1000 * (wall - compute) / max(1, len(record.devices)),
+                          "dropped": len(record.dropped)})
+    if profiler is not None:
+        import pstats
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+    return {
+        "case": case, "registered": registered, "per_round": per_round, "build_s": built_s,
+        "rounds": timed, "rss_built_bytes": built_rss, "rss_end_bytes": rss_bytes(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "per_idle_device_bytes": (built_rss - before) / registered,
+        "pools": {"devices": sim.device_pool.describe(), "sessions": sim.session_pool.describe()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", action="append", help="registered:per_round[@rounds]; repeatable (default: the issue's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every case")
+    parser.add_argument("--profile", help="one case under cProfile (printed to stderr)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one_case(args.child, args.set, profile=False)))
+        return
+    if args.profile:
+        print(json.dumps(one_case(args.profile, args.set, profile=True), indent=1))
+        return
+    print("| registered | per round | build s | round s | compute s | overhead ms / device-round | RSS built MB "
+          "| peak RSS MB | per idle device KB | shells built (devices, sessions) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for case in args.case or CASES:
+        command = [sys.executable, __file__, "--child", case, *(f"--set={s}" for s in args.set)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+        if done.returncode != 0:
+            print(f"| {case}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}) |")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        last = r["rounds"][-1]
+        print(f"| {r['registered']} | {r['per_round']} | {r['build_s']:.1f} | {last['round_s']:.1f} | {last['compute_s']:.1f} "
+              f"| {last['overhead_ms_per_device_round']:.1f} | {r['rss_built_bytes'] / 2**20:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} "
+              f"| {r['per_idle_device_bytes'] / 1024:.1f} | {r['pools']['devices']['shells_built']}, "
+              f"{r['pools']['sessions']['shells_built']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
