@@ -106,6 +106,13 @@ class FederationConfig:
         "to compute with only while they train (parties/shells.py); their state is kept in memory up to this "
         "many bytes per side, the rest written to a folder under federation.spill_dir and read back when the "
         "party next trains; null = all in memory", None)
+    over_select: float = _help(
+        "select ceil(federation.devices_per_round x this) of the devices online in a round and keep the "
+        "devices_per_round that finish first in simulated time (the rest are dropped as over-selected), as "
+        "production federated systems do to beat stragglers; 1 = select exactly devices_per_round", 1.0)
+    round_deadline_s: float | None = _help(
+        "a device whose simulated round (its compute, its link and the server's work for it, from the fleet's "
+        "budgets) takes longer is dropped as a straggler and its update discarded; null = no deadline", None)
     spill_dir: str | None = _help(
         "where federation.state_memory_bytes spills: a folder is created in it for the run and removed at "
         "its end; null = the system's temporary folder", None)
@@ -167,6 +174,19 @@ class FleetConfig:
     max_step_s: float | list[float] | None = _help(
         "each device's time budget: the planners choose no plan whose simulated step (device compute + link + "
         "server) exceeds it (one value, or one per device); null = none", None)
+    trace: str | None = _help(
+        "a CSV file with one row per device (rows reused in turn for a larger fleet) and the columns "
+        "flops_per_s, memory_bytes, up_bytes_per_s, down_bytes_per_s, availability (the probability it is online "
+        "in a round): each device's compute, memory and link, instead of the settings above", None)
+    compute_distribution: str | None = _help(
+        "draw each device's FLOP/s (seeded): 'lognormal:MEDIAN:SIGMA' or 'uniform:LOW:HIGH'; null = "
+        "fleet.flops_per_s", None)
+    link_distribution: str | None = _help(
+        "draw each device's link bytes/s, both ways (seeded), as fleet.compute_distribution; null = "
+        "fleet.bandwidth_bytes_per_s", None)
+    availability: float = _help(
+        "the probability that a device is online in a round (drawn per device and round, seeded); a trace's "
+        "availability column replaces it", 1.0)
 
 
 @dataclass
@@ -451,6 +471,9 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "federation.devices_per_round": Bound(1, 1_000_000),
     "federation.min_devices": Bound(1, 1_000_000),
     "federation.state_memory_bytes": Bound(0, 2**50),
+    "federation.over_select": Bound(1, 100),
+    "federation.round_deadline_s": Bound(0, 1e9, low_open=True),
+    "fleet.availability": Bound(0, 1, low_open=True),
     "federation.rounds": Bound(1, 100_000),
     "federation.local_steps": Bound(1, 1_000_000),
     "federation.batch_size": Bound(1, 65_536),

@@ -47,6 +47,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "completed": record.completed,
             "simulated_round_s": record.simulated_round_s,
             "server_passes": record.server_passes,
+            "online": record.online,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},
         }
         for record in rounds

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,21 +77,100 @@ def device_stream(config: ExperimentConfig, items: list[EncodedExample], index: 
     return BatchStream(items, config.federation.batch_size, pad_id, config.seed + index)
 
 
+UNLIMITED_MEMORY = 2**50  # a device's memory where the fleet sets none (the planners then have no memory bound)
+TRACE_COLUMNS = ("flops_per_s", "memory_bytes", "up_bytes_per_s", "down_bytes_per_s", "availability")
+
+
 def fleet_profiles(config: ExperimentConfig, ids: list[str]) -> list[DeviceProfile] | None:
-    """Each device's budget, from per-device lists or a range spread evenly over the fleet."""
+    """Each device's budget: from `fleet.trace`, or from per-device lists or a range spread evenly
+    over the fleet, with compute and link drawn from `fleet.*_distribution` where set. None where
+    the fleet sets no budget at all (no memory, trace, distribution, availability or deadline)."""
     fleet, n = config.fleet, len(ids)
+    if fleet.trace is not None:
+        rows = read_trace(fleet.trace)
+        return [DeviceProfile(d, int(row["memory_bytes"]), row["flops_per_s"], row["down_bytes_per_s"],
+                              _each(fleet.max_step_s, n)[i], row["up_bytes_per_s"])
+                for i, (d, row) in enumerate(zip(ids, (rows[i % len(rows)] for i in range(n))))]
     if fleet.memory_bytes is not None:
         budgets = [int(b) for b in fleet.memory_bytes]
     elif fleet.memory_range is not None:
         budgets = [p.memory_bytes for p in fleet_preset(n, (fleet.memory_range[0], fleet.memory_range[1]), 1.0, 1.0)]
+    elif (fleet.compute_distribution or fleet.link_distribution or fleet.availability < 1
+          or config.federation.round_deadline_s is not None or config.federation.over_select > 1):
+        budgets = [UNLIMITED_MEMORY] * n
     else:
         return None
+    generator = np.random.default_rng([config.seed, 23])
+    flops = draw(fleet.compute_distribution, n, generator) if fleet.compute_distribution else _each(fleet.flops_per_s, n)
+    links = draw(fleet.link_distribution, n, generator) if fleet.link_distribution else _each(fleet.bandwidth_bytes_per_s, n)
+    return [DeviceProfile(d, b, float(f), float(w), t) for d, b, f, w, t in
+            zip(ids, budgets, flops, links, _each(fleet.max_step_s, n))]
 
-    def each(value: float | list[float] | None) -> list[Any]:
-        return list(value) if isinstance(value, list) else [value] * n
 
-    return [DeviceProfile(d, b, f, w, t) for d, b, f, w, t in
-            zip(ids, budgets, each(fleet.flops_per_s), each(fleet.bandwidth_bytes_per_s), each(fleet.max_step_s))]
+def _each(value: float | list[float] | None, n: int) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value] * n
+
+
+def draw(spec: str, n: int, generator: np.random.Generator) -> list[float]:
+    """`n` positive values from a named distribution: 'lognormal:MEDIAN:SIGMA' (the spread of
+    phones' compute and links) or 'uniform:LOW:HIGH'. ValueError naming the problem otherwise."""
+    name, _, rest = spec.partition(":")
+    try:
+        numbers = [float(v) for v in rest.split(":")] if rest else []
+    except ValueError:
+        raise ValueError(f"distribution {spec!r}: parameters must be numbers") from None
+    if name == "lognormal" and len(numbers) == 2:
+        median, sigma = numbers
+        if not (median > 0 and sigma >= 0 and np.isfinite(median) and np.isfinite(sigma)):
+            raise ValueError(f"distribution {spec!r}: lognormal needs a median > 0 and a sigma >= 0")
+        return [float(v) for v in median * np.exp(sigma * generator.standard_normal(n))]
+    if name == "uniform" and len(numbers) == 2:
+        low, high = numbers
+        if not (0 < low <= high and np.isfinite(high)):
+            raise ValueError(f"distribution {spec!r}: uniform needs 0 < LOW <= HIGH")
+        return [float(v) for v in generator.uniform(low, high, n)]
+    raise ValueError(f"unknown distribution {spec!r}: expected 'lognormal:MEDIAN:SIGMA' or 'uniform:LOW:HIGH'")
+
+
+def read_trace(path: str) -> list[dict[str, float]]:
+    """The rows of a fleet trace (CSV with a header naming `TRACE_COLUMNS`, other columns ignored).
+    ValueError naming the file, row and column of anything missing, not a number, or out of range
+    (availability in [0, 1], the rest > 0)."""
+    import csv
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"fleet.trace: no such file {path}")
+    with file.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"fleet.trace {path}: missing columns {missing} (needs {list(TRACE_COLUMNS)})")
+        rows = []
+        for line, raw in enumerate(reader, start=2):
+            row = {}
+            for column in TRACE_COLUMNS:
+                try:
+                    value = float(raw[column])
+                except (TypeError, ValueError):
+                    raise ValueError(f"fleet.trace {path}, line {line}: {column} {raw[column]!r} is not a number") from None
+                good = 0 <= value <= 1 if column == "availability" else 0 < value < float("inf")
+                if not good:
+                    allowed = "in [0, 1]" if column == "availability" else "a finite number > 0"
+                    raise ValueError(f"fleet.trace {path}, line {line}: {column} {value} must be {allowed}")
+                row[column] = value
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"fleet.trace {path}: no devices in it")
+    return rows
+
+
+def availabilities(config: ExperimentConfig, n: int) -> np.ndarray:
+    """Each device's probability of being online in a round (the trace's, else fleet.availability)."""
+    if config.fleet.trace is not None:
+        rows = read_trace(config.fleet.trace)
+        return np.array([rows[i % len(rows)]["availability"] for i in range(n)])
+    return np.full(n, config.fleet.availability)
 
 
 def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Placement, index: int,

@@ -20,13 +20,15 @@ what `finish_round` refuses (a round with fewer than `federation.min_devices` co
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from splitpeft.aggregation.base import AdapterCopy
@@ -36,6 +38,7 @@ from splitpeft.config import ExperimentConfig
 from splitpeft.data.batching import EncodedExample, encode
 from splitpeft.federation.fleet import (
     adapted_modules,
+    availabilities,
     build_device,
     device_examples,
     device_ids,
@@ -55,7 +58,7 @@ from splitpeft.federation.records import (
     fill_round_stats,
 )
 from splitpeft.federation.state import GlobalState, device_of
-from splitpeft.hsplit.budget import StepTime, round_time_s, simulated_step_s
+from splitpeft.hsplit.budget import StepTime, round_time_s, simulated_round_s
 from splitpeft.hsplit.memory import ModelShapes, frozen_bytes, server_flops_per_step
 from splitpeft.hsplit.planning import Planning, PlanOptions, make_planner
 from splitpeft.model import adapters as lora
@@ -73,6 +76,9 @@ from splitpeft.transport.channel import InProcessChannel, Tap
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta
 
 log = logging.getLogger(__name__)
+
+
+STRAGGLER = "straggler"  # how a device dropped for missing the round's deadline is named in `dropped`
 
 
 class RoundError(RuntimeError):
@@ -150,6 +156,9 @@ class Simulation:
         self.train_examples, self.device_encoded = train, encoded  # the privacy audit reads them
         self.device_ids = device_ids(len(shards))
         self.profiles = fleet_profiles(config, self.device_ids)
+        self.availability = availabilities(config, len(self.device_ids))  # P(online) per device and round
+        self.device_index = {d: i for i, d in enumerate(self.device_ids)}
+        self._online: dict[int, int] = {}  # round -> devices online in it (where availability is drawn)
         self.rounds: list[RoundRecord] = []
         planner = make_planner(config)
         self.planning: Planning | None = None
@@ -222,8 +231,20 @@ class Simulation:
     def selected_devices(self, round_index: int) -> list[DeviceRuntime]:
         """The devices that train in round `round_index`: all, or `federation.devices_per_round`
         of them drawn without replacement from a generator seeded by (seed, round), so a resumed
-        or distributed run picks the same ones."""
-        wanted = self.config.federation.devices_per_round
+        or distributed run picks the same ones.
+
+        With a fleet whose devices are not always online (`fleet.availability`, a trace), each
+        device is online with its probability (drawn per round, seeded), and the draw is among the
+        online ones: ceil(devices_per_round x `federation.over_select`) of them, or all."""
+        fed = self.config.federation
+        if bool((self.availability < 1).any()) or fed.over_select > 1:
+            draws = np.random.default_rng([self.config.seed, round_index, 29])
+            online = np.flatnonzero(draws.random(len(self.devices)) < self.availability)
+            count = len(online) if fed.devices_per_round is None else math.ceil(fed.devices_per_round * fed.over_select)
+            picked = online if count >= len(online) else np.sort(draws.choice(online, size=count, replace=False))
+            self._online[round_index] = len(online)
+            return [self.devices[int(i)] for i in picked]
+        wanted = fed.devices_per_round
         if wanted is None or wanted >= len(self.devices):
             return list(self.devices)
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + round_index)
@@ -291,12 +312,18 @@ class Simulation:
         copies: dict[str, list[AdapterCopy]] = defaultdict(list)
         for device_id, result in results.items():
             if self.profiles is not None:
-                profile = self.profiles[self.device_ids.index(device_id)]
-                result.stats.simulated_s = simulated_step_s(
-                    profile, result.stats.flops, result.stats.bytes_up + result.stats.bytes_down)
+                profile = self.profiles[self.device_index[device_id]]
+                result.stats.simulated_s = simulated_round_s(
+                    profile, result.stats.flops, result.stats.bytes_up, result.stats.bytes_down)
                 result.stats.simulated_server_s = self.simulated_server_s(device_id, result.stats.steps)
             result.stats.tokens = self.counted_tokens(device_id, result.tokens)
             record.devices[device_id] = result.stats
+        record.online = self._online.get(record.round)
+        for device_id, reason in self.late_devices(results).items():
+            del results[device_id]
+            record.dropped.append({"device": device_id, "error": reason})
+            self.server.reset_session(device_id)
+        for device_id, result in results.items():
             for name, weights in result.uploaded.items():
                 copies[name].append(self._copy(device_id, weights, result.stats.tokens))
         dropped = {entry["device"] for entry in record.dropped}
@@ -315,17 +342,43 @@ class Simulation:
         self.check_completed(record, record.completed)
         self.repair_parties(record)
         if self.profiles is not None:
+            kept = [record.devices[d] for d in record.completed]
             record.simulated_round_s = round_time_s([
-                StepTime(s.simulated_s or 0.0, 0.0, s.simulated_server_s or 0.0) for s in record.devices.values()])
+                StepTime(s.simulated_s or 0.0, 0.0, s.simulated_server_s or 0.0) for s in kept])
+            if any(entry["error"].startswith(STRAGGLER) for entry in record.dropped):
+                record.simulated_round_s = max(record.simulated_round_s, self.config.federation.round_deadline_s or 0.0)
         record.wall_s = time.perf_counter() - self._round_start
         self.rounds.append(record)
         return record
+
+    def late_devices(self, results: Mapping[str, DeviceResult]) -> dict[str, str]:
+        """Devices whose update the round does not wait for, and why: a simulated round
+        (`DeviceRound.simulated_s + simulated_server_s`) beyond `federation.round_deadline_s`
+        (a straggler), or, with `federation.over_select` > 1, beyond the devices_per_round that
+        finished first (over-selected). Needs the fleet's budgets (simulated times)."""
+        fed = self.config.federation
+        if self.profiles is None or (fed.round_deadline_s is None and fed.over_select <= 1):
+            return {}
+        took = {d: (r.stats.simulated_s or 0.0) + (r.stats.simulated_server_s or 0.0) for d, r in results.items()}
+        late = {}
+        if fed.round_deadline_s is not None:
+            late = {d: f"{STRAGGLER}: simulated round {s:.3g} s > federation.round_deadline_s {fed.round_deadline_s:g} s"
+                    for d, s in took.items() if s > fed.round_deadline_s}
+        if fed.over_select > 1 and fed.devices_per_round is not None:
+            in_time = sorted((s, d) for d, s in took.items() if d not in late)
+            for s, d in in_time[fed.devices_per_round:]:
+                late[d] = (f"over-selected: the round kept the {fed.devices_per_round} devices that finished first; "
+                           f"this one took {s:.3g} s (simulated)")
+        return late
 
     def check_completed(self, record: RoundRecord, completed: list[str]) -> None:
         """RoundError, one line with every dropped device's reason, if fewer than
         `federation.min_devices` of the round's selected devices (all of them if fewer were
         selected: centralized has one party) are in `completed`. Without it a run whose devices
         all failed ends with the untrained model and exit status 0."""
+        if not record.selected:
+            raise RoundError(f"round {record.round + 1}: no device was online to select (fleet.availability or the "
+                             "trace's availability); the run stops, this round is not checkpointed")
         needed = min(self.config.federation.min_devices, len(record.selected))
         if len(completed) >= needed:
             return
@@ -366,7 +419,7 @@ class Simulation:
         block from the device's k on, the adapter branches aside."""
         if not self.placement.uses_server():
             return 0.0
-        device = self.devices[self.device_ids.index(device_id)]
+        device = self.devices[self.device_index[device_id]]
         on_device = self.config.placement.labels_on_device or self.config.placement.placement == "dlora"
         rank = 0 if self.config.placement.placement == "dlora" else self.config.lora.rank
         flops = server_flops_per_step(self.shapes, device.split_layer, rank, self.config.federation.batch_size,

@@ -21,6 +21,7 @@ class DeviceProfile:
     flops_per_s: float
     bandwidth_bytes_per_s: float
     max_step_s: float | None = None  # time budget: a plan's simulated step may take at most this
+    up_bytes_per_s: float | None = None  # its uplink, where it differs from bandwidth_bytes_per_s (its downlink)
 
 
 def fleet_preset(
@@ -34,6 +35,13 @@ def fleet_preset(
         raise ValueError(f"memory_range must satisfy 0 < low <= high, got {memory_range}")
     memories = np.linspace(low, high, n)
     return [DeviceProfile(f"device-{i}", int(round(m)), flops_per_s, bandwidth) for i, m in enumerate(memories)]
+
+
+def simulated_round_s(profile: DeviceProfile, device_flops: float, bytes_up: float, bytes_down: float) -> float:
+    """A device's compute and link time for its round: device_flops / flops_per_s + bytes_up / its
+    uplink + bytes_down / its downlink (the same link both ways unless the profile's differ)."""
+    up = profile.up_bytes_per_s or profile.bandwidth_bytes_per_s
+    return device_flops / profile.flops_per_s + bytes_up / up + bytes_down / profile.bandwidth_bytes_per_s
 
 
 def simulated_step_s(profile: DeviceProfile, device_flops: float, bytes_moved: float) -> float:
