@@ -168,8 +168,8 @@ class Party:
             return
         shell = self._shell
         tensors: dict[str, torch.Tensor] = {}
-        for name, weights in read_adapters(shell.layers).items():
-            tensors[f"a/{name}/A"], tensors[f"a/{name}/B"] = weights.A, weights.B
+        for name, layer in shell.layers.items():  # `pack` copies them: no clone here
+            tensors[f"a/{name}/A"], tensors[f"a/{name}/B"] = lora_ab(layer)
         moments: list[int] = []
         keys: tuple[str, ...] = ()
         if shell.optimizer is not None:
