@@ -71,12 +71,7 @@ def _get_adapters(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, Lo
 def _optimizer_state(party: Party, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Moments as tensors, step counts as JSON, keyed by the parameter's index in the party."""
     steps: dict[str, float] = {}
-    if party.optimizer is None:
-        return steps
-    for index, parameter in enumerate(party.parameters):
-        state = party.optimizer.state.get(parameter)
-        if not state:
-            continue
+    for index, state in sorted(party.optimizer_moments().items()):  # a parked party's without a shell
         for key, value in state.items():
             if key == "step":
                 steps[str(index)] = float(value)
@@ -593,11 +588,14 @@ def _restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, torch.Te
     for device in sim.devices:
         device.load(sim.state.start_state(device.device_id, device.ranks))
         restore_device_state(device, state["devices"][device.device_id], tensors, f"opt/{device.device_id}")
+        device.park()  # state again until its next round
     for device_id, info in state["sessions"].items():
         device = next(d for d in sim.devices if d.device_id == device_id)
         device.open_session(sim.channels[device_id])  # rebuilds the server half for this device
+        device.park()
         session = sim.server.sessions[device_id]
         _restore_optimizer(session, f"session/{device_id}", info["optimizer_steps"], tensors)
+        session.park()
     for channel in sim.channels.values():
         channel.traffic.reset()  # the session set-up above is not part of any round
     sim.rounds = [_round_from_json(entry) for entry in state["rounds"]]

@@ -214,8 +214,24 @@ class Party:
         return frozen_tensors(self.model)
 
     def resident_bytes(self) -> int:
-        """Bytes of those frozen tensors."""
+        """Bytes of those frozen tensors (a parked party: those a shell of its spec holds, the
+        shared frozen weights; no shell is kept for it)."""
+        if self._shell is None and self._pool is not None:
+            return self._pool.resident_bytes(self.spec)
         return resident_bytes(self.model)
+
+    def optimizer_moments(self) -> dict[int, dict[str, torch.Tensor]]:
+        """AdamW's state per parameter index (in the shell's order), bound or parked, without
+        borrowing a shell: {index: {"step", "exp_avg", "exp_avg_sq"}}."""
+        if self._shell is None:
+            if self._parked is None:
+                return {}
+            tensors, parked = self._parked_tensors(), self._parked
+            return {i: {key: tensors[f"m/{i}/{key}"] for key in parked.moment_keys} for i in parked.moments}
+        optimizer = self._shell.optimizer
+        if optimizer is None:
+            return {}
+        return {i: dict(optimizer.state[p]) for i, p in enumerate(self._shell.parameters) if optimizer.state.get(p)}
 
     def warm_copies(self) -> list[torch.Tensor]:
         """The party's own frozen weights W - s B A of a warm start, held beside the shared ones."""
@@ -337,6 +353,8 @@ class Party:
         """The name of the first trainable adapter or AdamW moment of this party that is not finite, or None.
         A parked party is checked in what it keeps, without borrowing a shell, and once only."""
         parked = self._parked
+        if self._shell is None and parked is None:
+            return None  # never bound: it holds nothing yet (its first `load` gives it its adapters)
         if self._shell is None and parked is not None:
             if parked.clean or self._pool is not None and self._pool.store.all_finite(parked.ticket):
                 parked.clean = True

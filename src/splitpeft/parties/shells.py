@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 
 from splitpeft.model.adapters import inject, lora_layers, lora_parameters
 from splitpeft.model.backbone import backbone_of, share_frozen_copy
-from splitpeft.model.parts import Part, frozen_tensors, view_part
+from splitpeft.model.parts import Part, frozen_tensors, storage_bytes, view_part
 from splitpeft.model.runtime import Runtime
 
 
@@ -269,6 +269,7 @@ class ShellPool:
         self._free: dict[Hashable, list[Shell]] = {}
         self._free_order: list[tuple[Hashable, Shell]] = []
         self._lock = threading.Lock()
+        self._resident: dict[ShellSpec, int] = {}
         self.built = 0      # shells built so far
         self.lent = 0       # shells lent out now
 
@@ -293,6 +294,16 @@ class ShellPool:
             while len(self._free_order) > self.max_free:
                 old_spec, old = self._free_order.pop(0)
                 self._free[old_spec].remove(old)
+
+    def resident_bytes(self, spec: ShellSpec) -> int:
+        """Bytes of the frozen tensors a shell of `spec` holds (found once per spec)."""
+        if spec not in self._resident:
+            shell = self.acquire(spec)
+            try:
+                self._resident[spec] = storage_bytes(shell.frozen)[0]
+            finally:
+                self.release(spec, shell)
+        return self._resident[spec]
 
     def free_shells(self) -> int:
         return len(self._free_order)
