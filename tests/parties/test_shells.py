@@ -162,3 +162,21 @@ def test_the_spill_folder_goes_with_the_process(tmp_path):
             "import pathlib; print(len(list(pathlib.Path(" + repr(str(tmp_path)) + ").iterdir())))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, check=True)
     assert done.stdout.strip() == "1" and list(Path(tmp_path).iterdir()) == []
+
+
+def test_devices_that_do_not_train_cost_no_shell_and_no_tensors():
+    """Forty registered devices, four a round: the ones never selected hold no shell and no parked
+    tensors after rounds, the report's info and the end-of-round checks included."""
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=40", "federation.devices_per_round=4",
+                                 "federation.local_steps=1", "federation.rounds=2"))
+    trained = set()
+    for _ in range(2):
+        trained |= set(sim.run_round().completed)
+    info = sim.info()
+    assert sim.device_pool.lent == 0 and sim.device_pool.built == 1
+    idle = [d for d in sim.devices if d.device_id not in trained]
+    assert len(idle) >= 32
+    assert all(d.is_parked and d._parked is None for d in idle)
+    assert info["devices"][idle[0].device_id]["resident_bytes"] == info["devices"][sorted(trained)[0]]["resident_bytes"] > 0
+    assert sim.device_pool.store.resident == sum(
+        t.numel() * t.element_size() for d in sim.devices if d.device_id in trained for t in d._parked_tensors().values())
