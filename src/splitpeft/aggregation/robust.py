@@ -63,6 +63,7 @@ from splitpeft.aggregation.base import (
     Aggregator,
     Clip,
     check_copies,
+    per_tensor,
 )
 from splitpeft.aggregation.fedavg import check_homogeneous
 from splitpeft.model.adapters import LoraWeights
@@ -107,17 +108,26 @@ class AdamTrustRegion:
         return self.slack * self.lr * self.local_steps * adam_step_bound(most_steps, self.betas)
 
 
+def update_norms(copies: Sequence[AdapterCopy], starts: Sequence[LoraWeights]) -> dict[str, list[float]]:
+    """||A_i - A0_i|| and ||B_i - B0_i|| (float64) of every copy."""
+    return {"A": per_tensor([c.weights.A - s.A for c, s in zip(copies, starts)], "norm"),
+            "B": per_tensor([c.weights.B - s.B for c, s in zip(copies, starts)], "norm")}
+
+
 def clamp_to_trust_region(module: str, copies: Sequence[AdapterCopy], bound: float) -> tuple[list[AdapterCopy], list[Clip]]:
     """Copies whose dA or dB (from the adapter their holder was given) has a coordinate beyond
     +-`bound`, clamped into that box; one Clip ("A-box" / "B-box", factor = the largest
     coordinate's shrink) per clamped factor."""
     out, clips = [], []
-    for copy in copies:
-        start = start_of(copy)
+    starts = [start_of(copy) for copy in copies]
+    deltas = {"A": [c.weights.A - s.A for c, s in zip(copies, starts)],
+              "B": [c.weights.B - s.B for c, s in zip(copies, starts)]}
+    largest_of = {key: per_tensor(values, "max_abs") for key, values in deltas.items()}
+    for i, (copy, start) in enumerate(zip(copies, starts)):
         new = {"A": copy.weights.A, "B": copy.weights.B}
         for key, old in (("A", start.A), ("B", start.B)):
-            delta = new[key] - old
-            largest = float(delta.abs().max()) if delta.numel() else 0.0
+            delta = deltas[key][i]
+            largest = largest_of[key][i]
             if largest <= bound:
                 continue
             new[key] = old + delta.clamp(-bound, bound)
@@ -216,10 +226,7 @@ def clip_factors(module: str, copies: Sequence[AdapterCopy], factor: float,
     """Copies whose A or B update exceeds `factor` x the reference (of A, of B; by default the
     median one), scaled down to it."""
     starts = [start_of(c) for c in copies]
-    norms = {
-        "A": [float((c.weights.A - s.A).double().norm()) for c, s in zip(copies, starts)],
-        "B": [float((c.weights.B - s.B).double().norm()) for c, s in zip(copies, starts)],
-    }
+    norms = update_norms(copies, starts)
     references = {key: reference(key, values) for key, values in norms.items()}
     limits = {key: (factor * m if m is not None else math.inf) for key, m in references.items()}
     out, clips = [], []
@@ -284,9 +291,7 @@ class MedianClip:
     def _remember(self, module: str, accepted: Sequence[AdapterCopy]) -> None:
         """This round's median accepted update of `module` (after clipping), for its history."""
         if self.averages_factors:
-            starts = [start_of(c) for c in accepted]
-            norms = {"A": [float((c.weights.A - s.A).double().norm()) for c, s in zip(accepted, starts)],
-                     "B": [float((c.weights.B - s.B).double().norm()) for c, s in zip(accepted, starts)]}
+            norms = update_norms(accepted, [start_of(c) for c in accepted])
         else:
             norms = {"BA": [product_update_norm(c) for c in accepted]}
         self._this_round[module] = {on: statistics.median(values) for on, values in norms.items()}

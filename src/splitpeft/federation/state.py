@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
@@ -38,6 +38,7 @@ from splitpeft.aggregation.base import (
     Aggregator,
     Clip,
     checked_upload,
+    per_tensor,
     token_weights,
 )
 from splitpeft.model import adapters as lora
@@ -146,14 +147,15 @@ class GlobalState:
         self.given[holder] = start
         return start
 
-    def check_upload(self, name: str, copy: AdapterCopy) -> AdapterCopy:
+    def check_upload(self, name: str, copy: AdapterCopy, norms: tuple[float, float] | None = None) -> AdapterCopy:
         """`copy` in fp32 with the adapter its holder started from, once it proves to be module
         `name` at the rank its holder was given, of the module's (d_out, d_in), finite and sane."""
         start = self.given.get(copy.holder, {}).get(name)
         if start is None:
             raise AggregationError(f"{name} from {copy.holder}: this holder was not given {name} this round")
         initial = self.global_adapters[name]
-        checked = checked_upload(name, copy, rank=start.rank, d_in=initial.A.shape[1], d_out=initial.B.shape[0])
+        checked = checked_upload(name, copy, rank=start.rank, d_in=initial.A.shape[1], d_out=initial.B.shape[0],
+                                 norms=norms)
         return replace(checked, start=LoraWeights(start.A.to(torch.float32), start.B.to(torch.float32)))
 
     def aggregate(self, copies: Mapping[str, list[AdapterCopy]]) -> AggregationReport:
@@ -166,12 +168,13 @@ class GlobalState:
         checked: dict[str, list[AdapterCopy]] = defaultdict(list)
         for name, module_copies in copies.items():
             seen: set[str] = set()
-            for candidate in module_copies:
+            norms = _fp32_norms(module_copies)
+            for candidate, candidate_norms in zip(module_copies, norms):
                 try:
                     if candidate.holder in seen:
                         raise AggregationError(f"{name} from {candidate.holder}: more than one copy")
                     seen.add(candidate.holder)
-                    checked[name].append(self.check_upload(name, candidate))
+                    checked[name].append(self.check_upload(name, candidate, candidate_norms))
                 except AggregationError as error:
                     device = device_of(candidate.holder)
                     log.warning("dropping %s's uploads this round: %s", device, error)
@@ -267,3 +270,16 @@ class GlobalState:
         if not factors:
             factors = dict(self.global_adapters)
         lora.export_peft(original, factors, self.alpha, path, merged=merged, rslora=self.rslora)
+
+
+def _fp32_norms(copies: Sequence[AdapterCopy]) -> list[tuple[float, float] | None]:
+    """|A| and |B| in fp32 of every copy whose A and B are floating tensors, batched by shape
+    (`per_tensor`); None for the others, which `check_copy` refuses before any arithmetic."""
+    good = [i for i, c in enumerate(copies)
+            if all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in c.weights)]
+    a_norms = per_tensor([copies[i].weights.A.detach().float() for i in good], "norm32")
+    b_norms = per_tensor([copies[i].weights.B.detach().float() for i in good], "norm32")
+    norms: list[tuple[float, float] | None] = [None] * len(copies)
+    for i, a, b in zip(good, a_norms, b_norms):
+        norms[i] = (a, b)
+    return norms
