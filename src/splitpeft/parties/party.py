@@ -147,8 +147,9 @@ class Party:
         tensors = self._pool.store.take(parked.ticket)
         if shell.optimizer is not None:
             for index in parked.moments:
-                shell.optimizer.state[shell.parameters[index]] = {
-                    key: tensors[f"m/{index}/{key}"] for key in parked.moment_keys}
+                parameter = shell.parameters[index]
+                shell.optimizer.state[parameter] = {  # AdamW keeps a CPU step count unless fused
+                    key: _moment(tensors[f"m/{index}/{key}"], key, parameter, shell.optimizer) for key in parked.moment_keys}
         for index in parked.frozen:
             shell.parameters[index].requires_grad_(False)
         self._warm_loaded = {name: LoraWeights(tensors[f"w/{name}/A"], tensors[f"w/{name}/B"]) for name in parked.warm}
@@ -399,3 +400,14 @@ class Party:
         if self.optimizer is None:
             return []
         return [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+
+
+def _moment(value: torch.Tensor, key: str, parameter: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """A parked AdamW state tensor where the optimiser wants it: the moments beside their
+    parameter; the step count on the parameter's device for the fused and capturable kernels,
+    on the CPU otherwise (as torch's AdamW creates it)."""
+    if key != "step":
+        return value.to(parameter.device)
+    group = optimizer.param_groups[0]
+    on_device = bool(group.get("fused")) or bool(group.get("capturable"))
+    return value.to(parameter.device if on_device else "cpu")

@@ -116,16 +116,16 @@ _LAYOUTS: dict[Layout, Layout] = {}  # one object per distinct layout: thousands
 
 
 def pack(tensors: Mapping[str, torch.Tensor]) -> tuple[Layout, dict[torch.dtype, torch.Tensor]]:
-    """Many small tensors as one flat buffer per dtype and a layout to cut them out again. A
-    tensor costs about a kilobyte of bookkeeping besides its bytes, so a parked party keeps one
-    or two buffers instead of hundreds of tensors."""
+    """Many small tensors as one flat buffer per dtype, in CPU memory, and a layout to cut them
+    out again. A tensor costs about a kilobyte of bookkeeping besides its bytes, so a parked party
+    keeps one or two buffers instead of hundreds of tensors (and none of an accelerator's memory)."""
     entries = []
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     offsets: dict[torch.dtype, int] = {}
     for name, tensor in tensors.items():
         offset = offsets.get(tensor.dtype, 0)
         entries.append((name, tensor.dtype, tuple(tensor.shape), offset))
-        groups.setdefault(tensor.dtype, []).append(tensor.detach().reshape(-1))
+        groups.setdefault(tensor.dtype, []).append(tensor.detach().reshape(-1).cpu())
         offsets[tensor.dtype] = offset + tensor.numel()
     layout = tuple(entries)
     layout = _LAYOUTS.setdefault(layout, layout)
