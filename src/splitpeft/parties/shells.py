@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from splitpeft.model.adapters import inject, lora_layers, lora_parameters
+from splitpeft.model.adapters import inject, lora_ab, lora_layers, lora_parameters
 from splitpeft.model.backbone import backbone_of, share_frozen_copy
 from splitpeft.model.parts import Part, frozen_tensors, storage_bytes, view_part
 from splitpeft.model.runtime import Runtime
@@ -102,7 +102,12 @@ class Shell:
                 base_layer.weight = shared
 
     def clear(self) -> None:
-        """Nothing of the last party stays: no gradients, no optimiser state, every adapter trainable."""
+        """Nothing of the last party's training stays: no gradients, no optimiser state, every
+        adapter trainable, every B zero (a party starts from what it loads, and before that the
+        shell computes the frozen model itself, as a fresh adapter does)."""
+        with torch.no_grad():
+            for name in self.layers:
+                lora_ab(self.layers[name])[1].zero_()
         for parameter in self.parameters:
             parameter.grad = None
             parameter.requires_grad_(True)
