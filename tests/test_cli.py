@@ -217,6 +217,22 @@ def test_summary_says_why_a_device_has_no_loss_in_the_last_round():
     assert _absence(last_round, "device-2") == "not selected"
 
 
+def test_the_summary_of_a_large_fleet_prints_a_few_device_rows_and_points_to_the_report(capsys):
+    from splitpeft.cli import SUMMARY_ROWS, _summary
+    from splitpeft.config import load_config
+
+    devices = {f"device-{i}": {"tokens": 10, "bytes_up": 1, "bytes_down": 1, "flops": 1, "peak_memory_bytes": 1}
+               for i in range(SUMMARY_ROWS + 30)}
+    report = {"info": {"devices": {d: {"split_layer": 2} for d in devices}, "plans": None},
+              "rounds": [{"devices": {d: {"train_loss": 1.0} for d in devices}, "selected": list(devices),
+                          "completed": list(devices), "dropped": []}],
+              "totals": {"per_device": devices}, "eval": {"perplexity": 3.0}}
+    _summary(report, load_config(preset="tiny"))
+    out = capsys.readouterr().out
+    assert f"device-{SUMMARY_ROWS - 1} " in out and f"device-{SUMMARY_ROWS} " not in out
+    assert f"the first {SUMMARY_ROWS} of {SUMMARY_ROWS + 30} devices that trained; all of them: report.json" in out
+
+
 # ------------------------------------------------------------------ evaluate --data (issue 14)
 
 TEST_FILE = """\

@@ -349,6 +349,9 @@ def _completed_per_round(rounds: list[dict[str, Any]]) -> str:
     return " ".join(f"{len(entry.get('completed', []))}/{len(entry.get('selected', []))}" for entry in rounds)
 
 
+SUMMARY_ROWS = 20  # device rows the summary tables print (a fleet of thousands has its rows in report.json)
+
+
 def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -358,14 +361,19 @@ def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
         table.add_column(column, justify="right")
     info = report["info"]["devices"]
     last = report["rounds"][-1]["devices"]
-    for device, entry in report["totals"]["per_device"].items():
+    per_device = list(report["totals"]["per_device"].items())
+    for device, entry in per_device[:SUMMARY_ROWS]:
         table.add_row(
             device, str(info[device]["split_layer"]), str(entry["tokens"]), f"{entry['bytes_up'] / 1e6:.2f}",
             f"{entry['bytes_down'] / 1e6:.2f}", f"{entry['flops'] / 1e9:.1f}", f"{entry['peak_memory_bytes'] / 1e6:.1f}",
             f"{last[device]['train_loss']:.3f}" if device in last else _absence(report["rounds"][-1], device),
         )
+    if len(per_device) > SUMMARY_ROWS:
+        table.add_row("...", *[""] * 7)
     console = Console()
     console.print(table)
+    if len(per_device) > SUMMARY_ROWS:
+        console.print(f"the first {SUMMARY_ROWS} of {len(per_device)} devices that trained; all of them: report.json")
     console.print(f"devices completed per round: {_completed_per_round(report['rounds'])}")
     plans = report["info"].get("plans")
     if plans:
@@ -373,7 +381,7 @@ def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
         for column in ("device", "budget MB", "k", "ranks: modules", "pred. MB", "meas. MB", "GFLOP/step",
                        "importance", "step s"):
             plan_table.add_column(column, justify="right")
-        for row in plans:
+        for row in plans[:SUMMARY_ROWS]:
             plan_table.add_row(
                 row["device"], f"{row['budget_bytes'] / 1e6:.0f}", str(row["split_layer"]),
                 " ".join(f"{rank}:{count}" for rank, count in row["ranks"].items()),
@@ -382,7 +390,11 @@ def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
                 "-" if row.get("importance") is None else f"{row['importance']:.3f}",
                 "-" if row.get("planned_step_s") is None else f"{row['planned_step_s']:.2f}",
             )
+        if len(plans) > SUMMARY_ROWS:
+            plan_table.add_row("...", *[""] * 8)
         console.print(plan_table)
+        if len(plans) > SUMMARY_ROWS:
+            console.print(f"the first {SUMMARY_ROWS} of {len(plans)} plans; all of them: report.json")
         simulated = [r.get("simulated_round_s") for r in report["rounds"]]
         if all(t is not None for t in simulated):
             console.print(f"simulated wall time: {sum(simulated):.1f} s over {len(simulated)} rounds "
