@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -95,10 +95,11 @@ class Aggregator(Protocol):
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate: ...
 
 
-def per_tensor(values: Sequence[torch.Tensor], reduce: str) -> list[float]:
-    """`reduce` ("max_abs", "norm" in float64, or "norm32" in the tensors' own dtype) of each tensor, one batched reduction per group of
-    equal shapes and dtypes (a fleet's copies of a module mostly share one): the same numbers as
-    reducing each tensor alone, without a Python-level call per copy."""
+def per_tensor(values: Sequence[torch.Tensor], reduce: Literal["max_abs", "norm", "norm32"]) -> list[float]:
+    """`reduce` of each tensor: its largest |x|, its norm in float64 ("norm") or in its own dtype
+    ("norm32"). One batched reduction per group of equal shapes and dtypes (a fleet's copies of a
+    module mostly share one): the same numbers as reducing each tensor alone, without a
+    Python-level call per copy."""
     results = [0.0] * len(values)
     groups: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = {}
     for i, value in enumerate(values):
@@ -111,8 +112,10 @@ def per_tensor(values: Sequence[torch.Tensor], reduce: str) -> list[float]:
             reduced = torch.linalg.vector_norm(stacked.double(), dim=1)
         elif reduce == "norm32":
             reduced = torch.linalg.vector_norm(stacked, dim=1)
-        else:
+        elif reduce == "max_abs":
             reduced = stacked.abs().amax(dim=1)
+        else:
+            raise ValueError(f"unknown reduction {reduce!r}")
         for i, value in zip(indexes, reduced.tolist()):
             results[i] = float(value)
     return results

@@ -88,9 +88,9 @@ def fleet_profiles(config: ExperimentConfig, ids: list[str]) -> list[DeviceProfi
     fleet, n = config.fleet, len(ids)
     if fleet.trace is not None:
         rows = read_trace(fleet.trace)
-        return [DeviceProfile(d, int(row["memory_bytes"]), row["flops_per_s"], row["down_bytes_per_s"],
-                              _each(fleet.max_step_s, n)[i], row["up_bytes_per_s"])
-                for i, (d, row) in enumerate(zip(ids, (rows[i % len(rows)] for i in range(n))))]
+        return [DeviceProfile(d, int(row["memory_bytes"]), row["flops_per_s"], row["down_bytes_per_s"], limit,
+                              row["up_bytes_per_s"], row["availability"])
+                for d, row, limit in zip(ids, (rows[i % len(rows)] for i in range(n)), _each(fleet.max_step_s, n))]
     if fleet.memory_bytes is not None:
         budgets = [int(b) for b in fleet.memory_bytes]
     elif fleet.memory_range is not None:
@@ -103,7 +103,7 @@ def fleet_profiles(config: ExperimentConfig, ids: list[str]) -> list[DeviceProfi
     generator = np.random.default_rng([config.seed, 23])
     flops = draw(fleet.compute_distribution, n, generator) if fleet.compute_distribution else _each(fleet.flops_per_s, n)
     links = draw(fleet.link_distribution, n, generator) if fleet.link_distribution else _each(fleet.bandwidth_bytes_per_s, n)
-    return [DeviceProfile(d, b, float(f), float(w), t) for d, b, f, w, t in
+    return [DeviceProfile(d, b, float(f), float(w), t, availability=fleet.availability) for d, b, f, w, t in
             zip(ids, budgets, flops, links, _each(fleet.max_step_s, n))]
 
 
@@ -163,14 +163,6 @@ def read_trace(path: str) -> list[dict[str, float]]:
     if not rows:
         raise ValueError(f"fleet.trace {path}: no devices in it")
     return rows
-
-
-def availabilities(config: ExperimentConfig, n: int) -> np.ndarray:
-    """Each device's probability of being online in a round (the trace's, else fleet.availability)."""
-    if config.fleet.trace is not None:
-        rows = read_trace(config.fleet.trace)
-        return np.array([rows[i % len(rows)]["availability"] for i in range(n)])
-    return np.full(n, config.fleet.availability)
 
 
 def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Placement, index: int,

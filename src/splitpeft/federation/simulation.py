@@ -38,7 +38,6 @@ from splitpeft.config import ExperimentConfig
 from splitpeft.data.batching import EncodedExample, encode
 from splitpeft.federation.fleet import (
     adapted_modules,
-    availabilities,
     build_device,
     device_examples,
     device_ids,
@@ -156,9 +155,10 @@ class Simulation:
         self.train_examples, self.device_encoded = train, encoded  # the privacy audit reads them
         self.device_ids = device_ids(len(shards))
         self.profiles = fleet_profiles(config, self.device_ids)
-        self.availability = availabilities(config, len(self.device_ids))  # P(online) per device and round
+        # P(online) per device and round: the fleet's (fleet.availability, a trace), else always
+        self.availability = (np.array([p.availability for p in self.profiles]) if self.profiles is not None
+                             else np.ones(len(self.device_ids)))
         self.device_index = {d: i for i, d in enumerate(self.device_ids)}
-        self._online: dict[int, int] = {}  # round -> devices online in it (where availability is drawn)
         self.rounds: list[RoundRecord] = []
         planner = make_planner(config)
         self.planning: Planning | None = None
@@ -225,6 +225,8 @@ class Simulation:
             plans = self.planning.update(len(self.rounds))
             record.replanned = self.replan(plans) if plans is not None else []
         record.selected = [device.device_id for device in self.selected_devices(record.round)]
+        drawn = self._online(record.round)
+        record.online = None if drawn is None else len(drawn[0])
         self.server.begin_round(expected=record.selected)
         return record
 
@@ -237,12 +239,11 @@ class Simulation:
         device is online with its probability (drawn per round, seeded), and the draw is among the
         online ones: ceil(devices_per_round x `federation.over_select`) of them, or all."""
         fed = self.config.federation
-        if bool((self.availability < 1).any()) or fed.over_select > 1:
-            draws = np.random.default_rng([self.config.seed, round_index, 29])
-            online = np.flatnonzero(draws.random(len(self.devices)) < self.availability)
+        drawn = self._online(round_index)
+        if drawn is not None:
+            online, draws = drawn
             count = len(online) if fed.devices_per_round is None else math.ceil(fed.devices_per_round * fed.over_select)
             picked = online if count >= len(online) else np.sort(draws.choice(online, size=count, replace=False))
-            self._online[round_index] = len(online)
             return [self.devices[int(i)] for i in picked]
         wanted = fed.devices_per_round
         if wanted is None or wanted >= len(self.devices):
@@ -250,6 +251,16 @@ class Simulation:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + round_index)
         chosen = sorted(torch.randperm(len(self.devices), generator=generator)[:wanted].tolist())
         return [self.devices[i] for i in chosen]
+
+    def _online(self, round_index: int) -> tuple[np.ndarray, np.random.Generator] | None:
+        """The indexes of the devices online in round `round_index`, each with its probability
+        (seeded by (seed, round)), and the generator the round's selection continues with; None
+        where every device is always online and nothing is over-selected (the selection then draws
+        as it always has)."""
+        if not bool((self.availability < 1).any()) and self.config.federation.over_select <= 1:
+            return None
+        draws = np.random.default_rng([self.config.seed, round_index, 29])
+        return np.flatnonzero(draws.random(len(self.devices)) < self.availability), draws
 
     def drop(self, record: RoundRecord, device_id: str, error: str) -> None:
         """A device that died or disconnected mid-round: its partial update (and its server
@@ -318,7 +329,6 @@ class Simulation:
                 result.stats.simulated_server_s = self.simulated_server_s(device_id, result.stats.steps)
             result.stats.tokens = self.counted_tokens(device_id, result.tokens)
             record.devices[device_id] = result.stats
-        record.online = self._online.get(record.round)
         for device_id, reason in self.late_devices(results).items():
             del results[device_id]
             record.dropped.append({"device": device_id, "error": reason})

@@ -22,6 +22,7 @@ class DeviceProfile:
     bandwidth_bytes_per_s: float
     max_step_s: float | None = None  # time budget: a plan's simulated step may take at most this
     up_bytes_per_s: float | None = None  # its uplink, where it differs from bandwidth_bytes_per_s (its downlink)
+    availability: float = 1.0  # the probability that it is online in a round
 
 
 def fleet_preset(

@@ -8,7 +8,7 @@ the shared one minus its adapter's product (`Party.load`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -152,10 +152,9 @@ class Party:
                     key: _moment(tensors[f"m/{index}/{key}"], key, parameter, shell.optimizer) for key in parked.moment_keys}
         for index in parked.frozen:
             shell.parameters[index].requires_grad_(False)
-        self._warm_loaded = {name: LoraWeights(tensors[f"w/{name}/A"], tensors[f"w/{name}/B"]) for name in parked.warm}
+        self._warm_loaded = _weights(tensors, "w", parked.warm)
         if restore:
-            write_adapters(shell.layers, {name: LoraWeights(tensors[f"a/{name}/A"], tensors[f"a/{name}/B"])
-                                         for name in self.modules})
+            write_adapters(shell.layers, _weights(tensors, "a", self.modules))
             layers = shell.layers
             for name, weights in list(self._warm_loaded.items()):
                 self._train_against(name, layers[name], weights)
@@ -171,20 +170,16 @@ class Party:
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in shell.layers.items():  # `pack` copies them: no clone here
             tensors[f"a/{name}/A"], tensors[f"a/{name}/B"] = lora_ab(layer)
-        moments: list[int] = []
+        moments = self.optimizer_moments()
         keys: tuple[str, ...] = ()
-        if shell.optimizer is not None:
-            for index, parameter in enumerate(shell.parameters):
-                state = shell.optimizer.state.get(parameter)
-                if state:
-                    keys = tuple(sorted(state))
-                    moments.append(index)
-                    for key in keys:
-                        tensors[f"m/{index}/{key}"] = state[key]
+        for index, state in moments.items():
+            keys = tuple(sorted(state))
+            for key in keys:
+                tensors[f"m/{index}/{key}"] = state[key]
         for name, weights in self._warm_loaded.items():
             tensors[f"w/{name}/A"], tensors[f"w/{name}/B"] = weights.A, weights.B
         frozen = [index for index, parameter in enumerate(shell.parameters) if not parameter.requires_grad]
-        self._parked = Parked(self._pool.store.put(tensors), moments, keys, frozen, sorted(self._warm_loaded),
+        self._parked = Parked(self._pool.store.put(tensors), list(moments), keys, frozen, sorted(self._warm_loaded),
                               shell.parameter_names, shell.parameter_keys)
         self._warm_loaded = {}
         self.warm_factors = {}
@@ -304,8 +299,7 @@ class Party:
         """This party's adapters, on the CPU (where the federation's state lives); a parked
         party's from what it keeps, without borrowing a shell."""
         if self._shell is None and self._parked is not None:
-            tensors = self._parked_tensors()
-            return {name: LoraWeights(tensors[f"a/{name}/A"].cpu(), tensors[f"a/{name}/B"].cpu()) for name in self.modules}
+            return _weights(self._parked_tensors(), "a", self.modules)  # parked state is in CPU memory
         return {name: LoraWeights(w.A.cpu(), w.B.cpu()) for name, w in read_adapters(self.shell.layers).items()}
 
     # ------------------------------------------------------------------ backward, with fp16 loss scaling
@@ -384,17 +378,14 @@ class Party:
         returns the first such tensor's name. The adapters themselves are reloaded at the next
         round start (`load`), so nothing non-finite outlives the round or reaches a checkpoint."""
         bad = self.nonfinite()
-        if bad is not None and self._shell is None and self._parked is not None:
-            self._bind(restore=True)  # rare: the moments go, the rest is parked again
-            self.park_moments_cleared()
-        elif bad is not None and self.optimizer is not None:
+        if bad is None:
+            return None
+        was_parked = self.is_parked
+        if self.optimizer is not None:  # a parked party borrows its shell for this (rare) reset
             self.optimizer.state.clear()
+        if was_parked:
+            self.park()
         return bad
-
-    def park_moments_cleared(self) -> None:
-        if self.optimizer is not None:
-            self.optimizer.state.clear()
-        self.park()
 
     def optimizer_state_tensors(self) -> list[torch.Tensor]:
         if self.optimizer is None:
@@ -411,3 +402,8 @@ def _moment(value: torch.Tensor, key: str, parameter: torch.Tensor, optimizer: t
     group = optimizer.param_groups[0]
     on_device = bool(group.get("fused")) or bool(group.get("capturable"))
     return value.to(parameter.device if on_device else "cpu")
+
+
+def _weights(tensors: Mapping[str, torch.Tensor], prefix: str, names: Iterable[str]) -> dict[str, LoraWeights]:
+    """The (A, B) of `names` from a parked party's tensors, under "<prefix>/<name>/A" and "/B"."""
+    return {name: LoraWeights(tensors[f"{prefix}/{name}/A"], tensors[f"{prefix}/{name}/B"]) for name in names}
