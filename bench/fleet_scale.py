@@ -86,7 +86,7 @@ def one_case(case: str, extra: list[str], profile: bool) -> dict[str, Any]:
                           "dropped": len(record.dropped)})
     if profiler is not None:
         import pstats
-        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
     return {
         "case": case, "registered": registered, "per_round": per_round, "build_s": built_s,
         "rounds": timed, "rss_built_bytes": built_rss, "rss_end_bytes": rss_bytes(),
