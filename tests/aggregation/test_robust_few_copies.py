@@ -317,3 +317,13 @@ def test_centered_clip_centres_survive_a_checkpoint_and_resume_equals_an_uninter
     for name, weights in whole.state.global_adapters.items():
         assert torch.equal(weights.A, resumed.state.global_adapters[name].A)
         assert torch.equal(weights.B, resumed.state.global_adapters[name].B)
+
+
+def test_per_tensor_names_its_reductions():
+    from splitpeft.aggregation.base import per_tensor
+
+    values = [torch.tensor([[3.0, -4.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([2.0])]
+    assert per_tensor(values, "norm") == [5.0, 1.0, 2.0]
+    assert per_tensor(values, "max_abs") == [4.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="unknown reduction 'sum'"):
+        per_tensor(values, "sum")  # type: ignore[arg-type]

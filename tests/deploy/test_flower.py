@@ -231,6 +231,20 @@ def test_server_settings_name_what_is_wrong(tmp_path):
         ServerSettings.from_run_config({"tokens-file": str(tmp_path / "missing.json"), "preset": "tiny"})
 
 
+@pytest.mark.parametrize("overrides, named", [
+    (["federation.round_deadline_s=1.0"], "federation.round_deadline_s"),
+    (["federation.devices_per_round=2", "federation.over_select=1.5"], "federation.over_select"),
+    (["fleet.availability=0.5"], "fleet.availability or a trace's availability"),
+])
+def test_a_deployment_refuses_the_settings_that_only_simulate_a_fleet(overrides, named):
+    """Deadlines and over-selection would rank real devices by what each reports of itself."""
+    from splitpeft.deploy.server_app import check_deployable
+
+    check_deployable(Simulation(tiny_config("tiny-llama")))  # an ordinary run deploys
+    with pytest.raises(DeploymentError, match=f"{named} only simulate a fleet"):
+        check_deployable(Simulation(tiny_config("tiny-llama", *overrides)))
+
+
 def test_frames_in_flower_records_are_validated():
     message = Message(Kind.ADAPTERS, {"m.A": torch.ones(2, 3), "m.B": torch.zeros(3, 2)}, meta={"device": "device-0"})
     frame = encode(message)

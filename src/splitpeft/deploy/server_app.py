@@ -63,6 +63,7 @@ class FlowerEngine:
     # ---------------------------------------------------------------- Engine protocol
 
     def open(self, sim: Simulation, resumed: dict[str, Any] | None) -> dict[str, Any]:
+        check_deployable(sim)
         settings = self.settings
         missing = [d for d in sim.device_ids if d not in settings.tokens]
         if missing:
@@ -260,6 +261,21 @@ class FlowerEngine:
                 raise MessageError(f"upload carries {name} at rank {weights.rank}, the plan says {device.ranks.get(name)}")
         stats = round_stats_from_json(str(content.config_records["stats"].get("stats", "")))
         return DeviceResult(uploaded, stats.tokens, stats)
+
+
+def check_deployable(sim: Simulation) -> None:
+    """DeploymentError for the settings that only simulate a fleet. Real devices are online or not,
+    and they are slow or not. The simulated deadline and over-selection would rank them by the
+    FLOPs and bytes each reports about itself, and no such report is to be trusted. A deployment
+    cuts slow or silent devices by its own clock (transport.step_timeout_s, transport.idle_timeout_s)."""
+    fed = sim.config.federation
+    simulated = [key for key, on in (("federation.round_deadline_s", fed.round_deadline_s is not None),
+                                     ("federation.over_select", fed.over_select > 1),
+                                     ("fleet.availability or a trace's availability", bool((sim.availability < 1).any())))
+                 if on]
+    if simulated:
+        raise DeploymentError(f"{', '.join(simulated)} only simulate a fleet; a deployment's devices are real, and "
+                              "its own clock cuts slow ones (transport.step_timeout_s, transport.idle_timeout_s)")
 
 
 server_app = ServerApp()
