@@ -40,10 +40,13 @@ class Deployment:
     the split server listen and devices reach them; `cloud_prefix` and `device_prefix(index)` start
     each process on its host (e.g. `ip netns exec NAME`). The defaults keep everything on loopback."""
 
-    def __init__(self, root: Path, num_devices: int, *, tls: bool = False, node_auth: bool = False,
+    def __init__(self, root: Path, num_devices: int, *, tls: bool = False, node_auth: bool = False, simulation: bool = False,
+                 cpus_per_client: int = 1,
                  host: str = "127.0.0.1", cloud_prefix: Sequence[str] = (),
                  device_prefix: Callable[[int], Sequence[str]] = lambda index: ()) -> None:
         self.node_auth = node_auth and tls
+        self.simulation = simulation  # the SuperLink runs virtual SuperNodes on Flower's simulation engine (Ray)
+        self.cpus_per_client = cpus_per_client
         self.host = host
         self.cloud_prefix, self.device_prefix = list(cloud_prefix), device_prefix
         self.num_devices = num_devices
@@ -82,6 +85,7 @@ class Deployment:
 
     def start_superlink(self) -> None:
         auth = ["--enable-supernode-auth"] if self.node_auth else []
+        auth += ["--simulation"] if self.simulation else []
         self._start("superlink", ["flower-superlink", *self._link_security(server=True), *auth, "--host", self.host,
                                   "--port", str(self.link_port), "--database", str(self.root / "superlink.db")],
                     self.cloud_prefix)
@@ -162,10 +166,13 @@ class Deployment:
         return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
 
     def submit(self, out: Path, overrides: list[str], **extra: Any) -> subprocess.Popen[bytes]:
-        """`flwr run deploy/flower --stream`: returns while it runs; it exits when the run ends."""
+        """`flwr run deploy/flower --stream`: returns while it runs; it exits when the run ends. On
+        the simulation engine, with one virtual SuperNode per device, `cpus_per_client` CPUs each."""
+        federation = (["--federation-config", f"num-supernodes={self.num_devices} client-resources-num-cpus={self.cpus_per_client}"]
+                      if self.simulation else [])
         return self._start(f"flwr-run-{len(self.processes)}", [
-            "flwr", "run", str(APP), "local", "--stream", "--run-config", self.run_config(out, overrides, **extra)],
-            self.cloud_prefix)
+            "flwr", "run", str(APP), "local", "--stream", *federation,
+            "--run-config", self.run_config(out, overrides, **extra)], self.cloud_prefix)
 
     def kill(self, name: str) -> None:
         """SIGKILL a process and everything it started, at once (a machine losing power, as far as

@@ -81,7 +81,7 @@ client_app = ClientApp()
 
 @client_app.query()
 def _identify(message: FlowerMessage, context: Context) -> FlowerMessage:
-    node = NodeSettings.from_node_config(context.node_config)
+    node = NodeSettings.of_context(context.node_config, context.run_config)
     device_id = f"device-{node.device}"
     try:
         challenge = str(message.content.config_records["challenge"]["challenge"])
@@ -93,7 +93,7 @@ def _identify(message: FlowerMessage, context: Context) -> FlowerMessage:
 
 @client_app.train()
 def _train(message: FlowerMessage, context: Context) -> FlowerMessage:
-    node = NodeSettings.from_node_config(context.node_config)
+    node = NodeSettings.of_context(context.node_config, context.run_config)
     round_info = message.content.config_records["round"]
     upload, stats = train_round(node, round_info, message.content.array_records["download"])
     return FlowerMessage(RecordDict({

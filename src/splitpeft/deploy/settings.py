@@ -15,6 +15,9 @@ from splitpeft.deploy.keys import DeploymentError, read_secret, read_tokens
 
 # ------------------------------------------------------------------------------------ settings
 
+# Run config keys only the virtual SuperNodes of Flower's simulation engine read (`NodeSettings.of_simulated`)
+SIMULATED_NODE_KEYS = ("split-connect", "device-state-dir")
+
 
 def _text(config: Mapping[str, Any], key: str, default: str | None = None) -> str:
     value = config.get(key, default)
@@ -48,7 +51,8 @@ class ServerSettings:
     rejoin_timeout_s: float
 
     KEYS = ("preset", "config-file", "overrides", "out", "checkpoint", "resume", "split-address",
-            "tokens-file", "tls-cert", "tls-key", "join-timeout", "round-timeout", "rejoin-timeout")
+            "tokens-file", "tls-cert", "tls-key", "join-timeout", "round-timeout", "rejoin-timeout",
+            *SIMULATED_NODE_KEYS)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerSettings:
@@ -119,4 +123,43 @@ class NodeSettings:
             data_path=_text(node_config, "data-path", "") or None,
             state_dir=Path(_text(node_config, "state-dir", "~/.cache/splitpeft/device-state")).expanduser(),
             status_file=Path(status).expanduser() if status else None,
+        )
+
+    @classmethod
+    def of_context(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> NodeSettings:
+        """A real SuperNode's settings from its node config; a virtual one's (Flower's simulation
+        engine gives it only `partition-id` and `num-partitions`) from the run config."""
+        if "partition-id" in node_config:
+            return cls.of_simulated(node_config, run_config)
+        return cls.from_node_config(node_config)
+
+    @classmethod
+    def of_simulated(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> NodeSettings:
+        """Virtual SuperNode `partition-id` of Flower's simulation engine is device `partition-id`.
+        It dials the split server at the run config's `split-connect` (default: `split-address`, a
+        wildcard host read as loopback), proves itself with that device's token from `tokens-file`
+        and trusts `tls-cert` as the root certificate: every virtual node runs in the operator's
+        own processes (on a Ray cluster, on its machines, where those paths must exist), so the
+        simulation engine is not a boundary between untrusted devices; a deployment is."""
+        unknown = sorted(set(node_config) - {"partition-id", "num-partitions"})
+        if unknown:
+            raise DeploymentError(f"unknown node config keys {unknown} for a virtual SuperNode (partition-id, num-partitions)")
+        device = node_config.get("partition-id")
+        if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+            raise DeploymentError(f"node config 'partition-id' must be the device's index (0, 1, ...), not {device!r}")
+        device_id = f"device-{device}"
+        tokens = read_tokens(_text(run_config, "tokens-file"))
+        if device_id not in tokens:
+            raise DeploymentError(f"virtual SuperNode {device} is {device_id}, which the tokens file has no token for "
+                                  "(num-supernodes beyond federation.num_devices?)")
+        connect = _text(run_config, "split-connect", "") or _text(run_config, "split-address", "0.0.0.0:9300")
+        host, _, port = connect.rpartition(":")
+        if host in ("0.0.0.0", "[::]", "::", ""):
+            connect = f"127.0.0.1:{port}"
+        cert = _text(run_config, "tls-cert", "")
+        return cls(
+            device=device, split_server=connect, token=tokens[device_id],
+            root_cert=read_secret(cert, "TLS certificate") if cert else None, data_path=None,
+            state_dir=Path(_text(run_config, "device-state-dir", "~/.cache/splitpeft/device-state")).expanduser(),
+            status_file=None,
         )
