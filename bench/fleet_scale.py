@@ -3,6 +3,7 @@
     .venv/bin/python bench/fleet_scale.py                       # the issue's cases, one process each
     .venv/bin/python bench/fleet_scale.py --case 10000:10000    # registered:per-round, one case
     .venv/bin/python bench/fleet_scale.py --profile 2000:2000   # where one case's round goes (cProfile)
+    .venv/bin/python bench/fleet_scale.py --workers 1000:1000@2 # one process against federation.workers=2
 
 Each case runs in a fresh process (so its resident memory is its own): the tiny preset
 (tiny-llama, plain split at block 2, rank 4, batch 4) with `federation.num_devices` registered
@@ -19,6 +20,12 @@ and prints, per timed round:
 - RSS: resident memory after building and at the end (ru_maxrss for the peak);
 - per idle device: (RSS after building - RSS of the same process before building) / registered, an
   upper bound on what an idle device costs (it includes the shared model and data once).
+
+`--workers CASE` runs CASE twice, side by side in one invocation, each with the machine's
+`--threads` (default: every CPU): in one process (`federation.workers=1`, on all threads), then with
+`federation.workers=N` (`--count`, default 2) processes on an equal share of them, and prints the
+device-rounds per second of the timed round of each and their ratio (the round's compute cannot be
+separated from its overhead when devices train in parallel).
 """
 
 from __future__ import annotations
@@ -49,13 +56,15 @@ def parse(case: str) -> tuple[int, int, int]:
     return registered, per_round, int(rounds or 1)
 
 
-def one_case(case: str, extra: list[str], profile: bool) -> dict[str, Any]:
+def one_case(case: str, extra: list[str], profile: bool, workers: int = 1) -> dict[str, Any]:
     import torch
 
     from splitpeft.config import load_config
     from splitpeft.federation.simulation import Simulation
+    from splitpeft.federation.workers import WorkerPool
 
-    torch.set_num_threads(1)
+    if workers == 1:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     registered, per_round, rounds = parse(case)
     config = load_config(preset="tiny", overrides=[
         f"federation.num_devices={registered}", f"federation.devices_per_round={per_round}",
@@ -64,6 +73,8 @@ def one_case(case: str, extra: list[str], profile: bool) -> dict[str, Any]:
     before = rss_bytes()
     start = time.perf_counter()
     sim = Simulation(config)
+    if workers > 1:
+        sim.workers = WorkerPool(config, workers)
     built_s = time.perf_counter() - start
     built_rss = rss_bytes()
     profiler = None
@@ -82,8 +93,11 @@ def one_case(case: str, extra: list[str], profile: bool) -> dict[str, Any]:
         compute = sum(stats.wall_s for stats in record.devices.values())
         if rounds == 1 or index > 0:
             timed.append({"round_s": wall, "compute_s": compute, "devices": len(record.devices),
+                          "device_rounds_per_s": len(record.devices) / wall,
                           "overhead_ms_per_device_round": 1000 * (wall - compute) / max(1, len(record.devices)),
                           "dropped": len(record.dropped)})
+    if sim.workers is not None:
+        sim.workers.close()
     if profiler is not None:
         import pstats
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
@@ -101,10 +115,17 @@ def main() -> None:
     parser.add_argument("--case", action="append", help="registered:per_round[@rounds]; repeatable (default: the issue's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every case")
     parser.add_argument("--profile", help="one case under cProfile (printed to stderr)")
+    parser.add_argument("--workers", help="one case in one process against federation.workers=--count processes")
+    parser.add_argument("--count", type=int, default=2, help="worker processes for --workers")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for --workers, in all")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-workers", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(one_case(args.child, args.set, profile=False)))
+        print(json.dumps(one_case(args.child, args.set, profile=False, workers=args.child_workers)))
+        return
+    if args.workers:
+        compare_workers(args)
         return
     if args.profile:
         print(json.dumps(one_case(args.profile, args.set, profile=True), indent=1))
@@ -125,6 +146,26 @@ def main() -> None:
               f"| {last['overhead_ms_per_device_round']:.1f} | {r['rss_built_bytes'] / 2**20:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} "
               f"| {r['per_idle_device_bytes'] / 1024:.1f} | {r['pools']['devices']['shells_built']}, "
               f"{r['pools']['sessions']['shells_built']} |", flush=True)
+
+
+def compare_workers(args: argparse.Namespace) -> None:
+    """`--workers CASE`: one process, then `--count` worker processes, on the same threads."""
+    print(f"{args.workers} (registered:per round@rounds), tiny preset, {args.threads} CPU threads in all")
+    print("| federation.workers | threads each | round s | device-rounds / s | ratio |")
+    print("|---:|---:|---:|---:|---:|")
+    serial = None
+    for count in (1, args.count):
+        command = [sys.executable, __file__, "--child", args.workers, f"--child-workers={count}", *(f"--set={s}" for s in args.set)]
+        threads = max(1, args.threads // count)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"})
+        if done.returncode != 0:
+            print(f"| {count}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}) |")
+            return
+        last = json.loads(done.stdout.strip().splitlines()[-1])["rounds"][-1]
+        rate = last["device_rounds_per_s"]
+        serial = serial or rate
+        print(f"| {count} | {threads} | {last['round_s']:.1f} | {rate:.1f} | {rate / serial:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,12 @@ class FederationConfig:
     spill_dir: str | None = _help(
         "where federation.state_memory_bytes spills: a folder is created in it for the run and removed at "
         "its end; null = the system's temporary folder", None)
+    workers: int = _help(
+        "processes that train the round's devices (federation/workers.py): each holds a copy of the model and "
+        "the devices whose index mod workers is its own (their state stays there), with the machine's CPU "
+        "threads divided among them; this process plans and aggregates, in the same device order, so the "
+        "adapters equal workers=1's to float rounding where every device draws its own randomness (LoRA "
+        "dropout 0, no noise defence); 1 = devices train in this process", 1)
 
 
 @dataclass
@@ -472,6 +478,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "federation.min_devices": Bound(1, 1_000_000),
     "federation.state_memory_bytes": Bound(0, 2**50),
     "federation.over_select": Bound(1, 100),
+    "federation.workers": Bound(1, 256),
     "federation.round_deadline_s": Bound(0, 1e9, low_open=True),
     "fleet.availability": Bound(0, 1, low_open=True),
     "federation.rounds": Bound(1, 100_000),

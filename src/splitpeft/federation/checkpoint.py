@@ -174,6 +174,20 @@ def run_identity(config: ExperimentConfig) -> dict[str, Any]:
     return dict(json.loads(json.dumps(flat)))
 
 
+def party_state(sim: Simulation, device_ids: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """The devices `device_ids` and their server sessions as a checkpoint holds them: (devices,
+    sessions, tensors). A worker process (`federation.workers`) answers with its own."""
+    tensors: dict[str, torch.Tensor] = {}
+    wanted = set(device_ids)
+    devices = {device.device_id: device_state(device, tensors, f"opt/{device.device_id}")
+               for device in sim.devices if device.device_id in wanted}
+    sessions = {
+        device_id: {"optimizer_steps": _optimizer_state(session, f"session/{device_id}", tensors), "tokens": session.tokens}
+        for device_id, session in sim.server.sessions.items() if device_id in wanted
+    }
+    return devices, sessions, tensors
+
+
 def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = None) -> None:
     """Write the state after the last completed round to `path` (atomically), with `extra`
     (JSON) for whoever drives the rounds (`checkpoint_extra` reads it back)."""
@@ -183,11 +197,12 @@ def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = 
         _put_adapters(tensors, f"holder/{holder}", adapters)
     for name, delta in sim.state.merged.items():
         tensors[f"merged/{name}"] = delta.detach().clone()
-    devices = {device.device_id: device_state(device, tensors, f"opt/{device.device_id}") for device in sim.devices}
-    sessions = {
-        device_id: {"optimizer_steps": _optimizer_state(session, f"session/{device_id}", tensors), "tokens": session.tokens}
-        for device_id, session in sim.server.sessions.items()
-    }
+    if sim.workers is not None:  # the devices and their sessions live on the worker processes
+        devices, sessions, held = sim.workers.party_state()
+        tensors.update(held)
+    else:
+        devices, sessions, held = party_state(sim, sim.device_ids)
+        tensors.update(held)
     planning = None
     if sim.planning is not None:
         planning = {
@@ -547,7 +562,9 @@ def load_checkpoint(sim: Simulation, path: Path) -> int:
     try:
         _check_state(state, sim)
         _check_tensors(tensors, sim)
-        return _restore(sim, state, tensors)
+        done = _restore(sim, state, tensors)
+        sim.restored_from = path
+        return done
     except _Malformed as error:
         raise CheckpointError(f"checkpoint {path} is malformed: {error}") from None
     except CheckpointError:

@@ -57,6 +57,7 @@ from splitpeft.federation.records import (
     fill_round_stats,
 )
 from splitpeft.federation.state import GlobalState, device_of
+from splitpeft.federation.workers import ServedRound, WorkerPool
 from splitpeft.hsplit.budget import StepTime, round_time_s, simulated_round_s
 from splitpeft.hsplit.memory import ModelShapes, frozen_bytes, server_flops_per_step
 from splitpeft.hsplit.planning import Planning, PlanOptions, make_planner
@@ -179,6 +180,12 @@ class Simulation:
             for d in self.device_ids
         }
         self.shard_sizes = {d: len(s) for d, s in zip(self.device_ids, shards)}
+        # Worker processes that train the devices (`federation.workers`, started by the engine), and
+        # the plans a round's start made, which they re-plan with; None: devices train here.
+        self.workers: WorkerPool | None = None
+        self.new_plans: dict[str, tuple[int, dict[str, int]]] | None = None
+        self.restored_from: Path | None = None  # the checkpoint this run was resumed from
+        self.worker_devices: set[str] = set(self.device_ids)  # those this process trains (a worker: its own)
 
     def build_device(self, index: int, split_layer: int | None = None, ranks: dict[str, int] | None = None) -> DeviceRuntime:
         """Device `index` with its plan (split point, ranks), or the config's fixed ones."""
@@ -202,28 +209,39 @@ class Simulation:
     # ------------------------------------------------------------------ one round
 
     def run_round(self, on_device_done: Callable[[str], None] | None = None) -> RoundRecord:
+        """One round: the selected devices train here, or on `self.workers` (`federation.workers`)."""
         record = self.begin_round()
-        results: dict[str, DeviceResult] = {}
         selected = self.selected_devices(record.round)
+        served = None
+        if self.workers is not None:
+            results, served = self.workers.run_round(self, record, [d.device_id for d in selected], self.new_plans)
+            record.dropped += served.dropped
+        else:
+            results = self.train_devices(record, selected)
+        if on_device_done is not None:
+            for device_id in results:
+                on_device_done(device_id)
+        return self.finish_round(record, results, served)
+
+    def train_devices(self, record: RoundRecord, selected: list[DeviceRuntime]) -> dict[str, DeviceResult]:
+        """`selected` train their local phases here (in lockstep with a batched server pass); the
+        results of those that finished, in their order."""
         if self.lockstep is not None and len(selected) > 1:
             outcomes = self.lockstep.run([(device.device_id, partial(self._train_in_process, device, record))
                                           for device in selected])
         else:
             outcomes = [self._train_in_process(device, record) for device in selected]
-        for device, result in zip(selected, outcomes):
-            if result is not None:
-                results[device.device_id] = result
-                if on_device_done is not None:
-                    on_device_done(device.device_id)
-        return self.finish_round(record, results)
+        return {device.device_id: result for device, result in zip(selected, outcomes) if result is not None}
 
     def begin_round(self) -> RoundRecord:
         """Open round `len(rounds)`: re-plan if the scores moved, clear the server's round."""
         record = RoundRecord(round=len(self.rounds), devices={})
         self._round_start = time.perf_counter()
+        self.new_plans = None
         if self.planning is not None and self.rounds:
             plans = self.planning.update(len(self.rounds))
             record.replanned = self.replan(plans) if plans is not None else []
+            self.new_plans = plans if record.replanned else None
         record.selected = [device.device_id for device in self.selected_devices(record.round)]
         drawn = self._online(record.round)
         record.online = None if drawn is None else len(drawn[0])
@@ -296,7 +314,7 @@ class Simulation:
         stats.bytes_down = channel.traffic.bytes_down - before[1]
         return DeviceResult(uploaded, phase.tokens, stats)
 
-    def counted_tokens(self, device_id: str, claimed: int) -> int:
+    def counted_tokens(self, device_id: str, claimed: int, served: ServedRound | None = None) -> int:
         """The tokens `device_id` trained on this round, as the server counted them: its claim
         (`claimed`, the device's word) never beyond what its server session counted from the
         split traffic it served (`split`: the labelled positions it computed the loss on;
@@ -305,20 +323,25 @@ class Simulation:
         did not serve this round. `centralized`: no server, the one party is this process."""
         if not self.placement.uses_server():
             return claimed
-        session = self.server.sessions.get(device_id)
-        if session is None or device_id not in self.server.opened:
+        if served is not None:  # counted by the session on its worker (`federation.workers`)
+            counted = served.tokens.get(device_id)
+        else:
+            session = self.server.sessions.get(device_id)
+            counted = session.tokens if session is not None and device_id in self.server.opened else None
+        if counted is None or isinstance(claimed, bool) or not isinstance(claimed, int) or claimed <= 0:
             return 0
-        if isinstance(claimed, bool) or not isinstance(claimed, int) or claimed <= 0:
-            return 0
-        return min(claimed, session.tokens)
+        return min(claimed, counted)
 
-    def finish_round(self, record: RoundRecord, results: dict[str, DeviceResult]) -> RoundRecord:
+    def finish_round(self, record: RoundRecord, results: dict[str, DeviceResult],
+                     served: ServedRound | None = None) -> RoundRecord:
         """Aggregate the devices' uploads with their server sessions' adapters; close the round.
 
         Every copy weighs the tokens its device trained on as the server counted them
         (`counted_tokens`): a server session trained on its device's batches, so it weighs the same.
         RoundError (`check_completed`) if fewer than `federation.min_devices` devices trained, before
-        any aggregation, or had their upload accepted, after it; the round is then not recorded."""
+        any aggregation, or had their upload accepted, after it; the round is then not recorded.
+        `served`: what the server sessions did, where they live on worker processes
+        (`federation.workers`) instead of in `self.server`."""
         self.check_completed(record, list(results))
         copies: dict[str, list[AdapterCopy]] = defaultdict(list)
         for device_id, result in results.items():
@@ -327,30 +350,45 @@ class Simulation:
                 result.stats.simulated_s = simulated_round_s(
                     profile, result.stats.flops, result.stats.bytes_up, result.stats.bytes_down)
                 result.stats.simulated_server_s = self.simulated_server_s(device_id, result.stats.steps)
-            result.stats.tokens = self.counted_tokens(device_id, result.tokens)
+            result.stats.tokens = self.counted_tokens(device_id, result.tokens, served)
             record.devices[device_id] = result.stats
         for device_id, reason in self.late_devices(results).items():
             del results[device_id]
             record.dropped.append({"device": device_id, "error": reason})
-            self.server.reset_session(device_id)
+            if self.workers is not None:
+                self.workers.reset_later(self, device_id)
+            else:
+                self.server.reset_session(device_id)
         for device_id, result in results.items():
             for name, weights in result.uploaded.items():
                 copies[name].append(self._copy(device_id, weights, result.stats.tokens))
         dropped = {entry["device"] for entry in record.dropped}
-        for holder, adapters, _ in self.server.session_copies(exclude=dropped):
+        if served is not None:  # what each holder was given on its worker, as this state gives it
+            for holder, ranks in served.given.items():
+                self.state.start_state(holder, ranks)
+            session_copies = [(holder, adapters) for holder, adapters in served.copies if device_of(holder) not in dropped]
+        else:
+            session_copies = [(holder, adapters) for holder, adapters, _ in self.server.session_copies(exclude=dropped)]
+        for holder, adapters in session_copies:
             device = record.devices.get(device_of(holder))
             for name, weights in adapters.items():
                 copies[name].append(self._copy(holder, weights, device.tokens if device is not None else 0))
         outcome = self.state.aggregate(copies)
-        record.rejected = outcome.rejected + [f"{device}: {error}" for device, error in self.server.rejected]
-        record.server_passes = list(self.server.pass_sizes)
+        rejected = self.server.rejected + (served.rejected if served is not None else [])
+        record.rejected = outcome.rejected + [f"{device}: {error}" for device, error in rejected]
+        record.server_passes = list(served.pass_sizes if served is not None else self.server.pass_sizes)
         record.dropped += [{"device": device, "error": f"upload rejected: {error}"} for device, error in outcome.dropped.items()]
         record.clipped = [clip.describe() for clip in outcome.clipped]
         self.server.rejected.clear()
         dropped = {entry["device"] for entry in record.dropped}
         record.completed = [device for device in record.devices if device not in dropped]
         self.check_completed(record, record.completed)
-        self.repair_parties(record)
+        if served is not None:  # the workers repaired their parties; they take on the new state
+            record.repaired = served.repaired
+            assert self.workers is not None
+            self.workers.share_state(self)
+        else:
+            self.repair_parties(record)
         if self.profiles is not None:
             kept = [record.devices[d] for d in record.completed]
             record.simulated_round_s = round_time_s([
@@ -398,15 +436,16 @@ class Simulation:
             f"federation.min_devices {self.config.federation.min_devices} ({reasons or 'no device was dropped'}); "
             "the run stops, this round is not checkpointed")
 
-    def repair_parties(self, record: RoundRecord) -> None:
+    def repair_parties(self, record: RoundRecord, devices: list[DeviceRuntime] | None = None) -> None:
         """Nothing non-finite outlives a round: a server session or a device whose adapters or
         AdamW moments went non-finite (a step the guards did not stop, or a device's own diverging
         training) drops its optimiser state and restarts from the global state at its next round;
-        it is listed in the round's `repaired`, and never banned."""
+        it is listed in the round's `repaired`, and never banned. `devices`: those to check (a
+        worker's own, `federation.workers`), else all."""
         self.server.repair_all()
         repaired = [f"server/{device}: {tensor}" for device, tensor in self.server.repaired]
         self.server.repaired.clear()
-        for device in self.devices:
+        for device in self.devices if devices is None else devices:
             bad = device.reset_if_nonfinite()
             if bad is not None:
                 log.warning("%s held a non-finite %s: its optimiser state is reset", device.device_id, bad)
@@ -446,6 +485,11 @@ class Simulation:
         """The ADAPTERS message that starts `device`'s round: its modules' adapters."""
         return Message(Kind.ADAPTERS, lora.to_tensors(self.state.start_state(device.device_id, device.ranks)),
                        meta={Meta.ROUND: len(self.rounds)})
+
+    def close(self) -> None:
+        """Remove what the parked parties spilled to disk (the pools' own folders)."""
+        self.device_pool.close()
+        self.session_pool.close()
 
     # ------------------------------------------------------------------ the global model
 

@@ -127,6 +127,11 @@ class GlobalState:
         # What each holder was given this round: its upload is checked against it (modules, ranks)
         # and its update measured from it. Cleared by `aggregate`.
         self.given: dict[str, AdapterSet] = {}
+        # What the last aggregation changed (`federation/workers.py` sends it to the processes
+        # that train the devices): the deltas merged into the frozen weights, in order, and the
+        # holders whose adapters it wrote.
+        self.round_merges: list[tuple[str, torch.Tensor]] = []
+        self.updated_holders: set[str] = set()
 
     def start_state(self, holder: str, ranks: Mapping[str, int]) -> AdapterSet:
         """What `holder` starts the round with: its aggregated adapters, else the initial ones.
@@ -165,6 +170,7 @@ class GlobalState:
         server session's) loses all of them this round. Then each module's good copies are
         aggregated; the robust policies in the aggregator may clip some (reported)."""
         report = AggregationReport()
+        self.round_merges, self.updated_holders = [], set()
         checked: dict[str, list[AdapterCopy]] = defaultdict(list)
         for name, module_copies in copies.items():
             seen: set[str] = set()
@@ -187,8 +193,10 @@ class GlobalState:
             result = self.aggregator.aggregate(name, good)
             if result.base_delta is not None:
                 self.merge(name, result.base_delta)
+                self.round_merges.append((name, result.base_delta))
             for holder, weights in result.adapters.items():
                 self.holder_state[holder][name] = weights
+            self.updated_holders.update(result.adapters)
             self.last_weights[name] = dict(zip((c.holder for c in good), token_weights(good)))
             if result.adapters_in_base:
                 self.adapters_in_base.add(name)
