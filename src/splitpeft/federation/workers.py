@@ -155,14 +155,23 @@ class WorkerPool:
             self._answer(index, "ready")
         self.resets: list[list[str]] = [[] for _ in range(count)]  # sessions to reset before the next round
 
+    def _dead(self, index: int, error: BaseException) -> WorkerError:
+        process = self.processes[index]
+        process.join(timeout=5)
+        return WorkerError(f"worker {index} (pid {process.pid}) exited with code {process.exitcode} "
+                           f"({type(error).__name__}); the run stops, this round is not recorded")
+
+    def _send(self, index: int, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
+        try:
+            send(self.conns[index], header, tensors)
+        except OSError as error:  # a broken pipe: the worker is gone
+            raise self._dead(index, error) from None
+
     def _answer(self, index: int, expected: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         try:
             header, tensors = receive(self.conns[index])
         except (EOFError, OSError) as error:
-            process = self.processes[index]
-            process.join(timeout=5)
-            raise WorkerError(f"worker {index} (pid {process.pid}) exited with code {process.exitcode} "
-                              f"({type(error).__name__}); the run stops, this round is not recorded") from None
+            raise self._dead(index, error) from None
         if header.get("op") == "error":
             raise WorkerError(f"worker {index} failed: {header.get('error')}")
         if header.get("op") != expected:
@@ -186,8 +195,8 @@ class WorkerPool:
         shares: list[list[str]] = [[] for _ in range(self.count)]
         for device_id in device_ids:
             shares[owner(sim.device_index[device_id], self.count)].append(device_id)
-        for index, conn in enumerate(self.conns):
-            send(conn, {"op": "round", "round": record.round, "devices": shares[index], "resets": self.resets[index],
+        for index in range(self.count):
+            self._send(index, {"op": "round", "round": record.round, "devices": shares[index], "resets": self.resets[index],
                         "plans": plans})
             self.resets[index] = []
         served = ServedRound()
@@ -221,7 +230,7 @@ class WorkerPool:
         put_adapters(common, "global/all", state.global_adapters)
         merges = [name for name, _ in state.round_merges]
         common.update({f"merge{SEP}{i}": delta for i, (_, delta) in enumerate(state.round_merges)})
-        for index, conn in enumerate(self.conns):
+        for index in range(self.count):
             tensors = dict(common)
             shared: dict[str, list[str]] = {}  # holder -> modules whose adapter is the global one (fedavg gives all the same)
             for holder in sorted(state.updated_holders):
@@ -234,7 +243,7 @@ class WorkerPool:
                     else:
                         own[name] = weights
                 put_adapters(tensors, f"holder/{holder}", own)
-            send(conn, {"op": "state", "merges": merges, "shared": shared,
+            self._send(index, {"op": "state", "merges": merges, "shared": shared,
                         "adapters_in_base": sorted(state.adapters_in_base)}, tensors)
         for index in range(self.count):
             self._answer(index, "ok")
@@ -244,8 +253,8 @@ class WorkerPool:
         devices: dict[str, Any] = {}
         sessions: dict[str, Any] = {}
         tensors: dict[str, torch.Tensor] = {}
-        for conn in self.conns:
-            send(conn, {"op": "parties"})
+        for index in range(self.count):
+            self._send(index, {"op": "parties"})
         for index in range(self.count):
             header, part = self._answer(index, "parties")
             devices.update(header["devices"])
