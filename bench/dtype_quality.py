@@ -50,6 +50,13 @@ def job_arguments(job: str, args: argparse.Namespace) -> list[str]:
     raise SystemExit(f"unknown job {job!r} (main, e2e)")
 
 
+def dtype_arguments(dtype: str) -> list[str]:
+    """A --dtypes entry: `auto`, `fp32`, ..., or `auto+plan_fp32` (runtime.dtype=auto with the
+    planner sizing the fleet in fp32: hsplit.plan_dtype=fp32, so the plans are fp32's)."""
+    runtime, _, planned = dtype.partition("+plan_")
+    return [f"runtime.dtype={runtime}", *([f"hsplit.plan_dtype={planned}"] if planned else [])]
+
+
 def run(job: str, dtype: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One run's report.json (run now, or read back with --keep)."""
     out = Path(args.out) / f"{job}-{dtype}-seed{seed}"
@@ -57,7 +64,7 @@ def run(job: str, dtype: str, seed: int, args: argparse.Namespace) -> dict[str, 
     finished = report.is_file() and json.loads(report.read_text()).get("status") == "finished"
     if not (args.keep and finished):  # a run writes report.json once trained, again once evaluated
         command = [sys.executable, "-m", "splitpeft.cli", "simulate", "--out", str(out), "--overwrite", "--no-progress",
-                   *job_arguments(job, args), f"runtime.dtype={dtype}", f"seed={seed}"]
+                   *job_arguments(job, args), *dtype_arguments(dtype), f"seed={seed}"]
         print(f"{job} {dtype} seed {seed}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -88,7 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", default="main,e2e")
-    parser.add_argument("--dtypes", default="auto,fp32", help="the first is compared against the second")
+    parser.add_argument("--dtypes", default="auto,fp32",
+                        help="the first is compared against the second; auto+plan_fp32 = auto, planned as fp32")
     parser.add_argument("--out", default="runs/dtype_quality")
     parser.add_argument("--keep", action="store_true", help="reuse runs whose report.json exists")
     parser.add_argument("--e2e-path", default=str(REPO.parent / "shared" / "data" / "e2e" / "valid.txt"))

@@ -217,6 +217,11 @@ class HSplitConfig:
     leakage_table: str | None = _help(
         "privacy.json written by `splitpeft privacy` for this model (needed by hsplit.max_leakage; its "
         "leakage is reported with every plan)", None)
+    plan_dtype: Literal["runtime", "fp32", "bf16", "fp16"] = _help(
+        "the precision the budget planners size a device's frozen blocks, activations and cut in: runtime = "
+        "what the devices compute in here (runtime.dtype); fp32 / bf16 / fp16 = the precision of the fleet "
+        "being planned for, e.g. a bf16 simulation of devices that run fp32 (the plans, and so the splits "
+        "and ranks trained, are then those of that fleet)", "runtime")
 
 
 @dataclass

@@ -227,3 +227,18 @@ def test_a_bf16_fleet_is_planned_as_it_runs():
     record = sim.run_round()
     for device in sim.devices:
         assert record.devices[device.device_id].peak_memory_bytes == plans[device.device_id].predicted_peak_bytes
+
+
+def test_plan_dtype_plans_a_bf16_simulation_as_its_fp32_fleet():
+    """hsplit.plan_dtype=fp32 in a bf16 run: the planner sizes blocks at 4 bytes, so the splits and
+    ranks are those of the same fleet run in fp32, where planning at the run's own bf16 fits more."""
+    budgets = "fleet.memory_bytes=[700000,1200000,4000000]"
+    common = [*DEEPEST, "hsplit.max_split=3", "data.max_length=48", budgets]
+
+    def plans(*extra):
+        sim = Simulation(tiny_config("tiny-llama", *common, *extra))
+        return [(row["split_layer"], row["ranks"]) for row in sim.planning.describe()]
+
+    fp32 = plans("runtime.dtype=fp32")
+    assert plans("runtime.dtype=bf16", "hsplit.plan_dtype=fp32") == fp32
+    assert plans("runtime.dtype=bf16") != fp32

@@ -255,7 +255,8 @@ class Planning:
         self.backbone = backbone_of(model)
         targets = config.lora.target_modules or list(self.backbone.default_target_modules)
         runtime = resolve_runtime(config.runtime)
-        self.shapes = ModelShapes.from_config(model.config, dtype=runtime.dtype,
+        dtype = runtime.dtype if config.hsplit.plan_dtype == "runtime" else config.hsplit.plan_dtype
+        self.shapes = ModelShapes.from_config(model.config, dtype=dtype,
                                               quantization=runtime.device_quantization(), target_modules=targets)
         self.tracker = ImportanceTracker()
         self.probe_stream = BatchStream(train, config.federation.batch_size, pad_id, config.seed + 10_000)
