@@ -270,7 +270,8 @@ class EvalConfig:
     baseline: bool = _help("also evaluate the untuned base model for comparison", False)
 
 
-ATTACKER_NAMES = ("embedding_nn", "linear", "learned", "gradient", "labels")  # privacy/attackers.py
+ATTACKER_NAMES = ("embedding_nn", "linear", "learned", "gradient", "labels", "search")  # privacy/attackers.py
+DEFAULT_ATTACKERS = ATTACKER_NAMES[:5]  # search (slow: the device's blocks per candidate token) on request
 
 
 @dataclass
@@ -278,8 +279,13 @@ class PrivacyConfig:
     audit: bool = _help(
         "after training, play an honest-but-curious server against each device's traffic (privacy/meter.py) "
         "and add the leakage to the report (report section privacy)", False)
-    attackers: list[str] = _help(f"attackers the audit runs ({', '.join(ATTACKER_NAMES)})",
-                                 default_factory=lambda: list(ATTACKER_NAMES))
+    attackers: list[str] = _help(
+        f"attackers the audit runs ({', '.join(ATTACKER_NAMES)}); search, the known-weights search, runs the "
+        "device's blocks on every candidate token and is not in the default list: add it for the strongest audit",
+        default_factory=lambda: list(DEFAULT_ATTACKERS))
+    search_candidates: int = _help("search: tokens per position the linear attacker proposes", 16)
+    search_lm_candidates: int = _help("search: tokens per position the model proposes after each decoded prefix", 8)
+    search_beam: int = _help("search: decoded prefixes kept per sequence", 1)
     audit_examples: int = _help("private examples per device the audit tries to reconstruct", 32)
     aux_source: Literal["builtin", "e2e", "jsonl"] = _help(
         "public auxiliary text the attackers train on (the built-in task, or a file)", "builtin")
@@ -484,6 +490,9 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "federation.state_memory_bytes": Bound(0, 2**50),
     "federation.over_select": Bound(1, 100),
     "federation.workers": Bound(1, 256),
+    "privacy.search_candidates": Bound(1, 1_000_000),
+    "privacy.search_lm_candidates": Bound(0, 1_000_000),
+    "privacy.search_beam": Bound(1, 1024),
     "federation.round_deadline_s": Bound(0, 1e9, low_open=True),
     "fleet.availability": Bound(0, 1, low_open=True),
     "federation.rounds": Bound(1, 100_000),

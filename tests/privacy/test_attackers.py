@@ -176,12 +176,49 @@ def test_server_knowledge_reproduces_the_head():
         assert (knowledge.position_embeddings is None) == (model_name != "tiny-gpt2")
 
 
+def test_the_known_weights_search_recovers_every_token_and_beats_the_linear_map():
+    """The server runs the device's blocks on each candidate: with every token a candidate the
+    right one reproduces the observed state, so the search is exact; with its default candidates
+    (the linear map's 16 nearest and the model's 8 likeliest next tokens) it does at least as well
+    as the linear map it starts from, here fitted on a single batch of aux traffic."""
+    seen = traffic("tiny-llama", 3)
+    batch, ids = seen.private[0]
+    short = [(CutBatch(hidden=batch.hidden[:6, :24], mask=batch.mask[:6, :24]), ids[:6, :24])]  # seconds, not minutes
+    weak = Traffic(seen.aux[:1], short, seen.knowledge, seen.chance)
+    vocab = seen.knowledge.token_embeddings.shape[0]
+    exhaustive = private_score(weak, attack("search", weak, split_layer=3, candidates=vocab, lm_candidates=0))
+    assert exhaustive.token_accuracy == 1.0
+    linear = private_score(weak, attack("linear", weak))
+    default = private_score(weak, attack("search", weak, split_layer=3))
+    beam = private_score(weak, attack("search", weak, split_layer=3, candidates=4, lm_candidates=4, beam=3))
+    print(f"k=3, one aux batch: linear {linear.token_accuracy:.3f}, search {default.token_accuracy:.3f}, "
+          f"search (4 + 4 candidates, beam 3) {beam.token_accuracy:.3f}")
+    assert default.token_accuracy >= linear.token_accuracy
+    assert beam.token_accuracy > seen.chance + 0.4
+
+
+def test_the_search_needs_the_model_and_a_key_value_cache():
+    llama = traffic("tiny-llama", 2)
+    batch = llama.private[0][0]
+    assert make_attacker("search", llama.knowledge, split_layer=2).applies(batch)
+    without = ServerKnowledge(llama.knowledge.token_embeddings, None, llama.knowledge.final_norm,
+                              llama.knowledge.lm_head_weight)
+    assert not make_attacker("search", without, split_layer=2).applies(batch)
+    gpt2 = traffic("tiny-gpt2", 2)
+    assert not make_attacker("search", gpt2.knowledge, split_layer=2).applies(gpt2.private[0][0])
+    with pytest.raises(ValueError, match="beam >= 1"):
+        make_attacker("search", llama.knowledge, split_layer=2, beam=0)
+    attacker = make_attacker("search", llama.knowledge, split_layer=2)
+    with pytest.raises(RuntimeError, match="fit"):
+        attacker.reconstruct(batch)
+
+
 def test_make_attacker_rejects_an_unknown_name_or_setting():
     knowledge = traffic("tiny-llama", 0).knowledge
     with pytest.raises(ValueError, match="unknown attacker 'oracle'") as error:
         make_attacker("oracle", knowledge)
     assert all(name in str(error.value) for name in ATTACKERS)
-    assert set(ATTACKERS) == {"embedding_nn", "linear", "learned", "gradient", "labels"}
+    assert set(ATTACKERS) == {"embedding_nn", "linear", "learned", "gradient", "labels", "search"}
     with pytest.raises(ValueError, match="no setting stepz"):
         make_attacker("learned", knowledge, stepz=3)
 

@@ -77,6 +77,19 @@ def test_every_attacker_beats_chance_on_undefended_traffic_and_repeats_with_its_
     assert _measure(loaded, aux, private, exposures) == first
 
 
+def test_the_meter_runs_the_known_weights_search_on_request_and_counts_it_in_the_leakage(tiny_data):
+    """privacy.attackers with search: it runs the device's own k blocks (the model the meter
+    audits, with its adapters) and, being exact here, is the leakage's strongest attacker."""
+    loaded, aux, private = tiny_data
+    exposure = Exposure("split_u", 3, labels=False, head_gradient=True)
+    table = _measure(loaded, aux[:16], private[:4], [exposure], attackers=("linear", "search"),
+                     search_candidates=8, search_lm_candidates=4)
+    rows = {row["attacker"]: row["token_accuracy"] for row in table["rows"]}
+    assert rows["search"] == 1.0 and rows["search"] >= rows["linear"]
+    assert table["leakage"][0]["token_accuracy"] == 1.0
+    assert table["leakage"][0]["strongest_activation_attacker"] in ("search", "linear")
+
+
 def test_strong_noise_brings_every_attacker_near_chance(tiny_data):
     loaded, aux, private = tiny_data
     noisy = Defence(noise_multiplier=200.0, clip_norm=1.0, gradient_clip_norm=1e-3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -93,6 +93,18 @@ class LlamaBackbone:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(hidden))  # (B, T, V)
+
+    def next_blocks(self, hidden: torch.Tensor, start: int, end: int, cache: Any, position: int) -> torch.Tensor:
+        """Blocks [start, end) on one new token per row, (N, 1, d) at `position`, attending to what
+        `cache` (a transformers DynamicCache over every block, N rows) holds of the earlier
+        positions, which it then also holds of this one (the privacy meter's known-weights search)."""
+        inner = self.model.model
+        positions = torch.full((hidden.shape[0], 1), position, dtype=torch.long, device=hidden.device)
+        rotary = inner.rotary_emb(hidden, position_ids=positions)
+        for layer in inner.layers[start:end]:  # one query per row: it attends to every cached position
+            hidden = layer(hidden, attention_mask=None, position_embeddings=rotary, position_ids=positions,
+                           past_key_values=cache, use_cache=True)
+        return hidden
 
     def block_prefix(self, index: int) -> str:
         return f"model.layers.{index}."

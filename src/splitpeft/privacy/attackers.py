@@ -11,6 +11,8 @@ frozen base model (`ServerKnowledge`). An attacker is a named policy behind one 
     learned       small bidirectional transformer inverter       (trained on aux traffic)
     gradient      analytic inversion of dL/d(final hidden)       (U-shaped split, dlora)
     labels        the label tensor itself                        (plain split)
+    search        known-weights search: candidates checked by    (any cut of a LLaMA-family model)
+                  running the device's own blocks on them
 
 Every reconstruction is (B, T) int64 token ids, -1 where the attacker makes no guess; scoring is
 in `privacy/scoring.py`. Written by hand: no library implements these inversions.
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitpeft.model.backbone import GPT2Backbone, backbone_of
+from splitpeft.model.backbone import GPT2Backbone, LlamaBackbone, backbone_of
 from splitpeft.model.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -94,12 +96,20 @@ class ServerKnowledge:
     final_norm:          the model's final norm (RMSNorm with `.weight` and `.variance_epsilon` /
                          `.eps`, or nn.LayerNorm for GPT-2).
     lm_head_weight:      (V, d) W with logits = final_norm(h) @ W^T (no bias).
+    model:               the model itself (frozen base with the adapters the server aggregated): every
+                         round starts from those, so the server can run the device's blocks on any
+                         guess (`search`); None where only the tensors above are known.
     """
 
     token_embeddings: torch.Tensor
     position_embeddings: torch.Tensor | None
     final_norm: nn.Module
     lm_head_weight: torch.Tensor
+    model: PreTrainedModel | None = None  # the device-side function itself: base + aggregated adapters (`search`)
+
+    @property
+    def model_type(self) -> str:
+        return "no model" if self.model is None else str(self.model.config.model_type)
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> ServerKnowledge:
@@ -115,6 +125,7 @@ class ServerKnowledge:
             position_embeddings=positions,
             final_norm=final_norm.eval(),
             lm_head_weight=_weight_copy(head),
+            model=model,
         )
 
 
@@ -547,11 +558,126 @@ class LabelReader:
 
 # --------------------------------------------------------------------------------------------
 # Registry
+class SearchInverter:
+    """Known-weights search: the server knows the device-side function (public base + the adapters
+    it aggregated), so it can check any guess of the private text exactly.
+
+    Left to right over each sequence's real positions t: every hypothesis (a decoded prefix; `beam`
+    of them) proposes candidates for token t, the `candidates` tokens the `linear` attacker (fitted
+    on aux traffic) ranks nearest to the observed state at t and the `lm_candidates` tokens the
+    model itself ranks likeliest after the prefix; each is run through the device's blocks
+    [0, k) on top of its hypothesis's prefix (cached: one token per candidate and block) and scored
+    by the squared distance of its state at t to the observed one, the negative log-likelihood
+    under Gaussian noise up to a constant (the state first clipped as the device's defence clips,
+    `clip_norm`). The `beam` best prefixes (summed distances) go on. Without noise the right
+    token reproduces the state exactly (distance ~0), so the search fails only where the right
+    token is among no hypothesis's candidates. Needs `knowledge.model` (LLaMA family: rotary
+    positions and a key-value cache per block).
+    """
+
+    name: ClassVar[str] = "search"
+
+    def __init__(self, knowledge: ServerKnowledge, *, seed: int = 0, split_layer: int = 0, candidates: int = 16,
+                 lm_candidates: int = 8, beam: int = 1, clip_norm: float = 0.0):
+        if candidates < 1 or lm_candidates < 0 or beam < 1 or split_layer < 0:
+            raise ValueError(f"search needs candidates >= 1, lm_candidates >= 0, beam >= 1 and split_layer >= 0; got "
+                             f"{candidates}, {lm_candidates}, {beam}, {split_layer}")
+        self.knowledge = knowledge
+        self.split_layer = split_layer
+        self.candidates, self.lm_candidates, self.beam = candidates, lm_candidates, beam
+        self.clip_norm = clip_norm
+        self.proposer = LinearInverter(knowledge, seed=seed)
+
+    def applies(self, batch: CutBatch) -> bool:
+        model = self.knowledge.model
+        return model is not None and isinstance(backbone_of(model), LlamaBackbone)
+
+    def fit(self, aux: Sequence[tuple[CutBatch, torch.Tensor]]) -> None:
+        self.proposer.fit(aux)
+
+    def _ranked(self, states: torch.Tensor) -> torch.Tensor:
+        """The proposer's `candidates` nearest tokens to each state (n, d) -> (n, candidates)."""
+        assert self.proposer.weight is not None
+        predicted = self.proposer._features(_without_positions(states.unsqueeze(0), self.knowledge)[0]) @ self.proposer.weight
+        table = self.knowledge.token_embeddings.double()
+        distances = table.pow(2).sum(dim=1) - 2 * (predicted @ table.T)  # (n, V), up to ||x||^2
+        return distances.topk(min(self.candidates, table.shape[0]), dim=1, largest=False).indices
+
+    @torch.no_grad()
+    def reconstruct(self, batch: CutBatch) -> torch.Tensor:
+        if self.proposer.weight is None:
+            raise RuntimeError("search attacker: call fit(aux) first")
+        if not self.applies(batch):
+            raise RuntimeError("search attacker: needs the model (knowledge.model) of the LLaMA family")
+        lengths = batch.mask.sum(dim=1)  # (B,)
+        if not bool((batch.mask == (torch.arange(batch.mask.shape[1]) < lengths.unsqueeze(1))).all()):
+            raise ValueError("search attacker: real positions must come first (right padding)")
+        guesses = torch.full(batch.mask.shape, NO_GUESS, dtype=torch.long)
+        if int(lengths.max()) > 0:
+            found = self._search(batch.hidden.float(), lengths)  # (B, T_max)
+            guesses[batch.mask] = found[batch.mask[:, : found.shape[1]]]
+        return guesses
+
+    def _search(self, observed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The likeliest token ids (B, T) behind the observed states (B, T, d) of sequences with
+        `lengths` real positions, searched together (one batched pass per position and block)."""
+        from transformers import DynamicCache
+
+        model = self.knowledge.model
+        assert model is not None
+        backbone = backbone_of(model)
+        assert isinstance(backbone, LlamaBackbone)
+        device = next(model.parameters()).device
+        rows, steps = observed.shape[0], int(lengths.max())
+        ranked = self._ranked(observed[:, :steps].reshape(-1, observed.shape[2])).view(rows, steps, -1)  # (B, T, m)
+        # Blocks [0, k) keep their keys and values in `cache`, copied once per option at each
+        # position; blocks [k, L) in `upper`, which only follows the kept hypotheses.
+        cache, upper_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        hypotheses = 1
+        prefixes = torch.zeros(rows, 1, 0, dtype=torch.long)  # (B, h, t)
+        scores = torch.zeros(rows, 1, dtype=torch.float64)  # (B, h) summed distances
+        proposals: torch.Tensor | None = None  # (B, h, lm_candidates): the model's next tokens per prefix
+        k = self.split_layer
+        for t in range(steps):
+            options = ranked[:, t].unsqueeze(1).expand(rows, hypotheses, -1)  # (B, h, m)
+            if proposals is not None:
+                options = torch.cat([options, proposals], dim=2)
+            width = options.shape[2]
+            cache.batch_repeat_interleave(width)  # each hypothesis's rows once per option (empty at t = 0)
+            lower = backbone.embed(options.reshape(-1, 1).to(device))  # (B h width, 1, d)
+            if k > 0:
+                lower = backbone.next_blocks(lower, 0, k, cache, t)
+            states = lower[:, 0].float().cpu()
+            if self.clip_norm > 0:
+                states = states * (self.clip_norm / states.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+            distance = (states.view(rows, hypotheses * width, -1) - observed[:, t].unsqueeze(1)).pow(2).sum(dim=2)
+            distance = torch.where((t < lengths).unsqueeze(1), distance.double(), 0.0)  # ended sequences: any
+            total = scores.repeat_interleave(width, dim=1) + distance  # (B, h width)
+            kept = min(self.beam, hypotheses * width)
+            keep = total.topk(kept, dim=1, largest=False).indices  # (B, h'), best first
+            flat = (keep + torch.arange(rows).unsqueeze(1) * hypotheses * width).reshape(-1)  # rows of the cache
+            cache.batch_select_indices(flat.to(device))
+            upper_cache.batch_select_indices((flat // width).to(device))  # the kept hypotheses' parents
+            parents = torch.gather(prefixes, 1, (keep // width).unsqueeze(2).expand(-1, -1, prefixes.shape[2]))
+            chosen = torch.gather(options.reshape(rows, -1), 1, keep)  # (B, h')
+            prefixes = torch.cat([parents, chosen.unsqueeze(2)], dim=2)
+            scores = torch.gather(total, 1, keep)
+            hypotheses = kept
+            if self.lm_candidates > 0 and t + 1 < steps:
+                # the kept tokens on through blocks [k, L) (their cache rows follow the prefixes'), then
+                # the head: the model's likeliest next tokens after each prefix
+                upper = backbone.next_blocks(lower[flat.to(lower.device)], k, backbone.num_blocks, upper_cache, t)
+                logits = backbone.head(upper)[:, 0].float()  # (B h', V)
+                proposals = logits.topk(self.lm_candidates, dim=1).indices.cpu().view(rows, hypotheses, -1)
+        return prefixes[:, 0]
+
+
 # --------------------------------------------------------------------------------------------
 
 # name -> constructor (knowledge, *, seed, **settings)
 ATTACKERS: dict[str, Callable[..., Attacker]] = {
-    cls.name: cls for cls in (EmbeddingNearest, LinearInverter, LearnedInverter, GradientInverter, LabelReader)
+    cls.name: cls
+    for cls in (EmbeddingNearest, LinearInverter, LearnedInverter, GradientInverter, LabelReader, SearchInverter)
 }
 
 

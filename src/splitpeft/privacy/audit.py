@@ -56,7 +56,8 @@ def settings_of(config: ExperimentConfig) -> MeterSettings:
     p = config.privacy
     return MeterSettings(attackers=tuple(p.attackers), batch_size=config.federation.batch_size, seed=config.seed,
                          learned_steps=p.learned_steps, compression=config.transport.compression,
-                         defence=defence_of(config, 0))
+                         defence=defence_of(config, 0), search_candidates=p.search_candidates,
+                         search_lm_candidates=p.search_lm_candidates, search_beam=p.search_beam)
 
 
 def accounting(config: ExperimentConfig, releases: int) -> dict[str, Any] | None:

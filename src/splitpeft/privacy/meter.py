@@ -42,7 +42,7 @@ from splitpeft.transport.messages import Kind, Message
 
 log = logging.getLogger(__name__)
 
-ACTIVATION_ATTACKERS = ("embedding_nn", "linear", "learned")  # read the cut activations
+ACTIVATION_ATTACKERS = ("embedding_nn", "linear", "learned", "search")  # read the cut activations
 SIDE_ATTACKERS = ("labels", "gradient")                       # read the labels / the head gradient
 
 
@@ -73,11 +73,14 @@ def exposure_of(placement: str, split_layer: int, labels_on_device: bool) -> Exp
 
 @dataclass
 class MeterSettings:
-    attackers: Sequence[str] = ACTIVATION_ATTACKERS + SIDE_ATTACKERS
+    attackers: Sequence[str] = ("embedding_nn", "linear", "learned", *SIDE_ATTACKERS)  # search on request: slow
     batch_size: int = 8
     seed: int = 0
     learned_steps: int = 300
     compression: str = "none"                               # transport.compression of the run
+    search_candidates: int = 16                             # the search attacker's settings (privacy.search_*)
+    search_lm_candidates: int = 8
+    search_beam: int = 1
     defence: Defence = field(default_factory=Defence)       # its noise seed is replaced per use
 
 
@@ -169,8 +172,10 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
             key = (exposure.split_layer, name)
             attacker = fitted.get(key) if name in ACTIVATION_ATTACKERS else None
             if attacker is None:
-                options = {"steps": settings.learned_steps} if name == "learned" else {}
-                attacker = make_attacker(name, knowledge, seed=settings.seed, **options)
+                attacker = make_attacker(name, knowledge, seed=settings.seed, **_options(name, exposure, settings))
+                if not attacker.applies(private_seen[0][0]):
+                    log.info("privacy: %s does not apply to %s (%s)", name, exposure.label, knowledge.model_type)
+                    continue
                 attacker.fit(aux_seen)
                 if name in ACTIVATION_ATTACKERS:
                     fitted[key] = attacker
@@ -183,6 +188,18 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
     return {"chance_token_accuracy": chance, "rows": rows, "leakage": leakage,
             "private_examples": sum(len(p) for p in {id(p): p for _, p in cases}.values()), "aux_examples": len(aux), "defence": settings.defence.describe(),
             "compression": settings.compression, "attackers": list(settings.attackers)}
+
+
+def _options(name: str, exposure: Exposure, settings: MeterSettings) -> dict[str, Any]:
+    """An attacker's settings from the meter's: the learned inverter's steps; the search's depth,
+    candidates and beam, and the defence's clipping (the server knows the mechanism)."""
+    if name == "learned":
+        return {"steps": settings.learned_steps}
+    if name == "search":
+        return {"split_layer": exposure.split_layer, "candidates": settings.search_candidates,
+                "lm_candidates": settings.search_lm_candidates, "beam": settings.search_beam,
+                "clip_norm": settings.defence.clip_norm}
+    return {}
 
 
 def _applies(name: str, seen: CutBatch) -> bool:
