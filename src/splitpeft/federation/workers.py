@@ -282,8 +282,13 @@ class WorkerPool:
 
 def worker_main(conn: Connection, config_text: str, index: int, count: int, threads: int, resume_from: str) -> None:
     """A worker process: build the run's Simulation, then answer the coordinator until "stop"."""
+    import signal
+
     import yaml
 
+    # A stop (Ctrl-C reaches the whole process group) is the coordinator's to handle: it abandons
+    # the round and stops its workers (`WorkerPool.close`).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format=f"worker {index}: %(name)s %(levelname)s %(message)s")
     try:
