@@ -235,6 +235,7 @@ def test_server_settings_name_what_is_wrong(tmp_path):
     (["federation.round_deadline_s=1.0"], "federation.round_deadline_s"),
     (["federation.devices_per_round=2", "federation.over_select=1.5"], "federation.over_select"),
     (["fleet.availability=0.5"], "fleet.availability or a trace's availability"),
+    (["federation.workers=2"], "federation.workers"),
 ])
 def test_a_deployment_refuses_the_settings_that_only_simulate_a_fleet(overrides, named):
     """Deadlines and over-selection would rank real devices by what each reports of itself."""

@@ -267,12 +267,16 @@ def check_deployable(sim: Simulation) -> None:
     """DeploymentError for the settings that only simulate a fleet. Real devices are online or not,
     and they are slow or not. The simulated deadline and over-selection would rank them by the
     FLOPs and bytes each reports about itself, and no such report is to be trusted. A deployment
-    cuts slow or silent devices by its own clock (transport.step_timeout_s, transport.idle_timeout_s)."""
+    cuts slow or silent devices by its own clock (transport.step_timeout_s, transport.idle_timeout_s).
+    federation.workers spreads simulated devices over processes; a deployment's devices are its
+    SuperNodes."""
     fed = sim.config.federation
     simulated = [key for key, on in (("federation.round_deadline_s", fed.round_deadline_s is not None),
                                      ("federation.over_select", fed.over_select > 1),
                                      ("fleet.availability or a trace's availability", bool((sim.availability < 1).any())))
                  if on]
+    if fed.workers > 1:
+        simulated.append("federation.workers")
     if simulated:
         raise DeploymentError(f"{', '.join(simulated)} only simulate a fleet; a deployment's devices are real, and "
                               "its own clock cuts slow ones (transport.step_timeout_s, transport.idle_timeout_s)")
