@@ -1,7 +1,7 @@
 """Privacy against utility: each defence trained with the same data and seed, then audited by the
 privacy meter on its own traffic (issue 13).
 
-    .venv/bin/python bench/privacy_frontier.py --data ../shared/data/e2e/valid.txt [--only NAME,...]
+    .venv/bin/python bench/privacy_frontier.py --data ../shared/data/e2e/valid.txt [--only NAME,...] [--search]
 
 Every run is the `e2e` preset shortened (federation.rounds, local steps below), trained on the
 first lines of the file; the attackers' auxiliary text is the file's last `--aux` lines, which
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--only", help="comma-separated subset of the defences")
+    parser.add_argument("--search", action="store_true",
+                        help="add the known-weights search attacker to the audit (privacy.attackers; minutes per run)")
     parser.add_argument("--out", type=Path, default=Path("runs/privacy"))
     args = parser.parse_args()
     lines = sum(1 for line in Path(args.data).read_text().splitlines() if line.strip())
@@ -53,6 +55,8 @@ def main() -> None:
         "eval.groups=20", "eval.meteor=false", "eval.baseline=false", "eval.every_round=false", "eval.perplexity_examples=32",
         "count_flops=false",  # FlopCounterMode slows CPU steps; the FLOPs are not what this bench compares
     ]
+    if args.search:
+        shared.append("privacy.attackers=[embedding_nn,linear,learned,gradient,labels,search]")
     chosen = args.only.split(",") if args.only else list(DEFENCES)
     rows = []
     for name in chosen:
