@@ -403,12 +403,16 @@ def _summary(report: dict[str, Any], config: ExperimentConfig) -> None:
     if "baseline_eval" in report:
         columns = {"untuned": report["baseline_eval"], **columns}
     _print_metrics(columns)
-    privacy = report.get("privacy", {})
+    full = "privacy" in report
+    privacy = report.get("privacy") or report.get("privacy_estimate") or {}
     for row in privacy.get("leakage", []):
         exposure = f"{row['placement']}@{row['split_layer']}"
-        devices = ", ".join(d for d, e in privacy["devices"].items() if e == exposure)
-        console.print(f"privacy: the server recovers {row['token_accuracy']:.1%} of the private tokens of {devices} "
-                      f"({exposure}; attackers {' + '.join(row['attackers'])}; chance {privacy['chance_token_accuracy']:.1%})")
+        devices = [d for d, e in privacy["devices"].items() if e == exposure]
+        named = ", ".join(devices[:5]) + (f" and {len(devices) - 5} more" if len(devices) > 5 else "")
+        what = "privacy" if full else "privacy (estimate; privacy.audit=true for every attacker)"
+        console.print(f"{what}: the server recovers {row['token_accuracy']:.1%} of the private tokens of {named} "
+                      f"({exposure}; attackers {' + '.join(row['attackers'])}; chance {privacy['chance_token_accuracy']:.1%})"
+                      f"; held-out perplexity {report['eval'].get('perplexity', float('nan')):.3f}")
 
 
 if __name__ == "__main__":

@@ -283,6 +283,10 @@ class PrivacyConfig:
         f"attackers the audit runs ({', '.join(ATTACKER_NAMES)}); search, the known-weights search, runs the "
         "device's blocks on every candidate token and is not in the default list: add it for the strongest audit",
         default_factory=lambda: list(DEFAULT_ATTACKERS))
+    estimate: bool = _help(
+        "when privacy.audit is off, every run's report still gets a cheap `privacy_estimate` (seconds): the "
+        "linear attacker and the side channels against a few of each exposure's private examples, printed "
+        "beside perplexity; a lower bound on the full audit", True)
     search_candidates: int = _help("search: tokens per position the linear attacker proposes", 16)
     search_lm_candidates: int = _help("search: tokens per position the model proposes after each decoded prefix", 8)
     search_beam: int = _help("search: decoded prefixes kept per sequence", 1)

@@ -113,6 +113,27 @@ def test_a_run_with_the_audit_reports_each_devices_leakage(tmp_path):
     assert (out / "leakage.png").stat().st_size > 0
 
 
+def test_every_run_reports_a_cheap_privacy_estimate_beside_perplexity(tmp_path, capsys):
+    """privacy.estimate (on by default): without the audit, the report still says how much of each
+    exposure's text the linear map and the side channels recover, and the summary prints it."""
+    out = tmp_path / "run"
+    code = main(["simulate", "--preset", "tiny", "--out", str(out), "--no-progress", "eval.generation=false",
+                 "eval.baseline=false", "federation.rounds=1", "data.max_length=64"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "privacy" not in report
+    estimate = report["privacy_estimate"]
+    assert {row["attacker"] for row in estimate["rows"]} <= {"linear", "labels", "gradient"}
+    assert set(estimate["devices"].values()) == {"split@2"}  # the tiny preset: plain split at block 2
+    assert estimate["leakage"][0]["token_accuracy"] > estimate["chance_token_accuracy"]
+    assert "an estimate" in estimate["note"]
+    assert "privacy (estimate" in capsys.readouterr().out
+    off = tmp_path / "off"
+    assert main(["simulate", "--preset", "tiny", "--out", str(off), "--no-progress", "eval.generation=false",
+                 "eval.baseline=false", "federation.rounds=1", "privacy.estimate=false"]) == 0
+    assert "privacy_estimate" not in json.loads((off / "report.json").read_text())
+
+
 def test_the_privacy_command_writes_a_table_the_planner_can_use(tmp_path):
     out = tmp_path / "table"
     args = ["privacy", "--preset", "tiny", "--depths", "0,1,3", "--out", str(out), *FAST]

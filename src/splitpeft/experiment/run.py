@@ -321,6 +321,16 @@ def _train(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool
     return sim, report
 
 
+def _privacy_estimate(sim: Simulation) -> dict[str, Any]:
+    """The report's `privacy_estimate` (privacy.estimate); one that fails says why in the report
+    (an estimate is not worth the evaluation it follows)."""
+    try:
+        return audit_simulation(sim, estimate=True)
+    except Exception as error:
+        log.warning("the privacy estimate failed: %s: %s", type(error).__name__, error)
+        return {"error": " ".join(f"{type(error).__name__}: {error}".split())[:300]}
+
+
 def _evaluate_run(sim: Simulation, report: dict[str, Any], out: Path, *, progress: bool, started: float) -> dict[str, Any]:
     """Evaluate the trained run in `out` (and audit its privacy if configured), then rewrite its
     report.json with the results and ``"status": "finished"``. A failure writes the report with
@@ -339,6 +349,8 @@ def _evaluate_run(sim: Simulation, report: dict[str, Any], out: Path, *, progres
                     partial = out / f".leakage-{os.getpid()}.png"
                     plot_leakage(report["privacy"], partial, utility=utility)
                     os.replace(partial, out / "leakage.png")
+        elif config.privacy.estimate:
+            report["privacy_estimate"] = _privacy_estimate(sim)
     except WriteError:
         raise
     except Exception as error:
