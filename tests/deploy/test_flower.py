@@ -37,6 +37,25 @@ def in_process(tmp_path, overrides):
     return report, adapter_state(tmp_path / "in-process.ckpt")
 
 
+def assert_trained_as_in_process(tmp_path, overrides, report):
+    """The run whose checkpoint is tmp_path/flower-run.checkpoint and whose report is `report`
+    trained what the in-process simulation trains: adapters to 1e-5, and per device and round
+    the tokens, losses and bytes (the same frames cross the gRPC stream and Flower as the
+    in-process channel)."""
+    expected_report, expected = in_process(tmp_path, overrides)
+    got = adapter_state(tmp_path / "flower-run.checkpoint")
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+    for got_round, want_round in zip(report["rounds"], expected_report["rounds"]):
+        assert got_round["dropped"] == []
+        for device, stats in want_round["devices"].items():
+            assert got_round["devices"][device]["tokens"] == stats["tokens"]
+            assert got_round["devices"][device]["train_loss"] == pytest.approx(stats["train_loss"], rel=1e-5)
+            assert got_round["devices"][device]["bytes_up"] == stats["bytes_up"]
+            assert got_round["devices"][device]["bytes_down"] == stats["bytes_down"]
+
+
 @pytest.fixture
 def deployment(tmp_path):
     created = []
@@ -76,19 +95,7 @@ def test_flower_deployment_trains_the_same_adapters_as_the_in_process_simulation
     assert (out / "report.json").is_file(), flower.log("flwr-run-4")
     report = json.loads((out / "report.json").read_text())
 
-    expected_report, expected = in_process(tmp_path, overrides)
-    got = adapter_state(tmp_path / "flower-run.checkpoint")
-    assert set(got) == set(expected)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
-    for got_round, want_round in zip(report["rounds"], expected_report["rounds"]):
-        assert got_round["dropped"] == []
-        for device, stats in want_round["devices"].items():
-            assert got_round["devices"][device]["tokens"] == stats["tokens"]
-            assert got_round["devices"][device]["train_loss"] == pytest.approx(stats["train_loss"], rel=1e-5)
-            # the same frames cross the gRPC stream and Flower as the in-process channel
-            assert got_round["devices"][device]["bytes_up"] == stats["bytes_up"]
-            assert got_round["devices"][device]["bytes_down"] == stats["bytes_down"]
+    assert_trained_as_in_process(tmp_path, overrides, report)
 
 
 @pytest.mark.slow

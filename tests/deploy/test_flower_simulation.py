@@ -5,9 +5,8 @@ import json
 import time
 
 import pytest
-import torch
 from flower_deployment import Deployment
-from test_flower import adapter_state, finish, in_process, run_overrides
+from test_flower import assert_trained_as_in_process, finish, run_overrides
 
 from splitpeft.deploy.keys import DeploymentError
 from splitpeft.deploy.settings import NodeSettings
@@ -31,15 +30,7 @@ def test_twenty_virtual_supernodes_train_the_in_process_simulations_adapters(tmp
     assert (out / "report.json").is_file(), flower.log("flwr-run-1")
     report = json.loads((out / "report.json").read_text())
     assert [len(entry["completed"]) for entry in report["rounds"]] == [20, 20]
-    expected_report, expected = in_process(tmp_path, overrides)
-    got = adapter_state(tmp_path / "flower-run.checkpoint")
-    assert set(got) == set(expected)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
-    for got_round, want_round in zip(report["rounds"], expected_report["rounds"]):
-        for device, stats in want_round["devices"].items():
-            assert got_round["devices"][device]["train_loss"] == pytest.approx(stats["train_loss"], rel=1e-5)
-            assert got_round["devices"][device]["bytes_up"] == stats["bytes_up"]
+    assert_trained_as_in_process(tmp_path, overrides, report)
     print(f"simulation engine, 20 virtual SuperNodes, 2 rounds: {took:.1f} s")
 
 
