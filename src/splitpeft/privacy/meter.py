@@ -153,10 +153,17 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
     leakage: list[dict[str, Any]] = []
     chance: float | None = None
     fitted: dict[tuple[int, str], Any] = {}  # activation attackers depend only on the depth
+    aux_by_depth: dict[int, list[tuple[CutBatch, torch.Tensor]]] = {}
     for exposure, private in cases:
-        # The server's copy of the mechanism uses its own noise; the device's is seeded apart.
-        aux_seen = capture(model, aux, exposure, _seeded(settings.defence, settings.seed + 1), pad_id=pad_id,
-                           batch_size=settings.batch_size, compression=settings.compression)
+        # The server's copy of the mechanism uses its own noise; the device's is seeded apart. Every
+        # attacker fits on the states alone, so the aux traffic skips the rest of the model and the
+        # head gradient, and is captured once per depth.
+        if exposure.split_layer not in aux_by_depth:
+            states_only = Exposure(exposure.placement, exposure.split_layer, labels=False, head_gradient=False)
+            aux_by_depth[exposure.split_layer] = capture(
+                model, aux, states_only, _seeded(settings.defence, settings.seed + 1), pad_id=pad_id,
+                batch_size=settings.batch_size, compression=settings.compression)
+        aux_seen = aux_by_depth[exposure.split_layer]
         private_seen = capture(model, private, exposure, _seeded(settings.defence, settings.seed + 2), pad_id=pad_id,
                                batch_size=settings.batch_size, compression=settings.compression)
         truths = [ids for _, ids in private_seen]
