@@ -208,7 +208,7 @@ class WorkerPool:
                 stats = DeviceRound(**raw["stats"])
                 by_device[device_id] = DeviceResult(uploads.get(device_id, {}), int(raw["tokens"]), stats)
             served.tokens.update(header["tokens"])
-            served.copies += sorted(adapters_by_holder(tensors, "session/").items())
+            served.copies += adapters_by_holder(tensors, "session/").items()
             served.given.update(header["given"])
             served.rejected += [(d, e) for d, e in header["rejected"]]
             served.pass_sizes += header["pass_sizes"]
