@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,6 +77,7 @@ class Deployment:
                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         self.env.pop("PYTEST_CURRENT_TEST", None)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.ray_temp: list[Path] = []  # the Ray clusters' temporary folders this deployment made
 
     def _start(self, name: str, command: list[str], prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")
@@ -83,7 +86,37 @@ class Deployment:
         self.processes[name] = process
         return process
 
+    def start_ray(self, attempts: int = 3, timeout: float = 120.0) -> None:
+        """Start a one-machine Ray cluster of this deployment's own (`ray start --head --block`, as
+        the README's cluster recipe does) and point the simulation engine at it (RAY_ADDRESS).
+
+        Ray's own start-up gives the raylet a fixed 30 s to register and fails the whole run when a
+        loaded machine misses that; a cluster started here can be tried again, and when every try
+        fails the error carries the raylet's and the GCS's logs. Its temporary folder is a short
+        one of its own (Unix socket paths are limited to 107 bytes), removed at stop()."""
+        failures = []
+        for attempt in range(attempts):
+            temp = Path(tempfile.mkdtemp(prefix="ray-"))
+            port = free_port()
+            name = f"ray-{attempt}"
+            process = self._start(name, [
+                "ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                "--num-cpus", str(max(1, os.cpu_count() or 1)), "--include-dashboard=false",
+                "--disable-usage-stats", "--temp-dir", str(temp)])
+            self.ray_temp.append(temp)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and process.poll() is None:
+                if "will now block" in self.log(name):
+                    self.env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+                    return
+                time.sleep(0.5)
+            failures.append(f"--- try {attempt + 1}: {self.log(name)}\n{ray_logs(temp)}")
+            self.kill(name)
+        raise RuntimeError(f"Ray did not start in {attempts} tries:\n" + "\n".join(failures))
+
     def start_superlink(self) -> None:
+        if self.simulation and "RAY_ADDRESS" not in self.env:
+            self.start_ray()
         auth = ["--enable-supernode-auth"] if self.node_auth else []
         auth += ["--simulation"] if self.simulation else []
         self._start("superlink", ["flower-superlink", *self._link_security(server=True), *auth, "--host", self.host,
@@ -192,6 +225,9 @@ class Deployment:
     def stop(self) -> None:
         for name in list(self.processes):
             self.kill(name)
+        for temp in self.ray_temp:
+            shutil.rmtree(temp, ignore_errors=True)
+        self.ray_temp.clear()
 
 
 def descendants(pid: int) -> list[int]:
@@ -208,6 +244,15 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def ray_logs(temp: Path) -> str:
+    """The tails of the raylet's and the GCS's logs of the Ray cluster under `temp`."""
+    parts = []
+    for path in sorted(temp.glob("session_*/logs/*")):
+        if path.name.startswith(("raylet.", "gcs_server.")) and path.is_file():
+            parts.append(f"[{path.name}] {path.read_text(errors='replace')[-1500:]}")
+    return "\n".join(parts) or f"(no raylet or GCS log under {temp})"
 
 
 def wait_for(condition: Any, timeout: float, what: str, deployment: Deployment) -> None:
