@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -136,7 +136,13 @@ def check_copy(module: str, copy: AdapterCopy, norms: tuple[float, float] | None
             raise AggregationError(f"{module} from {copy.holder}: {name} has dtype {value.dtype}, not a floating one")
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
         raise AggregationError(f"{module} from {copy.holder}: A{tuple(a.shape)} B{tuple(b.shape)} is not a LoRA pair")
-    for index, (name, value) in enumerate((("A", a), ("B", b))):
+    check_values(module, copy, norms)
+
+
+def check_values(module: str, copy: AdapterCopy, norms: tuple[float, float] | None = None) -> None:
+    """The checks of `check_copy` on a copy whose A and B are known to be a floating LoRA pair:
+    finite and within the norm cap, a sane token count and a positive scale."""
+    for index, (name, value) in enumerate(zip("AB", copy.weights)):
         # finite and within the cap only if every entry is finite
         norm = norms[index] if norms is not None else float(value.float().norm())
         if not norm <= MAX_ADAPTER_NORM:
@@ -148,6 +154,14 @@ def check_copy(module: str, copy: AdapterCopy, norms: tuple[float, float] | None
         raise AggregationError(f"{module} from {copy.holder}: scale {copy.scale!r} is not a positive number")
 
 
+def as_fp32(value: torch.Tensor) -> torch.Tensor:
+    """`value` detached in fp32: itself when it already is (no call into torch per tensor, which
+    a fleet's tens of thousands of copies a round would pay for)."""
+    if value.dtype == torch.float32 and not value.requires_grad:
+        return value
+    return value.detach().to(torch.float32)
+
+
 def check_tokens(module: str, copy: AdapterCopy) -> None:
     """A token count is a non-negative integer (a bool, a float, NaN or Inf is not)."""
     tokens = copy.tokens
@@ -156,10 +170,11 @@ def check_tokens(module: str, copy: AdapterCopy) -> None:
 
 
 def checked_upload(module: str, copy: AdapterCopy, *, rank: int, d_in: int, d_out: int,
-                   norms: tuple[float, float] | None = None) -> AdapterCopy:
+                   norms: tuple[float, float] | None = None, start: LoraWeights | None = None) -> AdapterCopy:
     """`copy` as an fp32 copy once it proves to be what its holder was given to train: floating
     A (rank, d_in) and B (d_out, rank), finite, within the norm cap, trained on a positive integer
-    number of tokens. Raises AggregationError naming the holder otherwise.
+    number of tokens. Raises AggregationError naming the holder otherwise. `start`: the adapter
+    the holder started from, which the returned copy carries (default: the copy's own).
 
     Every check happens before any arithmetic that a wrong dtype or shape could break, and against
     the module's own (d_out, d_in) and the holder's rank, never against another holder's copy."""
@@ -176,10 +191,13 @@ def checked_upload(module: str, copy: AdapterCopy, *, rank: int, d_in: int, d_ou
     tokens = copy.tokens
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise AggregationError(f"{module} from {copy.holder}: token count {tokens!r} is not a positive integer")
+    if rank == 0:
+        raise AggregationError(f"{module} from {copy.holder}: A{tuple(a.shape)} B{tuple(b.shape)} is not a LoRA pair")
     # fp32 after the dtype check: a float64 beyond fp32's range becomes inf and fails below.
-    converted = replace(copy, weights=LoraWeights(a.detach().to(torch.float32), b.detach().to(torch.float32)), checked=False)
-    check_copy(module, converted, norms)
-    return replace(converted, checked=True)
+    converted = AdapterCopy(copy.holder, LoraWeights(as_fp32(a), as_fp32(b)), tokens, copy.scale,
+                            copy.start if start is None else start, checked=True)
+    check_values(module, converted, norms)  # raises before the copy, marked checked, is seen
+    return converted
 
 
 def check_copies(module: str, copies: Sequence[AdapterCopy]) -> tuple[int, int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from splitpeft.aggregation.base import (
     AdapterCopy,
     Aggregate,
@@ -25,10 +27,15 @@ class FedAvg:
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
         check_homogeneous(module, copies, self.name)
         p = token_weights(copies)
-        a = sum(pi * c.weights.A for pi, c in zip(p, copies))
-        b = sum(pi * c.weights.B for pi, c in zip(p, copies))
-        merged = LoraWeights(a, b)  # type: ignore[arg-type]
+        merged = LoraWeights(weighted_sum([c.weights.A for c in copies], p), weighted_sum([c.weights.B for c in copies], p))
         return Aggregate({c.holder: merged for c in copies})
+
+
+def weighted_sum(values: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
+    """sum_i p_i values_i for tensors of one shape: one contraction over the stacked copies, not a
+    Python-level product and sum per copy (a fleet's thousand copies a module)."""
+    stacked = torch.stack(list(values))
+    return torch.tensordot(torch.tensor(list(p), dtype=stacked.dtype, device=stacked.device), stacked, dims=1)
 
 
 def check_homogeneous(module: str, copies: Sequence[AdapterCopy], policy: str) -> None:

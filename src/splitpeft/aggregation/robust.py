@@ -52,7 +52,7 @@ import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, partial
 
 import torch
 
@@ -63,7 +63,6 @@ from splitpeft.aggregation.base import (
     Aggregator,
     Clip,
     check_copies,
-    per_tensor,
 )
 from splitpeft.aggregation.fedavg import check_homogeneous
 from splitpeft.model.adapters import LoraWeights
@@ -108,33 +107,59 @@ class AdamTrustRegion:
         return self.slack * self.lr * self.local_steps * adam_step_bound(most_steps, self.betas)
 
 
-def update_norms(copies: Sequence[AdapterCopy], starts: Sequence[LoraWeights]) -> dict[str, list[float]]:
-    """||A_i - A0_i|| and ||B_i - B0_i|| (float64) of every copy."""
-    return {"A": per_tensor([c.weights.A - s.A for c, s in zip(copies, starts)], "norm"),
-            "B": per_tensor([c.weights.B - s.B for c, s in zip(copies, starts)], "norm")}
+class FactorUpdates:
+    """dA_i = A_i - A0_i and dB_i = B_i - B0_i of every copy, as the factor clips need them: the
+    norm (float64) and the largest |coordinate| of each. One subtraction and one reduction per group
+    of equal shapes and dtypes (a fleet's copies of a module mostly share one), the same numbers as
+    per copy; the deltas themselves only for the copies asked (`delta`)."""
+
+    def __init__(self, copies: Sequence[AdapterCopy], starts: Sequence[LoraWeights]) -> None:
+        self.copies, self.starts = list(copies), list(starts)
+        n = len(self.copies)
+        self.norms: dict[str, list[float]] = {"A": [0.0] * n, "B": [0.0] * n}
+        self.largest: dict[str, list[float]] = {"A": [0.0] * n, "B": [0.0] * n}
+        for index, key in enumerate("AB"):
+            groups: dict[tuple[tuple[int, ...], torch.dtype, torch.dtype], list[int]] = {}
+            for i, (copy, start) in enumerate(zip(self.copies, self.starts)):
+                value, base = copy.weights[index], start[index]
+                groups.setdefault((tuple(value.shape), value.dtype, base.dtype), []).append(i)
+            for (shape, _, _), members in groups.items():
+                if math.prod(shape) == 0:
+                    continue
+                deltas = (torch.stack([self.copies[i].weights[index] for i in members])
+                          - torch.stack([self.starts[i][index] for i in members])).reshape(len(members), -1)
+                norms = torch.linalg.vector_norm(deltas.double(), dim=1).tolist()
+                largest = deltas.abs().amax(dim=1).tolist()
+                for i, norm, top in zip(members, norms, largest):
+                    self.norms[key][i], self.largest[key][i] = float(norm), float(top)
+
+    def delta(self, key: str, i: int) -> torch.Tensor:
+        return self.copies[i].weights["AB".index(key)] - self.starts[i]["AB".index(key)]
 
 
-def clamp_to_trust_region(module: str, copies: Sequence[AdapterCopy], bound: float) -> tuple[list[AdapterCopy], list[Clip]]:
+def clamp_to_trust_region(module: str, copies: Sequence[AdapterCopy], bound: float,
+                          updates: FactorUpdates | None = None) -> tuple[list[AdapterCopy], list[Clip]]:
     """Copies whose dA or dB (from the adapter their holder was given) has a coordinate beyond
     +-`bound`, clamped into that box; one Clip ("A-box" / "B-box", factor = the largest
-    coordinate's shrink) per clamped factor."""
+    coordinate's shrink) per clamped factor. `updates`: the copies' `FactorUpdates`, if known."""
+    if updates is None:
+        updates = FactorUpdates(copies, [start_of(copy) for copy in copies])
     out, clips = [], []
-    starts = [start_of(copy) for copy in copies]
-    deltas = {"A": [c.weights.A - s.A for c, s in zip(copies, starts)],
-              "B": [c.weights.B - s.B for c, s in zip(copies, starts)]}
-    largest_of = {key: per_tensor(values, "max_abs") for key, values in deltas.items()}
-    for i, (copy, start) in enumerate(zip(copies, starts)):
+    for i, copy in enumerate(copies):
+        if updates.largest["A"][i] <= bound and updates.largest["B"][i] <= bound:
+            out.append(copy)
+            continue
+        start = updates.starts[i]
         new = {"A": copy.weights.A, "B": copy.weights.B}
         for key, old in (("A", start.A), ("B", start.B)):
-            delta = deltas[key][i]
-            largest = largest_of[key][i]
+            largest = updates.largest[key][i]
             if largest <= bound:
                 continue
+            delta = updates.delta(key, i)
             new[key] = old + delta.clamp(-bound, bound)
             clips.append(Clip(copy.holder, module, bound / largest, float(delta.double().norm()),
                               bound, f"{key}-box"))
-        out.append(copy if new["A"] is copy.weights.A and new["B"] is copy.weights.B
-                   else replace(copy, weights=LoraWeights(new["A"], new["B"]), checked=False))
+        out.append(replace(copy, weights=LoraWeights(new["A"], new["B"]), checked=False))
     return out, clips
 
 
@@ -152,6 +177,8 @@ def start_of(copy: AdapterCopy) -> LoraWeights:
     if a0.shape != a.shape or b0.shape != b.shape:
         raise AggregationError(f"{copy.holder}: its start A{tuple(a0.shape)} B{tuple(b0.shape)} does not match its "
                                f"upload A{tuple(a.shape)} B{tuple(b.shape)}")
+    if a0.dtype == a.dtype and b0.dtype == b.dtype:
+        return copy.start
     return LoraWeights(a0.to(a.dtype), b0.to(b.dtype))
 
 
@@ -222,15 +249,20 @@ def clip_products(module: str, copies: Sequence[AdapterCopy], factor: float,
 
 
 def clip_factors(module: str, copies: Sequence[AdapterCopy], factor: float,
-                 reference: Reference = median_reference) -> tuple[list[AdapterCopy], list[Clip]]:
+                 reference: Reference = median_reference,
+                 updates: FactorUpdates | None = None) -> tuple[list[AdapterCopy], list[Clip]]:
     """Copies whose A or B update exceeds `factor` x the reference (of A, of B; by default the
-    median one), scaled down to it."""
-    starts = [start_of(c) for c in copies]
-    norms = update_norms(copies, starts)
+    median one), scaled down to it. `updates`: the copies' `FactorUpdates`, if known."""
+    if updates is None:
+        updates = FactorUpdates(copies, [start_of(c) for c in copies])
+    norms = updates.norms
     references = {key: reference(key, values) for key, values in norms.items()}
     limits = {key: (factor * m if m is not None else math.inf) for key, m in references.items()}
     out, clips = [], []
-    for i, (copy, start) in enumerate(zip(copies, starts)):
+    for i, (copy, start) in enumerate(zip(copies, updates.starts)):
+        if all(limits[key] > 0 and norms[key][i] <= limits[key] for key in "AB"):
+            out.append(copy)
+            continue
         new = {"A": copy.weights.A, "B": copy.weights.B}
         for key, old in (("A", start.A), ("B", start.B)):
             norm, limit = norms[key][i], limits[key]
@@ -278,23 +310,29 @@ class MedianClip:
 
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
         check_copies(module, copies)
+        reference: Reference = partial(self.reference, module)
         boxed: list[Clip] = []
-        if self.trust is not None:
-            copies, boxed = clamp_to_trust_region(module, copies, self.trust.coordinate_bound(self.rounds))
-        clip = clip_factors if self.averages_factors else clip_products
-        clipped, clips = clip(module, copies, self.factor, lambda on, norms: self.reference(module, on, norms))
-        self._remember(module, clipped)
+        if not self.averages_factors:
+            if self.trust is not None:
+                copies, boxed = clamp_to_trust_region(module, copies, self.trust.coordinate_bound(self.rounds))
+            clipped, clips = clip_products(module, copies, self.factor, reference)
+            norms = {"BA": [product_update_norm(c) for c in clipped]}
+        else:
+            # the factor updates' statistics, computed again only where a clamp or clip changed a copy
+            updates = FactorUpdates(copies, [start_of(c) for c in copies])
+            if self.trust is not None:
+                copies, boxed = clamp_to_trust_region(module, copies, self.trust.coordinate_bound(self.rounds), updates)
+                if boxed:
+                    updates = FactorUpdates(copies, updates.starts)
+            clipped, clips = clip_factors(module, copies, self.factor, reference, updates)
+            if clips:
+                updates = FactorUpdates(clipped, updates.starts)
+            norms = updates.norms
+        # this round's median accepted update of the module (after clipping), for its history
+        self._this_round[module] = {on: statistics.median(values) for on, values in norms.items()}
         result = self.inner.aggregate(module, clipped)
         result.clipped = [*boxed, *clips, *result.clipped]
         return result
-
-    def _remember(self, module: str, accepted: Sequence[AdapterCopy]) -> None:
-        """This round's median accepted update of `module` (after clipping), for its history."""
-        if self.averages_factors:
-            norms = update_norms(accepted, [start_of(c) for c in accepted])
-        else:
-            norms = {"BA": [product_update_norm(c) for c in accepted]}
-        self._this_round[module] = {on: statistics.median(values) for on, values in norms.items()}
 
     def finish_round(self) -> None:
         """Close a round: its accepted medians join each module's history (the last HISTORY_ROUNDS kept)."""

@@ -25,7 +25,7 @@ import copy
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -37,6 +37,7 @@ from splitpeft.aggregation.base import (
     AggregationError,
     Aggregator,
     Clip,
+    as_fp32,
     checked_upload,
     per_tensor,
     token_weights,
@@ -159,9 +160,8 @@ class GlobalState:
         if start is None:
             raise AggregationError(f"{name} from {copy.holder}: this holder was not given {name} this round")
         initial = self.global_adapters[name]
-        checked = checked_upload(name, copy, rank=start.rank, d_in=initial.A.shape[1], d_out=initial.B.shape[0],
-                                 norms=norms)
-        return replace(checked, start=LoraWeights(start.A.to(torch.float32), start.B.to(torch.float32)))
+        return checked_upload(name, copy, rank=start.rank, d_in=initial.A.shape[1], d_out=initial.B.shape[0],
+                              norms=norms, start=LoraWeights(as_fp32(start.A), as_fp32(start.B)))
 
     def aggregate(self, copies: Mapping[str, list[AdapterCopy]]) -> AggregationReport:
         """Next round's adapters per holder from this round's copies (module -> copies).
@@ -285,8 +285,8 @@ def _fp32_norms(copies: Sequence[AdapterCopy]) -> list[tuple[float, float] | Non
     (`per_tensor`); None for the others, which `check_copy` refuses before any arithmetic."""
     good = [i for i, c in enumerate(copies)
             if all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in c.weights)]
-    a_norms = per_tensor([copies[i].weights.A.detach().float() for i in good], "norm32")
-    b_norms = per_tensor([copies[i].weights.B.detach().float() for i in good], "norm32")
+    a_norms = per_tensor([as_fp32(copies[i].weights.A) for i in good], "norm32")
+    b_norms = per_tensor([as_fp32(copies[i].weights.B) for i in good], "norm32")
     norms: list[tuple[float, float] | None] = [None] * len(copies)
     for i, a, b in zip(good, a_norms, b_norms):
         norms[i] = (a, b)
