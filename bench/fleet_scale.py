@@ -25,7 +25,8 @@ and prints, per timed round:
 `--threads` (default: every CPU): in one process (`federation.workers=1`, on all threads), then with
 `federation.workers=N` (`--count`, default 2) processes on an equal share of them, and prints the
 device-rounds per second of the timed round of each and their ratio (the round's compute cannot be
-separated from its overhead when devices train in parallel).
+separated from its overhead when devices train in parallel). `--repeat` (default 3) alternates the
+two that many times and prints the median, lowest and highest ratio.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--profile", help="one case under cProfile (printed to stderr)")
     parser.add_argument("--workers", help="one case in one process against federation.workers=--count processes")
     parser.add_argument("--count", type=int, default=2, help="worker processes for --workers")
+    parser.add_argument("--repeat", type=int, default=3, help="tries of --workers, alternating the two")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for --workers, in all")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-workers", type=int, default=1, help=argparse.SUPPRESS)
@@ -149,23 +152,29 @@ def main() -> None:
 
 
 def compare_workers(args: argparse.Namespace) -> None:
-    """`--workers CASE`: one process, then `--count` worker processes, on the same threads."""
+    """`--workers CASE`: one process, then `--count` worker processes, on the same threads;
+    `--repeat` times, alternating, so that a slow spell of a shared machine falls on both."""
     print(f"{args.workers} (registered:per round@rounds), tiny preset, {args.threads} CPU threads in all")
-    print("| federation.workers | threads each | round s | device-rounds / s | ratio |")
-    print("|---:|---:|---:|---:|---:|")
-    serial = None
-    for count in (1, args.count):
-        command = [sys.executable, __file__, "--child", args.workers, f"--child-workers={count}", *(f"--set={s}" for s in args.set)]
-        threads = max(1, args.threads // count)
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"})
-        if done.returncode != 0:
-            print(f"| {count}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}) |")
-            return
-        last = json.loads(done.stdout.strip().splitlines()[-1])["rounds"][-1]
-        rate = last["device_rounds_per_s"]
-        serial = serial or rate
-        print(f"| {count} | {threads} | {last['round_s']:.1f} | {rate:.1f} | {rate / serial:.2f}x |", flush=True)
+    print("| try | federation.workers | threads each | round s | device-rounds / s | ratio to the try's workers=1 |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    ratios = []
+    for attempt in range(1, args.repeat + 1):
+        serial = None
+        for count in (1, args.count):
+            command = [sys.executable, __file__, "--child", args.workers, f"--child-workers={count}", *(f"--set={s}" for s in args.set)]
+            threads = max(1, args.threads // count)
+            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"})
+            if done.returncode != 0:
+                print(f"| {attempt} | {count}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}) |")
+                return
+            last = json.loads(done.stdout.strip().splitlines()[-1])["rounds"][-1]
+            rate = last["device_rounds_per_s"]
+            serial = serial or rate
+            print(f"| {attempt} | {count} | {threads} | {last['round_s']:.1f} | {rate:.1f} | {rate / serial:.2f}x |", flush=True)
+        ratios.append(rate / serial)
+    print(f"ratio over {len(ratios)} tries: median {statistics.median(ratios):.2f}x, lowest {min(ratios):.2f}x, "
+          f"highest {max(ratios):.2f}x")
 
 
 if __name__ == "__main__":
