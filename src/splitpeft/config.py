@@ -116,6 +116,11 @@ class FederationConfig:
     spill_dir: str | None = _help(
         "where federation.state_memory_bytes spills: a folder is created in it for the run and removed at "
         "its end; null = the system's temporary folder", None)
+    device_waves: bool = _help(
+        "the round's devices that cut at the same block with the same ranks run their forward to the cut and "
+        "their backward from it as one pass of the frozen model, each on its rows with its own adapters and its "
+        "own optimiser (federation/lockstep.py; split placement; equal to one at a time to float rounding with "
+        "LoRA dropout 0); a device's activation memory is then its token share of the pass's", False)
     workers: int = _help(
         "processes that train the round's devices (federation/workers.py): each holds a copy of the model and "
         "the devices whose index mod workers is its own (their state stays there), with the machine's CPU "

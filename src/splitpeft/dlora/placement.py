@@ -69,6 +69,7 @@ class DLoRAPlacement:
 
     name: str = field(default="dlora", init=False)
     parks_server_sessions: bool = field(default=False, init=False)  # its sessions' models carry the device's branch hooks
+    steps_in_device_waves: bool = field(default=False, init=False)
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         if not 0 <= split_layer < num_blocks:
@@ -146,10 +147,10 @@ class DLoRAPlacement:
         norms = reply.meta.get(Meta.KILLED_GRAD_NORMS)
         if isinstance(norms, dict):
             device.grad_norms.update({str(n): float(v) for n, v in norms.items()})
+        if cut.requires_grad:  # the hybrid: the server's gradient for h_k, into blocks [0, k) (metered there)
+            grad = reply.tensor("grad", shape=cut.shape, dtype=cut.dtype, device=cut.device)
+            backward_from_cut(device, embedded, cut, grad, batch)
         with meter.compute():
-            if cut.requires_grad:  # the hybrid: the server's gradient for h_k, into blocks [0, k)
-                grad = reply.tensor("grad", shape=cut.shape, dtype=cut.dtype, device=cut.device)
-                backward_from_cut(device, embedded, cut, grad, batch)
             device.optimizer_step()
         return loss.item()
 

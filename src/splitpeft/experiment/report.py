@@ -29,6 +29,9 @@ MEASUREMENT_NOTES = {
     "simulated_round_s": "max(max over devices of simulated_s + simulated_server_s, sum of simulated_server_s)",
     "server_passes": ("server.batch_devices: the number of devices whose steps each shared pass of the server's "
                       "frozen model served, in order (a step served alone is not listed)"),
+    "device_waves": ("federation.device_waves: the number of devices whose forward to the cut each shared pass of the "
+                     "devices' frozen part served, in order (a device that computed alone is not listed); a device in "
+                     "a wave reports as its activation memory its token share of what the pass saved"),
 }
 
 
@@ -47,6 +50,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "completed": record.completed,
             "simulated_round_s": record.simulated_round_s,
             "server_passes": record.server_passes,
+            "device_waves": record.device_waves,
             "online": record.online,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},
         }

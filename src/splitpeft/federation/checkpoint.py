@@ -51,7 +51,8 @@ FORMAT, FORMAT_VERSION = "splitpeft-state", 1
 # (federation.min_devices only decides whether a round counts).
 NOT_IDENTITY = ("eval.", "federation.rounds", "federation.min_devices", "count_flops", "export_merged",
                 "fleet.flops_per_s", "fleet.bandwidth_bytes_per_s", "transport.max_message_bytes",
-                "federation.workers", "federation.state_memory_bytes", "federation.spill_dir")  # where it computes, not what
+                "federation.workers", "federation.state_memory_bytes", "federation.spill_dir",
+                "federation.device_waves")  # where it computes, not what
 
 
 class CheckpointError(ValueError):

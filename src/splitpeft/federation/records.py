@@ -56,6 +56,8 @@ class RoundRecord:
     simulated_round_s: float | None = None
     # server.batch_devices: how many devices' steps each shared pass of the server served (empty: none shared)
     server_passes: list[int] = field(default_factory=list)
+    # federation.device_waves: how many devices each shared pass of the devices' part served (empty: none shared)
+    device_waves: list[int] = field(default_factory=list)
     # devices online this round where availability is drawn (fleet.availability, a trace); None: all were
     online: int | None = None
 

@@ -64,6 +64,7 @@ from splitpeft.hsplit.planning import Planning, PlanOptions, make_planner
 from splitpeft.model import adapters as lora
 from splitpeft.model.adapters import AdapterSet
 from splitpeft.model.backbone import backbone_of
+from splitpeft.model.batched import DevicePass
 from splitpeft.model.loading import LoadedModel, load_model
 from splitpeft.model.parts import Part, quantize_blocks, view_part
 from splitpeft.model.runtime import resolve_runtime
@@ -146,8 +147,17 @@ class Simulation:
             bounds=FrameBounds.from_config(config, base), batch_devices=config.server.batch_devices,
             pool=self.session_pool,
         )
-        # With a batched server pass the round's devices run in lockstep (`federation/lockstep.py`).
-        self.lockstep = Lockstep(self.server) if self.server.batched is not None else None
+        # With a batched server pass or device waves the round's devices run in lockstep
+        # (`federation/lockstep.py`).
+        device_pass = None
+        if fed.device_waves and self.placement.steps_in_device_waves:
+            if runtime.loss_scaling or runtime.gradient_checkpointing:
+                log.info("federation.device_waves: off under fp16 loss scaling or gradient checkpointing "
+                         "(each device then steps alone)")
+            else:
+                device_pass = DevicePass(self.device_base, device=runtime.device_device, dtype=runtime.dtype)
+        self.lockstep = (Lockstep(self.server, device_pass)
+                         if self.server.batched is not None or device_pass is not None else None)
         if config.data.partition == "whole":  # every device trains on all of it: encode once
             encoded = [encode(train, tokenizer, config.data.max_length)] * len(shards)
         else:
@@ -227,8 +237,18 @@ class Simulation:
         """`selected` train their local phases here (in lockstep with a batched server pass); the
         results of those that finished, in their order."""
         if self.lockstep is not None and len(selected) > 1:
-            outcomes = self.lockstep.run([(device.device_id, partial(self._train_in_process, device, record))
-                                          for device in selected])
+            shared = self.lockstep.device_waves
+            if shared is not None:
+                shared.sizes = []
+            for device in selected:
+                device.waves = self.lockstep if shared is not None else None
+            try:
+                outcomes = self.lockstep.run([(device.device_id, partial(self._train_in_process, device, record))
+                                              for device in selected])
+            finally:
+                for device in selected:
+                    device.waves = None
+            record.device_waves = list(shared.sizes) if shared is not None else []
         else:
             outcomes = [self._train_in_process(device, record) for device in selected]
         return {device.device_id: result for device, result in zip(selected, outcomes) if result is not None}
@@ -377,6 +397,8 @@ class Simulation:
         rejected = self.server.rejected + (served.rejected if served is not None else [])
         record.rejected = outcome.rejected + [f"{device}: {error}" for device, error in rejected]
         record.server_passes = list(served.pass_sizes if served is not None else self.server.pass_sizes)
+        if served is not None:
+            record.device_waves = list(served.device_waves)
         record.dropped += [{"device": device, "error": f"upload rejected: {error}"} for device, error in outcome.dropped.items()]
         record.clipped = [clip.describe() for clip in outcome.clipped]
         self.server.rejected.clear()

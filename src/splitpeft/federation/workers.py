@@ -70,6 +70,7 @@ class ServedRound:
     given: dict[str, dict[str, int]] = field(default_factory=dict)  # holder -> module -> the rank it was given
     rejected: list[tuple[str, str]] = field(default_factory=list)
     pass_sizes: list[int] = field(default_factory=list)
+    device_waves: list[int] = field(default_factory=list)  # sizes of the devices' shared passes (device_waves)
     dropped: list[dict[str, str]] = field(default_factory=list)  # devices that failed mid-round, and why
     repaired: list[str] = field(default_factory=list)  # parties reset for a non-finite state
 
@@ -212,6 +213,7 @@ class WorkerPool:
             served.given.update(header["given"])
             served.rejected += [(d, e) for d, e in header["rejected"]]
             served.pass_sizes += header["pass_sizes"]
+            served.device_waves += header["device_waves"]
             served.dropped += header["dropped"]
             served.repaired += header["repaired"]
         served.copies.sort(key=lambda item: item[0])  # as SplitServer.session_copies orders them
@@ -357,6 +359,7 @@ def train_share(sim: Simulation, header: dict[str, Any]) -> tuple[dict[str, Any]
     reply["given"] = {holder: {name: weights.rank for name, weights in given.items()} for holder, given in sim.state.given.items()}
     reply["rejected"] = [list(item) for item in server.rejected]
     reply["pass_sizes"] = list(server.pass_sizes)
+    reply["device_waves"] = list(record.device_waves)
     reply["dropped"] = record.dropped
     sim.repair_parties(record, [d for d in sim.devices if d.device_id in sim.worker_devices])
     reply["repaired"] = record.repaired

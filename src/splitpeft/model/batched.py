@@ -67,6 +67,12 @@ class Member:
     rows: slice = field(default_factory=lambda: slice(0, 0))  # its rows in the wave's batch
     final: torch.Tensor | None = None   # (B, T, d) its output after the last block
     layers: dict[str, LoraLayer] = field(default_factory=dict)
+    # (s, A0, B0) per module of its own frozen copy W - s B0 A0 (a warm start); default: the session's
+    warm: dict[str, tuple[float, torch.Tensor, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.warm is None:
+            self.warm = self.session.warm_factors
 
     @property
     def seq_len(self) -> int:
@@ -86,12 +92,13 @@ class Wave:
         self.grads.pop(device_id, None)
 
 
-class BatchedPass:
-    """The server's frozen model, run once for the rows of many sessions (see the module docstring)."""
+class BranchHost:
+    """A structural copy of a frozen model (`part` of `base`) whose adapted linears add, while a
+    pass runs, each member's own LoRA branch on that member's rows (see the module docstring)."""
 
-    def __init__(self, base: PreTrainedModel, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, base: PreTrainedModel, part: Part, *, device: torch.device, dtype: torch.dtype) -> None:
         num_blocks = backbone_of(base).num_blocks
-        self.host = view_part(base, Part(range(num_blocks), embedding=False, head=True), device=device, dtype=dtype)
+        self.host = view_part(base, part, device=device, dtype=dtype)
         self.host.requires_grad_(False)
         self.host.train()  # as the sessions' models (dropout, if the model has any, as in one-at-a-time)
         self.backbone = backbone_of(self.host)
@@ -116,7 +123,7 @@ class BatchedPass:
                     pieces.append(xs.new_zeros((*xs.shape[:-1], output.shape[-1])))
                     continue
                 delta = lora_branch(layer, xs)
-                warm = member.session.warm_factors.get(name)
+                warm = member.warm.get(name) if member.warm else None
                 if warm is not None:  # the session's own frozen copy is W - s B0 A0
                     scale, a0, b0 = warm
                     delta = delta - (scale * ((xs.to(a0.dtype) @ a0.T) @ b0.T)).to(delta.dtype)
@@ -131,6 +138,14 @@ class BatchedPass:
             yield
         finally:
             self._members = ()
+
+
+class BatchedPass(BranchHost):
+    """The server's frozen model, run once for the rows of many sessions (see the module docstring)."""
+
+    def __init__(self, base: PreTrainedModel, *, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(base, Part(range(backbone_of(base).num_blocks), embedding=False, head=True),
+                         device=device, dtype=dtype)
 
     def forward(self, members: list[Member], extra_hooks: Mapping[str, Any] | None = None) -> torch.Tensor:
         """Run every member from its cut (`session.split_layer`) through the last block; sets each
@@ -205,7 +220,7 @@ def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor) -> 
     scales = torch.tensor([float(layer.scaling[ADAPTER_NAME]) for layer in present], dtype=x.dtype, device=x.device)
     xs = present[0].lora_dropout[ADAPTER_NAME](x).reshape(n, -1, d_in)  # (N, M, d_in)
     delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * scales.view(n, 1, 1)  # (N, M, d_out)
-    warm = [m.session.warm_factors.get(name) for m in members]
+    warm = [m.warm.get(name) if m.warm else None for m in members]
     if any(w is not None for w in warm):
         a0 = torch.stack([w[1] if w is not None else torch.zeros_like(f[0]) for w, f in zip(warm, factors)])
         b0 = torch.stack([w[2] if w is not None else torch.zeros_like(f[1]) for w, f in zip(warm, factors)])
@@ -225,3 +240,31 @@ def by_member(batch: torch.Tensor, members: Sequence[Member]) -> tuple[torch.Ten
 def _is_linear(module: nn.Module) -> bool:
     """A linear a LoRA adapter can sit on: torch's Linear (quantized ones subclass it) or GPT-2's Conv1D."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+class DevicePass(BranchHost):
+    """The devices' frozen part (embedding and blocks), run once for the rows of several devices
+    that cut at the same block (`federation.device_waves`): each device's rows get its own
+    adapters' branches, as on the server (`_stacked_branches`). A member's `hidden` is its (B, T)
+    token ids; rows are padded on the right to the wave's longest T, which changes nothing before
+    them (the mask is causal)."""
+
+    def __init__(self, base: PreTrainedModel, *, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(base, Part(range(backbone_of(base).num_blocks), embedding=True, head=False),
+                         device=device, dtype=dtype)
+
+    def forward(self, members: list[Member], split_layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each member's (embedded, cut): its rows of the embedding and of blocks [0, split_layer)'s
+        output, (B, T, d) each, in the graph of one pass (one backward serves them all)."""
+        t_max = max(m.seq_len for m in members)
+        start = 0
+        for member in members:
+            member.layers = lora_layers(member.session.model)
+            member.rows = slice(start, start + int(member.hidden.shape[0]))
+            start = member.rows.stop
+        ids = torch.cat([F.pad(m.hidden, (0, t_max - m.seq_len)) for m in members])  # (N, T_max)
+        with self._running(members):
+            embedded = self.backbone.embed(ids)
+            cut = self.backbone.blocks(embedded, 0, split_layer)
+        return [(e[:, : m.seq_len], c[:, : m.seq_len])
+                for m, e, c in zip(members, by_member(embedded, members), by_member(cut, members))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, Protocol, cast
 
 import torch
 from transformers import PreTrainedModel
@@ -29,6 +29,14 @@ from splitpeft.placements.base import Placement
 from splitpeft.privacy.defences import NO_DEFENCE, Defence
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Kind, Message, Meta
+
+
+class WaveRunner(Protocol):
+    """What runs a device's compute together with other devices' (`federation/lockstep.py`)."""
+
+    def device_forward(self, device: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object] | None: ...
+
+    def device_backward(self, device: Any, wave: object, roots: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None: ...
 
 
 @dataclass
@@ -80,6 +88,39 @@ class DeviceRuntime(Party):
         self.measure_killed = False
         self.grad_norms: dict[str, float] = {}
         self._before: dict[str, LoraWeights] = {}
+        # The round's lockstep while it runs with device waves (`federation/lockstep.py`), and the
+        # wave this device's current step is part of
+        self.waves: WaveRunner | None = None
+        self._wave: object | None = None
+
+    # ------------------------------------------------------------------ its compute
+
+    def forward_to_cut(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedded, cut): the embedding of `input_ids` (B, T) and blocks [0, split_layer)'s output,
+        (B, T, d) each, in a device wave where the round runs them (`federation.device_waves`),
+        else here, metered."""
+        self._wave = None
+        if self.waves is not None:
+            shared = self.waves.device_forward(self, input_ids)
+            if shared is not None:
+                embedded, cut, self._wave = shared
+                return embedded, cut
+        backbone = self.backbone
+        with self.meter.compute():
+            embedded = backbone.embed(input_ids)
+            return embedded, backbone.blocks(embedded, 0, self.split_layer)
+
+    def backward_roots(self, roots: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """Backward from every (tensor, incoming gradient, or None for a loss) of `roots`: with
+        the other members of this step's device wave, else here, one after another."""
+        wave, self._wave = self._wave, None
+        if wave is not None:
+            assert self.waves is not None
+            self.waves.device_backward(self, wave, roots)
+            return
+        with self.meter.compute():
+            for index, (tensor, grad) in enumerate(roots):
+                self.backward(tensor, grad, retain_graph=index < len(roots) - 1)
 
     def resident_tensors(self) -> list[torch.Tensor]:
         """Tensors the device holds across steps: frozen weights (with a warm start's own copies),

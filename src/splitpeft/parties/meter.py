@@ -74,6 +74,7 @@ class DeviceMeter:
         self._step_flops = 0
         self._step_adapter_flops = 0
         self._adapter_flops_by_key: dict[Hashable, int] = {}
+        self._charged_bytes = 0  # this step's share of activations a device wave saved for it
 
     def begin_step(self, resident: Iterable[torch.Tensor], key: Hashable = None, extra_bytes: int = 0) -> None:
         """Start a step; `resident` are tensors held across steps (not counted as activations).
@@ -92,6 +93,18 @@ class DeviceMeter:
             self._cuda_peak = 0
         self._exclude = {t.untyped_storage().data_ptr() for t in resident}
         self._saved = {}
+        self._charged_bytes = 0
+
+    @property
+    def counting(self) -> bool:
+        """Whether this step's FLOPs are being counted (its key's are not known yet): its compute
+        must then run where this meter sees it, not in a device wave."""
+        return self._counting
+
+    def charge_saved(self, nbytes: int) -> None:
+        """Activations saved for this device's backward by a pass it shared with others (a device
+        wave, `federation/lockstep.py`): its share, counted into this step's peak."""
+        self._charged_bytes += nbytes
 
     def end_step(self) -> int:
         """Finish a step and return its peak bytes (resident + saved activations)."""
@@ -108,9 +121,10 @@ class DeviceMeter:
         if self.cuda is not None:
             peak = self._resident_bytes + self._cuda_peak
         else:
-            peak = self._resident_bytes + self._extra_bytes + sum(self._saved.values())
+            peak = self._resident_bytes + self._extra_bytes + sum(self._saved.values()) + self._charged_bytes
         self.step_peak_bytes = max(self.step_peak_bytes, peak)
         self._saved = {}
+        self._charged_bytes = 0
         return peak
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -311,6 +311,15 @@ class Party:
     # overflowed step (non-finite gradients) is skipped by the scaler, which lowers S, and sends a
     # zero gradient on. Other dtypes: plain backward.
 
+    def wave_warm_factors(self) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+        """(s, A0, B0) in fp32 of every module whose frozen weight is this party's own copy
+        W - s B0 A0 (a warm start): what a shared pass over the common W subtracts on its rows."""
+        if self._keep_warm_factors or not self._warm_loaded:
+            return self.warm_factors
+        layers = self.shell.layers
+        return {name: (float(layers[name].scaling[ADAPTER_NAME]), weights.A.to(torch.float32), weights.B.to(torch.float32))
+                for name, weights in self._warm_loaded.items()}
+
     def backward(self, tensor: torch.Tensor, grad: torch.Tensor | None = None, *, retain_graph: bool = False) -> None:
         """Backward from a loss (`grad` None) or from an output receiving `grad` across the cut."""
         if self.scaler is None:

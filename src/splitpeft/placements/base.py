@@ -67,6 +67,14 @@ class DeviceSide(Protocol):
 
     def set_trainable(self, names: Iterable[str], trainable: bool) -> None: ...
 
+    def forward_to_cut(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedded, cut) of `input_ids` (B, T): the embedding and blocks [0, split_layer)'s output."""
+        ...
+
+    def backward_roots(self, roots: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """Backward from every (tensor, incoming gradient or None for a loss) of `roots`."""
+        ...
+
 
 class ServerSide(Protocol):
     """What a placement uses of the server's session for one device."""
@@ -109,6 +117,9 @@ class Placement(Protocol):
     # A server session's shell may go back to the server's pool between rounds (`Party.park`):
     # False where the placement hooks the session's model for good when the session opens.
     parks_server_sessions: bool
+    # The devices' steps can run in device waves (`federation.device_waves`): the device computes
+    # its part through `DeviceSide.forward_to_cut` and `backward_roots`.
+    steps_in_device_waves: bool
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         """Blocks whose adapters the device owns."""
@@ -174,12 +185,11 @@ def freeze_locally(device: DeviceSide, kill: list[str], revive: list[str]) -> No
 
 def backward_from_cut(device: DeviceSide, embedded: torch.Tensor, cut: torch.Tensor, grad: torch.Tensor, batch: Batch) -> None:
     """The device's backward from the gradient `grad` (B, T, d) the server sent for the cut
-    activations `cut` it released, plus its own defence penalty (NoPeek) on (`embedded`, `cut`)."""
-    if not cut.requires_grad:
-        return  # nothing before the cut trains (k = 0)
-    penalty = device.defence.penalty(embedded, cut, batch.token_mask())
-    if penalty is None:
-        device.backward(cut, grad)
-        return
-    device.backward(penalty, None, retain_graph=True)
-    device.backward(cut, grad)
+    activations `cut` it released, plus its own defence penalty (NoPeek) on (`embedded`, `cut`).
+    Nothing before the cut trains when `cut` needs no gradient (k = 0, or every adapter killed)."""
+    roots: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    if cut.requires_grad:
+        with device.meter.compute():
+            penalty = device.defence.penalty(embedded, cut, batch.token_mask())
+        roots = ([(penalty, None)] if penalty is not None else []) + [(cut, grad)]
+    device.backward_roots(roots)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 class CentralizedPlacement:
     name: str = field(default="centralized", init=False)
     parks_server_sessions: bool = field(default=True, init=False)
+    steps_in_device_waves: bool = field(default=False, init=False)
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         return range(0, num_blocks)

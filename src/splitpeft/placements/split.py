@@ -43,6 +43,7 @@ class SplitPlacement:
     labels_on_device: bool = True
     name: str = field(default="split", init=False)
     parks_server_sessions: bool = field(default=True, init=False)
+    steps_in_device_waves: bool = field(default=True, init=False)
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         if not 0 <= split_layer <= num_blocks:
@@ -71,9 +72,9 @@ class SplitPlacement:
 
     def device_step(self, device: DeviceSide, batch: Batch, channel: Channel) -> float:
         backbone, meter = device.backbone, device.meter
+        embedded, cut = device.forward_to_cut(batch.input_ids)  # (B, T, d) each; in a device wave where on
         with meter.compute():
-            embedded = backbone.embed(batch.input_ids)  # (B, T, d)
-            cut = device.defence.release(backbone.blocks(embedded, 0, device.split_layer))  # (B, T, d)
+            cut = device.defence.release(cut)
         up = {"hidden": cut.detach()}
         if not self.labels_on_device:
             # The server computes the loss, so it needs the labels: completion tokens only
@@ -95,8 +96,8 @@ class SplitPlacement:
             reply.expect(Kind.CUT_GRADIENT)
             loss_value = float(reply.meta.get(Meta.LOSS, float("nan")))
         grad = reply.tensor("grad", shape=cut.shape, dtype=device.wire_grad_dtype, device=cut.device)
+        backward_from_cut(device, embedded, cut, grad, batch)
         with meter.compute():
-            backward_from_cut(device, embedded, cut, grad, batch)
             device.optimizer_step()
         return loss_value
 
