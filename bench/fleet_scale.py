@@ -4,6 +4,7 @@
     .venv/bin/python bench/fleet_scale.py --case 10000:10000    # registered:per-round, one case
     .venv/bin/python bench/fleet_scale.py --profile 2000:2000   # where one case's round goes (cProfile)
     .venv/bin/python bench/fleet_scale.py --workers 1000:1000@2 # one process against federation.workers=2
+    .venv/bin/python bench/fleet_scale.py --waves 300:300@2     # device waves and the batched server pass, off and on
 
 Each case runs in a fresh process (so its resident memory is its own): the tiny preset
 (tiny-llama, plain split at block 2, rank 4, batch 4) with `federation.num_devices` registered
@@ -27,6 +28,11 @@ and prints, per timed round:
 device-rounds per second of the timed round of each and their ratio (the round's compute cannot be
 separated from its overhead when devices train in parallel). `--repeat` (default 3) alternates the
 two that many times and prints the median, lowest and highest ratio.
+
+`--waves CASE` runs CASE in one process, alternating (`--repeat` times): each device alone,
+`federation.device_waves=true`, and device waves with the batched server pass
+(`server.batch_devices=true`), and prints the device-rounds per second of each and its ratio to
+the first.
 """
 
 from __future__ import annotations
@@ -97,7 +103,7 @@ def one_case(case: str, extra: list[str], profile: bool, workers: int = 1) -> di
             timed.append({"round_s": wall, "compute_s": compute, "devices": len(record.devices),
                           "device_rounds_per_s": len(record.devices) / wall,
                           "overhead_ms_per_device_round": 1000 * (wall - compute) / max(1, len(record.devices)),
-                          "dropped": len(record.dropped)})
+                          "dropped": len(record.dropped), "largest_wave": max(record.device_waves, default=0)})
     if sim.workers is not None:
         sim.workers.close()
     if profiler is not None:
@@ -118,6 +124,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every case")
     parser.add_argument("--profile", help="one case under cProfile (printed to stderr)")
     parser.add_argument("--workers", help="one case in one process against federation.workers=--count processes")
+    parser.add_argument("--waves", help="one case alone, with device waves, and with device waves + the server pass")
     parser.add_argument("--count", type=int, default=2, help="worker processes for --workers")
     parser.add_argument("--repeat", type=int, default=3, help="tries of --workers, alternating the two")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for --workers, in all")
@@ -129,6 +136,9 @@ def main() -> None:
         return
     if args.workers:
         compare_workers(args)
+        return
+    if args.waves:
+        compare_waves(args)
         return
     if args.profile:
         print(json.dumps(one_case(args.profile, args.set, profile=True), indent=1))
@@ -149,6 +159,35 @@ def main() -> None:
               f"| {last['overhead_ms_per_device_round']:.1f} | {r['rss_built_bytes'] / 2**20:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} "
               f"| {r['per_idle_device_bytes'] / 1024:.1f} | {r['pools']['devices']['shells_built']}, "
               f"{r['pools']['sessions']['shells_built']} |", flush=True)
+
+
+WAVE_VARIANTS = {"alone": [], "device waves": ["federation.device_waves=true"],
+                 "device waves + server pass": ["federation.device_waves=true", "server.batch_devices=true"]}
+
+
+def compare_waves(args: argparse.Namespace) -> None:
+    """`--waves CASE`: the WAVE_VARIANTS of one case, alternating, `--repeat` times."""
+    print(f"{args.waves} (registered:per round@rounds), tiny preset, one process on {args.threads} CPU threads")
+    print("| try | variant | round s | device-rounds / s | largest wave | ratio to alone |")
+    print("|---:|---|---:|---:|---:|---:|")
+    ratios: dict[str, list[float]] = {name: [] for name in WAVE_VARIANTS}
+    for attempt in range(1, args.repeat + 1):
+        alone = None
+        for name, settings in WAVE_VARIANTS.items():
+            command = [sys.executable, __file__, "--child", args.waves, *(f"--set={s}" for s in [*args.set, *settings])]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"})
+            if done.returncode != 0:
+                print(f"| {attempt} | {name}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}) |")
+                return
+            last = json.loads(done.stdout.strip().splitlines()[-1])["rounds"][-1]
+            rate = last["device_rounds_per_s"]
+            alone = alone or rate
+            ratios[name].append(rate / alone)
+            print(f"| {attempt} | {name} | {last['round_s']:.1f} | {rate:.1f} | {last['largest_wave']} | {rate / alone:.2f}x |",
+                  flush=True)
+    for name, values in ratios.items():
+        print(f"{name}: median {statistics.median(values):.2f}x (lowest {min(values):.2f}x, highest {max(values):.2f}x)")
 
 
 def compare_workers(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,8 +262,10 @@ class ShellPool:
     """Shells of one base model, lent to parties by spec and given back when they park.
 
     `acquire(spec)` takes a free shell of that spec or builds one; `release` returns it. At most
-    `max_free` shells wait free (the least recently returned go first), so a fleet whose every
-    device has its own plan does not keep a shell per device. `store` holds the parked parties'
+    `max_free` shells wait free, or as many as were ever lent at once if more (a round whose devices
+    run in lockstep binds them all together, and builds none again the next round); the least
+    recently returned go first, so a fleet whose every device has its own plan does not keep a
+    shell per device. `store` holds the parked parties'
     tensors (`SpillStore`). Thread-safe: server sessions park and bind from the server's workers.
     """
 
@@ -272,22 +275,23 @@ class ShellPool:
         self.store = SpillStore(memory_bytes, spill_dir)
         self.max_free = max_free
         self._free: dict[Hashable, list[Shell]] = {}
-        self._free_order: list[tuple[Hashable, Shell]] = []
+        self._free_order: OrderedDict[int, tuple[Hashable, Shell]] = OrderedDict()  # id(shell) -> it, oldest first
         self._lock = threading.Lock()
         self._resident: dict[ShellSpec, int] = {}
         self.built = 0      # shells built so far
         self.lent = 0       # shells lent out now
+        self.most_lent = 0  # the most lent out at once so far
 
     def acquire(self, spec: ShellSpec) -> Shell:
         with self._lock:
             free = self._free.get(spec)
+            self.lent += 1
+            self.most_lent = max(self.most_lent, self.lent)
             if free:
                 shell = free.pop()
-                self._free_order.remove((spec, shell))
-                self.lent += 1
+                del self._free_order[id(shell)]
                 return shell
             self.built += 1
-            self.lent += 1
         return Shell(self.base, spec)
 
     def release(self, spec: ShellSpec, shell: Shell) -> None:
@@ -295,9 +299,9 @@ class ShellPool:
         with self._lock:
             self.lent -= 1
             self._free.setdefault(spec, []).append(shell)
-            self._free_order.append((spec, shell))
-            while len(self._free_order) > self.max_free:
-                old_spec, old = self._free_order.pop(0)
+            self._free_order[id(shell)] = (spec, shell)
+            while len(self._free_order) > max(self.max_free, self.most_lent):
+                _, (old_spec, old) = self._free_order.popitem(last=False)
                 self._free[old_spec].remove(old)
 
     def resident_bytes(self, spec: ShellSpec) -> int:
