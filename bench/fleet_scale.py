@@ -161,6 +161,18 @@ def main() -> None:
               f"{r['pools']['sessions']['shells_built']} |", flush=True)
 
 
+def child_round(args: argparse.Namespace, case: str, settings: list[str], workers: int = 1) -> dict[str, Any] | str:
+    """The last timed round of `case` run in a fresh process with `settings` (and `workers`
+    processes), on `args.threads` threads; or why it failed."""
+    command = [sys.executable, __file__, "--child", case, f"--child-workers={workers}",
+               *(f"--set={s}" for s in [*args.set, *settings])]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        return done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+    return dict(json.loads(done.stdout.strip().splitlines()[-1])["rounds"][-1])
+
+
 WAVE_VARIANTS = {"alone": [], "device waves": ["federation.device_waves=true"],
                  "device waves + server pass": ["federation.device_waves=true", "server.batch_devices=true"]}
 
@@ -174,13 +186,10 @@ def compare_waves(args: argparse.Namespace) -> None:
     for attempt in range(1, args.repeat + 1):
         alone = None
         for name, settings in WAVE_VARIANTS.items():
-            command = [sys.executable, __file__, "--child", args.waves, *(f"--set={s}" for s in [*args.set, *settings])]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"})
-            if done.returncode != 0:
-                print(f"| {attempt} | {name}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}) |")
+            last = child_round(args, args.waves, settings)
+            if isinstance(last, str):
+                print(f"| {attempt} | {name}: failed ({last}) |")
                 return
-            last = json.loads(done.stdout.strip().splitlines()[-1])["rounds"][-1]
             rate = last["device_rounds_per_s"]
             alone = alone or rate
             ratios[name].append(rate / alone)
@@ -200,14 +209,11 @@ def compare_workers(args: argparse.Namespace) -> None:
     for attempt in range(1, args.repeat + 1):
         serial = None
         for count in (1, args.count):
-            command = [sys.executable, __file__, "--child", args.workers, f"--child-workers={count}", *(f"--set={s}" for s in args.set)]
             threads = max(1, args.threads // count)
-            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"})
-            if done.returncode != 0:
-                print(f"| {attempt} | {count}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}) |")
+            last = child_round(args, args.workers, [], workers=count)
+            if isinstance(last, str):
+                print(f"| {attempt} | {count}: failed ({last}) |")
                 return
-            last = json.loads(done.stdout.strip().splitlines()[-1])["rounds"][-1]
             rate = last["device_rounds_per_s"]
             serial = serial or rate
             print(f"| {attempt} | {count} | {threads} | {last['round_s']:.1f} | {rate:.1f} | {rate / serial:.2f}x |", flush=True)
