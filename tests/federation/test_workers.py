@@ -18,6 +18,7 @@ from splitpeft.federation.workers import WorkerError, receive, send
 
 RUNS = {
     "split_u": [],
+    "split_u_device_waves": ["federation.device_waves=true", "count_flops=false"],
     "plain_batched": ["placement.labels_on_device=false", "server.batch_devices=true", "federation.devices_per_round=4"],
     "dlora_kr": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.warmup=1", "kill_revive.interval=1",
                  "kill_revive.revive_interval=2", "kill_revive.active_fraction=0.25"],
@@ -62,6 +63,8 @@ def test_two_workers_train_the_adapters_of_one_process(tmp_path, name):
         # each worker's server batches only its own devices' steps (a worker with one device of the
         # round serves it alone): smaller passes, the same adapters
         assert all(size <= max(want["server_passes"]) for size in got["server_passes"])
+    if "federation.device_waves=true" in RUNS[name]:  # each worker's devices shared passes, reported back
+        assert any(entry["device_waves"] for entry in report_2["rounds"])
 
 
 def test_a_run_resumed_with_workers_continues_as_an_uninterrupted_one(tmp_path):
