@@ -68,20 +68,21 @@ def main() -> None:
         privacy = report["privacy"]
         leak = privacy["leakage"][0]
         strongest = max((r for r in privacy["rows"]), key=lambda r: r["token_accuracy"])
-        accounting = privacy.get("accounting") or {}
+        accounting = report.get("privacy_accounting") or {}
         rows.append({
             "defence": name, "placement": leak["placement"], "k": leak["split_layer"],
             "leakage": leak["token_accuracy"], "rouge_l_f": leak["rouge_l_f"],
             "strongest": f"{strongest['attacker']} {strongest['token_accuracy']:.3f}",
-            "epsilon": accounting.get("epsilon_per_token_vector"), "chance": privacy["chance_token_accuracy"],
+            "epsilon": accounting.get("epsilon_per_sequence"), "eps_token": accounting.get("epsilon_per_token_vector"),
+            "chance": privacy["chance_token_accuracy"],
             "perplexity": report["eval"].get("perplexity"), "bleu": report["eval"].get("bleu"),
             "minutes": (time.perf_counter() - started) / 60,
         })
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| defence | exposure | leakage: token acc. (ROUGE-L F) | strongest single attacker | epsilon per token vector | held-out ppl | BLEU | minutes |")
+    print("\n| defence | exposure | leakage: token acc. (ROUGE-L F) | strongest single attacker | epsilon per sequence (per token vector) | held-out ppl | BLEU | minutes |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        epsilon = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
+        epsilon = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g} ({r['eps_token']:.3g})"
         print(f"| {r['defence']} | {r['placement']}@{r['k']} | {r['leakage']:.3f} ({r['rouge_l_f']:.3f}) | {r['strongest']} "
               f"| {epsilon} | {r['perplexity']:.2f} | {r['bleu']:.1f} | {r['minutes']:.1f} |")
     print(f"\nchance (most frequent auxiliary token): {rows[0]['chance']:.3f}")

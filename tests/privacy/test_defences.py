@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from splitpeft.config import ConfigError, load_config
 from splitpeft.federation.simulation import Simulation
-from splitpeft.privacy.defences import Defence, clip_rows, distance_correlation, gaussian_epsilon
+from splitpeft.privacy.defences import Defence, clip_rows, distance_correlation
 from splitpeft.transport.messages import Kind, decode
 
 
@@ -48,18 +48,6 @@ def test_distance_correlation_against_known_cases():
     a, b = centred(xs), centred(ys)
     reference = np.sqrt((a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean()))
     assert float(distance_correlation(x[:40], x[:40] ** 2 + 0.5 * y[:40])) == pytest.approx(reference, rel=1e-4)
-
-
-def test_gaussian_epsilon_matches_the_closed_form_optimum():
-    """min_a [c a + L/(a - 1)], c = 2 R V / sigma^2, L = log(1/delta), is c + 2 sqrt(c L) at the
-    real optimum; the grid of orders may only be slightly above it."""
-    for sigma, releases, vectors in [(2.0, 1, 1), (8.0, 10, 1), (20.0, 3, 16)]:
-        c, log_inv_delta = 2 * releases * vectors / sigma**2, math.log(1e5)
-        exact = c + 2 * math.sqrt(c * log_inv_delta)
-        got = gaussian_epsilon(sigma, releases, 1e-5, vectors=vectors)
-        assert exact <= got <= exact * 1.01
-    assert gaussian_epsilon(0.0, 5, 1e-5) == math.inf
-    assert gaussian_epsilon(4.0, 10, 1e-5) > gaussian_epsilon(4.0, 1, 1e-5) > gaussian_epsilon(8.0, 1, 1e-5)
 
 
 def _frames(*overrides):

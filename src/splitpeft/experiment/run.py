@@ -66,7 +66,7 @@ from splitpeft.federation.fleet import seed_everything
 from splitpeft.federation.simulation import Simulation
 from splitpeft.model.loading import load_model
 from splitpeft.model.runtime import resolve_runtime
-from splitpeft.privacy.audit import audit_simulation, leakage_table, markdown, plot_leakage
+from splitpeft.privacy.audit import audit_simulation, leakage_table, markdown, plot_leakage, run_accounting
 from splitpeft.storage import (
     FolderInUse,
     Stopped,
@@ -351,6 +351,8 @@ def _evaluate_run(sim: Simulation, report: dict[str, Any], out: Path, *, progres
                     os.replace(partial, out / "leakage.png")
         elif config.privacy.estimate:
             report["privacy_estimate"] = _privacy_estimate(sim)
+        # (epsilon, delta) of the Gaussian release over the whole run, whatever was audited
+        report["privacy_accounting"] = run_accounting(sim)
     except WriteError:
         raise
     except Exception as error:

@@ -26,7 +26,7 @@ from splitpeft.data.sources import load_examples
 from splitpeft.federation.fleet import defence_of, device_examples
 from splitpeft.hsplit.memory import ModelShapes, flops_per_step, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
-from splitpeft.privacy.defences import gaussian_epsilon
+from splitpeft.privacy.accounting import accountant_name, gaussian_release_epsilon
 from splitpeft.privacy.meter import Exposure, MeterSettings, exposure_of, measure, releases_per_example
 
 log = logging.getLogger(__name__)
@@ -60,22 +60,44 @@ def settings_of(config: ExperimentConfig) -> MeterSettings:
                          search_lm_candidates=p.search_lm_candidates, search_beam=p.search_beam)
 
 
-def accounting(config: ExperimentConfig, releases: int) -> dict[str, Any] | None:
+def accounting(config: ExperimentConfig, releases: int, *, sends_head_gradient: bool) -> dict[str, Any] | None:
     """(epsilon, delta) of the Gaussian release over `releases` releases of each example, per
-    token vector and per sequence of data.max_length vectors; None without noise."""
+    token vector and per sequence of data.max_length vectors, from dp-accounting
+    (`privacy/accounting.py`); None without noise. `sends_head_gradient`: the devices send a head
+    gradient (U-shaped split, dlora), noised as a second tensor per release where
+    privacy.gradient_clip_norm > 0."""
     p = config.privacy
     if p.noise_multiplier <= 0:
         return None
+    tensors = 2 if sends_head_gradient and p.gradient_clip_norm > 0 else 1
+    token = gaussian_release_epsilon(p.noise_multiplier, releases, p.delta, tensors=tensors)
+    sequence = gaussian_release_epsilon(p.noise_multiplier, releases, p.delta, vectors=config.data.max_length,
+                                        tensors=tensors)
     return {
         "mechanism": "each token's vector clipped to L2 norm C and N(0, (sigma C)^2 I) added, per release",
+        "accountant": accountant_name(),
         "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "gradient_clip_norm": p.gradient_clip_norm,
         "delta": p.delta,
         "releases_per_example": releases,
-        "epsilon_per_token_vector": gaussian_epsilon(p.noise_multiplier, releases, p.delta),
-        "epsilon_per_sequence": gaussian_epsilon(p.noise_multiplier, releases, p.delta, vectors=config.data.max_length),
-        "note": "Renyi accounting, sensitivity 2C per vector (2C sqrt(T) per sequence), no subsampling amplification; "
-                "the head gradient is covered only with privacy.gradient_clip_norm > 0 (its own C_g)",
+        "noised_tensors_per_release": tensors,
+        "epsilon_per_token_vector": token["epsilon"], "epsilon_per_token_vector_rdp": token["epsilon_rdp"],
+        "epsilon_per_sequence": sequence["epsilon"], "epsilon_per_sequence_rdp": sequence["epsilon_rdp"],
+        "note": "sensitivity 2C per vector (2C sqrt(T) per sequence, T = data.max_length), every release of the run "
+                "(each epoch over a device's data, each noised tensor), no subsampling amplification; the head "
+                "gradient is noised only with privacy.gradient_clip_norm > 0 (its own C_g)",
     }
+
+
+def run_accounting(sim: Any) -> dict[str, Any] | None:
+    """`accounting` of a finished `Simulation`: each example's releases over the run's steps (the
+    device with the fewest examples, whose examples cross the cut most often)."""
+    config: ExperimentConfig = sim.config
+    if not sim.placement.uses_server():
+        return None
+    fed = config.federation
+    releases = max(releases_per_example(fed.rounds * fed.local_steps, fed.batch_size, len(items))
+                   for items in sim.device_encoded)
+    return accounting(config, releases, sends_head_gradient=sim.placement.device_keeps_head())
 
 
 # The cheap estimate every run reports (privacy.estimate) when the full audit is off: the linear map
@@ -118,10 +140,7 @@ def audit_simulation(sim: Any, *, estimate: bool = False) -> dict[str, Any]:
         section["note"] = (f"an estimate: the linear map fitted on {len(aux)} auxiliary examples and the side channels, "
                            f"against {ESTIMATE_EXAMPLES} private examples per exposure; a lower bound on what "
                            "privacy.audit=true measures with every attacker")
-    fed = config.federation
-    steps = fed.rounds * fed.local_steps
-    releases = max(releases_per_example(steps, fed.batch_size, len(items)) for items in sim.device_encoded)
-    section["accounting"] = accounting(config, releases)
+    section["accounting"] = run_accounting(sim)
     return section
 
 

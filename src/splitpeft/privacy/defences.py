@@ -10,11 +10,10 @@ Three named options (`privacy.*`), each measured by the privacy meter (`privacy/
       x_t -> x_t min(1, C / ||x_t||_2) + sigma C xi_t,      xi_t ~ N(0, I_d)
 
   so one release of one clipped vector is the Gaussian mechanism with L2 sensitivity 2C (any
-  clipped vector replaced by any other) and noise sigma C. `gaussian_epsilon` gives its
-  (epsilon, delta) by Renyi accounting over the number of times the vector is released (the
-  epochs over the device's data); per sequence, all T vectors change together, so the
-  sensitivity is 2C sqrt(T). No amplification by subsampling is claimed: the server knows
-  which device sent each batch. Backward goes through the clipping (noise is additive).
+  clipped vector replaced by any other) and noise sigma C; per sequence, all T vectors change
+  together, so the sensitivity is 2C sqrt(T). Its (epsilon, delta) over every release of the run
+  comes from the dp-accounting library (`privacy/accounting.py`), in every run's report
+  (`privacy_accounting`). Backward goes through the clipping (noise is additive).
 - **NoPeek** (`privacy.nopeek_weight` alpha; Vepakomma et al., 2020): the device adds
   alpha dCor(E, Z) to its loss, the distance correlation between the input embeddings E and the
   cut activations Z of the same tokens (rows: up to `NOPEEK_TOKENS` real positions of the batch),
@@ -27,7 +26,6 @@ Three named options (`privacy.*`), each measured by the privacy meter (`privacy/
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -124,20 +122,3 @@ class Defence:
 
 
 NO_DEFENCE = Defence()
-
-
-def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float, vectors: int = 1) -> float:
-    """epsilon of `releases` Gaussian releases of `vectors` clipped vectors together, at `delta`.
-
-    One release: sensitivity Delta = 2 C sqrt(vectors), noise sigma C, so its Renyi DP of order a is
-    a Delta^2 / (2 sigma^2 C^2) = 2 a vectors / sigma^2 (Mironov 2017, Prop. 7); over `releases`
-    releases the orders add, and (epsilon, delta) = min_a [releases 2 a vectors / sigma^2
-    + log(1 / delta) / (a - 1)] (Prop. 3). inf without noise.
-    """
-    if noise_multiplier <= 0:
-        return math.inf
-    if releases <= 0:
-        return 0.0
-    rdp_per_order = 2.0 * releases * vectors / noise_multiplier**2
-    orders = [1 + x / 100 for x in range(1, 100)] + list(range(2, 256))
-    return min(rdp_per_order * a + math.log(1 / delta) / (a - 1) for a in orders)
