@@ -165,8 +165,9 @@ class Attacker(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
-def nearest_rows(queries: torch.Tensor, table: torch.Tensor, metric: Metric = "l2") -> torch.Tensor:
-    """Index of the row of `table` (V, d) nearest to each query (n, d) -> (n,) int64.
+def nearest_rows(queries: torch.Tensor, table: torch.Tensor, metric: Metric = "l2", count: int | None = None) -> torch.Tensor:
+    """Index of the row of `table` (V, d) nearest to each query (n, d) -> (n,) int64; with
+    `count`, the `count` nearest rows of each, nearest first -> (n, min(count, V)).
 
     l2:     argmin_v ||x - e_v||^2 = argmin_v ||e_v||^2 - 2 x . e_v
     cosine: argmax_v x . e_v / ||e_v||
@@ -183,8 +184,14 @@ def nearest_rows(queries: torch.Tensor, table: torch.Tensor, metric: Metric = "l
     else:
         raise ValueError(f"unknown metric {metric!r}; choose from l2, cosine")
     block = max(1, _BLOCK_ELEMENTS // table.shape[0])
-    found = [(offset - weight * (part @ table.T)).argmin(dim=1) for part in queries.split(block)]  # (n_b,) each
-    return torch.cat(found) if found else torch.empty(0, dtype=torch.long)
+    found = []
+    for part in queries.split(block):
+        scores = offset - weight * (part @ table.T)  # (n_b, V): lower is nearer
+        found.append(scores.argmin(dim=1) if count is None
+                     else scores.topk(min(count, table.shape[0]), dim=1, largest=False).indices)
+    if found:
+        return torch.cat(found)
+    return torch.empty((0,) if count is None else (0, min(count, table.shape[0])), dtype=torch.long)
 
 
 def _place(mask: torch.Tensor, guesses: torch.Tensor) -> torch.Tensor:
@@ -599,9 +606,7 @@ class SearchInverter:
         """The proposer's `candidates` nearest tokens to each state (n, d) -> (n, candidates)."""
         assert self.proposer.weight is not None
         predicted = self.proposer._features(_without_positions(states.unsqueeze(0), self.knowledge)[0]) @ self.proposer.weight
-        table = self.knowledge.token_embeddings.double()
-        distances = table.pow(2).sum(dim=1) - 2 * (predicted @ table.T)  # (n, V), up to ||x||^2
-        return distances.topk(min(self.candidates, table.shape[0]), dim=1, largest=False).indices
+        return nearest_rows(predicted, self.knowledge.token_embeddings.to(predicted.dtype), count=self.candidates)
 
     @torch.no_grad()
     def reconstruct(self, batch: CutBatch) -> torch.Tensor:
