@@ -308,7 +308,12 @@ class PrivacyConfig:
     clip_norm: float = _help("C: L2 clipping of each token's vector sent up (0 = off; needed with noise)", 0.0)
     gradient_clip_norm: float = _help(
         "C_g: with noise, the head gradient the device sends (U-shaped split, dlora) is also clipped to C_g per "
-        "token and gets N(0, (sigma C_g)^2) (its rows are far smaller than the activations'); 0 = sent as is", 0.0)
+        "token and gets N(0, (sigma C_g)^2) (its rows are far smaller than the activations'); 0 = sent as is. "
+        "With privacy.clip_norm 0, only the head gradient is noised (it carries the labels; the states go clean)", 0.0)
+    clip_per: Literal["token", "sequence"] = _help(
+        "what privacy.clip_norm (and gradient_clip_norm) bounds: each token's vector (sensitivity 2C per token, "
+        "2C sqrt(T) per sequence) or each sequence's whole (T, d) release (2C per sequence, DP-Forward's "
+        "sequence-level guarantee, with far less signal per token)", "token")
     nopeek_weight: float = _help(
         "alpha: the device adds alpha dCor(input embeddings, cut activations) to its loss (NoPeek); needs "
         "device-side adapters before the cut", 0.0)
@@ -438,8 +443,11 @@ class ExperimentConfig:
              "hsplit.min_split must be <= hsplit.max_split"),
             (all(name in ATTACKER_NAMES for name in self.privacy.attackers),
              f"privacy.attackers: choose from {', '.join(ATTACKER_NAMES)}"),
-            (self.privacy.noise_multiplier == 0 or self.privacy.clip_norm > 0,
-             "privacy.noise_multiplier needs privacy.clip_norm > 0 (the noise is sigma x C)"),
+            (self.privacy.noise_multiplier == 0 or self.privacy.clip_norm > 0 or self.privacy.gradient_clip_norm > 0,
+             "privacy.noise_multiplier needs privacy.clip_norm > 0 (the noise is sigma x C), or "
+             "privacy.gradient_clip_norm > 0 alone for noise on the head gradient only"),
+            (self.privacy.clip_norm > 0 or self.privacy.gradient_clip_norm == 0 or self.privacy.noise_multiplier > 0,
+             "privacy.gradient_clip_norm clips the head gradient of the Gaussian release: set privacy.noise_multiplier"),
             ((self.privacy.noise_multiplier == 0 and self.privacy.clip_norm == 0 and self.privacy.nopeek_weight == 0)
              or self.placement.placement != "centralized",
              "privacy defences protect what crosses the cut; placement centralized sends nothing"),

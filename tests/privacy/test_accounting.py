@@ -9,8 +9,10 @@ import pytest
 from conftest import tiny_config
 from dp_accounting.pld import PLDAccountant
 
+from splitpeft.config import load_config
 from splitpeft.experiment.run import run_experiment
 from splitpeft.privacy.accounting import gaussian_release_epsilon
+from splitpeft.privacy.audit import accounting
 
 
 def gdp_delta(epsilon: float, mu: float) -> float:
@@ -58,6 +60,22 @@ def test_every_runs_report_carries_the_accounting(tmp_path):
     want = gaussian_release_epsilon(0.5, accounting["releases_per_example"], 1e-5, vectors=160, tensors=2)
     assert accounting["epsilon_per_sequence"] == pytest.approx(want["epsilon"])
     assert accounting["epsilon_per_token_vector"] < accounting["epsilon_per_sequence"]
+    assert accounting["noised"] == ["states at the cut", "head gradient"] and accounting["in_the_clear"] == []
     clean = run_experiment(tiny_config("tiny-llama", "privacy.estimate=false", "eval.generation=false"), tmp_path / "clean",
                            progress=False)
     assert clean["privacy_accounting"] is None
+
+
+def test_the_accounting_names_what_it_covers_and_what_crosses_in_the_clear():
+    """Noise on the head gradient only covers the labels, not the states; plain split sends the
+    labels in the clear; clipped per sequence, a sequence's sensitivity is 2C (no sqrt(T))."""
+    config = load_config(preset="tiny", overrides=["privacy.noise_multiplier=0.5", "privacy.gradient_clip_norm=1"])
+    head_only = accounting(config, 3, sends_head_gradient=True)
+    assert head_only["noised"] == ["head gradient"] and head_only["in_the_clear"] == ["states at the cut"]
+    plain = accounting(load_config(preset="tiny", overrides=["privacy.noise_multiplier=0.5", "privacy.clip_norm=2"]), 3,
+                       sends_head_gradient=False)
+    assert plain["noised"] == ["states at the cut"] and plain["in_the_clear"] == ["labels"]
+    per_sequence = accounting(load_config(preset="tiny", overrides=["privacy.noise_multiplier=0.5", "privacy.clip_norm=2",
+                                                                    "privacy.clip_per=sequence"]), 3, sends_head_gradient=False)
+    assert per_sequence["epsilon_per_sequence"] == pytest.approx(gaussian_release_epsilon(0.5, 3, 1e-5)["epsilon"])
+    assert per_sequence["epsilon_per_sequence"] < plain["epsilon_per_sequence"]

@@ -74,6 +74,30 @@ def test_a_noisy_run_sends_clipped_noised_activations_and_head_gradients():
     assert all(math.isfinite(loss) for loss in sim.rounds[0].devices["device-0"].losses)
 
 
+def test_noise_on_the_head_gradient_only_sends_clean_states_and_a_noised_head_gradient():
+    clean_sim, clean = _frames("placement.split_layer=2")
+    clean_sim.run_round()
+    sim, noisy = _frames("placement.split_layer=2", "privacy.noise_multiplier=2.0", "privacy.gradient_clip_norm=0.5")
+    sim.run_round()
+    hidden = [m for d, m in noisy if d == "up" and m.kind == Kind.ACTIVATIONS][0].tensors["hidden"]
+    clean_hidden = [m for d, m in clean if d == "up" and m.kind == Kind.ACTIVATIONS][0].tensors["hidden"]
+    assert torch.equal(hidden, clean_hidden)  # the states go as they are
+    head = [m for d, m in noisy if d == "up" and m.kind == Kind.HEAD_GRADIENT][0].tensors["grad"]
+    assert float(head.std()) == pytest.approx(1.0, rel=0.1)
+
+
+def test_clipping_per_sequence_bounds_each_rows_whole_release():
+    x = torch.randn(3, 20, 16) * torch.tensor([0.001, 1.0, 10.0])[:, None, None]
+    released = Defence(clip_norm=2.0, clip_per="sequence").release(x)
+    norms = released.reshape(3, -1).norm(dim=1)
+    assert float(norms.max()) <= 2.0 + 1e-5 and torch.equal(released[0], x[0])  # the small row untouched
+    # one factor per row: token vectors keep their proportions (per-token clipping would not)
+    ratio = released[2].norm(dim=-1) / x[2].norm(dim=-1)
+    assert float(ratio.max() - ratio.min()) < 1e-5
+    noisy = Defence(noise_multiplier=0.5, clip_norm=2.0, clip_per="sequence", seed=3).release(x)
+    assert float((noisy - released).std()) == pytest.approx(1.0, rel=0.1)
+
+
 def test_nopeek_changes_the_device_adapters_gradients_and_trains():
     base, _ = _frames("placement.split_layer=2")
     penalised, _ = _frames("placement.split_layer=2", "privacy.nopeek_weight=1.0")
@@ -86,6 +110,8 @@ def test_nopeek_changes_the_device_adapters_gradients_and_trains():
 
 @pytest.mark.parametrize("overrides,message", [
     (["privacy.noise_multiplier=1"], "needs privacy.clip_norm"),
+    (["privacy.gradient_clip_norm=1"], "set privacy.noise_multiplier"),
+    (["privacy.clip_per=vector"], "clip_per"),
     (["privacy.nopeek_weight=1", "placement.split_layer=0"], "nopeek_weight trains device adapters"),
     (["privacy.clip_norm=1", "placement.placement=centralized"], "centralized sends nothing"),
     (["placement.dlora_device_blocks=2"], "dlora's hybrid"),

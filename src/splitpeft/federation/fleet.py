@@ -194,7 +194,7 @@ def defence_of(config: ExperimentConfig, index: int) -> Defence:
     """Device `index`'s defences from `privacy.*`, its noise seeded by (seed, index)."""
     p = config.privacy
     return Defence(noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm, gradient_clip_norm=p.gradient_clip_norm,
-                   nopeek_weight=p.nopeek_weight, seed=config.seed * 1_000 + index + 7)
+                   nopeek_weight=p.nopeek_weight, clip_per=p.clip_per, seed=config.seed * 1_000 + index + 7)
 
 
 def fixed_split(config: ExperimentConfig) -> int:

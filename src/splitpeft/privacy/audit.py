@@ -69,12 +69,21 @@ def accounting(config: ExperimentConfig, releases: int, *, sends_head_gradient: 
     p = config.privacy
     if p.noise_multiplier <= 0:
         return None
-    tensors = 2 if sends_head_gradient and p.gradient_clip_norm > 0 else 1
+    noised = (["states at the cut"] if p.clip_norm > 0 else []) + (
+        ["head gradient"] if sends_head_gradient and p.gradient_clip_norm > 0 else [])
+    in_the_clear = ([] if p.clip_norm > 0 else ["states at the cut"]) + (
+        ["labels"] if not sends_head_gradient else [] if p.gradient_clip_norm > 0 else ["head gradient"])
+    tensors = len(noised)
+    # clipped per sequence, one token's change moves the release by at most 2C, as a whole sequence's does
+    vectors = 1 if p.clip_per == "sequence" else config.data.max_length
     token = gaussian_release_epsilon(p.noise_multiplier, releases, p.delta, tensors=tensors)
-    sequence = gaussian_release_epsilon(p.noise_multiplier, releases, p.delta, vectors=config.data.max_length,
-                                        tensors=tensors)
+    sequence = gaussian_release_epsilon(p.noise_multiplier, releases, p.delta, vectors=vectors, tensors=tensors)
+    unit = "each sequence's (T, d) release" if p.clip_per == "sequence" else "each token's vector"
     return {
-        "mechanism": "each token's vector clipped to L2 norm C and N(0, (sigma C)^2 I) added, per release",
+        "mechanism": f"{unit} clipped to L2 norm C and N(0, (sigma C)^2) added to every entry, per release",
+        "noised": noised,
+        "in_the_clear": in_the_clear,  # what crosses the cut unprotected: the epsilons do not cover it
+        "clip_per": p.clip_per,
         "accountant": accountant_name(),
         "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "gradient_clip_norm": p.gradient_clip_norm,
         "delta": p.delta,
@@ -82,9 +91,10 @@ def accounting(config: ExperimentConfig, releases: int, *, sends_head_gradient: 
         "noised_tensors_per_release": tensors,
         "epsilon_per_token_vector": token["epsilon"], "epsilon_per_token_vector_rdp": token["epsilon_rdp"],
         "epsilon_per_sequence": sequence["epsilon"], "epsilon_per_sequence_rdp": sequence["epsilon_rdp"],
-        "note": "sensitivity 2C per vector (2C sqrt(T) per sequence, T = data.max_length), every release of the run "
-                "(each epoch over a device's data, each noised tensor), no subsampling amplification; the head "
-                "gradient is noised only with privacy.gradient_clip_norm > 0 (its own C_g)",
+        "note": "sensitivity 2C per vector (2C sqrt(T) per sequence, T = data.max_length; 2C per sequence when "
+                "clipped per sequence), every release of the run (each epoch over a device's data, each noised "
+                "tensor), no subsampling amplification; the epsilons cover only what is noised (`noised`), never "
+                "what crosses in the clear (`in_the_clear`)",
     }
 
 

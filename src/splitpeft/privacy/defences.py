@@ -67,6 +67,7 @@ class Defence:
     clip_norm: float = 0.0
     gradient_clip_norm: float = 0.0
     nopeek_weight: float = 0.0
+    clip_per: str = "token"  # or "sequence": the clip norm bounds each row's whole (T, d) release
     seed: int = 0
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
 
@@ -84,11 +85,15 @@ class Defence:
         return self._generators[device]
 
     def release(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) activations -> what is sent: clipped to `clip_norm` per token, plus
-        N(0, (sigma C)^2) noise; `x` itself when both are off."""
+        """(B, T, d) activations -> what is sent: clipped to `clip_norm` per token (`clip_per`
+        "sequence": each row's whole (T, d) to Frobenius norm C), plus N(0, (sigma C)^2) noise per
+        entry; `x` itself when both are off."""
         if self.clip_norm <= 0:
             return x
-        released = clip_rows(x, self.clip_norm)
+        if self.clip_per == "sequence":
+            released = clip_rows(x.reshape(x.shape[0], -1), self.clip_norm).reshape(x.shape)
+        else:
+            released = clip_rows(x, self.clip_norm)
         if self.noisy:
             noise = torch.randn(x.shape, generator=self._generator(x.device), device=x.device, dtype=torch.float32)
             released = released + (noise * (self.noise_multiplier * self.clip_norm)).to(x.dtype)
@@ -100,7 +105,8 @@ class Defence:
         when C_g is 0. Its own C, since a gradient row is orders of magnitude smaller than a state."""
         if self.gradient_clip_norm <= 0:
             return grad
-        return Defence(self.noise_multiplier, self.gradient_clip_norm, seed=self.seed, _generators=self._generators).release(grad)
+        return Defence(self.noise_multiplier, self.gradient_clip_norm, clip_per=self.clip_per, seed=self.seed,
+                       _generators=self._generators).release(grad)
 
     def penalty(self, embedded: torch.Tensor, cut: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """alpha dCor(E, Z) over up to NOPEEK_TOKENS real positions (mask (B, T)) of the input
@@ -116,9 +122,9 @@ class Defence:
         z = cut.reshape(-1, cut.shape[-1])[rows]
         return self.nopeek_weight * distance_correlation(e, z)
 
-    def describe(self) -> dict[str, float | bool]:
+    def describe(self) -> dict[str, float | bool | str]:
         return {"noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
-                "gradient_clip_norm": self.gradient_clip_norm, "nopeek_weight": self.nopeek_weight}
+                "gradient_clip_norm": self.gradient_clip_norm, "nopeek_weight": self.nopeek_weight, "clip_per": self.clip_per}
 
 
 NO_DEFENCE = Defence()

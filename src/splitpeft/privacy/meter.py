@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -133,7 +133,7 @@ def capture_batch(model: PreTrainedModel, batch: Batch, exposure: Exposure, defe
 
 
 def _seeded(defence: Defence, seed: int) -> Defence:
-    return Defence(defence.noise_multiplier, defence.clip_norm, defence.gradient_clip_norm, defence.nopeek_weight, seed=seed)
+    return replace(defence, seed=seed, _generators={})
 
 
 def _overlay(base: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
