@@ -275,8 +275,8 @@ class EvalConfig:
     baseline: bool = _help("also evaluate the untuned base model for comparison", False)
 
 
-ATTACKER_NAMES = ("embedding_nn", "linear", "learned", "gradient", "labels", "search")  # privacy/attackers.py
-DEFAULT_ATTACKERS = ATTACKER_NAMES[:5]  # search (slow: the device's blocks per candidate token) on request
+ATTACKER_NAMES = ("embedding_nn", "linear", "learned", "gradient", "labels", "search", "bisr")  # privacy/attackers.py
+DEFAULT_ATTACKERS = ATTACKER_NAMES[:5]  # search and bisr (slow: they run the device's blocks) on request
 
 
 @dataclass
@@ -295,6 +295,8 @@ class PrivacyConfig:
     search_candidates: int = _help("search: tokens per position the linear attacker proposes", 16)
     search_lm_candidates: int = _help("search: tokens per position the model proposes after each decoded prefix", 8)
     search_beam: int = _help("search: decoded prefixes kept per sequence", 1)
+    bisr_steps: int = _help("bisr: Adam steps on the soft inputs that should reproduce the observed states", 200)
+    bisr_lr: float = _help("bisr: the Adam learning rate of those steps", 0.02)
     audit_examples: int = _help("private examples per device the audit tries to reconstruct", 32)
     aux_source: Literal["builtin", "e2e", "jsonl"] = _help(
         "public auxiliary text the attackers train on (the built-in task, or a file)", "builtin")
@@ -510,6 +512,8 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "privacy.search_candidates": Bound(1, 1_000_000),
     "privacy.search_lm_candidates": Bound(0, 1_000_000),
     "privacy.search_beam": Bound(1, 1024),
+    "privacy.bisr_steps": Bound(0, 1_000_000),
+    "privacy.bisr_lr": Bound(1e-9, 1e3),
     "federation.round_deadline_s": Bound(0, 1e9, low_open=True),
     "fleet.availability": Bound(0, 1, low_open=True),
     "federation.rounds": Bound(1, 100_000),

@@ -82,10 +82,11 @@ def test_the_meter_runs_the_known_weights_search_on_request_and_counts_it_in_the
     audits, with its adapters) and, being exact here, is the leakage's strongest attacker."""
     loaded, aux, private = tiny_data
     exposure = Exposure("split_u", 3, labels=False, head_gradient=True)
-    table = _measure(loaded, aux[:16], private[:4], [exposure], attackers=("linear", "search"),
-                     search_candidates=8, search_lm_candidates=4)
+    table = _measure(loaded, aux[:16], private[:4], [exposure], attackers=("linear", "search", "bisr"),
+                     search_candidates=8, search_lm_candidates=4, bisr_steps=60, bisr_lr=0.05)
     rows = {row["attacker"]: row["token_accuracy"] for row in table["rows"]}
     assert rows["search"] == 1.0 and rows["search"] >= rows["linear"]
+    assert rows["bisr"] > table["chance_token_accuracy"] + 0.5  # the optimisation attacker runs there too
     assert table["leakage"][0]["token_accuracy"] == 1.0
     assert table["leakage"][0]["strongest_activation_attacker"] in ("search", "linear")
 

@@ -677,12 +677,82 @@ class SearchInverter:
         return prefixes[:, 0]
 
 
+class OptimisationInverter:
+    """BiSR-style optimisation: soft inputs optimised so that the device's blocks reproduce what
+    the server observed. The server knows the device-side function (public base + the adapters it
+    aggregated), so it can run blocks [0, k) on any input and follow the gradient back.
+
+    The inputs z (B, T, d) start from the `linear` attacker's predicted token embeddings (fitted on
+    aux traffic) and take `steps` Adam steps (`lr`) on the mean over real positions of
+    (1 - cos(s_t, o_t)) + `l2_weight` ||s_t - o_t||^2 / ||o_t||^2, s = blocks [0, k)(z) (first
+    clipped as the device's defence clips, `clip_norm`), o the observed states: under Gaussian noise
+    the L2 term is the negative log-likelihood up to a constant, which is why this is the attacker
+    to use under noise. Each position's z is then projected to its nearest token embedding. Every
+    position is optimised at once (a state depends on its prefix, and the prefix's inputs are
+    optimised too). Needs `knowledge.model`.
+    """
+
+    name: ClassVar[str] = "bisr"
+
+    def __init__(self, knowledge: ServerKnowledge, *, seed: int = 0, split_layer: int = 0, steps: int = 200,
+                 lr: float = 0.01, l2_weight: float = 1.0, clip_norm: float = 0.0):
+        if steps < 0 or not lr > 0 or l2_weight < 0 or split_layer < 0:
+            raise ValueError(f"bisr needs steps >= 0, lr > 0, l2_weight >= 0 and split_layer >= 0; got "
+                             f"{steps}, {lr}, {l2_weight}, {split_layer}")
+        self.knowledge = knowledge
+        self.split_layer = split_layer
+        self.steps, self.lr, self.l2_weight, self.clip_norm = steps, lr, l2_weight, clip_norm
+        self.seed = seed
+        self.proposer = LinearInverter(knowledge, seed=seed)
+
+    def applies(self, batch: CutBatch) -> bool:
+        return self.knowledge.model is not None
+
+    def fit(self, aux: Sequence[tuple[CutBatch, torch.Tensor]]) -> None:
+        self.proposer.fit(aux)
+
+    def reconstruct(self, batch: CutBatch) -> torch.Tensor:
+        if self.proposer.weight is None:
+            raise RuntimeError("bisr attacker: call fit(aux) first")
+        model = self.knowledge.model
+        if model is None:
+            raise RuntimeError("bisr attacker: needs the model (knowledge.model)")
+        backbone = backbone_of(model)
+        parameter = next(model.parameters())
+        observed = batch.hidden.float()  # (B, T, d)
+        mask = batch.mask
+        with torch.no_grad():
+            flat = _without_positions(observed, self.knowledge).reshape(-1, observed.shape[2])  # (B T, d)
+            start = (self.proposer._features(flat) @ self.proposer.weight).view(observed.shape)  # float64
+            if self.knowledge.position_embeddings is not None:  # the blocks' input carries GPT-2's positions
+                start = start + self.knowledge.position_embeddings[: observed.shape[1]].to(start.dtype)
+        inputs = start.to(parameter.device, parameter.dtype).clone().requires_grad_(True)
+        target = observed.to(parameter.device)
+        weights = mask.to(parameter.device, torch.float32)
+        optimizer = torch.optim.Adam([inputs], lr=self.lr)
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                states = backbone.blocks(inputs, 0, self.split_layer).float()
+                if self.clip_norm > 0:
+                    states = states * (self.clip_norm / states.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+                cosine = F.cosine_similarity(states, target, dim=-1)  # (B, T)
+                l2 = (states - target).pow(2).sum(dim=-1) / target.pow(2).sum(dim=-1).clamp_min(1e-12)
+                loss = ((1 - cosine + self.l2_weight * l2) * weights).sum() / weights.sum().clamp_min(1.0)
+                (grad,) = torch.autograd.grad(loss, [inputs])  # the model's own gradients are never touched
+                inputs.grad = grad
+                optimizer.step()
+        found = _without_positions(inputs.detach().float().cpu(), self.knowledge)
+        guesses = nearest_rows(found[mask], self.knowledge.token_embeddings.to(found.dtype))
+        return _place(mask, guesses)
+
+
 # --------------------------------------------------------------------------------------------
 
 # name -> constructor (knowledge, *, seed, **settings)
 ATTACKERS: dict[str, Callable[..., Attacker]] = {
     cls.name: cls
-    for cls in (EmbeddingNearest, LinearInverter, LearnedInverter, GradientInverter, LabelReader, SearchInverter)
+    for cls in (EmbeddingNearest, LinearInverter, LearnedInverter, GradientInverter, LabelReader, SearchInverter,
+                OptimisationInverter)
 }
 
 

@@ -57,7 +57,8 @@ def settings_of(config: ExperimentConfig) -> MeterSettings:
     return MeterSettings(attackers=tuple(p.attackers), batch_size=config.federation.batch_size, seed=config.seed,
                          learned_steps=p.learned_steps, compression=config.transport.compression,
                          defence=defence_of(config, 0), search_candidates=p.search_candidates,
-                         search_lm_candidates=p.search_lm_candidates, search_beam=p.search_beam)
+                         search_lm_candidates=p.search_lm_candidates, search_beam=p.search_beam,
+                         bisr_steps=p.bisr_steps, bisr_lr=p.bisr_lr)
 
 
 def accounting(config: ExperimentConfig, releases: int, *, sends_head_gradient: bool) -> dict[str, Any] | None:

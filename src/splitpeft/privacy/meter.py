@@ -42,7 +42,7 @@ from splitpeft.transport.messages import Kind, Message
 
 log = logging.getLogger(__name__)
 
-ACTIVATION_ATTACKERS = ("embedding_nn", "linear", "learned", "search")  # read the cut activations
+ACTIVATION_ATTACKERS = ("embedding_nn", "linear", "learned", "search", "bisr")  # read the cut activations
 SIDE_ATTACKERS = ("labels", "gradient")                       # read the labels / the head gradient
 
 
@@ -81,6 +81,8 @@ class MeterSettings:
     search_candidates: int = 16                             # the search attacker's settings (privacy.search_*)
     search_lm_candidates: int = 8
     search_beam: int = 1
+    bisr_steps: int = 200                                   # the optimisation attacker's (privacy.bisr_*)
+    bisr_lr: float = 0.02
     defence: Defence = field(default_factory=Defence)       # its noise seed is replaced per use
 
 
@@ -202,6 +204,9 @@ def _options(name: str, exposure: Exposure, settings: MeterSettings) -> dict[str
     candidates and beam, and the defence's clipping (the server knows the mechanism)."""
     if name == "learned":
         return {"steps": settings.learned_steps}
+    if name == "bisr":
+        return {"split_layer": exposure.split_layer, "steps": settings.bisr_steps, "lr": settings.bisr_lr,
+                "clip_norm": settings.defence.clip_norm}
     if name == "search":
         return {"split_layer": exposure.split_layer, "candidates": settings.search_candidates,
                 "lm_candidates": settings.search_lm_candidates, "beam": settings.search_beam,
