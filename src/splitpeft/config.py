@@ -295,8 +295,10 @@ class PrivacyConfig:
     search_candidates: int = _help("search: tokens per position the linear attacker proposes", 16)
     search_lm_candidates: int = _help("search: tokens per position the model proposes after each decoded prefix", 8)
     search_beam: int = _help("search: decoded prefixes kept per sequence", 1)
-    bisr_steps: int = _help("bisr: Adam steps on the soft inputs that should reproduce the observed states", 200)
-    bisr_lr: float = _help("bisr: the Adam learning rate of those steps", 0.02)
+    bisr_steps: int = _help("bisr: Adam steps on the soft inputs that should reproduce the observed states", 100)
+    bisr_lr: float = _help(
+        "bisr: the Adam learning rate of those steps (SmolLM2 under noise: 0.0005 beat 0.002 and 0.02, which "
+        "drift away from the linear map's start; BENCHMARKS, \"Known-weights attackers under noise\")", 0.0005)
     audit_examples: int = _help("private examples per device the audit tries to reconstruct", 32)
     aux_source: Literal["builtin", "e2e", "jsonl"] = _help(
         "public auxiliary text the attackers train on (the built-in task, or a file)", "builtin")

@@ -694,8 +694,8 @@ class OptimisationInverter:
 
     name: ClassVar[str] = "bisr"
 
-    def __init__(self, knowledge: ServerKnowledge, *, seed: int = 0, split_layer: int = 0, steps: int = 200,
-                 lr: float = 0.01, l2_weight: float = 1.0, clip_norm: float = 0.0):
+    def __init__(self, knowledge: ServerKnowledge, *, seed: int = 0, split_layer: int = 0, steps: int = 100,
+                 lr: float = 0.0005, l2_weight: float = 1.0, clip_norm: float = 0.0):
         if steps < 0 or not lr > 0 or l2_weight < 0 or split_layer < 0:
             raise ValueError(f"bisr needs steps >= 0, lr > 0, l2_weight >= 0 and split_layer >= 0; got "
                              f"{steps}, {lr}, {l2_weight}, {split_layer}")

@@ -81,8 +81,8 @@ class MeterSettings:
     search_candidates: int = 16                             # the search attacker's settings (privacy.search_*)
     search_lm_candidates: int = 8
     search_beam: int = 1
-    bisr_steps: int = 200                                   # the optimisation attacker's (privacy.bisr_*)
-    bisr_lr: float = 0.02
+    bisr_steps: int = 100                                   # the optimisation attacker's (privacy.bisr_*)
+    bisr_lr: float = 0.0005
     defence: Defence = field(default_factory=Defence)       # its noise seed is replaced per use
 
 
