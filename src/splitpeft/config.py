@@ -285,8 +285,9 @@ class PrivacyConfig:
         "after training, play an honest-but-curious server against each device's traffic (privacy/meter.py) "
         "and add the leakage to the report (report section privacy)", False)
     attackers: list[str] = _help(
-        f"attackers the audit runs ({', '.join(ATTACKER_NAMES)}); search, the known-weights search, runs the "
-        "device's blocks on every candidate token and is not in the default list: add it for the strongest audit",
+        f"attackers the audit runs ({', '.join(ATTACKER_NAMES)}); search (the known-weights search, which runs the "
+        "device's blocks on every candidate token) and bisr (soft inputs optimised through the device's blocks) are "
+        "not in the default list: add search for the strongest audit, with or without noise",
         default_factory=lambda: list(DEFAULT_ATTACKERS))
     estimate: bool = _help(
         "when privacy.audit is off, every run's report still gets a cheap `privacy_estimate` (seconds): the "
