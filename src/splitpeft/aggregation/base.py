@@ -95,29 +95,43 @@ class Aggregator(Protocol):
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate: ...
 
 
-def per_tensor(values: Sequence[torch.Tensor], reduce: Literal["max_abs", "norm", "norm32"]) -> list[float]:
+Reduction = Literal["max_abs", "norm", "norm32"]
+
+
+def per_tensor(values: Sequence[torch.Tensor], reduce: Reduction) -> list[float]:
     """`reduce` of each tensor: its largest |x|, its norm in float64 ("norm") or in its own dtype
-    ("norm32"). One batched reduction per group of equal shapes and dtypes (a fleet's copies of a
-    module mostly share one): the same numbers as reducing each tensor alone, without a
-    Python-level call per copy."""
-    results = [0.0] * len(values)
-    groups: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = {}
+    ("norm32"); see `per_tensor_reductions`."""
+    return per_tensor_reductions(values, (reduce,))[reduce]
+
+
+def per_tensor_reductions(values: Sequence[torch.Tensor], reductions: Sequence[Reduction],
+                          minus: Sequence[torch.Tensor] | None = None) -> dict[str, list[float]]:
+    """Each of `reductions` of each tensor of `values` (less the same-shaped `minus` one, if
+    given). One subtraction and one batched reduction per group of equal shapes and dtypes (a
+    fleet's copies of a module mostly share one): the same numbers as reducing each tensor alone,
+    without a Python-level call per copy."""
+    results: dict[str, list[float]] = {reduce: [0.0] * len(values) for reduce in reductions}
+    groups: dict[tuple[tuple[int, ...], torch.dtype, torch.dtype | None], list[int]] = {}
     for i, value in enumerate(values):
-        groups.setdefault((tuple(value.shape), value.dtype), []).append(i)
-    for (shape, _), indexes in groups.items():
+        groups.setdefault((tuple(value.shape), value.dtype, None if minus is None else minus[i].dtype), []).append(i)
+    for (shape, _, _), indexes in groups.items():
         if math.prod(shape) == 0:
             continue
-        stacked = torch.stack([values[i] for i in indexes]).reshape(len(indexes), -1)
-        if reduce == "norm":
-            reduced = torch.linalg.vector_norm(stacked.double(), dim=1)
-        elif reduce == "norm32":
-            reduced = torch.linalg.vector_norm(stacked, dim=1)
-        elif reduce == "max_abs":
-            reduced = stacked.abs().amax(dim=1)
-        else:
-            raise ValueError(f"unknown reduction {reduce!r}")
-        for i, value in zip(indexes, reduced.tolist()):
-            results[i] = float(value)
+        stacked = torch.stack([values[i] for i in indexes])
+        if minus is not None:
+            stacked = stacked - torch.stack([minus[i] for i in indexes])
+        stacked = stacked.reshape(len(indexes), -1)
+        for reduce in reductions:
+            if reduce == "norm":
+                reduced = torch.linalg.vector_norm(stacked.double(), dim=1)
+            elif reduce == "norm32":
+                reduced = torch.linalg.vector_norm(stacked, dim=1)
+            elif reduce == "max_abs":
+                reduced = stacked.abs().amax(dim=1)
+            else:
+                raise ValueError(f"unknown reduction {reduce!r}")
+            for i, value in zip(indexes, reduced.tolist()):
+                results[reduce][i] = float(value)
     return results
 
 

@@ -63,6 +63,7 @@ from splitpeft.aggregation.base import (
     Aggregator,
     Clip,
     check_copies,
+    per_tensor_reductions,
 )
 from splitpeft.aggregation.fedavg import check_homogeneous
 from splitpeft.model.adapters import LoraWeights
@@ -109,29 +110,17 @@ class AdamTrustRegion:
 
 class FactorUpdates:
     """dA_i = A_i - A0_i and dB_i = B_i - B0_i of every copy, as the factor clips need them: the
-    norm (float64) and the largest |coordinate| of each. One subtraction and one reduction per group
-    of equal shapes and dtypes (a fleet's copies of a module mostly share one), the same numbers as
-    per copy; the deltas themselves only for the copies asked (`delta`)."""
+    norm (float64) and the largest |coordinate| of each, batched (`per_tensor_reductions`); the
+    deltas themselves only for the copies asked (`delta`)."""
 
     def __init__(self, copies: Sequence[AdapterCopy], starts: Sequence[LoraWeights]) -> None:
         self.copies, self.starts = list(copies), list(starts)
-        n = len(self.copies)
-        self.norms: dict[str, list[float]] = {"A": [0.0] * n, "B": [0.0] * n}
-        self.largest: dict[str, list[float]] = {"A": [0.0] * n, "B": [0.0] * n}
+        self.norms: dict[str, list[float]] = {}
+        self.largest: dict[str, list[float]] = {}
         for index, key in enumerate("AB"):
-            groups: dict[tuple[tuple[int, ...], torch.dtype, torch.dtype], list[int]] = {}
-            for i, (copy, start) in enumerate(zip(self.copies, self.starts)):
-                value, base = copy.weights[index], start[index]
-                groups.setdefault((tuple(value.shape), value.dtype, base.dtype), []).append(i)
-            for (shape, _, _), members in groups.items():
-                if math.prod(shape) == 0:
-                    continue
-                deltas = (torch.stack([self.copies[i].weights[index] for i in members])
-                          - torch.stack([self.starts[i][index] for i in members])).reshape(len(members), -1)
-                norms = torch.linalg.vector_norm(deltas.double(), dim=1).tolist()
-                largest = deltas.abs().amax(dim=1).tolist()
-                for i, norm, top in zip(members, norms, largest):
-                    self.norms[key][i], self.largest[key][i] = float(norm), float(top)
+            reduced = per_tensor_reductions([c.weights[index] for c in self.copies], ("norm", "max_abs"),
+                                            minus=[start[index] for start in self.starts])
+            self.norms[key], self.largest[key] = reduced["norm"], reduced["max_abs"]
 
     def delta(self, key: str, i: int) -> torch.Tensor:
         return self.copies[i].weights["AB".index(key)] - self.starts[i]["AB".index(key)]

@@ -226,11 +226,11 @@ class Lockstep:
                 for task in runnable:
                     self._resume(task)
                 runnable = []
-                asked = [task for task in tasks if task.request is not None]
+                requests = {task.device_id: task.request for task in tasks if task.request is not None}
+                asked = [task for task in tasks if task.device_id in requests]
                 if asked:
                     assert self.device_waves is not None
-                    answers = self.device_waves.serve([(task.device_id, task.request) for task in asked
-                                                       if task.request is not None],
+                    answers = self.device_waves.serve(list(requests.items()),
                                                       finished={task.device_id for task in tasks if task.finished})
                     for task in asked:
                         if task.device_id in answers:
