@@ -75,6 +75,23 @@ def test_a_fleet_reuses_a_few_shells_instead_of_building_one_per_device():
     assert all(d.is_parked for d in sim.devices) and all(s.is_parked for s in sim.server.sessions.values())
 
 
+def test_a_pool_keeps_as_many_free_shells_as_were_lent_at_once():
+    """A lockstep round binds every device's shell together: a pool whose max_free is below that
+    count still keeps them all, so the next round builds none; with fewer lent, max_free holds."""
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1"))
+    pool, spec = sim.device_pool, sim.devices[0].spec
+    pool.max_free = 2
+    shells = [pool.acquire(spec) for _ in range(5)]
+    for shell in shells:
+        pool.release(spec, shell)
+    assert (pool.built, pool.most_lent, pool.free_shells()) == (5, 5, 5)
+    again = [pool.acquire(spec) for _ in range(5)]
+    assert pool.built == 5 and {id(s) for s in again} == {id(s) for s in shells}
+    for shell in again:
+        pool.release(spec, shell)
+    assert pool.free_shells() == 5 and pool.lent == 0
+
+
 def test_parking_and_binding_again_keeps_adapters_moments_frozen_flags_and_the_warm_copy():
     """A party parked and bound again (to another shell of its spec) computes exactly what it
     did: same adapters, AdamW moments, frozen adapters, and under a warm start its own W - s B A."""

@@ -150,7 +150,9 @@ class Simulation:
         # With a batched server pass or device waves the round's devices run in lockstep
         # (`federation/lockstep.py`).
         device_pass = None
-        if fed.device_waves and self.placement.steps_in_device_waves:
+        if fed.device_waves and not self.placement.steps_in_device_waves:
+            log.info("federation.device_waves: placement %s steps its devices alone", self.placement.name)
+        elif fed.device_waves:
             if runtime.loss_scaling or runtime.gradient_checkpointing:
                 log.info("federation.device_waves: off under fp16 loss scaling or gradient checkpointing "
                          "(each device then steps alone)")
