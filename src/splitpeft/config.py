@@ -46,7 +46,7 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    source: str = _help("builtin | e2e | jsonl | hf:<name>[:split]", "builtin")
+    source: str = _help("builtin | e2e | jsonl | text (one example a line) | hf:<name>[:split]", "builtin")
     path: str | None = _help("file for e2e / jsonl sources", None)
     limit: int | None = _help("use only the first N examples", None)
     eval_fraction: float = _help("share of groups (e.g. E2E MRs) held out for evaluation", 0.1)
@@ -301,12 +301,21 @@ class PrivacyConfig:
         "bisr: the Adam learning rate of those steps (SmolLM2 under noise: 0.0005 beat 0.002 and 0.02, which "
         "drift away from the linear map's start; BENCHMARKS, \"Known-weights attackers under noise\")", 0.0005)
     audit_examples: int = _help("private examples per device the audit tries to reconstruct", 32)
-    aux_source: Literal["builtin", "e2e", "jsonl"] = _help(
-        "public auxiliary text the attackers train on (the built-in task, or a file)", "builtin")
-    aux_path: str | None = _help("file for aux_source e2e / jsonl; its last privacy.aux_examples examples "
+    aux_source: Literal["builtin", "e2e", "jsonl", "text"] = _help(
+        "public auxiliary text the attackers train on (the built-in task, or a file: e2e, jsonl, or text = "
+        "one example a line, e.g. any public corpus)", "builtin")
+    aux_path: str | None = _help("file for aux_source e2e / jsonl / text; its last privacy.aux_examples examples "
                                  "are used, and any whose text the devices train on is dropped", None)
     aux_examples: int = _help("auxiliary examples the attackers train on", 256)
-    learned_steps: int = _help("training steps of the learned inverter", 300)
+    aux_generate: int = _help(
+        "completions the server samples per auxiliary prompt from the model it knows (the base with the "
+        "aggregated adapters; privacy/corpus.py), added to the attackers' training text: generated pairs, "
+        "as many as the server cares to make; 0 = the auxiliary text alone", 0)
+    learned_steps: int = _help("most training steps of the learned inverter", 300)
+    learned_patience: int = _help(
+        "the learned inverter holds out 10% of its training text and stops once this many checks in a row "
+        "(one every 50 steps) gained under 0.005 token accuracy, keeping its best weights (report: the "
+        "learned row's `fit`); 0 = exactly privacy.learned_steps steps", 0)
     noise_multiplier: float = _help(
         "sigma: Gaussian release of what the device sends up, each token's vector clipped to privacy.clip_norm C "
         "and N(0, (sigma C)^2) added (privacy/defences.py); 0 = off", 0.0)
@@ -543,6 +552,8 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "privacy.audit_examples": Bound(1, 100_000),
     "privacy.aux_examples": Bound(2, 1_000_000),
     "privacy.learned_steps": Bound(0, 1_000_000),
+    "privacy.learned_patience": Bound(0, 1_000_000),
+    "privacy.aux_generate": Bound(0, 10_000),
     "privacy.noise_multiplier": Bound(0, 1e6),
     "privacy.clip_norm": Bound(0, 1e9),
     "privacy.gradient_clip_norm": Bound(0, 1e9),

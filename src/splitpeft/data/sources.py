@@ -11,6 +11,8 @@ Sources:
   (the cleaned release) or ``key[value], key[value]`` (the original release).
 - ``"jsonl"``: one JSON object a line with ``context`` + ``completion`` or ``instruction``
   (+ optional ``input``) + ``output``.
+- ``"text"``: plain text, one example a non-empty line (no prompt; the loss is on the whole line),
+  e.g. a public corpus for the privacy meter's attackers (``privacy.aux_source=text``).
 - ``"hf:<dataset>[:split]"``: a Hugging Face dataset via ``datasets.load_dataset`` (needs the
   ``datasets`` package and a network).
 
@@ -35,7 +37,7 @@ from splitpeft.data.examples import (
     mr_example,
 )
 
-SOURCES = ("builtin", "e2e", "jsonl", "hf:<dataset>[:split]")
+SOURCES = ("builtin", "e2e", "jsonl", "text", "hf:<dataset>[:split]")
 
 
 """Value used by Dirichlet partitioning for examples that lack the partition field."""
@@ -52,9 +54,9 @@ def load_examples(
     """Load a dataset as a list of :class:`Example`.
 
     Args:
-        source: ``"builtin"``, ``"e2e"``, ``"jsonl"`` or ``"hf:<dataset>[:split]"`` (split
+        source: ``"builtin"``, ``"e2e"``, ``"jsonl"``, ``"text"`` or ``"hf:<dataset>[:split]"`` (split
             defaults to ``"train"``).
-        path: file to read; required for ``"e2e"`` and ``"jsonl"``, ignored otherwise.
+        path: file to read; required for ``"e2e"``, ``"jsonl"`` and ``"text"``, ignored otherwise.
         limit: keep only the first ``limit`` examples (file order; generation order for builtin).
         seed: seed of the builtin generator (other sources are read in file order).
 
@@ -65,14 +67,15 @@ def load_examples(
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")
     if source == "builtin":
         examples = builtin_examples(seed)
-    elif source in ("e2e", "jsonl"):
+    elif source in ("e2e", "jsonl", "text"):
         if path is None:
             raise DataError(f"source {source!r} needs a path to a file")
         file = Path(path)
         if not file.is_file():
             raise DataError(f"{source} data file not found: {path}")
         lines = _read_lines(file)
-        examples = _parse_e2e_lines(lines, str(file)) if source == "e2e" else _parse_jsonl(lines, str(file))
+        parse = {"e2e": _parse_e2e_lines, "jsonl": _parse_jsonl, "text": _parse_text}[source]
+        examples = parse(lines, str(file))
     elif source.startswith("hf:"):
         examples = _load_hf(source)
     else:
@@ -102,6 +105,11 @@ def _parse_e2e_lines(lines: Iterable[str], where: str) -> list[Example]:
         except ValueError as err:
             raise DataError(f"{where}:{line_no}: {err}") from err
     return examples
+
+
+def _parse_text(lines: Iterable[str], where: str) -> list[Example]:
+    """One example per non-empty line: no prompt, the line (stripped) as the completion."""
+    return [Example("", line.strip(), line.strip()) for line in lines if line.strip()]
 
 
 def _record_example(record: Mapping[str, Any]) -> Example:

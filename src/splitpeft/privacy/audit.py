@@ -27,6 +27,7 @@ from splitpeft.federation.fleet import defence_of, device_examples
 from splitpeft.hsplit.memory import ModelShapes, flops_per_step, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
 from splitpeft.privacy.accounting import accountant_name, gaussian_release_epsilon
+from splitpeft.privacy.corpus import sampled_completions
 from splitpeft.privacy.meter import Exposure, MeterSettings, exposure_of, measure, releases_per_example
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,12 @@ log = logging.getLogger(__name__)
 DEFAULT_DEPTHS = (0, 1, 2, 4, 8, 16)
 
 
-def auxiliary_examples(config: ExperimentConfig, tokenizer: Any, training: Sequence[Example]) -> list[EncodedExample]:
+def auxiliary_examples(config: ExperimentConfig, tokenizer: Any, training: Sequence[Example],
+                       sample_from: PreTrainedModel | None = None) -> list[EncodedExample]:
     """The public text the attackers train on (`privacy.aux_*`), without any example whose
-    completion a device trains on."""
+    completion a device trains on; with privacy.aux_generate > 0 and a model to `sample_from` (the
+    model the server knows), followed by that many completions per auxiliary prompt sampled from
+    it (`privacy/corpus.py`)."""
     p = config.privacy
     if p.aux_source == "builtin":
         # Another draw of the built-in generator: the same kind of text, other restaurants.
@@ -49,13 +53,19 @@ def auxiliary_examples(config: ExperimentConfig, tokenizer: Any, training: Seque
     kept = [example for example in examples if example.completion not in seen]
     if len(kept) < 2:
         raise ValueError("privacy: fewer than 2 auxiliary examples are left once the training texts are removed")
-    return encode(kept[-p.aux_examples:], tokenizer, config.data.max_length)
+    kept = kept[-p.aux_examples:]
+    if p.aux_generate > 0 and sample_from is not None:
+        sampled = sampled_completions(sample_from, tokenizer, kept, p.aux_generate, max_new_tokens=config.data.max_length,
+                                      seed=config.seed + 104_729, batch_size=max(1, config.federation.batch_size * 4))
+        log.info("privacy: %d auxiliary examples and %d sampled from the model", len(kept), len(sampled))
+        kept = kept + sampled
+    return encode(kept, tokenizer, config.data.max_length)
 
 
 def settings_of(config: ExperimentConfig) -> MeterSettings:
     p = config.privacy
     return MeterSettings(attackers=tuple(p.attackers), batch_size=config.federation.batch_size, seed=config.seed,
-                         learned_steps=p.learned_steps, compression=config.transport.compression,
+                         learned_steps=p.learned_steps, learned_patience=p.learned_patience, compression=config.transport.compression,
                          defence=defence_of(config, 0), search_candidates=p.search_candidates,
                          search_lm_candidates=p.search_lm_candidates, search_beam=p.search_beam,
                          bisr_steps=p.bisr_steps, bisr_lr=p.bisr_lr)
@@ -126,7 +136,9 @@ def audit_simulation(sim: Any, *, estimate: bool = False) -> dict[str, Any]:
     lower bound on what the full audit measures, in seconds."""
     config: ExperimentConfig = sim.config
     tokenizer = sim.loaded.tokenizer
-    aux = auxiliary_examples(config, tokenizer, sim.train_examples)
+    model = sim.global_model()
+    # the estimate samples nothing: it is the seconds-long lower bound
+    aux = auxiliary_examples(config, tokenizer, sim.train_examples, None if estimate else model)
     per_device = ESTIMATE_EXAMPLES if estimate else config.privacy.audit_examples
     cases: dict[Exposure, list[EncodedExample]] = {}
     devices: dict[str, str] = {}
@@ -145,7 +157,7 @@ def audit_simulation(sim: Any, *, estimate: bool = False) -> dict[str, Any]:
         aux = aux[-ESTIMATE_AUX_EXAMPLES:]
         cases = {exposure: items[:ESTIMATE_EXAMPLES] for exposure, items in cases.items()}
         settings.attackers = ESTIMATE_ATTACKERS
-    section = measure(sim.global_model(), aux, list(cases.items()), settings, pad_id=sim.pad_id)
+    section = measure(model, aux, list(cases.items()), settings, pad_id=sim.pad_id)
     section["devices"] = devices
     if estimate:
         section["note"] = (f"an estimate: the linear map fitted on {len(aux)} auxiliary examples and the side channels, "
@@ -166,7 +178,7 @@ def leakage_table(config: ExperimentConfig, model: PreTrainedModel, tokenizer: A
     train, shards, _ = device_examples(config, config.federation.num_devices)
     pooled = [example for shard in shards for example in shard]
     private = encode(pooled[: config.privacy.audit_examples], tokenizer, config.data.max_length)
-    aux = auxiliary_examples(config, tokenizer, train)
+    aux = auxiliary_examples(config, tokenizer, train, model)
     exposures = [Exposure("dlora", 0, labels=False, head_gradient=True)]
     for k in depths:
         exposures += [Exposure("split", k, labels=True, head_gradient=False),

@@ -77,6 +77,7 @@ class MeterSettings:
     batch_size: int = 8
     seed: int = 0
     learned_steps: int = 300
+    learned_patience: int = 0                               # 0: exactly learned_steps; else until it flattens
     compression: str = "none"                               # transport.compression of the run
     search_candidates: int = 16                             # the search attacker's settings (privacy.search_*)
     search_lm_candidates: int = 8
@@ -155,7 +156,7 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
     leakage: list[dict[str, Any]] = []
     chance: float | None = None
     fitted: dict[tuple[int, str], Any] = {}  # activation attackers depend only on the depth
-    aux_by_depth: dict[int, list[tuple[CutBatch, torch.Tensor]]] = {}
+    aux_by_depth: dict[int | tuple[int, str], list[tuple[CutBatch, torch.Tensor]]] = {}  # (k, "clean"): before noise
     for exposure, private in cases:
         # The server's copy of the mechanism uses its own noise; the device's is seeded apart. Every
         # attacker fits on the states alone, so the aux traffic skips the rest of the model and the
@@ -166,6 +167,14 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
                 model, aux, states_only, _seeded(settings.defence, settings.seed + 1), pad_id=pad_id,
                 batch_size=settings.batch_size, compression=settings.compression)
         aux_seen = aux_by_depth[exposure.split_layer]
+        augment = _augments(settings)
+        if augment and "learned" in settings.attackers and (exposure.split_layer, "clean") not in aux_by_depth:
+            # The learned inverter draws its own noise every step (noise augmentation) on the
+            # clipped states before the noise: the server can add the mechanism's noise itself.
+            states_only = Exposure(exposure.placement, exposure.split_layer, labels=False, head_gradient=False)
+            aux_by_depth[(exposure.split_layer, "clean")] = capture(
+                model, aux, states_only, replace(_seeded(settings.defence, settings.seed + 1), noise_multiplier=0.0),
+                pad_id=pad_id, batch_size=settings.batch_size)
         private_seen = capture(model, private, exposure, _seeded(settings.defence, settings.seed + 2), pad_id=pad_id,
                                batch_size=settings.batch_size, compression=settings.compression)
         truths = [ids for _, ids in private_seen]
@@ -185,13 +194,16 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
                 if not attacker.applies(private_seen[0][0]):
                     log.info("privacy: %s does not apply to %s (%s)", name, exposure.label, knowledge.model_type)
                     continue
-                attacker.fit(aux_seen)
+                attacker.fit(aux_by_depth[(exposure.split_layer, "clean")]
+                             if name == "learned" and augment else aux_seen)
                 if name in ACTIVATION_ATTACKERS:
                     fitted[key] = attacker
             guesses[name] = [attacker.reconstruct(seen) for seen, _ in private_seen]
             result = score(guesses[name], truths, masks)
             rows.append({"placement": exposure.placement, "split_layer": exposure.split_layer, "attacker": name,
                          **_score_fields(result)})
+            if hasattr(attacker, "fit_report"):
+                rows[-1]["fit"] = attacker.fit_report()
         leakage.append(_combined(exposure, guesses, truths, masks))
         log.info("privacy: %s leaks %.3f of tokens", exposure.label, leakage[-1]["token_accuracy"])
     return {"chance_token_accuracy": chance, "rows": rows, "leakage": leakage,
@@ -203,7 +215,8 @@ def _options(name: str, exposure: Exposure, settings: MeterSettings) -> dict[str
     """An attacker's settings from the meter's: the learned inverter's steps; the search's depth,
     candidates and beam, and the defence's clipping (the server knows the mechanism)."""
     if name == "learned":
-        return {"steps": settings.learned_steps}
+        noise = settings.defence.noise_multiplier * settings.defence.clip_norm if _augments(settings) else 0.0
+        return {"steps": settings.learned_steps, "patience": settings.learned_patience, "noise_std": noise}
     if name == "bisr":
         return {"split_layer": exposure.split_layer, "steps": settings.bisr_steps, "lr": settings.bisr_lr,
                 "clip_norm": settings.defence.clip_norm}
@@ -212,6 +225,13 @@ def _options(name: str, exposure: Exposure, settings: MeterSettings) -> dict[str
                 "lm_candidates": settings.search_lm_candidates, "beam": settings.search_beam,
                 "clip_norm": settings.defence.clip_norm}
     return {}
+
+
+def _augments(settings: MeterSettings) -> bool:
+    """The learned inverter trains with fresh noise per step: the defence noises the states, and the
+    wire does not compress them (its compression of noisy states is not redrawn per step)."""
+    defence = settings.defence
+    return defence.noisy and defence.clip_norm > 0 and settings.compression == "none"
 
 
 def _applies(name: str, seen: CutBatch) -> bool:
