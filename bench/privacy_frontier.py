@@ -1,7 +1,7 @@
 """Privacy against utility: each defence trained with the same data and seed, then audited by the
 privacy meter on its own traffic (issue 13; issue 24, item 5).
 
-    .venv/bin/python bench/privacy_frontier.py --data ../shared/data/e2e/valid.txt [--only NAME,...]
+    .venv/bin/python bench/privacy_frontier.py --data ../shared/data/e2e/valid.txt [--only "NAME;..."]
         [--seeds 0,1,2] [--rounds 4] [--local-steps 10] [--attackers linear,learned,search,gradient,labels]
     .venv/bin/python bench/privacy_frontier.py --plot runs/privacy/frontier.jsonl --png docs/privacy_frontier.png
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--aux", type=int, default=256, help="last lines of the file kept for the attackers")
     parser.add_argument("--clip", type=float, default=85.0,
                         help="privacy.clip_norm C at k = 4 (SmolLM2's median row norm after 4 blocks)")
-    parser.add_argument("--clip16", type=float, default=140.0,
+    parser.add_argument("--clip16", type=float, default=177.0,
                         help="privacy.clip_norm C at k = 16 (SmolLM2's median row norm after 16 blocks)")
     parser.add_argument("--grad-clip", type=float, default=0.0012,
                         help="privacy.gradient_clip_norm C_g (SmolLM2's median head-gradient row norm)")
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--attackers", default="linear,learned,search,gradient,labels")
     parser.add_argument("--learned-patience", type=int, default=3)
     parser.add_argument("--learned-steps", type=int, default=1500)
-    parser.add_argument("--only", help="comma-separated subset of the defences")
+    parser.add_argument("--only", help="semicolon-separated subset of the defences (their names hold commas)")
     parser.add_argument("--out", type=Path, default=Path("runs/privacy"))
     parser.add_argument("--plot", type=Path, help="draw the frontier from this frontier.jsonl instead of running")
     parser.add_argument("--png", type=Path, default=Path("docs/privacy_frontier.png"))
@@ -94,7 +94,7 @@ def main() -> None:
         "eval.meteor=false", "eval.every_round=false",
         "count_flops=false",  # FlopCounterMode slows CPU steps; the FLOPs are not what this bench compares
     ]
-    chosen = args.only.split(",") if args.only else list(DEFENCES)
+    chosen = [name.strip() for name in args.only.split(";")] if args.only else list(DEFENCES)
     unknown = [name for name in chosen if name not in DEFENCES]
     if unknown:
         parser.error(f"unknown defence(s) {unknown}; choose from {list(DEFENCES)}")

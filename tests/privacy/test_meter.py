@@ -176,3 +176,25 @@ def test_a_fixed_split_below_the_floor_is_refused(tmp_path):
     with pytest.raises(PlanError, match="below the privacy floor"):
         Simulation(tiny_config("tiny-llama", "placement.split_layer=2", "placement.labels_on_device=true", f"hsplit.leakage_table={table}",
                                "hsplit.max_leakage=0.5"))
+
+
+def test_an_activation_attacker_reconstructs_each_depth_once_without_noise(tiny_data, monkeypatch):
+    """Plain and U-shaped split at one depth show the same states: without noise the meter reuses
+    the reconstruction (the search's minutes are spent once per depth); under noise each
+    exposure's own draw is attacked."""
+    from splitpeft.privacy.attackers import LinearInverter
+
+    loaded, aux, private = tiny_data
+    calls = []
+    original = LinearInverter.reconstruct
+    monkeypatch.setattr(LinearInverter, "reconstruct", lambda self, batch: calls.append(1) or original(self, batch))
+    exposures = [Exposure("split", 2, labels=True, head_gradient=False),
+                 Exposure("split_u", 2, labels=False, head_gradient=True)]
+    table = _measure(loaded, aux, private, exposures, attackers=("linear",))
+    batches = -(-len(private) // 8)
+    assert len(calls) == batches
+    assert table["rows"][0]["token_accuracy"] == table["rows"][1]["token_accuracy"]
+    calls.clear()
+    _measure(loaded, aux, private, exposures, attackers=("linear",),
+             defence=Defence(noise_multiplier=0.01, clip_norm=10.0, gradient_clip_norm=1e-3))
+    assert len(calls) == 2 * batches

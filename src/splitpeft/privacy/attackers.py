@@ -626,6 +626,84 @@ class LabelReader:
 
 # --------------------------------------------------------------------------------------------
 # Registry
+class HeadGradientEvidence:
+    """What U-shaped split's (or dlora's) head gradient says about each next token, for the search
+    to weigh beside the states: a Gaussian likelihood of the observed gradient row under each
+    candidate label.
+
+    From `GradientInverter`: the gradient row of position t whose next label is y is
+        g_t(y) = lambda u_t(y),   u_t(y) = J_t^T W^T (p_t - e_y) = (1/r) P_t (q_t - a_y)
+    with q_t = gamma * (W^T p_t), a_y = gamma * W[y], P_t the projector off span{x^_t} (and 1
+    for LayerNorm), r (or s) the final norm's scale, and lambda = c / N: N the batch's labelled
+    positions, c <= 1 the defence's clipping factor, both unknown to the server, but the clipped
+    row's norm is at most C_g (`gradient_clip_norm`). The evidence of candidate y is the least
+    squared distance of the observed row to lambda u_t(y) over 0 <= lambda <= C_g / ||u_t(y)||
+    (no upper bound without clipping):
+        lambda* = clamp(<g, u> / ||u||^2, 0, C_g / ||u||),   e_t(y) = ||g - lambda* u||^2
+    0 for the true label without noise; under N(0, (sigma C_g)^2) noise per entry, e / (d (sigma
+    C_g)^2) is its negative log-likelihood up to constants. Rows without a label (the prompt)
+    carry only noise: every candidate explains them about equally. `residual(t, tokens)` gives
+    e_t for candidates of token t + 1; `proposals` (B, T, m) the m tokens of least e_t per row
+    over the whole vocabulary.
+    """
+
+    def __init__(self, knowledge: ServerKnowledge, batch: CutBatch, proposals: int, gradient_clip_norm: float = 0.0):
+        assert batch.head_grad is not None and batch.final_hidden is not None
+        inverter = GradientInverter(knowledge)
+        grads = batch.head_grad.float()  # (B, T, d)
+        rows, length, d = grads.shape
+        self.g = grads.reshape(-1, d)  # (n, d)
+        scale, self.basis = inverter._geometry(batch.final_hidden.float().reshape(-1, d))  # (n,), (n, d, m)
+        self.inverse_scale = 1.0 / scale  # (n,)
+        self.clip = gradient_clip_norm
+        head = knowledge.lm_head_weight  # (V, d)
+        gamma = inverter._gamma()
+        self.a = head * gamma  # (V, d)
+        self.shape = (rows, length)
+        hidden = batch.final_hidden.float().reshape(-1, d)
+        block = max(1, _BLOCK_ELEMENTS // (4 * head.shape[0]))
+        qs, top = [], []
+        with torch.no_grad():
+            for part in torch.arange(len(hidden)).split(block):
+                probabilities = torch.softmax(knowledge.final_norm(hidden[part]) @ head.T, dim=1)  # (n, V)
+                q = gamma * (probabilities @ head)  # (n, d)
+                qs.append(q)
+                top.append(self._all_residuals(part, q).topk(proposals, dim=0, largest=False).indices.T)  # (n, m)
+        self.q = torch.cat(qs)  # (n, d)
+        self.proposals = torch.cat(top).view(rows, length, -1)
+
+    def _all_residuals(self, part: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """e (V, n) of every token for rows `part` (n,) with their q (n, d)."""
+        g, basis, inv = self.g[part], self.basis[part], self.inverse_scale[part]  # (n, d), (n, d, m), (n,)
+        pg = g - torch.einsum("ndm,nm->nd", basis, torch.einsum("ndm,nd->nm", basis, g))  # P g (n, d)
+        along_q = torch.einsum("ndm,nd->nm", basis, q)  # (n, m)
+        along_a = torch.einsum("vd,ndm->vnm", self.a, basis)  # (V, n, m)
+        # <g, u> = <P g, q - a> / r ;  ||u||^2 = (||q - a||^2 - ||Q^T (q - a)||^2) / r^2
+        dot = ((pg * q).sum(dim=1)[None, :] - self.a @ pg.T) * inv[None, :]  # (V, n)
+        size = (q.pow(2).sum(dim=1)[None, :] - 2 * self.a @ q.T + self.a.pow(2).sum(dim=1)[:, None]
+                - (along_q[None] - along_a).pow(2).sum(dim=2)) * inv[None, :] ** 2  # (V, n)
+        return self._residual(g.pow(2).sum(dim=1)[None, :], dot, size.clamp_min(1e-30))
+
+    def _residual(self, g2: torch.Tensor, dot: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        """||g - lambda* u||^2 from ||g||^2, <g, u>, ||u||^2 (broadcast alike)."""
+        scale = (dot / size).clamp_min(0.0)
+        if self.clip > 0:
+            scale = torch.minimum(scale, self.clip / size.sqrt())
+        return (g2 - 2 * scale * dot + scale.pow(2) * size).clamp_min(0.0)
+
+    def residual(self, t: int, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, n) e_t(y) of each candidate y (B, n) for token t + 1 (row t of each sequence)."""
+        rows, length = self.shape
+        index = torch.arange(rows) * length + t  # (B,) flat rows
+        g, basis, inv, q = self.g[index], self.basis[index], self.inverse_scale[index], self.q[index]
+        diff = q.unsqueeze(1) - self.a[tokens]  # (B, n, d)
+        along = torch.einsum("bnd,bdm->bnm", diff, basis)
+        size = (diff.pow(2).sum(dim=2) - along.pow(2).sum(dim=2)) * inv[:, None] ** 2  # (B, n)
+        pg = g - torch.einsum("bdm,bm->bd", basis, torch.einsum("bdm,bd->bm", basis, g))  # (B, d)
+        dot = torch.einsum("bnd,bd->bn", diff, pg) * inv[:, None]
+        return self._residual(g.pow(2).sum(dim=1)[:, None], dot, size.clamp_min(1e-30))
+
+
 class SearchInverter:
     """Known-weights search: the server knows the device-side function (public base + the adapters
     it aggregated), so it can check any guess of the private text exactly.
@@ -641,19 +719,32 @@ class SearchInverter:
     token reproduces the state exactly (distance ~0), so the search fails only where the right
     token is among no hypothesis's candidates. Needs `knowledge.model` (LLaMA family: rotary
     positions and a key-value cache per block).
+
+    **With the head gradient** (U-shaped split, dlora: the batch has `head_grad` and
+    `final_hidden`), the states and the gradient are searched jointly (`use_gradient`): the
+    candidates of token t + 1 also include the `candidates` tokens that best explain gradient row t
+    (`HeadGradientEvidence`), and each candidate's score is the sum of negative log-likelihoods
+        ||s - s_obs||^2 / v_s + e_t(y) / v_g,
+    v_s = d (sigma C)^2 and v_g = d (sigma C_g)^2 the noise the mechanism adds to a state and to a
+    gradient row (`noise_multiplier`, `clip_norm`, `gradient_clip_norm`; the server knows the
+    mechanism), or a tiny floor where that tensor is sent clean (its right token explains it
+    exactly). Under noise on both, neither alone identifies the token; together each counts by
+    how much noise it carries.
     """
 
     name: ClassVar[str] = "search"
 
     def __init__(self, knowledge: ServerKnowledge, *, seed: int = 0, split_layer: int = 0, candidates: int = 16,
-                 lm_candidates: int = 8, beam: int = 1, clip_norm: float = 0.0):
+                 lm_candidates: int = 8, beam: int = 1, clip_norm: float = 0.0, noise_multiplier: float = 0.0,
+                 gradient_clip_norm: float = 0.0, use_gradient: bool = True):
         if candidates < 1 or lm_candidates < 0 or beam < 1 or split_layer < 0:
             raise ValueError(f"search needs candidates >= 1, lm_candidates >= 0, beam >= 1 and split_layer >= 0; got "
                              f"{candidates}, {lm_candidates}, {beam}, {split_layer}")
         self.knowledge = knowledge
         self.split_layer = split_layer
         self.candidates, self.lm_candidates, self.beam = candidates, lm_candidates, beam
-        self.clip_norm = clip_norm
+        self.clip_norm, self.noise_multiplier, self.use_gradient = clip_norm, noise_multiplier, use_gradient
+        self.gradient_clip_norm = gradient_clip_norm
         self.proposer = LinearInverter(knowledge, seed=seed)
 
     def applies(self, batch: CutBatch) -> bool:
@@ -680,13 +771,18 @@ class SearchInverter:
             raise ValueError("search attacker: real positions must come first (right padding)")
         guesses = torch.full(batch.mask.shape, NO_GUESS, dtype=torch.long)
         if int(lengths.max()) > 0:
-            found = self._search(batch.hidden.float(), lengths)  # (B, T_max)
+            evidence = (HeadGradientEvidence(self.knowledge, batch, self.candidates, self.gradient_clip_norm)
+                        if self.use_gradient
+                        and batch.head_grad is not None and batch.final_hidden is not None else None)
+            found = self._search(batch.hidden.float(), lengths, evidence)  # (B, T_max)
             guesses[batch.mask] = found[batch.mask[:, : found.shape[1]]]
         return guesses
 
-    def _search(self, observed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _search(self, observed: torch.Tensor, lengths: torch.Tensor,
+                evidence: HeadGradientEvidence | None = None) -> torch.Tensor:
         """The likeliest token ids (B, T) behind the observed states (B, T, d) of sequences with
-        `lengths` real positions, searched together (one batched pass per position and block)."""
+        `lengths` real positions, searched together (one batched pass per position and block),
+        weighing the head gradient's `evidence` where given."""
         from transformers import DynamicCache
 
         model = self.knowledge.model
@@ -704,8 +800,21 @@ class SearchInverter:
         scores = torch.zeros(rows, 1, dtype=torch.float64)  # (B, h) summed distances
         proposals: torch.Tensor | None = None  # (B, h, lm_candidates): the model's next tokens per prefix
         k = self.split_layer
+        d = observed.shape[2]
+        # the states' noise variance per candidate (sum over d entries); without noise a floor
+        # that lets the states decide wherever they can
+        state_variance = (d * (self.noise_multiplier * self.clip_norm) ** 2 if self.noise_multiplier > 0
+                          and self.clip_norm > 0 else 1e-9 * float(observed.pow(2).sum(dim=2).mean()) + 1e-30)
+        gradient_variance = 1.0
+        if evidence is not None:
+            gradient_variance = (d * (self.noise_multiplier * self.gradient_clip_norm) ** 2
+                                 if self.noise_multiplier > 0 and self.gradient_clip_norm > 0
+                                 else 1e-9 * float(evidence.g.pow(2).sum(dim=1).max()) + 1e-30)
         for t in range(steps):
             options = ranked[:, t].unsqueeze(1).expand(rows, hypotheses, -1)  # (B, h, m)
+            if evidence is not None and t > 0:
+                options = torch.cat([options, evidence.proposals[:, t - 1].unsqueeze(1).expand(rows, hypotheses, -1)],
+                                    dim=2)
             if proposals is not None:
                 options = torch.cat([options, proposals], dim=2)
             width = options.shape[2]
@@ -717,6 +826,10 @@ class SearchInverter:
             if self.clip_norm > 0:
                 states = states * (self.clip_norm / states.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
             distance = (states.view(rows, hypotheses * width, -1) - observed[:, t].unsqueeze(1)).pow(2).sum(dim=2)
+            if evidence is not None:
+                distance = distance / state_variance
+                if t > 0:
+                    distance = distance + evidence.residual(t - 1, options.reshape(rows, -1)) / gradient_variance
             distance = torch.where((t < lengths).unsqueeze(1), distance.double(), 0.0)  # ended sequences: any
             total = scores.repeat_interleave(width, dim=1) + distance  # (B, h width)
             kept = min(self.beam, hypotheses * width)
