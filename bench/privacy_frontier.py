@@ -73,12 +73,16 @@ def main() -> None:
     parser.add_argument("--learned-patience", type=int, default=3)
     parser.add_argument("--learned-steps", type=int, default=1500)
     parser.add_argument("--only", help="semicolon-separated subset of the defences (their names hold commas)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="do not score the untuned model with the first defence (a resumed --only list)")
     parser.add_argument("--out", type=Path, default=Path("runs/privacy"))
     parser.add_argument("--plot", type=Path, help="draw the frontier from this frontier.jsonl instead of running")
     parser.add_argument("--png", type=Path, default=Path("docs/privacy_frontier.png"))
     args = parser.parse_args()
     if args.plot:
-        plot([json.loads(line) for line in args.plot.read_text().splitlines() if line.strip()], args.png)
+        saved = [json.loads(line) for line in args.plot.read_text().splitlines() if line.strip()]
+        print(markdown(saved))
+        plot(saved, args.png)
         return
     if not args.data:
         parser.error("--data is required to run the defences")
@@ -103,7 +107,7 @@ def main() -> None:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for index, name in enumerate(chosen):
-            baseline = "true" if index == 0 else "false"
+            baseline = "true" if index == 0 and not args.no_baseline else "false"
             overrides = shared + [f"seed={seed}", f"eval.baseline={baseline}"] + [
                 o.format(clip=args.clip, clip16=args.clip16, grad_clip=args.grad_clip) for o in DEFENCES[name]]
             config = load_config(preset="e2e", overrides=overrides)
@@ -147,7 +151,7 @@ def _mean_std(values: list[float]) -> str:
 def gains(rows: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
     """Per (defence, seed): the share of the fine-tuning's perplexity gain it keeps, against the
     undefended first defence and the untuned model of the same seed."""
-    reference = {r["seed"]: r for r in rows if r.get("untuned_perplexity")}
+    reference = {r["seed"]: r for r in rows if r.get("untuned_perplexity") and r["defence"] == rows[0]["defence"]}
     out = {}
     for r in rows:
         ref = reference.get(r["seed"])
