@@ -15,6 +15,16 @@ and every device block keeps activations), `late` (j + 1) / L for block j (the d
 block's linears rank first, so the blocks before them keep none). Per device the table shows the split k, the adapted modules and their ranks, the
 predicted peak and its terms, the device's FLOPs per step and the tensor bytes per step over
 the link (activations up, their gradient down, int32 labels up).
+
+`--round-time` (issue 25) adds compute and link budgets (`--device-tflops`, `--link-mbit`, spread
+4x by default) and a server (`--server-tflops`) and compares, in the simulated time model that
+ARMSC optimises (`hsplit/budget.py`: a step of the fleet takes the slowest device's compute + link
++ server share, or the server's summed work), the plans of three planners: HSplitLoRA's optimiser
+(`armsc`, warm noise-free: each adapted module's frozen copy counts), HetLoRA's (`budget_rank`:
+the fixed split `--split`, per device the largest rank its memory fits) and SplitLoRA's
+(`uniform`: the weakest device's rank for all). Per planner: each device's k, ranks and step
+time, the fleet's step time, the trained importance sum_i I_i and J = sum_i I_i / T_step, then
+the ratios against HetLoRA.
 """
 
 from __future__ import annotations
@@ -24,8 +34,8 @@ from collections import Counter
 
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
-from splitpeft.hsplit.armsc import PlanError, plan_fleet
-from splitpeft.hsplit.budget import DeviceProfile
+from splitpeft.hsplit.armsc import FleetOptions, PlanError, fleet_objective, plan_fleet
+from splitpeft.hsplit.budget import DeviceProfile, round_time_s
 from splitpeft.hsplit.importance import normalised_scores
 from splitpeft.hsplit.memory import ModelShapes, flops_per_step, memory_breakdown, split_bytes_per_step
 
@@ -56,6 +66,14 @@ def main() -> None:
     parser.add_argument("--labels-on-device", action="store_true", help="U-shaped: the device keeps the head and loss")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on the device blocks")
     parser.add_argument("--scores", choices=["uniform", "late"], default="uniform", help="importance stand-in")
+    parser.add_argument("--round-time", action="store_true",
+                        help="compare the simulated step time of ARMSC's plan with HetLoRA's and SplitLoRA's")
+    parser.add_argument("--device-tflops", type=float, nargs="+", default=[2.5, 3.75, 5.0, 7.5, 10.0],
+                        help="each device's compute (TFLOP/s), with --round-time")
+    parser.add_argument("--link-mbit", type=float, nargs="+", default=[100.0, 150.0, 200.0, 300.0, 400.0],
+                        help="each device's link (Mbit/s), with --round-time")
+    parser.add_argument("--server-tflops", type=float, default=300.0, help="the server's compute, with --round-time")
+    parser.add_argument("--split", type=int, default=4, help="HetLoRA's and SplitLoRA's fixed split, with --round-time")
     args = parser.parse_args()
 
     memory = {"batch_size": args.batch, "seq_len": args.seq_len, "labels_on_device": args.labels_on_device,
@@ -75,7 +93,55 @@ def main() -> None:
                     print(f"\n{name} {dtype}+{quantization}: skipped, bitsandbytes does not quantize GPT-2's Conv1D")
                     continue
                 shapes = ModelShapes.from_config(MODELS[name], dtype=dtype, quantization=quantization)
-                print_table(name, dtype, quantization, shapes, profiles, args.rank_set, memory, args.scores)
+                if args.round_time:
+                    print_round_time(name, dtype, quantization, shapes, args)
+                else:
+                    print_table(name, dtype, quantization, shapes, profiles, args.rank_set, memory, args.scores)
+
+
+def print_round_time(name: str, dtype: str, quantization: str, shapes: ModelShapes, args: argparse.Namespace) -> None:
+    """The three planners' plans for one model in the simulated time model (module docstring)."""
+    from splitpeft.hsplit.planning import PLANNERS, PlanOptions
+
+    budgets = [args.budgets_gib, args.device_tflops, args.link_mbit]
+    if len({len(b) for b in budgets}) != 1:
+        raise SystemExit("--budgets-gib, --device-tflops and --link-mbit need one value per device each")
+    profiles = [DeviceProfile(f"device-{i}", int(gib * GIB), tflops * 1e12, mbit * 1e6 / 8)
+                for i, (gib, tflops, mbit) in enumerate(zip(*budgets))]
+    raw = {m: 1.0 if args.scores == "uniform" else (shapes.module_block[m] + 1) / shapes.num_blocks
+           for m in shapes.modules}
+    scores = normalised_scores(raw, shapes.modules, max(args.rank_set))
+    print(f"\n{name} {dtype}+{quantization}, labels_on_device={args.labels_on_device}: devices "
+          + ", ".join(f"{g:g} GiB / {t:g} TFLOP/s / {m:g} Mbit/s" for g, t, m in zip(*budgets))
+          + f"; server {args.server_tflops:g} TFLOP/s; batch {args.batch} x {args.seq_len}; fixed split {args.split}")
+    print("| planner (method) | per device: k, adapted modules @ ranks, step s (device + link + server) "
+          "| fleet step s | trained importance | J = importance / step s |")
+    print("|---|---|---|---|---|")
+    results = {}
+    for planner, method in (("armsc", "HSplitLoRA"), ("budget_rank", "HetLoRA"), ("uniform", "SplitLoRA")):
+        warm = planner == "armsc"
+        options = PlanOptions(args.split, 8, tuple(args.rank_set), None, args.batch, args.seq_len,
+                              args.labels_on_device, args.checkpointing, None, args.server_tflops * 1e12, warm)
+        fleet = FleetOptions(args.batch, args.seq_len, tuple(args.rank_set), 8, args.server_tflops * 1e12,
+                             args.labels_on_device, args.checkpointing, warm=warm)
+        try:
+            plans = PLANNERS[planner](options).plan(profiles, shapes, scores)
+        except PlanError as error:
+            print(f"| {planner} ({method}) | {error} | - | - | - |")
+            continue
+        chosen = [fleet.candidate(p, shapes, scores, plan.split_layer, plan.ranks) for p, plan in zip(profiles, plans)]
+        step = round_time_s([c.time for c in chosen])
+        importance = sum(c.importance for c in chosen)
+        results[method] = (step, importance, fleet_objective(chosen))
+        cells = "; ".join(
+            f"k={c.split_layer}, {len(c.ranks)} @ {dict(sorted(Counter(c.ranks.values()).items()))}, "
+            f"{c.time.total_s:.2f} ({c.time.device_s:.2f} + {c.time.link_s:.2f} + {c.time.server_s:.2f})" for c in chosen)
+        print(f"| {planner} ({method}) | {cells} | {step:.2f} | {importance:.2f} | {importance / step:.3f} |")
+    if "HetLoRA" in results:
+        base = results["HetLoRA"]
+        for method, (step, importance, objective) in results.items():
+            print(f"{method}: step time {step / base[0]:.2f}x HetLoRA's, trained importance {importance / base[1]:.2f}x, "
+                  f"J {objective / base[2]:.2f}x")
 
 
 def print_table(name: str, dtype: str, quantization: str, shapes: ModelShapes, profiles: list[DeviceProfile],

@@ -201,7 +201,7 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
                              if name == "learned" and augment else aux_seen)
                 if name in ACTIVATION_ATTACKERS:
                     fitted[key] = attacker
-            key_made = (exposure.split_layer, name, id(private), exposure.head_gradient)  # search uses the gradient
+            key_made = (exposure.split_layer, name, id(private), name == "search" and exposure.head_gradient)  # search weighs it
             if name in ACTIVATION_ATTACKERS and not settings.defence.noisy and key_made in reconstructed:
                 guesses[name] = reconstructed[key_made]
             else:
