@@ -197,15 +197,13 @@ def test_the_known_weights_search_recovers_every_token_and_beats_the_linear_map(
     assert beam.token_accuracy > seen.chance + 0.4
 
 
-def test_the_search_needs_the_model_and_a_key_value_cache():
+def test_the_search_needs_the_model():
     llama = traffic("tiny-llama", 2)
     batch = llama.private[0][0]
     assert make_attacker("search", llama.knowledge, split_layer=2).applies(batch)
     without = ServerKnowledge(llama.knowledge.token_embeddings, None, llama.knowledge.final_norm,
                               llama.knowledge.lm_head_weight)
     assert not make_attacker("search", without, split_layer=2).applies(batch)
-    gpt2 = traffic("tiny-gpt2", 2)
-    assert not make_attacker("search", gpt2.knowledge, split_layer=2).applies(gpt2.private[0][0])
     with pytest.raises(ValueError, match="beam >= 1"):
         make_attacker("search", llama.knowledge, split_layer=2, beam=0)
     attacker = make_attacker("search", llama.knowledge, split_layer=2)
@@ -309,3 +307,18 @@ def test_the_search_weighs_the_head_gradient_with_the_states_under_noise_on_both
     assert joint > alone + 0.1 and joint > gradient + 0.2
     exact = dict(split_layer=3, candidates=8, lm_candidates=4)
     assert private_score(clean, attack("search", clean, **exact)).token_accuracy == 1.0
+
+
+def test_the_search_is_exact_on_gpt2_too():
+    """GPT-2's learned positions enter with each candidate's embedding (`embed_at`): with every
+    token a candidate, the right one reproduces the observed state after k = 2 blocks."""
+    seen = traffic("tiny-gpt2", 2)
+    batch, ids = seen.private[0]
+    short = [(CutBatch(hidden=batch.hidden[:4, :16], mask=batch.mask[:4, :16]), ids[:4, :16])]
+    weak = Traffic(seen.aux[:1], short, seen.knowledge, seen.chance)
+    vocab = seen.knowledge.token_embeddings.shape[0]
+    assert make_attacker("search", seen.knowledge, split_layer=2).applies(batch)
+    exhaustive = private_score(weak, attack("search", weak, split_layer=2, candidates=vocab, lm_candidates=0))
+    assert exhaustive.token_accuracy == 1.0
+    default = private_score(weak, attack("search", weak, split_layer=2))
+    assert default.token_accuracy >= private_score(weak, attack("linear", weak)).token_accuracy

@@ -106,6 +106,10 @@ class LlamaBackbone:
                            past_key_values=cache, use_cache=True)
         return hidden
 
+    def embed_at(self, input_ids: torch.Tensor, position: int) -> torch.Tensor:
+        """(N, 1) token ids at `position` -> (N, 1, d) (rotary positions enter in the blocks)."""
+        return self.embed(input_ids)
+
     def block_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
 
@@ -148,6 +152,19 @@ class GPT2Backbone:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self._transformer.ln_f(hidden))
+
+    def embed_at(self, input_ids: torch.Tensor, position: int) -> torch.Tensor:
+        """(N, 1) token ids at `position` -> (N, 1, d): the token's and that position's embedding."""
+        inner = self._transformer
+        positions = torch.full_like(input_ids, position)
+        return inner.drop(inner.wte(input_ids) + inner.wpe(positions))
+
+    def next_blocks(self, hidden: torch.Tensor, start: int, end: int, cache: Any, position: int) -> torch.Tensor:
+        """As `LlamaBackbone.next_blocks`: blocks [start, end) on one new token per row (N, 1, d),
+        attending to the earlier positions `cache` holds (positions entered with `embed_at`)."""
+        for block in self._transformer.h[start:end]:
+            hidden = block(hidden, past_key_values=cache, attention_mask=None, use_cache=True)
+        return hidden
 
     def block_prefix(self, index: int) -> str:
         return f"transformer.h.{index}."

@@ -11,7 +11,7 @@ frozen base model (`ServerKnowledge`). An attacker is a named policy behind one 
     learned       small bidirectional transformer inverter       (trained on aux traffic)
     gradient      analytic inversion of dL/d(final hidden)       (U-shaped split, dlora)
     labels        the label tensor itself                        (plain split)
-    search        known-weights search: candidates checked by    (any cut of a LLaMA-family model)
+    search        known-weights search: candidates checked by    (any cut; LLaMA family and GPT-2)
                   running the device's own blocks on them
 
 Every reconstruction is (B, T) int64 token ids, -1 where the attacker makes no guess; scoring is
@@ -717,8 +717,8 @@ class SearchInverter:
     under Gaussian noise up to a constant (the state first clipped as the device's defence clips,
     `clip_norm`). The `beam` best prefixes (summed distances) go on. Without noise the right
     token reproduces the state exactly (distance ~0), so the search fails only where the right
-    token is among no hypothesis's candidates. Needs `knowledge.model` (LLaMA family: rotary
-    positions and a key-value cache per block).
+    token is among no hypothesis's candidates. Needs `knowledge.model` (LLaMA family or GPT-2:
+    a key-value cache per block; GPT-2's learned positions enter with each candidate's embedding).
 
     **With the head gradient** (U-shaped split, dlora: the batch has `head_grad` and
     `final_hidden`), the states and the gradient are searched jointly (`use_gradient`): the
@@ -749,7 +749,7 @@ class SearchInverter:
 
     def applies(self, batch: CutBatch) -> bool:
         model = self.knowledge.model
-        return model is not None and isinstance(backbone_of(model), LlamaBackbone)
+        return model is not None and isinstance(backbone_of(model), (LlamaBackbone, GPT2Backbone))
 
     def fit(self, aux: Sequence[tuple[CutBatch, torch.Tensor]]) -> None:
         self.proposer.fit(aux)
@@ -765,7 +765,7 @@ class SearchInverter:
         if self.proposer.weight is None:
             raise RuntimeError("search attacker: call fit(aux) first")
         if not self.applies(batch):
-            raise RuntimeError("search attacker: needs the model (knowledge.model) of the LLaMA family")
+            raise RuntimeError("search attacker: needs the model (knowledge.model), of the LLaMA family or GPT-2")
         lengths = batch.mask.sum(dim=1)  # (B,)
         if not bool((batch.mask == (torch.arange(batch.mask.shape[1]) < lengths.unsqueeze(1))).all()):
             raise ValueError("search attacker: real positions must come first (right padding)")
@@ -788,7 +788,7 @@ class SearchInverter:
         model = self.knowledge.model
         assert model is not None
         backbone = backbone_of(model)
-        assert isinstance(backbone, LlamaBackbone)
+        assert isinstance(backbone, (LlamaBackbone, GPT2Backbone))
         device = next(model.parameters()).device
         rows, steps = observed.shape[0], int(lengths.max())
         ranked = self._ranked(observed[:, :steps].reshape(-1, observed.shape[2])).view(rows, steps, -1)  # (B, T, m)
@@ -819,7 +819,7 @@ class SearchInverter:
                 options = torch.cat([options, proposals], dim=2)
             width = options.shape[2]
             cache.batch_repeat_interleave(width)  # each hypothesis's rows once per option (empty at t = 0)
-            lower = backbone.embed(options.reshape(-1, 1).to(device))  # (B h width, 1, d)
+            lower = backbone.embed_at(options.reshape(-1, 1).to(device), t)  # (B h width, 1, d)
             if k > 0:
                 lower = backbone.next_blocks(lower, 0, k, cache, t)
             states = lower[:, 0].float().cpu()
