@@ -191,12 +191,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append("goal reached (>= 90% of the gain at <= 30% recovery) by: "
                      + ", ".join(sorted({f"{r['defence']} (seed {r['seed']})" for r in reached})))
     elif gain:
-        closest = min((r for r in rows if (r["defence"], r["seed"]) in gain),
-                      key=lambda r: max(0.0, GOAL_GAIN - gain[(r["defence"], r["seed"])])
-                      + max(0.0, r["leakage"] - GOAL_LEAKAGE))
-        lines.append(f"goal not reached; closest: {closest['defence']} (seed {closest['seed']}): gain kept "
-                     f"{gain[(closest['defence'], closest['seed'])]:.2f}, leakage {closest['leakage']:.3f}")
+        scored = [r for r in rows if (r["defence"], r["seed"]) in gain]
+        useful = [r for r in scored if gain[(r["defence"], r["seed"])] >= GOAL_GAIN]
+        private = [r for r in scored if r["leakage"] <= GOAL_LEAKAGE]
+        lines.append("goal not reached (>= 90% of the gain at <= 30% recovery). Least leakage among points keeping "
+                     ">= 90% of the gain: " + (_point(min(useful, key=lambda r: r["leakage"]), gain) if useful else "none")
+                     + "; most gain among points at <= 30% recovery: "
+                     + (_point(max(private, key=lambda r: gain[(r["defence"], r["seed"])]), gain) if private else "none")
+                     + "; least leakage at any gain: " + _point(min(scored, key=lambda r: r["leakage"]), gain))
     return "\n".join(lines)
+
+
+def _point(row: dict[str, Any], gain: dict[tuple[str, int], float]) -> str:
+    return (f"{row['defence']} (seed {row['seed']}: leakage {row['leakage']:.3f}, "
+            f"gain kept {gain[(row['defence'], row['seed'])]:.2f})")
 
 
 def plot(rows: list[dict[str, Any]], png: Path) -> None:
