@@ -198,3 +198,18 @@ def test_an_activation_attacker_reconstructs_each_depth_once_without_noise(tiny_
     _measure(loaded, aux, private, exposures, attackers=("linear",),
              defence=Defence(noise_multiplier=0.01, clip_norm=10.0, gradient_clip_norm=1e-3))
     assert len(calls) == 2 * batches
+
+
+def test_the_leakage_is_the_strongest_combination_not_the_strongest_attacker_alones():
+    """An activation attacker weaker alone can combine better with the side channel: its errors sit
+    where the head gradient is exact. The leakage takes the best combination."""
+    from splitpeft.privacy.meter import _combined
+
+    truth = [torch.tensor([[1, 2, 3, 4]])]
+    mask = [torch.ones(1, 4, dtype=torch.bool)]
+    guesses = {"linear": [torch.tensor([[1, 2, 9, 9]])],   # 0.5 alone, right on the prompt
+               "search": [torch.tensor([[1, 9, 3, 4]])],   # 0.75 alone
+               "gradient": [torch.tensor([[-1, -1, 3, 4]])]}  # the completion, exactly
+    row = _combined(Exposure("split_u", 4, labels=False, head_gradient=True), guesses, truth, mask)
+    assert row["token_accuracy"] == 1.0
+    assert row["attackers"] == ["linear", "gradient"] and row["strongest_activation_attacker"] == "search"

@@ -258,23 +258,31 @@ def _score_fields(result: Score) -> dict[str, float]:
 
 def _combined(exposure: Exposure, guesses: dict[str, list[torch.Tensor]], truths: list[torch.Tensor],
               masks: list[torch.Tensor]) -> dict[str, Any]:
-    """The exposure's leakage: the best activation attacker's guesses with the side channels'
-    (labels or head gradient) on top."""
-    best_name, best = None, None
+    """The exposure's leakage: the strongest of each activation attacker's guesses with the side
+    channels' (labels or head gradient) on top, and of every attacker alone."""
+    sides = [name for name in SIDE_ATTACKERS if name in guesses]
+    best_name, best_alone = None, None
+    result, used = None, []
     for name in ACTIVATION_ATTACKERS:
-        if name in guesses:
-            result = score(guesses[name], truths, masks)
-            if best is None or result.token_accuracy > best.token_accuracy:
-                best_name, best = name, result
-    combined = guesses[best_name] if best_name is not None else [torch.full_like(t, -1) for t in truths]
-    used = [best_name] if best_name is not None else []
-    for name in SIDE_ATTACKERS:
-        if name in guesses:
-            combined = [_overlay(base, top) for base, top in zip(combined, guesses[name])]
-            used.append(name)
-    result = score(combined, truths, masks)
+        if name not in guesses:
+            continue
+        alone = score(guesses[name], truths, masks)
+        if best_alone is None or alone.token_accuracy > best_alone.token_accuracy:
+            best_name, best_alone = name, alone
+        combined = guesses[name]
+        for side in sides:
+            combined = [_overlay(base, top) for base, top in zip(combined, guesses[side])]
+        scored = score(combined, truths, masks)
+        # the attacker weakest alone may combine best: its errors can sit where the side channel is exact
+        if result is None or scored.token_accuracy > result.token_accuracy:
+            result, used = scored, [name, *sides]
+    if result is None:
+        combined = [torch.full_like(t, -1) for t in truths]
+        for side in sides:
+            combined = [_overlay(base, top) for base, top in zip(combined, guesses[side])]
+        result, used = score(combined, truths, masks), list(sides)
     # Under noise a side channel's guesses can be worse than the activation attacker's on the same
-    # positions: the leakage is the strongest of the combination and every attacker alone.
+    # positions: the leakage is the strongest of the combinations and every attacker alone.
     for name, guessed in guesses.items():
         alone = score(guessed, truths, masks)
         if alone.token_accuracy > result.token_accuracy:
