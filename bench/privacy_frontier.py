@@ -126,7 +126,7 @@ def row_of(name: str, seed: int, report: dict[str, Any], seconds: float) -> dict
     leak = privacy["leakage"][0]
     accounting = report.get("privacy_accounting") or {}
     learned = [r.get("fit", {}) for r in privacy["rows"] if r["attacker"] == "learned"]
-    baseline = report.get("baseline_eval") or report["eval"].get("baseline") or {}
+    baseline = report.get("baseline_eval") or {}  # only the run with eval.baseline=true has it
     return {
         "defence": name, "seed": seed, "placement": leak["placement"], "k": leak["split_layer"],
         "leakage": leak["token_accuracy"], "rouge_l_f": leak["rouge_l_f"], "leakage_by": leak["attackers"],
@@ -215,7 +215,6 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gain = gains(rows)
     fig, axis = plt.subplots(figsize=(8, 5))
     reference = [r for r in rows if r.get("untuned_perplexity")]
     if reference:
@@ -239,7 +238,7 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
     axis.set_xlabel("held-out perplexity (lower is better)")
     axis.set_ylabel("private tokens recovered by the strongest attacker")
     axis.set_ylim(0, 1.02)
-    axis.set_title("privacy against utility per defence (SmolLM2-135M, E2E)" + ("" if gain else ""))
+    axis.set_title("privacy against utility per defence (SmolLM2-135M, E2E)")
     axis.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)

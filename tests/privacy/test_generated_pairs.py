@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_config
 from test_attackers import LEARNED, private_score, traffic
 
+from splitpeft.data.batching import encode
 from splitpeft.data.builtin import builtin_examples
 from splitpeft.data.sources import load_examples
 from splitpeft.model.loading import load_model
@@ -81,8 +82,6 @@ def test_noise_augmentation_draws_fresh_noise_every_step():
 
 def test_the_meter_augments_the_learned_inverter_with_the_defences_noise_unless_the_wire_compresses():
     loaded = load_model("tiny-llama", seed=0)
-    from splitpeft.data.batching import encode
-
     examples = encode(builtin_examples(seed=0), loaded.tokenizer, 48)
     noisy = Defence(noise_multiplier=0.5, clip_norm=1.0)
     exposure = Exposure("split", 1, labels=True, head_gradient=False)

@@ -653,14 +653,14 @@ class HeadGradientEvidence:
         grads = batch.head_grad.float()  # (B, T, d)
         rows, length, d = grads.shape
         self.g = grads.reshape(-1, d)  # (n, d)
-        scale, self.basis = inverter._geometry(batch.final_hidden.float().reshape(-1, d))  # (n,), (n, d, m)
+        hidden = batch.final_hidden.float().reshape(-1, d)  # (n, d)
+        scale, self.basis = inverter._geometry(hidden)  # (n,), (n, d, m)
         self.inverse_scale = 1.0 / scale  # (n,)
         self.clip = gradient_clip_norm
         head = knowledge.lm_head_weight  # (V, d)
         gamma = inverter._gamma()
         self.a = head * gamma  # (V, d)
         self.shape = (rows, length)
-        hidden = batch.final_hidden.float().reshape(-1, d)
         block = max(1, _BLOCK_ELEMENTS // (4 * head.shape[0]))
         qs, top = [], []
         with torch.no_grad():

@@ -160,24 +160,24 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
     # examples: an activation attacker's reconstruction is made once per depth.
     reconstructed: dict[tuple[int, str, int, bool], list[torch.Tensor]] = {}
     aux_by_depth: dict[int | tuple[int, str], list[tuple[CutBatch, torch.Tensor]]] = {}  # (k, "clean"): before noise
+    # The learned inverter draws its own noise every step (noise augmentation) on the clipped
+    # states before the noise: the server can add the mechanism's noise itself.
+    augment = _augments(settings) and "learned" in settings.attackers
     for exposure, private in cases:
         # The server's copy of the mechanism uses its own noise; the device's is seeded apart. Every
         # attacker fits on the states alone, so the aux traffic skips the rest of the model and the
         # head gradient, and is captured once per depth.
-        if exposure.split_layer not in aux_by_depth:
-            states_only = Exposure(exposure.placement, exposure.split_layer, labels=False, head_gradient=False)
-            aux_by_depth[exposure.split_layer] = capture(
+        k = exposure.split_layer
+        states_only = Exposure(exposure.placement, k, labels=False, head_gradient=False)
+        if k not in aux_by_depth:
+            aux_by_depth[k] = capture(
                 model, aux, states_only, _seeded(settings.defence, settings.seed + 1), pad_id=pad_id,
                 batch_size=settings.batch_size, compression=settings.compression)
-        aux_seen = aux_by_depth[exposure.split_layer]
-        augment = _augments(settings)
-        if augment and "learned" in settings.attackers and (exposure.split_layer, "clean") not in aux_by_depth:
-            # The learned inverter draws its own noise every step (noise augmentation) on the
-            # clipped states before the noise: the server can add the mechanism's noise itself.
-            states_only = Exposure(exposure.placement, exposure.split_layer, labels=False, head_gradient=False)
-            aux_by_depth[(exposure.split_layer, "clean")] = capture(
+        if augment and (k, "clean") not in aux_by_depth:
+            aux_by_depth[(k, "clean")] = capture(
                 model, aux, states_only, replace(_seeded(settings.defence, settings.seed + 1), noise_multiplier=0.0),
                 pad_id=pad_id, batch_size=settings.batch_size)
+        aux_seen = aux_by_depth[k]
         private_seen = capture(model, private, exposure, _seeded(settings.defence, settings.seed + 2), pad_id=pad_id,
                                batch_size=settings.batch_size, compression=settings.compression)
         truths = [ids for _, ids in private_seen]
@@ -197,8 +197,7 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
                 if not attacker.applies(private_seen[0][0]):
                     log.info("privacy: %s does not apply to %s (%s)", name, exposure.label, knowledge.model_type)
                     continue
-                attacker.fit(aux_by_depth[(exposure.split_layer, "clean")]
-                             if name == "learned" and augment else aux_seen)
+                attacker.fit(aux_by_depth[(k, "clean")] if name == "learned" and augment else aux_seen)
                 if name in ACTIVATION_ATTACKERS:
                     fitted[key] = attacker
             key_made = (exposure.split_layer, name, id(private), name == "search" and exposure.head_gradient)  # search weighs it
@@ -261,32 +260,22 @@ def _combined(exposure: Exposure, guesses: dict[str, list[torch.Tensor]], truths
     """The exposure's leakage: the strongest of each activation attacker's guesses with the side
     channels' (labels or head gradient) on top, and of every attacker alone."""
     sides = [name for name in SIDE_ATTACKERS if name in guesses]
-    best_name, best_alone = None, None
-    result, used = None, []
-    for name in ACTIVATION_ATTACKERS:
-        if name not in guesses:
-            continue
-        alone = score(guesses[name], truths, masks)
-        if best_alone is None or alone.token_accuracy > best_alone.token_accuracy:
-            best_name, best_alone = name, alone
-        combined = guesses[name]
+    alone = {name: score(guessed, truths, masks) for name, guessed in guesses.items()}
+    activation = [name for name in ACTIVATION_ATTACKERS if name in guesses]
+    best_name = max(activation, key=lambda name: alone[name].token_accuracy) if activation else None
+    # Each activation attacker with the side channels on top (the side channels alone without
+    # one): the attacker weakest alone may combine best, its errors sitting where a side channel
+    # is exact. Under noise a side channel's guesses can be worse than the activation attacker's
+    # on the same positions, so every attacker alone counts too. The first strongest wins.
+    options: list[tuple[list[str], Score]] = []
+    bases: list[str | None] = [*activation] or [None]
+    for name in bases:
+        combined = guesses[name] if name is not None else [torch.full_like(t, -1) for t in truths]
         for side in sides:
             combined = [_overlay(base, top) for base, top in zip(combined, guesses[side])]
-        scored = score(combined, truths, masks)
-        # the attacker weakest alone may combine best: its errors can sit where the side channel is exact
-        if result is None or scored.token_accuracy > result.token_accuracy:
-            result, used = scored, [name, *sides]
-    if result is None:
-        combined = [torch.full_like(t, -1) for t in truths]
-        for side in sides:
-            combined = [_overlay(base, top) for base, top in zip(combined, guesses[side])]
-        result, used = score(combined, truths, masks), list(sides)
-    # Under noise a side channel's guesses can be worse than the activation attacker's on the same
-    # positions: the leakage is the strongest of the combinations and every attacker alone.
-    for name, guessed in guesses.items():
-        alone = score(guessed, truths, masks)
-        if alone.token_accuracy > result.token_accuracy:
-            used, result = [name], alone
+        options.append(([name, *sides] if name is not None else list(sides), score(combined, truths, masks)))
+    options += [([name], result) for name, result in alone.items()]
+    used, result = max(options, key=lambda option: option[1].token_accuracy)
     return {"placement": exposure.placement, "split_layer": exposure.split_layer, "attackers": used,
             "strongest_activation_attacker": best_name, **_score_fields(result)}
 
