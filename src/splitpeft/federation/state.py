@@ -45,6 +45,7 @@ from splitpeft.aggregation.base import (
 from splitpeft.model import adapters as lora
 from splitpeft.model.adapters import AdapterSet, LoraWeights
 from splitpeft.model.backbone import share_frozen_copy
+from splitpeft.model.runtime import stochastic_round
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,24 @@ def _frozen_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 def merge_delta(model: PreTrainedModel, name: str, delta: torch.Tensor) -> None:
-    """W += delta (d_out, d_in) in `model`'s frozen weight of module `name`."""
+    """W += delta (d_out, d_in) in `model`'s frozen weight of module `name`; a bf16 / fp16 W
+    takes the sum computed in fp32 and rounded stochastically (`stochastic_round`), which every
+    holder of W does alike."""
     weight = _frozen_weight(model, name)
     if weight.device.type == "meta":  # a party that does not hold this block
         return
+    add_to_weight(weight, delta.T if lora.is_fan_in_fan_out(model) else delta, name)
+
+
+def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, name: str) -> None:
+    """weight += delta in place: exact to fp32 for an fp32 weight, stochastically rounded (unbiased)
+    into a lower-precision one, where nearest rounding would drop every change below half a unit."""
     delta = delta.to(weight.device)
     with torch.no_grad():
-        if lora.is_fan_in_fan_out(model):  # GPT-2 Conv1D stores (d_in, d_out)
-            weight.add_(delta.T)
-        else:
+        if weight.dtype in (torch.float32, torch.float64):
             weight.add_(delta)
+        else:
+            weight.copy_(stochastic_round(weight.float() + delta.float(), weight.dtype, name))
 
 
 class GlobalState:
@@ -250,7 +259,7 @@ class GlobalState:
                     delta = self.global_delta(name)
                     if delta is not None:
                         weight = _frozen_weight(model, name)
-                        weight.add_(delta.T if lora.is_fan_in_fan_out(model) else delta)
+                        add_to_weight(weight, delta.T if lora.is_fan_in_fan_out(model) else delta, name)
         model.eval()
         return model
 

@@ -27,7 +27,7 @@ from splitpeft.model.adapters import (
 )
 from splitpeft.model.backbone import Backbone
 from splitpeft.model.parts import Part, frozen_tensors, resident_bytes
-from splitpeft.model.runtime import CPU_FP32, Runtime
+from splitpeft.model.runtime import CPU_FP32, Runtime, stochastic_round
 from splitpeft.parties.frame_bounds import nonfinite_state
 from splitpeft.parties.shells import Shell, ShellPool, ShellSpec
 
@@ -266,8 +266,10 @@ class Party:
 
         W - s B A is this party's own copy, computed afresh from W at every load (so loading twice
         is loading once, and a later merge into W is seen); with B == 0 the layer goes back to W
-        itself. In float64 (fp32 for a bf16 / fp16 W), then cast to W's dtype: exact to that dtype's
-        rounding of W - s B A.
+        itself. In float64 (fp32 for a bf16 / fp16 W), then cast to W's dtype: exact to fp32's
+        rounding of W - s B A for an fp32 W; for a bf16 / fp16 W rounded up or down at random, so
+        that its expectation is W - s B A (nearest rounding would keep W wherever s B A is below
+        half a unit, and the party would train against W + s B A).
         Costs one (d_out, d_in) copy per warm module per party (the shared copy stays as it is)."""
         shared = self._shared_weights[name]
         base_layer = layer.get_base_layer()
@@ -291,8 +293,8 @@ class Party:
         product = scale * (weights.B.to(work) @ weights.A.to(work))  # (d_out, d_in)
         if is_fan_in_fan_out(self.model):  # GPT-2 Conv1D stores (d_in, d_out)
             product = product.T
-        with torch.no_grad():
-            own = (shared.to(work) - product.to(shared.device)).to(shared.dtype)
+        with torch.no_grad():  # a bf16 / fp16 W: rounded stochastically, unbiased (stochastic_round)
+            own = stochastic_round(shared.to(work) - product.to(shared.device), shared.dtype, name)
         base_layer.weight = torch.nn.Parameter(own, requires_grad=False)
 
     def adapters(self) -> AdapterSet:

@@ -1,0 +1,80 @@
+"""Issue 22: updates written into a bf16 / fp16 frozen weight (noise-free merges, a warm start's
+own W - s B A) are rounded stochastically, so a small update is kept in expectation instead of
+dropped wherever it is below half a unit of the weight (nearest rounding)."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from splitpeft.federation.simulation import Simulation
+from splitpeft.federation.state import add_to_weight
+from splitpeft.model.adapters import LoraWeights
+from splitpeft.model.runtime import stochastic_round
+
+
+def _kept(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> float:
+    """The share of `delta` that the change of the weight carries: <after - before, delta> / |delta|^2."""
+    change = after.double() - before.double()
+    return float((change * delta.double()).sum() / delta.double().pow(2).sum())
+
+
+def test_stochastic_rounding_is_unbiased_deterministic_and_nearest_in_fp32():
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(128, 128, generator=generator) * 0.05).bfloat16().float()
+    delta = torch.randn(128, 128, generator=generator) * 1e-5  # far below half a bf16 unit of weight
+    nearest = (weight + delta).bfloat16().float()
+    assert abs(_kept(weight, nearest, delta)) < 0.3  # nearest rounding drops most of the update
+    draws = torch.stack([stochastic_round(weight + delta, torch.bfloat16, f"draw {i}").float() for i in range(64)])
+    assert _kept(weight, draws.mean(dim=0), delta) == pytest.approx(1.0, abs=0.1)
+    exact = weight + delta
+    nearest_bf16 = exact.bfloat16()
+    up, down = (torch.nextafter(nearest_bf16, torch.full_like(nearest_bf16, limit)).float() for limit in (torch.inf, -torch.inf))
+    below = torch.where(nearest_bf16.float() <= exact, nearest_bf16.float(), down)
+    above = torch.where(nearest_bf16.float() >= exact, nearest_bf16.float(), up)
+    assert bool(((draws == below) | (draws == above)).all())  # each element lands on one of its two neighbours
+    again = stochastic_round(weight + delta, torch.bfloat16, "draw 0")
+    assert torch.equal(again.float(), draws[0])  # the same key and value: the same draws
+    assert stochastic_round(weight + delta, torch.float16, "x").dtype == torch.float16
+    assert torch.equal(stochastic_round(exact, torch.float32, "x"), exact)
+
+
+def test_three_small_merges_into_a_bf16_weight_keep_the_update():
+    """The main job's case: one update merged a third at a time over three rounds. Nearest
+    rounding kept none of it (the loss of the merged model was the untuned one's); stochastic
+    rounding keeps it in expectation."""
+    generator = torch.Generator().manual_seed(1)
+    original = (torch.randn(256, 256, generator=generator) * 0.05).bfloat16()
+    delta = torch.randn(256, 1, generator=generator) @ torch.randn(1, 256, generator=generator) * 3e-5  # rank one
+    weight, nearest = original.clone(), original.clone()
+    for round_index in range(3):
+        add_to_weight(weight, delta / 3, f"layers.0.q_proj round {round_index}")
+        nearest.copy_((nearest.float() + delta / 3).bfloat16())
+    assert _kept(original, nearest, delta) < 0.3
+    assert _kept(original, weight, delta) == pytest.approx(1.0, abs=0.15)
+    fp32 = original.float()
+    add_to_weight(fp32, delta, "q")
+    assert torch.equal(fp32, original.float() + delta)  # fp32 weights: plain addition, as before
+
+
+def test_a_bf16_warm_start_trains_against_w_minus_its_own_adapter_not_w():
+    """Noise-free's warm start gives each holder W - s B A as its frozen weight. With s B A below
+    half a bf16 unit, nearest rounding gave back W, so the holder trained against W + s B A; now
+    the holder's weight plus its adapter is W in expectation."""
+    sim = Simulation(tiny_config("tiny-llama", "runtime.dtype=bf16", "federation.aggregator=noise_free",
+                                 "federation.noise_free_start=warm", "federation.rounds=2"))
+    sim.run_round()
+    device = sim.devices[0]
+    generator = torch.Generator().manual_seed(2)
+    start = sim.state.start_state(device.device_id, device.ranks)
+    small = {name: LoraWeights(torch.randn(w.A.shape, generator=generator) * 1e-2,
+                               torch.randn(w.B.shape, generator=generator) * 1e-4) for name, w in start.items()}
+    device.load(small)
+    layers = device.shell.layers
+    kept = []
+    for name, weights in small.items():
+        layer = layers[name]
+        own, shared = layer.get_base_layer().weight, device._shared_weights[name]
+        assert own is not shared and own.dtype == torch.bfloat16
+        product = float(layer.scaling["default"]) * (weights.B @ weights.A)
+        kept.append(_kept(shared, own, -product))
+    assert sum(kept) / len(kept) == pytest.approx(1.0, abs=0.1)
