@@ -56,9 +56,9 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Ten
 
     Why: a LoRA update is a small fraction of the weight it is merged into (0.1-1% on SmolLM2),
     and a bf16 unit is 0.4-0.8% of a weight, so rounding W + delta to the nearest bf16 keeps W
-    wherever |delta| is below half a unit. Measured on the main job's trained update merged in
-    three rounds (a third each): nearest rounding kept none of its effect on the loss, this keeps
-    all of it to 0.1% (BENCHMARKS, issue 22's quality section).
+    wherever |delta| is below half a unit. Measured on a main-job update merged in three rounds,
+    a third each (`bench/bf16_merge.py`): with nearest rounding the loss moved 0.55 of the update's
+    effect the wrong way; rounded stochastically it moved 1.00 of it, as the exact sum does.
 
     Deterministic: the draws are seeded by `key` and `x`'s bytes, so every holder of the same
     weight (the server, its mirrors, workers, a deployed device) rounds the same update the same
