@@ -342,7 +342,7 @@ class RuntimeConfig:
         "dtype of the frozen base and of the activations and gradients at the cut (adapters and AdamW "
         "state stay fp32); fp16 uses dynamic loss scaling and needs CUDA; auto = bf16 where the server's and "
         "the devices' hardware have bf16 matrix units (AMX-BF16, AVX512-BF16, Arm BF16, a CUDA GPU with bf16), "
-        "else fp32 (the report says which and why)", "fp32")
+        "else fp32 (the report says which and why)", "auto")
     base_quantization: Literal["none", "int8", "nf4"] = _help(
         "quantize the frozen linears of the transformer blocks with bitsandbytes (nf4 = QLoRA's 4-bit "
         "NormalFloat, int8 = LLM.int8 weights); embedding, norms and head stay in runtime.dtype", "none")
