@@ -258,8 +258,7 @@ class GlobalState:
                 for name in self.ranks:
                     delta = self.global_delta(name)
                     if delta is not None:
-                        weight = _frozen_weight(model, name)
-                        add_to_weight(weight, delta.T if lora.is_fan_in_fan_out(model) else delta, name)
+                        merge_delta(model, name, delta)
         model.eval()
         return model
 
