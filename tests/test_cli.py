@@ -324,3 +324,17 @@ def test_evaluate_passes_the_eval_decoding_options_to_generation(trained_on_a_fi
     assert main(["evaluate", str(run), "--data", str(test), "eval.generation=true", "eval.groups=1", "eval.max_new_tokens=4",
                  "eval.num_beams=2", "eval.length_penalty=0.8", "eval.no_repeat_ngram_size=3"]) == 0
     assert (seen["num_beams"], seen["length_penalty"], seen["no_repeat_ngram_size"]) == (2, 0.8, 3)
+
+
+def test_a_run_prints_one_line_per_round_when_its_output_is_a_file(tmp_path):
+    """Output to a pipe (a log file, CI): no bar, but one plain line per round with loss, time and bytes."""
+    out = tmp_path / "run"
+    result = _run("simulate", "--preset", "tiny", "--out", str(out), "federation.rounds=2", "eval.generation=false")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("round ")]
+    assert [line.split(" | ")[0] for line in lines] == ["round 1/2", "round 2/2"], result.stdout
+    report = json.loads((out / "report.json").read_text())
+    for line, entry in zip(lines, report["rounds"]):
+        assert "devices 3/3" in line and f"held-out ppl {entry['eval_perplexity']:.3f}" in line
+        up = sum(s["bytes_up"] for s in entry["devices"].values()) / 1e6
+        assert f"MB up {up:.1f}" in line and "\x1b" not in line  # plain text, no terminal codes

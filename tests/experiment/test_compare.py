@@ -349,3 +349,20 @@ def test_reuse_refuses_a_report_that_is_not_json(tmp_path, monkeypatch, capsys, 
     args, folder, _ = _run_then_reuse(tmp_path, monkeypatch, capsys)
     (folder / "report.json").write_bytes(content)
     assert f"{folder} was not reused: its report.json " in _refusal(args, capsys)
+
+
+
+def test_every_kill_and_revive_selection_is_a_method_of_the_dlora_suite_and_keeps_a_hybrids_device_blocks():
+    """Each KR selection the config offers is a named method; a user's hybrid override survives the method's own."""
+    from typing import get_args, get_type_hints
+
+    from splitpeft.config import KillReviveConfig, load_config
+
+    base = load_config(None, [], preset="tiny")
+    for selection in get_args(get_type_hints(KillReviveConfig)["selection"]):
+        method = "kr" if selection == "dynamic" else selection if selection.startswith("static") else f"kr_{selection}"
+        assert method in compare.SUITES["dlora"], f"no dlora method for kill_revive.selection={selection}"
+        config = compare.method_config(base, None, "tiny", ["placement.dlora_device_blocks=1"],
+                                       compare.SUITES["dlora"][method])
+        assert config.kill_revive.enabled and config.kill_revive.selection == selection
+        assert config.placement.placement == "dlora" and config.placement.dlora_device_blocks == 1

@@ -17,7 +17,8 @@ Suites (each method is the base config plus a few overrides; a method is one ent
   (FedLoRA, every device training the whole model, applies only where the whole model fits every
   device's budget: not a method of this suite.)
 * `dlora`: dlora without KR, with KR (`dynamic`; `scheduled`: the active share decays from all to
-  `kill_revive.active_fraction`; `gradient`: kills by gradient norm), and the static baselines (same number of active adapters,
+  `kill_revive.active_fraction`; `gradient`: kills by gradient norm; `converged`: kills only adapters whose
+  update score fell below `kill_revive.kill_threshold`), and the static baselines (same number of active adapters,
   chosen once at random / by initial score).
 
 Each method runs once per seed (config key `seed`: base, base + 1, ...), in `out/METHOD/seed-S`.
@@ -77,6 +78,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "kr": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=dynamic"],
         "kr_scheduled": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=scheduled"],
         "kr_gradient": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=gradient"],
+        "kr_converged": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=converged"],
         "static_random": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=static_random"],
         "static_score": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=static_score"],
     },

@@ -63,6 +63,7 @@ from splitpeft.federation.checkpoint import (
 )
 from splitpeft.federation.engine import Engine, InProcessEngine
 from splitpeft.federation.fleet import seed_everything
+from splitpeft.federation.records import RoundRecord
 from splitpeft.federation.simulation import Simulation
 from splitpeft.model.loading import load_model
 from splitpeft.model.runtime import resolve_runtime
@@ -281,6 +282,9 @@ def _train(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool
                     with holding_stops():  # a stop during the write comes after it: this round stands
                         save_checkpoint(sim, checkpoint, extra)
                         leaves["checkpoint_rounds"] = round_index + 1
+                if progress:  # one line a round, on a terminal (above the bar) or in a log file alike
+                    bar.console.print(round_line(record, fed.rounds, time.perf_counter() - started),
+                                      highlight=False, markup=False, soft_wrap=True)
                 if on_round is not None:
                     on_round(round_index, round_entries([record])[0])
         finally:
@@ -319,6 +323,24 @@ def _train(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool
     with writing(out):
         write_json(staging / "report.json", report)
     return sim, report
+
+
+def round_line(record: RoundRecord, rounds: int, wall_s: float) -> str:
+    """The console's line for a finished round: devices that finished of those asked, their mean
+    training loss (token-weighted), held-out perplexity, simulated and wall time, traffic."""
+    stats = list(record.devices.values())
+    tokens = sum(s.tokens for s in stats)
+    loss = sum(s.train_loss * s.tokens for s in stats) / tokens if tokens else float("nan")
+    asked = len(record.selected) or len(stats)
+    parts = [f"round {record.round + 1}/{rounds}", f"devices {len(record.completed or stats)}/{asked}",
+             f"train loss {loss:.4f}"]
+    if record.eval_perplexity is not None:
+        parts.append(f"held-out ppl {record.eval_perplexity:.3f}")
+    if record.simulated_round_s is not None:
+        parts.append(f"simulated {record.simulated_round_s:.1f} s")
+    parts += [f"wall {record.wall_s:.1f} s (run {wall_s:.0f} s)",
+              f"MB up {sum(s.bytes_up for s in stats) / 1e6:.1f} down {sum(s.bytes_down for s in stats) / 1e6:.1f}"]
+    return " | ".join(parts)
 
 
 def _privacy_estimate(sim: Simulation) -> dict[str, Any]:

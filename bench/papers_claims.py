@@ -1,0 +1,156 @@
+"""The papers' claims in the papers' own setting (issue 25).
+
+`--suite hsplit`: HSplitLoRA against HetLoRA, SplitLoRA and CenLoRA with plain split (labels at the
+server) and five devices whose budgets spread 4x, and the same fleet U-shaped beside it:
+
+    .venv/bin/python bench/papers_claims.py --placement plain --seeds 0,1,2 \
+        --methods hsplitlora_svd,hetlora,splitlora,cenlora --out runs/papers_plain
+
+`--suite dlora`: Kill and Revive's selections against no KR, each with warm-ups of 10% and 20% of a
+device's steps, in dlora or (with `--hybrid-blocks K`) in the hybrid whose device also runs blocks
+[0, K); per (selection, warm-up): the traffic and device adapter-FLOP saving after the warm-up against
+no KR over the same steps, and the held-out perplexity change; the recommended setting is the one
+keeping perplexity within 2% of no KR with the largest traffic saving:
+
+    .venv/bin/python bench/papers_claims.py --suite dlora --seeds 0,1,2 --out runs/papers_kr
+
+Runs seed by seed (every method of seed 0, then of seed 1, ...), so a session that stops early still
+has whole seeds to compare; each run lands in OUT/METHOD/seed-S and is reused when its report is
+finished (the `compare --reuse` rule). At the end the suite's table over the finished seeds is written
+to OUT/comparison.md (target per seed: the worst final held-out loss of the methods on that seed).
+
+The fleet (SmolLM2-135M, E2E, Dirichlet over `type`): memory 230-920 MB, compute 25-100 GFLOP/s and
+links 50-200 Mbit/s, each spread 4x over the five devices as the paper's 5-20 GB, one 500 GFLOP/s
+server. 40% of the MRs are held out, so BLEU is scored on 200 of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from pathlib import Path
+
+from splitpeft.experiment.compare import after_warmup, markdown_table, run_comparison
+
+MEMORY = [230_000_000, 320_000_000, 460_000_000, 640_000_000, 920_000_000]
+FLOPS = [2.5e10, 3.5e10, 5.0e10, 7.0e10, 1.0e11]
+LINKS = [6.25e6, 8.8e6, 1.25e7, 1.77e7, 2.5e7]
+
+
+def fleet_overrides(args: argparse.Namespace) -> list[str]:
+    return [
+        f"data.path={args.data}", "data.eval_fraction=0.4", "data.max_length=64",
+        "federation.num_devices=5", f"federation.rounds={args.rounds}", f"federation.local_steps={args.local_steps}",
+        "federation.batch_size=2",
+        f"fleet.memory_bytes=[{','.join(map(str, MEMORY))}]",
+        f"fleet.flops_per_s=[{','.join(f'{f:.3e}' for f in FLOPS)}]",
+        f"fleet.bandwidth_bytes_per_s=[{','.join(f'{b:.3e}' for b in LINKS)}]",
+        "fleet.server_flops_per_s=5.0e+11",
+        f"placement.labels_on_device={'true' if args.placement == 'ushaped' else 'false'}",
+        f"eval.perplexity_examples={args.perplexity_examples}", f"eval.groups={args.groups}",
+        "eval.max_new_tokens=32", "eval.baseline=false", "eval.meteor=false",
+        *args.overrides,
+    ]
+
+
+def run_seed_major(suite: str, out: Path, overrides: list[str], seeds: list[int], methods: list[str]) -> None:
+    for seed in seeds:
+        for method in methods:
+            print(f"== {out} {method} seed {seed}", flush=True)
+            run_comparison(suite, out, preset="e2e", overrides=[*overrides, f"seed={seed}"], methods=[method],
+                           seeds=1, reuse=True, progress=False)
+
+
+def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[int], methods: list[str]) -> str:
+    """Run no KR once and each KR selection per warm-up; the table of savings after warm-up."""
+    steps = args.rounds * args.local_steps
+    warmups = {fraction: max(1, round(fraction * steps)) for fraction in args.warmups}
+    if args.hybrid_blocks:
+        overrides = [*overrides, f"placement.dlora_device_blocks={args.hybrid_blocks}"]
+    for seed in seeds:  # seed-major, so whole seeds are there when a session stops early
+        run_seed_major("dlora", args.out / "no_kr", overrides, [seed], ["no_kr"])
+        for warmup in warmups.values():
+            run_seed_major("dlora", args.out / f"warmup-{warmup}", [*overrides, f"kill_revive.warmup={warmup}"],
+                           [seed], [m for m in methods if m != "no_kr"])
+
+    def report(folder: Path, seed: int) -> dict | None:
+        path = folder / f"seed-{seed}" / "report.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    lines = [f"Warm-up in steps of each device's {steps}; savings after the warm-up against no KR over the same "
+             "steps; mean ± sd over seeds (n = seeds with both runs).", "",
+             "| selection | warm-up | traffic saved | adapter FLOPs saved | perplexity change | BLEU change | n |",
+             "|---|---|---|---|---|---|---|"]
+    best: tuple[float, str] | None = None
+    for fraction, warmup in warmups.items():
+        for method in methods:
+            if method == "no_kr":
+                continue
+            traffic, flops, ppl, bleu = [], [], [], []
+            for seed in seeds:
+                base, kr = report(args.out / "no_kr" / "no_kr", seed), report(args.out / f"warmup-{warmup}" / method, seed)
+                if base is None or kr is None:
+                    continue
+                base = copy.deepcopy(base)
+                base["config"]["kill_revive"]["warmup"] = warmup  # the same cut as the KR run's
+                (base_bytes, base_flops), (kr_bytes, kr_flops) = after_warmup(base), after_warmup(kr)
+                traffic.append(1 - kr_bytes / base_bytes)
+                flops.append(1 - kr_flops / base_flops)
+                ppl.append(kr["eval"]["perplexity"] / base["eval"]["perplexity"] - 1)
+                if kr["eval"].get("bleu") is not None and base["eval"].get("bleu") is not None:
+                    bleu.append(kr["eval"]["bleu"] - base["eval"]["bleu"])
+
+            def shown(values: list[float], scale: float, spec: str) -> str:
+                if not values:
+                    return "-"
+                sd = f" ± {format(statistics.stdev(values) * scale, spec)}" if len(values) > 1 else ""
+                return format(statistics.mean(values) * scale, spec) + sd
+
+            lines.append(f"| {method} | {warmup} ({fraction:.0%}) | {shown(traffic, 100, '.1f')}% | "
+                         f"{shown(flops, 100, '.1f')}% | {shown(ppl, 100, '+.2f')}% | {shown(bleu, 1, '+.2f')} | "
+                         f"{len(traffic)} |")
+            if traffic and statistics.mean(ppl) <= 0.02 and (best is None or statistics.mean(traffic) > best[0]):
+                best = (statistics.mean(traffic), f"{method} with a warm-up of {warmup} steps")
+    lines += ["", f"Recommended (perplexity within 2% of no KR, largest traffic saving): "
+                  f"{best[1] if best else 'none of them'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["hsplit", "dlora"], default="hsplit")
+    parser.add_argument("--warmups", default="0.1,0.2", help="dlora: KR warm-ups as shares of a device's steps")
+    parser.add_argument("--hybrid-blocks", type=int, default=0, help="dlora: the hybrid's device blocks (0 = dlora)")
+    parser.add_argument("--placement", choices=["plain", "ushaped"], default="plain",
+                        help="plain: labels at the server (the papers' setting); ushaped: head and labels on the device")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", help="default: hsplitlora_svd,hetlora,splitlora,cenlora (hsplit); "
+                        "no_kr,kr,kr_scheduled,kr_gradient,kr_converged (dlora)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--groups", type=int, default=200, help="held-out MRs for BLEU")
+    parser.add_argument("--perplexity-examples", type=int, default=200)
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "valid.txt"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.warmups = [float(w) for w in args.warmups.split(",")]
+    overrides = fleet_overrides(args)
+    if args.suite == "dlora":
+        methods = (args.methods or "no_kr,kr,kr_scheduled,kr_gradient,kr_converged").split(",")
+        table = kill_and_revive(args, overrides, seeds, methods)
+        (args.out / "kill_and_revive.md").write_text(table)
+        print(table)
+        return
+    methods = (args.methods or "hsplitlora_svd,hetlora,splitlora,cenlora").split(",")
+    run_seed_major("hsplit", args.out, overrides, seeds, methods)
+    comparison = run_comparison("hsplit", args.out, preset="e2e", overrides=[*overrides, f"seed={seeds[0]}"],
+                                methods=methods, seeds=len(seeds), target="per_seed", reuse=True, progress=False)
+    print(markdown_table(comparison))
+
+
+if __name__ == "__main__":
+    main()
