@@ -60,7 +60,7 @@ def run_seed_major(suite: str, out: Path, overrides: list[str], seeds: list[int]
         for method in methods:
             print(f"== {out} {method} seed {seed}", flush=True)
             run_comparison(suite, out, preset="e2e", overrides=[*overrides, f"seed={seed}"], methods=[method],
-                           seeds=1, reuse=True, progress=False)
+                           seeds=1, reuse=True, progress=True)
 
 
 def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[int], methods: list[str]) -> str:

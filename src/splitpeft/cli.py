@@ -244,10 +244,13 @@ def _load_run(run: Path, overrides: list[str]) -> ExperimentConfig:
 def _adapted_model(run: Path, config: ExperimentConfig) -> tuple[Any, Any]:
     from peft import PeftModel
 
+    from splitpeft.model.adapters import peft_quietly
     from splitpeft.model.loading import load_model
 
     loaded = load_model(config.model.name, seed=config.seed)
-    return PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval(), loaded.tokenizer
+    with peft_quietly():
+        model = PeftModel.from_pretrained(loaded.model, str(run / "adapter"))
+    return model.eval(), loaded.tokenizer
 
 
 def _evaluate(args: argparse.Namespace) -> int:

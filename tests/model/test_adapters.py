@@ -64,3 +64,19 @@ def test_parties_share_frozen_weights():
     assert copy.model.layers[1].mlp.up_proj.weight is base.model.layers[1].mlp.up_proj.weight
     assert copy.model.layers[0].self_attn.q_proj.base_layer.weight is base.model.layers[0].self_attn.q_proj.weight
     assert not hasattr(base.model.layers[0].self_attn.q_proj, "lora_A")
+
+
+def test_exporting_an_adapter_raises_no_dependency_warning(tmp_path):
+    """peft's read of the deprecated `is_gradient_checkpointing` is silenced where we build peft models
+    (a newcomer's console shows no FutureWarning), and only that warning: others still surface."""
+    import warnings
+
+    base = load_model("tiny-llama").model
+    backbone = backbone_of(base)
+    modules = target_module_names(backbone, backbone.default_target_modules, range(backbone.num_blocks))
+    trained = inject(share_frozen_copy(base), dict.fromkeys(modules, 4), alpha=8.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_peft(base, read_adapters(trained), 8.0, tmp_path / "adapter")
+        warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["another FutureWarning"]

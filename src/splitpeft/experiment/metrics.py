@@ -161,7 +161,8 @@ def _bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> flo
         [_mteval_text(refs[j]) if j < len(refs) else None for refs in references] for j in range(num_slots)
     ]
     result = sacrebleu.corpus_bleu(
-        [_mteval_text(h) for h in hypotheses], streams, tokenize="none"  # type: ignore[arg-type]
+        # force: the text is tokenised on purpose (mteval's rules, above), which sacrebleu would warn about
+        [_mteval_text(h) for h in hypotheses], streams, tokenize="none", force=True  # type: ignore[arg-type]
     )
     return float(result.score)
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, cast
 
@@ -50,6 +52,17 @@ class LoraWeights(NamedTuple):
 
 
 AdapterSet = dict[str, LoraWeights]
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Wrap peft's model construction (`get_peft_model`, `PeftModel.from_pretrained`): peft reads
+    `model.is_gradient_checkpointing`, which transformers 5 deprecated with a FutureWarning on every
+    call; known and harmless (peft only asks whether to enable input gradients), so that one warning
+    is silenced here and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def target_module_names(backbone: Backbone, targets: Iterable[str], blocks: Iterable[int]) -> list[str]:
@@ -234,10 +247,11 @@ def export_peft(
     The folder is written to a temporary sibling and renamed into place, so a crash never leaves
     an adapter folder that looks complete.
     """
-    model = get_peft_model(
-        copy.deepcopy(base) if merged else share_frozen_copy(base),
-        lora_config({n: w.rank for n, w in weights.items()}, alpha, 0.0, is_fan_in_fan_out(base), rslora),
-    )
+    with peft_quietly():
+        model = get_peft_model(
+            copy.deepcopy(base) if merged else share_frozen_copy(base),
+            lora_config({n: w.rank for n, w in weights.items()}, alpha, 0.0, is_fan_in_fan_out(base), rslora),
+        )
     write_adapters(model, weights)
     with atomic_folder(Path(path)) as staging:
         model.save_pretrained(str(staging))  # peft annotates save_directory as str
