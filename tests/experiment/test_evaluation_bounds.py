@@ -208,3 +208,31 @@ def test_a_failed_evaluation_leaves_the_trained_run_for_evaluate(tmp_path, capsy
     evaluated = json.loads((out / "eval.json").read_text())
     assert report["status"] == "finished" and "eval_error" not in report
     assert report["eval"]["perplexity"] == evaluated["perplexity"] > 1 and report["eval"]["groups"] == 2
+
+
+
+def test_evaluation_phases_print_plain_lines_when_stderr_is_not_a_terminal(gpt2, capsys, monkeypatch):
+    """In a log file: a line every `every_s` seconds with the count so far, and a closing line with
+    the count and the rate, for perplexity and for generation; no bar, no carriage returns."""
+    from splitpeft.experiment import evaluation
+
+    original = evaluation.PhaseProgress.__init__
+
+    def every_batch(self, phase, total, unit, *, enabled, every_s=30.0):
+        original(self, phase, total, unit, enabled=enabled, every_s=0.0)
+
+    monkeypatch.setattr(evaluation.PhaseProgress, "__init__", every_batch)
+    model, tokenizer = gpt2
+    items = encode([Example(f"prompt {i}:", f" text {i} here", str(i)) for i in range(5)], tokenizer, 32)
+    perplexity(model, items, batch_size=2, pad_id=int(tokenizer.pad_token_id), progress=True)
+    generate_outputs(model, tokenizer, ["a", "b", "c"], max_new_tokens=2, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.strip().splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "perplexity: 2/5 examples", "perplexity: 4/5 examples", "perplexity: 5/5 examples",
+        lines[3].split(",")[0], "generation: 2/3 prompts", "generation: 3/3 prompts", lines[6].split(",")[0]]
+    assert lines[3].startswith("perplexity: 5 examples in ") and lines[3].endswith("examples/s)")
+    assert lines[6].startswith("generation: 3 prompts in ") and lines[6].endswith("prompts/s)")
+    perplexity(model, items, batch_size=2, pad_id=int(tokenizer.pad_token_id))  # progress off: silent
+    assert capsys.readouterr().err == ""

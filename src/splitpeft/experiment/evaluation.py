@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,7 +88,41 @@ def prompt_budget(context: int | None, max_new_tokens: int) -> int | None:
     return context - max_new_tokens
 
 
-def perplexity(model: Any, items: Sequence[EncodedExampleLike], batch_size: int, pad_id: int) -> float:
+class PhaseProgress:
+    """Progress of one evaluation phase: a bar where stderr is a terminal; elsewhere (a log file, CI)
+    a plain line every `every_s` seconds; in both, one closing line with the count and the rate."""
+
+    def __init__(self, phase: str, total: int, unit: str, *, enabled: bool, every_s: float = 30.0) -> None:
+        self.phase, self.total, self.unit, self.enabled, self.every_s = phase, total, unit, enabled, every_s
+        self.done, self.started = 0, time.perf_counter()
+        self.last = self.started
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=phase, unit=unit, leave=False)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.perf_counter() - self.last >= self.every_s:
+            self.last = time.perf_counter()
+            print(f"{self.phase}: {self.done}/{self.total} {self.unit}, {self._rate()}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.enabled:
+            print(f"{self.phase}: {self.done} {self.unit} in {time.perf_counter() - self.started:.1f} s ({self._rate()})",
+                  file=sys.stderr, flush=True)
+
+    def _rate(self) -> str:
+        return f"{self.done / max(time.perf_counter() - self.started, 1e-9):.2f} {self.unit}/s"
+
+
+def perplexity(model: Any, items: Sequence[EncodedExampleLike], batch_size: int, pad_id: int, *,
+               progress: bool = False) -> float:
     """Completion perplexity ``exp(sum_t NLL_t / n_tokens)`` over all labelled tokens of ``items``.
 
     Token-weighted: every completion token counts once, whatever example it belongs to. The
@@ -94,6 +130,7 @@ def perplexity(model: Any, items: Sequence[EncodedExampleLike], batch_size: int,
     ``pad_id``; the attention mask marks real positions by length (not by ``!= pad_id``,
     since the pad id is often the eos id, which also appears inside sequences). An item longer
     than the model's context (`context_length`) is scored on its last ``context`` positions.
+    ``progress``: a `PhaseProgress` over the examples.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -109,6 +146,7 @@ def perplexity(model: Any, items: Sequence[EncodedExampleLike], batch_size: int,
     # Similar lengths together waste less compute on padding; the sum is order-independent.
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     nll_sum, n_tokens = 0.0, 0
+    lines = PhaseProgress("perplexity", len(items), "examples", enabled=progress)
     with _eval_mode(model):
         for start in range(0, len(order), batch_size):
             batch = [items[i] for i in order[start : start + batch_size]]
@@ -133,6 +171,8 @@ def perplexity(model: Any, items: Sequence[EncodedExampleLike], batch_size: int,
                 reduction="sum",
             ).item()
             n_tokens += int((shift_labels != IGNORE_INDEX).sum().item())
+            lines.advance(len(batch))
+    lines.close()
     if n_tokens == 0:
         raise ValueError("no completion tokens (labels != -100 after the first position) to score")
     return math.exp(nll_sum / n_tokens)
@@ -194,14 +234,10 @@ def generate_outputs(
     device = _model_device(model)
     eos_id = int(tokenizer.eos_token_id)
     pad_id = eos_id if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)  # masked out anyway
-    starts = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="generate", unit="batch")
+    lines = PhaseProgress("generation", len(prompts), "prompts", enabled=progress)
     outputs: list[Generated] = []
     with _eval_mode(model):
-        for start in starts:
+        for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
             # One token more than the budget tells a prompt that had to lose its beginning.
             ids = [bounded_token_ids(tokenizer, p, None if budget is None else budget + 1, keep="end") for p in batch]
@@ -233,6 +269,8 @@ def generate_outputs(
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for text, was_truncated in zip(texts, truncated):
                 outputs.append(Generated(text.strip().split("\n", 1)[0].strip(), was_truncated, cut))
+            lines.advance(len(batch))
+    lines.close()
     return outputs
 
 

@@ -161,7 +161,7 @@ def evaluate_model(
     if config.eval.perplexity:
         result["perplexity"] = perplexity(
             model, held_out_encoded[: config.eval.perplexity_examples], config.federation.batch_size,
-            int(tokenizer.pad_token_id),
+            int(tokenizer.pad_token_id), progress=progress,
         )
     if config.eval.generation:
         scores, samples = evaluate_generation(

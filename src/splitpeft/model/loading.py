@@ -67,6 +67,19 @@ class LoadedModel:
     name: str
 
 
+def bars_on_terminal_only() -> None:
+    """Hugging Face's loading bars (weights, shards, GGUF de-quantisation) only where stderr is a
+    terminal: in a log file each bar is a wall of carriage returns."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty():
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+
+
 def load_model(name: str = DEFAULT_MODEL, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> LoadedModel:
     """Load a whole base model and its tokenizer by name, in `dtype` on `device`.
@@ -76,6 +89,7 @@ def load_model(name: str = DEFAULT_MODEL, *, seed: int = 0, dtype: torch.dtype =
     Hugging Face hub id (needs network or a populated HF cache). A party that runs only part of
     the model loads just that part with `load_model_part`.
     """
+    bars_on_terminal_only()
     if name == DEFAULT_MODEL:
         folder = smollm2_folder()
         model, tokenizer = _from_pretrained(str(folder))
