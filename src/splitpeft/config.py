@@ -214,6 +214,10 @@ class HSplitConfig:
     probe_batches: int = _help("batches per IWI probe (each round)", 2)
     replan_threshold: float = _help("re-plan when IWI scores moved this much (relative L1) since the plan", 0.2)
     max_split: int | None = _help("deepest split the planner may choose (default L - 1)", None)
+    server_rank: int | None = _help(
+        "split: the rank of the server sessions' adapters on the blocks after each device's cut, which the "
+        "planners also count as the importance the server trains; null = lora.rank. The server is not bound "
+        "by a device's memory: e.g. the largest of hsplit.rank_set", None)
     min_split: int = _help("privacy floor: the shallowest split the planner may choose (armsc, budget_rank: "
                            "a device whose budget fits no split this deep fails the plan)", 0)
     max_leakage: float | None = _help(
@@ -546,6 +550,7 @@ NUMERIC_BOUNDS: dict[str, Bound] = {
     "hsplit.probe_batches": Bound(1, 10_000),
     "hsplit.replan_threshold": Bound(0, 1e6),
     "hsplit.max_split": Bound(0, 4096),
+    "hsplit.server_rank": Bound(1, 65_536),
     "hsplit.min_split": Bound(0, 4096),
     "hsplit.max_leakage": Bound(0, 1),
     "placement.dlora_device_blocks": Bound(0, 4096),

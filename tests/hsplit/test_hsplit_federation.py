@@ -103,6 +103,42 @@ def test_block_copies_on_devices_and_server_are_all_aggregated():
     assert not torch.equal(sim.loaded.model.model.layers[1].self_attn.q_proj.weight, base_weight)
 
 
+@pytest.mark.parametrize("server_rank", [None, 6])
+def test_server_sessions_train_at_hsplit_server_rank_and_the_planner_counts_it(server_rank):
+    """hsplit.server_rank sets the rank of every server session's adapters (null: lora.rank), the
+    server's simulated time and what ARMSC counts the server as training; devices keep their plans' ranks."""
+    from splitpeft.hsplit.planning import PlanOptions
+
+    extra = [] if server_rank is None else [f"hsplit.server_rank={server_rank}"]
+    overrides = ["federation.aggregator=noise_free", "federation.num_devices=2", "federation.local_steps=1",
+                 "data.max_length=48", "lora.rank=4", *extra]
+    sim = Simulation(tiny_config("tiny-llama", *overrides))
+    sim.devices[0] = sim.build_device(0, 1)
+    ranks: dict[str, list[tuple[str, int]]] = {}
+    original = sim.state.aggregator.aggregate
+
+    def spy(module, copies):
+        ranks[module] = sorted((c.holder, c.weights.A.shape[0]) for c in copies)
+        return original(module, copies)
+
+    sim.state.aggregator.aggregate = spy
+    sim.run_round()
+    want = server_rank or 4
+    assert ranks["model.layers.0.self_attn.q_proj"] == [("device-0", 4), ("device-1", 4)]
+    assert ranks["model.layers.1.self_attn.q_proj"] == [("device-1", 4), ("server/device-0", want)]
+    assert PlanOptions.from_config(sim.config).fleet().server_rank == want
+    assert sim.server_rank == want
+
+
+def test_a_server_rank_above_every_adapted_linear_is_refused_before_training():
+    from splitpeft.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"hsplit.server_rank 4096 exceeds min\(d_in, d_out\)"):
+        Simulation(tiny_config("tiny-llama", "hsplit.server_rank=4096"))
+    with pytest.raises(ConfigError, match="hsplit.server_rank must be in"):
+        tiny_config("tiny-llama", "hsplit.server_rank=0")
+
+
 def test_export_after_merges_reproduces_the_global_model(tmp_path):
     budgets = _budgets(HSPLIT)
     sim = Simulation(tiny_config("tiny-llama", *HSPLIT, f"fleet.memory_bytes={budgets}"))

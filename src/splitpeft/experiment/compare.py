@@ -5,6 +5,8 @@ Suites (each method is the base config plus a few overrides; a method is one ent
 * `hsplit` (every method fits every device's memory budget):
   - `hsplitlora`: IWI + ARMSC as the optimiser (`armsc`) + noise_free with warm restarts that
     keep each holder's own A, fit B to the exact aggregate and keep the AdamW moments (`own_a`);
+  - `hsplitlora_server16`: `hsplitlora` with the server sessions at rank 16 (`hsplit.server_rank`), the top
+    of the default rank set, instead of lora.rank: the server is not bound by a device's memory;
   - `hsplitlora_svd`: warm restarts from the balanced top-r SVD of the aggregate, moments reset;
   - `hsplitlora_lora_factors`: the same SVD with A at peft's initial row norms and B carrying S;
   - `hsplitlora_cold`: noise_free's cold restarts (B = 0 every round);
@@ -62,6 +64,10 @@ SUITES: dict[str, dict[str, list[str]]] = {
     "hsplit": {
         "hsplitlora": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm",
                        "federation.noise_free_factors=own_a", "federation.noise_free_moments=keep"],
+        # the server sessions at the rank set's top (16 by default) instead of lora.rank (issue 25)
+        "hsplitlora_server16": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm",
+                                "federation.noise_free_factors=own_a", "federation.noise_free_moments=keep",
+                                "hsplit.server_rank=16"],
         "hsplitlora_svd": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm"],
         "hsplitlora_lora_factors": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
                                     "federation.noise_free_start=warm", "federation.noise_free_factors=lora"],

@@ -452,7 +452,7 @@ def _check_state(state: dict[str, Any], sim: Simulation) -> None:
     devices = _mapping(state["devices"], "devices")
     _need(set(devices) == set(sim.device_ids), f"devices are {sorted(devices)}, this run has {sim.device_ids}")
     num_blocks = sim.backbone.num_blocks
-    most_rank = max([config.lora.rank, *config.hsplit.rank_set])
+    most_rank = max([config.lora.rank, config.hsplit.server_rank or 0, *config.hsplit.rank_set])
     for device_id, info in devices.items():
         where = f"devices[{device_id!r}]"
         info = _mapping(info, where)

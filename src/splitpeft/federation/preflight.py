@@ -73,12 +73,12 @@ def check_blocks(config: ExperimentConfig, shapes: ModelShapes) -> None:
 
 
 def check_ranks(config: ExperimentConfig, shapes: ModelShapes) -> None:
-    """lora.rank against every adapted linear; with a planner, no rank of hsplit.rank_set may
+    """lora.rank and hsplit.server_rank against every adapted linear; with a planner, no rank of hsplit.rank_set may
     exceed every module's min(d_in, d_out)."""
     name, (d_in, d_out) = min(shapes.modules.items(), key=lambda item: min(item[1]))
-    if config.lora.rank > min(d_in, d_out):
-        raise ConfigError(f"lora.rank {config.lora.rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
-                          f"of {name} ({d_in} -> {d_out})")
+    for key, rank in (("lora.rank", config.lora.rank), ("hsplit.server_rank", config.hsplit.server_rank)):
+        if rank is not None and rank > min(d_in, d_out):
+            raise ConfigError(f"{key} {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name} ({d_in} -> {d_out})")
     if config.hsplit.planner != "fixed":
         widest = max(min(dims) for dims in shapes.modules.values())
         too_big = [r for r in config.hsplit.rank_set if r > widest]

@@ -129,6 +129,8 @@ class Simulation:
 
         modules = adapted_modules(config, self.backbone)
         self.ranks = {name: config.lora.rank for name in modules}
+        self.server_rank = config.hsplit.server_rank or config.lora.rank  # the server sessions' adapters
+        server_ranks = dict.fromkeys(modules, self.server_rank)
         self.state = GlobalState(base, modules, rank=config.lora.rank, alpha=config.lora.alpha, rslora=config.lora.rslora,
                                  seed=config.seed,
                                  aggregator=make_aggregator(fed.aggregator, seed=config.seed, robust=config.robust,
@@ -141,7 +143,7 @@ class Simulation:
         self.device_pool = ShellPool(self.device_base, memory_bytes=fed.state_memory_bytes, spill_dir=fed.spill_dir)
         self.session_pool = ShellPool(base, memory_bytes=fed.state_memory_bytes, spill_dir=fed.spill_dir)
         self.server = SplitServer(
-            base, lambda blocks: modules_in(self.ranks, self.backbone, blocks), self.state.start_state,
+            base, lambda blocks: modules_in(server_ranks, self.backbone, blocks), self.state.start_state,
             alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks, runtime=runtime,
             limits=StepLimits.from_config(config), warm=warm_start_of(config), rslora=config.lora.rslora,
             bounds=FrameBounds.from_config(config, base), batch_devices=config.server.batch_devices,
@@ -494,7 +496,7 @@ class Simulation:
             return 0.0
         device = self.devices[self.device_index[device_id]]
         on_device = self.config.placement.labels_on_device or self.config.placement.placement == "dlora"
-        rank = 0 if self.config.placement.placement == "dlora" else self.config.lora.rank
+        rank = 0 if self.config.placement.placement == "dlora" else self.server_rank
         flops = server_flops_per_step(self.shapes, device.split_layer, rank, self.config.federation.batch_size,
                                       self.config.data.max_length, on_device)
         return steps * flops / self.config.fleet.server_flops_per_s

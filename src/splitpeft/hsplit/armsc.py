@@ -305,7 +305,7 @@ class FleetOptions:
     batch_size: int
     seq_len: int
     rank_set: tuple[int, ...] = (0, 2, 4, 8, 16)
-    server_rank: int = 8  # lora.rank: the server sessions' adapters on blocks [k, L)
+    server_rank: int = 8  # hsplit.server_rank (or lora.rank): the server sessions' adapters on blocks [k, L)
     server_flops_per_s: float = 5e11
     labels_on_device: bool = False
     checkpointing: bool = False

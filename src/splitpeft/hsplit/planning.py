@@ -122,6 +122,7 @@ class PlanOptions:
     privacy: PrivacyFloor | None = None  # hsplit.min_split, hsplit.max_leakage
     server_flops_per_s: float = 5e11  # fleet.server_flops_per_s
     warm: bool = False  # federation.noise_free_start=warm: each adapted module holds its own frozen copy
+    server_rank: int | None = None  # hsplit.server_rank: the server sessions' rank (None: `rank`)
 
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> PlanOptions:
@@ -129,11 +130,14 @@ class PlanOptions:
                    config.hsplit.max_split, config.federation.batch_size, config.data.max_length,
                    config.placement.labels_on_device, config.runtime.gradient_checkpointing,
                    PrivacyFloor.from_config(config), config.fleet.server_flops_per_s,
-                   config.federation.aggregator == "noise_free" and config.federation.noise_free_start == "warm")
+                   config.federation.aggregator == "noise_free" and config.federation.noise_free_start == "warm",
+                   config.hsplit.server_rank)
 
     def fleet(self) -> FleetOptions:
-        """The optimiser's options: the server's sessions train every module of their blocks at lora.rank."""
-        return FleetOptions(self.batch_size, self.seq_len, self.rank_set, self.rank, self.server_flops_per_s,
+        """The optimiser's options: the server's sessions train every module of their blocks at
+        hsplit.server_rank (lora.rank unless set)."""
+        return FleetOptions(self.batch_size, self.seq_len, self.rank_set, self.server_rank or self.rank,
+                            self.server_flops_per_s,
                             self.labels_on_device, self.checkpointing, self.max_split,
                             self.privacy.allows if self.privacy is not None else None, self.warm)
 
