@@ -1,6 +1,6 @@
 """splitpeft deployed across real hosts: a cloud and 2-3 devices, each its own Linux network
 namespace with its own address, device links limited by `tc tbf`; the real SuperLink, SuperNodes,
-`flwr run` and split server of the README's "Deploying on real machines", on those addresses.
+`flwr run` and split server of docs/how-to/deploy.md ("Deploying on real machines"), on those addresses.
 
     .venv/bin/python bench/netns_deploy.py [--devices 2|3] [--rates 100,20] [--compression none,int8]
         [--rounds 2] [--steps 12] [--batch-size 16] [--quick] [--keep DIR]      # as root

@@ -4,7 +4,7 @@
 server) and five devices whose budgets spread 4x, and the same fleet U-shaped beside it:
 
     .venv/bin/python bench/papers_claims.py --placement plain --seeds 0,1,2 \
-        --methods hsplitlora_svd,hetlora,splitlora,cenlora --out runs/papers_plain
+        --methods hsplitlora,hetlora,splitlora,cenlora --out runs/papers_plain
 
 `--suite dlora`: Kill and Revive's selections against no KR, each with warm-ups of 10% and 20% of a
 device's steps, in dlora or (with `--hybrid-blocks K`) in the hybrid whose device also runs blocks
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--placement", choices=["plain", "ushaped"], default="plain",
                         help="plain: labels at the server (the papers' setting); ushaped: head and labels on the device")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", help="default: hsplitlora_svd,hetlora,splitlora,cenlora (hsplit); "
+    parser.add_argument("--methods", help="default: hsplitlora,hetlora,splitlora,cenlora (hsplit); "
                         "no_kr,kr,kr_scheduled,kr_gradient,kr_converged (dlora)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--local-steps", type=int, default=20)
@@ -145,7 +145,7 @@ def main() -> None:
         (args.out / "kill_and_revive.md").write_text(table)
         print(table)
         return
-    methods = (args.methods or "hsplitlora_svd,hetlora,splitlora,cenlora").split(",")
+    methods = (args.methods or "hsplitlora,hetlora,splitlora,cenlora").split(",")
     run_seed_major("hsplit", args.out, overrides, seeds, methods)
     comparison = run_comparison("hsplit", args.out, preset="e2e", overrides=[*overrides, f"seed={seeds[0]}"],
                                 methods=methods, seeds=len(seeds), target="per_seed", reuse=True, progress=False)

@@ -1,5 +1,5 @@
 """The package's shape: no import cycles between splitpeft's modules, and every module of the
-library sits in the folder of its concept (README "Layout")."""
+library sits in the folder of its concept (docs/explanations/layout.md)."""
 
 import ast
 from pathlib import Path

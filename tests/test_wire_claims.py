@@ -1,5 +1,5 @@
-"""Finding 11 of issue 12: the README says what leaves the device in each placement, and the
-wire agrees: plain split sends the completion ids as labels, U-shaped sends no label tensor, and
+"""Finding 11 of issue 12: the documentation (docs/explanations/placements.md, linked from the
+README) says what leaves the device in each placement, and the wire agrees: plain split sends the completion ids as labels, U-shaped sends no label tensor, and
 dlora's first message is the raw embeddings, which the server maps back to every token."""
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from splitpeft.federation.simulation import Simulation
 from splitpeft.model.loss import IGNORE_INDEX
 from splitpeft.transport.messages import Kind, decode
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+README = (Path(__file__).parent.parent / "docs" / "explanations" / "placements.md").read_text()
 
 
 def _first_step_frames(placement: str, labels_on_device: bool = False):

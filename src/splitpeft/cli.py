@@ -27,7 +27,7 @@ from splitpeft.storage import Stopped, stop_on_signals
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, FileNotFoundError, OSError)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitpeft", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     # Overrides may come before or after options (`compare hsplit --preset e2e key=value`):
     # argparse fills the positional list before it sees the options, so collect the rest here.
     args, extra = parser.parse_known_args(argv)

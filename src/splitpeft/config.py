@@ -616,6 +616,57 @@ def describe_keys() -> str:
     return "\n".join(lines)
 
 
+def _type_name(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(hint, str(hint))
+
+
+def reference_rows() -> list[dict[str, str]]:
+    """Every config key, in schema order: key, type (a Literal's choices), default (before any
+    preset), allowed range (`NUMERIC_BOUNDS`) and help string. The documentation's configuration
+    reference is generated from this, so no key can be left out of it."""
+    rows: list[dict[str, str]] = []
+
+    def walk(section: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(section))
+        for item in fields(section):
+            value = getattr(section, item.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{item.name}.")
+                continue
+            key = f"{prefix}{item.name}"
+            bound = NUMERIC_BOUNDS.get(key)
+            rows.append({"key": key, "type": _type_name(hints[item.name]),
+                         "default": "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
+                         .removesuffix("...").strip(),
+                         "range": "" if bound is None else str(bound), "help": item.metadata.get("help", "")})
+
+    walk(ExperimentConfig(), "")
+    return rows
+
+
+def reference_markdown() -> str:
+    """`reference_rows` as one Markdown table per config section."""
+    lines: list[str] = []
+    section = None
+    for row in reference_rows():
+        head = row["key"].split(".")[0] if "." in row["key"] else "(top level)"
+        if head != section:
+            section = head
+            lines += ["", f"## `{head}`" if head != "(top level)" else "## Top-level keys", "",
+                      "| key | type | default | range | what it does |", "|---|---|---|---|---|"]
+        cells = [f"`{row['key']}`", row["type"], f"`{row['default']}`", row["range"].replace("|", "\\|"),
+                 row["help"].replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines).strip() + "\n"
+
+
 PRESETS = ("default", "tiny", "e2e")
 
 

@@ -10,7 +10,7 @@ One step, the batch flowing one way (B, T tokens, d hidden)::
 
 U-shaped (`labels_on_device`, the default): no label tensor leaves the device. The hidden states
 still carry most of what the tokens were, and the head gradient the labels (the privacy meter,
-`privacy/meter.py`, measures both; see the README's "What the server can learn")::
+`privacy/meter.py`, measures both; see docs/how-to/privacy.md)::
 
     embed, blocks [0, k) -- ACTIVATIONS ---->  blocks [k, L)
     norm, head, loss     <-- FINAL_HIDDEN ---  (B,T,d)
