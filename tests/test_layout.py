@@ -83,5 +83,48 @@ def test_library_modules_live_in_concept_folders():
     top_level = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
     assert top_level == ["cli", "config", "storage"]
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
-    assert folders == ["aggregation", "data", "deploy", "dlora", "experiment", "federation", "hsplit", "model",
-                       "parties", "placements", "privacy", "transport"]
+    assert folders == ["aggregation", "data", "defences", "deploy", "dlora", "experiment", "federation", "hsplit",
+                       "model", "parties", "placements", "privacy", "transport"]
+
+
+# The layers, lowest first: a module may import its own layer and the ones before it, never a later
+# one. A module's layer is that of the longest prefix listed (the placement registry, which names
+# every placement, sits above dlora's placement while the rest of `placements` sits below it).
+LAYERS = [
+    ["splitpeft", "splitpeft.storage", "splitpeft.config"],
+    ["splitpeft.model"],
+    ["splitpeft.data", "splitpeft.transport", "splitpeft.defences"],
+    ["splitpeft.aggregation", "splitpeft.hsplit"],
+    ["splitpeft.placements"],
+    ["splitpeft.dlora"],
+    ["splitpeft.placements.registry"],
+    ["splitpeft.parties"],
+    ["splitpeft.federation"],
+    ["splitpeft.privacy"],
+    ["splitpeft.experiment"],
+    ["splitpeft.deploy"],
+    ["splitpeft.cli"],
+]
+
+
+def layer_of(module: str) -> int:
+    matches = [(len(prefix), index) for index, names in enumerate(LAYERS) for prefix in names
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module} is in no layer of LAYERS: add it"
+    return max(matches)[1]
+
+
+def wrong_way_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
+                  for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))
+
+
+def test_wrong_way_imports_are_found():
+    assert wrong_way_imports({"splitpeft.model.loading": {"splitpeft.federation.fleet"}}) == [
+        "splitpeft.model.loading (layer 1) imports splitpeft.federation.fleet (layer 8)"]
+    assert wrong_way_imports({"splitpeft.placements.registry": {"splitpeft.dlora.placement"}}) == []
+    assert wrong_way_imports({"splitpeft.placements.split": {"splitpeft.dlora.placement"}}) != []
+
+
+def test_no_import_runs_from_a_lower_layer_to_a_higher_one():
+    assert wrong_way_imports(import_graph()) == []

@@ -322,7 +322,7 @@ class PrivacyConfig:
         "learned row's `fit`); 0 = exactly privacy.learned_steps steps", 0)
     noise_multiplier: float = _help(
         "sigma: Gaussian release of what the device sends up, each token's vector clipped to privacy.clip_norm C "
-        "and N(0, (sigma C)^2) added (privacy/defences.py); 0 = off", 0.0)
+        "and N(0, (sigma C)^2) added (defences/cut.py); 0 = off", 0.0)
     clip_norm: float = _help("C: L2 clipping of each token's vector sent up (0 = off; needed with noise)", 0.0)
     gradient_clip_norm: float = _help(
         "C_g: with noise, the head gradient the device sends (U-shaped split, dlora) is also clipped to C_g per "

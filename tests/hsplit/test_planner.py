@@ -14,8 +14,8 @@ from splitpeft.hsplit.budget import DeviceProfile, fleet_preset, simulated_step_
 from splitpeft.hsplit.memory import ModelShapes, memory_breakdown, predict_peak_bytes
 from splitpeft.hsplit.planning import needs_replan
 from splitpeft.model.loading import load_model
+from splitpeft.model.usage import tensor_nbytes
 from splitpeft.parties.device import DeviceRuntime
-from splitpeft.parties.meter import tensor_nbytes
 from splitpeft.placements.split import SplitPlacement
 
 

@@ -1,4 +1,4 @@
-"""The server's dispatch (parties/server.py) and the device meter (parties/meter.py): a bad message
+"""The server's dispatch (parties/server.py) and the device meter (model/usage.py): a bad message
 gets a named ERROR and drops only that device's half-done step; placements are reached only
 through their interface; a dropped device's partial round counts for nothing."""
 
@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_config
 
 from splitpeft.federation.simulation import Simulation
-from splitpeft.parties.meter import DeviceMeter, storage_bytes, tensor_nbytes
+from splitpeft.model.usage import DeviceMeter, storage_bytes, tensor_nbytes
 from splitpeft.parties.server import StepLimits
 from splitpeft.transport.messages import Kind, Message, Meta
 

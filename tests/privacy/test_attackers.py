@@ -284,7 +284,7 @@ def test_the_search_weighs_the_head_gradient_with_the_states_under_noise_on_both
     norm, sigma = 0.3): the search that also scores each candidate by the head gradient's
     likelihood recovers far more than the states alone or the gradient alone; without noise both
     searches are exact."""
-    from splitpeft.privacy.defences import Defence
+    from splitpeft.defences.cut import Defence
 
     clean = traffic("tiny-llama", 3)
     states = torch.cat([b.hidden[b.mask] for b, _ in clean.aux])

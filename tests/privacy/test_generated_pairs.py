@@ -11,11 +11,11 @@ from test_attackers import LEARNED, private_score, traffic
 from splitpeft.data.batching import encode
 from splitpeft.data.builtin import builtin_examples
 from splitpeft.data.sources import load_examples
+from splitpeft.defences.cut import Defence
 from splitpeft.model.loading import load_model
 from splitpeft.privacy.attackers import make_attacker
 from splitpeft.privacy.audit import auxiliary_examples
 from splitpeft.privacy.corpus import sampled_completions
-from splitpeft.privacy.defences import Defence
 from splitpeft.privacy.meter import Exposure, MeterSettings, measure
 
 

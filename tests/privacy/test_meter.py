@@ -11,11 +11,12 @@ from conftest import tiny_config
 from splitpeft.cli import main
 from splitpeft.data.batching import encode
 from splitpeft.data.builtin import builtin_examples
+from splitpeft.defences.cut import Defence
 from splitpeft.federation.simulation import Simulation
 from splitpeft.hsplit.armsc import PlanError
+from splitpeft.hsplit.planning import leakage_at
 from splitpeft.model.loading import load_model
-from splitpeft.privacy.defences import Defence
-from splitpeft.privacy.meter import Exposure, MeterSettings, capture_batch, exposure_of, leakage_at, measure
+from splitpeft.privacy.meter import Exposure, MeterSettings, capture_batch, exposure_of, measure
 from splitpeft.transport.compression import decompress
 from splitpeft.transport.messages import Kind, decode
 

@@ -95,7 +95,7 @@ def test_device_flops_include_attention():
     """FlopCounterMode has no CPU formula for sdpa; ours adds it, so attention is not free."""
     import torch.nn.functional as F
 
-    from splitpeft.parties.meter import DeviceMeter
+    from splitpeft.model.usage import DeviceMeter
 
     meter = DeviceMeter()
     q = torch.randn(1, 2, 16, 8, requires_grad=True)

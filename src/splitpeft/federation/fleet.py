@@ -21,6 +21,7 @@ from splitpeft.data.batching import BatchStream, EncodedExample
 from splitpeft.data.examples import Example
 from splitpeft.data.partition import partition, split_by_group
 from splitpeft.data.sources import load_examples
+from splitpeft.defences.cut import Defence
 from splitpeft.hsplit.budget import DeviceProfile, fleet_preset
 from splitpeft.model import adapters as lora
 from splitpeft.model.backbone import Backbone
@@ -29,7 +30,6 @@ from splitpeft.parties.device import DeviceRuntime
 from splitpeft.parties.party import WarmStart
 from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
-from splitpeft.privacy.defences import Defence
 
 log = logging.getLogger(__name__)
 

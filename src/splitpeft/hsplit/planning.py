@@ -44,7 +44,6 @@ from splitpeft.hsplit.importance import (
 from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.runtime import resolve_runtime
-from splitpeft.privacy.meter import leakage_at
 
 Plans = dict[str, tuple[int, dict[str, int]]]  # device -> (split layer, {module: rank})
 
@@ -62,6 +61,17 @@ class Planner(Protocol):
     uses_scores: ClassVar[bool]   # True: needs IWI probes, and re-plans when they move
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]: ...
+
+
+def leakage_at(table: dict[str, Any], placement: str, split_layer: int) -> float | None:
+    """The measured leakage (token accuracy) of `placement` at `split_layer` from a meter's output;
+    at an unmeasured depth, that of the nearest shallower measured one (leakage falls with depth,
+    so this errs on the side of more leakage); None if no depth <= `split_layer` was measured."""
+    measured = {row["split_layer"]: row["token_accuracy"] for row in table.get("leakage", [])
+                if row["placement"] == placement and row["split_layer"] <= split_layer}
+    if not measured:
+        return None
+    return float(measured[max(measured)])
 
 
 @dataclass

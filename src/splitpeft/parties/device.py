@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from splitpeft.config import KillReviveConfig
 from splitpeft.data.batching import BatchStream
-from splitpeft.dlora.killrevive import KillRevive
+from splitpeft.defences.cut import NO_DEFENCE, Defence
 from splitpeft.model.adapters import (
     ADAPTER_NAME,
     LoraWeights,
@@ -22,11 +22,11 @@ from splitpeft.model.adapters import (
 )
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.runtime import CPU_FP32, Runtime
-from splitpeft.parties.meter import DeviceMeter
+from splitpeft.model.usage import DeviceMeter
+from splitpeft.parties.killrevive import KillRevive
 from splitpeft.parties.party import Party, WarmStart
 from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
-from splitpeft.privacy.defences import NO_DEFENCE, Defence
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Kind, Message, Meta
 
@@ -81,7 +81,7 @@ class DeviceRuntime(Party):
         self.placement = placement
         self.split_layer = split_layer
         self.data = data
-        self.defence = defence  # what it does to the tensors it sends up (privacy/defences.py)
+        self.defence = defence  # what it does to the tensors it sends up (defences/cut.py)
         self.meter = DeviceMeter(count_flops, device=self.torch_device)
         self.killed: set[str] = set()
         self.kill_revive: KillRevive | None = None

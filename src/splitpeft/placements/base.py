@@ -26,10 +26,10 @@ import torch
 from transformers import PreTrainedModel
 
 from splitpeft.data.batching import Batch
+from splitpeft.defences.cut import Defence
 from splitpeft.model.backbone import Backbone
 from splitpeft.model.parts import Part
-from splitpeft.parties.meter import DeviceMeter
-from splitpeft.privacy.defences import Defence
+from splitpeft.model.usage import DeviceMeter
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Message
 
@@ -51,7 +51,7 @@ class DeviceSide(Protocol):
     torch_device: torch.device    # where its part of the model runs
     meter: DeviceMeter
     split_layer: int
-    defence: Defence              # what it does to the tensors it sends up (privacy/defences.py)
+    defence: Defence              # what it does to the tensors it sends up (defences/cut.py)
     killed: set[str]
     measure_killed: bool          # this step also measures killed adapters' gradient norms
     grad_norms: dict[str, float]  # measured gradient norms of this step (Kill and Revive)

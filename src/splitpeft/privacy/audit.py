@@ -23,10 +23,10 @@ from splitpeft.data.batching import EncodedExample, encode
 from splitpeft.data.builtin import builtin_examples
 from splitpeft.data.examples import Example
 from splitpeft.data.sources import load_examples
+from splitpeft.defences.accounting import accountant_name, gaussian_release_epsilon
 from splitpeft.federation.fleet import defence_of, device_examples
 from splitpeft.hsplit.memory import ModelShapes, flops_per_step, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
-from splitpeft.privacy.accounting import accountant_name, gaussian_release_epsilon
 from splitpeft.privacy.corpus import sampled_completions
 from splitpeft.privacy.meter import Exposure, MeterSettings, exposure_of, measure, releases_per_example
 
@@ -74,7 +74,7 @@ def settings_of(config: ExperimentConfig) -> MeterSettings:
 def accounting(config: ExperimentConfig, releases: int, *, sends_head_gradient: bool) -> dict[str, Any] | None:
     """(epsilon, delta) of the Gaussian release over `releases` releases of each example, per
     token vector and per sequence of data.max_length vectors, from dp-accounting
-    (`privacy/accounting.py`); None without noise. `sends_head_gradient`: the devices send a head
+    (`defences/accounting.py`); None without noise. `sends_head_gradient`: the devices send a head
     gradient (U-shaped split, dlora), noised as a second tensor per release where
     privacy.gradient_clip_norm > 0."""
     p = config.privacy

@@ -32,10 +32,10 @@ import torch
 from transformers import PreTrainedModel
 
 from splitpeft.data.batching import Batch, EncodedExample, collate
+from splitpeft.defences.cut import Defence
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loss import causal_lm_loss
 from splitpeft.privacy.attackers import CutBatch, ServerKnowledge, make_attacker
-from splitpeft.privacy.defences import Defence
 from splitpeft.privacy.scoring import Score, chance_accuracy, score
 from splitpeft.transport.compression import compress, decompress
 from splitpeft.transport.messages import Kind, Message
@@ -278,17 +278,6 @@ def _combined(exposure: Exposure, guesses: dict[str, list[torch.Tensor]], truths
     used, result = max(options, key=lambda option: option[1].token_accuracy)
     return {"placement": exposure.placement, "split_layer": exposure.split_layer, "attackers": used,
             "strongest_activation_attacker": best_name, **_score_fields(result)}
-
-
-def leakage_at(table: dict[str, Any], placement: str, split_layer: int) -> float | None:
-    """The measured leakage (token accuracy) of `placement` at `split_layer` from a meter's output;
-    at an unmeasured depth, that of the nearest shallower measured one (leakage falls with depth,
-    so this errs on the side of more leakage); None if no depth <= `split_layer` was measured."""
-    measured = {row["split_layer"]: row["token_accuracy"] for row in table.get("leakage", [])
-                if row["placement"] == placement and row["split_layer"] <= split_layer}
-    if not measured:
-        return None
-    return float(measured[max(measured)])
 
 
 def releases_per_example(steps: int, batch_size: int, examples: int) -> int:

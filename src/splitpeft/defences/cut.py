@@ -12,7 +12,7 @@ Three named options (`privacy.*`), each measured by the privacy meter (`privacy/
   so one release of one clipped vector is the Gaussian mechanism with L2 sensitivity 2C (any
   clipped vector replaced by any other) and noise sigma C; per sequence, all T vectors change
   together, so the sensitivity is 2C sqrt(T). Its (epsilon, delta) over every release of the run
-  comes from the dp-accounting library (`privacy/accounting.py`), in every run's report
+  comes from the dp-accounting library (`defences/accounting.py`), in every run's report
   (`privacy_accounting`). Backward goes through the clipping (noise is additive).
 - **NoPeek** (`privacy.nopeek_weight` alpha; Vepakomma et al., 2020): the device adds
   alpha dCor(E, Z) to its loss, the distance correlation between the input embeddings E and the

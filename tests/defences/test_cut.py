@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_config
 
 from splitpeft.config import ConfigError, load_config
+from splitpeft.defences.cut import Defence, clip_rows, distance_correlation
 from splitpeft.federation.simulation import Simulation
-from splitpeft.privacy.defences import Defence, clip_rows, distance_correlation
 from splitpeft.transport.messages import Kind, decode
 
 

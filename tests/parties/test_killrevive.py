@@ -7,7 +7,10 @@ import torch
 from conftest import tiny_config
 
 from splitpeft.config import ConfigError, KillReviveConfig
-from splitpeft.dlora.killrevive import (
+from splitpeft.dlora.remote import input_groups
+from splitpeft.federation.simulation import Simulation
+from splitpeft.model.adapters import LoraWeights, read_adapters
+from splitpeft.parties.killrevive import (
     KillRevive,
     block_of,
     jaccard,
@@ -16,9 +19,6 @@ from splitpeft.dlora.killrevive import (
     scheduled_target,
     update_norm,
 )
-from splitpeft.dlora.remote import input_groups
-from splitpeft.federation.simulation import Simulation
-from splitpeft.model.adapters import LoraWeights, read_adapters
 from splitpeft.transport.messages import Kind, decode, tensor_bytes
 
 
@@ -545,8 +545,8 @@ def test_the_first_update_from_b_zero_scores_exactly_one_so_ties_break_by_model_
     the Gram matrices it was 1 up to rounding, so the first kill ranked every adapter by float
     noise and another CPU's kernels killed other adapters (the golden dlora_kr run drifted)."""
     from splitpeft.config import KillReviveConfig
-    from splitpeft.dlora.killrevive import KillRevive
     from splitpeft.model.adapters import LoraWeights
+    from splitpeft.parties.killrevive import KillRevive
 
     generator = torch.Generator().manual_seed(3)
     names = [f"model.layers.{j}.mlp.{m}" for j in range(4) for m in ("up_proj", "down_proj", "gate_proj")]

@@ -1,5 +1,5 @@
 """(epsilon, delta) of the Gaussian release (`privacy.noise_multiplier` sigma, `privacy.clip_norm`
-C; `privacy/defences.py`), from Google's `dp-accounting` library rather than a bound of our own.
+C; `defences/cut.py`), from Google's `dp-accounting` library rather than a bound of our own.
 
 The mechanism: every token vector a device sends up is clipped to L2 norm C and N(0, (sigma C)^2 I)
 is added. Two sequences are adjacent when one example is replaced by any other, so one vector's

@@ -10,8 +10,8 @@ from conftest import tiny_config
 from dp_accounting.pld import PLDAccountant
 
 from splitpeft.config import load_config
+from splitpeft.defences.accounting import gaussian_release_epsilon
 from splitpeft.experiment.run import run_experiment
-from splitpeft.privacy.accounting import gaussian_release_epsilon
 from splitpeft.privacy.audit import accounting
 
 
