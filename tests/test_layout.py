@@ -128,3 +128,25 @@ def test_wrong_way_imports_are_found():
 
 def test_no_import_runs_from_a_lower_layer_to_a_higher_one():
     assert wrong_way_imports(import_graph()) == []
+
+
+def test_every_package_names_its_public_api_and_every_name_resolves():
+    """Each package's `__init__` lists its public names (`__all__`), each imported from the module
+    its `_EXPORTS` names on first use; an unknown name is an AttributeError as for any module."""
+    import importlib
+
+    import pytest
+
+    packages = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    for name in packages:
+        package = importlib.import_module(f"splitpeft.{name}")
+        assert package.__doc__ and package.__all__, f"splitpeft.{name} names no public API"
+        for export in package.__all__:
+            value = getattr(package, export)
+            home = importlib.import_module(package._EXPORTS[export])
+            assert value is getattr(home, export)
+        with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+            package.nothing_here  # noqa: B018
+    from splitpeft.federation import Simulation
+    from splitpeft.model import load_model
+    assert load_model.__module__ == "splitpeft.model.loading" and Simulation.__name__ == "Simulation"
