@@ -22,7 +22,7 @@ def test_presets_load_and_overrides_are_typed():
     ("federation.roundz=3", "unknown config key 'federation.roundz'"),
     ("colour=3", "unknown config key 'colour'"),
     ("federation.rounds=three", "federation.rounds must be an integer"),
-    ("federation.rounds=0", "federation.rounds must be >= 1"),
+    ("federation.rounds=0", r"federation.rounds must be in \[1, 100000\], not 0"),
     ("federation.devices_per_round=9", "federation.devices_per_round must be in 1..federation.num_devices"),
     ("placement.placement=ring", "placement.placement must be one of split, dlora, centralized"),
     ("placement.labels_on_device=maybe", "must be true or false"),
@@ -103,3 +103,22 @@ def test_the_transport_deadlines_default_to_the_servers():
 
     assert (ExperimentConfig().transport.idle_timeout_s, ExperimentConfig().transport.step_timeout_s) == (
         DEFAULT_IDLE_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S)
+
+
+def test_each_section_checks_its_own_rules_and_each_bound_lives_on_its_field():
+    """Rules of one section are that section's `problems` (as peft's LoraConfig checks itself);
+    rules across sections are `cross_section_problems`; a number's range is its field's `bound`."""
+    import dataclasses
+
+    from splitpeft.config import NUMERIC_BOUNDS, DataConfig, ExperimentConfig, HSplitConfig, KillReviveConfig
+
+    assert DataConfig(partition="dirichlet", partition_field=None).problems() == [
+        "data.partition_field is required when data.partition is dirichlet"]
+    assert HSplitConfig(min_split=5, max_split=2).problems() == ["hsplit.min_split must be <= hsplit.max_split"]
+    assert KillReviveConfig().problems() == [] and ExperimentConfig().cross_section_problems() == []
+    lora_rank = {f.name: f for f in dataclasses.fields(ExperimentConfig().lora)}["rank"]
+    assert NUMERIC_BOUNDS["lora.rank"] is lora_rank.metadata["bound"]
+    config = ExperimentConfig()
+    config.placement.placement = "centralized"
+    config.privacy.nopeek_weight = 1.0
+    assert any("placement centralized sends nothing" in p for p in config.cross_section_problems())

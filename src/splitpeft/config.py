@@ -22,10 +22,45 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+@dataclass(frozen=True)
+class Bound:
+    """An interval of allowed values: [low, high], either end open if so marked."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e12 else f"{value:g}"
+
+
+# A numeric field's `bound` is its range (each entry of a list), checked first by `validate`. The
+# upper ends are far above any real run and low enough that a slip (rounds=1e9, max_new_tokens=1e6,
+# lora.rank=1e8) fails at once, not after hours or when the kernel kills the process. Sizes that
+# depend on the model and the machine (rank <= min(d_in, d_out), one step's frame, predicted memory)
+# are checked once the model is loaded: `federation/preflight.py`.
+def _failed(checks: list[tuple[bool, str]]) -> list[str]:
+    """The messages of the checks that do not hold."""
+    return [message for ok, message in checks if not ok]
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, *, bound: Bound | None = None, **kwargs: Any) -> Any:
+    """A config field: its help string (the CLI's and the documentation's), its default, and for a
+    number (each entry of a list of numbers) the range it must be in, written here once."""
+    metadata = {"help": text, "bound": bound}
     if default is dataclasses.MISSING:
-        return field(metadata={"help": text}, **kwargs)
-    return field(default=default, metadata={"help": text}, **kwargs)
+        return field(metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
@@ -35,12 +70,12 @@ class ModelConfig:
 
 @dataclass
 class LoraSettings:
-    rank: int = _help("LoRA rank r of every adapted module", 8)
-    alpha: float = _help("LoRA alpha; the branch is scaled by alpha / r (alpha / sqrt(r) with rslora)", 16.0)
+    rank: int = _help("LoRA rank r of every adapted module", 8, bound=Bound(1, 65_536))
+    alpha: float = _help("LoRA alpha; the branch is scaled by alpha / r (alpha / sqrt(r) with rslora)", 16.0, bound=Bound(0, 1e6, low_open=True))
     rslora: bool = _help(
         "rank-stabilised LoRA: scale the branch by alpha / sqrt(r), not alpha / r, so adapters of different ranks "
         "(HSplitLoRA, HetLoRA) learn at the same speed; under alpha / r a larger rank learns slower", False)
-    dropout: float = _help("dropout on the LoRA branch input", 0.0)
+    dropout: float = _help("dropout on the LoRA branch input", 0.0, bound=Bound(0, 1, high_open=True))
     target_modules: list[str] | None = _help("module names to adapt; null = all attention and MLP linears", None)
 
 
@@ -48,40 +83,54 @@ class LoraSettings:
 class DataConfig:
     source: str = _help("builtin | e2e | jsonl | text (one example a line) | hf:<name>[:split]", "builtin")
     path: str | None = _help("file for e2e / jsonl sources", None)
-    limit: int | None = _help("use only the first N examples", None)
-    eval_fraction: float = _help("share of groups (e.g. E2E MRs) held out for evaluation", 0.1)
-    max_length: int = _help("tokens per example (prompt truncated first)", 128)
+    limit: int | None = _help("use only the first N examples", None, bound=Bound(1, 10**9))
+    eval_fraction: float = _help("share of groups (e.g. E2E MRs) held out for evaluation", 0.1, bound=Bound(0, 1, low_open=True, high_open=True))
+    max_length: int = _help("tokens per example (prompt truncated first)", 128, bound=Bound(8, 131_072))
     partition: Literal["iid", "dirichlet", "whole"] = _help(
         "how training data is spread over devices (whole: each device trains on all of it, e.g. its own file)", "iid")
-    dirichlet_alpha: float = _help("Dirichlet concentration for non-IID partitions (small = skewed)", 0.5)
+    dirichlet_alpha: float = _help("Dirichlet concentration for non-IID partitions (small = skewed)", 0.5, bound=Bound(0, 1e6, low_open=True))
     partition_field: str | None = _help("field the Dirichlet partition is over (E2E: type, food, area...)", None)
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.partition != "dirichlet" or self.partition_field is not None,
+             "data.partition_field is required when data.partition is dirichlet"),
+            (self.source in ("builtin", "hf") or self.source.startswith("hf:") or self.path is not None,
+             f"data.path is required for data.source {self.source!r}"),
+        ])
 
 
 @dataclass
 class PlacementConfig:
     placement: Literal["split", "dlora", "centralized"] = _help("where each part of the model runs", "split")
-    split_layer: int = _help("k: the device runs blocks [0, k)", 2)
+    split_layer: int = _help("k: the device runs blocks [0, k)", 2, bound=Bound(0, 4096))
     labels_on_device: bool = _help(
         "U-shaped split (the default): the device also keeps head and loss, so no label tensor leaves it; "
         "false = plain split, the server computes the loss from the completion tokens sent up as labels", True)
     dlora_device_blocks: int = _help(
         "dlora's hybrid: the device also runs blocks [0, k) itself (their frozen weights and adapters), so the "
-        "server receives the hidden states after k blocks instead of raw token embeddings (0 = DLoRA as published)", 0)
+        "server receives the hidden states after k blocks instead of raw token embeddings (0 = DLoRA as published)", 0, bound=Bound(0, 4096))
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.placement == "dlora" or self.dlora_device_blocks == 0,
+             "placement.dlora_device_blocks is dlora's hybrid; for split use placement.split_layer"),
+        ])
 
 
 @dataclass
 class FederationConfig:
-    num_devices: int = _help("number of simulated devices", 3)
+    num_devices: int = _help("number of simulated devices", 3, bound=Bound(1, 1_000_000))
     devices_per_round: int | None = _help(
-        "devices that train in each round, drawn uniformly without replacement (seeded); null = all", None)
+        "devices that train in each round, drawn uniformly without replacement (seeded); null = all", None, bound=Bound(1, 1_000_000))
     min_devices: int = _help(
         "a round in which fewer devices complete (trained, and their upload accepted) stops the run with an "
         "error naming why each was dropped, and is not checkpointed: a run whose devices all fail must not "
-        "report the untrained model as its result (centralized: its one party)", 1)
-    rounds: int = _help("federated rounds", 3)
-    local_steps: int = _help("training steps per device per round", 10)
-    batch_size: int = _help("examples per step", 4)
-    lr: float = _help("AdamW learning rate (devices and server)", 1e-3)
+        "report the untrained model as its result (centralized: its one party)", 1, bound=Bound(1, 1_000_000))
+    rounds: int = _help("federated rounds", 3, bound=Bound(1, 100_000))
+    local_steps: int = _help("training steps per device per round", 10, bound=Bound(1, 1_000_000))
+    batch_size: int = _help("examples per step", 4, bound=Bound(1, 65_536))
+    lr: float = _help("AdamW learning rate (devices and server)", 1e-3, bound=Bound(0, 1, low_open=True))
     aggregator: Literal["fedavg", "noise_free", "zero_pad", "svd"] = _help(
         "how the copies of an adapter are combined: fedavg (equal ranks), noise_free (HSplitLoRA NAA), "
         "zero_pad (HetLoRA), svd (FlexLoRA)", "fedavg")
@@ -105,14 +154,14 @@ class FederationConfig:
         "devices and server sessions are state between rounds (adapters, AdamW moments) and borrow a model "
         "to compute with only while they train (parties/shells.py); their state is kept in memory up to this "
         "many bytes per side, the rest written to a folder under federation.spill_dir and read back when the "
-        "party next trains; null = all in memory", None)
+        "party next trains; null = all in memory", None, bound=Bound(0, 2**50))
     over_select: float = _help(
         "select ceil(federation.devices_per_round x this) of the devices online in a round and keep the "
         "devices_per_round that finish first in simulated time (the rest are dropped as over-selected), as "
-        "production federated systems do to beat stragglers; 1 = select exactly devices_per_round", 1.0)
+        "production federated systems do to beat stragglers; 1 = select exactly devices_per_round", 1.0, bound=Bound(1, 100))
     round_deadline_s: float | None = _help(
         "a device whose simulated round (its compute, its link and the server's work for it, from the fleet's "
-        "budgets) takes longer is dropped as a straggler and its update discarded; null = no deadline", None)
+        "budgets) takes longer is dropped as a straggler and its update discarded; null = no deadline", None, bound=Bound(0, 1e9, low_open=True))
     spill_dir: str | None = _help(
         "where federation.state_memory_bytes spills: a folder is created in it for the run and removed at "
         "its end; null = the system's temporary folder", None)
@@ -126,7 +175,24 @@ class FederationConfig:
         "the devices whose index mod workers is its own (their state stays there), with the machine's CPU "
         "threads divided among them; this process plans and aggregates, in the same device order, so the "
         "adapters equal workers=1's to float rounding where every device draws its own randomness (LoRA "
-        "dropout 0, no noise defence); 1 = devices train in this process", 1)
+        "dropout 0, no noise defence); 1 = devices train in this process", 1, bound=Bound(1, 256))
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.devices_per_round is None or self.devices_per_round <= self.num_devices,
+             "federation.devices_per_round must be in 1..federation.num_devices (or null for all)"),
+            (self.min_devices <= (self.devices_per_round or self.num_devices),
+             "federation.min_devices must be at most the devices that train in a round (federation.devices_per_round, "
+             "or federation.num_devices)"),
+            (self.noise_free_start == "cold" or self.aggregator == "noise_free",
+             "federation.noise_free_start=warm needs federation.aggregator=noise_free"),
+            (self.noise_free_factors == "balanced" or self.noise_free_start == "warm",
+             f"federation.noise_free_factors={self.noise_free_factors} needs federation.noise_free_start=warm "
+             "(a cold start has no factors to split)"),
+            (self.noise_free_moments == "reset" or self.noise_free_start == "warm",
+             "federation.noise_free_moments=keep needs federation.noise_free_start=warm (a cold start has B = 0 "
+             "and drops its moments)"),
+        ])
 
 
 @dataclass
@@ -135,7 +201,7 @@ class RobustConfig:
         "update clipping before aggregation: median = every holder's update of a module (what it uploads "
         "minus what it was given; A and B separately for fedavg-style aggregators) is scaled down to at "
         "most robust.clip_factor x the median update of that module's copies; none = off", "median")
-    clip_factor: float = _help("c: an update may be at most c x the median update of its module (>= 1)", 4.0)
+    clip_factor: float = _help("c: an update may be at most c x the median update of its module (>= 1)", 4.0, bound=Bound(1, 1e6))
     combine: Literal["mean", "trimmed_mean", "median", "centered_clip"] = _help(
         "with federation.aggregator=fedavg: combine A and B by their token-weighted mean (FedAvg), or, "
         "per coordinate and unweighted, by a trimmed mean or the median, or by centered clipping around the "
@@ -143,24 +209,30 @@ class RobustConfig:
         "distance, or x the last update with fewer than 3 copies)", "mean")
     trim_fraction: float = _help(
         "trimmed_mean: share of the copies cut at each end of every coordinate, rounded up "
-        "(at most (n - 1) // 2 of n)", 0.2)
+        "(at most (n - 1) // 2 of n)", 0.2, bound=Bound(0, 0.5, high_open=True))
     frame_norm_factor: float = _help(
         "the server refuses, before any compute, a frame whose cut activations or head gradient has a position "
         "whose norm exceeds this x the largest the frozen model itself produces there for random tokens "
         "(plus what a configured privacy defence adds); 0 = no bound", 100.0)
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.frame_norm_factor == 0 or 1 <= self.frame_norm_factor <= 1e9,
+             "robust.frame_norm_factor must be 0 (off) or in [1, 1e9]"),
+        ])
 
 
 @dataclass
 class TransportConfig:
     compression: Literal["none", "bf16", "int8"] = _help(
         "compression of split activations and gradients on the wire (int8: per channel)", "none")
-    max_message_bytes: int = _help("largest frame either side accepts", 512 * 1024 * 1024)
+    max_message_bytes: int = _help("largest frame either side accepts", 512 * 1024 * 1024, bound=Bound(64 * 1024, 2**31 - 1))
     idle_timeout_s: float = _help(
         "the split server closes a device's stream that sends no frame (or does not read its reply) for this "
-        "long, and resets its session; one stream per device, a newer one replaces it", 300.0)
+        "long, and resets its session; one stream per device, a newer one replaces it", 300.0, bound=Bound(0, 86_400, low_open=True))
     step_timeout_s: float = _help(
         "the split server closes a device's stream whose training step (ACTIVATIONS to its last reply) "
-        "takes longer than this, and resets its session", 600.0)
+        "takes longer than this, and resets its session", 600.0, bound=Bound(0, 86_400, low_open=True))
 
 
 @dataclass
@@ -171,20 +243,20 @@ class ServerConfig:
         "arrive within batch_window_ms); the same adapters as one device at a time; null = where it is faster: "
         "on unless the server computes in fp32 on a CPU (measured slower there, BENCHMARKS.md)", None)
     batch_window_ms: float = _help(
-        "gRPC split server with batch_devices: how long the first step of a pass waits for others to join it", 5.0)
+        "gRPC split server with batch_devices: how long the first step of a pass waits for others to join it", 5.0, bound=Bound(0, 60_000))
 
 
 @dataclass
 class FleetConfig:
-    memory_bytes: list[int] | None = _help("each device's memory budget in bytes (one per device)", None)
-    memory_range: list[int] | None = _help("[min, max]: budgets spread evenly over the devices", None)
-    flops_per_s: float | list[float] = _help("device compute (one value, or one per device), for the simulated wall time", 5e10)
-    bandwidth_bytes_per_s: float | list[float] = _help("device link (one value, or one per device), for the simulated wall time", 1.25e7)
+    memory_bytes: list[int] | None = _help("each device's memory budget in bytes (one per device)", None, bound=Bound(1, 2**50))
+    memory_range: list[int] | None = _help("[min, max]: budgets spread evenly over the devices", None, bound=Bound(1, 2**50))
+    flops_per_s: float | list[float] = _help("device compute (one value, or one per device), for the simulated wall time", 5e10, bound=Bound(0, 1e18, low_open=True))
+    bandwidth_bytes_per_s: float | list[float] = _help("device link (one value, or one per device), for the simulated wall time", 1.25e7, bound=Bound(0, 1e15, low_open=True))
     server_flops_per_s: float = _help(
-        "the server's compute, shared by every device's session: the simulated round time and the armsc planner", 5e11)
+        "the server's compute, shared by every device's session: the simulated round time and the armsc planner", 5e11, bound=Bound(0, 1e21, low_open=True))
     max_step_s: float | list[float] | None = _help(
         "each device's time budget: the planners choose no plan whose simulated step (device compute + link + "
-        "server) exceeds it (one value, or one per device); null = none", None)
+        "server) exceeds it (one value, or one per device); null = none", None, bound=Bound(0, 1e9, low_open=True))
     trace: str | None = _help(
         "a CSV file with one row per device (rows reused in turn for a larger fleet) and the columns "
         "flops_per_s, memory_bytes, up_bytes_per_s, down_bytes_per_s, availability (the probability it is online "
@@ -197,7 +269,13 @@ class FleetConfig:
         "fleet.bandwidth_bytes_per_s", None)
     availability: float = _help(
         "the probability that a device is online in a round (drawn per device and round, seeded); a trace's "
-        "availability column replaces it", 1.0)
+        "availability column replaces it", 1.0, bound=Bound(0, 1, low_open=True))
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.memory_range is None or (len(self.memory_range) == 2 and self.memory_range[0] <= self.memory_range[1]),
+             "fleet.memory_range must be [min, max] with 0 < min <= max"),
+        ])
 
 
 @dataclass
@@ -210,19 +288,19 @@ class HSplitConfig:
         "(HetLoRA); uniform: fixed split, one rank for all, the largest that fits the weakest device (SplitLoRA)",
         "fixed")
     rank_set: list[int] = _help("ranks the planner may give a module (0 = no adapter)",
-                                default_factory=lambda: [0, 2, 4, 8, 16])
-    probe_batches: int = _help("batches per IWI probe (each round)", 2)
-    replan_threshold: float = _help("re-plan when IWI scores moved this much (relative L1) since the plan", 0.2)
-    max_split: int | None = _help("deepest split the planner may choose (default L - 1)", None)
+                                default_factory=lambda: [0, 2, 4, 8, 16], bound=Bound(0, 65_536))
+    probe_batches: int = _help("batches per IWI probe (each round)", 2, bound=Bound(1, 10_000))
+    replan_threshold: float = _help("re-plan when IWI scores moved this much (relative L1) since the plan", 0.2, bound=Bound(0, 1e6))
+    max_split: int | None = _help("deepest split the planner may choose (default L - 1)", None, bound=Bound(0, 4096))
     server_rank: int | None = _help(
         "split: the rank of the server sessions' adapters on the blocks after each device's cut, which the "
         "planners also count as the importance the server trains; null = lora.rank. The server is not bound "
-        "by a device's memory: e.g. the largest of hsplit.rank_set", None)
+        "by a device's memory: e.g. the largest of hsplit.rank_set", None, bound=Bound(1, 65_536))
     min_split: int = _help("privacy floor: the shallowest split the planner may choose (armsc, budget_rank: "
-                           "a device whose budget fits no split this deep fails the plan)", 0)
+                           "a device whose budget fits no split this deep fails the plan)", 0, bound=Bound(0, 4096))
     max_leakage: float | None = _help(
         "privacy ceiling: splits whose measured leakage (the strongest attacker's token accuracy at that depth "
-        "in hsplit.leakage_table) exceeds this are never planned; null = no ceiling", None)
+        "in hsplit.leakage_table) exceeds this are never planned; null = no ceiling", None, bound=Bound(0, 1))
     leakage_table: str | None = _help(
         "privacy.json written by `splitpeft privacy` for this model (needed by hsplit.max_leakage; its "
         "leakage is reported with every plan)", None)
@@ -232,49 +310,65 @@ class HSplitConfig:
         "being planned for, e.g. a bf16 simulation of devices that run fp32 (the plans, and so the splits "
         "and ranks trained, are then those of that fleet)", "runtime")
 
+    def problems(self) -> list[str]:
+        return _failed([
+            (any(r > 0 for r in self.rank_set), "hsplit.rank_set needs non-negative ranks, at least one above 0"),
+            (self.max_leakage is None or self.leakage_table is not None,
+             "hsplit.max_leakage needs hsplit.leakage_table (privacy.json from `splitpeft privacy` for this model)"),
+            (self.max_split is None or self.min_split <= self.max_split, "hsplit.min_split must be <= hsplit.max_split"),
+        ])
+
 
 @dataclass
 class KillReviveConfig:
     enabled: bool = _help("Kill and Revive: keep only the adapters that matter active on the device", False)
-    warmup: int = _help("steps before the first kill", 10)
-    interval: int = _help("kill the lowest-scoring active adapters every N steps", 5)
-    active_fraction: float = _help("at most this share of a device's adapters stays active", 0.125)
-    revive_interval: int = _help("score killed adapters by gradient norm every N steps", 10)
-    revive_margin: float = _help("a killed adapter revives if it beats the weakest active one by this (relative)", 0.1)
-    ema: float = _help("EMA factor of the update-size score ||delta(BA)|| / ||BA||", 0.9)
+    warmup: int = _help("steps before the first kill", 10, bound=Bound(0, 10**9))
+    interval: int = _help("kill the lowest-scoring active adapters every N steps", 5, bound=Bound(1, 10**9))
+    active_fraction: float = _help("at most this share of a device's adapters stays active", 0.125, bound=Bound(0, 1, low_open=True))
+    revive_interval: int = _help("score killed adapters by gradient norm every N steps", 10, bound=Bound(1, 10**9))
+    revive_margin: float = _help("a killed adapter revives if it beats the weakest active one by this (relative)", 0.1, bound=Bound(0, 1e6))
+    ema: float = _help("EMA factor of the update-size score ||delta(BA)|| / ||BA||", 0.9, bound=Bound(0, 1, high_open=True))
     selection: Literal["dynamic", "scheduled", "converged", "gradient", "static_random", "static_score"] = _help(
         "dynamic = KR; scheduled = KR whose active share shrinks from fraction_start to active_fraction over "
         "decay_intervals kill steps; converged = KR killing only adapters whose update score fell below "
         "kill_threshold; gradient = KR killing the lowest EMA of gradient norm (what revival compares); "
         "static_* = baselines choosing the active set once when warm-up ends", "dynamic")
-    fraction_start: float = _help("scheduled: the active share when warm-up ends (>= active_fraction)", 1.0)
-    decay_intervals: int = _help("scheduled: kill steps over which the active share falls linearly to active_fraction", 4)
+    fraction_start: float = _help("scheduled: the active share when warm-up ends (>= active_fraction)", 1.0, bound=Bound(0, 1, low_open=True))
+    decay_intervals: int = _help("scheduled: kill steps over which the active share falls linearly to active_fraction", 4, bound=Bound(0, 10**9))
     kill_threshold: float = _help(
         "converged: an active adapter is killed only once its update score (EMA of ||delta(BA)|| / ||BA|| per step) "
-        "is below this", 0.01)
+        "is below this", 0.01, bound=Bound(0, 1e6))
     block_floor: int = _help(
         "dynamic, scheduled, converged: kills and revival swaps keep at least this many active adapters in every "
-        "transformer block (may keep more than active_fraction; 0 = no floor)", 0)
+        "transformer block (may keep more than active_fraction; 0 = no floor)", 0, bound=Bound(0, 4096))
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.fraction_start >= self.active_fraction,
+             "kill_revive.fraction_start must be >= kill_revive.active_fraction (the schedule only shrinks)"),
+            (self.block_floor == 0 or not self.selection.startswith("static"),
+             "kill_revive.block_floor: the static baselines choose once by count; use dynamic, scheduled, converged or gradient"),
+        ])
 
 
 @dataclass
 class EvalConfig:
     perplexity: bool = _help("perplexity on held-out examples", True)
-    perplexity_examples: int = _help("held-out examples used for perplexity", 64)
+    perplexity_examples: int = _help("held-out examples used for perplexity", 64, bound=Bound(1, 1_000_000))
     every_round: bool = _help("also compute held-out perplexity after each round", True)
     generation: bool = _help("generate for held-out groups and score BLEU/NIST/METEOR/ROUGE-L/CIDEr", True)
-    groups: int = _help("held-out groups (e.g. distinct MRs) to generate for", 32)
+    groups: int = _help("held-out groups (e.g. distinct MRs) to generate for", 32, bound=Bound(1, 100_000))
     max_new_tokens: int = _help(
-        "generation length limit; a prompt keeps at most the model's context less this many tokens (its end)", 40)
+        "generation length limit; a prompt keeps at most the model's context less this many tokens (its end)", 40, bound=Bound(1, 2048))
     max_generation_s_per_prompt: float | None = _help(
         "time bound on generation: a batch of n prompts stops after n x this many seconds (Hugging Face's "
         "max_time); its outputs are scored as they stood and counted in the result's generation_cut; null = no bound",
-        60.0)
-    num_beams: int = _help("1 = greedy, >1 = beam search", 1)
+        60.0, bound=Bound(0, 86_400, low_open=True))
+    num_beams: int = _help("1 = greedy, >1 = beam search", 1, bound=Bound(1, 32))
     length_penalty: float = _help(
         "beam search: a finished beam scores sum log p / length^length_penalty (< 1 favours shorter outputs, "
-        "> 1 longer; no effect when greedy)", 1.0)
-    no_repeat_ngram_size: int = _help("no n-gram of this size appears twice in one output (0 = off)", 0)
+        "> 1 longer; no effect when greedy)", 1.0, bound=Bound(-10, 10))
+    no_repeat_ngram_size: int = _help("no n-gram of this size appears twice in one output (0 = off)", 0, bound=Bound(0, 64))
     meteor: bool = _help("compute METEOR (starts a Java process)", True)
     baseline: bool = _help("also evaluate the untuned base model for comparison", False)
 
@@ -297,45 +391,55 @@ class PrivacyConfig:
         "when privacy.audit is off, every run's report still gets a cheap `privacy_estimate` (seconds): the "
         "linear attacker and the side channels against a few of each exposure's private examples, printed "
         "beside perplexity; a lower bound on the full audit", True)
-    search_candidates: int = _help("search: tokens per position the linear attacker proposes", 16)
-    search_lm_candidates: int = _help("search: tokens per position the model proposes after each decoded prefix", 8)
-    search_beam: int = _help("search: decoded prefixes kept per sequence", 1)
-    bisr_steps: int = _help("bisr: Adam steps on the soft inputs that should reproduce the observed states", 100)
+    search_candidates: int = _help("search: tokens per position the linear attacker proposes", 16, bound=Bound(1, 1_000_000))
+    search_lm_candidates: int = _help("search: tokens per position the model proposes after each decoded prefix", 8, bound=Bound(0, 1_000_000))
+    search_beam: int = _help("search: decoded prefixes kept per sequence", 1, bound=Bound(1, 1024))
+    bisr_steps: int = _help("bisr: Adam steps on the soft inputs that should reproduce the observed states", 100, bound=Bound(0, 1_000_000))
     bisr_lr: float = _help(
         "bisr: the Adam learning rate of those steps (SmolLM2 under noise: 0.0005 beat 0.002 and 0.02, which "
-        "drift away from the linear map's start; BENCHMARKS, \"Known-weights attackers under noise\")", 0.0005)
-    audit_examples: int = _help("private examples per device the audit tries to reconstruct", 32)
+        "drift away from the linear map's start; BENCHMARKS, \"Known-weights attackers under noise\")", 0.0005, bound=Bound(1e-9, 1e3))
+    audit_examples: int = _help("private examples per device the audit tries to reconstruct", 32, bound=Bound(1, 100_000))
     aux_source: Literal["builtin", "e2e", "jsonl", "text"] = _help(
         "public auxiliary text the attackers train on (the built-in task, or a file: e2e, jsonl, or text = "
         "one example a line, e.g. any public corpus)", "builtin")
     aux_path: str | None = _help("file for aux_source e2e / jsonl / text; its last privacy.aux_examples examples "
                                  "are used, and any whose text the devices train on is dropped", None)
-    aux_examples: int = _help("auxiliary examples the attackers train on", 256)
+    aux_examples: int = _help("auxiliary examples the attackers train on", 256, bound=Bound(2, 1_000_000))
     aux_generate: int = _help(
         "completions the server samples per auxiliary prompt from the model it knows (the base with the "
         "aggregated adapters; privacy/corpus.py), added to the attackers' training text: generated pairs, "
-        "as many as the server cares to make; 0 = the auxiliary text alone", 0)
-    learned_steps: int = _help("most training steps of the learned inverter", 300)
+        "as many as the server cares to make; 0 = the auxiliary text alone", 0, bound=Bound(0, 10_000))
+    learned_steps: int = _help("most training steps of the learned inverter", 300, bound=Bound(0, 1_000_000))
     learned_patience: int = _help(
         "the learned inverter holds out 10% of its training text and stops once this many checks in a row "
         "(one every 50 steps) gained under 0.005 token accuracy, keeping its best weights (report: the "
-        "learned row's `fit`); 0 = exactly privacy.learned_steps steps", 0)
+        "learned row's `fit`); 0 = exactly privacy.learned_steps steps", 0, bound=Bound(0, 1_000_000))
     noise_multiplier: float = _help(
         "sigma: Gaussian release of what the device sends up, each token's vector clipped to privacy.clip_norm C "
-        "and N(0, (sigma C)^2) added (defences/cut.py); 0 = off", 0.0)
-    clip_norm: float = _help("C: L2 clipping of each token's vector sent up (0 = off; needed with noise)", 0.0)
+        "and N(0, (sigma C)^2) added (defences/cut.py); 0 = off", 0.0, bound=Bound(0, 1e6))
+    clip_norm: float = _help("C: L2 clipping of each token's vector sent up (0 = off; needed with noise)", 0.0, bound=Bound(0, 1e9))
     gradient_clip_norm: float = _help(
         "C_g: with noise, the head gradient the device sends (U-shaped split, dlora) is also clipped to C_g per "
         "token and gets N(0, (sigma C_g)^2) (its rows are far smaller than the activations'); 0 = sent as is. "
-        "With privacy.clip_norm 0, only the head gradient is noised (it carries the labels; the states go clean)", 0.0)
+        "With privacy.clip_norm 0, only the head gradient is noised (it carries the labels; the states go clean)", 0.0, bound=Bound(0, 1e9))
     clip_per: Literal["token", "sequence"] = _help(
         "what privacy.clip_norm (and gradient_clip_norm) bounds: each token's vector (sensitivity 2C per token, "
         "2C sqrt(T) per sequence) or each sequence's whole (T, d) release (2C per sequence, DP-Forward's "
         "sequence-level guarantee, with far less signal per token)", "token")
     nopeek_weight: float = _help(
         "alpha: the device adds alpha dCor(input embeddings, cut activations) to its loss (NoPeek); needs "
-        "device-side adapters before the cut", 0.0)
-    delta: float = _help("delta of the (epsilon, delta) the report gives for the Gaussian release", 1e-5)
+        "device-side adapters before the cut", 0.0, bound=Bound(0, 1e6))
+    delta: float = _help("delta of the (epsilon, delta) the report gives for the Gaussian release", 1e-5, bound=Bound(0, 1, low_open=True, high_open=True))
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (all(name in ATTACKER_NAMES for name in self.attackers), f"privacy.attackers: choose from {', '.join(ATTACKER_NAMES)}"),
+            (self.noise_multiplier == 0 or self.clip_norm > 0 or self.gradient_clip_norm > 0,
+             "privacy.noise_multiplier needs privacy.clip_norm > 0 (the noise is sigma x C), or "
+             "privacy.gradient_clip_norm > 0 alone for noise on the head gradient only"),
+            (self.clip_norm > 0 or self.gradient_clip_norm == 0 or self.noise_multiplier > 0,
+             "privacy.gradient_clip_norm clips the head gradient of the Gaussian release: set privacy.noise_multiplier"),
+        ])
 
 
 @dataclass
@@ -357,7 +461,7 @@ class RuntimeConfig:
 
 @dataclass
 class ExperimentConfig:
-    seed: int = _help("seed for data split, partition, adapter init and batch order", 0)
+    seed: int = _help("seed for data split, partition, adapter init and batch order", 0, bound=Bound(0, 2**31 - 1))
     count_flops: bool = _help("count device FLOPs with torch's FlopCounterMode", True)
     export_merged: bool = _help("also write merged full weights under adapter/merged", False)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -376,212 +480,73 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> ExperimentConfig:
-        for key, value in _numbers(self):  # NaN and inf pass most comparisons below, so first
+        """Every number finite and in its field's range (`bound`), then each section's own rules
+        (its `problems`), then the rules that tie sections together (`cross_section_problems`); the
+        first that fails is a ConfigError naming its keys."""
+        for key, value in _numbers(self):  # NaN and inf pass most comparisons, so first
             if not math.isfinite(value):
                 raise ConfigError(f"{key} must be a finite number, not {value}")
-        checks = [
-            (self.lora.rank >= 1, "lora.rank must be >= 1"),
-            (self.lora.alpha > 0, "lora.alpha must be > 0"),
-            (0 <= self.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
-            (0 < self.data.eval_fraction < 1, "data.eval_fraction must be in (0, 1)"),
-            (self.data.max_length >= 8, "data.max_length must be >= 8"),
-            (self.data.dirichlet_alpha > 0, "data.dirichlet_alpha must be > 0"),
-            (self.data.partition != "dirichlet" or self.data.partition_field is not None,
-             "data.partition_field is required when data.partition is dirichlet"),
-            (self.data.source in ("builtin", "hf") or self.data.source.startswith("hf:") or self.data.path is not None,
-             f"data.path is required for data.source {self.data.source!r}"),
-            (self.placement.split_layer >= 0, "placement.split_layer must be >= 0"),
-            (self.federation.num_devices >= 1, "federation.num_devices must be >= 1"),
-            (self.federation.devices_per_round is None or 1 <= self.federation.devices_per_round <= self.federation.num_devices,
-             "federation.devices_per_round must be in 1..federation.num_devices (or null for all)"),
-            (self.federation.min_devices <= (self.federation.devices_per_round or self.federation.num_devices),
-             "federation.min_devices must be at most the devices that train in a round (federation.devices_per_round, "
-             "or federation.num_devices)"),
-            (self.federation.rounds >= 1, "federation.rounds must be >= 1"),
-            (self.federation.local_steps >= 1, "federation.local_steps must be >= 1"),
-            (self.federation.batch_size >= 1, "federation.batch_size must be >= 1"),
-            (self.federation.lr > 0, "federation.lr must be > 0"),
-            (1 <= self.robust.clip_factor <= 1e6, "robust.clip_factor must be in [1, 1e6]"),
-            (0 <= self.robust.trim_fraction < 0.5, "robust.trim_fraction must be in [0, 0.5)"),
-            (self.robust.frame_norm_factor == 0 or 1 <= self.robust.frame_norm_factor <= 1e9,
-             "robust.frame_norm_factor must be 0 (off) or in [1, 1e9]"),
-            (self.federation.noise_free_start == "cold" or self.federation.aggregator == "noise_free",
-             "federation.noise_free_start=warm needs federation.aggregator=noise_free"),
-            (self.federation.noise_free_start == "cold" or self.placement.placement != "dlora",
-             "federation.noise_free_start=warm: under dlora the server runs every device's frozen blocks on its one "
-             "shared copy, which cannot hold a per-device residual; use cold"),
-            (self.federation.noise_free_factors == "balanced" or self.federation.noise_free_start == "warm",
-             f"federation.noise_free_factors={self.federation.noise_free_factors} needs federation.noise_free_start=warm "
-             "(a cold start has no factors to split)"),
-            (self.federation.noise_free_moments == "reset" or self.federation.noise_free_start == "warm",
-             "federation.noise_free_moments=keep needs federation.noise_free_start=warm (a cold start has B = 0 "
-             "and drops its moments)"),
-            (self.robust.combine == "mean" or self.federation.aggregator == "fedavg",
-             f"robust.combine={self.robust.combine} combines A and B like fedavg; it needs federation.aggregator=fedavg"),
-            (0 < self.kill_revive.active_fraction <= 1, "kill_revive.active_fraction must be in (0, 1]"),
-            (self.kill_revive.interval >= 1 and self.kill_revive.revive_interval >= 1,
-             "kill_revive.interval and kill_revive.revive_interval must be >= 1"),
-            (self.kill_revive.warmup >= 0, "kill_revive.warmup must be >= 0"),
-            (0 <= self.kill_revive.ema < 1, "kill_revive.ema must be in [0, 1)"),
-            (self.kill_revive.fraction_start >= self.kill_revive.active_fraction,
-             "kill_revive.fraction_start must be >= kill_revive.active_fraction (the schedule only shrinks)"),
-            (self.kill_revive.block_floor == 0 or not self.kill_revive.selection.startswith("static"),
-             "kill_revive.block_floor: the static baselines choose once by count; use dynamic, scheduled, converged or gradient"),
-            (self.fleet.memory_range is None or (len(self.fleet.memory_range) == 2 and 0 < self.fleet.memory_range[0] <= self.fleet.memory_range[1]),
-             "fleet.memory_range must be [min, max] with 0 < min <= max"),
-            (self.fleet.memory_bytes is None or len(self.fleet.memory_bytes) == self.federation.num_devices,
-             "fleet.memory_bytes needs one budget per device (federation.num_devices)"),
-            (self.hsplit.planner == "fixed" or self.fleet.memory_bytes is not None or self.fleet.memory_range is not None,
-             f"hsplit.planner={self.hsplit.planner} needs device budgets: fleet.memory_bytes or fleet.memory_range"),
-            (all(r >= 0 for r in self.hsplit.rank_set) and any(r > 0 for r in self.hsplit.rank_set),
-             "hsplit.rank_set needs non-negative ranks, at least one above 0"),
-            (self.hsplit.probe_batches >= 1, "hsplit.probe_batches must be >= 1"),
-            (all(not isinstance(v, list) or len(v) == self.federation.num_devices
-                 for v in (self.fleet.flops_per_s, self.fleet.bandwidth_bytes_per_s, self.fleet.max_step_s)),
-             "fleet.flops_per_s, fleet.bandwidth_bytes_per_s and fleet.max_step_s lists need one value per device"),
-            (self.eval.perplexity_examples >= 1, "eval.perplexity_examples must be >= 1"),
-            (self.eval.groups >= 1, "eval.groups must be >= 1"),
-            (self.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
-            (self.eval.num_beams >= 1, "eval.num_beams must be >= 1"),
-            (self.runtime.base_quantization == "none" or self.federation.aggregator == "fedavg",
-             "runtime.base_quantization: only fedavg keeps the global update a LoRA adapter; noise_free, zero_pad "
-             "and svd merge dense updates into the frozen weights, which a quantized base cannot take exactly"),
-            (self.runtime.base_quantization == "none" or self.hsplit.planner == "fixed",
-             "runtime.base_quantization: hsplit.planner armsc and budget_rank give devices different ranks, which "
-             "fedavg cannot average, and IWI needs float weights; use hsplit.planner=fixed"),
-            (self.runtime.dtype != "fp16" or self.placement.placement != "dlora",
-             "runtime.dtype=fp16: dlora's remote branches have no loss scaling; use bf16"),
-            (self.placement.placement == "dlora" or self.placement.dlora_device_blocks == 0,
-             "placement.dlora_device_blocks is dlora's hybrid; for split use placement.split_layer"),
-            (self.hsplit.max_leakage is None or self.hsplit.leakage_table is not None,
-             "hsplit.max_leakage needs hsplit.leakage_table (privacy.json from `splitpeft privacy` for this model)"),
-            (self.hsplit.planner != "fixed" or self.placement.placement != "split" or self.placement.split_layer >= self.hsplit.min_split,
-             "placement.split_layer is below hsplit.min_split"),
-            (self.hsplit.max_split is None or self.hsplit.min_split <= self.hsplit.max_split,
-             "hsplit.min_split must be <= hsplit.max_split"),
-            (all(name in ATTACKER_NAMES for name in self.privacy.attackers),
-             f"privacy.attackers: choose from {', '.join(ATTACKER_NAMES)}"),
-            (self.privacy.noise_multiplier == 0 or self.privacy.clip_norm > 0 or self.privacy.gradient_clip_norm > 0,
-             "privacy.noise_multiplier needs privacy.clip_norm > 0 (the noise is sigma x C), or "
-             "privacy.gradient_clip_norm > 0 alone for noise on the head gradient only"),
-            (self.privacy.clip_norm > 0 or self.privacy.gradient_clip_norm == 0 or self.privacy.noise_multiplier > 0,
-             "privacy.gradient_clip_norm clips the head gradient of the Gaussian release: set privacy.noise_multiplier"),
-            ((self.privacy.noise_multiplier == 0 and self.privacy.clip_norm == 0 and self.privacy.nopeek_weight == 0)
-             or self.placement.placement != "centralized",
-             "privacy defences protect what crosses the cut; placement centralized sends nothing"),
-            (self.privacy.nopeek_weight == 0 or (self.placement.placement == "split" and self.placement.split_layer > 0)
-             or self.hsplit.planner != "fixed" or self.placement.dlora_device_blocks > 0,
-             "privacy.nopeek_weight trains device adapters before the cut: needs placement.split_layer >= 1 "
-             "(split) or placement.dlora_device_blocks >= 1 (dlora)"),
-            (self.runtime.base_quantization == "none" or not self.export_merged,
-             "runtime.base_quantization: export_merged would merge into a quantized base; set export_merged=false"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
         for key, value in _numbers(self):
             bound = NUMERIC_BOUNDS.get(key)
             if bound is not None and not bound.holds(value):
                 raise ConfigError(f"{key} must be in {bound}, not {_number(value)}")
+        sections = [getattr(self, item.name) for item in fields(self) if dataclasses.is_dataclass(getattr(self, item.name))]
+        for problem in [p for section in sections if hasattr(section, "problems") for p in section.problems()]:
+            raise ConfigError(problem)
+        for problem in self.cross_section_problems():
+            raise ConfigError(problem)
         return self
 
+    def cross_section_problems(self) -> list[str]:
+        """The rules that involve keys of more than one section."""
+        fed, place, hs, rt, pv = self.federation, self.placement, self.hsplit, self.runtime, self.privacy
+        return _failed([
+            (fed.noise_free_start == "cold" or place.placement != "dlora",
+             "federation.noise_free_start=warm: under dlora the server runs every device's frozen blocks on its one "
+             "shared copy, which cannot hold a per-device residual; use cold"),
+            (self.robust.combine == "mean" or fed.aggregator == "fedavg",
+             f"robust.combine={self.robust.combine} combines A and B like fedavg; it needs federation.aggregator=fedavg"),
+            (self.fleet.memory_bytes is None or len(self.fleet.memory_bytes) == fed.num_devices,
+             "fleet.memory_bytes needs one budget per device (federation.num_devices)"),
+            (hs.planner == "fixed" or self.fleet.memory_bytes is not None or self.fleet.memory_range is not None,
+             f"hsplit.planner={hs.planner} needs device budgets: fleet.memory_bytes or fleet.memory_range"),
+            (all(not isinstance(v, list) or len(v) == fed.num_devices
+                 for v in (self.fleet.flops_per_s, self.fleet.bandwidth_bytes_per_s, self.fleet.max_step_s)),
+             "fleet.flops_per_s, fleet.bandwidth_bytes_per_s and fleet.max_step_s lists need one value per device"),
+            (rt.base_quantization == "none" or fed.aggregator == "fedavg",
+             "runtime.base_quantization: only fedavg keeps the global update a LoRA adapter; noise_free, zero_pad "
+             "and svd merge dense updates into the frozen weights, which a quantized base cannot take exactly"),
+            (rt.base_quantization == "none" or hs.planner == "fixed",
+             "runtime.base_quantization: hsplit.planner armsc and budget_rank give devices different ranks, which "
+             "fedavg cannot average, and IWI needs float weights; use hsplit.planner=fixed"),
+            (rt.base_quantization == "none" or not self.export_merged,
+             "runtime.base_quantization: export_merged would merge into a quantized base; set export_merged=false"),
+            (rt.dtype != "fp16" or place.placement != "dlora",
+             "runtime.dtype=fp16: dlora's remote branches have no loss scaling; use bf16"),
+            (hs.planner != "fixed" or place.placement != "split" or place.split_layer >= hs.min_split,
+             "placement.split_layer is below hsplit.min_split"),
+            ((pv.noise_multiplier == 0 and pv.clip_norm == 0 and pv.nopeek_weight == 0) or place.placement != "centralized",
+             "privacy defences protect what crosses the cut; placement centralized sends nothing"),
+            (pv.nopeek_weight == 0 or (place.placement == "split" and place.split_layer > 0) or hs.planner != "fixed"
+             or place.dlora_device_blocks > 0,
+             "privacy.nopeek_weight trains device adapters before the cut: needs placement.split_layer >= 1 "
+             "(split) or placement.dlora_device_blocks >= 1 (dlora)"),
+        ])
 
-@dataclass(frozen=True)
-class Bound:
-    """An interval of allowed values: [low, high], either end open if so marked."""
 
-    low: float
-    high: float
-    low_open: bool = False
-    high_open: bool = False
-
-    def holds(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        return f"{'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
+def _bounds(section: Any, prefix: str = "") -> dict[str, Bound]:
+    """Every numeric key's range, from the `bound` its field was declared with."""
+    found: dict[str, Bound] = {}
+    for item in fields(section):
+        value, key = getattr(section, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            found |= _bounds(value, f"{key}.")
+        elif item.metadata.get("bound") is not None:
+            found[key] = item.metadata["bound"]
+    return found
 
 
-# Every numeric key's range (each entry of a list), checked after the rules in `validate`. The upper
-# ends are far above any real run and low enough that a slip (rounds=1e9, max_new_tokens=1e6,
-# lora.rank=1e8) fails here at once, not after hours or when the kernel kills the process. Sizes that
-# depend on the model and the machine (rank <= min(d_in, d_out), one step's frame, predicted memory)
-# are checked once the model is loaded: `federation/preflight.py`.
-NUMERIC_BOUNDS: dict[str, Bound] = {
-    "seed": Bound(0, 2**31 - 1),
-    "lora.rank": Bound(1, 65_536),
-    "lora.alpha": Bound(0, 1e6, low_open=True),
-    "lora.dropout": Bound(0, 1, high_open=True),
-    "data.limit": Bound(1, 10**9),
-    "data.eval_fraction": Bound(0, 1, low_open=True, high_open=True),
-    "data.max_length": Bound(8, 131_072),
-    "data.dirichlet_alpha": Bound(0, 1e6, low_open=True),
-    "placement.split_layer": Bound(0, 4096),
-    "federation.num_devices": Bound(1, 1_000_000),
-    "federation.devices_per_round": Bound(1, 1_000_000),
-    "federation.min_devices": Bound(1, 1_000_000),
-    "federation.state_memory_bytes": Bound(0, 2**50),
-    "federation.over_select": Bound(1, 100),
-    "federation.workers": Bound(1, 256),
-    "privacy.search_candidates": Bound(1, 1_000_000),
-    "privacy.search_lm_candidates": Bound(0, 1_000_000),
-    "privacy.search_beam": Bound(1, 1024),
-    "privacy.bisr_steps": Bound(0, 1_000_000),
-    "privacy.bisr_lr": Bound(1e-9, 1e3),
-    "federation.round_deadline_s": Bound(0, 1e9, low_open=True),
-    "fleet.availability": Bound(0, 1, low_open=True),
-    "federation.rounds": Bound(1, 100_000),
-    "federation.local_steps": Bound(1, 1_000_000),
-    "federation.batch_size": Bound(1, 65_536),
-    "federation.lr": Bound(0, 1, low_open=True),
-    "transport.max_message_bytes": Bound(64 * 1024, 2**31 - 1),
-    "transport.idle_timeout_s": Bound(0, 86_400, low_open=True),
-    "server.batch_window_ms": Bound(0, 60_000),
-    "transport.step_timeout_s": Bound(0, 86_400, low_open=True),
-    "fleet.memory_bytes": Bound(1, 2**50),
-    "fleet.memory_range": Bound(1, 2**50),
-    "fleet.flops_per_s": Bound(0, 1e18, low_open=True),
-    "fleet.bandwidth_bytes_per_s": Bound(0, 1e15, low_open=True),
-    "fleet.server_flops_per_s": Bound(0, 1e21, low_open=True),
-    "fleet.max_step_s": Bound(0, 1e9, low_open=True),
-    "hsplit.rank_set": Bound(0, 65_536),
-    "hsplit.probe_batches": Bound(1, 10_000),
-    "hsplit.replan_threshold": Bound(0, 1e6),
-    "hsplit.max_split": Bound(0, 4096),
-    "hsplit.server_rank": Bound(1, 65_536),
-    "hsplit.min_split": Bound(0, 4096),
-    "hsplit.max_leakage": Bound(0, 1),
-    "placement.dlora_device_blocks": Bound(0, 4096),
-    "privacy.audit_examples": Bound(1, 100_000),
-    "privacy.aux_examples": Bound(2, 1_000_000),
-    "privacy.learned_steps": Bound(0, 1_000_000),
-    "privacy.learned_patience": Bound(0, 1_000_000),
-    "privacy.aux_generate": Bound(0, 10_000),
-    "privacy.noise_multiplier": Bound(0, 1e6),
-    "privacy.clip_norm": Bound(0, 1e9),
-    "privacy.gradient_clip_norm": Bound(0, 1e9),
-    "privacy.nopeek_weight": Bound(0, 1e6),
-    "privacy.delta": Bound(0, 1, low_open=True, high_open=True),
-    "kill_revive.warmup": Bound(0, 10**9),
-    "kill_revive.interval": Bound(1, 10**9),
-    "kill_revive.revive_interval": Bound(1, 10**9),
-    "kill_revive.active_fraction": Bound(0, 1, low_open=True),
-    "kill_revive.revive_margin": Bound(0, 1e6),
-    "kill_revive.ema": Bound(0, 1, high_open=True),
-    "kill_revive.fraction_start": Bound(0, 1, low_open=True),
-    "kill_revive.decay_intervals": Bound(0, 10**9),
-    "kill_revive.kill_threshold": Bound(0, 1e6),
-    "kill_revive.block_floor": Bound(0, 4096),
-    "eval.perplexity_examples": Bound(1, 1_000_000),
-    "eval.groups": Bound(1, 100_000),
-    "eval.max_new_tokens": Bound(1, 2048),
-    "eval.max_generation_s_per_prompt": Bound(0, 86_400, low_open=True),
-    "eval.num_beams": Bound(1, 32),
-    "eval.length_penalty": Bound(-10, 10),
-    "eval.no_repeat_ngram_size": Bound(0, 64),
-}
+NUMERIC_BOUNDS: dict[str, Bound] = _bounds(ExperimentConfig())
 
 
 def _numbers(section: Any, prefix: str = "") -> typing.Iterator[tuple[str, float]]:
@@ -594,10 +559,6 @@ def _numbers(section: Any, prefix: str = "") -> typing.Iterator[tuple[str, float
         for entry in value if isinstance(value, list) else [value]:
             if isinstance(entry, (int, float)) and not isinstance(entry, bool):
                 yield key, entry
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e12 else f"{value:g}"
 
 
 def describe_keys() -> str:
