@@ -94,8 +94,9 @@ LAYERS = [
     ["splitpeft", "splitpeft.storage", "splitpeft.config"],
     ["splitpeft.model"],
     ["splitpeft.data", "splitpeft.transport", "splitpeft.defences"],
-    ["splitpeft.aggregation", "splitpeft.hsplit"],
+    ["splitpeft.aggregation"],
     ["splitpeft.placements"],
+    ["splitpeft.hsplit"],
     ["splitpeft.dlora"],
     ["splitpeft.placements.registry"],
     ["splitpeft.parties"],
@@ -121,7 +122,7 @@ def wrong_way_imports(graph: dict[str, set[str]]) -> list[str]:
 
 def test_wrong_way_imports_are_found():
     assert wrong_way_imports({"splitpeft.model.loading": {"splitpeft.federation.fleet"}}) == [
-        "splitpeft.model.loading (layer 1) imports splitpeft.federation.fleet (layer 8)"]
+        "splitpeft.model.loading (layer 1) imports splitpeft.federation.fleet (layer 9)"]
     assert wrong_way_imports({"splitpeft.placements.registry": {"splitpeft.dlora.placement"}}) == []
     assert wrong_way_imports({"splitpeft.placements.split": {"splitpeft.dlora.placement"}}) != []
 
@@ -141,6 +142,8 @@ def test_every_package_names_its_public_api_and_every_name_resolves():
     for name in packages:
         package = importlib.import_module(f"splitpeft.{name}")
         assert package.__doc__ and package.__all__, f"splitpeft.{name} names no public API"
+        submodules = {p.stem for p in (PACKAGE / name).glob("*.py")}
+        assert not submodules & set(package.__all__), "a submodule's import would shadow the export of its name"
         for export in package.__all__:
             value = getattr(package, export)
             home = importlib.import_module(package._EXPORTS[export])

@@ -49,7 +49,7 @@ def _number(value: float) -> str:
 # lora.rank=1e8) fails at once, not after hours or when the kernel kills the process. Sizes that
 # depend on the model and the machine (rank <= min(d_in, d_out), one step's frame, predicted memory)
 # are checked once the model is loaded: `federation/preflight.py`.
-def _failed(checks: list[tuple[bool, str]]) -> list[str]:
+def failed_checks(checks: list[tuple[bool, str]]) -> list[str]:
     """The messages of the checks that do not hold."""
     return [message for ok, message in checks if not ok]
 
@@ -92,7 +92,7 @@ class DataConfig:
     partition_field: str | None = _help("field the Dirichlet partition is over (E2E: type, food, area...)", None)
 
     def problems(self) -> list[str]:
-        return _failed([
+        return failed_checks([
             (self.partition != "dirichlet" or self.partition_field is not None,
              "data.partition_field is required when data.partition is dirichlet"),
             (self.source in ("builtin", "hf") or self.source.startswith("hf:") or self.path is not None,
@@ -102,7 +102,8 @@ class DataConfig:
 
 @dataclass
 class PlacementConfig:
-    placement: Literal["split", "dlora", "centralized"] = _help("where each part of the model runs", "split")
+    placement: str = _help("where each part of the model runs: a name of placements/registry.py "
+                           "(split, dlora, centralized)", "split")
     split_layer: int = _help("k: the device runs blocks [0, k)", 2, bound=Bound(0, 4096))
     labels_on_device: bool = _help(
         "U-shaped split (the default): the device also keeps head and loss, so no label tensor leaves it; "
@@ -112,10 +113,10 @@ class PlacementConfig:
         "server receives the hidden states after k blocks instead of raw token embeddings (0 = DLoRA as published)", 0, bound=Bound(0, 4096))
 
     def problems(self) -> list[str]:
-        return _failed([
-            (self.placement == "dlora" or self.dlora_device_blocks == 0,
-             "placement.dlora_device_blocks is dlora's hybrid; for split use placement.split_layer"),
-        ])
+        from splitpeft.placements.registry import PLACEMENTS  # the names live once, in the registry
+
+        return failed_checks([(self.placement in PLACEMENTS,
+                               f"placement.placement must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")])
 
 
 @dataclass
@@ -178,7 +179,7 @@ class FederationConfig:
         "dropout 0, no noise defence); 1 = devices train in this process", 1, bound=Bound(1, 256))
 
     def problems(self) -> list[str]:
-        return _failed([
+        return failed_checks([
             (self.devices_per_round is None or self.devices_per_round <= self.num_devices,
              "federation.devices_per_round must be in 1..federation.num_devices (or null for all)"),
             (self.min_devices <= (self.devices_per_round or self.num_devices),
@@ -216,7 +217,7 @@ class RobustConfig:
         "(plus what a configured privacy defence adds); 0 = no bound", 100.0)
 
     def problems(self) -> list[str]:
-        return _failed([
+        return failed_checks([
             (self.frame_norm_factor == 0 or 1 <= self.frame_norm_factor <= 1e9,
              "robust.frame_norm_factor must be 0 (off) or in [1, 1e9]"),
         ])
@@ -272,7 +273,7 @@ class FleetConfig:
         "availability column replaces it", 1.0, bound=Bound(0, 1, low_open=True))
 
     def problems(self) -> list[str]:
-        return _failed([
+        return failed_checks([
             (self.memory_range is None or (len(self.memory_range) == 2 and self.memory_range[0] <= self.memory_range[1]),
              "fleet.memory_range must be [min, max] with 0 < min <= max"),
         ])
@@ -311,7 +312,7 @@ class HSplitConfig:
         "and ranks trained, are then those of that fleet)", "runtime")
 
     def problems(self) -> list[str]:
-        return _failed([
+        return failed_checks([
             (any(r > 0 for r in self.rank_set), "hsplit.rank_set needs non-negative ranks, at least one above 0"),
             (self.max_leakage is None or self.leakage_table is not None,
              "hsplit.max_leakage needs hsplit.leakage_table (privacy.json from `splitpeft privacy` for this model)"),
@@ -343,7 +344,7 @@ class KillReviveConfig:
         "transformer block (may keep more than active_fraction; 0 = no floor)", 0, bound=Bound(0, 4096))
 
     def problems(self) -> list[str]:
-        return _failed([
+        return failed_checks([
             (self.fraction_start >= self.active_fraction,
              "kill_revive.fraction_start must be >= kill_revive.active_fraction (the schedule only shrinks)"),
             (self.block_floor == 0 or not self.selection.startswith("static"),
@@ -432,7 +433,7 @@ class PrivacyConfig:
     delta: float = _help("delta of the (epsilon, delta) the report gives for the Gaussian release", 1e-5, bound=Bound(0, 1, low_open=True, high_open=True))
 
     def problems(self) -> list[str]:
-        return _failed([
+        return failed_checks([
             (all(name in ATTACKER_NAMES for name in self.attackers), f"privacy.attackers: choose from {', '.join(ATTACKER_NAMES)}"),
             (self.noise_multiplier == 0 or self.clip_norm > 0 or self.gradient_clip_norm > 0,
              "privacy.noise_multiplier needs privacy.clip_norm > 0 (the noise is sigma x C), or "
@@ -498,12 +499,12 @@ class ExperimentConfig:
         return self
 
     def cross_section_problems(self) -> list[str]:
-        """The rules that involve keys of more than one section."""
-        fed, place, hs, rt, pv = self.federation, self.placement, self.hsplit, self.runtime, self.privacy
-        return _failed([
-            (fed.noise_free_start == "cold" or place.placement != "dlora",
-             "federation.noise_free_start=warm: under dlora the server runs every device's frozen blocks on its one "
-             "shared copy, which cannot hold a per-device residual; use cold"),
+        """The rules that involve keys of more than one section, the placement's own among them
+        (its `config_problems`: what it cannot run with)."""
+        from splitpeft.placements.registry import placement_of  # placements own their rules
+
+        fed, hs, rt = self.federation, self.hsplit, self.runtime
+        return placement_of(self).config_problems(self) + failed_checks([
             (self.robust.combine == "mean" or fed.aggregator == "fedavg",
              f"robust.combine={self.robust.combine} combines A and B like fedavg; it needs federation.aggregator=fedavg"),
             (self.fleet.memory_bytes is None or len(self.fleet.memory_bytes) == fed.num_devices,
@@ -521,16 +522,6 @@ class ExperimentConfig:
              "fedavg cannot average, and IWI needs float weights; use hsplit.planner=fixed"),
             (rt.base_quantization == "none" or not self.export_merged,
              "runtime.base_quantization: export_merged would merge into a quantized base; set export_merged=false"),
-            (rt.dtype != "fp16" or place.placement != "dlora",
-             "runtime.dtype=fp16: dlora's remote branches have no loss scaling; use bf16"),
-            (hs.planner != "fixed" or place.placement != "split" or place.split_layer >= hs.min_split,
-             "placement.split_layer is below hsplit.min_split"),
-            ((pv.noise_multiplier == 0 and pv.clip_norm == 0 and pv.nopeek_weight == 0) or place.placement != "centralized",
-             "privacy defences protect what crosses the cut; placement centralized sends nothing"),
-            (pv.nopeek_weight == 0 or (place.placement == "split" and place.split_layer > 0) or hs.planner != "fixed"
-             or place.dlora_device_blocks > 0,
-             "privacy.nopeek_weight trains device adapters before the cut: needs placement.split_layer >= 1 "
-             "(split) or placement.dlora_device_blocks >= 1 (dlora)"),
         ])
 
 

@@ -39,7 +39,7 @@ def test_the_meter_sees_exactly_what_the_device_sends(overrides, kind, name):
     sim.run_round()
     sent = next(m for d, m in frames if d == "up" and m.kind == kind).tensors[name]
     config = sim.config
-    exposure = exposure_of(config.placement.placement, device.split_layer, config.placement.labels_on_device)
+    exposure = exposure_of(sim.placement, device.split_layer)
     seen = capture_batch(model, batches[0], exposure, Defence(), compression=config.transport.compression)
     observed = seen.hidden if name == "hidden" else seen.head_grad
     torch.testing.assert_close(observed, sent.float(), rtol=1e-5, atol=1e-6)

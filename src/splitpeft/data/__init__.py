@@ -6,7 +6,7 @@ Public API (each name imported from its module on first use):
 - `examples`: `Example`, `DataError`
 - `sources`: `load_examples`
 - `builtin`: `builtin_examples`
-- `partition`: `partition`, `split_by_group`
+- `partition`: `split_by_group` (and `partition.partition`, named as its module)
 - `batching`: `encode`, `EncodedExample`, `Batch`, `BatchStream`
 """
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from splitpeft.data.builtin import builtin_examples as builtin_examples
     from splitpeft.data.examples import DataError as DataError
     from splitpeft.data.examples import Example as Example
-    from splitpeft.data.partition import partition as partition
     from splitpeft.data.partition import split_by_group as split_by_group
     from splitpeft.data.sources import load_examples as load_examples
 
@@ -31,7 +30,6 @@ _EXPORTS = {
     "DataError": "splitpeft.data.examples",
     "load_examples": "splitpeft.data.sources",
     "builtin_examples": "splitpeft.data.builtin",
-    "partition": "splitpeft.data.partition",
     "split_by_group": "splitpeft.data.partition",
     "encode": "splitpeft.data.batching",
     "EncodedExample": "splitpeft.data.batching",

@@ -69,7 +69,7 @@ from splitpeft.model.loading import load_model_part
 from splitpeft.model.parts import Part, quantize_blocks
 from splitpeft.model.runtime import resolve_runtime
 from splitpeft.parties.device import DeviceRuntime
-from splitpeft.placements.registry import make_placement
+from splitpeft.placements.registry import placement_of
 from splitpeft.transport.grpc import GrpcChannel
 from splitpeft.transport.messages import Kind, MessageError, encode
 
@@ -155,7 +155,7 @@ def build_own_device(config: ExperimentConfig, node: NodeSettings, split_layer: 
     server's plan. No server state, no other device's data."""
     seed_everything(config.seed)
     runtime = resolve_runtime(config.runtime)
-    placement = make_placement(config.placement.placement, labels_on_device=config.placement.labels_on_device)
+    placement = placement_of(config)
 
     def own_part(backbone: Backbone) -> Part:
         return placement.device_part(backbone.num_blocks, split_layer)

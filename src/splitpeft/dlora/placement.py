@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from splitpeft.config import ExperimentConfig, failed_checks
 from splitpeft.data.batching import Batch
 from splitpeft.dlora.remote import (
     STEP_TIMEOUT_S,
@@ -41,6 +42,7 @@ from splitpeft.dlora.remote import (
     _Link,
     _server_worker,
     abort_step,
+    input_groups,
     install_server_hooks,
 )
 from splitpeft.dlora.wave import DLoRAWave
@@ -60,6 +62,7 @@ from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
 
 if TYPE_CHECKING:
+    from splitpeft.hsplit.memory import ModelShapes
     from splitpeft.model.batched import BatchedPass
 
 
@@ -70,6 +73,43 @@ class DLoRAPlacement:
     name: str = field(default="dlora", init=False)
     parks_server_sessions: bool = field(default=False, init=False)  # its sessions' models carry the device's branch hooks
     steps_in_device_waves: bool = field(default=False, init=False)
+    plans_splits: bool = field(default=False, init=False)
+    server_trains_adapters: bool = field(default=False, init=False)
+
+    def fixed_split(self, config: ExperimentConfig) -> int:
+        return config.placement.dlora_device_blocks  # the hybrid's blocks on the device (0 as published)
+
+    def config_problems(self, config: ExperimentConfig) -> list[str]:
+        return failed_checks([
+            (config.federation.noise_free_start == "cold",
+             "federation.noise_free_start=warm: under dlora the server runs every device's frozen blocks on its one "
+             "shared copy, which cannot hold a per-device residual; use cold"),
+            (config.runtime.dtype != "fp16", "runtime.dtype=fp16: dlora's remote branches have no loss scaling; use bf16"),
+            (config.privacy.nopeek_weight == 0 or config.hsplit.planner != "fixed" or config.placement.dlora_device_blocks > 0,
+             "privacy.nopeek_weight trains device adapters before the cut: needs placement.split_layer >= 1 "
+             "(split) or placement.dlora_device_blocks >= 1 (dlora)"),
+        ])
+
+    def block_problems(self, config: ExperimentConfig, num_blocks: int) -> list[str]:
+        k = config.placement.dlora_device_blocks
+        return failed_checks([(k < num_blocks, f"placement.dlora_device_blocks {k} is out of range: {config.model.name} has "
+                                               f"{num_blocks} blocks, so dlora's hybrid keeps 0..{num_blocks - 1} of them")])
+
+    def step_frame_width(self, shapes: ModelShapes) -> int:
+        """d at the cut (the embeddings), or wider: a linear group's d_in or the sum of its d_out."""
+        groups: dict[str, list[str]] = {}
+        for name, group in input_groups(list(shapes.modules)).items():
+            groups.setdefault(group, []).append(name)
+        width = shapes.hidden_size
+        for members in groups.values():
+            width = max(width, shapes.modules[members[0]][0], sum(shapes.modules[m][1] for m in members))
+        return width
+
+    def sends_labels(self) -> bool:
+        return False
+
+    def exposure_name(self) -> str | None:
+        return "dlora"
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         if not 0 <= split_layer < num_blocks:

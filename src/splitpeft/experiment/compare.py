@@ -55,6 +55,7 @@ from splitpeft import __version__
 from splitpeft.config import ExperimentConfig, load_config, to_dict
 from splitpeft.experiment.report import _clean, write_json
 from splitpeft.experiment.run import RunFolderError, run_experiment
+from splitpeft.placements.registry import placement_of
 
 TARGETS = ("worst_mean", "per_seed")
 
@@ -114,7 +115,7 @@ SCALARS: dict[str, str] = {
 
 def method_config(base: ExperimentConfig, path: Path | None, preset: str | None, overrides: list[str], method_overrides: list[str]) -> ExperimentConfig:
     config = load_config(path, [*overrides, *method_overrides], preset=preset)
-    if config.placement.placement == "centralized":
+    if not placement_of(config).uses_server():
         # same token budget: the one party does the steps of all devices
         steps = base.federation.local_steps * base.federation.num_devices
         config = load_config(path, [*overrides, *method_overrides, f"federation.local_steps={steps}"], preset=preset)

@@ -30,6 +30,7 @@ from splitpeft.parties.device import DeviceRuntime
 from splitpeft.parties.party import WarmStart
 from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
+from splitpeft.placements.registry import placement_of
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,4 @@ def defence_of(config: ExperimentConfig, index: int) -> Defence:
 def fixed_split(config: ExperimentConfig) -> int:
     """The split every device takes without a planner: placement.split_layer, or for dlora the
     blocks its hybrid keeps on the device (placement.dlora_device_blocks, 0 as published)."""
-    if config.placement.placement == "dlora":
-        return config.placement.dlora_device_blocks
-    return config.placement.split_layer
+    return placement_of(config).fixed_split(config)

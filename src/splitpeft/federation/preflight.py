@@ -29,10 +29,10 @@ from transformers import PreTrainedModel
 from splitpeft.config import ConfigError, ExperimentConfig
 from splitpeft.data.batching import EncodedExample, bounded_token_ids
 from splitpeft.data.examples import Example
-from splitpeft.dlora.remote import input_groups
 from splitpeft.hsplit.memory import ModelShapes, adapter_bytes, memory_breakdown
 from splitpeft.model.backbone import context_length
 from splitpeft.model.runtime import resolve_runtime
+from splitpeft.placements.registry import placement_of
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,8 @@ def check_against_model(config: ExperimentConfig, model: PreTrainedModel) -> Non
 
 def check_blocks(config: ExperimentConfig, shapes: ModelShapes) -> None:
     blocks = shapes.num_blocks
-    if config.placement.placement == "split" and config.placement.split_layer > blocks:
-        raise ConfigError(f"placement.split_layer {config.placement.split_layer} is out of range: "
-                          f"{config.model.name} has {blocks} blocks (0..{blocks})")
-    if config.placement.placement == "dlora" and config.placement.dlora_device_blocks >= blocks:
-        raise ConfigError(f"placement.dlora_device_blocks {config.placement.dlora_device_blocks} is out of range: "
-                          f"{config.model.name} has {blocks} blocks, so dlora's hybrid keeps 0..{blocks - 1} of them")
+    for problem in placement_of(config).block_problems(config, blocks):
+        raise ConfigError(problem)
     if config.hsplit.min_split > blocks:
         raise ConfigError(f"hsplit.min_split {config.hsplit.min_split} is out of range: "
                           f"{config.model.name} has {blocks} blocks (0..{blocks})")
@@ -142,14 +138,9 @@ def step_frame_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
     (+ int32 labels in plain split). width: d at the cut (split, U-shaped, dlora's embeddings); in
     dlora also every branch message, d_in of a linear group or the sum of its d_out."""
     batch, seq_len = config.federation.batch_size, config.data.max_length
-    width = shapes.hidden_size
-    if config.placement.placement == "dlora":
-        groups: dict[str, list[str]] = {}
-        for name, group in input_groups(list(shapes.modules)).items():
-            groups.setdefault(group, []).append(name)
-        for members in groups.values():
-            width = max(width, shapes.modules[members[0]][0], sum(shapes.modules[m][1] for m in members))
-    labels = 4 * batch * seq_len if config.placement.placement == "split" and not config.placement.labels_on_device else 0
+    placement = placement_of(config)
+    width = placement.step_frame_width(shapes)
+    labels = 4 * batch * seq_len if placement.sends_labels() else 0
     return batch * seq_len * width * shapes.dtype_bytes + labels + FRAME_HEADER_ALLOWANCE_BYTES
 
 
@@ -159,13 +150,14 @@ def upload_frame_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
     if config.hsplit.planner != "fixed":
         modules, rank = list(shapes.modules), max(config.hsplit.rank_set)
     else:
-        split = config.placement.split_layer if config.placement.placement == "split" else shapes.num_blocks
-        modules, rank = shapes.modules_before(split), config.lora.rank
+        placement = placement_of(config)
+        held = placement.device_blocks(shapes.num_blocks, placement.fixed_split(config))
+        modules, rank = shapes.modules_before(held.stop), config.lora.rank
     return adapter_bytes(shapes, dict.fromkeys(modules, rank), copies=1) + FRAME_HEADER_ALLOWANCE_BYTES
 
 
 def check_frame_size(config: ExperimentConfig, shapes: ModelShapes) -> None:
-    if config.placement.placement == "centralized":
+    if not placement_of(config).uses_server():
         return
     limit = config.transport.max_message_bytes
     step, upload = step_frame_bytes(config, shapes), upload_frame_bytes(config, shapes)
@@ -187,7 +179,7 @@ def predicted_peak_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
     ranks = dict.fromkeys(shapes.modules, rank)
     step = memory_breakdown(shapes, shapes.num_blocks, ranks, config.federation.batch_size, config.data.max_length,
                             labels_on_device=True, checkpointing=config.runtime.gradient_checkpointing)
-    parties = 1 if config.placement.placement == "centralized" else config.federation.num_devices
+    parties = config.federation.num_devices if placement_of(config).uses_server() else 1
     return step.peak_bytes + (parties - 1) * adapter_bytes(shapes, ranks) + adapter_bytes(shapes, ranks, copies=1)
 
 

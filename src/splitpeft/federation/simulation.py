@@ -72,7 +72,7 @@ from splitpeft.parties.device import DeviceRuntime
 from splitpeft.parties.frame_bounds import FrameBounds
 from splitpeft.parties.server import SplitServer, StepLimits
 from splitpeft.parties.shells import ShellPool
-from splitpeft.placements.registry import make_placement
+from splitpeft.placements.registry import placement_of
 from splitpeft.transport.channel import InProcessChannel, Tap
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta
 
@@ -113,8 +113,8 @@ class Simulation:
         quantize_blocks(base, range(num_blocks), runtime.server_quantization(), runtime.dtype)
         if not same_side:
             quantize_blocks(self.device_base, range(num_blocks), runtime.device_quantization(), runtime.dtype)
-        placement_cfg, fed = config.placement, config.federation
-        self.placement = make_placement(placement_cfg.placement, labels_on_device=placement_cfg.labels_on_device)
+        fed = config.federation
+        self.placement = placement_of(config)
         self.placement.device_blocks(num_blocks, fixed_split(config))  # range check before any work
 
         # Without a server (centralized) one party trains on the pooled data of all devices.
@@ -178,8 +178,8 @@ class Simulation:
         planner = make_planner(config)
         self.planning: Planning | None = None
         plans = {}
-        if not planner.uses_budgets and config.placement.placement == "split":
-            PlanOptions.from_config(config).check_fixed_split(config.placement.split_layer)  # the privacy floor
+        if not planner.uses_budgets and self.placement.plans_splits:
+            PlanOptions.from_config(config).check_fixed_split(fixed_split(config))  # the privacy floor
         if planner.uses_budgets:
             if self.profiles is None:
                 raise ValueError(f"hsplit.planner={planner.name} needs fleet budgets")
@@ -495,8 +495,8 @@ class Simulation:
         if not self.placement.uses_server():
             return 0.0
         device = self.devices[self.device_index[device_id]]
-        on_device = self.config.placement.labels_on_device or self.config.placement.placement == "dlora"
-        rank = 0 if self.config.placement.placement == "dlora" else self.server_rank
+        on_device = self.placement.device_keeps_head()
+        rank = self.server_rank if self.placement.server_trains_adapters else 0
         flops = server_flops_per_step(self.shapes, device.split_layer, rank, self.config.federation.batch_size,
                                       self.config.data.max_length, on_device)
         return steps * flops / self.config.fleet.server_flops_per_s

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -44,6 +44,7 @@ from splitpeft.hsplit.importance import (
 from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.runtime import resolve_runtime
+from splitpeft.placements.split import SplitPlacement
 
 Plans = dict[str, tuple[int, dict[str, int]]]  # device -> (split layer, {module: rank})
 
@@ -84,7 +85,8 @@ class PrivacyFloor:
     min_split: int = 0
     max_leakage: float | None = None
     table: dict[str, Any] | None = None
-    placement: str = "split_u"  # the table's rows for the run's placement
+    # the table's rows for the run's placement (its `exposure_name`); the default: U-shaped split's
+    placement: str = field(default_factory=lambda: SplitPlacement(labels_on_device=True).exposure_name() or "")
 
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> PrivacyFloor | None:
@@ -102,8 +104,9 @@ class PrivacyFloor:
                 raise ValueError(f"hsplit.leakage_table {h.leakage_table!r} is not valid JSON: {error}") from None
             if not isinstance(table, dict) or not isinstance(table.get("leakage"), list):
                 raise ValueError(f"hsplit.leakage_table {h.leakage_table!r} is not a table written by `splitpeft privacy`")
-        placement = "split_u" if config.placement.labels_on_device else "split"
-        return cls(h.min_split, h.max_leakage, table, placement)
+        # the planners plan split points: their leakage is the split placement's, U-shaped or plain
+        placement = SplitPlacement(labels_on_device=config.placement.labels_on_device).exposure_name()
+        return cls(h.min_split, h.max_leakage, table, placement or "")
 
     def expected_leakage(self, split_layer: int) -> float | None:
         return None if self.table is None else leakage_at(self.table, self.placement, split_layer)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from transformers import PreTrainedModel
 
+from splitpeft.config import ExperimentConfig
 from splitpeft.data.batching import Batch
 from splitpeft.defences.cut import Defence
 from splitpeft.model.backbone import Backbone
@@ -34,6 +35,7 @@ from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Message
 
 if TYPE_CHECKING:
+    from splitpeft.hsplit.memory import ModelShapes
     from splitpeft.model.batched import BatchedPass
 
 
@@ -120,6 +122,34 @@ class Placement(Protocol):
     # The devices' steps can run in device waves (`federation.device_waves`): the device computes
     # its part through `DeviceSide.forward_to_cut` and `backward_roots`.
     steps_in_device_waves: bool
+    # hsplit's planners choose each device's split point (and the privacy floor applies to it)
+    plans_splits: bool
+    # the server's per-device sessions train adapters of their own (dlora's server runs frozen blocks)
+    server_trains_adapters: bool
+
+    def fixed_split(self, config: ExperimentConfig) -> int:
+        """The split every device takes without a planner (the config key this placement reads)."""
+        ...
+
+    def config_problems(self, config: ExperimentConfig) -> list[str]:
+        """What this placement cannot run with in `config` (checked with the config's own rules),
+        and, given the model's `num_blocks` (`block_problems`), a split out of range."""
+        ...
+
+    def block_problems(self, config: ExperimentConfig, num_blocks: int) -> list[str]: ...
+
+    def step_frame_width(self, shapes: ModelShapes) -> int:
+        """The widest (B, T, width) tensor of one step's messages (without labels)."""
+        ...
+
+    def sends_labels(self) -> bool:
+        """The device sends the completion's token ids as labels (plain split)."""
+        ...
+
+    def exposure_name(self) -> str | None:
+        """The privacy meter's name for what this placement's devices expose (None: nothing crosses a
+        cut); placements that expose the same things share it."""
+        ...
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         """Blocks whose adapters the device owns."""

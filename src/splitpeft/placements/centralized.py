@@ -7,6 +7,7 @@ from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from splitpeft.config import ExperimentConfig, failed_checks
 from splitpeft.data.batching import Batch
 from splitpeft.model.loss import causal_lm_loss
 from splitpeft.model.parts import Part
@@ -15,6 +16,7 @@ from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Message, MessageError
 
 if TYPE_CHECKING:
+    from splitpeft.hsplit.memory import ModelShapes
     from splitpeft.model.batched import BatchedPass
 
 
@@ -23,6 +25,32 @@ class CentralizedPlacement:
     name: str = field(default="centralized", init=False)
     parks_server_sessions: bool = field(default=True, init=False)
     steps_in_device_waves: bool = field(default=False, init=False)
+    plans_splits: bool = field(default=False, init=False)
+    server_trains_adapters: bool = field(default=False, init=False)
+
+    def fixed_split(self, config: ExperimentConfig) -> int:
+        return config.placement.split_layer
+
+    def config_problems(self, config: ExperimentConfig) -> list[str]:
+        pv = config.privacy
+        return failed_checks([
+            (config.placement.dlora_device_blocks == 0,
+             "placement.dlora_device_blocks is dlora's hybrid; for split use placement.split_layer"),
+            (pv.noise_multiplier == 0 and pv.clip_norm == 0 and pv.nopeek_weight == 0,
+             "privacy defences protect what crosses the cut; placement centralized sends nothing"),
+        ])
+
+    def block_problems(self, config: ExperimentConfig, num_blocks: int) -> list[str]:
+        return []
+
+    def step_frame_width(self, shapes: ModelShapes) -> int:
+        return shapes.hidden_size
+
+    def sends_labels(self) -> bool:
+        return False
+
+    def exposure_name(self) -> str | None:
+        return None  # nothing crosses a cut
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         return range(0, num_blocks)

@@ -23,10 +23,11 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from splitpeft.config import ExperimentConfig, failed_checks
 from splitpeft.data.batching import Batch
 from splitpeft.model.batched import BatchedPass, Member, Wave
 from splitpeft.model.loss import IGNORE_INDEX, causal_lm_loss
@@ -34,6 +35,9 @@ from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, backward_from_cut, freeze_locally
 from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
+
+if TYPE_CHECKING:
+    from splitpeft.hsplit.memory import ModelShapes
 
 
 @dataclass
@@ -44,6 +48,35 @@ class SplitPlacement:
     name: str = field(default="split", init=False)
     parks_server_sessions: bool = field(default=True, init=False)
     steps_in_device_waves: bool = field(default=True, init=False)
+    plans_splits: bool = field(default=True, init=False)
+    server_trains_adapters: bool = field(default=True, init=False)
+
+    def fixed_split(self, config: ExperimentConfig) -> int:
+        return config.placement.split_layer
+
+    def config_problems(self, config: ExperimentConfig) -> list[str]:
+        place, fixed = config.placement, config.hsplit.planner == "fixed"
+        return failed_checks([
+            (place.dlora_device_blocks == 0, "placement.dlora_device_blocks is dlora's hybrid; for split use placement.split_layer"),
+            (not fixed or place.split_layer >= config.hsplit.min_split, "placement.split_layer is below hsplit.min_split"),
+            (config.privacy.nopeek_weight == 0 or place.split_layer > 0 or not fixed,
+             "privacy.nopeek_weight trains device adapters before the cut: needs placement.split_layer >= 1 "
+             "(split) or placement.dlora_device_blocks >= 1 (dlora)"),
+        ])
+
+    def block_problems(self, config: ExperimentConfig, num_blocks: int) -> list[str]:
+        return failed_checks([(config.placement.split_layer <= num_blocks,
+                         f"placement.split_layer {config.placement.split_layer} is out of range: "
+                         f"{config.model.name} has {num_blocks} blocks (0..{num_blocks})")])
+
+    def step_frame_width(self, shapes: ModelShapes) -> int:
+        return shapes.hidden_size
+
+    def sends_labels(self) -> bool:
+        return not self.labels_on_device
+
+    def exposure_name(self) -> str | None:
+        return "split_u" if self.labels_on_device else "split"
 
     def device_blocks(self, num_blocks: int, split_layer: int) -> range:
         if not 0 <= split_layer <= num_blocks:

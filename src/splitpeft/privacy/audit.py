@@ -27,6 +27,7 @@ from splitpeft.defences.accounting import accountant_name, gaussian_release_epsi
 from splitpeft.federation.fleet import defence_of, device_examples
 from splitpeft.hsplit.memory import ModelShapes, flops_per_step, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
+from splitpeft.placements.registry import REGISTRY, make_placement
 from splitpeft.privacy.corpus import sampled_completions
 from splitpeft.privacy.meter import Exposure, MeterSettings, exposure_of, measure, releases_per_example
 
@@ -143,7 +144,7 @@ def audit_simulation(sim: Any, *, estimate: bool = False) -> dict[str, Any]:
     cases: dict[Exposure, list[EncodedExample]] = {}
     devices: dict[str, str] = {}
     for device, encoded in zip(sim.devices, sim.device_encoded):
-        exposure = exposure_of(config.placement.placement, device.split_layer, config.placement.labels_on_device)
+        exposure = exposure_of(sim.placement, device.split_layer)
         if exposure is None:
             continue
         if estimate and len(cases.get(exposure, [])) >= ESTIMATE_EXAMPLES:
@@ -179,12 +180,18 @@ def leakage_table(config: ExperimentConfig, model: PreTrainedModel, tokenizer: A
     pooled = [example for shard in shards for example in shard]
     private = encode(pooled[: config.privacy.audit_examples], tokenizer, config.data.max_length)
     aux = auxiliary_examples(config, tokenizer, train, model)
-    exposures = [Exposure("dlora", 0, labels=False, head_gradient=True)]
-    for k in depths:
-        exposures += [Exposure("split", k, labels=True, head_gradient=False),
-                      Exposure("split_u", k, labels=False, head_gradient=True)]
+    # every distinct exposure of the registered placements: at every depth where the planner chooses
+    # the split, at 0 (as published) where the placement fixes it (dlora: its hybrid at k shows what
+    # U-shaped split at k does)
+    variants = [make_placement(name, labels_on_device=on_device) for name in REGISTRY for on_device in (False, True)]
+    exposures: dict[str, Exposure] = {}
+    for placement, k in [(p, 0) for p in variants if not p.plans_splits] + [(p, k) for k in depths for p in variants
+                                                                              if p.plans_splits]:
+        exposure = exposure_of(placement, k)
+        if exposure is not None:
+            exposures.setdefault(exposure.label, exposure)
     pad_id = int(tokenizer.pad_token_id)
-    table = measure(model, aux, [(e, private) for e in exposures], settings_of(config), pad_id=pad_id)
+    table = measure(model, aux, [(e, private) for e in exposures.values()], settings_of(config), pad_id=pad_id)
     table["model"] = config.model.name
     table["depths"] = depths
     table["num_blocks"] = num_blocks
@@ -235,13 +242,17 @@ def plot_leakage(table: dict[str, Any], path: Path, utility: dict[str, Any] | No
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     by_attacker: dict[str, list[tuple[int, float]]] = {}
     for row in table["rows"]:
-        if row["placement"] in ("split_u", "dlora") or row["attacker"] == "labels":
+        if not row.get("labels", False) or row["attacker"] == "labels":  # the labels' reader on plain split only
             name = row["attacker"] if row["attacker"] not in ("labels", "gradient") else "labels / head gradient"
             by_attacker.setdefault(name, []).append((row["split_layer"], row["token_accuracy"]))
     for name, points in sorted(by_attacker.items()):
         points = sorted(set(points))
         left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    for placement, style in (("split", ":"), ("split_u", "-")):
+    depths_of: dict[str, set[int]] = {}
+    for r in table["leakage"]:
+        depths_of.setdefault(r["placement"], set()).add(r["split_layer"])
+    for placement in sorted(name for name, depths in depths_of.items() if len(depths) > 1):  # measured along k
+        style = ":" if any(r.get("labels") for r in table["leakage"] if r["placement"] == placement) else "-"
         points = sorted((r["split_layer"], r["token_accuracy"]) for r in table["leakage"] if r["placement"] == placement)
         if points:
             left.plot([p[0] for p in points], [p[1] for p in points], style, color="black", linewidth=2,

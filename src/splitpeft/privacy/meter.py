@@ -35,6 +35,7 @@ from splitpeft.data.batching import Batch, EncodedExample, collate
 from splitpeft.defences.cut import Defence
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loss import causal_lm_loss
+from splitpeft.placements.base import Placement
 from splitpeft.privacy.attackers import CutBatch, ServerKnowledge, make_attacker
 from splitpeft.privacy.scoring import Score, chance_accuracy, score
 from splitpeft.transport.compression import compress, decompress
@@ -50,7 +51,7 @@ SIDE_ATTACKERS = ("labels", "gradient")                       # read the labels 
 class Exposure:
     """What one placement at split k shows the server each step."""
 
-    placement: str         # split (plain), split_u (U-shaped), dlora (k = the hybrid's device blocks)
+    placement: str         # the placement's `exposure_name` (split: plain, split_u: U-shaped, dlora)
     split_layer: int
     labels: bool           # the label tensor goes up (plain split)
     head_gradient: bool    # the head gradient goes up, the final hidden states come down
@@ -60,15 +61,15 @@ class Exposure:
         return f"{self.placement}@{self.split_layer}"
 
 
-def exposure_of(placement: str, split_layer: int, labels_on_device: bool) -> Exposure | None:
-    """The exposure of a run's placement; None for centralized (nothing crosses)."""
-    if placement == "centralized":
+def exposure_of(placement: Placement, split_layer: int) -> Exposure | None:
+    """What a device of `placement` at `split_layer` shows the server: the label tensor where it
+    sends labels, the head gradient where it keeps the head and talks to a server; None where
+    nothing crosses a cut (the placement has no `exposure_name`)."""
+    name = placement.exposure_name()
+    if name is None:
         return None
-    if placement == "dlora":
-        return Exposure("dlora", split_layer, labels=False, head_gradient=True)
-    if labels_on_device:
-        return Exposure("split_u", split_layer, labels=False, head_gradient=True)
-    return Exposure("split", split_layer, labels=True, head_gradient=False)
+    return Exposure(name, split_layer, labels=placement.sends_labels(),
+                    head_gradient=placement.device_keeps_head() and placement.uses_server())
 
 
 @dataclass
@@ -208,8 +209,8 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
                 if name in ACTIVATION_ATTACKERS:
                     reconstructed[key_made] = guesses[name]
             result = score(guesses[name], truths, masks)
-            rows.append({"placement": exposure.placement, "split_layer": exposure.split_layer, "attacker": name,
-                         **_score_fields(result)})
+            rows.append({"placement": exposure.placement, "split_layer": exposure.split_layer, "labels": exposure.labels,
+                         "attacker": name, **_score_fields(result)})
             if hasattr(attacker, "fit_report"):
                 rows[-1]["fit"] = attacker.fit_report()
         leakage.append(_combined(exposure, guesses, truths, masks))
@@ -276,7 +277,7 @@ def _combined(exposure: Exposure, guesses: dict[str, list[torch.Tensor]], truths
         options.append(([name, *sides] if name is not None else list(sides), score(combined, truths, masks)))
     options += [([name], result) for name, result in alone.items()]
     used, result = max(options, key=lambda option: option[1].token_accuracy)
-    return {"placement": exposure.placement, "split_layer": exposure.split_layer, "attackers": used,
+    return {"placement": exposure.placement, "split_layer": exposure.split_layer, "labels": exposure.labels, "attackers": used,
             "strongest_activation_attacker": best_name, **_score_fields(result)}
 
 
