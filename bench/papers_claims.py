@@ -32,7 +32,14 @@ import json
 import statistics
 from pathlib import Path
 
-from splitpeft.experiment.compare import after_warmup, markdown_table, run_comparison
+from splitpeft.experiment.compare import (
+    REPORT_SCHEMA,
+    after_warmup,
+    markdown_table,
+    misfit,
+    run_comparison,
+    write_comparison,
+)
 
 MEMORY = [230_000_000, 320_000_000, 460_000_000, 640_000_000, 920_000_000]
 FLOPS = [2.5e10, 3.5e10, 5.0e10, 7.0e10, 1.0e11]
@@ -61,6 +68,27 @@ def run_seed_major(suite: str, out: Path, overrides: list[str], seeds: list[int]
             print(f"== {out} {method} seed {seed}", flush=True)
             run_comparison(suite, out, preset="e2e", overrides=[*overrides, f"seed={seed}"], methods=[method],
                            seeds=1, reuse=True, progress=True)
+
+
+def table_of_finished(out: Path, methods: list[str], seeds: list[int]) -> dict:
+    """The hsplit comparison (target per seed) over the seeds every method finished, read from the
+    run folders as they stand: runs written by earlier code are compared as they are (each report
+    holds its own config and version)."""
+    reports, complete = {}, []
+    for seed in seeds:
+        found = {}
+        for method in methods:
+            path = out / method / f"seed-{seed}" / "report.json"
+            report = json.loads(path.read_text()) if path.is_file() else None
+            if report is not None and report.get("status") == "finished" and misfit(report, REPORT_SCHEMA) is None:
+                found[method, seed] = report
+        if len(found) == len(methods):
+            reports |= found
+            complete.append(seed)
+    if not complete:
+        raise SystemExit(f"no seed of {seeds} has a finished run of every method in {out}")
+    print(f"seeds with every method finished: {complete}")
+    return write_comparison("hsplit", out, reports, methods, complete, target="per_seed")
 
 
 def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[int], methods: list[str]) -> str:
@@ -134,6 +162,7 @@ def main() -> None:
     parser.add_argument("--perplexity-examples", type=int, default=200)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "valid.txt"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--table-only", action="store_true", help="hsplit: only the table of the finished runs in --out")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -146,10 +175,9 @@ def main() -> None:
         print(table)
         return
     methods = (args.methods or "hsplitlora,hetlora,splitlora,cenlora").split(",")
-    run_seed_major("hsplit", args.out, overrides, seeds, methods)
-    comparison = run_comparison("hsplit", args.out, preset="e2e", overrides=[*overrides, f"seed={seeds[0]}"],
-                                methods=methods, seeds=len(seeds), target="per_seed", reuse=True, progress=False)
-    print(markdown_table(comparison))
+    if not args.table_only:
+        run_seed_major("hsplit", args.out, overrides, seeds, methods)
+    print(markdown_table(table_of_finished(args.out, methods, seeds)))
 
 
 if __name__ == "__main__":

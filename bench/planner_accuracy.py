@@ -4,7 +4,7 @@
 
 For each device budget (spread evenly over --memory-range, in MB) the planner picks a split point
 and ranks from IWI scores; a real device with that plan then trains 2 steps on batches of exactly
---seq-len tokens, and its peak is measured by the device meter (see splitpeft.parties.meter).
+--seq-len tokens, and its peak is measured by the device meter (see splitpeft.model.usage).
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ from pathlib import Path
 from splitpeft.data.batching import encode
 from splitpeft.data.builtin import builtin_examples
 from splitpeft.data.sources import load_examples
+from splitpeft.defences.cut import Defence
 from splitpeft.model.loading import load_model
 from splitpeft.privacy.attackers import ServerKnowledge, make_attacker
-from splitpeft.privacy.defences import Defence
 from splitpeft.privacy.meter import Exposure, capture
 from splitpeft.privacy.scoring import score
 

@@ -35,8 +35,8 @@ from splitpeft.model.adapters import lora_config, target_module_names
 from splitpeft.model.backbone import backbone_of, share_frozen_copy
 from splitpeft.model.loading import load_model
 from splitpeft.model.runtime import DTYPES, resolve_runtime
+from splitpeft.model.usage import flop_counter
 from splitpeft.parties.device import DeviceRuntime
-from splitpeft.parties.meter import flop_counter
 from splitpeft.parties.server import SplitServer
 from splitpeft.placements.split import SplitPlacement
 from splitpeft.transport.channel import InProcessChannel

@@ -461,8 +461,16 @@ def run_comparison(
         key: report if report is not None else run_experiment(configs[key], folders[key], overwrite=overwrite, progress=progress)
         for key, (report, _) in found.items()
     }
+    return write_comparison(suite, out, reports, chosen, seed_list, target_loss=target_loss, target=target)
 
-    runs = {method: {seed: summarise(reports[method, seed]) for seed in seed_list} for method in chosen}
+
+def write_comparison(suite: str, out: Path, reports: dict[tuple[str, int], dict[str, Any]], methods: list[str],
+                     seed_list: list[int], *, target_loss: float | None = None,
+                     target: Literal["worst_mean", "per_seed"] = "worst_mean") -> dict[str, Any]:
+    """The comparison of finished run `reports` ((method, seed) -> report): summaries, spread over
+    seeds, targets, rounds and simulated time to target; written to OUT/comparison.json, .md and
+    convergence.png, and returned."""
+    runs = {method: {seed: summarise(reports[method, seed]) for seed in seed_list} for method in methods}
     targets, source = _targets(runs, seed_list, target_loss, target)
     for (method, seed), report in reports.items():
         run = runs[method][seed]
