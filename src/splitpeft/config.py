@@ -11,7 +11,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
-from importlib import resources
+from importlib import import_module, resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -49,15 +49,37 @@ def _number(value: float) -> str:
 # lora.rank=1e8) fails at once, not after hours or when the kernel kills the process. Sizes that
 # depend on the model and the machine (rank <= min(d_in, d_out), one step's frame, predicted memory)
 # are checked once the model is loaded: `federation/preflight.py`.
+def registry_names(choices: str) -> tuple[str, ...]:
+    """The names of the registry `choices` ("module:NAME") points to."""
+    module, attribute = choices.split(":")
+    return tuple(getattr(import_module(module), attribute))
+
+
+def registry_entry(choices: str, name: str) -> Any:
+    """What the registry `choices` ("module:NAME") holds under `name` (a policy's class or
+    constructor), whose facts the config's rules ask for instead of testing the name."""
+    module, attribute = choices.split(":")
+    return getattr(import_module(module), attribute)[name]
+
+
+AGGREGATORS = "splitpeft.aggregation.registry:REGISTRY"
+PLANNERS = "splitpeft.hsplit.planning:PLANNERS"
+SELECTIONS = "splitpeft.parties.killrevive:SELECTIONS"
+PLACEMENTS = "splitpeft.placements.registry:REGISTRY"
+
+
 def failed_checks(checks: list[tuple[bool, str]]) -> list[str]:
     """The messages of the checks that do not hold."""
     return [message for ok, message in checks if not ok]
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, *, bound: Bound | None = None, **kwargs: Any) -> Any:
-    """A config field: its help string (the CLI's and the documentation's), its default, and for a
-    number (each entry of a list of numbers) the range it must be in, written here once."""
-    metadata = {"help": text, "bound": bound}
+def _help(text: str, default: Any = dataclasses.MISSING, *, bound: Bound | None = None, choices: str | None = None,
+          **kwargs: Any) -> Any:
+    """A config field: its help string (the CLI's and the documentation's), its default, for a
+    number (each entry of a list of numbers) the range it must be in, written here once, and for a
+    policy chosen by name, `choices`: "module:NAME", the registry whose names are the allowed
+    values (the names exist there only; it is imported when the config is checked)."""
+    metadata = {"help": text, "bound": bound, "choices": choices}
     if default is dataclasses.MISSING:
         return field(metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -102,8 +124,8 @@ class DataConfig:
 
 @dataclass
 class PlacementConfig:
-    placement: str = _help("where each part of the model runs: a name of placements/registry.py "
-                           "(split, dlora, centralized)", "split")
+    placement: str = _help("where each part of the model runs (placements/registry.py)", "split",
+                           choices=PLACEMENTS)
     split_layer: int = _help("k: the device runs blocks [0, k)", 2, bound=Bound(0, 4096))
     labels_on_device: bool = _help(
         "U-shaped split (the default): the device also keeps head and loss, so no label tensor leaves it; "
@@ -111,12 +133,6 @@ class PlacementConfig:
     dlora_device_blocks: int = _help(
         "dlora's hybrid: the device also runs blocks [0, k) itself (their frozen weights and adapters), so the "
         "server receives the hidden states after k blocks instead of raw token embeddings (0 = DLoRA as published)", 0, bound=Bound(0, 4096))
-
-    def problems(self) -> list[str]:
-        from splitpeft.placements.registry import PLACEMENTS  # the names live once, in the registry
-
-        return failed_checks([(self.placement in PLACEMENTS,
-                               f"placement.placement must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")])
 
 
 @dataclass
@@ -132,9 +148,9 @@ class FederationConfig:
     local_steps: int = _help("training steps per device per round", 10, bound=Bound(1, 1_000_000))
     batch_size: int = _help("examples per step", 4, bound=Bound(1, 65_536))
     lr: float = _help("AdamW learning rate (devices and server)", 1e-3, bound=Bound(0, 1, low_open=True))
-    aggregator: Literal["fedavg", "noise_free", "zero_pad", "svd"] = _help(
+    aggregator: str = _help(
         "how the copies of an adapter are combined: fedavg (equal ranks), noise_free (HSplitLoRA NAA), "
-        "zero_pad (HetLoRA), svd (FlexLoRA)", "fedavg")
+        "zero_pad (HetLoRA), svd (FlexLoRA)", "fedavg", choices=AGGREGATORS)
     noise_free_start: Literal["cold", "warm"] = _help(
         "with federation.aggregator=noise_free, what each holder starts the next round from (the aggregate is "
         "exact either way): cold = a fresh adapter (A random, B = 0) on the merged weight; warm = the top-r SVD "
@@ -185,7 +201,7 @@ class FederationConfig:
             (self.min_devices <= (self.devices_per_round or self.num_devices),
              "federation.min_devices must be at most the devices that train in a round (federation.devices_per_round, "
              "or federation.num_devices)"),
-            (self.noise_free_start == "cold" or self.aggregator == "noise_free",
+            (self.noise_free_start == "cold" or registry_entry(AGGREGATORS, self.aggregator).warm_restarts,
              "federation.noise_free_start=warm needs federation.aggregator=noise_free"),
             (self.noise_free_factors == "balanced" or self.noise_free_start == "warm",
              f"federation.noise_free_factors={self.noise_free_factors} needs federation.noise_free_start=warm "
@@ -281,13 +297,13 @@ class FleetConfig:
 
 @dataclass
 class HSplitConfig:
-    planner: Literal["fixed", "armsc", "armsc_deepest", "budget_rank", "uniform"] = _help(
+    planner: str = _help(
         "fixed: placement.split_layer and lora.rank everywhere; armsc: per-device split and per-module "
         "ranks maximising the IWI importance trained per second of simulated round time under every "
         "budget (HSplitLoRA); armsc_deepest: the first ARMSC, deepest split that fits then ranks by "
         "score per byte; budget_rank: fixed split, one rank per device, the largest that fits its budget "
         "(HetLoRA); uniform: fixed split, one rank for all, the largest that fits the weakest device (SplitLoRA)",
-        "fixed")
+        "fixed", choices=PLANNERS)
     rank_set: list[int] = _help("ranks the planner may give a module (0 = no adapter)",
                                 default_factory=lambda: [0, 2, 4, 8, 16], bound=Bound(0, 65_536))
     probe_batches: int = _help("batches per IWI probe (each round)", 2, bound=Bound(1, 10_000))
@@ -311,6 +327,11 @@ class HSplitConfig:
         "being planned for, e.g. a bf16 simulation of devices that run fp32 (the plans, and so the splits "
         "and ranks trained, are then those of that fleet)", "runtime")
 
+    def plans_per_device(self) -> bool:
+        """The planner gives devices their own plans from their budgets (every planner but the one
+        that puts placement.split_layer and lora.rank everywhere)."""
+        return bool(registry_entry(PLANNERS, self.planner).uses_budgets)
+
     def problems(self) -> list[str]:
         return failed_checks([
             (any(r > 0 for r in self.rank_set), "hsplit.rank_set needs non-negative ranks, at least one above 0"),
@@ -329,11 +350,12 @@ class KillReviveConfig:
     revive_interval: int = _help("score killed adapters by gradient norm every N steps", 10, bound=Bound(1, 10**9))
     revive_margin: float = _help("a killed adapter revives if it beats the weakest active one by this (relative)", 0.1, bound=Bound(0, 1e6))
     ema: float = _help("EMA factor of the update-size score ||delta(BA)|| / ||BA||", 0.9, bound=Bound(0, 1, high_open=True))
-    selection: Literal["dynamic", "scheduled", "converged", "gradient", "static_random", "static_score"] = _help(
+    selection: str = _help(
         "dynamic = KR; scheduled = KR whose active share shrinks from fraction_start to active_fraction over "
         "decay_intervals kill steps; converged = KR killing only adapters whose update score fell below "
         "kill_threshold; gradient = KR killing the lowest EMA of gradient norm (what revival compares); "
-        "static_* = baselines choosing the active set once when warm-up ends", "dynamic")
+        "static_* = baselines choosing the active set once when warm-up ends", "dynamic",
+        choices=SELECTIONS)
     fraction_start: float = _help("scheduled: the active share when warm-up ends (>= active_fraction)", 1.0, bound=Bound(0, 1, low_open=True))
     decay_intervals: int = _help("scheduled: kill steps over which the active share falls linearly to active_fraction", 4, bound=Bound(0, 10**9))
     kill_threshold: float = _help(
@@ -347,7 +369,7 @@ class KillReviveConfig:
         return failed_checks([
             (self.fraction_start >= self.active_fraction,
              "kill_revive.fraction_start must be >= kill_revive.active_fraction (the schedule only shrinks)"),
-            (self.block_floor == 0 or not self.selection.startswith("static"),
+            (self.block_floor == 0 or not registry_entry(SELECTIONS, self.selection).chooses_once,
              "kill_revive.block_floor: the static baselines choose once by count; use dynamic, scheduled, converged or gradient"),
         ])
 
@@ -491,7 +513,14 @@ class ExperimentConfig:
             bound = NUMERIC_BOUNDS.get(key)
             if bound is not None and not bound.holds(value):
                 raise ConfigError(f"{key} must be in {bound}, not {_number(value)}")
-        sections = [getattr(self, item.name) for item in fields(self) if dataclasses.is_dataclass(getattr(self, item.name))]
+        named = {item.name: getattr(self, item.name) for item in fields(self) if dataclasses.is_dataclass(getattr(self, item.name))}
+        for prefix, part in named.items():  # policies chosen by name: the names their registry holds
+            for item in fields(part):
+                if item.metadata.get("choices") is not None:
+                    names, value = registry_names(item.metadata["choices"]), getattr(part, item.name)
+                    if value not in names:
+                        raise ConfigError(f"{prefix}.{item.name} must be one of {', '.join(names)}, not {value!r}")
+        sections = list(named.values())
         for problem in [p for section in sections if hasattr(section, "problems") for p in section.problems()]:
             raise ConfigError(problem)
         for problem in self.cross_section_problems():
@@ -504,20 +533,21 @@ class ExperimentConfig:
         from splitpeft.placements.registry import placement_of  # placements own their rules
 
         fed, hs, rt = self.federation, self.hsplit, self.runtime
+        shared_adapter = registry_entry(AGGREGATORS, fed.aggregator).shared_adapter  # the global update stays one adapter
         return placement_of(self).config_problems(self) + failed_checks([
-            (self.robust.combine == "mean" or fed.aggregator == "fedavg",
+            (self.robust.combine == "mean" or shared_adapter,
              f"robust.combine={self.robust.combine} combines A and B like fedavg; it needs federation.aggregator=fedavg"),
             (self.fleet.memory_bytes is None or len(self.fleet.memory_bytes) == fed.num_devices,
              "fleet.memory_bytes needs one budget per device (federation.num_devices)"),
-            (hs.planner == "fixed" or self.fleet.memory_bytes is not None or self.fleet.memory_range is not None,
+            (not hs.plans_per_device() or self.fleet.memory_bytes is not None or self.fleet.memory_range is not None,
              f"hsplit.planner={hs.planner} needs device budgets: fleet.memory_bytes or fleet.memory_range"),
             (all(not isinstance(v, list) or len(v) == fed.num_devices
                  for v in (self.fleet.flops_per_s, self.fleet.bandwidth_bytes_per_s, self.fleet.max_step_s)),
              "fleet.flops_per_s, fleet.bandwidth_bytes_per_s and fleet.max_step_s lists need one value per device"),
-            (rt.base_quantization == "none" or fed.aggregator == "fedavg",
+            (rt.base_quantization == "none" or shared_adapter,
              "runtime.base_quantization: only fedavg keeps the global update a LoRA adapter; noise_free, zero_pad "
              "and svd merge dense updates into the frozen weights, which a quantized base cannot take exactly"),
-            (rt.base_quantization == "none" or hs.planner == "fixed",
+            (rt.base_quantization == "none" or not hs.plans_per_device(),
              "runtime.base_quantization: hsplit.planner armsc and budget_rank give devices different ranks, which "
              "fedavg cannot average, and IWI needs float weights; use hsplit.planner=fixed"),
             (rt.base_quantization == "none" or not self.export_merged,
@@ -594,7 +624,9 @@ def reference_rows() -> list[dict[str, str]]:
                 continue
             key = f"{prefix}{item.name}"
             bound = NUMERIC_BOUNDS.get(key)
-            rows.append({"key": key, "type": _type_name(hints[item.name]),
+            choices = item.metadata.get("choices")
+            kind = " \\| ".join(f"`{name}`" for name in registry_names(choices)) if choices else _type_name(hints[item.name])
+            rows.append({"key": key, "type": kind,
                          "default": "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
                          .removesuffix("...").strip(),
                          "range": "" if bound is None else str(bound), "help": item.metadata.get("help", "")})

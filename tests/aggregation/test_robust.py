@@ -116,7 +116,7 @@ def test_a_clipped_update_from_a_nonzero_start_has_exactly_the_limit_norm():
     seen = []
 
     class Spy:
-        name, shared_adapter, averages_factors = "spy", False, False
+        name, shared_adapter, averages_factors, warm_restarts = "spy", False, False, False
 
         def aggregate(self, module, given):
             seen.extend(given)

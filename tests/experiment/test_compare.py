@@ -354,12 +354,11 @@ def test_reuse_refuses_a_report_that_is_not_json(tmp_path, monkeypatch, capsys, 
 
 def test_every_kill_and_revive_selection_is_a_method_of_the_dlora_suite_and_keeps_a_hybrids_device_blocks():
     """Each KR selection the config offers is a named method; a user's hybrid override survives the method's own."""
-    from typing import get_args, get_type_hints
-
-    from splitpeft.config import KillReviveConfig, load_config
+    from splitpeft.config import load_config
+    from splitpeft.parties.killrevive import SELECTIONS
 
     base = load_config(None, [], preset="tiny")
-    for selection in get_args(get_type_hints(KillReviveConfig)["selection"]):
+    for selection in SELECTIONS:
         method = "kr" if selection == "dynamic" else selection if selection.startswith("static") else f"kr_{selection}"
         assert method in compare.SUITES["dlora"], f"no dlora method for kill_revive.selection={selection}"
         config = compare.method_config(base, None, "tiny", ["placement.dlora_device_blocks=1"],

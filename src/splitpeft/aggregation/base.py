@@ -91,6 +91,9 @@ class Aggregator(Protocol):
     # True: A and B are combined separately (fedavg, zero_pad, trimmed mean, median), so a holder
     # moves the result through its A and B updates; False: only each copy's product s B A counts.
     averages_factors: bool
+    # True: holders may restart warm from the aggregate (federation.noise_free_start=warm, its factors
+    # and moments options); False: only cold restarts (noise_free's options do not apply)
+    warm_restarts: bool
 
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate: ...
 

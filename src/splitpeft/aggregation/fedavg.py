@@ -23,6 +23,7 @@ class FedAvg:
     name = "fedavg"
     shared_adapter = True
     averages_factors = True
+    warm_restarts = False
 
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
         check_homogeneous(module, copies, self.name)

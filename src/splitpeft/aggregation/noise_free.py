@@ -144,6 +144,7 @@ class NoiseFree:
     name = "noise_free"
     shared_adapter = False
     averages_factors = False
+    warm_restarts = True
 
     def __init__(self, seed: int = 0, start: NoiseFreeStart = "cold", factors: WarmFactors = "balanced") -> None:
         if start not in START_OPTIONS:

@@ -13,14 +13,10 @@ from splitpeft.aggregation.svd import SvdTruncate
 from splitpeft.aggregation.zero_pad import ZeroPad
 from splitpeft.config import RobustConfig
 
-# name -> constructor taking the run's seed (noise_free seeds its fresh adapters with it),
-# federation.noise_free_start (cold or warm) and noise_free_factors (the other policies have no such choice)
-REGISTRY: dict[str, Callable[[int, NoiseFreeStart, WarmFactors], Aggregator]] = {
-    "noise_free": lambda seed, start, factors: NoiseFree(seed, start, factors),
-    "fedavg": lambda seed, start, factors: FedAvg(),
-    "zero_pad": lambda seed, start, factors: ZeroPad(),
-    "svd": lambda seed, start, factors: SvdTruncate(),
-}
+# name -> the aggregator's class: the one place the names are listed (the config's
+# federation.aggregator takes its choices from here); each class states its facts (`shared_adapter`,
+# `averages_factors`, `warm_restarts`)
+REGISTRY: dict[str, type[Aggregator]] = {cls.name: cls for cls in (NoiseFree, FedAvg, ZeroPad, SvdTruncate)}
 AGGREGATORS = tuple(REGISTRY)
 
 
@@ -35,15 +31,17 @@ def make_aggregator(name: str, seed: int = 0, robust: RobustConfig | None = None
     inside the AdamW trust region `trust` of the run's lr and local steps (None: none)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(AGGREGATORS)}")
-    if noise_free_start != "cold" and name != "noise_free":
+    policy = REGISTRY[name]
+    if noise_free_start != "cold" and not policy.warm_restarts:
         raise ValueError(f"noise_free_start={noise_free_start} is noise_free's option; the aggregator is {name}")
-    if noise_free_factors != "balanced" and name != "noise_free":
+    if noise_free_factors != "balanced" and not policy.warm_restarts:
         raise ValueError(f"noise_free_factors={noise_free_factors} is noise_free's option; the aggregator is {name}")
-    aggregator = REGISTRY[name](seed, noise_free_start, noise_free_factors)
+    # the one with warm restarts takes their options (and the seed of its fresh adapters)
+    aggregator = NoiseFree(seed, noise_free_start, noise_free_factors) if policy.warm_restarts else policy()
     if robust is None:
         return aggregator
     if robust.combine != "mean":
-        if name != "fedavg":
+        if not aggregator.shared_adapter:
             raise ValueError(f"robust.combine={robust.combine} combines A and B like fedavg; "
                              f"federation.aggregator is {name}")
         combiners: dict[str, Callable[[], Aggregator]] = {

@@ -284,6 +284,7 @@ class MedianClip:
         self.name = inner.name
         self.shared_adapter = inner.shared_adapter
         self.averages_factors = inner.averages_factors
+        self.warm_restarts = inner.warm_restarts
         self.rounds = 0  # rounds aggregated so far (the trust region grows with the optimiser's step count)
         # module -> quantity ("BA", "A", "B") -> medians of the accepted update norms of its last rounds
         self.history: dict[str, dict[str, list[float]]] = {}
@@ -382,6 +383,7 @@ class TrimmedMean:
     name = "trimmed_mean"
     shared_adapter = True
     averages_factors = True
+    warm_restarts = False
 
     def __init__(self, fraction: float = 0.2) -> None:
         if not 0 <= fraction < 0.5:
@@ -423,6 +425,7 @@ class CenteredClip:
     name = "centered_clip"
     shared_adapter = True
     averages_factors = True
+    warm_restarts = False
 
     def __init__(self, radius_factor: float = 4.0, iterations: int = 3) -> None:
         if not (math.isfinite(radius_factor) and radius_factor > 0) or iterations < 1:

@@ -29,6 +29,7 @@ class SvdTruncate:
     name = "svd"
     shared_adapter = False
     averages_factors = False
+    warm_restarts = False
 
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
         check_copies(module, copies)

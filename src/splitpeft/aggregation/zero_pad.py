@@ -27,6 +27,7 @@ class ZeroPad:
     name = "zero_pad"
     shared_adapter = False
     averages_factors = True
+    warm_restarts = False
 
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
         check_copies(module, copies)

@@ -85,7 +85,7 @@ class DLoRAPlacement:
              "federation.noise_free_start=warm: under dlora the server runs every device's frozen blocks on its one "
              "shared copy, which cannot hold a per-device residual; use cold"),
             (config.runtime.dtype != "fp16", "runtime.dtype=fp16: dlora's remote branches have no loss scaling; use bf16"),
-            (config.privacy.nopeek_weight == 0 or config.hsplit.planner != "fixed" or config.placement.dlora_device_blocks > 0,
+            (config.privacy.nopeek_weight == 0 or config.hsplit.plans_per_device() or config.placement.dlora_device_blocks > 0,
              "privacy.nopeek_weight trains device adapters before the cut: needs placement.split_layer >= 1 "
              "(split) or placement.dlora_device_blocks >= 1 (dlora)"),
         ])

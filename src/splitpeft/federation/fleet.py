@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from splitpeft.aggregation.registry import REGISTRY
 from splitpeft.config import ExperimentConfig
 from splitpeft.data.batching import BatchStream, EncodedExample
 from splitpeft.data.examples import Example
@@ -186,7 +187,7 @@ def warm_start_of(config: ExperimentConfig) -> WarmStart | None:
     """How parties take their adapters: noise-free's warm start (`federation.noise_free_start=warm`,
     with `federation.noise_free_moments`), or None (cold, and every other aggregator)."""
     fed = config.federation
-    if fed.aggregator != "noise_free" or fed.noise_free_start != "warm":
+    if not REGISTRY[fed.aggregator].warm_restarts or fed.noise_free_start != "warm":
         return None
     return WarmStart(keep_moments=fed.noise_free_moments == "keep")
 

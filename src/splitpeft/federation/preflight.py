@@ -75,7 +75,7 @@ def check_ranks(config: ExperimentConfig, shapes: ModelShapes) -> None:
     for key, rank in (("lora.rank", config.lora.rank), ("hsplit.server_rank", config.hsplit.server_rank)):
         if rank is not None and rank > min(d_in, d_out):
             raise ConfigError(f"{key} {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name} ({d_in} -> {d_out})")
-    if config.hsplit.planner != "fixed":
+    if config.hsplit.plans_per_device():
         widest = max(min(dims) for dims in shapes.modules.values())
         too_big = [r for r in config.hsplit.rank_set if r > widest]
         if too_big:
@@ -147,7 +147,7 @@ def step_frame_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
 def upload_frame_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
     """A device's ADAPTERS frame: r (d_in + d_out) fp32 per module it holds (with a planner, every
     module at the largest rank of hsplit.rank_set: the most a plan can give one device)."""
-    if config.hsplit.planner != "fixed":
+    if config.hsplit.plans_per_device():
         modules, rank = list(shapes.modules), max(config.hsplit.rank_set)
     else:
         placement = placement_of(config)
@@ -175,7 +175,7 @@ def predicted_peak_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
     a (federation.batch_size, data.max_length) step through every block and the head, and the
     adapters with gradients and AdamW moments of every party (each device's and its server
     session's halves make one full set per device) plus the global state's weights."""
-    rank = config.lora.rank if config.hsplit.planner == "fixed" else max(config.hsplit.rank_set)
+    rank = max(config.hsplit.rank_set) if config.hsplit.plans_per_device() else config.lora.rank
     ranks = dict.fromkeys(shapes.modules, rank)
     step = memory_breakdown(shapes, shapes.num_blocks, ranks, config.federation.batch_size, config.data.max_length,
                             labels_on_device=True, checkpointing=config.runtime.gradient_checkpointing)

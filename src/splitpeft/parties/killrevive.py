@@ -259,6 +259,7 @@ class Selection(Protocol):
     name: ClassVar[str]
     revives: ClassVar[bool]  # asks for killed adapters' gradient norms every revive_interval
     ranks_by_gradient: ClassVar[bool]  # asks for the active adapters' gradient norms every step
+    chooses_once: ClassVar[bool]  # picks the active set once, by count, when warm-up ends (the static baselines)
 
     def choose(self, policy: KillRevive, grad_norms: Mapping[str, float] | None) -> tuple[list[str], list[str]]:
         """(kill, revive) after `policy.step`."""
@@ -272,6 +273,7 @@ class DynamicSelection:
 
     name: ClassVar[str] = "dynamic"
     revives: ClassVar[bool] = True
+    chooses_once: ClassVar[bool] = False
     ranks_by_gradient: ClassVar[bool] = False
 
     def choose(self, policy: KillRevive, grad_norms: Mapping[str, float] | None) -> tuple[list[str], list[str]]:
@@ -370,6 +372,7 @@ class _StaticSelection:
     name: ClassVar[str]
     revives: ClassVar[bool] = False
     ranks_by_gradient: ClassVar[bool] = False
+    chooses_once: ClassVar[bool] = True
 
     def choose(self, policy: KillRevive, grad_norms: Mapping[str, float] | None) -> tuple[list[str], list[str]]:
         if policy._frozen_choice or policy.step < max(1, policy.settings.warmup):

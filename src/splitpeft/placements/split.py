@@ -55,7 +55,7 @@ class SplitPlacement:
         return config.placement.split_layer
 
     def config_problems(self, config: ExperimentConfig) -> list[str]:
-        place, fixed = config.placement, config.hsplit.planner == "fixed"
+        place, fixed = config.placement, not config.hsplit.plans_per_device()
         return failed_checks([
             (place.dlora_device_blocks == 0, "placement.dlora_device_blocks is dlora's hybrid; for split use placement.split_layer"),
             (not fixed or place.split_layer >= config.hsplit.min_split, "placement.split_layer is below hsplit.min_split"),
