@@ -32,6 +32,7 @@ from splitpeft.model.adapters import target_module_names
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loading import load_model
 from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.party import Training
 from splitpeft.parties.server import SplitServer
 from splitpeft.placements.split import SplitPlacement
 from splitpeft.transport.channel import Channel, InProcessChannel
@@ -62,7 +63,7 @@ def throughput(args: argparse.Namespace) -> None:
     split_layer = min(args.split_layer, backbone.num_blocks)
     placement = SplitPlacement()
     server = SplitServer(base, lambda blocks: {n: r for n, r in ranks.items() if in_blocks(n, blocks)},
-                         start_state_of(adapters), alpha=16.0, dropout=0.0, lr=1e-4, num_blocks=backbone.num_blocks)
+                         start_state_of(adapters), Training(lr=1e-4), num_blocks=backbone.num_blocks)
 
     names = ["in-process", "gRPC", "gRPC + TLS", "gRPC bf16", "gRPC int8"]
     tokens_of = {name: f"token-{i}" for i, name in enumerate(names)}
@@ -82,7 +83,7 @@ def throughput(args: argparse.Namespace) -> None:
     runs: dict[str, tuple[DeviceRuntime, Any]] = {}
     for name in names:
         device = DeviceRuntime(name, base, placement, split_layer, {n: r for n, r in ranks.items() if in_blocks(n, range(split_layer))},
-                               stream, alpha=16.0, dropout=0.0, lr=1e-4, count_flops=False)
+                               stream, Training(lr=1e-4), count_flops=False)
         device.load(adapters)
         channel = channel_for(name)
         device.open_session(channel)

@@ -24,6 +24,7 @@ from splitpeft.hsplit.memory import ModelShapes
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loading import load_model
 from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.party import Training
 from splitpeft.parties.server import SplitServer
 from splitpeft.placements.split import SplitPlacement
 from splitpeft.transport.channel import InProcessChannel
@@ -65,14 +66,14 @@ def main() -> None:
     all_ranks = {n: 8 for n in modules}
     server = SplitServer(base, lambda blocks: {n: r for n, r in all_ranks.items() if shapes.module_block[n] in blocks},
                          start_state_of(initial_adapters(base, all_ranks, 16.0, seed=0)),
-                         alpha=16.0, dropout=0.0, lr=1e-4, num_blocks=backbone.num_blocks)
+                         Training(lr=1e-4), num_blocks=backbone.num_blocks)
     print(f"model {args.model}, batch {args.batch_size} x {args.seq_len} tokens, {args.devices} devices")
     print("| device | budget MB | split k | adapted modules | ranks | predicted peak MB | measured peak MB | error |")
     print("|---|---|---|---|---|---|---|---|")
     for plan in plans:
         stream = BatchStream(items, args.batch_size, pad_id, seed=0)
         device = DeviceRuntime(plan.device, base, SplitPlacement(), plan.split_layer, plan.ranks, stream,
-                               alpha=16.0, dropout=0.0, lr=1e-4, count_flops=False)
+                               Training(lr=1e-4), count_flops=False)
         channel = InProcessChannel(plan.device, server)
         device.open_session(channel)
         device.local_phase(2, channel)

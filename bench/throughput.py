@@ -37,6 +37,7 @@ from splitpeft.model.loading import load_model
 from splitpeft.model.runtime import DTYPES, resolve_runtime
 from splitpeft.model.usage import flop_counter
 from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.party import Training
 from splitpeft.parties.server import SplitServer
 from splitpeft.placements.split import SplitPlacement
 from splitpeft.transport.channel import InProcessChannel
@@ -130,12 +131,12 @@ def main() -> None:
     # split: device + server session through the in-process channel (encode/decode every message)
     placement = SplitPlacement()
     server = SplitServer(base, lambda blocks: modules_in(ranks, backbone, blocks), start_state_of(adapters),
-                         alpha=16.0, dropout=0.0, lr=1e-4, num_blocks=backbone.num_blocks, runtime=runtime)
+                         Training(lr=1e-4, runtime=runtime), num_blocks=backbone.num_blocks)
 
     def make_device(count_flops: bool) -> tuple[DeviceRuntime, InProcessChannel]:
         device_ranks = {n: r for n, r in ranks.items() if any(n.startswith(backbone.block_prefix(j)) for j in range(args.split_layer))}
         device = DeviceRuntime(f"bench-{count_flops}", base, placement, args.split_layer, device_ranks, stream,
-                               alpha=16.0, dropout=0.0, lr=1e-4, count_flops=count_flops, runtime=runtime)
+                               Training(lr=1e-4, runtime=runtime), count_flops=count_flops)
         device.load(adapters)
         channel = InProcessChannel(device.device_id, server)
         device.open_session(channel)

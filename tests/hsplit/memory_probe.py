@@ -23,6 +23,7 @@ from splitpeft.model.loading import load_model
 from splitpeft.model.parts import Part, quantize_blocks, view_part
 from splitpeft.model.runtime import CPU_FP32, DTYPES, Runtime
 from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.party import Training
 from splitpeft.parties.server import SplitServer
 from splitpeft.placements.split import SplitPlacement
 from splitpeft.transport.channel import InProcessChannel
@@ -82,10 +83,10 @@ def _device(base, split_layer: int, ranks: dict[str, int], batch_size: int, seq_
     ]
     stream = BatchStream(items, batch_size, pad_id=1, seed=0)
     num_blocks = backbone_of(base).num_blocks
-    server = SplitServer(base, lambda blocks: {}, start_state_of({}), alpha=16.0, dropout=0.0, lr=1e-3,
-                         num_blocks=num_blocks, runtime=runtime)
+    server = SplitServer(base, lambda blocks: {}, start_state_of({}), Training(lr=1e-3, runtime=runtime),
+                         num_blocks=num_blocks)
     device = DeviceRuntime("probe", base, SplitPlacement(labels_on_device=labels_on_device), split_layer, ranks, stream,
-                           alpha=16.0, dropout=0.0, lr=1e-3, count_flops=False, runtime=runtime)
+                           Training(lr=1e-3, runtime=runtime), count_flops=False)
     channel = InProcessChannel(device.device_id, server)
     device.open_session(channel)
     return device, channel

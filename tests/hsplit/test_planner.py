@@ -16,6 +16,7 @@ from splitpeft.hsplit.planning import needs_replan
 from splitpeft.model.loading import load_model
 from splitpeft.model.usage import tensor_nbytes
 from splitpeft.parties.device import DeviceRuntime
+from splitpeft.parties.party import Training
 from splitpeft.placements.split import SplitPlacement
 
 
@@ -53,7 +54,7 @@ def test_frozen_terms_match_what_the_device_holds():
             for keeps_head in (False, True):
                 device = DeviceRuntime("d", base, SplitPlacement(labels_on_device=keeps_head), k, {},
                                        BatchStream([EncodedExample([5, 6], [5, 6])], 1, 1, 0),
-                                       alpha=16.0, dropout=0.0, lr=1e-3, count_flops=False)
+                                       Training(lr=1e-3), count_flops=False)
                 assert memory_breakdown(shapes, k, {}, 1, 8, keeps_head).frozen_bytes == tensor_nbytes(device.shell.frozen)
 
 

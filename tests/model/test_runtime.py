@@ -106,11 +106,11 @@ def test_fp16_loss_scaling_scales_backward_and_sends_unscaled_fp32_gradients(mon
 
 def test_fp16_overflow_sends_a_zero_gradient_and_skips_the_step():
     from splitpeft.model.loading import load_model
-    from splitpeft.parties.party import Party
+    from splitpeft.parties.party import Party, Training
 
     base = load_model("tiny-llama").model.to(torch.float16)
     runtime = Runtime(torch.device("cpu"), torch.device("cpu"), torch.float16, "none", False, False, False)
-    party = Party(base, {"model.layers.0.self_attn.q_proj": 2}, alpha=4.0, dropout=0.0, lr=0.1, runtime=runtime)
+    party = Party(base, {"model.layers.0.self_attn.q_proj": 2}, Training(alpha=4.0, lr=0.1, runtime=runtime))
     before = {n: p.detach().clone() for n, p in party.model.named_parameters() if p.requires_grad}
     x = torch.full((1, 3, 32), 60000.0, dtype=torch.float16, requires_grad=True)
     out = party.model.model.layers[0].self_attn.q_proj(x)

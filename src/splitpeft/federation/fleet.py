@@ -28,7 +28,7 @@ from splitpeft.model import adapters as lora
 from splitpeft.model.backbone import Backbone
 from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.parties.device import DeviceRuntime
-from splitpeft.parties.party import WarmStart
+from splitpeft.parties.party import Training, WarmStart
 from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
 from splitpeft.placements.registry import placement_of
@@ -173,14 +173,19 @@ def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Pla
     """Device `index` at `split_layer` with adapters `ranks`, Kill and Revive attached if enabled.
     It holds only its part of `base` (see `DeviceRuntime`)."""
     device = DeviceRuntime(
-        f"device-{index}", base, placement, split_layer, ranks, stream,
-        alpha=config.lora.alpha, dropout=config.lora.dropout, lr=config.federation.lr, count_flops=config.count_flops,
-        runtime=runtime, defence=defence_of(config, index), warm=warm_start_of(config), rslora=config.lora.rslora,
-        pool=pool,
+        f"device-{index}", base, placement, split_layer, ranks, stream, training_of(config, runtime),
+        count_flops=config.count_flops, defence=defence_of(config, index), pool=pool,
     )
     if config.kill_revive.enabled:
         device.attach_kill_revive(config.kill_revive, seed=config.seed + index)
     return device
+
+
+def training_of(config: ExperimentConfig, runtime: Runtime) -> Training:
+    """How every party of the run trains (`Training`), from `lora.*`, `federation.lr` and the
+    aggregator's restarts, on `runtime`."""
+    return Training(alpha=config.lora.alpha, dropout=config.lora.dropout, lr=config.federation.lr,
+                    rslora=config.lora.rslora, runtime=runtime, warm=warm_start_of(config))
 
 
 def warm_start_of(config: ExperimentConfig) -> WarmStart | None:

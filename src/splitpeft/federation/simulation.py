@@ -46,7 +46,7 @@ from splitpeft.federation.fleet import (
     fleet_profiles,
     modules_in,
     seed_everything,
-    warm_start_of,
+    training_of,
 )
 from splitpeft.federation.lockstep import Lockstep
 from splitpeft.federation.preflight import check_against_model, check_held_out
@@ -144,8 +144,7 @@ class Simulation:
         self.session_pool = ShellPool(base, memory_bytes=fed.state_memory_bytes, spill_dir=fed.spill_dir)
         self.server = SplitServer(
             base, lambda blocks: modules_in(server_ranks, self.backbone, blocks), self.state.start_state,
-            alpha=config.lora.alpha, dropout=config.lora.dropout, lr=fed.lr, num_blocks=num_blocks, runtime=runtime,
-            limits=StepLimits.from_config(config), warm=warm_start_of(config), rslora=config.lora.rslora,
+            training_of(config, runtime), num_blocks=num_blocks, limits=StepLimits.from_config(config),
             bounds=FrameBounds.from_config(config, base), batch_devices=config.server.batch_devices,
             pool=self.session_pool,
         )

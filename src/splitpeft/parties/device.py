@@ -21,10 +21,9 @@ from splitpeft.model.adapters import (
     to_tensors,
 )
 from splitpeft.model.backbone import backbone_of
-from splitpeft.model.runtime import CPU_FP32, Runtime
 from splitpeft.model.usage import DeviceMeter
 from splitpeft.parties.killrevive import KillRevive
-from splitpeft.parties.party import Party, WarmStart
+from splitpeft.parties.party import DEFAULT_TRAINING, Party, Training
 from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
 from splitpeft.transport.channel import Channel
@@ -62,20 +61,14 @@ class DeviceRuntime(Party):
         split_layer: int,
         ranks: Mapping[str, int],
         data: BatchStream,
+        training: Training = DEFAULT_TRAINING,
         *,
-        alpha: float,
-        dropout: float,
-        lr: float,
         count_flops: bool = True,
-        runtime: Runtime = CPU_FP32,
         defence: Defence = NO_DEFENCE,
-        warm: WarmStart | None = None,
-        rslora: bool = False,
         pool: ShellPool | None = None,
     ) -> None:
         part = placement.device_part(backbone_of(base).num_blocks, split_layer)
-        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, warm=warm,
-                         rslora=rslora, pool=pool)
+        super().__init__(base, ranks, training, part=part, pool=pool)
         self.part = part
         self.device_id = device_id
         self.placement = placement

@@ -64,28 +64,44 @@ class WarmStart:
     keep_moments: bool = False
 
 
+@dataclass(frozen=True)
+class Training:
+    """How every party of a run trains its adapters, built once from the config
+    (`federation.fleet.training_of`) and handed to each: the branch's scale alpha / r (alpha /
+    sqrt(r) with `rslora`), its `dropout`, AdamW's `lr` and `weight_decay`, the `runtime` (torch
+    devices, dtype), and noise-free's `warm` start (None: adapters are added to the shared frozen
+    weights as they are)."""
+
+    alpha: float = 16.0
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    rslora: bool = False
+    runtime: Runtime = CPU_FP32
+    warm: WarmStart | None = None
+
+
+DEFAULT_TRAINING = Training()
+
+
 class Party:
     def __init__(
         self,
         base: PreTrainedModel,
         ranks: Mapping[str, int],
+        training: Training = DEFAULT_TRAINING,
         *,
-        alpha: float,
-        dropout: float,
-        lr: float,
-        weight_decay: float = 0.0,
         part: Part | None = None,
-        runtime: Runtime = CPU_FP32,
         on_server: bool = False,
-        warm: WarmStart | None = None,
-        rslora: bool = False,
         pool: ShellPool | None = None,
     ) -> None:
-        """`part`: the frozen tensors this party holds (None: a view of all of `base`);
-        `runtime` says on which torch device and, with `on_server`, for which side; `warm`:
-        noise-free's warm start (None: adapters are added to the shared frozen weights as they are).
+        """`training`: how it trains (`Training`); `part`: the frozen tensors this party holds
+        (None: a view of all of `base`); `on_server`: it runs on the server's torch device.
         `pool`: the party borrows its shell (model, branches, optimiser) from it when it first
         needs one and gives it back at `park`; None: it builds its own now and keeps it."""
+        alpha, dropout, lr, weight_decay = training.alpha, training.dropout, training.lr, training.weight_decay
+        runtime, warm, rslora = training.runtime, training.warm, training.rslora
+        self.training = training
         self.alpha = alpha
         self.rslora = rslora
         self.warm = warm

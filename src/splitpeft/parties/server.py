@@ -26,9 +26,9 @@ from splitpeft.model.adapters import AdapterError, AdapterSet
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.batched import BatchedPass
 from splitpeft.model.loss import IGNORE_INDEX
-from splitpeft.model.runtime import CPU_FP32, Runtime
+from splitpeft.model.runtime import Runtime
 from splitpeft.parties.frame_bounds import FrameBounds, gradient_problem
-from splitpeft.parties.party import Party, WarmStart
+from splitpeft.parties.party import DEFAULT_TRAINING, Party, Training
 from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
 from splitpeft.placements.registry import make_placement
@@ -89,12 +89,9 @@ class ServerSession(Party):
     """The server's half for one device: blocks [split_layer, L) (+ head) with their adapters."""
 
     def __init__(self, device_id: str, base: PreTrainedModel, placement: Placement, split_layer: int,
-                 ranks: Mapping[str, int], *, alpha: float, dropout: float, lr: float,
-                 runtime: Runtime = CPU_FP32, warm: WarmStart | None = None, rslora: bool = False,
-                 pool: ShellPool | None = None) -> None:
+                 ranks: Mapping[str, int], training: Training = DEFAULT_TRAINING, *, pool: ShellPool | None = None) -> None:
         part = placement.server_part(backbone_of(base).num_blocks, split_layer)
-        super().__init__(base, ranks, alpha=alpha, dropout=dropout, lr=lr, part=part, runtime=runtime, on_server=True,
-                         warm=warm, rslora=rslora, pool=pool)
+        super().__init__(base, ranks, training, part=part, on_server=True, pool=pool)
         self.device_id = device_id
         self.placement = placement
         self.split_layer = split_layer
@@ -152,11 +149,10 @@ class SplitServer:
     """
 
     def __init__(self, base: PreTrainedModel, server_ranks: Callable[[range], Mapping[str, int]],
-                 start_state: Callable[[str, dict[str, int]], AdapterSet], *,
-                 alpha: float, dropout: float, lr: float, num_blocks: int, runtime: Runtime = CPU_FP32,
-                 limits: StepLimits | None = None, warm: WarmStart | None = None, rslora: bool = False,
-                 bounds: FrameBounds | None = None, batch_devices: bool | None = False,
-                 pool: ShellPool | None = None) -> None:
+                 start_state: Callable[[str, dict[str, int]], AdapterSet], training: Training = DEFAULT_TRAINING, *,
+                 num_blocks: int, limits: StepLimits | None = None, bounds: FrameBounds | None = None,
+                 batch_devices: bool | None = False, pool: ShellPool | None = None) -> None:
+        runtime = training.runtime
         self.base = base
         # Sessions borrow their shells from `pool` and park them when their device closes the
         # session (`parties/shells.py`), where the placement allows it; None: each keeps its own.
@@ -169,13 +165,11 @@ class SplitServer:
                      and runtime.server_quantization() == "none")
         self.batched = BatchedPass(base, device=runtime.server_device, dtype=runtime.dtype) if batchable else None
         self.bounds = bounds
-        self.rslora = rslora
-        self.warm = warm
+        self.training = training  # every session trains this way
         self.limits = limits
         self.runtime = runtime
         self.server_ranks = server_ranks
         self.start_state = start_state
-        self.alpha, self.dropout, self.lr = alpha, dropout, lr
         self.num_blocks = num_blocks
         self.sessions: dict[str, ServerSession] = {}
         self.rejected: list[tuple[str, str]] = []
@@ -284,9 +278,8 @@ class SplitServer:
                 existing.close()
             session = ServerSession(
                 device_id, self.base, placement, split_layer,
-                self.server_ranks(placement.server_blocks(self.num_blocks, split_layer)),
-                alpha=self.alpha, dropout=self.dropout, lr=self.lr, runtime=self.runtime, warm=self.warm,
-                rslora=self.rslora, pool=self.pool if placement.parks_server_sessions else None,
+                self.server_ranks(placement.server_blocks(self.num_blocks, split_layer)), self.training,
+                pool=self.pool if placement.parks_server_sessions else None,
             )
             placement.open_server_session(session, meta, self.server_ranks(range(self.num_blocks)))
             self.sessions[device_id] = session
