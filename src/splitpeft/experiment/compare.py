@@ -532,7 +532,8 @@ def markdown_table(comparison: dict[str, Any]) -> str:
         ("MB down", "bytes_down", ".1f", 1e-6), ("max peak MB", "max_peak_memory_bytes", ".0f", 1e-6),
         ("simulated s", "simulated_s", ".1f", 1.0),
     ]
-    if comparison.get("suite") == "dlora":  # Kill and Revive's claim is about the rounds after its warm-up
+    measures_branches = any((entry["spread"]["device_adapter_flops"]["mean"] or 0) > 0 for entry in comparison["methods"].values())
+    if measures_branches:  # the devices compute adapter branches (dlora): Kill and Revive's claim is after its warm-up
         columns += [("MB after warm-up", "bytes_after_warmup", ".1f", 1e-6),
                     ("adapter GFLOP after warm-up", "adapter_flops_after_warmup", ".1f", 1e-9)]
     seeds = len(comparison["seeds"])
