@@ -365,3 +365,13 @@ def test_every_kill_and_revive_selection_is_a_method_of_the_dlora_suite_and_keep
                                        compare.SUITES["dlora"][method])
         assert config.kill_revive.enabled and config.kill_revive.selection == selection
         assert config.placement.placement == "dlora" and config.placement.dlora_device_blocks == 1
+
+
+def test_the_after_warmup_columns_appear_where_devices_compute_adapter_branches(tmp_path, monkeypatch):
+    from splitpeft.experiment.compare import markdown_table
+
+    monkeypatch.setattr(compare, "run_experiment", lambda config, out, **_: _fake_report(config.seed, 0.0))
+    comparison = run_comparison("dlora", tmp_path / "cmp", preset="tiny", methods=["no_kr"], progress=False)
+    assert "MB after warm-up" not in markdown_table(comparison)  # no adapter-branch FLOPs measured on the devices
+    comparison["methods"]["no_kr"]["spread"]["device_adapter_flops"]["mean"] = 5e9
+    assert "| MB after warm-up | adapter GFLOP after warm-up |" in markdown_table(comparison)
