@@ -124,6 +124,10 @@ def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[
                 base = copy.deepcopy(base)
                 base["config"]["kill_revive"]["warmup"] = warmup  # the same cut as the KR run's
                 (base_bytes, base_flops), (kr_bytes, kr_flops) = after_warmup(base), after_warmup(kr)
+                if base_bytes == 0 or base_flops == 0:  # no device round starts after the warm-up: nothing to compare
+                    print(f"{method}, warm-up {warmup}, seed {seed}: no device round starts after the warm-up "
+                          "(after_warmup counts whole rounds); give it more rounds")
+                    continue
                 traffic.append(1 - kr_bytes / base_bytes)
                 flops.append(1 - kr_flops / base_flops)
                 ppl.append(kr["eval"]["perplexity"] / base["eval"]["perplexity"] - 1)

@@ -153,6 +153,11 @@ DLORA_CASES = {
     "dlora_kill_revive": ["placement.split_layer=0", "kill_revive.enabled=true", "kill_revive.warmup=1",
                           "kill_revive.interval=1", "kill_revive.active_fraction=0.5", "kill_revive.revive_interval=2"],
     "hybrid_mixed_cuts": ["placement.split_layer=1"],
+    # Bug (found with SmolLM2 on E2E): the pass pads every device to its longest sequence, and sent
+    # each device its branch inputs at that padded length, so every shorter device refused them and
+    # was dropped. Untruncated examples make the devices' lengths differ.
+    "dlora_unequal_lengths_kill_revive": ["placement.split_layer=0", "data.max_length=400", "kill_revive.enabled=true",
+                                          "kill_revive.warmup=1", "kill_revive.interval=1", "kill_revive.active_fraction=0.5"],
 }
 
 
@@ -167,6 +172,9 @@ def test_dlora_steps_in_one_pass_equal_one_at_a_time(case):
         sim = _sim(batch, "placement.placement=dlora", "federation.rounds=2", *DLORA_CASES[case])
         if case == "hybrid_mixed_cuts":
             sim.replan({d.device_id: (index, dict(d.ranks)) for index, d in enumerate(sim.devices)})
+        if case.startswith("dlora_unequal"):
+            lengths = {len(example.input_ids) for encoded in sim.device_encoded for example in encoded}
+            assert len(lengths) > 1 and max(lengths) < 400  # devices' sequences differ in length
         records.append([sim.run_round() for _ in range(2)])
         states.append(_trained_state(sim))
     for one, many in zip(*records):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from splitpeft.dlora.remote import STEP_TIMEOUT_S, DLoRASession, served_tokens
 from splitpeft.model.batched import BatchedPass, Member, by_member
@@ -251,24 +252,26 @@ class _RemoteWaveGroup(torch.autograd.Function):
         group, names, peers, members = which
         asks: dict[str, tuple[int, list[str]]] = {}
         requests = {}
-        for peer, xs in zip(peers, by_member(x, members)):
+        for peer, member, xs in zip(peers, members, by_member(x, members)):
             own = [n for n in names if n in peer.state.active and peer.state.groups.get(n) == group]
             if own and peer.failed is None:
                 call = peer.state.next_call()
                 asks[peer.session.device_id] = (call, own)
-                requests[peer.session.device_id] = Message(Kind.BRANCH_INPUTS, {"x": xs.detach()},
+                # the member's own positions: the wave pads every member to its longest sequence
+                requests[peer.session.device_id] = Message(Kind.BRANCH_INPUTS, {"x": xs[:, : member.seq_len].detach()},
                                                            meta={Meta.CALL: call, Meta.MODULES: own})
         replies = wave.exchange(requests, Kind.BRANCH_OUTPUTS)
         outputs = []
         for name in names:
             d_out = peers[0].state.out_features[name]
             pieces = []
-            for peer, xs in zip(peers, by_member(x, members)):
+            for peer, member, xs in zip(peers, members, by_member(x, members)):
                 reply = replies.get(peer.session.device_id)
                 value = None
                 if reply is not None and name in asks[peer.session.device_id][1]:
                     try:
-                        value = reply.tensor(name, shape=(*xs.shape[:-1], d_out), dtype=x.dtype, device=x.device).clone()
+                        value = reply.tensor(name, shape=(xs.shape[0], member.seq_len, d_out), dtype=x.dtype, device=x.device)
+                        value = F.pad(value.clone(), (0, 0, 0, xs.shape[1] - member.seq_len))  # zeros where the wave padded
                     except MessageError as error:
                         wave.drop(peer.session.device_id, str(error))
                 pieces.append(value if value is not None else xs.new_zeros((*xs.shape[:-1], d_out)))
@@ -290,12 +293,12 @@ class _RemoteWaveGroup(torch.autograd.Function):
                 continue
             call, own = ask
             tensors = {}
+            member = members[index]
             for name, pieces in zip(ctx.names, split):
                 if name in own:
-                    rows = members[index].rows.stop - members[index].rows.start
-                    tensors[name] = pieces[index] if pieces is not None else torch.zeros(
-                        rows, *ctx.shape[1:-1], peer.state.out_features[name], dtype=ctx.dtype,
-                        device=members[index].hidden.device)
+                    rows = member.rows.stop - member.rows.start
+                    tensors[name] = pieces[index][:, : member.seq_len] if pieces is not None else torch.zeros(
+                        rows, member.seq_len, peer.state.out_features[name], dtype=ctx.dtype, device=member.hidden.device)
             requests[peer.session.device_id] = Message(Kind.BRANCH_GRADS, tensors, meta={
                 Meta.CALL: call, Meta.MODULES: own, Meta.INPUT_GRAD: input_grad})
         replies = wave.exchange(requests, Kind.BRANCH_INPUT_GRAD)
@@ -308,7 +311,9 @@ class _RemoteWaveGroup(torch.autograd.Function):
             value = None
             if reply is not None:
                 try:
-                    value = reply.tensor("grad", shape=(rows, *ctx.shape[1:]), dtype=ctx.dtype, device=member.hidden.device)
+                    value = reply.tensor("grad", shape=(rows, member.seq_len, ctx.shape[-1]), dtype=ctx.dtype,
+                                         device=member.hidden.device)
+                    value = F.pad(value, (0, 0, 0, ctx.shape[1] - member.seq_len))  # no gradient at padded positions
                 except MessageError as error:
                     wave.drop(peer.session.device_id, str(error))
             input_grads.append(value if value is not None else
