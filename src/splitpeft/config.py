@@ -10,6 +10,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from importlib import import_module, resources
 from pathlib import Path
@@ -49,17 +50,22 @@ def _number(value: float) -> str:
 # lora.rank=1e8) fails at once, not after hours or when the kernel kills the process. Sizes that
 # depend on the model and the machine (rank <= min(d_in, d_out), one step's frame, predicted memory)
 # are checked once the model is loaded: `federation/preflight.py`.
-def registry_names(choices: str) -> tuple[str, ...]:
-    """The names of the registry `choices` ("module:NAME") points to."""
+def registry(choices: str) -> Mapping[str, Any]:
+    """The registry `choices` ("module:NAME") points to, imported now (a policy's name -> its class
+    or constructor)."""
     module, attribute = choices.split(":")
-    return tuple(getattr(import_module(module), attribute))
+    return getattr(import_module(module), attribute)
+
+
+def registry_names(choices: str) -> tuple[str, ...]:
+    """The names of the registry `choices` points to."""
+    return tuple(registry(choices))
 
 
 def registry_entry(choices: str, name: str) -> Any:
-    """What the registry `choices` ("module:NAME") holds under `name` (a policy's class or
-    constructor), whose facts the config's rules ask for instead of testing the name."""
-    module, attribute = choices.split(":")
-    return getattr(import_module(module), attribute)[name]
+    """What the registry `choices` holds under `name`, whose facts the config's rules ask for
+    instead of testing the name."""
+    return registry(choices)[name]
 
 
 AGGREGATORS = "splitpeft.aggregation.registry:REGISTRY"
