@@ -9,7 +9,8 @@ by FlopCounterMode, divided by the measured step time) against this machine's me
 product peak in the same dtype on the same device (MFU). Runs alternate (plain, split, plain,
 split, ...) so drift hits both alike. `random-llama-1b` is a LLaMA model with Llama-3.2-1B's
 block shapes (hidden 2048, MLP 8192, 16 blocks, 32 heads, 8 KV heads) and random weights, with
-the SmolLM2 tokenizer's vocabulary (49152): speed depends on shapes, not on weight values.
+the SmolLM2 tokenizer's vocabulary size (49152; the text is the bundled tiny tokenizer's, so it
+runs without the default model's weights): speed depends on shapes, not on weight values.
 On CUDA the device's peak memory (allocator) is printed next to the planner's prediction.
 """
 
@@ -94,8 +95,8 @@ def main() -> None:
     runtime = resolve_runtime(RuntimeConfig(server_device=args.device, device_device=args.device, dtype=args.dtype))
     device_, dtype = runtime.device_device, runtime.dtype
     if args.model == "random-llama-1b":
-        tokenizer = load_model("smollm2-135m").tokenizer
-        base = random_llama_1b(len(tokenizer), dtype, device_)
+        tokenizer = load_model("tiny-llama").tokenizer  # bundled: travels to a GPU machine without the default model
+        base = random_llama_1b(49152, dtype, device_)
     else:
         loaded = load_model(args.model, dtype=dtype, device=device_)
         base, tokenizer = loaded.model, loaded.tokenizer
