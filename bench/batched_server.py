@@ -129,13 +129,14 @@ def main() -> None:
                     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
             tokens = args.devices * args.batch * args.seq
             diff = max(float((grads["one at a time"][d].float() - grads["one pass"][d].float()).abs().max()) for d in up)
+            scale = max(float(grads["one at a time"][d].float().abs().max()) for d in up)  # differences relative to it
             serial, batched = (tokens / statistics.median(times[w]) for w in times)
-            rows.append((dtype, placement, serial, batched, batched / serial, diff))
+            rows.append((dtype, placement, serial, batched, batched / serial, diff / scale))
             print(f"{dtype} {placement}: {serial:,.0f} -> {batched:,.0f} tokens/s ({batched / serial:.2f}x); "
                   f"timed {' '.join(f'{t:.2f}' for t in times['one at a time'])} vs {' '.join(f'{t:.2f}' for t in times['one pass'])} s; "
-                  f"largest cut-gradient difference {diff:.2e}", flush=True)
+                  f"largest cut-gradient difference {diff:.2e} of largest |gradient| {scale:.2e} ({diff / scale:.1e})", flush=True)
     print()
-    print("| dtype | placement | one at a time (tokens/s) | one pass (tokens/s) | ratio | max cut-gradient difference |")
+    print("| dtype | placement | one at a time (tokens/s) | one pass (tokens/s) | ratio | max cut-gradient difference / max |gradient| |")
     print("|---|---|---:|---:|---:|---:|")
     for dtype, placement, serial, batched, ratio, diff in rows:
         print(f"| {dtype} | {placement} | {serial:,.0f} | {batched:,.0f} | {ratio:.2f}x | {diff:.1e} |")

@@ -13,9 +13,14 @@
 # Then the batched server pass against one device at a time (bench/batched_server.py), 16 and 64
 # devices of B=1, T=128, cut at block 2 (U-shaped and plain), random-llama-1b in bf16: server
 # tokens/s and ratio.
+# Parts to run as arguments (default: all): `bash bench/gpu_check.sh tests throughput batched`;
+# DTYPES (default "bf16 fp32") and FLEETS (default "16 64") narrow the last two for a rerun.
+# The CUDA tests' whole log is also written to $OUT/cuda_tests.log (a test that hangs dumps every
+# thread's stack there after 40 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-.}/gpu_check.txt"
+parts=" ${*:-tests throughput batched} "
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench"
 {
     echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -29,17 +34,20 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench"
     fi
     python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), '| transformers', transformers.__version__, '| peft', peft.__version__)"
     python3 -c "from splitpeft.config import RuntimeConfig; from splitpeft.model.runtime import resolve_runtime; print(resolve_runtime(RuntimeConfig(server_device='auto', device_device='auto', dtype='auto')).dtype_reason)"
-    echo "== CUDA tests"
-    timeout 150 python3 -m pytest -q -m cuda tests/cuda -p no:cacheprovider 2>&1 | tail -15
-    for dtype in bf16 fp32; do
+    if [[ $parts == *" tests "* ]]; then
+        echo "== CUDA tests"
+        timeout 150 python3 -m pytest -q -m cuda tests/cuda -p no:cacheprovider -o faulthandler_timeout=40 -rA --tb=short 2>&1 \
+            | tee "${OUT:-.}/cuda_tests.log" | grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|Timeout" | tail -20
+    fi
+    [[ $parts == *" throughput "* ]] && for dtype in ${DTYPES:-bf16 fp32}; do
         echo "== throughput: split against plain peft, random-llama-1b, $dtype, B=8, T=512"
         timeout 90 python3 bench/throughput.py --device cuda --dtype "$dtype" --model random-llama-1b \
-            --batch-size 8 --seq-len 512 --steps 6 --repeats 3 2>&1 | grep -v -i warn | tail -9
+            --batch-size 8 --seq-len 512 --steps 6 --repeats 3 2>&1 | grep -v -i warn | tail -10
     done
-    for devices in 16 64; do
+    [[ $parts == *" batched "* ]] && for devices in ${FLEETS:-16 64}; do
         echo "== batched server pass: $devices devices, random-llama-1b, bf16, cut at block 2, B=1, T=128"
         timeout $((devices > 16 ? 150 : 90)) python3 bench/batched_server.py --device cuda --model random-llama-1b --dtypes bf16 \
-            --placements u_shaped,plain --devices "$devices" --reps 3 2>&1 | grep -v -i warn | tail -7
+            --placements "${PLACEMENTS:-u_shaped,plain}" --devices "$devices" --reps 3 2>&1 | grep -v -i warn | tail -7
     done
     echo "== done $(date -u +%FT%TZ)"
 } 2>&1 | tee "$out"

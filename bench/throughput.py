@@ -26,7 +26,7 @@ from planner_accuracy import fixed_length
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from splitpeft.config import RuntimeConfig
-from splitpeft.data.batching import BatchStream, encode
+from splitpeft.data.batching import Batch, BatchStream, encode
 from splitpeft.data.sources import load_examples
 from splitpeft.federation.fleet import modules_in
 from splitpeft.federation.simulation import start_state_of
@@ -40,6 +40,7 @@ from splitpeft.model.usage import flop_counter
 from splitpeft.parties.device import DeviceRuntime
 from splitpeft.parties.party import Training
 from splitpeft.parties.server import SplitServer
+from splitpeft.placements.base import backward_from_cut
 from splitpeft.placements.split import SplitPlacement
 from splitpeft.transport.channel import InProcessChannel
 
@@ -190,6 +191,26 @@ def main() -> None:
     source = "CUDA allocator" if device_.type == "cuda" else "CPU tensor account"
     print(f"device peak memory (split at {args.split_layer}): measured {measured / 2**20:.1f} MiB ({source}), "
           f"planner predicted {predicted / 2**20:.1f} MiB, predicted/measured {predicted / measured:.3f}")
+    # On a GPU, above, the server's blocks and its half of each step ran on the same GPU in this
+    # process, and whatever of it was still allocated while the device computed counted too. Here
+    # the device's step alone, metered the same way: its forward to the cut, its backward from a
+    # random cut gradient, its optimiser step.
+    alone = device_step_alone(bare, batches[0])
+    print(f"device peak memory, the device's step alone (no server work in between): {alone / 2**20:.1f} MiB "
+          f"({source}), predicted/measured {predicted / alone:.3f}")
+
+
+def device_step_alone(device: DeviceRuntime, batch: Batch) -> int:
+    """Peak bytes of one device step with no server work in between (the cut gradient is random)."""
+    synchronize(batch.input_ids.device)
+    device.meter.begin_step(device.resident_tensors(), extra_bytes=device.gradient_bytes())
+    embedded, cut = device.forward_to_cut(batch.input_ids)
+    grad = torch.randn(cut.shape, dtype=device.wire_grad_dtype, device=cut.device)
+    backward_from_cut(device, embedded, cut, grad, batch)
+    with device.meter.compute():
+        device.optimizer_step()
+    synchronize(batch.input_ids.device)
+    return device.meter.end_step()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,18 @@ class _RemoteGroup(torch.autograd.Function):
         return reply.tensor("grad", shape=tuple(ctx.x_shape), dtype=ctx.dtype, device=ctx.device), None, None, None
 
 
+def own_thread_backward() -> torch.autograd.set_multithreading_enabled:
+    """Run a backward that waits on a device on the calling thread (a session's worker).
+
+    On an accelerator, autograd runs backward on one engine thread per device. A server backward
+    that pauses in `RemoteBranches.backward` for a device's answer would hold that thread, and
+    every other backward on the GPU would wait behind it: the in-process simulation's own device
+    step (its branch backward, on the same GPU) forever, and over gRPC every other session's step
+    until this device answers. With multithreaded backward off for this thread only, the pause
+    holds only the session's own worker."""
+    return torch.autograd.set_multithreading_enabled(False)
+
+
 @dataclass
 class DLoRASession:
     """Server-side state of one device's dlora training: which adapters are remote, which killed."""
@@ -202,7 +214,8 @@ def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tenso
         reply = link.request(Message(Kind.FINAL_HIDDEN, {"hidden": final.detach()}), Kind.HEAD_GRADIENT)
         grad = reply.tensor("grad", shape=final.shape, dtype=final.dtype, device=final.device)
         if final.requires_grad:
-            final.backward(grad)
+            with own_thread_backward():
+                final.backward(grad)
         session.tokens += served_tokens(reply.meta.get(Meta.TOKENS, 0), hidden)
         meta: dict[str, Any] = {Meta.KILLED_GRAD_NORMS: state.killed_norms()} if track else {}
         tensors = {"grad": session.outgoing_grad(hidden)} if hybrid else {}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from splitpeft.dlora.remote import STEP_TIMEOUT_S, DLoRASession, served_tokens
+from splitpeft.dlora.remote import STEP_TIMEOUT_S, DLoRASession, own_thread_backward, served_tokens
 from splitpeft.model.batched import BatchedPass, Member, by_member
 from splitpeft.placements.base import ServerSide
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta
@@ -199,7 +199,8 @@ class DLoRAWave:
             finals.append(final)
             grads.append(grad)
         if any(f.requires_grad for f in finals):
-            torch.autograd.backward(finals, grads)
+            with own_thread_backward():  # pauses for the members' devices: never on autograd's GPU thread
+                torch.autograd.backward(finals, grads)
         done = {}
         for peer in self._live():
             session, state = peer.session, peer.state

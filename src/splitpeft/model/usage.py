@@ -21,33 +21,71 @@ process measures only itself.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from splitpeft.model.parts import storage_bytes
 
-# torch's registry has no formula for the CPU flash-attention kernel that sdpa uses here, so
-# attention would count as zero FLOPs; it is the same computation as the CUDA kernels'.
+# Attention formulas. torch's registry has no formula for the CPU flash-attention kernel that
+# sdpa uses there, so attention would count as zero FLOPs; it is the same computation as the CUDA
+# kernels'. And grouped-query attention (fewer key/value heads than query heads, as in SmolLM2 and
+# Llama 3) reaches the CUDA kernels with unexpanded key/value heads, which torch before 2.13
+# refuses to count (an AssertionError that would end the step): each formula here sees key and
+# value widened to the query's heads, which is the work the kernel does (every query head attends
+# through its group's key/value head).
 _aten = torch.ops.aten
-
-
-CPU_ATTENTION_FLOPS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[_aten._scaled_dot_product_flash_attention],
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        flop_registry[_aten._scaled_dot_product_flash_attention_backward],
+# operator -> (the argument index of the query, the axis of heads: sdpa's (B, H, T, D) or the
+# raw kernels' (B, T, H, D))
+_ATTENTION_OPS = {
+    _aten._scaled_dot_product_efficient_attention: (0, 1),
+    _aten._scaled_dot_product_flash_attention: (0, 1),
+    _aten._scaled_dot_product_cudnn_attention: (0, 1),
+    _aten._scaled_dot_product_efficient_attention_backward: (1, 1),
+    _aten._scaled_dot_product_flash_attention_backward: (1, 1),
+    _aten._scaled_dot_product_cudnn_attention_backward: (1, 1),
+    _aten._flash_attention_forward: (0, 2),
+    _aten._efficient_attention_forward: (0, 2),
+    _aten._flash_attention_backward: (1, 2),
+    _aten._efficient_attention_backward: (1, 2),
+}
+_CPU_KERNELS = {  # the CPU kernel -> the CUDA kernel whose formula it shares
+    _aten._scaled_dot_product_flash_attention_for_cpu: _aten._scaled_dot_product_flash_attention,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _aten._scaled_dot_product_flash_attention_backward,
 }
 
 
-for _formula in CPU_ATTENTION_FLOPS.values():
-    _formula._get_raw = True  # already shape-wrapped by torch's registry
+def _query_heads_for_all(formula: Callable[..., int], query_at: int, head_axis: int) -> Callable[..., int]:
+    """`formula` (raw arguments) with key and value widened to the query's heads when they have fewer."""
+
+    def count(*args: Any, **kwargs: Any) -> int:
+        query, key, value = args[query_at:query_at + 3]
+        if all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)) \
+                and key.shape[head_axis] != query.shape[head_axis]:
+            def widened(t: torch.Tensor) -> torch.Tensor:
+                shape = list(t.shape)
+                shape[head_axis] = query.shape[head_axis]
+                return torch.empty(shape, device="meta", dtype=t.dtype)
+
+            args = (*args[:query_at], query, widened(key), widened(value), *args[query_at + 3:])
+        return formula(*args, **kwargs)
+
+    count._get_raw = True  # type: ignore[attr-defined]  # takes raw arguments, as the registry's own do
+    return count
+
+
+ATTENTION_FLOPS = {op: _query_heads_for_all(flop_registry[op], *where) for op, where in _ATTENTION_OPS.items()
+                   if op in flop_registry}
+ATTENTION_FLOPS.update({cpu: _query_heads_for_all(flop_registry[cuda], *_ATTENTION_OPS[cuda])
+                        for cpu, cuda in _CPU_KERNELS.items()})
 
 
 def flop_counter() -> FlopCounterMode:
-    """A FlopCounterMode that also counts CPU attention."""
-    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    """A FlopCounterMode that also counts CPU attention and grouped-query attention on CUDA."""
+    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
 
 
 def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
