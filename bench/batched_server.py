@@ -13,9 +13,13 @@ after one untimed warm-up of each: one message at a time (`SplitServer.handle`, 
 `random-llama-1b`: Llama-3.2-1B's block shapes with random weights (bench/throughput.py), the
 devices' data tokenised by the tiny tokenizer (the frames are random anyway). The frames'
 norm bound is off (`robust.frame_norm_factor=0`): random frames are not the model's own. Prints
-server tokens/s (B x T per device per step) for each way and their ratio, per dtype and placement,
-and the largest difference between the two ways' cut gradients (they must agree). `--profile N`
-also prints the N operators with the most self CPU time in one pass of each way.
+server tokens/s (B x T per device per step) for each way and their ratio, per dtype and placement.
+`--profile N` also prints the N operators with the most self CPU time in one pass of each way.
+
+No equality column: each pass trains the server's adapters, so the two ways never run from the
+same state here, and on a random-weight model a 2^-9 relative change of the input moved the
+largest cut gradient by 75% even in fp32 (a probe on CPU, 2026-12-04). That the two ways agree
+is tested from equal states, in fp32, to 1e-5 (tests/parties/test_batched_server.py).
 """
 
 from __future__ import annotations
@@ -110,13 +114,12 @@ def main() -> None:
             head = {d: torch.randn(args.batch, args.seq, sim.backbone.model.config.hidden_size,
                                    generator=generator).to(sim.runtime.dtype) for d in up}
             times: dict[str, list[float]] = {"one at a time": [], "one pass": []}
-            grads = {}
             for rep in range(args.reps + 1):
                 for way, serve in (("one at a time", one_at_a_time), ("one pass", as_waves)):
                     if sim.runtime.server_device.type == "cuda":
                         torch.cuda.synchronize()
                     start = time.perf_counter()
-                    grads[way] = serve(sim, up, head)
+                    serve(sim, up, head)
                     if sim.runtime.server_device.type == "cuda":
                         torch.cuda.synchronize()
                     if rep > 0:
@@ -128,18 +131,16 @@ def main() -> None:
                     print(f"{dtype} {placement}, {way}: operators by self CPU time")
                     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
             tokens = args.devices * args.batch * args.seq
-            diff = max(float((grads["one at a time"][d].float() - grads["one pass"][d].float()).abs().max()) for d in up)
-            scale = max(float(grads["one at a time"][d].float().abs().max()) for d in up)  # differences relative to it
             serial, batched = (tokens / statistics.median(times[w]) for w in times)
-            rows.append((dtype, placement, serial, batched, batched / serial, diff / scale))
+            rows.append((dtype, placement, serial, batched, batched / serial))
             print(f"{dtype} {placement}: {serial:,.0f} -> {batched:,.0f} tokens/s ({batched / serial:.2f}x); "
-                  f"timed {' '.join(f'{t:.2f}' for t in times['one at a time'])} vs {' '.join(f'{t:.2f}' for t in times['one pass'])} s; "
-                  f"largest cut-gradient difference {diff:.2e} of largest |gradient| {scale:.2e} ({diff / scale:.1e})", flush=True)
+                  f"timed {' '.join(f'{t:.2f}' for t in times['one at a time'])} vs {' '.join(f'{t:.2f}' for t in times['one pass'])} s",
+                  flush=True)
     print()
-    print("| dtype | placement | one at a time (tokens/s) | one pass (tokens/s) | ratio | max cut-gradient difference / max |gradient| |")
-    print("|---|---|---:|---:|---:|---:|")
-    for dtype, placement, serial, batched, ratio, diff in rows:
-        print(f"| {dtype} | {placement} | {serial:,.0f} | {batched:,.0f} | {ratio:.2f}x | {diff:.1e} |")
+    print("| dtype | placement | one at a time (tokens/s) | one pass (tokens/s) | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for dtype, placement, serial, batched, ratio in rows:
+        print(f"| {dtype} | {placement} | {serial:,.0f} | {batched:,.0f} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

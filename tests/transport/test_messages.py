@@ -118,8 +118,9 @@ def test_malformed_frames_each_get_a_named_error():
 def test_tensor_moves_to_the_asked_device_without_a_copy_where_it_is():
     message = _message()
     hidden = message.tensors["hidden"]
-    assert message.tensor("hidden", device="cpu") is hidden
-    assert message.tensor("hidden", device=torch.device("cpu")) is hidden
+    for device in ("cpu", torch.device("cpu")):
+        same = message.tensor("hidden", device=device)
+        assert same.data_ptr() == hidden.data_ptr() and same is not hidden  # shared data, its own object
     moved = message.tensor("hidden", shape=(2, 5, 8), dtype=torch.float32, device="meta")
     assert moved.device.type == "meta" and moved.shape == hidden.shape
     with pytest.raises(MessageError, match="expected torch.int64"):
@@ -238,3 +239,32 @@ def test_what_encode_refuses_encoded_size_refuses_alike():
         encode(surrogate)
     with pytest.raises(UnicodeEncodeError):
         encoded_size(surrogate)
+
+
+def test_a_receiver_never_changes_the_tensor_its_sender_holds():
+    # The server marks received hidden states as requiring grad and accumulates their gradient; a
+    # sender that keeps (or re-sends) the same tensor object must not see either.
+    sent = torch.randn(2, 3, 4)
+    message = Message(Kind.ACTIVATIONS, {"hidden": sent})
+    received = message.tensor("hidden", shape=(None, None, 4), dtype=torch.float32, device="cpu").requires_grad_()
+    (received * 2).sum().backward()
+    assert received.grad is not None
+    assert not sent.requires_grad and sent.grad is None
+    assert received.data_ptr() == sent.data_ptr()  # no copy where none was needed
+
+
+def test_a_server_step_leaves_the_senders_activations_as_they_were():
+    from conftest import tiny_config
+
+    from splitpeft.federation.simulation import Simulation
+
+    sim = Simulation(tiny_config("tiny-llama", "federation.num_devices=1", "placement.labels_on_device=false",
+                                 "server.batch_devices=false"))
+    device = sim.devices[0]
+    device.open_session(sim.channels[device.device_id])
+    hidden = torch.randn(1, 8, sim.backbone.model.config.hidden_size)
+    message = Message(Kind.ACTIVATIONS, {"hidden": hidden, "labels": torch.ones(1, 8, dtype=torch.int32)})
+    first = sim.server.handle(device.device_id, message).tensors["grad"].clone()
+    assert not hidden.requires_grad and hidden.grad is None
+    again = sim.server.handle(device.device_id, message).tensors["grad"]  # the same frame re-sent
+    assert torch.isfinite(again).all() and again.shape == first.shape

@@ -114,15 +114,16 @@ def per_tensor_reductions(values: Sequence[torch.Tensor], reductions: Sequence[R
     fleet's copies of a module mostly share one): the same numbers as reducing each tensor alone,
     without a Python-level call per copy."""
     results: dict[str, list[float]] = {reduce: [0.0] * len(values) for reduce in reductions}
-    groups: dict[tuple[tuple[int, ...], torch.dtype, torch.dtype | None], list[int]] = {}
+    groups: dict[tuple[tuple[int, ...], torch.dtype, torch.device, torch.dtype | None], list[int]] = {}
     for i, value in enumerate(values):
-        groups.setdefault((tuple(value.shape), value.dtype, None if minus is None else minus[i].dtype), []).append(i)
-    for (shape, _, _), indexes in groups.items():
+        key = (tuple(value.shape), value.dtype, value.device, None if minus is None else minus[i].dtype)
+        groups.setdefault(key, []).append(i)
+    for (shape, _, device, _), indexes in groups.items():
         if math.prod(shape) == 0:
             continue
         stacked = torch.stack([values[i] for i in indexes])
         if minus is not None:
-            stacked = stacked - torch.stack([minus[i] for i in indexes])
+            stacked = stacked - torch.stack([minus[i] for i in indexes]).to(device)
         stacked = stacked.reshape(len(indexes), -1)
         for reduce in reductions:
             if reduce == "norm":
@@ -172,11 +173,13 @@ def check_values(module: str, copy: AdapterCopy, norms: tuple[float, float] | No
 
 
 def as_fp32(value: torch.Tensor) -> torch.Tensor:
-    """`value` detached in fp32: itself when it already is (no call into torch per tensor, which
-    a fleet's tens of thousands of copies a round would pay for)."""
-    if value.dtype == torch.float32 and not value.requires_grad:
+    """`value` detached in fp32 on the CPU, where the coordinator aggregates (a copy trained on a
+    GPU in an in-process simulation arrives there; the adapters it started from are on the CPU):
+    itself when it already is (no call into torch per tensor, which a fleet's tens of thousands of
+    copies a round would pay for)."""
+    if value.dtype == torch.float32 and not value.requires_grad and value.device.type == "cpu":
         return value
-    return value.detach().to(torch.float32)
+    return value.detach().to("cpu", torch.float32)
 
 
 def check_tokens(module: str, copy: AdapterCopy) -> None:

@@ -117,7 +117,9 @@ class Message:
     ) -> torch.Tensor:
         """The tensor `name`, checked against the expected shape (None = any size) and dtype, and
         moved to `device` if given (no copy where it already is: a receiver on cuda gets cuda
-        tensors whichever side of the channel they came from)."""
+        tensors whichever side of the channel they came from). Always a new tensor object (its
+        data shared where no move was needed): a receiver that marks it as requiring grad, or
+        accumulates a .grad on it, never changes the tensor its sender still holds."""
         if name not in self.tensors:
             raise MessageError(f"{self.kind.name} message lacks tensor {name!r}")
         value = self.tensors[name]
@@ -131,7 +133,7 @@ class Message:
                     f"{self.kind.name}.{name}: shape {tuple(value.shape)}, expected "
                     f"({', '.join('*' if s is None else str(s) for s in shape)})"
                 )
-        return value if device is None else value.to(device)
+        return value.detach() if device is None else value.to(device).detach()
 
     def expect(self, *kinds: Kind) -> Message:
         """Raise MessageError (carrying a peer's error text) unless this is one of `kinds`."""
