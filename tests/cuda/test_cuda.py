@@ -59,3 +59,13 @@ def test_activations_stay_on_the_gpu_through_the_in_process_channel():
     sim.server.handle = spy
     sim.run_round()
     assert seen and set(seen) == {"cuda"}
+
+
+def test_a_merge_rounds_alike_on_the_gpu_and_on_the_cpu():
+    # A GPU server and its CPU devices must keep the same bf16 frozen weights after a merge.
+    from splitpeft.model.runtime import stochastic_round
+
+    x = torch.randn(64, 48, dtype=torch.float32) * 3
+    on_cpu = stochastic_round(x, torch.bfloat16, "model.layers.0.self_attn.q_proj")
+    on_gpu = stochastic_round(x.cuda(), torch.bfloat16, "model.layers.0.self_attn.q_proj")
+    assert torch.equal(on_gpu.cpu(), on_cpu)

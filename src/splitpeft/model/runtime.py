@@ -60,9 +60,9 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Ten
     a third each (`bench/bf16_merge.py`): with nearest rounding the loss moved 0.55 of the update's
     effect the wrong way; rounded stochastically it moved 1.00 of it, as the exact sum does.
 
-    Deterministic: the draws are seeded by `key` and `x`'s bytes, so every holder of the same
-    weight (the server, its mirrors, workers, a deployed device) rounds the same update the same
-    way."""
+    Deterministic: the draws are seeded by `key` and `x`'s bytes and made on the CPU, so every
+    holder of the same weight (the server, its mirrors, workers, a deployed device, on a GPU or
+    not) rounds the same update the same way."""
     nearest = x.to(dtype)
     if torch.finfo(dtype).bits >= torch.finfo(x.dtype).bits:
         return nearest
@@ -73,8 +73,10 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Ten
     chance = torch.where(gap != 0, (x - back) / gap, torch.zeros_like(x))
     source = x.detach().contiguous().cpu()
     seed = zlib.crc32(source.numpy().data.cast("B"), zlib.crc32(key.encode()))
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    draw = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    # Drawn on the CPU whatever x's device: a CUDA generator's stream differs from the CPU's for
+    # the same seed, and a GPU server must round as its CPU devices do, or their frozen weights part.
+    generator = torch.Generator().manual_seed(seed)
+    draw = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     return torch.where(draw < chance, other, nearest)
 
 
