@@ -540,6 +540,7 @@ class ExperimentConfig:
 
         fed, hs, rt = self.federation, self.hsplit, self.runtime
         shared_adapter = registry_entry(AGGREGATORS, fed.aggregator).shared_adapter  # the global update stays one adapter
+        planner = registry_entry(PLANNERS, hs.planner)
         return placement_of(self).config_problems(self) + failed_checks([
             (self.robust.combine == "mean" or shared_adapter,
              f"robust.combine={self.robust.combine} combines A and B like fedavg; it needs federation.aggregator=fedavg"),
@@ -553,9 +554,11 @@ class ExperimentConfig:
             (rt.base_quantization == "none" or shared_adapter,
              "runtime.base_quantization: only fedavg keeps the global update a LoRA adapter; noise_free, zero_pad "
              "and svd merge dense updates into the frozen weights, which a quantized base cannot take exactly"),
-            (rt.base_quantization == "none" or not hs.plans_per_device(),
-             "runtime.base_quantization: hsplit.planner armsc and budget_rank give devices different ranks, which "
-             "fedavg cannot average, and IWI needs float weights; use hsplit.planner=fixed"),
+            (rt.base_quantization == "none" or (planner.one_rank and not planner.uses_scores),
+             f"runtime.base_quantization: hsplit.planner={hs.planner} "
+             + ("plans from IWI scores, which need float weights" if planner.uses_scores
+                else "gives devices different ranks, which fedavg cannot average")
+             + f"; use one of {', '.join(n for n, p in registry(PLANNERS).items() if p.one_rank and not p.uses_scores)}"),
             (rt.base_quantization == "none" or not self.export_merged,
              "runtime.base_quantization: export_merged would merge into a quantized base; set export_merged=false"),
         ])

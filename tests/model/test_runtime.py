@@ -38,10 +38,24 @@ def test_unknown_device_and_auto():
     (["runtime.dtype=fp16", "placement.placement=dlora"], "runtime.dtype=fp16: dlora"),
     (["runtime.dtype=fp64"], "runtime.dtype must be one of fp32, bf16, fp16"),
     (["runtime.base_quantization=nf3"], "runtime.base_quantization must be one of none, int8, nf4"),
+    (["runtime.base_quantization=nf4", "hsplit.planner=armsc", "fleet.memory_bytes=[1000000000,1000000000,1000000000]"],
+     "hsplit.planner=armsc plans from IWI scores, which need float weights; use one of fixed, uniform"),
+    (["runtime.base_quantization=nf4", "hsplit.planner=budget_rank", "fleet.memory_bytes=[1000000000,1000000000,1000000000]"],
+     "hsplit.planner=budget_rank gives devices different ranks, which fedavg cannot average"),
 ])
 def test_config_combinations_that_cannot_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config("tiny-llama", *overrides)
+
+
+def test_a_quantized_base_takes_a_planner_that_gives_every_device_one_rank():
+    # The planners say so themselves (`one_rank`, `uses_scores`): uniform (SplitLoRA) gives the
+    # weakest device's rank to all, so fedavg averages its copies over an nf4 base.
+    sim = Simulation(tiny_config("tiny-llama", "runtime.dtype=bf16", "runtime.base_quantization=nf4",
+                                 "hsplit.planner=uniform", "federation.num_devices=2", "fleet.memory_bytes=[400000000,200000000]"))
+    assert len({frozenset(d.ranks.values()) for d in sim.devices}) == 1
+    record = sim.run_round()
+    assert all(torch.isfinite(torch.tensor(s.losses)).all() for s in record.devices.values())
 
 
 def test_quantizing_gpt2_is_a_clear_error():

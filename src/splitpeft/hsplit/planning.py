@@ -60,6 +60,7 @@ class Planner(Protocol):
     name: ClassVar[str]
     uses_budgets: ClassVar[bool]  # False: no fleet budgets needed, no plan table
     uses_scores: ClassVar[bool]   # True: needs IWI probes, and re-plans when they move
+    one_rank: ClassVar[bool]      # True: every device gets one rank for every module (fedavg can average them)
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]: ...
 
@@ -172,6 +173,7 @@ class FixedPlanner:
     name: ClassVar[str] = "fixed"
     uses_budgets: ClassVar[bool] = False
     uses_scores: ClassVar[bool] = False
+    one_rank: ClassVar[bool] = True
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
         k = self.options.split_layer
@@ -187,6 +189,7 @@ class ArmscPlanner:
     name: ClassVar[str] = "armsc"
     uses_budgets: ClassVar[bool] = True
     uses_scores: ClassVar[bool] = True
+    one_rank: ClassVar[bool] = False
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
         return optimise_fleet(profiles, shapes, scores, self.options.fleet())
@@ -198,6 +201,7 @@ class ArmscDeepestPlanner:
     name: ClassVar[str] = "armsc_deepest"
     uses_budgets: ClassVar[bool] = True
     uses_scores: ClassVar[bool] = True
+    one_rank: ClassVar[bool] = False
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
         privacy = self.options.privacy
@@ -211,6 +215,7 @@ class BudgetRankPlanner:
     name: ClassVar[str] = "budget_rank"
     uses_budgets: ClassVar[bool] = True
     uses_scores: ClassVar[bool] = False
+    one_rank: ClassVar[bool] = False
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
         return [self._plan(profile, shapes) for profile in profiles]
@@ -233,6 +238,7 @@ class UniformPlanner:
     name: ClassVar[str] = "uniform"
     uses_budgets: ClassVar[bool] = True
     uses_scores: ClassVar[bool] = False
+    one_rank: ClassVar[bool] = True
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]:
         weakest = min(profiles, key=lambda p: p.memory_bytes)
