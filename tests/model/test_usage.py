@@ -66,3 +66,38 @@ def test_a_formula_that_refuses_grouped_heads_sees_them_widened():
     assert _query_heads_for_all(strict, 0, 1)(meta(B, HQ, T, D), meta(B, HKV, T, D), meta(B, HKV, T, D)) == 1
     with pytest.raises(AssertionError):
         strict(meta(B, HQ, T, D), meta(B, HKV, T, D), meta(B, HKV, T, D))
+
+
+class ScriptedAllocator:
+    """CUDA's allocator statistics as a U-shaped step on a shared GPU moves them (no GPU here):
+    `allocated` now, and the most since the last reset."""
+
+    def __init__(self, allocated: int) -> None:
+        self.allocated, self.peak = allocated, allocated
+
+    def to(self, allocated: int, peak: int | None = None) -> None:
+        self.peak = max(self.peak, allocated if peak is None else peak)
+        self.allocated = allocated
+
+
+def test_on_a_shared_gpu_the_meter_counts_only_the_devices_own_segments(monkeypatch):
+    import splitpeft.model.usage as usage
+    from splitpeft.model.usage import DeviceMeter
+
+    gpu = ScriptedAllocator(1000)  # what the step starts with
+    monkeypatch.setattr(usage, "cuda_allocated", lambda device: gpu.allocated)
+    monkeypatch.setattr(usage, "cuda_peak", lambda device: gpu.peak)
+    monkeypatch.setattr(usage, "cuda_reset_peak", lambda device: setattr(gpu, "peak", gpu.allocated))
+    meter = DeviceMeter(count_flops=False, device=torch.device("cuda"))
+    meter.begin_step([])
+    with meter.compute():      # the device's blocks: 400 of activations kept, 100 more for a moment
+        gpu.to(1400, peak=1500)
+    gpu.to(4400)               # the server's blocks, holding 3000 of activations for the head gradient
+    with meter.compute():      # the device's head and loss: 200 more for a moment, 50 kept
+        gpu.to(1450 + 3000, peak=1600 + 3000)
+    gpu.to(1450)               # the server's backward frees its 3000
+    with meter.compute():      # the device's backward: 250 over what it holds for a moment, all freed
+        with meter.compute():  # a segment inside a segment is part of it
+            gpu.to(1450, peak=1700)
+        gpu.to(1000)
+    assert meter.end_step() == 700  # the device's own: 1700 - 1000; the server's 3000 is not in it

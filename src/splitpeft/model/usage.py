@@ -13,10 +13,13 @@ resident state (frozen weights the device holds, adapters, their gradients, opti
 every distinct tensor autograd saved for backward during the step (recorded through
 `torch.autograd.graph.saved_tensors_hooks`, de-duplicated by storage). On CUDA the allocator's own
 peak is used instead: the device's resident tensors plus the most `torch.cuda.max_memory_allocated`
-rose above what was allocated when the step began, during the device's own compute segments.
-When the server shares that GPU (an in-process simulation on one GPU) and holds a U-shaped step's
-activations while the device computes its head, those count too; a device on its own GPU or
-process measures only itself.
+rose above what was allocated when the step began, during the device's own compute segments,
+less what the allocation grew by between those segments. In an in-process simulation on one GPU
+the server's half of the step runs there in between (and holds a U-shaped step's activations
+while the device computes its head): that is the server's, not the device's. Before this rule a
+U-shaped device on an H200 read 7,859 MiB in-process against 2,391 MiB for its step alone
+(BENCHMARKS.md, "On a GPU"). A device wave's shared pass also runs between them; the device's own
+share of what it saved is charged (`charge_saved`), as on the CPU.
 """
 
 from __future__ import annotations
@@ -93,6 +96,18 @@ def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return storage_bytes(tensors)[0]
 
 
+def cuda_allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device)
+
+
+def cuda_peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device)
+
+
+def cuda_reset_peak(device: torch.device) -> None:
+    torch.cuda.reset_peak_memory_stats(device)
+
+
 class DeviceMeter:
     """Accumulates a device's FLOPs and tracks the peak of its step memory."""
 
@@ -101,6 +116,9 @@ class DeviceMeter:
         self.cuda = device if device is not None and device.type == "cuda" else None
         self._cuda_base = 0
         self._cuda_peak = 0
+        self._cuda_outside = 0  # how much the allocation grew between this step's own segments
+        self._cuda_last_end = 0
+        self._depth = 0  # segments inside segments are part of the outermost one
         self.flops = 0
         self.adapter_flops = 0  # the part spent in "adapter" blocks (dlora's branches)
         self._saved: dict[int, int] = {}
@@ -127,8 +145,8 @@ class DeviceMeter:
         self._resident_bytes = tensor_nbytes(resident)
         self._extra_bytes = extra_bytes
         if self.cuda is not None:
-            self._cuda_base = torch.cuda.memory_allocated(self.cuda)
-            self._cuda_peak = 0
+            self._cuda_base = self._cuda_last_end = cuda_allocated(self.cuda)
+            self._cuda_peak = self._cuda_outside = 0
         self._exclude = {t.untyped_storage().data_ptr() for t in resident}
         self._saved = {}
         self._charged_bytes = 0
@@ -157,7 +175,7 @@ class DeviceMeter:
                 self.flops += self._flops_by_key[self._key]
                 self.adapter_flops += self._adapter_flops_by_key[self._key]
         if self.cuda is not None:
-            peak = self._resident_bytes + self._cuda_peak
+            peak = self._resident_bytes + self._cuda_peak + self._charged_bytes
         else:
             peak = self._resident_bytes + self._extra_bytes + sum(self._saved.values()) + self._charged_bytes
         self.step_peak_bytes = max(self.step_peak_bytes, peak)
@@ -176,12 +194,20 @@ class DeviceMeter:
     def compute(self, adapters: bool = False) -> Iterator[None]:
         """Charge the work inside this block to the device."""
         counter = flop_counter() if self._counting else nullcontext()
-        if self.cuda is not None:
-            torch.cuda.reset_peak_memory_stats(self.cuda)
-        with counter, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-            yield
-        if self.cuda is not None:
-            self._cuda_peak = max(self._cuda_peak, torch.cuda.max_memory_allocated(self.cuda) - self._cuda_base)
+        allocator = self.cuda if self._depth == 0 else None
+        if allocator is not None:
+            self._cuda_outside += cuda_allocated(allocator) - self._cuda_last_end  # others' work since the last segment
+            cuda_reset_peak(allocator)
+        self._depth += 1
+        try:
+            with counter, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield
+        finally:
+            self._depth -= 1
+        if allocator is not None:
+            own = cuda_peak(allocator) - self._cuda_base - self._cuda_outside
+            self._cuda_peak = max(self._cuda_peak, own)
+            self._cuda_last_end = cuda_allocated(allocator)
         if isinstance(counter, FlopCounterMode):
             self._step_flops += counter.get_total_flops()
             if adapters:
