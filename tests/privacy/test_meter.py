@@ -214,3 +214,21 @@ def test_the_leakage_is_the_strongest_combination_not_the_strongest_attacker_alo
     row = _combined(Exposure("split_u", 4, labels=False, head_gradient=True), guesses, truth, mask)
     assert row["token_accuracy"] == 1.0
     assert row["attackers"] == ["linear", "gradient"] and row["strongest_activation_attacker"] == "search"
+
+
+def test_the_server_attacks_with_the_model_it_knows_not_the_devices(tiny_data):
+    """`server_model`: the devices' traffic comes from `model`, the server's own traffic (what its
+    attackers train on) and its knowledge from `server_model`. A server that knows another
+    function than the devices' (here another random model of the same shapes) learns a map that
+    does not fit their traffic."""
+    loaded, aux, private = tiny_data
+    exposure = Exposure("split", 2, labels=False, head_gradient=False)
+    options = MeterSettings(attackers=("linear",), learned_steps=40, batch_size=8, seed=3)
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    knows = measure(loaded.model, aux, [(exposure, private)], options, pad_id=pad_id)
+    stranger = load_model("tiny-llama", seed=1).model
+    unknown = measure(loaded.model, aux, [(exposure, private)], options, pad_id=pad_id, server_model=stranger)
+    accuracy = {name: table["rows"][0]["token_accuracy"] for name, table in (("knows", knows), ("unknown", unknown))}
+    assert accuracy["knows"] > accuracy["unknown"] + 0.2, accuracy
+    same = measure(loaded.model, aux, [(exposure, private)], options, pad_id=pad_id, server_model=loaded.model)
+    assert same == knows  # the default is the server knowing the devices' model

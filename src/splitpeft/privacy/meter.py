@@ -146,13 +146,19 @@ def _overlay(base: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
 
 def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
             cases: Sequence[tuple[Exposure, Sequence[EncodedExample]]], settings: MeterSettings, *,
-            pad_id: int) -> dict[str, Any]:
+            pad_id: int, server_model: PreTrainedModel | None = None) -> dict[str, Any]:
     """Every attacker of `settings` against each case's traffic (an exposure, and the private
     examples of the devices with it), trained on the same exposure's traffic on the `aux`
     examples. Returns the report section: {"chance_token_accuracy", "rows": per (exposure,
-    attacker), "leakage": per exposure (combined), ...}."""
+    attacker), "leakage": per exposure (combined), ...}.
+
+    `model` computes the devices' traffic; `server_model` is what the server knows and makes its
+    own traffic on the auxiliary text with (default `model`: the server aggregated the adapters).
+    They differ where the devices keep adapters the server never sees."""
     model.eval()
-    knowledge = ServerKnowledge.of(model)
+    server_model = model if server_model is None else server_model
+    server_model.eval()
+    knowledge = ServerKnowledge.of(server_model)
     rows: list[dict[str, Any]] = []
     leakage: list[dict[str, Any]] = []
     chance: float | None = None
@@ -172,11 +178,11 @@ def measure(model: PreTrainedModel, aux: Sequence[EncodedExample],
         states_only = Exposure(exposure.placement, k, labels=False, head_gradient=False)
         if k not in aux_by_depth:
             aux_by_depth[k] = capture(
-                model, aux, states_only, _seeded(settings.defence, settings.seed + 1), pad_id=pad_id,
+                server_model, aux, states_only, _seeded(settings.defence, settings.seed + 1), pad_id=pad_id,
                 batch_size=settings.batch_size, compression=settings.compression)
         if augment and (k, "clean") not in aux_by_depth:
             aux_by_depth[(k, "clean")] = capture(
-                model, aux, states_only, replace(_seeded(settings.defence, settings.seed + 1), noise_multiplier=0.0),
+                server_model, aux, states_only, replace(_seeded(settings.defence, settings.seed + 1), noise_multiplier=0.0),
                 pad_id=pad_id, batch_size=settings.batch_size)
         aux_seen = aux_by_depth[k]
         private_seen = capture(model, private, exposure, _seeded(settings.defence, settings.seed + 2), pad_id=pad_id,
