@@ -40,7 +40,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
 
-from splitpeft.model.adapters import ADAPTER_NAME, lora_ab, lora_branch, lora_layers
+from splitpeft.model.adapters import ADAPTER_NAME, lora_ab, lora_branch
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loss import causal_lm_loss
 from splitpeft.model.parts import Part, view_part
@@ -55,6 +55,9 @@ class WaveSession(Protocol):
 
     @property
     def model(self) -> PreTrainedModel: ...
+
+    @property
+    def adapter_layers(self) -> Mapping[str, LoraLayer]: ...  # its model's LoRA layers, found once
 
 
 @dataclass
@@ -175,7 +178,7 @@ class BatchedPass(BranchHost):
                     x = self.backbone.blocks(x, position, k)
                 position = k
                 for member in (m for m in members if m.session.split_layer == k):
-                    member.layers = lora_layers(member.session.model)
+                    member.layers = dict(member.session.adapter_layers)
                     start = 0 if x is None else int(x.shape[0])
                     member.rows = slice(start, start + int(member.hidden.shape[0]))
                     padded = F.pad(member.hidden, (0, 0, 0, t_max - member.seq_len))
@@ -265,7 +268,7 @@ class DevicePass(BranchHost):
         t_max = max(m.seq_len for m in members)
         start = 0
         for member in members:
-            member.layers = lora_layers(member.session.model)
+            member.layers = dict(member.session.adapter_layers)
             member.rows = slice(start, start + int(member.hidden.shape[0]))
             start = member.rows.stop
         ids = torch.cat([F.pad(m.hidden, (0, t_max - m.seq_len)) for m in members])  # (N, T_max)

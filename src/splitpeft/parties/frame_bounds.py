@@ -160,7 +160,14 @@ def gradient_problem(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     grads = [(name, p.grad) for name, p in named if p.grad is not None]
     if not grads:
         return None
-    largest = torch.stack([g.detach().abs().max().double() for _, g in grads if g.numel()] or [torch.zeros((), dtype=torch.float64)])
+    # Every gradient's largest |g| in one multi-tensor reduction (one launch per device and dtype
+    # on a GPU, not one per tensor; NaN where a gradient holds one), then one read of the result.
+    tensors = [g.detach() for _, g in grads if g.numel()]
+    per_device: dict[torch.device, list[torch.Tensor]] = {}
+    for norm in torch._foreach_norm(tensors, ord=math.inf) if tensors else ():
+        per_device.setdefault(norm.device, []).append(norm.double())
+    largest = torch.cat([torch.stack(norms).cpu() for norms in per_device.values()]) if per_device \
+        else torch.zeros(1, dtype=torch.float64)
     if bool(torch.isfinite(largest).all()) and float(largest.max()) <= MAX_GRAD_ABS:
         return None
     for name, grad in grads:

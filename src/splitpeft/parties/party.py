@@ -137,6 +137,11 @@ class Party:
         return self.shell.backbone
 
     @property
+    def adapter_layers(self) -> dict[str, LoraLayer]:
+        """Module name -> its LoRA layer in this party's model, found once per shell."""
+        return self.shell.layers
+
+    @property
     def parameters(self) -> list[torch.nn.Parameter]:
         return self.shell.parameters
 

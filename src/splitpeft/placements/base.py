@@ -35,6 +35,8 @@ from splitpeft.transport.channel import Channel
 from splitpeft.transport.messages import Message
 
 if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+
     from splitpeft.hsplit.memory import ModelShapes
     from splitpeft.model.batched import BatchedPass
 
@@ -85,6 +87,9 @@ class ServerSide(Protocol):
 
     @property
     def model(self) -> PreTrainedModel: ...
+
+    @property
+    def adapter_layers(self) -> Mapping[str, LoraLayer]: ...  # its model's LoRA layers, found once
 
     @property
     def backbone(self) -> Backbone: ...
