@@ -1,4 +1,4 @@
-"""Training throughput of `split` (in-process channel) against a plain single-process peft LoRA
+"""Training throughput of U-shaped `split` (in-process channel) against a plain single-process peft LoRA
 loop on the same model, batches and optimiser, side by side in one run.
 
     .venv/bin/python bench/throughput.py [--model smollm2-135m] [--steps 12] [--batch-size 4]
@@ -131,7 +131,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     # split: device + server session through the in-process channel (encode/decode every message)
-    placement = SplitPlacement()
+    placement = SplitPlacement()  # U-shaped: labels, head and loss stay on the device
     server = SplitServer(base, lambda blocks: modules_in(ranks, backbone, blocks), start_state_of(adapters),
                          Training(lr=1e-4, runtime=runtime), num_blocks=backbone.num_blocks)
 
