@@ -42,7 +42,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench"
     [[ $parts == *" throughput "* ]] && for dtype in ${DTYPES:-bf16 fp32}; do
         echo "== throughput: split against plain peft, random-llama-1b, $dtype, B=8, T=512"
         timeout 90 python3 bench/throughput.py --device cuda --dtype "$dtype" --model random-llama-1b \
-            --batch-size 8 --seq-len 512 --steps 6 --repeats 3 2>&1 | grep -v -i warn | tail -10
+            --batch-size 8 --seq-len 512 --steps 6 --repeats 3 2>&1 | grep -v -i "warn\|^  warnings" | tail -12
     done
     [[ $parts == *" batched "* ]] && for devices in ${FLEETS:-16 64}; do
         echo "== batched server pass: $devices devices, random-llama-1b, bf16, cut at block 2, B=1, T=128"

@@ -19,6 +19,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
@@ -35,6 +39,7 @@ from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 from splitpeft.model.adapters import lora_config, target_module_names
 from splitpeft.model.backbone import backbone_of, share_frozen_copy
 from splitpeft.model.loading import load_model
+from splitpeft.model.loss import causal_lm_loss
 from splitpeft.model.runtime import DTYPES, resolve_runtime
 from splitpeft.model.usage import flop_counter
 from splitpeft.parties.device import DeviceRuntime
@@ -191,20 +196,55 @@ def main() -> None:
     source = "CUDA allocator" if device_.type == "cuda" else "CPU tensor account"
     print(f"device peak memory (split at {args.split_layer}): measured {measured / 2**20:.1f} MiB ({source}), "
           f"planner predicted {predicted / 2**20:.1f} MiB, predicted/measured {predicted / measured:.3f}")
-    # On a GPU, above, the server's blocks and its half of each step ran on the same GPU in this
-    # process, and whatever of it was still allocated while the device computed counted too. Here
-    # the device's step alone, metered the same way: its forward to the cut, its backward from a
-    # random cut gradient, its optimiser step.
+    if device_.type == "cuda":  # where each way makes the host wait for the GPU, one step each
+        for name, step in (("plain peft loop", lambda: run_plain_step(plain, plain_opt, batches[0])),
+                           ("split", lambda: run_split_step(placement, bare, bare_channel, batches[0]))):
+            places = host_syncs(step)
+            shown = ", ".join(f"{place} x{count}" for place, count in places.most_common(8))
+            print(f"host syncs in one {name} step: {sum(places.values())} ({shown})")
+    # The device's step alone, metered the same way, with no server work in between (on a GPU,
+    # above, the server's half of each step ran on the same GPU between the device's segments).
     alone = device_step_alone(bare, batches[0])
     print(f"device peak memory, the device's step alone (no server work in between): {alone / 2**20:.1f} MiB "
           f"({source}), predicted/measured {predicted / alone:.3f}")
 
 
+def run_plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    model(input_ids=batch.input_ids, labels=batch.labels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_split_step(placement: SplitPlacement, device: DeviceRuntime, channel: InProcessChannel, batch: Batch) -> None:
+    device.meter.begin_step(device.resident_tensors(), key=tuple(batch.input_ids.shape), extra_bytes=device.gradient_bytes())
+    placement.device_step(device, batch, channel)
+    device.meter.end_step()
+
+
+def host_syncs(step: Callable[[], None]) -> Counter[str]:
+    """Where `step` makes the host wait for the GPU (torch's sync debug mode): the file:line of
+    the Python call that waited -> how many times."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+
+
 def device_step_alone(device: DeviceRuntime, batch: Batch) -> int:
-    """Peak bytes of one device step with no server work in between (the cut gradient is random)."""
+    """Peak bytes of one U-shaped device step with no server work in between: its forward to the
+    cut; its head and loss on final states (random here, as the server would send them) and their
+    backward; its backward from a random cut gradient; its optimiser step."""
     synchronize(batch.input_ids.device)
     device.meter.begin_step(device.resident_tensors(), extra_bytes=device.gradient_bytes())
     embedded, cut = device.forward_to_cut(batch.input_ids)
+    final = torch.randn(cut.shape, dtype=cut.dtype, device=cut.device).requires_grad_()
+    with device.meter.compute():
+        device.backward(causal_lm_loss(device.backbone.head(final), batch.labels))
     grad = torch.randn(cut.shape, dtype=device.wire_grad_dtype, device=cut.device)
     backward_from_cut(device, embedded, cut, grad, batch)
     with device.meter.compute():
