@@ -218,3 +218,32 @@ def test_batch_devices_null_batches_where_it_was_measured_faster(dtype, batched)
     sim = Simulation(tiny_config("tiny-llama", "server.batch_devices=null", f"runtime.dtype={dtype}"))
     assert (sim.server.batched is not None) is batched
     assert (sim.lockstep is not None) is batched
+
+
+def test_dlora_passes_that_overlap_each_run_on_their_own():
+    """Devices of a round can fall out of step (one of them serves a KILL or REVIVE alone, as Kill
+    and Revive does on its own schedule): its ACTIVATIONS then start a second shared pass while
+    the first still waits for its devices' branches. Each pass must run on its own (found on
+    SmolLM2/E2E: the second pass took over the first's rows, and every device of both dropped)."""
+    results = {}
+    for batch in (False, True):
+        sim = _sim(batch, "placement.placement=dlora", "federation.local_steps=3", "federation.num_devices=4")
+        late = {sim.devices[0].device_id, sim.devices[1].device_id}  # two, so that theirs is a shared pass too
+        placement = sim.devices[0].placement
+        original = placement.device_step
+        steps: dict[str, int] = {}
+
+        def device_step(device, batch_, channel, original=original, late=late, steps=steps):
+            steps[device.device_id] = steps.get(device.device_id, 0) + 1
+            if device.device_id in late and steps[device.device_id] == 2:  # served alone: the next step is a turn late
+                channel.exchange(Message(Kind.KILL, {})).expect(Kind.SESSION_READY)
+            return original(device, batch_, channel)
+
+        placement.device_step = device_step
+        record = sim.run_round()
+        assert not record.dropped, record.dropped
+        assert len(record.devices) == len(sim.devices)
+        if batch:
+            assert max(sim.server.pass_sizes) > 1 and min(sim.server.pass_sizes) < len(sim.devices)
+        results[batch] = _trained_state(sim)
+    _assert_same(results[False], results[True])

@@ -65,7 +65,7 @@ class DLoRAWave:
         """Start the pass for the ACTIVATIONS of several sessions; returns it and each device's first reply."""
         peers = {session.device_id: _Peer(session, state, Member(session, hidden), delivered=message)
                  for session, state, message, hidden in steps}
-        wave = cls(batched, peers)
+        wave = cls(batched.acquire(), peers)  # its own pass: it outlives this call (`BatchedPass.acquire`)
         for peer in peers.values():
             peer.state.wave = wave
         wave.worker = threading.Thread(target=wave._run, name="dlora-wave", daemon=True)
@@ -157,6 +157,7 @@ class DLoRAWave:
                 for peer in self._live():
                     peer.failed = f"server step failed: {error}"
         finally:
+            self.batched.release()
             with self.cond:
                 for peer in self.peers.values():
                     peer.state.wave = None

@@ -29,6 +29,7 @@ no adapters); forward hooks on its adapted linears add each session's branch whi
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -144,11 +145,29 @@ class BranchHost:
 
 
 class BatchedPass(BranchHost):
-    """The server's frozen model, run once for the rows of many sessions (see the module docstring)."""
+    """The server's frozen model, run once for the rows of many sessions (see the module docstring).
+
+    One pass at a time runs on it (its hooks read the members of the pass running). A pass that
+    outlives the call that started it (a dlora wave, whose worker waits for its devices' branches)
+    holds it with `acquire` until `release`; meanwhile the server serves new steps one at a time
+    (devices of a round out of step: they start their steps while that pass still runs)."""
 
     def __init__(self, base: PreTrainedModel, *, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(base, Part(range(backbone_of(base).num_blocks), embedding=False, head=True),
                          device=device, dtype=dtype)
+        self._lock = threading.Lock()
+        self.in_use = False
+
+    def acquire(self) -> BatchedPass:
+        with self._lock:
+            if self.in_use:
+                raise RuntimeError("the shared pass is held by another pass (the server should have served these steps alone)")
+            self.in_use = True
+            return self
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_use = False
 
     def forward(self, members: list[Member], extra_hooks: Mapping[str, Any] | None = None) -> torch.Tensor:
         """Run every member from its cut (`session.split_layer`) through the last block; sets each

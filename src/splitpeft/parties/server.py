@@ -249,11 +249,13 @@ class SplitServer:
             groups.setdefault(key, []).append(index)
         for indexes in groups.values():
             steps = [(self.sessions[items[i][0]], items[i][1]) for i in indexes]
-            if len(steps) == 1 and steps[0][1].kind == Kind.ACTIVATIONS:
-                session, message = steps[0]
-                replies[indexes[0]] = self.handle(session.device_id, message)
-                continue
             assert self.batched is not None
+            if steps[0][1].kind == Kind.ACTIVATIONS and (len(steps) == 1 or self.batched.in_use):
+                # alone, or while a pass that outlives its call holds the shared one (a dlora wave
+                # whose devices are still answering: these devices fell out of step with it)
+                for index, (session, message) in zip(indexes, steps):
+                    replies[index] = self.handle(session.device_id, message)
+                continue
             results = steps[0][0].placement.server_wave(self.batched, steps)
             if steps[0][1].kind == Kind.ACTIVATIONS:
                 self.pass_sizes.append(len(steps))
