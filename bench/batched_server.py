@@ -125,11 +125,19 @@ def main() -> None:
                     if rep > 0:
                         times[way].append(time.perf_counter() - start)
             if args.profile:
+                on_gpu = sim.runtime.server_device.type == "cuda"
+                activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
                 for way, serve in (("one at a time", one_at_a_time), ("one pass", as_waves)):
-                    with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    with profile(activities=activities) as prof:
                         serve(sim, up, head)
+                        if on_gpu:
+                            torch.cuda.synchronize()
+                    averages = prof.key_averages()
                     print(f"{dtype} {placement}, {way}: operators by self CPU time")
-                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+                    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.profile))
+                    if on_gpu:  # how much of the pass the GPU was busy: its kernels' time against the wall
+                        print(f"{dtype} {placement}, {way}: operators by self CUDA time")
+                        print(averages.table(sort_by="self_cuda_time_total", row_limit=args.profile))
             tokens = args.devices * args.batch * args.seq
             serial, batched = (tokens / statistics.median(times[w]) for w in times)
             rows.append((dtype, placement, serial, batched, batched / serial))

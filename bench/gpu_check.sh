@@ -13,7 +13,8 @@
 # Then the batched server pass against one device at a time (bench/batched_server.py), 16 and 64
 # devices of B=1, T=128, cut at block 2 (U-shaped and plain), random-llama-1b in bf16: server
 # tokens/s and ratio.
-# Parts to run as arguments (default: all): `bash bench/gpu_check.sh tests throughput batched`;
+# Parts to run as arguments (default: tests throughput batched; `profile` adds a torch.profiler
+# table, CPU and CUDA time, of the 64-device pass): `bash bench/gpu_check.sh tests profile`;
 # DTYPES (default "bf16 fp32") and FLEETS (default "16 64") narrow the last two for a rerun.
 # The CUDA tests' whole log is also written to $OUT/cuda_tests.log (a test that hangs dumps every
 # thread's stack there after 40 s).
@@ -49,5 +50,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench"
         timeout $((devices > 16 ? 150 : 90)) python3 bench/batched_server.py --device cuda --model random-llama-1b --dtypes bf16 \
             --placements "${PLACEMENTS:-u_shaped,plain}" --devices "$devices" --reps 3 2>&1 | grep -v -i warn | tail -7
     done
+    if [[ $parts == *" profile "* ]]; then  # not in the default parts: where the 64-device pass goes
+        echo "== profile of the batched pass: 64 devices, random-llama-1b, bf16, U-shaped, B=1, T=128"
+        timeout 150 python3 bench/batched_server.py --device cuda --model random-llama-1b --dtypes bf16 \
+            --placements u_shaped --devices 64 --reps 1 --profile 15 2>&1 | grep -v -i warn | tail -90
+    fi
     echo "== done $(date -u +%FT%TZ)"
 } 2>&1 | tee "$out"
