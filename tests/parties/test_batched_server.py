@@ -247,3 +247,14 @@ def test_dlora_passes_that_overlap_each_run_on_their_own():
             assert max(sim.server.pass_sizes) > 1 and min(sim.server.pass_sizes) < len(sim.devices)
         results[batch] = _trained_state(sim)
     _assert_same(results[False], results[True])
+
+
+def test_dlora_kill_and_revive_with_five_devices_completes_every_round():
+    """Kill and Revive kills mid-round on five devices, in one shared pass and in passes that wait
+    for one another's forward (a pass whose members' adapters of a group are all killed gets no
+    request there, and offers its step again): every device completes every round."""
+    sim = _sim(True, "placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=dynamic",
+               "kill_revive.warmup=2", "federation.num_devices=5", "federation.local_steps=3", "federation.rounds=3")
+    for _ in range(3):
+        record = sim.run_round()
+        assert not record.dropped and len(record.devices) == 5, record.dropped

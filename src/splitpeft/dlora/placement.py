@@ -255,6 +255,11 @@ class DLoRAPlacement:
     def server_wave(self, batched: BatchedPass, steps: Sequence[tuple[ServerSide, Message]]) -> list[Message | Exception | None]:
         if steps[0][1].kind == Kind.ACTIVATIONS and steps[0][0].step_state.wave is None:
             results: list[Message | Exception | None] = [None] * len(steps)
+            if batched.in_use:
+                # Another pass's forward holds the shared one: these devices fell out of step with
+                # it (one served a KILL or REVIVE alone). No reply yet: they offer these steps
+                # again and start the next pass once that forward has ended.
+                return results
             starting = []
             for i, (session, message) in enumerate(steps):
                 state: DLoRASession = session.step_state

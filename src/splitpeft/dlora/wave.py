@@ -58,6 +58,7 @@ class DLoRAWave:
     waiting_on: set[str] = field(default_factory=set)
     done: bool = False
     worker: threading.Thread | None = None
+    holding: bool = True  # it holds `batched` (acquired in `start`) until its forward ends
 
     @classmethod
     def start(cls, batched: BatchedPass, steps: Sequence[tuple[ServerSide, DLoRASession, Message, torch.Tensor]]
@@ -148,6 +149,12 @@ class DLoRAWave:
         by_member_id = {id(p.member): p for p in self.peers.values()}
         return [by_member_id[id(m)] for m in members], members
 
+    def _release(self) -> None:
+        """Give the shared pass back, once (another wave may hold it by the time this one ends)."""
+        if self.holding:
+            self.holding = False
+            self.batched.release()
+
     def _run(self) -> None:
         try:
             self._step()
@@ -157,7 +164,7 @@ class DLoRAWave:
                 for peer in self._live():
                     peer.failed = f"server step failed: {error}"
         finally:
-            self.batched.release()
+            self._release()
             with self.cond:
                 for peer in self.peers.values():
                     peer.state.wave = None
@@ -182,7 +189,10 @@ class DLoRAWave:
         hooks = {name: self._hook(name) for name in names}
         self._anchor = torch.zeros((), requires_grad=True, device=members[0].hidden.device)
         self._cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-        self.batched.forward(members, extra_hooks=hooks)
+        try:
+            self.batched.forward(members, extra_hooks=hooks)
+        finally:
+            self._release()  # the pass's rows are done with: the rest is this wave's graph and devices
         self._cache.clear()
         replies = self.exchange({p.session.device_id: Message(Kind.FINAL_HIDDEN, {"hidden": p.member.final.detach()})
                                  for p in self._live() if p.member.final is not None}, Kind.HEAD_GRADIENT)

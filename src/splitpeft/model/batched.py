@@ -147,10 +147,10 @@ class BranchHost:
 class BatchedPass(BranchHost):
     """The server's frozen model, run once for the rows of many sessions (see the module docstring).
 
-    One pass at a time runs on it (its hooks read the members of the pass running). A pass that
-    outlives the call that started it (a dlora wave, whose worker waits for its devices' branches)
-    holds it with `acquire` until `release`; meanwhile the server serves new steps one at a time
-    (devices of a round out of step: they start their steps while that pass still runs)."""
+    One forward at a time runs on it (its hooks read the members of the pass running). A forward
+    that outlives the call that started it (a dlora wave, whose worker waits for its devices'
+    branches) holds it with `acquire` until `release`; steps that arrive meanwhile (devices of a
+    round out of step with that pass) wait, and start the next pass once its forward has ended."""
 
     def __init__(self, base: PreTrainedModel, *, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(base, Part(range(backbone_of(base).num_blocks), embedding=False, head=True),

@@ -232,7 +232,8 @@ class SplitServer:
         run together) run as one pass of the frozen model (`parties/batched.py`); the rest, and a
         step alone in its group, are handled one at a time as by `handle`. A bad message is refused
         alone: the others of its wave are served. None: no reply yet (a head gradient whose forward
-        pass still waits for another member's): offer the message again with the next wave."""
+        pass still waits for another member's; dlora steps while another dlora pass holds the
+        shared one): offer the message again with the next wave."""
         replies: list[Message | None] = [None] * len(items)
         groups: dict[Hashable, list[int]] = {}
         for index, (device_id, message) in enumerate(items):
@@ -250,11 +251,9 @@ class SplitServer:
         for indexes in groups.values():
             steps = [(self.sessions[items[i][0]], items[i][1]) for i in indexes]
             assert self.batched is not None
-            if steps[0][1].kind == Kind.ACTIVATIONS and (len(steps) == 1 or self.batched.in_use):
-                # alone, or while a pass that outlives its call holds the shared one (a dlora wave
-                # whose devices are still answering: these devices fell out of step with it)
-                for index, (session, message) in zip(indexes, steps):
-                    replies[index] = self.handle(session.device_id, message)
+            if steps[0][1].kind == Kind.ACTIVATIONS and len(steps) == 1:
+                session, message = steps[0]
+                replies[indexes[0]] = self.handle(session.device_id, message)
                 continue
             results = steps[0][0].placement.server_wave(self.batched, steps)
             if steps[0][1].kind == Kind.ACTIVATIONS:
