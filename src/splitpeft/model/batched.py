@@ -161,7 +161,8 @@ class BatchedPass(BranchHost):
     def acquire(self) -> BatchedPass:
         with self._lock:
             if self.in_use:
-                raise RuntimeError("the shared pass is held by another pass (the server should have served these steps alone)")
+                raise RuntimeError("the shared pass is held by another pass's forward (dlora's server_wave defers "
+                                   "steps that would start another one)")
             self.in_use = True
             return self
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -154,20 +154,25 @@ class FrameBounds:
                     "robust.frame_norm_factor); refused before any compute")
 
 
+def largest_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The largest |x| of each of `tensors` (non-empty, floating), as float64 on the CPU (NaN where
+    one holds NaN; none given: a single 0): one multi-tensor reduction per device and dtype (one
+    launch each on a GPU, not one per tensor), then one copy to the host per group."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
+    if not groups:
+        return torch.zeros(1, dtype=torch.float64)
+    return torch.cat([torch.stack(torch._foreach_norm(group, math.inf)).double().cpu() for group in groups.values()])
+
+
 def gradient_problem(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """None if every gradient of (name, parameter) is finite and |g| <= MAX_GRAD_ABS; else what
     is wrong with the first one that is not (parameters without a gradient are skipped)."""
     grads = [(name, p.grad) for name, p in named if p.grad is not None]
     if not grads:
         return None
-    # Every gradient's largest |g| in one multi-tensor reduction (one launch per device and dtype
-    # on a GPU, not one per tensor; NaN where a gradient holds one), then one read of the result.
-    tensors = [g.detach() for _, g in grads if g.numel()]
-    per_device: dict[torch.device, list[torch.Tensor]] = {}
-    for norm in torch._foreach_norm(tensors, ord=math.inf) if tensors else ():
-        per_device.setdefault(norm.device, []).append(norm.double())
-    largest = torch.cat([torch.stack(norms).cpu() for norms in per_device.values()]) if per_device \
-        else torch.zeros(1, dtype=torch.float64)
+    largest = largest_abs([g for _, g in grads if g.numel()])
     if bool(torch.isfinite(largest).all()) and float(largest.max()) <= MAX_GRAD_ABS:
         return None
     for name, grad in grads:
@@ -186,10 +191,7 @@ def nonfinite_state(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     floating = [(name, tensor) for name, tensor in named if tensor.is_floating_point() and tensor.numel()]
     if not floating:
         return None
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for _, tensor in floating:
-        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
-    if all(bool(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all()) for group in groups.values()):
+    if bool(torch.isfinite(largest_abs([tensor for _, tensor in floating])).all()):
         return None
     for name, tensor in floating:
         if not bool(torch.isfinite(tensor).all()):
