@@ -128,10 +128,7 @@ def main() -> None:
         synchronize(device_)
         start = time.perf_counter()
         for batch in batches:
-            loss = plain(input_ids=batch.input_ids, labels=batch.labels).loss
-            loss.backward()
-            plain_opt.step()
-            plain_opt.zero_grad(set_to_none=True)
+            run_plain_step(plain, plain_opt, batch)
         synchronize(device_)
         return time.perf_counter() - start
 
@@ -156,9 +153,7 @@ def main() -> None:
         synchronize(device_)
         start = time.perf_counter()
         for batch in batches:
-            device.meter.begin_step(device.resident_tensors(), key=tuple(batch.input_ids.shape), extra_bytes=device.gradient_bytes())
-            placement.device_step(device, batch, channel)
-            device.meter.end_step()
+            run_split_step(placement, device, channel, batch)
         synchronize(device_)
         return time.perf_counter() - start
 

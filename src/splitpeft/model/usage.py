@@ -17,8 +17,8 @@ rose above what was allocated when the step began, during the device's own compu
 less what the allocation grew by between those segments. In an in-process simulation on one GPU
 the server's half of the step runs there in between (and holds a U-shaped step's activations
 while the device computes its head): that is the server's, not the device's. Before this rule a
-U-shaped device on an H200 read 7,859 MiB in-process against 2,391 MiB for its step alone
-(BENCHMARKS.md, "On a GPU"). A device wave's shared pass also runs between them; the device's own
+U-shaped device on an H200 read 7,859 MiB in-process against a predicted 2,636 MiB (BENCHMARKS.md,
+"On a GPU"). A device wave's shared pass also runs between them; the device's own
 share of what it saved is charged (`charge_saved`), as on the CPU.
 """
 
