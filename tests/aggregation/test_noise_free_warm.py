@@ -214,7 +214,7 @@ def _effective_weights(party):
     out = {}
     for name, layer in lora_layers(party.model).items():
         a, b = lora_ab(layer)
-        out[name] = layer.get_base_layer().weight.detach().double() + layer.scaling[ADAPTER_NAME] * (b.double() @ a.double())
+        out[name] = party.shell.frozen_weight(name).detach().double() + layer.scaling[ADAPTER_NAME] * (b.double() @ a.double())
     return out
 
 

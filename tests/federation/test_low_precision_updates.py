@@ -38,6 +38,27 @@ def test_stochastic_rounding_is_unbiased_deterministic_and_nearest_in_fp32():
     assert torch.equal(stochastic_round(exact, torch.float32, "x"), exact)
 
 
+def test_stochastic_bf16_rounding_of_negative_tiny_huge_and_non_finite_values():
+    """The fp32 -> bf16 path rounds on the bits: negative values as unbiased as positive ones,
+    subnormals too, infinities and NaN kept, and a finite value past the largest bf16 never
+    rounded up to inf."""
+    generator = torch.Generator().manual_seed(2)
+    for scale in (-0.05, 1e-39):  # negative normals; subnormals (bf16 keeps fp32's exponent range)
+        base = (torch.rand(64, 64, generator=generator) * scale).bfloat16()
+        away = torch.nextafter(base, torch.full_like(base, torch.inf if scale > 0 else -torch.inf)).float()
+        x = base.float() + torch.rand(64, 64, generator=generator) * (away - base.float())  # between two bf16s
+        draws = torch.stack([stochastic_round(x, torch.bfloat16, f"d{i}").float() for i in range(256)])
+        nearest = x.bfloat16().float()
+        assert float((draws.mean(dim=0) - x).abs().mean()) < 0.25 * float((nearest - x).abs().mean())
+    largest = torch.finfo(torch.bfloat16).max
+    special = torch.tensor([torch.inf, -torch.inf, torch.nan, 0.0, -0.0, largest * 1.003, -largest * 1.003])
+    for i in range(32):
+        out = stochastic_round(special, torch.bfloat16, f"s{i}").float()
+        assert out[0] == torch.inf and out[1] == -torch.inf and bool(out[2].isnan())
+        assert out[3] == 0.0 and out[4] == 0.0
+        assert out[5] == largest and out[6] == -largest
+
+
 def test_three_small_merges_into_a_bf16_weight_keep_the_update():
     """The main job's case: one update merged a third at a time over three rounds. Nearest
     rounding loses it (on SmolLM2 the merged model's loss moved the wrong way: bench/bf16_merge.py);

@@ -258,3 +258,31 @@ def test_dlora_kill_and_revive_with_five_devices_completes_every_round():
     for _ in range(3):
         record = sim.run_round()
         assert not record.dropped and len(record.devices) == 5, record.dropped
+
+
+def test_a_batched_server_session_builds_its_warm_copy_only_when_it_runs_alone():
+    """Under a warm start a server session trains against its own W - s B0 A0; the shared pass
+    computes that as W x - s B0 (A0 x), so the session holds no (d_out, d_in) copy until its own
+    model runs the module (one step alone), which then builds exactly the copy it always had."""
+    sim = _sim(True, "federation.rounds=2", *CASES["u_shaped_warm_start"])
+    _mixed_plans(sim)
+    sim.run_round()
+    for device in sim.devices:
+        device.open_session(sim.channels[device.device_id])  # loads the warm adapters into each session
+    deferred = 0
+    for session in sim.server.sessions.values():
+        for name, (scale, a0, b0) in session.warm_factors.items():
+            layer = session.shell.layers[name]
+            shared = session.shell.shared_weights[name]
+            assert layer.get_base_layer().weight is shared  # no copy built yet
+            own = session.shell.frozen_weight(name)
+            assert own is not shared and layer.get_base_layer().weight is own
+            want = shared.double() - scale * (b0.double() @ a0.double())
+            torch.testing.assert_close(own.double(), want, rtol=2**-23, atol=0)  # fp32 rounding of the exact copy
+            deferred += 1
+    assert deferred > 0
+    session = next(s for s in sim.server.sessions.values() if s.warm_factors)
+    session.park()
+    shell = session.shell  # bound again: its copies are deferred again, not built
+    assert session.warm_factors
+    assert all(shell.layers[n].get_base_layer().weight is shell.shared_weights[n] for n in session.warm_factors)

@@ -66,18 +66,42 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Ten
     nearest = x.to(dtype)
     if torch.finfo(dtype).bits >= torch.finfo(x.dtype).bits:
         return nearest
-    back = nearest.to(x.dtype)
-    towards = torch.where(back < x, torch.inf, -torch.inf).to(dtype)
-    other = torch.nextafter(nearest, towards)
-    gap = other.to(x.dtype) - back  # inf beside the largest finite value: probability 0
-    chance = torch.where(gap != 0, (x - back) / gap, torch.zeros_like(x))
     source = x.detach().contiguous().cpu()
     seed = zlib.crc32(source.numpy().data.cast("B"), zlib.crc32(key.encode()))
     # Drawn on the CPU whatever x's device: a CUDA generator's stream differs from the CPU's for
     # the same seed, and a GPU server must round as its CPU devices do, or their frozen weights part.
     generator = torch.Generator().manual_seed(seed)
+    if x.dtype == torch.float32 and dtype == torch.bfloat16:
+        return _stochastic_bf16(x.contiguous(), nearest, generator)
+    back = nearest.to(x.dtype)
+    towards = torch.where(back < x, torch.inf, -torch.inf).to(dtype)
+    other = torch.nextafter(nearest, towards)
+    gap = other.to(x.dtype) - back  # inf beside the largest finite value: probability 0
+    chance = torch.where(gap != 0, (x - back) / gap, torch.zeros_like(x))
     draw = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     return torch.where(draw < chance, other, nearest)
+
+
+_BF16_KEPT_BITS = -(1 << 16)
+"""0xFFFF0000 as an int32: the bits of an fp32 number that a bf16 keeps."""
+
+
+def _stochastic_bf16(x: torch.Tensor, nearest: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 `x` rounded into bf16 at random, on the bits: a bf16 is an fp32 without its low 16
+    bits, so adding a uniform integer in [0, 2^16) to x's bits and clearing them rounds |x| up
+    with probability (the dropped bits) / 2^16, which is x's distance from the bf16 below it over
+    the gap to the one above (the gap is uniform in fp32 steps within a binade; sign-magnitude
+    bits make it the same for negative x). Four integer passes instead of the general path's
+    nextafter, division and two selects: the general path was a fifth of a bf16 round of the main
+    job (bench/profile_step.py). NaN keeps nearest's NaN, and a finite x never rounds up to inf."""
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32).to(x.device)
+    bits = x.view(torch.int32)
+    truncated = bits.bitwise_and(_BF16_KEPT_BITS)
+    rounded = (bits + noise).bitwise_and_(_BF16_KEPT_BITS)
+    rounded = torch.where(rounded == 0x7F800000, truncated, rounded)  # past the largest finite bf16
+    rounded = torch.where(rounded == -0x800000, truncated, rounded)  # -inf's bits
+    out = rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
+    return torch.where(torch.isnan(x), nearest, out)
 
 
 @dataclass(frozen=True)

@@ -291,11 +291,17 @@ class Party:
         rounding of W - s B A for an fp32 W; for a bf16 / fp16 W rounded up or down at random, so
         that its expectation is W - s B A (nearest rounding would keep W wherever s B A is below
         half a unit, and the party would train against W + s B A).
-        Costs one (d_out, d_in) copy per warm module per party (the shared copy stays as it is)."""
+        Costs one (d_out, d_in) copy per warm module per party (the shared copy stays as it is).
+        A server session builds its copy only when its own model first runs the module: a shared
+        server pass (`model/batched.py`) computes W x - s B0 (A0 x) from `warm_factors` instead and
+        never reads it, so a batched server holds no copy per session and spends no (d_out, d_in)
+        pass on one (a fifth of a bf16 round of the main job went to building them)."""
+        shell = self.shell
         shared = self._shared_weights[name]
         base_layer = layer.get_base_layer()
         if shared.device.type == "meta":
             return
+        shell.cancel_deferred(name)
         self.warm_factors.pop(name, None)
         self._warm_loaded.pop(name, None)
         if not bool(weights.B.any()):
@@ -304,19 +310,28 @@ class Party:
             return
         scale = float(layer.scaling[ADAPTER_NAME])
         self._warm_loaded[name] = weights  # to rebuild the copy after parking
+        a0, b0 = weights.A, weights.B
+        if self._keep_warm_factors:  # copies: a deferred copy is built from the factors as loaded
+            a0 = weights.A.to(shared.device, torch.float32, copy=True)
+            b0 = weights.B.to(shared.device, torch.float32, copy=True)
+            self.warm_factors[name] = (scale, a0, b0)
+        fan_in_fan_out = is_fan_in_fan_out(self.model)
+
+        def own_copy() -> torch.Tensor:
+            # float64 for an fp32 weight (exact to fp32's rounding); for bf16 / fp16 weights fp32 is
+            # as exact after the cast, and a float64 (d_out, d_in) pass per module per holder per
+            # round was 18% of a bf16 round of the main job (bench/profile_step.py).
+            work = torch.float64 if shared.dtype == torch.float32 else torch.float32
+            product = scale * (b0.to(work) @ a0.to(work))  # (d_out, d_in)
+            if fan_in_fan_out:  # GPT-2 Conv1D stores (d_in, d_out)
+                product = product.T
+            with torch.no_grad():  # a bf16 / fp16 W: rounded stochastically, unbiased (stochastic_round)
+                return stochastic_round(shared.to(work) - product.to(shared.device), shared.dtype, name)
+
         if self._keep_warm_factors:
-            self.warm_factors[name] = (scale, weights.A.to(shared.device, torch.float32, copy=True),
-                                       weights.B.to(shared.device, torch.float32, copy=True))
-        # float64 for an fp32 weight (exact to fp32's rounding); for bf16 / fp16 weights fp32 is as
-        # exact after the cast, and a float64 (d_out, d_in) pass per module per holder per round was
-        # 18% of a bf16 round of the main job (bench/profile_step.py).
-        work = torch.float64 if shared.dtype == torch.float32 else torch.float32
-        product = scale * (weights.B.to(work) @ weights.A.to(work))  # (d_out, d_in)
-        if is_fan_in_fan_out(self.model):  # GPT-2 Conv1D stores (d_in, d_out)
-            product = product.T
-        with torch.no_grad():  # a bf16 / fp16 W: rounded stochastically, unbiased (stochastic_round)
-            own = stochastic_round(shared.to(work) - product.to(shared.device), shared.dtype, name)
-        base_layer.weight = torch.nn.Parameter(own, requires_grad=False)
+            shell.defer_weight(name, own_copy)
+        else:
+            base_layer.weight = torch.nn.Parameter(own_copy(), requires_grad=False)
 
     def adapters(self) -> AdapterSet:
         """This party's adapters, on the CPU (where the federation's state lives); a parked

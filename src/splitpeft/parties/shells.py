@@ -22,13 +22,14 @@ import tempfile
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
 from splitpeft.model.adapters import inject, lora_ab, lora_layers, lora_parameters
@@ -85,6 +86,8 @@ class Shell:
         # The shared frozen weight of each adapted module (merges reach it in place); under a warm
         # start a party sets its own copy on the layer while it holds the shell, and puts this back.
         self.shared_weights = {name: cast(torch.Tensor, layer.get_base_layer().weight) for name, layer in layers.items()}
+        # module -> the hook that builds its own weight at its first forward, and that function (defer_weight)
+        self._deferred: dict[str, tuple[RemovableHandle, Callable[[torch.nn.Module, tuple[Any, ...]], None]]] = {}
         # bf16 / fp16 parties use the fused AdamW (one vectorised kernel for all their adapters, 6x
         # the per-tensor loop on CPU); it rounds differently by an ulp, so fp32 runs keep the loop
         # and the golden runs stay bit-for-bit.
@@ -95,8 +98,39 @@ class Shell:
         self.frozen = frozen_tensors(self.model)
         self.model.train()
 
+    def defer_weight(self, name: str, build: Callable[[], torch.Tensor]) -> None:
+        """Module `name` computes with `build()` as its frozen weight, built at its first forward on
+        this shell rather than now (`Party._train_against`: a server session's own warm copy, which
+        a shared server pass never reads). Until then the module holds the shared weight."""
+        self.cancel_deferred(name)
+        base_layer = self.layers[name].get_base_layer()
+        base_layer.weight = self.shared_weights[name]
+
+        def build_now(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            self.cancel_deferred(name)
+            module.weight = torch.nn.Parameter(build(), requires_grad=False)
+
+        self._deferred[name] = (base_layer.register_forward_pre_hook(build_now), build_now)
+
+    def cancel_deferred(self, name: str) -> None:
+        """Forget module `name`'s weight still to be built (`defer_weight`), if any."""
+        deferred = self._deferred.pop(name, None)
+        if deferred is not None:
+            deferred[0].remove()
+
+    def frozen_weight(self, name: str) -> torch.Tensor:
+        """The frozen weight module `name` computes with: the shared one or the party's own copy
+        (built now if it was deferred)."""
+        base_layer = self.layers[name].get_base_layer()
+        if name in self._deferred:
+            self._deferred[name][1](base_layer, ())
+        return cast(torch.Tensor, base_layer.weight)
+
     def restore_shared_weights(self) -> None:
-        """Put every adapted module back on the shared frozen weight (a warm party's own copies go)."""
+        """Put every adapted module back on the shared frozen weight (a warm party's own copies go,
+        built or still deferred)."""
+        for name in list(self._deferred):
+            self.cancel_deferred(name)
         for name, shared in self.shared_weights.items():
             base_layer = self.layers[name].get_base_layer()
             if base_layer.weight is not shared:
