@@ -228,9 +228,12 @@ def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor) -> 
     as many rows; None otherwise (each member's branch is then computed on its own rows).
 
     As each member's own layer computes it, the factors cast to the input's dtype
-    (`adapters.BranchLinear`), but with the scale inside A (below); the warm start's - s B0 (A0 x)
-    in fp32.
-    Dropout, where configured, draws one mask for all rows (the same distribution as per member)."""
+    (`adapters.BranchLinear`), but with the scale inside A (below). The warm start's - s0 B0 (A0 x)
+    rides in the same two products, as r more rank: [s A; -s0 A0] and [B, B0], in the input's
+    dtype with the products accumulating in fp32 (in bf16 this rounds s0 B0 A0 far less than the
+    copy W - s0 B0 A0 a session alone computes with, rounded into bf16 itself).
+    Dropout, where configured, draws one mask for all rows (the same distribution as per member):
+    on the branch's rows, not the correction's (the copy is frozen weight, which sees no dropout)."""
     layers = [m.layers.get(name) for m in members]
     if any(layer is None for layer in layers):
         return None
@@ -248,16 +251,19 @@ def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor) -> 
     scales = torch.tensor([float(layer.scaling[ADAPTER_NAME]) for layer in present], dtype=stacked_a.dtype)
     a = (stacked_a * scales.to(stacked_a.device).view(n, 1, 1)).to(x.dtype)  # (N, r, d_in)
     b = torch.stack([f[1] for f in factors]).to(x.dtype)  # (N, d_out, r)
-    xs = present[0].lora_dropout[ADAPTER_NAME](x).reshape(n, -1, d_in)  # (N, M, d_in)
-    delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))  # (N, M, d_out)
+    dropout = present[0].lora_dropout[ADAPTER_NAME]
+    xs = dropout(x).reshape(n, -1, d_in)  # (N, M, d_in)
     warm = [m.warm.get(name) if m.warm else None for m in members]
-    if any(w is not None for w in warm):
-        a0 = torch.stack([w[1] if w is not None else torch.zeros_like(f[0]) for w, f in zip(warm, factors)])
-        b0 = torch.stack([w[2] if w is not None else torch.zeros_like(f[1]) for w, f in zip(warm, factors)])
-        s0 = torch.tensor([w[0] if w is not None else 0.0 for w in warm], dtype=torch.float32, device=x.device)
-        correction = torch.bmm(torch.bmm(x.reshape(n, -1, d_in).float(), a0.transpose(1, 2)), b0.transpose(1, 2))
-        delta = delta - (correction * s0.view(n, 1, 1)).to(delta.dtype)
-    return delta
+    if not any(w is not None for w in warm):
+        return torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))  # (N, M, d_out)
+    a0 = torch.stack([-w[0] * w[1] if w is not None else torch.zeros_like(f[0]) for w, f in zip(warm, factors)])
+    b0 = torch.stack([w[2] if w is not None else torch.zeros_like(f[1]) for w, f in zip(warm, factors)])
+    a0, b0 = a0.to(a.device, x.dtype), b0.to(b.device, x.dtype)
+    if not isinstance(dropout, nn.Identity):  # dropped rows for the branch, all rows for the correction
+        return (torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+                + torch.bmm(torch.bmm(x.reshape(n, -1, d_in), a0.transpose(1, 2)), b0.transpose(1, 2)))
+    down = torch.bmm(xs, torch.cat([a, a0], dim=1).transpose(1, 2))  # (N, M, 2r)
+    return torch.bmm(down, torch.cat([b, b0], dim=2).transpose(1, 2))  # (N, M, d_out)
 
 
 def by_member(batch: torch.Tensor, members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
