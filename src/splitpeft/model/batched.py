@@ -119,7 +119,7 @@ class BranchHost:
                 return output
             stacked = _stacked_branches(name, members, inputs[0])
             if stacked is not None:
-                return output + stacked.view(output.shape)
+                return output.add_(stacked.view(output.shape))  # the linear saved its input, not its output
             pieces = []
             for member, xs in zip(members, by_member(inputs[0], members)):
                 layer = member.layers.get(name)
