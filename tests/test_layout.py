@@ -153,3 +153,42 @@ def test_every_package_names_its_public_api_and_every_name_resolves():
     from splitpeft.federation import Simulation
     from splitpeft.model import load_model
     assert load_model.__module__ == "splitpeft.model.loading" and Simulation.__name__ == "Simulation"
+
+
+# Where a placement's name may be written: the placements themselves, the registry that lists
+# them, the schema's default, and the compare suites (presets of config overrides).
+PLACEMENT_NAME_HOMES = ("splitpeft.placements", "splitpeft.dlora.placement", "splitpeft.config",
+                        "splitpeft.experiment.compare")
+
+
+def placement_name_tests(modules: dict[str, str]) -> list[str]:
+    """`module:line` of every comparison (==, !=, in, not in) of something with a placement's name
+    written as a string, outside PLACEMENT_NAME_HOMES: a fact asked by name instead of of the
+    placement object (issue 26)."""
+    from splitpeft.placements.registry import PLACEMENTS
+
+    found = []
+    for name, source in modules.items():
+        if any(name == home or name.startswith(home + ".") for home in PLACEMENT_NAME_HOMES):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.Compare):
+                continue
+            for operand in [node.left, *node.comparators]:
+                for constant in ast.walk(operand):
+                    if isinstance(constant, ast.Constant) and constant.value in PLACEMENTS:
+                        found.append(f"{name}:{node.lineno}")
+    return found
+
+
+def test_placement_name_tests_are_found():
+    assert placement_name_tests({"splitpeft.federation.x": "if config.placement.placement == 'dlora':\n    pass\n"}) \
+        == ["splitpeft.federation.x:1"]
+    assert placement_name_tests({"splitpeft.federation.x": "if kind in ('split', 'other'):\n    pass\n"}) \
+        == ["splitpeft.federation.x:1"]
+    assert placement_name_tests({"splitpeft.placements.split": "if name == 'split':\n    pass\n"}) == []
+
+
+def test_no_placement_is_asked_for_by_its_name_outside_the_placements():
+    modules = {_module_name(p): p.read_text() for p in PACKAGE.rglob("*.py")}
+    assert placement_name_tests(modules) == []

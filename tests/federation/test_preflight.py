@@ -19,6 +19,7 @@ from splitpeft.federation.preflight import (
 )
 from splitpeft.hsplit.memory import ModelShapes, adapter_bytes
 from splitpeft.model.loading import load_model
+from splitpeft.placements.registry import placement_of
 from splitpeft.transport.messages import Kind, Message, encode
 
 
@@ -31,7 +32,8 @@ def models():
 @pytest.mark.parametrize("placement", ["placement.placement=split", "placement.labels_on_device=true",
                                        "placement.placement=dlora", "placement.placement=centralized"])
 def test_the_tiny_preset_passes(models, model, placement):
-    check_against_model(tiny_config(model, placement), models[model])
+    config = tiny_config(model, placement)
+    check_against_model(config, models[model], placement_of(config))
 
 
 @pytest.mark.parametrize("model,overrides,message", [
@@ -47,21 +49,23 @@ def test_the_tiny_preset_passes(models, model, placement):
     ("tiny-llama", ["federation.batch_size=65536", "data.max_length=131072"], "more than the"),
 ])
 def test_a_config_that_does_not_fit_the_model_or_machine_is_one_line_naming_the_key(models, model, overrides, message):
+    config = tiny_config(model, *overrides)
     with pytest.raises(ConfigError) as raised:
-        check_against_model(tiny_config(model, *overrides), models[model])
+        check_against_model(config, models[model], placement_of(config))
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_the_memory_check_refuses_exactly_past_the_prediction(models):
     config = tiny_config("tiny-llama")
     shapes = ModelShapes.from_config(models["tiny-llama"].config)
-    peak = predicted_peak_bytes(config, shapes)
-    check_memory(config, shapes, peak)
+    placement = placement_of(config)
+    peak = predicted_peak_bytes(config, shapes, placement)
+    check_memory(config, shapes, peak, placement)
     with pytest.raises(ConfigError, match=r"the run needs about .* GiB .* federation.batch_size 4"):
-        check_memory(config, shapes, peak - 1)
+        check_memory(config, shapes, peak - 1, placement)
     # one more device adds its adapters, their gradients and AdamW moments (4 fp32 copies)
     more = tiny_config("tiny-llama", "federation.num_devices=4")
-    assert predicted_peak_bytes(more, shapes) - peak == adapter_bytes(shapes, dict.fromkeys(shapes.modules, 4))
+    assert predicted_peak_bytes(more, shapes, placement_of(more)) - peak == adapter_bytes(shapes, dict.fromkeys(shapes.modules, 4))
 
 
 def test_the_step_frame_is_the_cut_activations_and_labels(models):
@@ -69,7 +73,7 @@ def test_the_step_frame_is_the_cut_activations_and_labels(models):
     config = tiny_config("tiny-llama", "federation.batch_size=2", "data.max_length=16")
     shapes = ModelShapes.from_config(models["tiny-llama"].config)
     frame = encode(Message(Kind.ACTIVATIONS, {"hidden": torch.zeros(2, 16, 32), "labels": torch.zeros(2, 16, dtype=torch.int32)}))
-    assert len(frame) <= step_frame_bytes(config, shapes) <= len(frame) + 64 * 1024
+    assert len(frame) <= step_frame_bytes(config, shapes, placement_of(config)) <= len(frame) + 64 * 1024
 
 
 def test_simulate_checks_the_config_against_the_model_before_training(capsys):
@@ -101,7 +105,7 @@ def test_the_held_out_set_is_checked_against_the_context(models, caplog):
     from splitpeft.data.examples import Example
 
     config = tiny_config("tiny-gpt2", "data.max_length=250", "eval.max_new_tokens=40", "eval.groups=3")
-    check_against_model(config, models["tiny-gpt2"])  # was refused: 250 + 40 > 256
+    check_against_model(config, models["tiny-gpt2"], placement_of(config))  # was refused: 250 + 40 > 256
     tokenizer = load_model("tiny-gpt2").tokenizer
     long_mr = "name : Aromi | " * 400  # about 3 KB, well past 256 tokens
     held_out = [Example(f"Meaning representation: {long_mr}{i}\nDescription:", " Aromi.", f"long-{i}") for i in range(2)]

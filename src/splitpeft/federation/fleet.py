@@ -31,7 +31,6 @@ from splitpeft.parties.device import DeviceRuntime
 from splitpeft.parties.party import Training, WarmStart
 from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
-from splitpeft.placements.registry import placement_of
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +203,3 @@ def defence_of(config: ExperimentConfig, index: int) -> Defence:
                    nopeek_weight=p.nopeek_weight, clip_per=p.clip_per, seed=config.seed * 1_000 + index + 7)
 
 
-def fixed_split(config: ExperimentConfig) -> int:
-    """The split every device takes without a planner: placement.split_layer, or for dlora the
-    blocks its hybrid keeps on the device (placement.dlora_device_blocks, 0 as published)."""
-    return placement_of(config).fixed_split(config)

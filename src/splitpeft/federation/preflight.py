@@ -32,7 +32,7 @@ from splitpeft.data.examples import Example
 from splitpeft.hsplit.memory import ModelShapes, adapter_bytes, memory_breakdown
 from splitpeft.model.backbone import context_length
 from splitpeft.model.runtime import resolve_runtime
-from splitpeft.placements.registry import placement_of
+from splitpeft.placements.base import Placement
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 FRAME_HEADER_ALLOWANCE_BYTES = 64 * 1024
 
 
-def check_against_model(config: ExperimentConfig, model: PreTrainedModel) -> None:
-    """Raise ConfigError (one line naming the key) if `config` does not fit `model` or this machine."""
+def check_against_model(config: ExperimentConfig, model: PreTrainedModel, placement: Placement) -> None:
+    """Raise ConfigError (one line naming the key) if `config` does not fit `model` or this machine;
+    `placement`: the run's, built from `config` once (`placements.registry.placement_of`)."""
     quantized = config.runtime.quantize in ("server", "both")
     shapes = ModelShapes.from_config(
         model.config, dtype=resolve_runtime(config.runtime).dtype,
@@ -49,16 +50,16 @@ def check_against_model(config: ExperimentConfig, model: PreTrainedModel) -> Non
         target_modules=config.lora.target_modules)
     if not shapes.modules:
         raise ConfigError(f"lora.target_modules {config.lora.target_modules} match no module of {config.model.name}")
-    check_blocks(config, shapes)
+    check_blocks(config, shapes, placement)
     check_ranks(config, shapes)
     check_positions(config, model)
-    check_memory(config, shapes, machine_memory_bytes(model))
-    check_frame_size(config, shapes)
+    check_memory(config, shapes, machine_memory_bytes(model), placement)
+    check_frame_size(config, shapes, placement)
 
 
-def check_blocks(config: ExperimentConfig, shapes: ModelShapes) -> None:
+def check_blocks(config: ExperimentConfig, shapes: ModelShapes, placement: Placement) -> None:
     blocks = shapes.num_blocks
-    for problem in placement_of(config).block_problems(config, blocks):
+    for problem in placement.block_problems(config, blocks):
         raise ConfigError(problem)
     if config.hsplit.min_split > blocks:
         raise ConfigError(f"hsplit.min_split {config.hsplit.min_split} is out of range: "
@@ -133,34 +134,32 @@ def check_held_out(config: ExperimentConfig, model: Any, tokenizer: Any, held_ou
     return counts
 
 
-def step_frame_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
+def step_frame_bytes(config: ExperimentConfig, shapes: ModelShapes, placement: Placement) -> int:
     """The largest frame of one step, uncompressed: (B, T, width) activations in the runtime dtype
     (+ int32 labels in plain split). width: d at the cut (split, U-shaped, dlora's embeddings); in
     dlora also every branch message, d_in of a linear group or the sum of its d_out."""
     batch, seq_len = config.federation.batch_size, config.data.max_length
-    placement = placement_of(config)
     width = placement.step_frame_width(shapes)
     labels = 4 * batch * seq_len if placement.sends_labels() else 0
     return batch * seq_len * width * shapes.dtype_bytes + labels + FRAME_HEADER_ALLOWANCE_BYTES
 
 
-def upload_frame_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
+def upload_frame_bytes(config: ExperimentConfig, shapes: ModelShapes, placement: Placement) -> int:
     """A device's ADAPTERS frame: r (d_in + d_out) fp32 per module it holds (with a planner, every
     module at the largest rank of hsplit.rank_set: the most a plan can give one device)."""
     if config.hsplit.plans_per_device():
         modules, rank = list(shapes.modules), max(config.hsplit.rank_set)
     else:
-        placement = placement_of(config)
         held = placement.device_blocks(shapes.num_blocks, placement.fixed_split(config))
         modules, rank = shapes.modules_before(held.stop), config.lora.rank
     return adapter_bytes(shapes, dict.fromkeys(modules, rank), copies=1) + FRAME_HEADER_ALLOWANCE_BYTES
 
 
-def check_frame_size(config: ExperimentConfig, shapes: ModelShapes) -> None:
-    if not placement_of(config).uses_server():
+def check_frame_size(config: ExperimentConfig, shapes: ModelShapes, placement: Placement) -> None:
+    if not placement.uses_server():
         return
     limit = config.transport.max_message_bytes
-    step, upload = step_frame_bytes(config, shapes), upload_frame_bytes(config, shapes)
+    step, upload = step_frame_bytes(config, shapes, placement), upload_frame_bytes(config, shapes, placement)
     if limit < step:
         raise ConfigError(f"transport.max_message_bytes {limit} is too small for one step's activations "
                           f"({step} bytes at federation.batch_size {config.federation.batch_size} x "
@@ -169,7 +168,7 @@ def check_frame_size(config: ExperimentConfig, shapes: ModelShapes) -> None:
         raise ConfigError(f"transport.max_message_bytes {limit} is too small for a device's adapter upload ({upload} bytes)")
 
 
-def predicted_peak_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
+def predicted_peak_bytes(config: ExperimentConfig, shapes: ModelShapes, placement: Placement) -> int:
     """The run's predicted peak in one process (`hsplit/memory.py`'s model, one step of the whole
     model: device and server halves are alive together): frozen weights + head, the activations of
     a (federation.batch_size, data.max_length) step through every block and the head, and the
@@ -179,7 +178,7 @@ def predicted_peak_bytes(config: ExperimentConfig, shapes: ModelShapes) -> int:
     ranks = dict.fromkeys(shapes.modules, rank)
     step = memory_breakdown(shapes, shapes.num_blocks, ranks, config.federation.batch_size, config.data.max_length,
                             labels_on_device=True, checkpointing=config.runtime.gradient_checkpointing)
-    parties = config.federation.num_devices if placement_of(config).uses_server() else 1
+    parties = config.federation.num_devices if placement.uses_server() else 1
     return step.peak_bytes + (parties - 1) * adapter_bytes(shapes, ranks) + adapter_bytes(shapes, ranks, copies=1)
 
 
@@ -194,8 +193,8 @@ def machine_memory_bytes(model: PreTrainedModel) -> int:
         return 2**63
 
 
-def check_memory(config: ExperimentConfig, shapes: ModelShapes, available_bytes: int) -> None:
-    peak = predicted_peak_bytes(config, shapes)
+def check_memory(config: ExperimentConfig, shapes: ModelShapes, available_bytes: int, placement: Placement) -> None:
+    peak = predicted_peak_bytes(config, shapes, placement)
     if peak > available_bytes:
         raise ConfigError(
             f"the run needs about {peak / 2**30:.1f} GiB (predicted peak at federation.batch_size "

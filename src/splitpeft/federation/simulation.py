@@ -42,7 +42,6 @@ from splitpeft.federation.fleet import (
     device_examples,
     device_ids,
     device_stream,
-    fixed_split,
     fleet_profiles,
     modules_in,
     seed_everything,
@@ -97,7 +96,8 @@ class Simulation:
         log.info("runtime: %s on the server (%s), devices on %s; %s", runtime.dtype_name, runtime.server_device,
                  runtime.device_device, runtime.dtype_reason)
         self.loaded = loaded or load_model(config.model.name, seed=config.seed, dtype=runtime.dtype, device=runtime.server_device)
-        check_against_model(config, self.loaded.model)  # ranks, split, frame sizes, memory: before any work
+        self.placement = placement_of(config)  # built once; everything below asks it
+        check_against_model(config, self.loaded.model, self.placement)  # ranks, split, frame sizes, memory: before any work
         base, tokenizer = self.loaded.model, self.loaded.tokenizer
         self.backbone = backbone_of(base)
         num_blocks = self.backbone.num_blocks
@@ -114,8 +114,7 @@ class Simulation:
         if not same_side:
             quantize_blocks(self.device_base, range(num_blocks), runtime.device_quantization(), runtime.dtype)
         fed = config.federation
-        self.placement = placement_of(config)
-        self.placement.device_blocks(num_blocks, fixed_split(config))  # range check before any work
+        self.placement.device_blocks(num_blocks, self.placement.fixed_split(config))  # range check before any work
 
         # Without a server (centralized) one party trains on the pooled data of all devices.
         num_devices = fed.num_devices if self.placement.uses_server() else 1
@@ -178,7 +177,7 @@ class Simulation:
         self.planning: Planning | None = None
         plans = {}
         if not planner.uses_budgets and self.placement.plans_splits:
-            PlanOptions.from_config(config).check_fixed_split(fixed_split(config))  # the privacy floor
+            PlanOptions.from_config(config).check_fixed_split(self.placement.fixed_split(config))  # the privacy floor
         if planner.uses_budgets:
             if self.profiles is None:
                 raise ValueError(f"hsplit.planner={planner.name} needs fleet budgets")
@@ -202,7 +201,7 @@ class Simulation:
 
     def build_device(self, index: int, split_layer: int | None = None, ranks: dict[str, int] | None = None) -> DeviceRuntime:
         """Device `index` with its plan (split point, ranks), or the config's fixed ones."""
-        split_layer = fixed_split(self.config) if split_layer is None else split_layer
+        split_layer = self.placement.fixed_split(self.config) if split_layer is None else split_layer
         if ranks is None:
             ranks = modules_in(self.ranks, self.backbone, self.placement.device_blocks(self.backbone.num_blocks, split_layer))
         return build_device(self.config, self.device_base, self.placement, index, self.streams[index], split_layer, ranks,
