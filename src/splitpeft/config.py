@@ -263,8 +263,9 @@ class ServerConfig:
     batch_devices: bool | None = _help(
         "run the split steps of devices that arrive together as one pass of the server's frozen model, each "
         "device's LoRA on its own rows (simulation: a round's devices step in lockstep; gRPC: the steps that "
-        "arrive within batch_window_ms); the same adapters as one device at a time; null = where it is faster: "
-        "on unless the server computes in fp32 on a CPU (measured slower there, BENCHMARKS.md)", None)
+        "arrive within batch_window_ms); the same adapters as one device at a time; null = on (measured faster in "
+        "fp32 and bf16, on CPU and GPU, BENCHMARKS.md; not under fp16 loss scaling, gradient checkpointing or a "
+        "quantized server base, which step one device at a time)", None)
     batch_window_ms: float = _help(
         "gRPC split server with batch_devices: how long the first step of a pass waits for others to join it", 5.0, bound=Bound(0, 60_000))
 

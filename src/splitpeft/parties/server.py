@@ -26,7 +26,6 @@ from splitpeft.model.adapters import AdapterError, AdapterSet
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.batched import BatchedPass
 from splitpeft.model.loss import IGNORE_INDEX
-from splitpeft.model.runtime import Runtime
 from splitpeft.parties.frame_bounds import FrameBounds, gradient_problem
 from splitpeft.parties.party import DEFAULT_TRAINING, Party, Training
 from splitpeft.parties.shells import ShellPool
@@ -128,14 +127,6 @@ class ServerSession(Party):
         super().optimizer_step()
 
 
-def batching_is_faster(runtime: Runtime) -> bool:
-    """`server.batch_devices=null`: one pass for many devices where it was measured faster. On this
-    project's 2-core CPU (bench/batched_server.py, 16 devices, B=1, T=128, SmolLM2 at block 2) it
-    ran 1.3-1.6x one at a time in bf16 and 0.9x in fp32, whose matrix products are already
-    efficient at one device's rows; on a GPU one device's rows are far from filling it."""
-    return runtime.server_device.type != "cpu" or runtime.dtype != torch.float32
-
-
 class SplitServer:
     """Serves every device's split traffic through `handle(device_id, message)`.
 
@@ -145,7 +136,7 @@ class SplitServer:
     `warm`: every session takes noise-free's warm adapters (`WarmStart`); None: cold.
     `bounds` bound the norm of what enters a server step (`FrameBounds.from_config`); None: unbounded.
     `batch_devices`: steps of several devices offered together (`handle_wave`) run as one pass
-    (None: where it is faster, `batching_is_faster`).
+    (None: on, see `ServerConfig.batch_devices`).
     """
 
     def __init__(self, base: PreTrainedModel, server_ranks: Callable[[range], Mapping[str, int]],
@@ -159,9 +150,12 @@ class SplitServer:
         self.pool = pool
         # One pass of the frozen model for the steps of many devices (`handle_wave`); not under
         # fp16 loss scaling (each session scales its own backward) or a quantized server base.
-        if batch_devices is None:
-            batch_devices = batching_is_faster(runtime)
-        batchable = (batch_devices and not runtime.loss_scaling and not runtime.gradient_checkpointing
+        # None (the config's default): on. Measured faster wherever it was measured, quiet, on
+        # this project's 2-core CPU (bench/batched_server.py, 16 devices at block 2, B=1, T=128):
+        # 1.71x one at a time in bf16, 1.48x in fp32 (an earlier 0.9x in fp32 was taken under load,
+        # before the pass's overheads were cut); 4.2-5.0x on one H200. The main job's three devices,
+        # cut at far-apart blocks, share little of it: 0.95-0.97x (BENCHMARKS.md).
+        batchable = (batch_devices is not False and not runtime.loss_scaling and not runtime.gradient_checkpointing
                      and runtime.server_quantization() == "none")
         self.batched = BatchedPass(base, device=runtime.server_device, dtype=runtime.dtype) if batchable else None
         self.bounds = bounds
