@@ -36,6 +36,8 @@ def test_stochastic_rounding_is_unbiased_deterministic_and_nearest_in_fp32():
     assert torch.equal(again.float(), draws[0])  # the same key and value: the same draws
     assert stochastic_round(weight + delta, torch.float16, "x").dtype == torch.float16
     assert torch.equal(stochastic_round(exact, torch.float32, "x"), exact)
+    wide = exact.double() + delta.double() * 1e-3  # a float64 sum (an fp32 warm copy's W - s B A)
+    assert torch.equal(stochastic_round(wide, torch.float32, "x"), wide.float())  # fp32: nearest, as before
 
 
 def test_stochastic_bf16_rounding_of_negative_tiny_huge_and_non_finite_values():
