@@ -97,7 +97,7 @@ def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[
     warmups = {fraction: max(1, round(fraction * steps)) for fraction in args.warmups}
     if args.hybrid_blocks:
         overrides = [*overrides, f"placement.dlora_device_blocks={args.hybrid_blocks}"]
-    for seed in seeds:  # seed-major, so whole seeds are there when a session stops early
+    for seed in seeds if not args.table_only else []:  # seed-major: whole seeds are there when a session stops early
         run_seed_major("dlora", args.out / "no_kr", overrides, [seed], ["no_kr"])
         for warmup in warmups.values():
             run_seed_major("dlora", args.out / f"warmup-{warmup}", [*overrides, f"kill_revive.warmup={warmup}"],
@@ -134,14 +134,14 @@ def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[
                 if kr["eval"].get("bleu") is not None and base["eval"].get("bleu") is not None:
                     bleu.append(kr["eval"]["bleu"] - base["eval"]["bleu"])
 
-            def shown(values: list[float], scale: float, spec: str) -> str:
+            def shown(values: list[float], scale: float, spec: str, unit: str = "") -> str:
                 if not values:
                     return "-"
                 sd = f" ± {format(statistics.stdev(values) * scale, spec)}" if len(values) > 1 else ""
-                return format(statistics.mean(values) * scale, spec) + sd
+                return format(statistics.mean(values) * scale, spec) + sd + unit
 
-            lines.append(f"| {method} | {warmup} ({fraction:.0%}) | {shown(traffic, 100, '.1f')}% | "
-                         f"{shown(flops, 100, '.1f')}% | {shown(ppl, 100, '+.2f')}% | {shown(bleu, 1, '+.2f')} | "
+            lines.append(f"| {method} | {warmup} ({fraction:.0%}) | {shown(traffic, 100, '.1f', '%')} | "
+                         f"{shown(flops, 100, '.1f', '%')} | {shown(ppl, 100, '+.2f', '%')} | {shown(bleu, 1, '+.2f')} | "
                          f"{len(traffic)} |")
             if traffic and statistics.mean(ppl) <= 0.02 and (best is None or statistics.mean(traffic) > best[0]):
                 best = (statistics.mean(traffic), f"{method} with a warm-up of {warmup} steps")
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--perplexity-examples", type=int, default=200)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "valid.txt"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--table-only", action="store_true", help="hsplit: only the table of the finished runs in --out")
+    parser.add_argument("--table-only", action="store_true", help="run nothing: only the table of the finished runs in --out")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -175,6 +175,7 @@ def main() -> None:
     if args.suite == "dlora":
         methods = (args.methods or "no_kr,kr,kr_scheduled,kr_gradient,kr_converged").split(",")
         table = kill_and_revive(args, overrides, seeds, methods)
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kill_and_revive.md").write_text(table)
         print(table)
         return
