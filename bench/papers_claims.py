@@ -143,7 +143,9 @@ def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[
             lines.append(f"| {method} | {warmup} ({fraction:.0%}) | {shown(traffic, 100, '.1f', '%')} | "
                          f"{shown(flops, 100, '.1f', '%')} | {shown(ppl, 100, '+.2f', '%')} | {shown(bleu, 1, '+.2f')} | "
                          f"{len(traffic)} |")
-            if traffic and statistics.mean(ppl) <= 0.02 and (best is None or statistics.mean(traffic) > best[0]):
+            # a selection that killed nothing saves nothing: it is no recommendation, whatever its perplexity
+            if traffic and statistics.mean(traffic) > 0 and statistics.mean(ppl) <= 0.02 and (
+                    best is None or statistics.mean(traffic) > best[0]):
                 best = (statistics.mean(traffic), f"{method} with a warm-up of {warmup} steps")
     lines += ["", f"Recommended (perplexity within 2% of no KR, largest traffic saving): "
                   f"{best[1] if best else 'none of them'}."]
