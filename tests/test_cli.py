@@ -23,11 +23,13 @@ def _greedy_continuation(run, prompt: str, max_new_tokens: int) -> str:
     from peft import PeftModel
 
     from splitpeft.config import load_config
+    from splitpeft.model.adapters import peft_quietly
     from splitpeft.model.loading import load_model
 
     config = load_config(run / "config.yaml")
     loaded = load_model(config.model.name, seed=config.seed)
-    model = PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval()
+    with peft_quietly():  # transformers 5's deprecation warning on the attribute peft reads
+        model = PeftModel.from_pretrained(loaded.model, str(run / "adapter")).eval()
     tokenizer = loaded.tokenizer
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids  # (1, T)
     new: list[int] = []
