@@ -161,22 +161,27 @@ PLACEMENT_NAME_HOMES = ("splitpeft.placements", "splitpeft.dlora.placement", "sp
                         "splitpeft.experiment.compare")
 
 
-def placement_name_tests(modules: dict[str, str]) -> list[str]:
-    """`module:line` of every comparison (==, !=, in, not in) of something with a placement's name
-    written as a string, outside PLACEMENT_NAME_HOMES: a fact asked by name instead of of the
-    placement object (issue 26)."""
+AGGREGATOR_NAME_HOMES = ("splitpeft.aggregation", "splitpeft.config", "splitpeft.experiment.compare")
+
+
+def placement_name_tests(modules: dict[str, str], names: tuple[str, ...] | None = None,
+                         homes: tuple[str, ...] = PLACEMENT_NAME_HOMES) -> list[str]:
+    """`module:line` of every comparison (==, !=, in, not in) of something with a policy's name
+    (by default a placement's) written as a string, outside `homes`: a fact asked by name instead
+    of of the policy object (issue 26)."""
     from splitpeft.placements.registry import PLACEMENTS
 
+    names = PLACEMENTS if names is None else names
     found = []
     for name, source in modules.items():
-        if any(name == home or name.startswith(home + ".") for home in PLACEMENT_NAME_HOMES):
+        if any(name == home or name.startswith(home + ".") for home in homes):
             continue
         for node in ast.walk(ast.parse(source)):
             if not isinstance(node, ast.Compare):
                 continue
             for operand in [node.left, *node.comparators]:
                 for constant in ast.walk(operand):
-                    if isinstance(constant, ast.Constant) and constant.value in PLACEMENTS:
+                    if isinstance(constant, ast.Constant) and constant.value in names:
                         found.append(f"{name}:{node.lineno}")
     return found
 
@@ -192,3 +197,10 @@ def test_placement_name_tests_are_found():
 def test_no_placement_is_asked_for_by_its_name_outside_the_placements():
     modules = {_module_name(p): p.read_text() for p in PACKAGE.rglob("*.py")}
     assert placement_name_tests(modules) == []
+
+
+def test_no_aggregator_is_asked_for_by_its_name_outside_the_aggregators():
+    from splitpeft.aggregation.registry import REGISTRY
+
+    modules = {_module_name(p): p.read_text() for p in PACKAGE.rglob("*.py")}
+    assert placement_name_tests(modules, tuple(REGISTRY), AGGREGATOR_NAME_HOMES) == []

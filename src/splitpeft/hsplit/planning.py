@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Protocol
 
 from transformers import PreTrainedModel
 
+from splitpeft.aggregation.registry import REGISTRY as AGGREGATORS
 from splitpeft.config import ExperimentConfig
 from splitpeft.data.batching import BatchStream, EncodedExample
 from splitpeft.hsplit.armsc import DevicePlan, FleetOptions, PlanError, optimise_fleet, plan_fleet
@@ -144,7 +145,7 @@ class PlanOptions:
                    config.hsplit.max_split, config.federation.batch_size, config.data.max_length,
                    config.placement.labels_on_device, config.runtime.gradient_checkpointing,
                    PrivacyFloor.from_config(config), config.fleet.server_flops_per_s,
-                   config.federation.aggregator == "noise_free" and config.federation.noise_free_start == "warm",
+                   AGGREGATORS[config.federation.aggregator].warm_restarts and config.federation.noise_free_start == "warm",
                    config.hsplit.server_rank)
 
     def fleet(self) -> FleetOptions:
