@@ -164,7 +164,7 @@ PLACEMENT_NAME_HOMES = ("splitpeft.placements", "splitpeft.dlora.placement", "sp
 AGGREGATOR_NAME_HOMES = ("splitpeft.aggregation", "splitpeft.config", "splitpeft.experiment.compare")
 
 
-def placement_name_tests(modules: dict[str, str], names: tuple[str, ...] | None = None,
+def policy_name_tests(modules: dict[str, str], names: tuple[str, ...] | None = None,
                          homes: tuple[str, ...] = PLACEMENT_NAME_HOMES) -> list[str]:
     """`module:line` of every comparison (==, !=, in, not in) of something with a policy's name
     (by default a placement's) written as a string, outside `homes`: a fact asked by name instead
@@ -186,21 +186,21 @@ def placement_name_tests(modules: dict[str, str], names: tuple[str, ...] | None 
     return found
 
 
-def test_placement_name_tests_are_found():
-    assert placement_name_tests({"splitpeft.federation.x": "if config.placement.placement == 'dlora':\n    pass\n"}) \
+def test_policy_name_tests_are_found():
+    assert policy_name_tests({"splitpeft.federation.x": "if config.placement.placement == 'dlora':\n    pass\n"}) \
         == ["splitpeft.federation.x:1"]
-    assert placement_name_tests({"splitpeft.federation.x": "if kind in ('split', 'other'):\n    pass\n"}) \
+    assert policy_name_tests({"splitpeft.federation.x": "if kind in ('split', 'other'):\n    pass\n"}) \
         == ["splitpeft.federation.x:1"]
-    assert placement_name_tests({"splitpeft.placements.split": "if name == 'split':\n    pass\n"}) == []
+    assert policy_name_tests({"splitpeft.placements.split": "if name == 'split':\n    pass\n"}) == []
 
 
 def test_no_placement_is_asked_for_by_its_name_outside_the_placements():
     modules = {_module_name(p): p.read_text() for p in PACKAGE.rglob("*.py")}
-    assert placement_name_tests(modules) == []
+    assert policy_name_tests(modules) == []
 
 
 def test_no_aggregator_is_asked_for_by_its_name_outside_the_aggregators():
     from splitpeft.aggregation.registry import REGISTRY
 
     modules = {_module_name(p): p.read_text() for p in PACKAGE.rglob("*.py")}
-    assert placement_name_tests(modules, tuple(REGISTRY), AGGREGATOR_NAME_HOMES) == []
+    assert policy_name_tests(modules, tuple(REGISTRY), AGGREGATOR_NAME_HOMES) == []
