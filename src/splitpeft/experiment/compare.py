@@ -85,7 +85,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "kr": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=dynamic"],
         "kr_scheduled": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=scheduled"],
         "kr_gradient": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=gradient"],
-        "kr_converged": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=converged"],
+        "kr_converged": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=converged",
+                         "kill_revive.kill_threshold=0.05"],  # 0.01 (the default) never killed in 120 steps
         "static_random": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=static_random"],
         "static_score": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=static_score"],
     },
