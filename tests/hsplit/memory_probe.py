@@ -92,6 +92,12 @@ def _device(base, split_layer: int, ranks: dict[str, int], batch_size: int, seq_
     return device, channel
 
 
+def probe_labelled(batch_size: int, seq_len: int) -> int:
+    """The positions the probe's loss counts per step: its items label the second half of each
+    sequence, so T - T // 2 positions per row predict a label (`loss.labelled_positions`)."""
+    return batch_size * (seq_len - seq_len // 2)
+
+
 def measured_peak(base, split_layer: int, ranks: dict[str, int], batch_size: int, seq_len: int,
                   labels_on_device: bool = False, runtime: Runtime = CPU_FP32) -> int:
     """The device meter's peak over 2 local steps of a real split device with exactly `ranks`

@@ -3,7 +3,7 @@ checkpointing, and shapes from a config alone (meta device) against shapes read 
 
 import pytest
 import torch
-from memory_probe import CASES, base_in, kept_out_of_sight, measured_peak, runtime_for, spread_ranks
+from memory_probe import CASES, base_in, kept_out_of_sight, measured_peak, probe_labelled, runtime_for, spread_ranks
 from transformers import GPT2Config, LlamaConfig
 
 from splitpeft.hsplit.armsc import plan_device
@@ -25,7 +25,8 @@ def test_bf16_prediction_is_the_meters_account(name, split_layer, pattern, batch
     base, shapes = base_in(name, "bf16")
     ranks = spread_ranks(shapes, split_layer, pattern)
     measured = measured_peak(base, split_layer, ranks, batch_size, seq_len, labels_on_device, runtime_for("bf16"))
-    predicted = memory_breakdown(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device)
+    predicted = memory_breakdown(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device,
+                                 labelled=probe_labelled(batch_size, seq_len))
     assert predicted.unmetered_bytes == 0 and predicted.peak_bytes == measured
 
 
@@ -38,7 +39,8 @@ def test_quantized_prediction_is_the_meters_account(dtype, quantization, split_l
     ranks = spread_ranks(shapes, split_layer, pattern)
     measured = measured_peak(base, split_layer, ranks, batch_size, seq_len, labels_on_device,
                              runtime_for(dtype, quantization))
-    assert memory_breakdown(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device).metered_bytes == measured
+    assert memory_breakdown(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device,
+                            labelled=probe_labelled(batch_size, seq_len)).metered_bytes == measured
 
 
 PATTERNS = [(8,), (0, 4, 16), (0, 0, 0, 2), (0,) * 20 + (4,)]  # the last adapts only block 2's down_proj

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memory_probe import CASES, base_in, measured_peak, spread_ranks
+from memory_probe import CASES, base_in, measured_peak, probe_labelled, spread_ranks
 
 from splitpeft.data.batching import BatchStream, EncodedExample
 from splitpeft.hsplit.armsc import PlanError, minimal_ranks, plan_device, plan_fleet
@@ -43,7 +43,8 @@ def test_predicted_peak_matches_measured(name, split_layer, pattern, batch_size,
     base, shapes = model(name)
     ranks = spread_ranks(shapes, split_layer, pattern)
     measured = measured_peak(base, split_layer, ranks, batch_size, seq_len, labels_on_device)
-    predicted = predict_peak_bytes(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device)
+    predicted = predict_peak_bytes(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device,
+                                   labelled=probe_labelled(batch_size, seq_len))
     assert predicted == measured
 
 

@@ -10,7 +10,7 @@ from splitpeft.model import loss as loss_module
 from splitpeft.model.adapters import ADAPTER_NAME, BranchLinear, inject, lora_layers, lora_parameters
 from splitpeft.model.backbone import share_frozen_copy
 from splitpeft.model.loading import load_model
-from splitpeft.model.loss import IGNORE_INDEX, causal_lm_loss
+from splitpeft.model.loss import IGNORE_INDEX, causal_lm_loss, head_loss
 from splitpeft.model.parts import Part, view_part
 
 
@@ -42,11 +42,32 @@ def test_chunked_cross_entropy_is_torchs_on_upcast_logits(monkeypatch, chunk_row
     assert bool((ours.reshape(3, 50, -1)[:, :19] == 0).all())  # no gradient on unlabelled positions
 
 
-def test_fp32_loss_is_torchs_cross_entropy_bit_for_bit():
+def test_fp32_loss_is_torchs_cross_entropy():
+    """To fp32 rounding: ours averages the labelled rows it picked, torch's skips the ignored ones."""
     logits, labels = _logits_and_labels(torch.float32)
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    assert torch.equal(causal_lm_loss(logits, labels),
-                       F.cross_entropy(logits.reshape(-1, 1000), shifted, ignore_index=IGNORE_INDEX))
+    torch.testing.assert_close(causal_lm_loss(logits, labels),
+                               F.cross_entropy(logits.reshape(-1, 1000), shifted, ignore_index=IGNORE_INDEX),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_on_labelled_positions_gives_the_loss_and_gradient_of_the_head_on_all(dtype):
+    """`head_loss` runs the head on the labelled positions only: the same loss and the same gradient
+    at the hidden states (zero where no label is predicted) as the head over every position."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 1000, bias=False)).to(dtype)
+    _, labels = _logits_and_labels(dtype)
+    hidden = torch.randn(3, 50, 16, dtype=dtype, requires_grad=True)
+    ours = head_loss(head, hidden, labels)
+    (ours_grad,) = torch.autograd.grad(ours, hidden)
+    everywhere = causal_lm_loss(head(hidden), labels)
+    (everywhere_grad,) = torch.autograd.grad(everywhere, hidden)
+    tolerance = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+    torch.testing.assert_close(ours, everywhere, **tolerance)
+    torch.testing.assert_close(ours_grad, everywhere_grad, **tolerance)
+    assert bool((ours_grad[:, :19] == 0).all()) and bool((ours_grad[2, 39:] == 0).all())
+    assert bool((ours_grad[:, 19:39] != 0).any(dim=-1).all())  # every labelled position got its gradient
 
 
 def test_branch_linear_in_fp32_is_nn_linear_bit_for_bit():

@@ -10,6 +10,7 @@ from splitpeft.config import ConfigError, KillReviveConfig
 from splitpeft.dlora.remote import input_groups
 from splitpeft.federation.simulation import Simulation
 from splitpeft.model.adapters import LoraWeights, read_adapters
+from splitpeft.model.loss import labelled_positions
 from splitpeft.parties.killrevive import (
     KillRevive,
     block_of,
@@ -135,6 +136,7 @@ def _traced_kr_run(enabled: bool, steps: int, *overrides: str):
         up, down = len(frames["up"]), len(frames["down"])
         loss = original_step(dev, batch, channel)
         trace.append({"active": set(dev.modules) - killed, "sources": sources, "shape": tuple(batch.input_ids.shape),
+                      "labelled": int(labelled_positions(batch.labels)[0].numel()),
                       "up": frames["up"][up:], "down": frames["down"][down:]})
         return loss
 
@@ -224,10 +226,10 @@ def test_dlora_kr_cuts_device_flops_and_traffic():
         for i, step in enumerate(trace):
             expected = _expected_adapter_flops(sim, step["active"], step["shape"])
             assert step["adapter_flops"] == expected, (i, step["adapter_flops"], expected)
-            # the rest of the device's step: the frozen (tied) LM head, forward and input gradient
-            # (embedding lookups, the loss and AdamW count no FLOPs)
-            tokens = step["shape"][0] * step["shape"][1]
-            assert stats.step_flops[i] == expected + 4 * tokens * config.hidden_size * config.vocab_size
+            # the rest of the device's step: the frozen (tied) LM head, forward and input gradient, on
+            # the labelled positions only (embedding lookups, the loss and AdamW count no FLOPs)
+            assert 0 < step["labelled"] < step["shape"][0] * step["shape"][1]
+            assert stats.step_flops[i] == expected + 4 * step["labelled"] * config.hidden_size * config.vocab_size
         assert stats.adapter_flops == sum(step["adapter_flops"] for step in trace)
         assert stats.flops == sum(stats.step_flops)
 

@@ -55,7 +55,7 @@ from splitpeft.model.adapters import (
     write_adapters,
 )
 from splitpeft.model.adapters import scale as lora_scale
-from splitpeft.model.loss import causal_lm_loss
+from splitpeft.model.loss import head_loss
 from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, backward_from_cut, freeze_locally
 from splitpeft.transport.channel import Channel
@@ -164,7 +164,7 @@ class DLoRAPlacement:
         reply.expect(Kind.FINAL_HIDDEN)
         final = reply.tensor("hidden", shape=embedded.shape, dtype=embedded.dtype, device=embedded.device).requires_grad_()
         with meter.compute():
-            loss = causal_lm_loss(backbone.head(final), batch.labels)
+            loss = head_loss(backbone.head, final, batch.labels)
             loss.backward()
         assert final.grad is not None  # the head's backward reached it
         reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": device.defence.release_gradient(final.grad)},

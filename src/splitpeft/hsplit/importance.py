@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 
 from splitpeft.data.batching import Batch
 from splitpeft.model.backbone import Backbone, share_frozen_copy
-from splitpeft.model.loss import causal_lm_loss
+from splitpeft.model.loss import head_loss
 
 
 def base_linear(model: nn.Module, name: str) -> nn.Module:
@@ -91,7 +91,7 @@ def probe_importance(
     for batch in batches:
         with torch.enable_grad():
             hidden = probe_backbone.blocks(probe_backbone.embed(batch.input_ids), 0, probe_backbone.num_blocks)
-            loss = causal_lm_loss(probe_backbone.head(hidden), batch.labels)
+            loss = head_loss(probe_backbone.head, hidden, batch.labels)
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
         for i, (weight, grad) in enumerate(zip(weights, grads)):
             if grad is not None:

@@ -493,15 +493,16 @@ def rotary_bytes(shapes: ModelShapes, seq_len: int) -> int:
     return 2 * seq_len * shapes.head_dim * shapes.dtype_bytes if shapes.family == "llama" else 0
 
 
-def head_saved_bytes(shapes: ModelShapes, batch_size: int, seq_len: int) -> int:
-    """What the head and the loss save when the device computes the loss (the labels are shifted
-    and padded, so every one of the N = B T positions counts): the final norm, then in fp32 torch's
-    cross-entropy: log-softmax output N V 4, int64 targets, total weight; in bf16 / fp16
-    `LowPrecisionCrossEntropy`: the logits N V s, fp32 log-sum-exp N 4, int64 targets."""
-    n = batch_size * seq_len
+def head_saved_bytes(shapes: ModelShapes, batch_size: int, seq_len: int, labelled: int | None = None) -> int:
+    """What the head and the loss save when the device computes the loss. `head_loss` runs them on
+    the n labelled positions only (`labelled`; None: every one of the B T positions, the bound a
+    plan made before the data holds to): the int64 positions picked, the final norm, then in fp32
+    torch's cross-entropy: log-softmax output n V 4, int64 targets, total weight; in bf16 / fp16
+    `LowPrecisionCrossEntropy`: the logits n V s, fp32 log-sum-exp n 4, int64 targets."""
+    n = batch_size * seq_len if labelled is None else labelled
     if shapes.dtype_bytes == 4:
-        return shapes.norm_saved_bytes(n) + n * shapes.vocab_size * 4 + 8 * n + 4
-    return shapes.norm_saved_bytes(n) + n * shapes.vocab_size * shapes.dtype_bytes + 4 * n + 8 * n
+        return 8 * n + shapes.norm_saved_bytes(n) + n * shapes.vocab_size * 4 + 8 * n + 4
+    return 8 * n + shapes.norm_saved_bytes(n) + n * shapes.vocab_size * shapes.dtype_bytes + 4 * n + 8 * n
 
 
 def frozen_bytes(shapes: ModelShapes, split_layer: int, labels_on_device: bool) -> int:
@@ -548,15 +549,17 @@ def memory_breakdown(
     labels_on_device: bool = False,
     checkpointing: bool = False,
     warm: bool = False,
+    labelled: int | None = None,
 ) -> MemoryBreakdown:
     """Predicted peak of a `split` device, by term (see the module docstring for the formula);
-    `warm`: noise-free's warm start, whose per-module weight copies count with the adapters."""
+    `warm`: noise-free's warm start, whose per-module weight copies count with the adapters;
+    `labelled`: the positions a step's loss counts (None: all B T, an upper bound; `head_saved_bytes`)."""
     if not 0 <= split_layer <= shapes.num_blocks:
         raise ValueError(f"split_layer {split_layer} is out of range 0..{shapes.num_blocks}")
     saved = blocks_saved(shapes, roles_per_block(shapes, split_layer, ranks), batch_size, seq_len)
     activations, unmetered = activation_terms(shapes, saved, seq_len, checkpointing)
     if labels_on_device:
-        activations += head_saved_bytes(shapes, batch_size, seq_len)
+        activations += head_saved_bytes(shapes, batch_size, seq_len, labelled)
     adapters = adapter_bytes(shapes, ranks) + (warm_copy_bytes(shapes, ranks) if warm else 0)
     return MemoryBreakdown(frozen_bytes(shapes, split_layer, labels_on_device), adapters, activations, unmetered)
 
@@ -570,10 +573,11 @@ def predict_peak_bytes(
     labels_on_device: bool = False,
     checkpointing: bool = False,
     warm: bool = False,
+    labelled: int | None = None,
 ) -> int:
     """Predicted peak memory of a `split` device: frozen + adapters + activations + unmetered (module docstring)."""
     return memory_breakdown(shapes, split_layer, ranks, batch_size, seq_len, labels_on_device, checkpointing,
-                            warm).peak_bytes
+                            warm, labelled).peak_bytes
 
 
 def flops_per_step(
@@ -584,13 +588,15 @@ def flops_per_step(
     seq_len: int,
     labels_on_device: bool = False,
     checkpointing: bool = False,
+    labelled: int | None = None,
 ) -> float:
     """Estimated device FLOPs of one training step (forward + backward), N = B T:
 
         forward  = sum_blocks [2 N sum_lin d_in d_out + 4 N T d_q] + sum_m 2 N r_m (d_in + d_out)
         backward = sum_live_blocks [2 N sum_lin d_in d_out + 10 N T d_q] + sum_m 4 N r_m (d_in + d_out)
                    (+ the forward of every live block again, with gradient checkpointing)
-        head     = 4 N d V (forward + input gradient), with the labels on the device
+        head     = 4 n d V (forward + input gradient), with the labels on the device, on the n
+                   labelled positions (`labelled`; None: all N, an upper bound)
 
     Attention is counted as full T x T products, as torch's FlopCounterMode counts sdpa; frozen
     linears need only their input gradient, and only where something upstream is adapted.
@@ -609,7 +615,7 @@ def flops_per_step(
         live = live_out
     total += sum(4 * n * r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
     if labels_on_device:
-        total += 4 * n * shapes.hidden_size * shapes.vocab_size
+        total += 4 * (n if labelled is None else labelled) * shapes.hidden_size * shapes.vocab_size
     return float(total)
 
 
@@ -620,13 +626,14 @@ def server_flops_per_step(
     batch_size: int,
     seq_len: int,
     labels_on_device: bool = False,
+    labelled: int | None = None,
 ) -> float:
     """Estimated server FLOPs of one device's training step at split k, N = B T: every server
     block [k, L) forward and backward with a rank-`server_rank` adapter on each candidate module
     (the server session's adapters), and the head and loss when the labels are on the server:
 
         sum_{j >= k} [4 N sum_lin d_in d_out + 14 N T d_q] + sum_{m in j >= k} 6 N r (d_in + d_out)
-        + 4 N d V (plain split only)
+        + 4 n d V (plain split only; n labelled positions, `labelled`, None: all N)
 
     Every server block is live in backward (its input gradient goes down to the device).
     """
@@ -639,7 +646,7 @@ def server_flops_per_step(
         total += sum(6 * n * server_rank * sum(dims) for m, dims in shapes.modules.items()
                      if shapes.module_block[m] >= split_layer)
     if not labels_on_device:
-        total += 4 * n * shapes.hidden_size * shapes.vocab_size
+        total += 4 * (n if labelled is None else labelled) * shapes.hidden_size * shapes.vocab_size
     return float(total)
 
 

@@ -43,7 +43,7 @@ from transformers import PreTrainedModel
 
 from splitpeft.model.adapters import ADAPTER_NAME, lora_ab, lora_branch
 from splitpeft.model.backbone import backbone_of
-from splitpeft.model.loss import causal_lm_loss
+from splitpeft.model.loss import labelled_positions, token_loss
 from splitpeft.model.parts import Part, view_part
 
 
@@ -212,14 +212,18 @@ class BatchedPass(BranchHost):
         return x
 
     def losses(self, members: list[Member], output: torch.Tensor) -> list[torch.Tensor]:
-        """Each member's loss (`causal_lm_loss` on its own rows and labels), from one head pass
-        over every row."""
-        logits = self.backbone.head(output)  # (N, T_max, V)
-        losses = []
-        for member, rows in zip(members, by_member(logits, members)):
+        """Each member's loss (`head_loss` on its own rows and labels), from one head pass over
+        every member's labelled positions. output (N, T_max, d)."""
+        t_max, width = int(output.shape[1]), int(output.shape[-1])
+        positions, targets, counts = [], [], []
+        for member in members:
             assert member.labels is not None
-            losses.append(causal_lm_loss(rows[:, : member.seq_len], member.labels))
-        return losses
+            where, target = labelled_positions(member.labels, width=t_max)
+            positions.append(where + member.rows.start * t_max)
+            targets.append(target)
+            counts.append(int(where.numel()))
+        logits = self.backbone.head(output.reshape(-1, width).index_select(0, torch.cat(positions)))  # (n, V)
+        return [token_loss(rows, target) for rows, target in zip(logits.split(counts), targets)]
 
 
 def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor) -> torch.Tensor | None:

@@ -1,8 +1,15 @@
 """The training loss, shared by every placement and the importance probe: next-token
-cross-entropy on completion tokens only (prompt and padding carry IGNORE_INDEX)."""
+cross-entropy on completion tokens only (prompt and padding carry IGNORE_INDEX).
+
+`head_loss` runs the head (final norm + LM head) on the labelled positions alone: the others
+carry no loss, so their logits would be computed, kept for backward and given a zero gradient for
+nothing (in the main job two positions in three are prompt or padding; the head is a fifth of
+SmolLM2's forward FLOPs per position). `causal_lm_loss` is the same loss from logits someone already
+has over every position."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,58 +24,78 @@ LOSS_CHUNK_ROWS = 128
 """Rows of low-precision logits upcast to fp32 at a time: (128, 49152) fp32 is 24 MiB."""
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of next-token prediction over labelled positions, in fp32.
+def labelled_positions(labels: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (n,), targets (n,)) of the next-token loss: position b W + t predicts labels[b, t + 1]
+    wherever that is not IGNORE_INDEX. labels (B, T) unshifted; W (default T) is the row stride of
+    the hidden states the positions index (T_max for rows padded to a longer pass)."""
+    batch, length = labels.shape
+    width = length if width is None else width
+    shifted = labels[:, 1:]  # (B, T - 1): the label each of positions 0 .. T - 2 predicts
+    b, t = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+    return b * width + t, shifted[b, t].long()
 
-    logits (B, T, V), labels (B, T) with IGNORE_INDEX on prompt and padding (not shifted).
-    fp32 logits go through torch's cross-entropy; bf16 / fp16 logits through
-    `LowPrecisionCrossEntropy`, which upcasts only a chunk of labelled rows at a time.
-    """
-    # Shift the labels, not the logits: slicing (B, T, V) logits would copy them (and their
-    # gradient) every step; padding the last label position with IGNORE_INDEX is the same loss.
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-    rows = logits.reshape(-1, logits.shape[-1])  # (B T, V), a view
+
+def head_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`causal_lm_loss(head(hidden), labels)`, with the head run on the labelled positions only.
+
+    hidden (B, T, d) final hidden states (before the final norm), labels (B, T) as for
+    `causal_lm_loss`. The gradient reaching `hidden` is zero on the other positions, as it is there."""
+    positions, targets = labelled_positions(labels)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (n, d)
+    return token_loss(head(picked), targets)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of rows of logits (n, V) against targets (n,) (every row counts), in fp32:
+    torch's for fp32 logits, `LowPrecisionCrossEntropy` for bf16 / fp16 ones."""
     if logits.dtype == torch.float32:
-        return F.cross_entropy(rows, shifted.reshape(-1), ignore_index=IGNORE_INDEX)
-    loss: torch.Tensor = LowPrecisionCrossEntropy.apply(rows, shifted.reshape(-1))
+        return F.cross_entropy(logits, targets)
+    loss: torch.Tensor = LowPrecisionCrossEntropy.apply(logits, targets)
     return loss
 
 
-class LowPrecisionCrossEntropy(torch.autograd.Function):
-    """Mean over labelled rows of logsumexp(z_i) - z_i[y_i], computed in fp32 from bf16 / fp16 logits.
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token prediction over labelled positions, in fp32.
 
-    logits z (N, V) in the model's dtype, targets y (N,) int64 (IGNORE_INDEX: not counted) -> loss ().
-    torch's cross-entropy would need the (N, V) logits upcast to fp32, their fp32 log-softmax and
-    its fp32 gradient (three fp32 (N, V) passes per step, a tenth of a bf16 step of the main job).
-    Here only LOSS_CHUNK_ROWS labelled rows are in fp32 at a time; backward recomputes
+    logits (B, T, V), labels (B, T) with IGNORE_INDEX on prompt and padding (not shifted). Training
+    uses `head_loss`, which never computes the unlabelled positions' logits."""
+    positions, targets = labelled_positions(labels)
+    return token_loss(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets)
+
+
+class LowPrecisionCrossEntropy(torch.autograd.Function):
+    """Mean over rows of logsumexp(z_i) - z_i[y_i], computed in fp32 from bf16 / fp16 logits.
+
+    logits z (n, V) in the model's dtype, targets y (n,) int64 (every row counts) -> loss ().
+    torch's cross-entropy would need the (n, V) logits upcast to fp32, their fp32 log-softmax and
+    its fp32 gradient (three fp32 (n, V) passes per step, a tenth of a bf16 step of the main job).
+    Here only LOSS_CHUNK_ROWS rows are in fp32 at a time; backward recomputes
     softmax(z_i) = exp(z_i - lse_i) from the saved logits and writes the gradient
-    (softmax(z_i) - onehot(y_i)) / count in the logits' dtype. Saved for backward: the logits,
-    lse (N,) fp32 (0 on unlabelled rows) and the targets. Written here because torch has no
-    chunked cross-entropy for CPU (Liger's and Apple's cut cross-entropy are GPU kernels).
+    (softmax(z_i) - onehot(y_i)) / n in the logits' dtype. Saved for backward: the logits,
+    lse (n,) fp32 and the targets. Written here because torch has no chunked cross-entropy for CPU
+    (Liger's and Apple's cut cross-entropy are GPU kernels).
     """
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
-        lse = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (n,)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for rows in labelled.split(LOSS_CHUNK_ROWS):
-            z = logits.index_select(0, rows).float()  # (c, V)
+        for start in range(0, logits.shape[0], LOSS_CHUNK_ROWS):
+            z = logits[start: start + LOSS_CHUNK_ROWS].float()  # (c, V)
             chunk_lse = torch.logsumexp(z, dim=1)  # (c,)
-            lse[rows] = chunk_lse
-            total += (chunk_lse - z.gather(1, targets[rows, None]).squeeze(1)).sum()
+            lse[start: start + LOSS_CHUNK_ROWS] = chunk_lse
+            total += (chunk_lse - z.gather(1, targets[start: start + LOSS_CHUNK_ROWS, None]).squeeze(1)).sum()
         ctx.save_for_backward(logits, lse, targets)
-        ctx.count = labelled.numel()
-        return total / ctx.count
+        return total / logits.shape[0]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         logits, lse, targets = ctx.saved_tensors
-        grad_logits = torch.zeros_like(logits)  # (N, V): unlabelled rows get no gradient
-        labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        step = grad.float() / ctx.count
-        for rows in labelled.split(LOSS_CHUNK_ROWS):
-            p = torch.exp(logits.index_select(0, rows).float() - lse[rows, None])  # (c, V) softmax
-            p[torch.arange(rows.numel(), device=p.device), targets[rows]] -= 1.0
-            grad_logits[rows] = (p * step).to(logits.dtype)
+        grad_logits = torch.empty_like(logits)  # (n, V)
+        step = grad.float() / logits.shape[0]
+        for start in range(0, logits.shape[0], LOSS_CHUNK_ROWS):
+            chunk = slice(start, start + LOSS_CHUNK_ROWS)
+            p = torch.exp(logits[chunk].float() - lse[chunk, None])  # (c, V) softmax
+            p[torch.arange(p.shape[0], device=p.device), targets[chunk]] -= 1.0
+            grad_logits[chunk] = (p * step).to(logits.dtype)
         return grad_logits, None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from splitpeft.config import ExperimentConfig, failed_checks
 from splitpeft.data.batching import Batch
-from splitpeft.model.loss import causal_lm_loss
+from splitpeft.model.loss import head_loss
 from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, freeze_locally
 from splitpeft.transport.channel import Channel
@@ -77,7 +77,7 @@ class CentralizedPlacement:
         backbone = device.backbone
         with device.meter.compute():
             hidden = backbone.blocks(backbone.embed(batch.input_ids), 0, backbone.num_blocks)  # (B, T, d)
-            loss = causal_lm_loss(backbone.head(hidden), batch.labels)
+            loss = head_loss(backbone.head, hidden, batch.labels)
             device.backward(loss)
             device.optimizer_step()
         return loss.item()

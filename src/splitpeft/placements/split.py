@@ -30,7 +30,7 @@ import torch
 from splitpeft.config import ExperimentConfig, failed_checks
 from splitpeft.data.batching import Batch
 from splitpeft.model.batched import BatchedPass, Member, Wave
-from splitpeft.model.loss import IGNORE_INDEX, causal_lm_loss
+from splitpeft.model.loss import IGNORE_INDEX, head_loss
 from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, backward_from_cut, freeze_locally
 from splitpeft.transport.channel import Channel
@@ -118,7 +118,7 @@ class SplitPlacement:
             reply.expect(Kind.FINAL_HIDDEN)
             final = reply.tensor("hidden", shape=cut.shape, dtype=cut.dtype, device=cut.device).requires_grad_()
             with meter.compute():
-                loss = causal_lm_loss(backbone.head(final), batch.labels)
+                loss = head_loss(backbone.head, final, batch.labels)
                 device.backward(loss)
             loss_value = loss.item()
             head_grad = device.defence.release_gradient(device.outgoing_grad(final))
@@ -150,7 +150,7 @@ class SplitPlacement:
             if labels is None:
                 session.step_state = (hidden, final)  # until the device's HEAD_GRADIENT
                 return Message(Kind.FINAL_HIDDEN, {"hidden": final.detach()})
-            loss = causal_lm_loss(backbone.head(final), labels)
+            loss = head_loss(backbone.head, final, labels)
             session.backward(loss)
             loss_value = loss.item()
             session.optimizer_step(tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()), loss=loss_value)

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 from splitpeft.data.batching import Batch, EncodedExample, collate
 from splitpeft.defences.cut import Defence
 from splitpeft.model.backbone import backbone_of
-from splitpeft.model.loss import causal_lm_loss
+from splitpeft.model.loss import head_loss
 from splitpeft.placements.base import Placement
 from splitpeft.privacy.attackers import CutBatch, ServerKnowledge, make_attacker
 from splitpeft.privacy.scoring import Score, chance_accuracy, score
@@ -130,7 +130,7 @@ def capture_batch(model: PreTrainedModel, batch: Batch, exposure: Exposure, defe
         final = _wire("hidden", final, compression).to(parameter.device, cut.dtype)
         with torch.enable_grad():
             leaf = final.detach().requires_grad_()
-            (grad,) = torch.autograd.grad(causal_lm_loss(backbone.head(leaf), batch.labels), leaf)
+            (grad,) = torch.autograd.grad(head_loss(backbone.head, leaf, batch.labels), leaf)
         seen.final_hidden = final.float().cpu()
         seen.head_grad = _wire("grad", defence.release_gradient(grad), compression)
     return seen
