@@ -45,6 +45,15 @@ DEFENCES: dict[str, list[str]] = {  # name -> overrides on top of the shared one
     "U-shaped k=16, noise 0.1": ["placement.split_layer=16", "privacy.noise_multiplier=0.1",
                                  "privacy.clip_norm={clip16}", "privacy.gradient_clip_norm={grad_clip}"],
     "U-shaped k=4, NoPeek 1": ["privacy.nopeek_weight=1.0"],
+    # the states' noise alone: the head gradient goes as it is (its noise at sigma 0.1 is above its signal)
+    "U-shaped k=4, noise 0.1, clean head gradient": ["privacy.noise_multiplier=0.1", "privacy.clip_norm={clip}"],
+    # each sequence's (T, d) release clipped to C_seq (its median norm), which keeps the first token's
+    # state (about 10x the others' norm at k = 4) as large against the rest as the model made it; sigma
+    # chosen for the same noise per entry as token-level sigma 0.1 (8.5) and 0.25 (21)
+    "U-shaped k=4, sequence clip, noise 0.0065, clean head gradient": [
+        "privacy.clip_per=sequence", "privacy.noise_multiplier=0.0065", "privacy.clip_norm={clip_seq}"],
+    "U-shaped k=4, sequence clip, noise 0.016, clean head gradient": [
+        "privacy.clip_per=sequence", "privacy.noise_multiplier=0.016", "privacy.clip_norm={clip_seq}"],
     "dlora": ["placement.placement=dlora"],
     "dlora hybrid k=2": ["placement.placement=dlora", "placement.dlora_device_blocks=2"],
     "plain split k=4": ["placement.labels_on_device=false"],
@@ -60,6 +69,9 @@ def main() -> None:
                         help="privacy.clip_norm C at k = 4 (SmolLM2's median row norm after 4 blocks)")
     parser.add_argument("--clip16", type=float, default=177.0,
                         help="privacy.clip_norm C at k = 16 (SmolLM2's median row norm after 16 blocks)")
+    parser.add_argument("--clip-seq", type=float, default=1300.0,
+                        help="privacy.clip_norm C with privacy.clip_per=sequence at k = 4 (SmolLM2's median norm of a "
+                        "padded (T, d) batch row of E2E after 4 blocks: 1303 over 64 examples, T up to 37)")
     parser.add_argument("--grad-clip", type=float, default=0.0012,
                         help="privacy.gradient_clip_norm C_g (SmolLM2's median head-gradient row norm)")
     parser.add_argument("--rounds", type=int, default=4)
@@ -109,7 +121,7 @@ def main() -> None:
         for index, name in enumerate(chosen):
             baseline = "true" if index == 0 and not args.no_baseline else "false"
             overrides = shared + [f"seed={seed}", f"eval.baseline={baseline}"] + [
-                o.format(clip=args.clip, clip16=args.clip16, grad_clip=args.grad_clip) for o in DEFENCES[name]]
+                o.format(clip=args.clip, clip16=args.clip16, clip_seq=args.clip_seq, grad_clip=args.grad_clip) for o in DEFENCES[name]]
             config = load_config(preset="e2e", overrides=overrides)
             started = time.perf_counter()
             out = args.out / f"seed{seed}" / name.replace(" ", "_").replace(",", "").replace("=", "")
