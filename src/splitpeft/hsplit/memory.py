@@ -45,12 +45,13 @@ below follow exactly.
     factor_casts sum_m r_m (d_out_m + d_in_m [input needs grad]) s
                                         B and A cast to s bytes for the product                [bf16 / fp16]
     rotary       2 T d_head s          cos and sin, once per forward                          [LLaMA, q/k need grad]
-    head         fp32:  norm + N V 4 + 8 N + 4
-                                        final norm (as norm_in), log-softmax, int64 targets,
-                                        total weight                                          [labels on device]
-                 bf16 / fp16: norm + N V s + 4 N + 8 N
-                                        final norm, the logits, fp32 log-sum-exp, int64
-                                        targets (`loss.LowPrecisionCrossEntropy`)             [labels on device]
+    head         fp32:  8 n + norm + n V 4 + 8 n + 4
+                                        on the n <= N labelled positions (`loss.head_loss`):
+                                        their int64 indices, final norm (as norm_in),
+                                        log-softmax, int64 targets, total weight              [labels on device]
+                 bf16 / fp16: 8 n + norm + n V s + 4 n + 8 n
+                                        indices, final norm, the logits, fp32 log-sum-exp,
+                                        int64 targets (`loss.LowPrecisionCrossEntropy`)       [labels on device]
 
 Unmetered: memory the CPU meter's saved-tensor hooks cannot see (on CUDA the meter reads the
 allocator, which sees it):
