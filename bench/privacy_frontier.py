@@ -235,9 +235,23 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
         axis.axvspan(tuned, untuned - GOAL_GAIN * (untuned - tuned), ymax=GOAL_LEAKAGE, color="tab:green", alpha=0.15,
                      label=">= 90% of the gain at <= 30% recovery")
         axis.axvline(untuned, linestyle="--", color="grey", label="untuned")
+    # past twice the untuned perplexity a point is drawn at the edge (a ">" with its perplexity), so one
+    # diverged run does not squeeze the rest into a corner
+    edge = 2 * max(r["untuned_perplexity"] for r in reference) if reference else float("inf")
     for name in dict.fromkeys(r["defence"] for r in rows):
         group = [r for r in rows if r["defence"] == name]
-        axis.scatter([r["perplexity"] for r in group], [r["leakage"] for r in group], label=name)
+        inside = [r for r in group if r["perplexity"] <= edge]
+        outside = [r for r in group if r["perplexity"] > edge]
+        color = None
+        if inside:
+            drawn = axis.scatter([r["perplexity"] for r in inside], [r["leakage"] for r in inside], label=name)
+            color = drawn.get_facecolor()[0]
+        if outside:
+            axis.scatter([edge] * len(outside), [r["leakage"] for r in outside], marker=">", color=color,
+                         label=None if inside else name)
+            for r in outside:
+                axis.annotate(f"ppl {r['perplexity']:.0f}", (edge, r["leakage"]), textcoords="offset points",
+                              xytext=(-8, 6), ha="right", fontsize=7)
     points = sorted((r["perplexity"], r["leakage"]) for r in rows)
     frontier, best = [], 2.0
     for ppl, leak in points:
@@ -250,8 +264,10 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
     axis.set_xlabel("held-out perplexity (lower is better)")
     axis.set_ylabel("private tokens recovered by the strongest attacker")
     axis.set_ylim(0, 1.02)
+    if edge < float("inf"):
+        axis.set_xlim(0, edge * 1.03)
     axis.set_title("privacy against utility per defence (SmolLM2-135M, E2E)")
-    axis.legend(fontsize=7, loc="center right")
+    axis.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
