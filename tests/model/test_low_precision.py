@@ -70,6 +70,18 @@ def test_head_on_labelled_positions_gives_the_loss_and_gradient_of_the_head_on_a
     assert bool((ours_grad[:, 19:39] != 0).any(dim=-1).all())  # every labelled position got its gradient
 
 
+def test_labels_that_do_not_match_the_states_are_refused():
+    """Positions are flattened with T as the stride: labels one position short would label other
+    rows' states, so the loss refuses them by name."""
+    _, labels = _logits_and_labels(torch.float32)
+    hidden = torch.randn(3, 50, 16)
+    head = nn.Linear(16, 1000, bias=False)
+    with pytest.raises(ValueError, match="labels of shape"):
+        head_loss(head, hidden, labels[:, :49])
+    with pytest.raises(ValueError, match="labels of shape"):
+        causal_lm_loss(torch.randn(3, 50, 1000), labels[:2])
+
+
 def test_branch_linear_in_fp32_is_nn_linear_bit_for_bit():
     linear = nn.Linear(64, 8, bias=False)
     x = torch.randn(4, 10, 64)

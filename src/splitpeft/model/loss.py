@@ -40,6 +40,7 @@ def head_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor
 
     hidden (B, T, d) final hidden states (before the final norm), labels (B, T) as for
     `causal_lm_loss`. The gradient reaching `hidden` is zero on the other positions, as it is there."""
+    _check_labels(labels, hidden)
     positions, targets = labelled_positions(labels)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (n, d)
     return token_loss(head(picked), targets)
@@ -59,8 +60,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     logits (B, T, V), labels (B, T) with IGNORE_INDEX on prompt and padding (not shifted). Training
     uses `head_loss`, which never computes the unlabelled positions' logits."""
+    _check_labels(labels, logits)
     positions, targets = labelled_positions(labels)
     return token_loss(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets)
+
+
+def _check_labels(labels: torch.Tensor, rows: torch.Tensor) -> None:
+    """labels (B, T) must match rows (B, T, *): positions are flattened with T as the stride, so a
+    mismatch would pick other rows' states rather than fail."""
+    if labels.dim() != 2 or tuple(labels.shape) != tuple(rows.shape[:2]):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the (B, T) = {tuple(rows.shape[:2])} "
+                         "positions they label")
 
 
 class LowPrecisionCrossEntropy(torch.autograd.Function):
@@ -81,10 +91,11 @@ class LowPrecisionCrossEntropy(torch.autograd.Function):
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (n,)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], LOSS_CHUNK_ROWS):
-            z = logits[start: start + LOSS_CHUNK_ROWS].float()  # (c, V)
+            chunk = slice(start, start + LOSS_CHUNK_ROWS)
+            z = logits[chunk].float()  # (c, V)
             chunk_lse = torch.logsumexp(z, dim=1)  # (c,)
-            lse[start: start + LOSS_CHUNK_ROWS] = chunk_lse
-            total += (chunk_lse - z.gather(1, targets[start: start + LOSS_CHUNK_ROWS, None]).squeeze(1)).sum()
+            lse[chunk] = chunk_lse
+            total += (chunk_lse - z.gather(1, targets[chunk, None]).squeeze(1)).sum()
         ctx.save_for_backward(logits, lse, targets)
         return total / logits.shape[0]
 
