@@ -25,6 +25,7 @@ from splitpeft.transport.messages import (
     encoded_size,
     frame_size,
     header_bytes,
+    loss_tensor,
     safetensors_header,
     tensor_bytes,
 )
@@ -96,6 +97,20 @@ def test_every_nan_and_inf_is_found_wherever_it_is(dtype):
 def test_non_finite_scalars_cannot_be_sent():
     with pytest.raises(ValueError):
         encode(Message(Kind.CUT_GRADIENT, meta={"loss": float("nan")}))
+
+
+def test_a_losss_frame_is_as_long_whatever_its_value():
+    """The loss rides as a () float32 tensor: frames of losses that differ in the last bit (a batched
+    pass over other devices' rows gives such) have one length, so byte counts are reproducible."""
+    grad = torch.zeros(2, 3, 4)
+    sizes = {len(encode(Message(Kind.CUT_GRADIENT, {"grad": grad, "loss": loss_tensor(value)})))
+             for value in (0.0, 2.5, 3.4567891234, 10.000001, 1e-30, 123456.7)}
+    assert len(sizes) == 1
+    back = decode(encode(Message(Kind.CUT_GRADIENT, {"grad": grad, "loss": loss_tensor(3.25)})))
+    assert float(back.tensor("loss", shape=(), dtype=torch.float32)) == 3.25
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(MessageError, match="non-finite loss"):
+            loss_tensor(bad)
 
 
 def test_malformed_frames_each_get_a_named_error():

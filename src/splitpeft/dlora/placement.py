@@ -59,7 +59,7 @@ from splitpeft.model.loss import head_loss
 from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, backward_from_cut, freeze_locally
 from splitpeft.transport.channel import Channel
-from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
+from splitpeft.transport.messages import Kind, Message, MessageError, Meta
 
 if TYPE_CHECKING:
     from splitpeft.hsplit.memory import ModelShapes
@@ -168,7 +168,7 @@ class DLoRAPlacement:
             loss.backward()
         assert final.grad is not None  # the head's backward reached it
         reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": device.defence.release_gradient(final.grad)},
-                                         meta={Meta.LOSS: finite(loss.item()), Meta.TOKENS: batch.completion_tokens}))
+                                         meta={Meta.TOKENS: batch.completion_tokens}))
         while reply.kind == Kind.BRANCH_GRADS:
             call = int(reply.meta.get(Meta.CALL, -1))
             if call not in pending:

@@ -34,7 +34,7 @@ from splitpeft.model.loss import IGNORE_INDEX, head_loss
 from splitpeft.model.parts import Part
 from splitpeft.placements.base import DeviceSide, ServerSide, backward_from_cut, freeze_locally
 from splitpeft.transport.channel import Channel
-from splitpeft.transport.messages import Kind, Message, MessageError, Meta, finite
+from splitpeft.transport.messages import Kind, Message, MessageError, loss_tensor
 
 if TYPE_CHECKING:
     from splitpeft.hsplit.memory import ModelShapes
@@ -122,12 +122,11 @@ class SplitPlacement:
                 device.backward(loss)
             loss_value = loss.item()
             head_grad = device.defence.release_gradient(device.outgoing_grad(final))
-            reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": head_grad},
-                                             meta={Meta.LOSS: finite(loss_value)}))
+            reply = channel.exchange(Message(Kind.HEAD_GRADIENT, {"grad": head_grad}))
             reply.expect(Kind.CUT_GRADIENT)
         else:
             reply.expect(Kind.CUT_GRADIENT)
-            loss_value = float(reply.meta.get(Meta.LOSS, float("nan")))
+            loss_value = float(reply.tensor("loss", shape=(), dtype=torch.float32))
         grad = reply.tensor("grad", shape=cut.shape, dtype=device.wire_grad_dtype, device=cut.device)
         backward_from_cut(device, embedded, cut, grad, batch)
         with meter.compute():
@@ -154,7 +153,7 @@ class SplitPlacement:
             session.backward(loss)
             loss_value = loss.item()
             session.optimizer_step(tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()), loss=loss_value)
-            return Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(hidden)}, meta={Meta.LOSS: finite(loss_value)})
+            return Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(hidden), "loss": loss_tensor(loss_value)})
         if message.kind == Kind.HEAD_GRADIENT and self.labels_on_device:
             if not isinstance(session.step_state, tuple):
                 raise MessageError("HEAD_GRADIENT without a preceding ACTIVATIONS message")
@@ -224,8 +223,8 @@ class SplitPlacement:
             assert labels is not None
             try:
                 session.optimizer_step(tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()), loss=value)
-                results[i] = Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(member.hidden)},
-                                     meta={Meta.LOSS: finite(value)})
+                results[i] = Message(Kind.CUT_GRADIENT, {"grad": session.outgoing_grad(member.hidden),
+                                                         "loss": loss_tensor(value)})
             except MessageError as error:
                 results[i] = error
         return results

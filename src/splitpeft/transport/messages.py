@@ -65,9 +65,9 @@ class Kind(enum.IntEnum):
     OPEN_SESSION = 1      # device -> server: start a training session (device id, split, ranks)
     SESSION_READY = 2     # server -> device
     ACTIVATIONS = 3       # device -> server: hidden states at the cut (+ labels in plain split)
-    CUT_GRADIENT = 4      # server -> device: dL/d(hidden at the cut) (+ loss)
+    CUT_GRADIENT = 4      # server -> device: dL/d(hidden at the cut) (+ the loss, plain split)
     FINAL_HIDDEN = 5      # server -> device (U-shaped split): output of the last block
-    HEAD_GRADIENT = 6     # device -> server (U-shaped split): dL/d(final hidden) (+ loss)
+    HEAD_GRADIENT = 6     # device -> server (U-shaped split): dL/d(final hidden)
     CLOSE_SESSION = 7     # device -> server: end of the local phase
     SESSION_CLOSED = 8    # server -> device: {"tokens": n}
     ADAPTERS = 9          # either way: LoRA A/B tensors of a set of modules (federation)
@@ -90,7 +90,6 @@ class Meta:
     SPLIT_LAYER = "split_layer"            # OPEN_SESSION, SESSION_READY: k
     LABELS_ON_DEVICE = "labels_on_device"  # OPEN_SESSION: U-shaped split
     RANKS = "ranks"                        # OPEN_SESSION (dlora): {module: rank} the device runs
-    LOSS = "loss"                          # CUT_GRADIENT / HEAD_GRADIENT: the step's loss
     TOKENS = "tokens"                      # SESSION_CLOSED, HEAD_GRADIENT (dlora): completion tokens
     CALL = "call"                          # dlora branch messages: which remote group call
     MODULES = "modules"                    # dlora BRANCH_* and REVIVE: module names
@@ -236,11 +235,13 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite number {name} in metadata")
 
 
-def finite(value: float) -> float:
-    """Guard for scalars we put into metadata (JSON has no NaN)."""
+def loss_tensor(value: float) -> torch.Tensor:
+    """A step's loss as the CUT_GRADIENT carries it: a () float32 tensor, so the frame's size does not
+    depend on the value (a JSON number's digits would: losses that differ in the last bit, as a batched
+    pass over other devices' rows gives, made frames 8 bytes apart). MessageError if not finite."""
     if not math.isfinite(value):
-        raise MessageError(f"non-finite scalar {value}")
-    return value
+        raise MessageError(f"non-finite loss {value}")
+    return torch.tensor(value, dtype=torch.float32)
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
