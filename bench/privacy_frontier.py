@@ -44,6 +44,9 @@ DEFENCES: dict[str, list[str]] = {  # name -> overrides on top of the shared one
     "U-shaped k=4, head-gradient noise 1.0": ["privacy.noise_multiplier=1.0", "privacy.gradient_clip_norm={grad_clip}"],
     "U-shaped k=16, noise 0.1": ["placement.split_layer=16", "privacy.noise_multiplier=0.1",
                                  "privacy.clip_norm={clip16}", "privacy.gradient_clip_norm={grad_clip}"],
+    # the labels hidden, the states clean but 16 blocks deep: what depth adds to hiding the labels
+    "U-shaped k=16, head-gradient noise 1.0": ["placement.split_layer=16", "privacy.noise_multiplier=1.0",
+                                               "privacy.gradient_clip_norm={grad_clip}"],
     "U-shaped k=4, NoPeek 1": ["privacy.nopeek_weight=1.0"],
     # the states' noise alone: the head gradient goes as it is (its noise at sigma 0.1 is above its signal)
     "U-shaped k=4, noise 0.1, clean head gradient": ["privacy.noise_multiplier=0.1", "privacy.clip_norm={clip}"],
