@@ -37,6 +37,7 @@ from splitpeft.federation.simulation import start_state_of
 from splitpeft.federation.state import initial_adapters
 from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 from splitpeft.model.adapters import lora_config, target_module_names
+from splitpeft.model.attention import ATTENTION
 from splitpeft.model.backbone import backbone_of, share_frozen_copy
 from splitpeft.model.loading import load_model
 from splitpeft.model.loss import causal_lm_loss
@@ -76,7 +77,7 @@ def random_llama_1b(vocab_size: int, dtype: torch.dtype, device: torch.device) -
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
                          tie_word_embeddings=True, rope_theta=500000.0)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ATTENTION
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.requires_grad_(False)

@@ -483,7 +483,8 @@ class Simulation:
             return self.planning.shapes
         return ModelShapes.from_config(self.loaded.model.config, dtype=self.runtime.dtype,
                                        quantization=self.runtime.device_quantization(),
-                                       target_modules=self.config.lora.target_modules)
+                                       target_modules=self.config.lora.target_modules,
+                                       device=self.runtime.device_device)
 
     def simulated_server_s(self, device_id: str, steps: int) -> float:
         """The server's simulated time for `steps` of `device_id`'s split at its current plan: the

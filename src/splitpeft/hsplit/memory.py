@@ -31,9 +31,12 @@ below follow exactly.
     norm_in      LLaMA: N (d + 1) 4    RMSNorm computes in fp32: its fp32 input and rsqrt   [live in]
                  GPT-2: N (d + 2) s    LayerNorm: input, mean, rstd (the CPU kernel keeps the dtype)
     attn_input   N d s                 LoRA A input of q/k/v (c_attn)                         [q/k/v adapted]
-    attention    N (d_q + d_k + d_v) s + B h T 4 + N d s
+    attention    N (d_q + d_k + d_v) a + B h T 4 + N d a
                                         sdpa's query, key, value, fp32 log-sum-exp and output
                                         (the output is o_proj's input, one storage)           [q/k/v need grad]
+                 a = s, or 4 where attention runs in fp32 (`model/attention.py`: bf16 / fp16 on
+                 a CPU, T <= 160); o_proj's input is then the output cast back, its own
+                 storage: + N d s                                                             [o adapted]
     o_input      N d s                 o_proj's LoRA input, the sdpa output when sdpa kept none [o adapted]
     norm_mid     as norm_in            post-attention norm                                    [live after attention]
     mlp_input    N d s                 LoRA A input of gate/up (c_fc)                         [gate/up adapted]
@@ -60,7 +63,8 @@ allocator, which sees it):
   `save_for_backward`) whenever that input requires grad: q/k/v input N d s [live in], gate/up
   input N d s [live after attention], down input N f s [gate or up need grad]. o_proj's input is
   sdpa's saved output, and a LoRA branch saves the same storage as its base linear's input: those
-  count once. nf4 keeps only its (resident) weight.
+  count once (where attention runs in fp32 o_proj's input is its own storage: + N d s unless o is
+  adapted). nf4 keeps only its (resident) weight.
 - gradient checkpointing (runtime.gradient_checkpointing, non-reentrant, every block): inside a
   checkpointed block nothing is saved. The checkpoint saves each block's input, N d s, which the
   meter sees (counted under activations), and keeps the rotary tables and the int8 inputs (all of
@@ -86,7 +90,7 @@ planned without weights.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -94,6 +98,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from splitpeft.hsplit.importance import base_linear, linear_dims
 from splitpeft.model.adapters import target_module_names
+from splitpeft.model.attention import FP32_ON_CPU_UP_TO
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.parts import frozen_tensors, storage_bytes
 from splitpeft.model.runtime import DTYPES, NF4_BLOCK_SIZE, is_quantized
@@ -114,6 +119,12 @@ LOG_SUM_EXP_BYTES = 4
 
 
 """sdpa keeps its log-sum-exp in float32 whatever the model dtype."""
+
+
+ATTENTION_FP32_BYTES = 4
+
+
+"""Bytes per element of what sdpa saves where attention runs in fp32 (`model/attention.py`)."""
 
 
 NF4_CODE_BYTES = 16 * 4
@@ -182,6 +193,7 @@ class ModelShapes:
     block_bytes: tuple[int, ...]  # frozen tensors of each block as stored (quantized linears included)
     block_linear_macs: tuple[int, ...]  # sum of d_in d_out over all linears of each block
     quantization: str = "none"  # block linears: none | int8 | nf4
+    on_cpu: bool = True  # the device computes on a CPU (where short bf16 / fp16 attention runs in fp32)
     modules: dict[str, tuple[int, int]] = field(default_factory=dict)  # candidate -> (d_in, d_out)
     module_block: dict[str, int] = field(default_factory=dict)
     module_role: dict[str, str] = field(default_factory=dict)
@@ -202,8 +214,10 @@ class ModelShapes:
         block_bytes = tuple(storage_bytes(_held(_block(model, backbone.block_prefix(j))))[0]
                             for j in range(backbone.num_blocks))
         dtype_bytes = embedding[0].element_size()
-        return _read_shapes(model, target_modules, dtype_bytes, _quantization_of(model),
-                            embedding_bytes, head_bytes, block_bytes)
+        shapes = _read_shapes(model, target_modules, dtype_bytes, _quantization_of(model),
+                              embedding_bytes, head_bytes, block_bytes)
+        devices = {p.device.type for p in model.parameters()} - {"meta"}
+        return replace(shapes, on_cpu=devices <= {"cpu"})
 
     @classmethod
     def from_config(
@@ -213,11 +227,12 @@ class ModelShapes:
         dtype: torch.dtype | str = torch.float32,
         quantization: str = "none",
         target_modules: Iterable[str] | None = None,
+        device: torch.device | str = "cpu",
     ) -> ModelShapes:
         """Shapes of the model `config` describes, run in `dtype` ("fp32" | "bf16" | "fp16" or a torch
-        dtype) with its block linears quantized by bitsandbytes as `quantization` says: built on the
-        meta device, so no weight is allocated (a 7B model plans in well under a second). Byte counts
-        are what `from_model` reads from the real, quantized model."""
+        dtype) on `device` with its block linears quantized by bitsandbytes as `quantization` says:
+        built on the meta device, so no weight is allocated (a 7B model plans in well under a
+        second). Byte counts are what `from_model` reads from the real, quantized model."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
@@ -242,8 +257,9 @@ class ModelShapes:
                     else:
                         total += _nbytes([parameter])
             block_bytes.append(total)
-        return _read_shapes(model, target_modules, torch.finfo(torch_dtype).bits // 8, quantization,
-                            _nbytes(embedding), _nbytes(head), tuple(block_bytes))
+        shapes = _read_shapes(model, target_modules, torch.finfo(torch_dtype).bits // 8, quantization,
+                              _nbytes(embedding), _nbytes(head), tuple(block_bytes))
+        return replace(shapes, on_cpu=torch.device(device).type == "cpu")
 
     def modules_before(self, split_layer: int) -> list[str]:
         """Candidate modules of blocks [0, split_layer), in model order."""
@@ -254,6 +270,10 @@ class ModelShapes:
         """Whether a LoRA branch multiplies with copies of its fp32 factors in the runtime dtype
         (any dtype but fp32: `BranchLinear`)."""
         return self.dtype_bytes != ADAPTER_DTYPE_BYTES
+
+    def attention_in_fp32(self, seq_len: int) -> bool:
+        """Whether a T = seq_len forward's attention runs in fp32 (`model/attention.runs_in_fp32`)."""
+        return self.on_cpu and self.dtype_bytes == 2 and 1 < seq_len <= FP32_ON_CPU_UP_TO
 
     def norm_saved_bytes(self, tokens: int) -> int:
         """What one norm saves: RMSNorm its fp32 input and rsqrt, LayerNorm its input, mean and rstd."""
@@ -397,8 +417,12 @@ def block_saved(shapes: ModelShapes, roles: Mapping[str, int], live_in: bool, ba
         total += shapes.norm_saved_bytes(n)  # norm_in
     total += lora_inputs(ATTENTION_INPUT_ROLES, d)  # attn_input
     attention_grad = live_in or bool(adapted & ATTENTION_INPUT_ROLES)
+    fp32_attention = shapes.attention_in_fp32(seq_len)
     if attention_grad:  # attention: q, k, v, log-sum-exp, output
-        total += n * sum(shapes.qkv_dims) * s + batch_size * shapes.num_heads * seq_len * LOG_SUM_EXP_BYTES + n * d * s
+        a = ATTENTION_FP32_BYTES if fp32_attention else s
+        total += n * sum(shapes.qkv_dims) * a + batch_size * shapes.num_heads * seq_len * LOG_SUM_EXP_BYTES + n * d * a
+        if fp32_attention and "o" in adapted:
+            total += n * d * s  # o_input: the fp32 output cast back is o_proj's input, its own storage
     if "o" in adapted and not attention_grad:
         total += n * d * s  # o_input
     live_mid = attention_grad or "o" in adapted
@@ -430,6 +454,8 @@ def block_saved(shapes: ModelShapes, roles: Mapping[str, int], live_in: bool, ba
         kept = [(live_in, n * d * s, ATTENTION_INPUT_ROLES), (live_mid, n * d * s, MLP_INPUT_ROLES),
                 (mlp_grad, n * f * s, {"down"})]
         int8 = sum(size for needed, size, group in kept if needed and not adapted & group)
+        if fp32_attention and attention_grad and "o" not in adapted:
+            int8 += n * d * s  # o_proj's input, the output cast back: no sdpa twin to share with
         # Under checkpointing nothing else keeps them, o_proj's input (the sdpa output) included.
         int8_checkpointed = sum(size for needed, size, _ in kept if needed) + n * d * s * attention_grad
     rotary = shapes.family == "llama" and (live_in or bool(adapted & {"q", "k"}))

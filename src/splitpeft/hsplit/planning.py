@@ -281,7 +281,8 @@ class Planning:
         runtime = resolve_runtime(config.runtime)
         dtype = runtime.dtype if config.hsplit.plan_dtype == "runtime" else config.hsplit.plan_dtype
         self.shapes = ModelShapes.from_config(model.config, dtype=dtype,
-                                              quantization=runtime.device_quantization(), target_modules=targets)
+                                              quantization=runtime.device_quantization(), target_modules=targets,
+                                              device=runtime.device_device)
         self.tracker = ImportanceTracker()
         self.probe_stream = BatchStream(train, config.federation.batch_size, pad_id, config.seed + 10_000)
         self.plans: list[DevicePlan] = []

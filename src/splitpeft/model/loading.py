@@ -33,6 +33,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from splitpeft.model.attention import ATTENTION
 from splitpeft.model.backbone import ModelError, backbone_of
 from splitpeft.model.parts import PartFn, load_part
 from splitpeft.storage import atomic_folder
@@ -157,7 +158,7 @@ def _from_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         raise ModelError(f"model folder {name!r} does not exist")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch.float32, attn_implementation="sdpa"
+            name, dtype=torch.float32, attn_implementation=ATTENTION
         )
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
@@ -253,7 +254,7 @@ def tiny_config(name: str, vocab_size: int, eos_id: int) -> LlamaConfig | Qwen2C
 def tiny_model(name: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     tokenizer = tiny_tokenizer()
     config = tiny_config(name, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ATTENTION
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from splitpeft.model.attention import ATTENTION
 from splitpeft.model.backbone import Backbone, ModelError, backbone_of
 from splitpeft.model.runtime import is_quantized, quantized_linear
 
@@ -133,7 +134,7 @@ def load_part(folder: Path, part_of: PartFn, *, device: torch.device, dtype: tor
         config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot read the model config in {folder}: {error}") from None
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ATTENTION
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     backbone = backbone_of(model)
