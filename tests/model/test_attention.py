@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from splitpeft.hsplit.memory import ModelShapes, block_saved
 from splitpeft.model.attention import ATTENTION, FP32_ON_CPU_UP_TO, attention_forward, runs_in_fp32
 from splitpeft.model.loading import tiny_model
 
@@ -88,8 +89,6 @@ def test_the_memory_model_knows_where_attention_runs_in_fp32():
     """The planner's prediction counts sdpa's fp32 q, k, v and output exactly where
     `runs_in_fp32` computes in fp32 (tests/hsplit/test_memory_precision.py checks the bytes against
     the meter in bf16 on the tiny models, whose sequences are short)."""
-    from splitpeft.hsplit.memory import ModelShapes, block_saved
-
     model, _ = _module()
     cpu = ModelShapes.from_config(model.config, dtype="bf16")
     cuda = ModelShapes.from_config(model.config, dtype="bf16", device="cuda")

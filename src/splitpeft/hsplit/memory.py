@@ -98,7 +98,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from splitpeft.hsplit.importance import base_linear, linear_dims
 from splitpeft.model.adapters import target_module_names
-from splitpeft.model.attention import FP32_ON_CPU_UP_TO
+from splitpeft.model.attention import computes_in_fp32
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.parts import frozen_tensors, storage_bytes
 from splitpeft.model.runtime import DTYPES, NF4_BLOCK_SIZE, is_quantized
@@ -272,8 +272,8 @@ class ModelShapes:
         return self.dtype_bytes != ADAPTER_DTYPE_BYTES
 
     def attention_in_fp32(self, seq_len: int) -> bool:
-        """Whether a T = seq_len forward's attention runs in fp32 (`model/attention.runs_in_fp32`)."""
-        return self.on_cpu and self.dtype_bytes == 2 and 1 < seq_len <= FP32_ON_CPU_UP_TO
+        """Whether a T = seq_len forward's attention runs in fp32 (`model/attention.computes_in_fp32`)."""
+        return computes_in_fp32(self.on_cpu, self.dtype_bytes == 2, seq_len, seq_len)
 
     def norm_saved_bytes(self, tokens: int) -> int:
         """What one norm saves: RMSNorm its fp32 input and rsqrt, LayerNorm its input, mean and rstd."""

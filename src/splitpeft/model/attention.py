@@ -37,10 +37,15 @@ FP32_ON_CPU_UP_TO = 160
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def computes_in_fp32(on_cpu: bool, low_precision: bool, query_positions: int, key_positions: int) -> bool:
+    """The rule, for a call and for the memory model's prediction of one (`ModelShapes.attention_in_fp32`):
+    a CPU, a bf16 / fp16 model, more than one query (not decoding), at most `FP32_ON_CPU_UP_TO` keys."""
+    return on_cpu and low_precision and query_positions > 1 and key_positions <= FP32_ON_CPU_UP_TO
+
+
 def runs_in_fp32(query: torch.Tensor, key: torch.Tensor) -> bool:
     """Whether `attention_forward` computes this call in fp32. query (B, H, T_q, D), key (B, H_kv, T_k, D)."""
-    return (query.device.type == "cpu" and query.dtype in LOW_PRECISION and query.shape[2] > 1
-            and key.shape[2] <= FP32_ON_CPU_UP_TO)
+    return computes_in_fp32(query.device.type == "cpu", query.dtype in LOW_PRECISION, query.shape[2], key.shape[2])
 
 
 def attention_forward(
