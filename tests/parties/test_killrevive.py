@@ -136,6 +136,7 @@ def _traced_kr_run(enabled: bool, steps: int, *overrides: str):
         up, down = len(frames["up"]), len(frames["down"])
         loss = original_step(dev, batch, channel)
         trace.append({"active": set(dev.modules) - killed, "sources": sources, "shape": tuple(batch.input_ids.shape),
+                      "norms": len(killed) if dev.measure_killed else 0,  # float32 gradient norms in STEP_DONE
                       "labelled": int(labelled_positions(batch.labels)[0].numel()),
                       "up": frames["up"][up:], "down": frames["down"][down:]})
         return loss
@@ -157,13 +158,14 @@ def _dims(sim) -> dict[str, tuple[int, int]]:
     return {n: (int(m.weight.shape[1]), int(m.weight.shape[0])) for n, m in sim.loaded.model.named_modules() if n in ranks}
 
 
-def _expected_payload(dims, active, sources, shape, hidden) -> tuple[int, int]:
+def _expected_payload(dims, active, sources, shape, hidden, norms=0) -> tuple[int, int]:
     """Tensor bytes (up, down) of one dlora step with `active` adapters on the device (see
     dlora/placement.py): a float32 (B, T, width) tensor per message part, namely
 
     up:   embedded hidden + each active branch output (d_out) + head gradient (d)
           + dL/dx for each active input group that has a gradient source upstream of it
     down: each active input group's x (d_in) + final hidden (d) + each active branch output's gradient (d_out)
+          + on steps that measure the killed adapters, one float32 gradient norm per killed adapter
     """
     def f32(width: int) -> int:
         return tensor_bytes({"t": torch.empty(*shape, width)})
@@ -172,7 +174,7 @@ def _expected_payload(dims, active, sources, shape, hidden) -> tuple[int, int]:
     outputs = sum(f32(dims[m][1]) for m in active)
     input_grads = sum(f32(d_in) for g, d_in in groups.items() if any(_stage(m) < g for m in sources))
     return (2 * f32(hidden) + outputs + input_grads,
-            sum(f32(d_in) for d_in in groups.values()) + f32(hidden) + outputs)
+            sum(f32(d_in) for d_in in groups.values()) + f32(hidden) + outputs + 4 * norms)
 
 
 def _check_step_traffic(sim, stats, trace) -> None:
@@ -183,10 +185,11 @@ def _check_step_traffic(sim, stats, trace) -> None:
     assert len(trace) == stats.steps
     for i, step in enumerate(trace):
         for direction, counted, payload in zip(("up", "down"), (stats.step_bytes_up, stats.step_bytes_down),
-                                               _expected_payload(dims, step["active"], step["sources"], step["shape"], hidden)):
+                                               _expected_payload(dims, step["active"], step["sources"], step["shape"], hidden,
+                                                                 step["norms"])):
             headers = [header_bytes(frame) for frame in step[direction]]
             # Headers (frame prefix, safetensors' JSON of names, dtypes, shapes and offsets, and the
-            # meta: call ids, module names, the killed adapters' gradient norms on revive steps) are
+            # meta: call ids, module names, the killed adapters' names on revive steps) are
             # the only bytes not derived from tensor shapes, so they are taken from the frames; they
             # do not grow with the tokens: ~200 bytes plus < 128 per module they name (at most twice).
             assert all(h < 256 + 128 * len(dims) for h in headers), (i, direction, headers)
@@ -343,6 +346,30 @@ def test_killed_norms_are_zero_for_a_killed_adapter_backward_never_reached():
     norms = state.killed_norms()
     assert norms["m"] == 0.0
     assert norms["n"] == pytest.approx((6 * 4.0 + 8 * 1.0) ** 0.5)
+
+
+def test_a_step_done_carrying_killed_norms_is_as_long_whatever_their_values():
+    """STEP_DONE carries the killed adapters' gradient norms as one float32 tensor under their sorted
+    names, so its frame's length depends on the killed set only (JSON numbers' digits made frames of
+    equal steps differ in length, as the loss's once did)."""
+    from splitpeft.dlora.remote import KILLED_NORMS_TENSOR, DLoRASession
+    from splitpeft.transport.messages import Message, encode
+
+    lengths, sent = set(), []
+    for scale in (1.0, 1 / 3, 1e-7, 12345.678):
+        state = DLoRASession(active=set(), killed_grad_norms=True)
+        state.set_killed({"n": LoraWeights(torch.ones(2, 3), torch.ones(4, 2)), "m": LoraWeights(torch.ones(2, 3), torch.ones(4, 2))})
+        for a, b in state._killed_params.values():
+            a.grad, b.grad = torch.full((2, 3), scale), torch.full((4, 2), scale / 7)
+        meta, tensors = state.killed_norms_reply()
+        assert meta["killed_grad_norms"] == ["m", "n"] and tensors[KILLED_NORMS_TENSOR].shape == (2,)
+        assert tensors[KILLED_NORMS_TENSOR][0].item() == pytest.approx(state.killed_norms()["m"])
+        frame = encode(Message(Kind.STEP_DONE, tensors, meta=meta))
+        lengths.add(len(frame))
+        sent.append(decode(frame).tensors[KILLED_NORMS_TENSOR])
+    assert len(lengths) == 1
+    assert sent[1][0].item() == pytest.approx((6 / 9 + 8 / 441) ** 0.5)
+    assert DLoRASession(active=set()).killed_norms_reply() == ({}, {})  # not asked: nothing sent
 
 
 def test_dlora_hybrid_kills_its_own_blocks_locally_and_hands_the_rest_to_the_server():

@@ -37,6 +37,7 @@ import torch
 from splitpeft.config import ExperimentConfig, failed_checks
 from splitpeft.data.batching import Batch
 from splitpeft.dlora.remote import (
+    KILLED_NORMS_TENSOR,
     STEP_TIMEOUT_S,
     DLoRASession,
     _Link,
@@ -184,9 +185,12 @@ class DLoRAPlacement:
                 up["grad"] = x.grad
             reply = channel.exchange(Message(Kind.BRANCH_INPUT_GRAD, up, meta={Meta.CALL: call}))
         reply.expect(Kind.STEP_DONE)
-        norms = reply.meta.get(Meta.KILLED_GRAD_NORMS)
-        if isinstance(norms, dict):
-            device.grad_norms.update({str(n): float(v) for n, v in norms.items()})
+        named = reply.meta.get(Meta.KILLED_GRAD_NORMS)
+        if named is not None:
+            if not isinstance(named, list) or not all(isinstance(n, str) and n in device.killed for n in named):
+                raise MessageError("STEP_DONE names gradient norms of adapters this device has not killed")
+            norms = reply.tensor(KILLED_NORMS_TENSOR, shape=(len(named),), dtype=torch.float32)
+            device.grad_norms.update(zip(named, norms.tolist()))
         if cut.requires_grad:  # the hybrid: the server's gradient for h_k, into blocks [0, k) (metered there)
             grad = reply.tensor("grad", shape=cut.shape, dtype=cut.dtype, device=cut.device)
             backward_from_cut(device, embedded, cut, grad, batch)

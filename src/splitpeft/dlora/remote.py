@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 
 STEP_TIMEOUT_S = 600.0
+KILLED_NORMS_TENSOR = "killed_grad_norms"  # STEP_DONE: the killed adapters' gradient norms, (n,) float32
 
 
 def input_groups(module_names: Sequence[str]) -> dict[str, str]:
@@ -172,11 +173,26 @@ class DLoRASession:
     def killed_norms(self) -> dict[str, float]:
         """Gradient norm sqrt(||dA||^2 + ||dB||^2) of each killed adapter on this step (0 where
         backward never reached it)."""
-        norms = {}
-        for name, params in self._killed_params.items():
-            squares = [(p.grad**2).sum() for p in params if p.grad is not None]
-            norms[name] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
-        return norms
+        names, norms = self.killed_norms_tensor()
+        return dict(zip(names, norms.tolist()))
+
+    def killed_norms_tensor(self) -> tuple[list[str], torch.Tensor]:
+        """The killed adapters' names, sorted, and their gradient norms as one (n,) float32 tensor:
+        how STEP_DONE carries them, so the frame's size depends on the killed set, never on the
+        norms' digits (as JSON numbers would)."""
+        names = sorted(self._killed_params)
+        norms = []
+        for name in names:
+            squares = [(p.grad.float()**2).sum() for p in self._killed_params[name] if p.grad is not None]
+            norms.append(torch.stack(squares).sum().sqrt() if squares else torch.zeros(()))
+        return names, torch.stack(norms).float().cpu() if norms else torch.zeros(0)
+
+    def killed_norms_reply(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """STEP_DONE's metadata and tensors for the killed adapters' gradient norms (empty where not asked)."""
+        if not self.killed_grad_norms:
+            return {}, {}
+        names, norms = self.killed_norms_tensor()
+        return {Meta.KILLED_GRAD_NORMS: names}, {KILLED_NORMS_TENSOR: norms}
 
 
 def install_server_hooks(session: ServerSide, modules: Sequence[str], scales: dict[str, float]) -> DLoRASession:
@@ -217,8 +233,9 @@ def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tenso
             with own_thread_backward():
                 final.backward(grad)
         session.tokens += served_tokens(reply.meta.get(Meta.TOKENS, 0), hidden)
-        meta: dict[str, Any] = {Meta.KILLED_GRAD_NORMS: state.killed_norms()} if track else {}
-        tensors = {"grad": session.outgoing_grad(hidden)} if hybrid else {}
+        meta, tensors = state.killed_norms_reply()
+        if hybrid:
+            tensors["grad"] = session.outgoing_grad(hidden)
         last = Message(Kind.STEP_DONE, tensors, meta=meta)
     except Exception as error:  # report to the device, never leave it waiting
         log.warning("dlora step for %s failed: %s", session.device_id, error)

@@ -221,8 +221,9 @@ class DLoRAWave:
         for peer in self._live():
             session, state = peer.session, peer.state
             session.tokens += peer.tokens
-            meta: dict[str, Any] = {Meta.KILLED_GRAD_NORMS: state.killed_norms()} if state.killed_grad_norms else {}
-            tensors = {"grad": session.outgoing_grad(peer.member.hidden)} if session.split_layer > 0 else {}
+            meta, tensors = state.killed_norms_reply()
+            if session.split_layer > 0:
+                tensors["grad"] = session.outgoing_grad(peer.member.hidden)
             done[session.device_id] = Message(Kind.STEP_DONE, tensors, meta=meta)
         with self.cond:
             for device_id, message in done.items():
