@@ -35,6 +35,8 @@ from pathlib import Path
 from splitpeft.experiment.compare import (
     REPORT_SCHEMA,
     after_warmup,
+    heldout_loss,
+    last_round_fall,
     markdown_table,
     misfit,
     run_comparison,
@@ -147,6 +149,11 @@ def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[
             if traffic and statistics.mean(traffic) > 0 and statistics.mean(ppl) <= 0.02 and (
                     best is None or statistics.mean(traffic) > best[0]):
                 best = (statistics.mean(traffic), f"{method} with a warm-up of {warmup} steps")
+    falls = [fall for seed in seeds if (base := report(args.out / "no_kr" / "no_kr", seed)) is not None
+             and (fall := last_round_fall([heldout_loss(r) for r in base["rounds"]])) is not None]
+    if falls:
+        lines += ["", f"No KR's held-out perplexity fell {statistics.mean(falls):.2%} in the last round "
+                      f"(seeds: {', '.join(f'{f:.2%}' for f in falls)}; near 0 once the runs have flattened)."]
     lines += ["", f"Recommended (perplexity within 2% of no KR, largest traffic saving): "
                   f"{best[1] if best else 'none of them'}."]
     return "\n".join(lines) + "\n"

@@ -375,3 +375,14 @@ def test_the_after_warmup_columns_appear_where_devices_compute_adapter_branches(
     assert "MB after warm-up" not in markdown_table(comparison)  # no adapter-branch FLOPs measured on the devices
     comparison["methods"]["no_kr"]["spread"]["device_adapter_flops"]["mean"] = 5e9
     assert "| MB after warm-up | adapter GFLOP after warm-up |" in markdown_table(comparison)
+
+
+def test_last_round_fall_says_how_much_the_last_round_still_gained():
+    """The comparison's flattening measure: 1 - ppl_last / ppl_before, from held-out log perplexities."""
+    import math
+
+    from splitpeft.experiment.compare import last_round_fall
+
+    assert last_round_fall([math.log(6.0), math.log(5.0), math.log(4.0)]) == pytest.approx(0.2)
+    assert last_round_fall([math.log(4.0), math.log(4.4)]) == pytest.approx(-0.1)  # it rose
+    assert last_round_fall([math.log(4.0)]) is None and last_round_fall([None, 1.0]) is None

@@ -100,6 +100,7 @@ SCALARS: dict[str, str] = {
     "meteor": "METEOR",
     "perplexity": "held-out perplexity of the final adapter",
     "final_heldout_loss": "held-out loss (log perplexity) after the last round",
+    "last_round_fall": "relative fall of the held-out perplexity in the last round (near 0: the run has flattened)",
     "rounds_to_target": "first round whose held-out loss is at or below the target",
     "simulated_s_to_target": "simulated wall time up to and including that round",
     "simulated_s": "simulated wall time of the whole run (sum of the rounds' times)",
@@ -203,6 +204,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "meteor": evaluation.get("meteor"),
         "perplexity": evaluation.get("perplexity"),
         "final_heldout_loss": heldout[-1] if heldout else None,
+        "last_round_fall": last_round_fall(heldout),
         "heldout_loss_per_round": heldout,
         "train_loss_per_round": [
             sum(s["train_loss"] * s["tokens"] for s in r["devices"].values()) / max(1, sum(s["tokens"] for s in r["devices"].values()))
@@ -221,6 +223,14 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "adapter_flops_after_warmup": flops_after,
         "plans": report["info"].get("plans"),
     }
+
+
+def last_round_fall(heldout: list[float | None]) -> float | None:
+    """1 - ppl_last / ppl_before_last from the held-out losses (log perplexities) of the last two
+    rounds: how much the last round still gained (a run has flattened when this is near 0)."""
+    if len(heldout) < 2 or heldout[-1] is None or heldout[-2] is None:
+        return None
+    return 1.0 - math.exp(heldout[-1] - heldout[-2])
 
 
 def spread(values: list[float | None]) -> dict[str, float | int | None]:
@@ -527,7 +537,8 @@ def markdown_table(comparison: dict[str, Any]) -> str:
     (for example only k reached the target)."""
     columns = [  # header, SCALARS key, format, scale
         ("BLEU", "bleu", ".2f", 1.0), ("ROUGE-L", "rouge_l", ".4f", 1.0), ("METEOR", "meteor", ".4f", 1.0),
-        ("perplexity", "perplexity", ".3f", 1.0), ("rounds to target", "rounds_to_target", ".1f", 1.0),
+        ("perplexity", "perplexity", ".3f", 1.0), ("last round's perplexity fall %", "last_round_fall", ".2f", 100.0),
+        ("rounds to target", "rounds_to_target", ".1f", 1.0),
         ("simulated s to target", "simulated_s_to_target", ".1f", 1.0), ("device GFLOP", "device_flops", ".0f", 1e-9),
         ("of which adapters", "device_adapter_flops", ".1f", 1e-9), ("MB up", "bytes_up", ".1f", 1e-6),
         ("MB down", "bytes_down", ".1f", 1e-6), ("max peak MB", "max_peak_memory_bytes", ".0f", 1e-6),
