@@ -139,7 +139,7 @@ def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[
             def shown(values: list[float], scale: float, spec: str, unit: str = "") -> str:
                 if not values:
                     return "-"
-                sd = f" ± {format(statistics.stdev(values) * scale, spec)}" if len(values) > 1 else ""
+                sd = f" ± {format(statistics.stdev(values) * scale, spec.lstrip('+'))}" if len(values) > 1 else ""
                 return format(statistics.mean(values) * scale, spec) + sd + unit
 
             lines.append(f"| {method} | {warmup} ({fraction:.0%}) | {shown(traffic, 100, '.1f', '%')} | "
