@@ -170,16 +170,11 @@ class DLoRASession:
             self.active.add(name)
         return handed
 
-    def killed_norms(self) -> dict[str, float]:
-        """Gradient norm sqrt(||dA||^2 + ||dB||^2) of each killed adapter on this step (0 where
-        backward never reached it)."""
-        names, norms = self.killed_norms_tensor()
-        return dict(zip(names, norms.tolist()))
-
     def killed_norms_tensor(self) -> tuple[list[str], torch.Tensor]:
-        """The killed adapters' names, sorted, and their gradient norms as one (n,) float32 tensor:
-        how STEP_DONE carries them, so the frame's size depends on the killed set, never on the
-        norms' digits (as JSON numbers would)."""
+        """The killed adapters' names, sorted, and the gradient norm sqrt(||dA||^2 + ||dB||^2) of each
+        on this step (0 where backward never reached it) as one (n,) float32 tensor: how STEP_DONE
+        carries them, so the frame's size depends on the killed set, never on the norms' digits (as
+        JSON numbers would)."""
         names = sorted(self._killed_params)
         norms = []
         for name in names:
