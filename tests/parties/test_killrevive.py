@@ -618,3 +618,36 @@ def test_gradient_kills_the_lowest_gradient_ema_not_the_lowest_update_score():
     dynamic.decide()
     assert dynamic.active == {modules[6], modules[7]}                 # by update score instead
     assert not dynamic.wants_active_gradients()
+
+
+@pytest.mark.parametrize("lie", ["unknown_name", "short_tensor"])
+def test_a_step_done_with_norms_the_device_did_not_ask_for_is_refused(lie):
+    """A server's STEP_DONE that names adapters this device has not killed, or carries fewer norms than
+    names, is a MessageError naming the problem, not norms taken on trust."""
+    from splitpeft.dlora.remote import KILLED_NORMS_TENSOR
+    from splitpeft.transport.messages import Message, MessageError, Meta
+
+    sim, _ = _kr_run("dlora", True)
+    device = sim.devices[0]
+    channel = sim.channels[device.device_id]
+    device.load(sim.state.global_adapters)
+    device.open_session(channel)
+    killed = sorted(device.modules)[0]
+    sim.placement.apply_kill_revive(device, channel, [killed], [])
+    device.measure_killed = True
+    exchange = channel.exchange
+
+    def lying(message: Message) -> Message:
+        reply = exchange(message)
+        if reply.kind == Kind.STEP_DONE:
+            assert reply.meta[Meta.KILLED_GRAD_NORMS] == [killed]  # the honest reply names the killed one
+            if lie == "unknown_name":
+                return Message(Kind.STEP_DONE, reply.tensors, meta={Meta.KILLED_GRAD_NORMS: [sorted(device.modules)[1]]})
+            return Message(Kind.STEP_DONE, {KILLED_NORMS_TENSOR: torch.zeros(0)}, meta=reply.meta)
+        return reply
+
+    channel.exchange = lying
+    expected = "has not killed" if lie == "unknown_name" else "shape"
+    with pytest.raises(MessageError, match=expected):
+        sim.placement.device_step(device, device.data.next(), channel)
+    assert device.grad_norms == {}
