@@ -371,6 +371,10 @@ class KillReviveConfig:
     block_floor: int = _help(
         "dynamic, scheduled, converged: kills and revival swaps keep at least this many active adapters in every "
         "transformer block (may keep more than active_fraction; 0 = no floor)", 0, bound=Bound(0, 4096))
+    server_trains_killed: bool = _help(
+        "dlora: the server keeps training the killed adapters it computes (its own AdamW at federation.lr, from the "
+        "gradients its backward reaches anyway) and the device fetches them before it uploads; false = frozen while "
+        "killed, as published. The hybrid's own blocks' killed adapters stay frozen on the device", False)
 
     def problems(self) -> list[str]:
         return failed_checks([
@@ -543,6 +547,8 @@ class ExperimentConfig:
         shared_adapter = registry_entry(AGGREGATORS, fed.aggregator).shared_adapter  # the global update stays one adapter
         planner = registry_entry(PLANNERS, hs.planner)
         return placement_of(self).config_problems(self) + failed_checks([
+            (not self.kill_revive.server_trains_killed or self.placement.placement == "dlora",
+             "kill_revive.server_trains_killed: only dlora hands killed adapters to the server; use placement.placement=dlora"),
             (self.robust.combine == "mean" or shared_adapter,
              f"robust.combine={self.robust.combine} combines A and B like fedavg; it needs federation.aggregator=fedavg"),
             (self.fleet.memory_bytes is None or len(self.fleet.memory_bytes) == fed.num_devices,

@@ -152,6 +152,9 @@ DLORA_CASES = {
     "dlora": ["placement.split_layer=0"],
     "dlora_kill_revive": ["placement.split_layer=0", "kill_revive.enabled=true", "kill_revive.warmup=1",
                           "kill_revive.interval=1", "kill_revive.active_fraction=0.5", "kill_revive.revive_interval=2"],
+    "dlora_kill_revive_server_trains": ["placement.split_layer=0", "kill_revive.enabled=true", "kill_revive.warmup=1",
+                                        "kill_revive.interval=1", "kill_revive.active_fraction=0.5",
+                                        "kill_revive.revive_interval=2", "kill_revive.server_trains_killed=true"],
     "hybrid_mixed_cuts": ["placement.split_layer=1"],
     # Bug (found with SmolLM2 on E2E): the pass pads every device to its longest sequence, and sent
     # each device its branch inputs at that padded length, so every shorter device refused them and

@@ -49,6 +49,7 @@ from splitpeft.dlora.remote import (
 from splitpeft.dlora.wave import DLoRAWave
 from splitpeft.model.adapters import (
     from_tensors,
+    lora_ab,
     lora_branch,
     lora_layers,
     read_adapters,
@@ -207,12 +208,19 @@ class DLoRAPlacement:
             weights = read_adapters(device.model, handed)
             channel.exchange(Message(Kind.KILL, to_tensors(weights))).expect(Kind.SESSION_READY)
         if taken:
-            reply = channel.exchange(Message(Kind.REVIVE, meta={Meta.MODULES: list(taken)})).expect(Kind.REVIVE)
-            returned = from_tensors(reply.tensors)
-            if sorted(returned) != sorted(taken):
-                raise MessageError("server returned other adapters than the ones revived")
-            write_adapters(device.model, returned)
+            taken_from_server(device, channel, taken, keep_killed=False)
         freeze_locally(device, kill, revive)
+
+    def collect_killed(self, device: DeviceSide, channel: Channel) -> list[str]:
+        """With `kill_revive.server_trains_killed`, fetch the killed adapters the server trained
+        this phase (REVIVE with KEEP_KILLED: they stay killed there) into the device's model."""
+        if not device.training.train_killed:
+            return []
+        own = set(self.killed_on_device(device, device.killed))  # the hybrid's blocks [0, k): frozen here
+        names = sorted(n for n in device.killed if n not in own)
+        if names:
+            taken_from_server(device, channel, names, keep_killed=True)
+        return names
 
     # ------------------------------------------------------------------ server side
 
@@ -295,6 +303,8 @@ class DLoRAPlacement:
             missing = [n for n in names if n not in state.killed]
             if missing:
                 raise MessageError(f"cannot revive adapters that are not killed: {missing[:3]}")
+            if message.meta.get(Meta.KEEP_KILLED, False) is True:
+                return Message(Kind.REVIVE, to_tensors(state.killed_weights(names)))
             return Message(Kind.REVIVE, to_tensors(state.revive(names)))
         if message.kind == Kind.ACTIVATIONS:
             if state.worker is not None:
@@ -314,3 +324,25 @@ class DLoRAPlacement:
             return state.link.to_device.get(timeout=STEP_TIMEOUT_S)
         except queue.Empty:
             raise MessageError("server step did not produce a reply in time") from None
+
+
+def taken_from_server(device: DeviceSide, channel: Channel, names: list[str], *, keep_killed: bool) -> None:
+    """Ask the server for the killed adapters `names` (REVIVE; with `keep_killed` they stay killed
+    there) and write them into the device's model, once they are exactly those adapters, at the
+    model's shapes, and finite: a server's bad answer is a MessageError and changes nothing."""
+    meta: dict[str, Any] = {Meta.MODULES: list(names)}
+    if keep_killed:
+        meta[Meta.KEEP_KILLED] = True
+    reply = channel.exchange(Message(Kind.REVIVE, meta=meta)).expect(Kind.REVIVE)
+    returned = from_tensors(reply.tensors)
+    if sorted(returned) != sorted(names):
+        raise MessageError("server returned other adapters than the ones asked for")
+    layers = lora_layers(device.model)
+    for name, weights in returned.items():
+        a, b = lora_ab(layers[name])
+        if weights.A.shape != a.shape or weights.B.shape != b.shape:
+            raise MessageError(f"server returned {name} at A{tuple(weights.A.shape)} B{tuple(weights.B.shape)}, "
+                               f"not the device's A{tuple(a.shape)} B{tuple(b.shape)}")
+        if not (bool(torch.isfinite(weights.A).all()) and bool(torch.isfinite(weights.B).all())):
+            raise MessageError(f"server returned {name} with NaN or Inf")
+    write_adapters(layers, returned)

@@ -5,7 +5,8 @@ adapter is active on the device: a forward hook sends the linear's input (BRANCH
 message per group of linears sharing an input) and adds the branch outputs the device sends
 back; one autograd Function per group asks the device for dL/dx in backward. Autograd drives the
 order, so any model family works without per-family code. Killed adapters (`KILL`) live here
-and are added by the hook itself.
+and are added by the hook itself; with `kill_revive.server_trains_killed` the session also trains
+them, with its own AdamW, from the gradients its backward reaches anyway (`step_killed`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from splitpeft.model.adapters import LoraWeights
+from splitpeft.parties.frame_bounds import gradient_problem
 from splitpeft.placements.base import ServerSide
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta
 
@@ -131,6 +133,14 @@ class DLoRASession:
     anchor: torch.Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
     _killed_params: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     wave: Any = None  # the shared pass of its current step (dlora/wave.py), if batched
+    # `kill_revive.server_trains_killed`: the killed adapters train here, AdamW at the run's lr and
+    # weight decay; their moments are kept by name while the session lives (a re-KILL after
+    # aggregation keeps them, as the device keeps its own across rounds).
+    train_killed: bool = False
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    _killed_optimizer: torch.optim.AdamW | None = None
+    _killed_moments: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def next_call(self) -> int:
         self.calls += 1
@@ -156,19 +166,69 @@ class DLoRASession:
         a, b = self._killed_params[name]
         return self.scales[name] * (x.to(a.dtype) @ a.T) @ b.T
 
+    @property
+    def tracks_killed(self) -> bool:
+        """Whether this step's backward must reach the killed adapters (norms asked, or training them)."""
+        return self.killed_grad_norms or (self.train_killed and bool(self._killed_params))
+
     def set_killed(self, weights: dict[str, LoraWeights]) -> None:
+        self._save_moments()
         for name, value in weights.items():
             self.killed[name] = value
             self.active.discard(name)
             self._killed_params[name] = (value.A.to(self.device, copy=True), value.B.to(self.device, copy=True))
+        self._rebuild_optimizer()
+
+    def killed_weights(self, names: Sequence[str]) -> dict[str, LoraWeights]:
+        """The killed adapters `names` as the server holds them now (trained here, or as handed)."""
+        return {name: LoraWeights(*(p.detach().to("cpu", copy=True) for p in self._killed_params[name])) for name in names}
 
     def revive(self, names: Sequence[str]) -> dict[str, LoraWeights]:
-        handed = {}
+        handed = self.killed_weights(names)
+        self._save_moments()
         for name in names:
-            handed[name] = self.killed.pop(name)
+            self.killed.pop(name)
             self._killed_params.pop(name)
+            self._killed_moments.pop(name, None)  # the device trains it again, with its own moments
             self.active.add(name)
+        self._rebuild_optimizer()
         return handed
+
+    def _save_moments(self) -> None:
+        """Keep the AdamW state of every killed adapter by name, before its tensors are replaced."""
+        optimizer = self._killed_optimizer
+        if optimizer is None:
+            return
+        for name, params in self._killed_params.items():
+            states = [optimizer.state.get(p) for p in params]
+            if all(states):
+                self._killed_moments[name] = [dict(state) for state in states if state is not None]
+
+    def _rebuild_optimizer(self) -> None:
+        """One AdamW over the killed adapters' tensors, with each one's saved moments."""
+        if not self.train_killed:
+            return
+        params = [p for pair in self._killed_params.values() for p in pair]
+        self._killed_optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay) if params else None
+        if self._killed_optimizer is None:
+            return
+        for name, pair in self._killed_params.items():
+            for p, state in zip(pair, self._killed_moments.get(name, [])):
+                if state["exp_avg"].shape == p.shape:
+                    self._killed_optimizer.state[p] = dict(state)
+
+    def step_killed(self) -> None:
+        """One AdamW step of the killed adapters from this step's gradients (`train_killed`), then
+        drop the gradients. Gradients that are not finite or too large for AdamW's moments
+        (`gradient_problem`) fail the step (MessageError) and change nothing."""
+        if not self.train_killed or self._killed_optimizer is None:
+            return
+        named = [(f"{name}.{part}", p) for name, pair in self._killed_params.items() for part, p in zip("AB", pair)]
+        problem = gradient_problem(named)
+        if problem is not None:
+            self._killed_optimizer.zero_grad(set_to_none=True)
+            raise MessageError(f"killed adapters' step refused: {problem}")
+        self._killed_optimizer.step()
 
     def killed_norms_tensor(self) -> tuple[list[str], torch.Tensor]:
         """The killed adapters' names, sorted, and the gradient norm sqrt(||dA||^2 + ||dB||^2) of each
@@ -193,8 +253,10 @@ class DLoRASession:
 def install_server_hooks(session: ServerSide, modules: Sequence[str], scales: dict[str, float]) -> DLoRASession:
     """Hook every adapted linear of the session's (adapter-free) model copy."""
     by_name = dict(session.model.named_modules())
+    training = session.training
     state = DLoRASession(active=set(modules), scales=dict(scales), groups=input_groups(modules), device=session.torch_device,
-                         anchor=torch.zeros((), requires_grad=True, device=session.torch_device))
+                         anchor=torch.zeros((), requires_grad=True, device=session.torch_device),
+                         train_killed=training.train_killed, lr=training.lr, weight_decay=training.weight_decay)
     for name in modules:
         module = by_name[name]
         weight = module.weight
@@ -210,7 +272,7 @@ def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tenso
     the previous one still cleaning up (the handler also joins the finished thread).
     """
     link = state.link
-    track = state.killed_grad_norms
+    track = state.tracks_killed
     try:
         for a, b in state._killed_params.values():
             a.requires_grad_(track)
@@ -228,7 +290,8 @@ def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tenso
             with own_thread_backward():
                 final.backward(grad)
         session.tokens += served_tokens(reply.meta.get(Meta.TOKENS, 0), hidden)
-        meta, tensors = state.killed_norms_reply()
+        meta, tensors = state.killed_norms_reply()  # the norms of this step's gradients, before they are used
+        state.step_killed()
         if hybrid:
             tensors["grad"] = session.outgoing_grad(hidden)
         last = Message(Kind.STEP_DONE, tensors, meta=meta)

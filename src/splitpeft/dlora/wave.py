@@ -182,7 +182,7 @@ class DLoRAWave:
 
     def _step(self) -> None:
         for peer in self.peers.values():
-            track = peer.state.killed_grad_norms
+            track = peer.state.tracks_killed
             for a, b in peer.state._killed_params.values():
                 a.requires_grad_(track)
                 b.requires_grad_(track)
@@ -220,8 +220,13 @@ class DLoRAWave:
         done = {}
         for peer in self._live():
             session, state = peer.session, peer.state
+            meta, tensors = state.killed_norms_reply()  # the norms of this step's gradients, before they are used
+            try:
+                state.step_killed()
+            except MessageError as error:
+                peer.failed = str(error)
+                continue
             session.tokens += peer.tokens
-            meta, tensors = state.killed_norms_reply()
             if session.split_layer > 0:
                 tensors["grad"] = session.outgoing_grad(peer.member.hidden)
             done[session.device_id] = Message(Kind.STEP_DONE, tensors, meta=meta)

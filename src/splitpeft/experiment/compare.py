@@ -87,6 +87,9 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "kr_gradient": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=gradient"],
         "kr_converged": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=converged",
                          "kill_revive.kill_threshold=0.05"],  # 0.01 (the default) never killed in 120 steps
+        # KR whose killed adapters the server keeps training (kill_revive.server_trains_killed)
+        "kr_server": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=dynamic",
+                      "kill_revive.server_trains_killed=true"],
         "static_random": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=static_random"],
         "static_score": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=static_score"],
     },

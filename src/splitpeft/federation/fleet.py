@@ -181,10 +181,11 @@ def build_device(config: ExperimentConfig, base: PreTrainedModel, placement: Pla
 
 
 def training_of(config: ExperimentConfig, runtime: Runtime) -> Training:
-    """How every party of the run trains (`Training`), from `lora.*`, `federation.lr` and the
-    aggregator's restarts, on `runtime`."""
+    """How every party of the run trains (`Training`), from `lora.*`, `federation.lr`, the
+    aggregator's restarts and `kill_revive.server_trains_killed`, on `runtime`."""
     return Training(alpha=config.lora.alpha, dropout=config.lora.dropout, lr=config.federation.lr,
-                    rslora=config.lora.rslora, runtime=runtime, warm=warm_start_of(config))
+                    rslora=config.lora.rslora, runtime=runtime, warm=warm_start_of(config),
+                    train_killed=config.kill_revive.enabled and config.kill_revive.server_trains_killed)
 
 
 def warm_start_of(config: ExperimentConfig) -> WarmStart | None:

@@ -77,6 +77,7 @@ class DeviceRuntime(Party):
         self.defence = defence  # what it does to the tensors it sends up (defences/cut.py)
         self.meter = DeviceMeter(count_flops, device=self.torch_device)
         self.killed: set[str] = set()
+        self.trained_killed: set[str] = set()  # killed adapters the server trained this phase (uploaded)
         self.kill_revive: KillRevive | None = None
         self.measure_killed = False
         self.grad_norms: dict[str, float] = {}
@@ -165,6 +166,7 @@ class DeviceRuntime(Party):
         phase = LocalPhase()
         start = time.perf_counter()
         policy = self.kill_revive
+        self.trained_killed = set()
         if policy is not None and self.killed:
             self.placement.apply_kill_revive(self, channel, sorted(self.killed), [])  # re-sync after aggregation
         for _ in range(steps):
@@ -186,12 +188,14 @@ class DeviceRuntime(Party):
             if policy is not None:
                 self.set_trainable(self.killed, False)
                 self._kill_revive_step(channel)
+        if policy is not None and self.killed:
+            self.trained_killed = set(self.placement.collect_killed(self, channel))
         phase.wall_s = time.perf_counter() - start
         return phase
 
     def upload_message(self) -> Message:
-        """The round's trained adapters (killed ones did not change and stay home)."""
-        trained = {n: w for n, w in self.adapters().items() if n not in self.killed}
+        """The round's trained adapters (killed ones stay home, unless the server trained them)."""
+        trained = {n: w for n, w in self.adapters().items() if n not in self.killed or n in self.trained_killed}
         return Message(Kind.ADAPTERS, to_tensors(trained), meta={Meta.DEVICE: self.device_id})
 
     def open_session(self, channel: Channel) -> None:

@@ -69,8 +69,9 @@ class Training:
     """How every party of a run trains its adapters, built once from the config
     (`federation.fleet.training_of`) and handed to each: the branch's scale alpha / r (alpha /
     sqrt(r) with `rslora`), its `dropout`, AdamW's `lr` and `weight_decay`, the `runtime` (torch
-    devices, dtype), and noise-free's `warm` start (None: adapters are added to the shared frozen
-    weights as they are)."""
+    devices, dtype), noise-free's `warm` start (None: adapters are added to the shared frozen
+    weights as they are), and whether a dlora server keeps training the killed adapters it holds
+    (`train_killed`, `kill_revive.server_trains_killed`)."""
 
     alpha: float = 16.0
     dropout: float = 0.0
@@ -79,6 +80,7 @@ class Training:
     rslora: bool = False
     runtime: Runtime = CPU_FP32
     warm: WarmStart | None = None
+    train_killed: bool = False
 
 
 DEFAULT_TRAINING = Training()

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from splitpeft.hsplit.memory import ModelShapes
     from splitpeft.model.batched import BatchedPass
+    from splitpeft.parties.party import Training
 
 
 class DeviceSide(Protocol):
@@ -58,6 +59,7 @@ class DeviceSide(Protocol):
     defence: Defence              # what it does to the tensors it sends up (defences/cut.py)
     killed: set[str]
     measure_killed: bool          # this step also measures killed adapters' gradient norms
+    training: Training            # how the run trains (`train_killed`: the dlora server trains killed adapters)
     grad_norms: dict[str, float]  # measured gradient norms of this step (Kill and Revive)
 
     def optimizer_step(self) -> None: ...
@@ -103,6 +105,7 @@ class ServerSide(Protocol):
     tokens: int           # tokens this session trained on, counted by the server (labelled positions, else B x T)
     step_state: Any       # the placement's own state between messages of one step
     warm_factors: dict[str, tuple[float, torch.Tensor, torch.Tensor]]  # (s, A0, B0) of a warm start's own W - s B0 A0
+    training: Training    # how the run trains its adapters (lr, weight decay, ...): the server's own setting
 
     def check_labels(self, labels: torch.Tensor) -> None: ...
 
@@ -185,6 +188,12 @@ class Placement(Protocol):
 
     def apply_kill_revive(self, device: DeviceSide, channel: Channel, kill: list[str], revive: list[str]) -> None:
         """Freeze `kill` and unfreeze `revive` on the device (and tell the server where needed)."""
+        ...
+
+    def collect_killed(self, device: DeviceSide, channel: Channel) -> list[str]:
+        """At the end of a local phase: the killed adapters someone trained while killed (a dlora
+        server with `kill_revive.server_trains_killed`), now written into the device's model so
+        that it uploads them; [] where killed adapters stay frozen."""
         ...
 
     def open_server_session(self, session: ServerSide, meta: Mapping[str, Any], adaptable: Collection[str]) -> None:

@@ -85,6 +85,9 @@ class CentralizedPlacement:
     def apply_kill_revive(self, device: DeviceSide, channel: Channel, kill: list[str], revive: list[str]) -> None:
         freeze_locally(device, kill, revive)
 
+    def collect_killed(self, device: DeviceSide, channel: Channel) -> list[str]:
+        return []  # killed adapters stay on the device, frozen
+
     def open_server_session(self, session: ServerSide, meta: Mapping[str, Any], adaptable: Collection[str]) -> None:
         raise MessageError("the centralized placement has no server traffic")
 

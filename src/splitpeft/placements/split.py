@@ -136,6 +136,9 @@ class SplitPlacement:
     def apply_kill_revive(self, device: DeviceSide, channel: Channel, kill: list[str], revive: list[str]) -> None:
         freeze_locally(device, kill, revive)
 
+    def collect_killed(self, device: DeviceSide, channel: Channel) -> list[str]:
+        return []  # killed adapters stay on the device, frozen
+
     # ----------------------------------------------------------------- server side
 
     def open_server_session(self, session: ServerSide, meta: Mapping[str, Any], adaptable: Collection[str]) -> None:

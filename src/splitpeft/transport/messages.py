@@ -96,6 +96,7 @@ class Meta:
     INPUT_GRAD = "input_grad"              # BRANCH_GRADS: whether dL/dx is wanted back
     KILLED_GRAD_NORMS = "killed_grad_norms"  # ACTIVATIONS (ask) / STEP_DONE (answer), dlora
     KILLED = "killed"                      # SESSION_READY after KILL: the killed set
+    KEEP_KILLED = "keep_killed"            # REVIVE (ask): send the adapters' weights, keep them killed on the server
     ROUND = "round"                        # ADAPTERS down: the round index
     DEVICE = "device"                      # ADAPTERS up: the uploading device
 
