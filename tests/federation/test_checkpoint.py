@@ -1,5 +1,7 @@
 """Checkpoint after a round, resume in a fresh process-like Simulation: same result as no stop."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -23,6 +25,9 @@ CASES = {
     "dlora-kr": ["federation.num_devices=2", "placement.placement=dlora", "kill_revive.enabled=true",
                  "kill_revive.warmup=2", "kill_revive.interval=2", "kill_revive.revive_interval=3",
                  "kill_revive.active_fraction=0.25"],
+    "dlora-kr-server-trains": ["federation.num_devices=2", "placement.placement=dlora", "kill_revive.enabled=true",
+                               "kill_revive.warmup=2", "kill_revive.interval=2", "kill_revive.revive_interval=3",
+                               "kill_revive.active_fraction=0.25", "kill_revive.server_trains_killed=true"],
     "dlora-kr-gradient": ["federation.num_devices=2", "placement.placement=dlora", "kill_revive.enabled=true",
                           "kill_revive.warmup=2", "kill_revive.interval=2", "kill_revive.revive_interval=3",
                           "kill_revive.active_fraction=0.25", "kill_revive.selection=gradient"],
@@ -220,6 +225,53 @@ def test_a_malformed_checkpoint_is_refused_with_one_line(saved, tmp_path, case):
     _rehash(path)
     with pytest.raises(CheckpointError) as refused:
         load_checkpoint(saved[1], path)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+KILLED_TRAINING = ["federation.num_devices=2", "federation.local_steps=4", "data.max_length=48",
+                   "placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.warmup=2",
+                   "kill_revive.interval=2", "kill_revive.active_fraction=0.25", "kill_revive.server_trains_killed=true"]
+
+
+@pytest.fixture(scope="module")
+def saved_killed_training(tmp_path_factory):
+    """A checkpoint after one round of a dlora run whose server trains the killed adapters."""
+    folder = tmp_path_factory.mktemp("saved_killed") / "ckpt"
+    sim = Simulation(tiny_config("tiny-llama", *KILLED_TRAINING))
+    sim.run_round()
+    save_checkpoint(sim, folder)
+    return folder, Simulation(tiny_config("tiny-llama", *KILLED_TRAINING))
+
+
+def _killed_moments(state):
+    return state["sessions"]["device-0"]["killed_moments"]
+
+
+MALFORMED_KILLED = {
+    "killed moment of the wrong shape": (
+        _tensor_edit(lambda t: t.update({_first(t, "killed/"): t[_first(t, "killed/")][:1].contiguous()})), "the adapter's"),
+    "NaN killed moment": (_tensor_edit(lambda t: t[_first(t, "killed/")].fill_(float("nan"))), "is not finite"),
+    "killed moment of an unknown module": (
+        _state_edit(lambda s: _killed_moments(s).update({"no.such.module": [1.0, 1.0]})), "does not hold"),
+    "killed moment past the run's steps": (
+        _state_edit(lambda s: _killed_moments(s).update({next(iter(_killed_moments(s))): [1.0, 1e9]})), "more than 4"),
+    "killed moment tensor missing": (_tensor_edit(lambda t: t.pop(_first(t, "killed/"))), "it lacks killed/"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_KILLED))
+def test_a_malformed_killed_moment_is_refused_with_one_line(saved_killed_training, tmp_path, case):
+    """The moments of the killed adapters a dlora server trains are checked like every other tensor
+    of a checkpoint: shape against the device's adapter, finiteness, module names, step counts."""
+    folder, sim = saved_killed_training
+    state = json.loads((folder / "state.json").read_text())
+    assert _killed_moments(state)  # the round killed adapters and the server trained them
+    edit, message = MALFORMED_KILLED[case]
+    path = _copy(saved_killed_training, tmp_path)
+    edit(path)
+    _rehash(path)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(sim, path)
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 

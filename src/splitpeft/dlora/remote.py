@@ -217,6 +217,18 @@ class DLoRASession:
                 if state["exp_avg"].shape == p.shape:
                     self._killed_optimizer.state[p] = dict(state)
 
+    def moments(self) -> dict[str, list[dict[str, Any]]]:
+        """Each killed adapter's AdamW state ([A's, B's]: step, exp_avg, exp_avg_sq), as a
+        checkpoint keeps it (`train_killed`; {} otherwise)."""
+        self._save_moments()
+        return {name: [dict(state) for state in states] for name, states in sorted(self._killed_moments.items())
+                if name in self._killed_params}
+
+    def load_moments(self, moments: dict[str, list[dict[str, Any]]]) -> None:
+        """Take a checkpoint's `moments` for the adapters the device kills again at its next phase."""
+        self._killed_moments = {name: [dict(state) for state in states] for name, states in moments.items()}
+        self._rebuild_optimizer()
+
     def step_killed(self) -> None:
         """One AdamW step of the killed adapters from this step's gradients (`train_killed`), then
         drop the gradients. Gradients that are not finite or too large for AdamW's moments

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from splitpeft import __version__
 from splitpeft.config import ExperimentConfig, to_dict
+from splitpeft.dlora.remote import DLoRASession
 from splitpeft.federation.records import DeviceRound, RoundRecord
 from splitpeft.model.adapters import LoraWeights
 from splitpeft.storage import atomic_folder, recover, writing
@@ -185,9 +186,48 @@ def party_state(sim: Simulation, device_ids: list[str]) -> tuple[dict[str, Any],
                for device in sim.devices if device.device_id in wanted}
     sessions = {
         device_id: {"optimizer_steps": _optimizer_state(session, f"session/{device_id}", tensors), "tokens": session.tokens}
+        | _killed_moments(session.step_state, f"killed/{device_id}", tensors)
         for device_id, session in sim.server.sessions.items() if device_id in wanted
     }
     return devices, sessions, tensors
+
+
+def _killed_moments(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A dlora session's moments of the killed adapters it trains (`kill_revive.server_trains_killed`):
+    {"killed_moments": {module: [A's step, B's step]}}, the moments as tensors; {} for every other session."""
+    if not isinstance(state, DLoRASession) or not state.train_killed:
+        return {}
+    steps: dict[str, list[float]] = {}
+    for name, pair in state.moments().items():
+        steps[name] = []
+        for part, moment in zip("AB", pair):
+            steps[name].append(float(moment["step"]))
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensors[f"{prefix}/{name}/{part}/{key}"] = moment[key].detach().to("cpu", copy=True)
+    return {"killed_moments": steps}
+
+
+def _restore_killed_moments(state: Any, prefix: str, steps: dict[str, list[float]], tensors: dict[str, torch.Tensor],
+                            shapes: dict[str, tuple[torch.Size, torch.Size]]) -> None:
+    """Give a reopened dlora session the killed adapters' moments a checkpoint holds, each checked
+    against the device's adapter shapes (`shapes`: module -> (A, B))."""
+    _need(isinstance(state, DLoRASession), f"{prefix}: killed adapters' moments for a session that is not dlora")
+    moments: dict[str, list[dict[str, Any]]] = {}
+    for name, pair in steps.items():
+        _need(name in shapes, f"{prefix} names {name!r}, which this device does not adapt")
+        moments[name] = []
+        for part, step, shape in zip("AB", pair, shapes[name]):
+            moment: dict[str, Any] = {"step": torch.tensor(step)}
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensor = tensors.get(f"{prefix}/{name}/{part}/{key}")
+                _need(tensor is not None, f"it lacks {prefix}/{name}/{part}/{key}")
+                assert tensor is not None
+                _need(tensor.shape == shape, f"{prefix}/{name}/{part}/{key} has shape {list(tensor.shape)}, "
+                                             f"the adapter's {list(shape)}")
+                _need(bool(torch.isfinite(tensor).all()), f"{prefix}/{name}/{part}/{key} is not finite")
+                moment[key] = tensor.to(device=state.device, dtype=torch.float32, copy=True)
+            moments[name].append(moment)
+    state.load_moments(moments)
 
 
 def save_checkpoint(sim: Simulation, path: Path, extra: dict[str, Any] | None = None) -> None:
@@ -495,8 +535,17 @@ def _check_state(state: dict[str, Any], sim: Simulation) -> None:
     sessions = _mapping(state["sessions"], "sessions")
     _need(set(sessions) <= set(sim.device_ids), f"sessions name devices this run lacks: {sorted(set(sessions) - set(sim.device_ids))}")
     for device_id, info in sessions.items():
-        _mapping(info, f"sessions[{device_id!r}]", {"optimizer_steps", "tokens"})
+        where = f"sessions[{device_id!r}]"
+        info = _mapping(info, where)
+        _need(set(info) in ({"optimizer_steps", "tokens"}, {"optimizer_steps", "tokens", "killed_moments"}),
+              f"{where} has keys {sorted(info)}, expected optimizer_steps, tokens and (dlora) killed_moments")
         _steps(info["optimizer_steps"], f"sessions[{device_id!r}].optimizer_steps", steps_most)
+        for name, pair in _mapping(info.get("killed_moments", {}), f"{where}.killed_moments").items():
+            _names([name], f"{where}.killed_moments", set(sim.ranks))
+            _need(isinstance(pair, list) and len(pair) == 2, f"{where}.killed_moments[{name!r}] is not [A's step, B's step]")
+            for step in pair:
+                _need(_number(step, f"{where}.killed_moments[{name!r}]", 0) <= steps_most,
+                      f"{where}.killed_moments[{name!r}] counts {step} steps, more than {steps_most}")
         _int(info["tokens"], f"sessions[{device_id!r}].tokens", 0)
     for name, weights in _mapping(state["last_weights"], "last_weights").items():
         _need(name in sim.ranks, f"last_weights names {name!r}, which the model does not adapt")
@@ -538,6 +587,10 @@ def _check_tensors(tensors: dict[str, torch.Tensor], sim: Simulation) -> None:
             expected = {"A": (rank, shapes[name][1]), "B": (shapes[name][0], rank)}.get(part) if rank else None
             _need(expected is not None and tuple(tensor.shape) == expected,
                   f"tensor {key} is not a robust aggregation centre of this model")
+        elif kind == "killed":  # a dlora session's moments of a killed adapter it trains (shapes checked at restore)
+            parts = key.split("/")
+            _need(len(parts) == 5 and parts[2] in shapes and parts[3] in ("A", "B") and parts[4] in ("exp_avg", "exp_avg_sq"),
+                  f"tensor {key} is not a killed adapter's moment of this model")
         else:
             _need(kind in ("opt", "session"), f"tensor {key} is not part of a checkpoint")
     for key, pair in adapters.items():
@@ -614,6 +667,9 @@ def _restore(sim: Simulation, state: dict[str, Any], tensors: dict[str, torch.Te
         device.park()
         session = sim.server.sessions[device_id]
         _restore_optimizer(session, f"session/{device_id}", info["optimizer_steps"], tensors)
+        if "killed_moments" in info:
+            shapes = {n: (w.A.shape, w.B.shape) for n, w in device.adapters().items()}
+            _restore_killed_moments(session.step_state, f"killed/{device_id}", info["killed_moments"], tensors, shapes)
         session.park()
     for channel in sim.channels.values():
         channel.traffic.reset()  # the session set-up above is not part of any round
