@@ -91,15 +91,23 @@ def _assert_same_round(reference: Simulation, networked: Simulation) -> None:
 # ------------------------------------------------------------------------ (a) (b) equivalence
 
 
-@pytest.mark.parametrize("placement", ["split", "dlora"])
+KILLED_ON_SERVER = ("placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.warmup=1", "kill_revive.interval=1",
+                    "kill_revive.active_fraction=0.25", "kill_revive.server_trains_killed=true")
+
+
+@pytest.mark.parametrize("placement", ["split", "dlora", "dlora_server_trains_killed"])
 def test_grpc_round_equals_in_process_round(placement):
-    overrides = (*ROUND, f"placement.placement={placement}")
+    """Over a real gRPC stream, the same round as in process; with Kill and Revive whose server
+    trains the killed adapters, KILL and the end-of-phase fetch (REVIVE, keep killed) travel too."""
+    overrides = (*ROUND, *KILLED_ON_SERVER) if placement == "dlora_server_trains_killed" else (*ROUND, f"placement.placement={placement}")
     reference = Simulation(tiny_config("tiny-llama", *overrides))
     reference.run_round()
     networked = Simulation(tiny_config("tiny-llama", *overrides))
     with served(networked):
         networked.run_round()
     _assert_same_round(reference, networked)
+    if placement == "dlora_server_trains_killed":
+        assert all(device.trained_killed for device in networked.devices)  # fetched over the stream
 
 
 def test_tls_round_equals_in_process_round():
