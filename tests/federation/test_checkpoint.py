@@ -98,14 +98,19 @@ def test_incomplete_or_foreign_checkpoints_are_refused(tmp_path):
 SMALL = ["federation.num_devices=2", "federation.local_steps=1", "data.max_length=48"]
 
 
+def _saved_after_one_round(tmp_path_factory, overrides):
+    """A checkpoint after one round of a run of `overrides`, and a fresh Simulation of the same config."""
+    folder = tmp_path_factory.mktemp("saved") / "ckpt"
+    sim = Simulation(tiny_config("tiny-llama", *overrides))
+    sim.run_round()
+    save_checkpoint(sim, folder)
+    return folder, Simulation(tiny_config("tiny-llama", *overrides))
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A checkpoint after one round of a small run, and a fresh Simulation of the same config."""
-    folder = tmp_path_factory.mktemp("saved") / "ckpt"
-    sim = Simulation(tiny_config("tiny-llama", *SMALL))
-    sim.run_round()
-    save_checkpoint(sim, folder)
-    return folder, Simulation(tiny_config("tiny-llama", *SMALL))
+    return _saved_after_one_round(tmp_path_factory, SMALL)
 
 
 def _copy(saved, tmp_path):
@@ -236,11 +241,7 @@ KILLED_TRAINING = ["federation.num_devices=2", "federation.local_steps=4", "data
 @pytest.fixture(scope="module")
 def saved_killed_training(tmp_path_factory):
     """A checkpoint after one round of a dlora run whose server trains the killed adapters."""
-    folder = tmp_path_factory.mktemp("saved_killed") / "ckpt"
-    sim = Simulation(tiny_config("tiny-llama", *KILLED_TRAINING))
-    sim.run_round()
-    save_checkpoint(sim, folder)
-    return folder, Simulation(tiny_config("tiny-llama", *KILLED_TRAINING))
+    return _saved_after_one_round(tmp_path_factory, KILLED_TRAINING)
 
 
 def _killed_moments(state):
