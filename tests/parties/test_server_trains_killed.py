@@ -152,3 +152,20 @@ def test_only_dlora_can_have_its_server_train_killed_adapters():
     with pytest.raises(ConfigError, match="server_trains_killed"):
         tiny_config("tiny-llama", "placement.placement=split", "kill_revive.server_trains_killed=true")
     assert tiny_config("tiny-llama", "placement.placement=dlora", "kill_revive.server_trains_killed=true").kill_revive.server_trains_killed
+
+
+def test_in_the_hybrid_only_the_servers_killed_adapters_train_and_upload():
+    """dlora's hybrid (the device runs blocks [0, 2)): a killed adapter of the device's own blocks
+    stays frozen there and home; one of the server's blocks trains on the server and is uploaded."""
+    sim = _sim(True, "placement.dlora_device_blocks=2")
+    device, channel = _start(sim)
+    own = next(n for n in sorted(device.modules) if ".layers.0." in n)
+    remote = next(n for n in sorted(device.modules) if ".layers.3." in n)
+    start = read_adapters(device.model, [own, remote])
+    sim.placement.apply_kill_revive(device, channel, [own, remote], [])
+    device.local_phase(3, channel)
+    assert device.trained_killed == {remote}
+    end = read_adapters(device.model, [own, remote])
+    assert torch.equal(end[own].B, start[own].B) and not torch.equal(end[remote].B, start[remote].B)
+    uploaded = {key.rsplit(".", 1)[0] for key in device.upload_message().tensors}
+    assert remote in uploaded and own not in uploaded
