@@ -12,7 +12,7 @@ from conftest import tiny_config
 
 from splitpeft.federation.checkpoint import load_checkpoint, save_checkpoint
 from splitpeft.federation.simulation import Simulation
-from splitpeft.parties.frame_bounds import MAX_GRAD_ABS, gradient_problem
+from splitpeft.model.guards import MAX_GRAD_ABS, gradient_problem
 from splitpeft.transport.messages import Kind, Message, Meta
 
 HUGE = 3e38  # finite in fp32

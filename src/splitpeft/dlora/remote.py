@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from splitpeft.model.adapters import LoraWeights
-from splitpeft.parties.frame_bounds import gradient_problem
+from splitpeft.model.guards import gradient_problem
 from splitpeft.placements.base import ServerSide
 from splitpeft.transport.messages import Kind, Message, MessageError, Meta
 

@@ -26,9 +26,9 @@ from splitpeft.model.adapters import (
     write_adapters,
 )
 from splitpeft.model.backbone import Backbone
+from splitpeft.model.guards import nonfinite_state
 from splitpeft.model.parts import Part, frozen_tensors, resident_bytes
 from splitpeft.model.runtime import CPU_FP32, Runtime, stochastic_round
-from splitpeft.parties.frame_bounds import nonfinite_state
 from splitpeft.parties.shells import Shell, ShellPool, ShellSpec
 
 

@@ -25,8 +25,9 @@ from transformers import PreTrainedModel
 from splitpeft.model.adapters import AdapterError, AdapterSet
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.batched import BatchedPass
+from splitpeft.model.guards import gradient_problem
 from splitpeft.model.loss import IGNORE_INDEX
-from splitpeft.parties.frame_bounds import FrameBounds, gradient_problem
+from splitpeft.parties.frame_bounds import FrameBounds
 from splitpeft.parties.party import DEFAULT_TRAINING, Party, Training
 from splitpeft.parties.shells import ShellPool
 from splitpeft.placements.base import Placement
