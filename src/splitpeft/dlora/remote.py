@@ -241,6 +241,7 @@ class DLoRASession:
             self._killed_optimizer.zero_grad(set_to_none=True)
             raise MessageError(f"killed adapters' step refused: {problem}")
         self._killed_optimizer.step()
+        self._killed_optimizer.zero_grad(set_to_none=True)
 
     def killed_norms_tensor(self) -> tuple[list[str], torch.Tensor]:
         """The killed adapters' names, sorted, and the gradient norm sqrt(||dA||^2 + ||dB||^2) of each
