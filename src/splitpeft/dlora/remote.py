@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, KeysView, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +120,6 @@ class DLoRASession:
     """Server-side state of one device's dlora training: which adapters are remote, which killed."""
 
     active: set[str]
-    killed: dict[str, LoraWeights] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
     out_features: dict[str, int] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
@@ -167,6 +166,11 @@ class DLoRASession:
         return self.scales[name] * (x.to(a.dtype) @ a.T) @ b.T
 
     @property
+    def killed(self) -> KeysView[str]:
+        """The adapters the device killed, which this session holds and computes."""
+        return self._killed_params.keys()
+
+    @property
     def tracks_killed(self) -> bool:
         """Whether this step's backward must reach the killed adapters (norms asked, or training them)."""
         return self.killed_grad_norms or (self.train_killed and bool(self._killed_params))
@@ -174,7 +178,6 @@ class DLoRASession:
     def set_killed(self, weights: dict[str, LoraWeights]) -> None:
         self._save_moments()
         for name, value in weights.items():
-            self.killed[name] = value
             self.active.discard(name)
             self._killed_params[name] = (value.A.to(self.device, copy=True), value.B.to(self.device, copy=True))
         self._rebuild_optimizer()
@@ -187,7 +190,6 @@ class DLoRASession:
         handed = self.killed_weights(names)
         self._save_moments()
         for name in names:
-            self.killed.pop(name)
             self._killed_params.pop(name)
             self._killed_moments.pop(name, None)  # the device trains it again, with its own moments
             self.active.add(name)
