@@ -98,7 +98,8 @@ def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[
     steps = args.rounds * args.local_steps
     warmups = {fraction: max(1, round(fraction * steps)) for fraction in args.warmups}
     if args.hybrid_blocks:
-        overrides = [*overrides, f"placement.dlora_device_blocks={args.hybrid_blocks}"]
+        # the base config is validated before each method sets its placement: name dlora here too
+        overrides = [*overrides, "placement.placement=dlora", f"placement.dlora_device_blocks={args.hybrid_blocks}"]
     for seed in seeds if not args.table_only else []:  # seed-major: whole seeds are there when a session stops early
         run_seed_major("dlora", args.out / "no_kr", overrides, [seed], ["no_kr"])
         for warmup in warmups.values():

@@ -58,6 +58,22 @@ def test_write_adapters_rejects_wrong_shapes_and_unknown_modules():
         inject(share_frozen_copy(base), {"model.layers.9.mlp.up_proj": 4}, alpha=8.0)
 
 
+@pytest.mark.parametrize("bad", ["shape", "unknown"])
+def test_write_adapters_writes_nothing_when_a_later_module_is_bad(bad):
+    base = load_model("tiny-llama").model
+    first, second = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    model = inject(share_frozen_copy(base), {first: 4, second: 4}, alpha=8.0)
+    before = read_adapters(model)
+    good = LoraWeights(torch.ones(4, 32), torch.ones(32, 4))
+    wrong = {"shape": (second, LoraWeights(torch.ones(2, 32), torch.ones(32, 2))),
+             "unknown": ("model.layers.1.mlp.up_proj", good)}[bad]
+    with pytest.raises(AdapterError):
+        write_adapters(model, dict([(first, good), wrong]))  # the good one comes first
+    after = read_adapters(model)
+    for name, weights in before.items():
+        assert torch.equal(after[name].A, weights.A) and torch.equal(after[name].B, weights.B)
+
+
 def test_parties_share_frozen_weights():
     base = load_model("tiny-llama").model
     copy = inject(share_frozen_copy(base), {"model.layers.0.self_attn.q_proj": 4}, alpha=8.0)

@@ -48,8 +48,8 @@ from splitpeft.dlora.remote import (
 )
 from splitpeft.dlora.wave import DLoRAWave
 from splitpeft.model.adapters import (
+    AdapterError,
     from_tensors,
-    lora_ab,
     lora_branch,
     lora_layers,
     read_adapters,
@@ -337,12 +337,10 @@ def taken_from_server(device: DeviceSide, channel: Channel, names: list[str], *,
     returned = from_tensors(reply.tensors)
     if sorted(returned) != sorted(names):
         raise MessageError("server returned other adapters than the ones asked for")
-    layers = lora_layers(device.model)
     for name, weights in returned.items():
-        a, b = lora_ab(layers[name])
-        if weights.A.shape != a.shape or weights.B.shape != b.shape:
-            raise MessageError(f"server returned {name} at A{tuple(weights.A.shape)} B{tuple(weights.B.shape)}, "
-                               f"not the device's A{tuple(a.shape)} B{tuple(b.shape)}")
         if not (bool(torch.isfinite(weights.A).all()) and bool(torch.isfinite(weights.B).all())):
             raise MessageError(f"server returned {name} with NaN or Inf")
-    write_adapters(layers, returned)
+    try:
+        write_adapters(device.model, returned)  # checks every shape before writing any
+    except AdapterError as error:
+        raise MessageError(f"server returned adapters not the device's: {error}") from error

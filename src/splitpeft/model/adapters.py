@@ -194,18 +194,22 @@ def read_adapters(model: nn.Module | Mapping[str, LoraLayer], names: Iterable[st
 
 def write_adapters(model: nn.Module | Mapping[str, LoraLayer], weights: Mapping[str, LoraWeights]) -> None:
     """Copy A and B into the model's adapters (or into `lora_layers` already found); names and
-    shapes must match exactly."""
+    shapes must match exactly. Every module is checked before any is written, so a bad one leaves
+    the model as it was."""
     layers = model if isinstance(model, Mapping) else lora_layers(model)
+    targets = []
+    for name, value in weights.items():
+        if name not in layers:
+            raise AdapterError(f"module {name!r} has no adapter in this model")
+        a, b = lora_ab(layers[name])
+        if value.A.shape != a.shape or value.B.shape != b.shape:
+            raise AdapterError(
+                f"{name}: adapter shapes A{tuple(value.A.shape)} B{tuple(value.B.shape)} do not "
+                f"match the model's A{tuple(a.shape)} B{tuple(b.shape)}"
+            )
+        targets.append((a, b, value))
     with torch.no_grad():
-        for name, value in weights.items():
-            if name not in layers:
-                raise AdapterError(f"module {name!r} has no adapter in this model")
-            a, b = lora_ab(layers[name])
-            if value.A.shape != a.shape or value.B.shape != b.shape:
-                raise AdapterError(
-                    f"{name}: adapter shapes A{tuple(value.A.shape)} B{tuple(value.B.shape)} do not "
-                    f"match the model's A{tuple(a.shape)} B{tuple(b.shape)}"
-                )
+        for a, b, value in targets:
             a.copy_(value.A)
             b.copy_(value.B)
 
