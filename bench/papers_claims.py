@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", help="default: hsplitlora,hetlora,splitlora,cenlora (hsplit); "
                         "no_kr,kr,kr_scheduled,kr_gradient,kr_converged (dlora; also kr_server: "
-                        "dynamic with the server training killed adapters)")
+                        "dynamic with the server training killed adapters; kr_server_spared: the same, the hybrid's own blocks never killed)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--groups", type=int, default=200, help="held-out MRs for BLEU")

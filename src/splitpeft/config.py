@@ -375,6 +375,10 @@ class KillReviveConfig:
         "dlora: the server keeps training the killed adapters it computes (its own AdamW at federation.lr, from the "
         "gradients its backward reaches anyway) and the device fetches them before it uploads; false = frozen while "
         "killed, as published. The hybrid's own blocks' killed adapters stay frozen on the device", False)
+    spare_device_blocks: bool = _help(
+        "dlora's hybrid (placement.dlora_device_blocks > 0): the adapters of the device's own blocks stay out of "
+        "Kill and Revive and always train there (killing one saves its branch's device FLOPs but no traffic, and "
+        "no server computes it); active_fraction then counts the server's blocks' adapters", False)
 
     def problems(self) -> list[str]:
         return failed_checks([
@@ -549,6 +553,10 @@ class ExperimentConfig:
         return placement_of(self).config_problems(self) + failed_checks([
             (not self.kill_revive.server_trains_killed or self.placement.placement == "dlora",
              "kill_revive.server_trains_killed: only dlora hands killed adapters to the server; use placement.placement=dlora"),
+            (not self.kill_revive.spare_device_blocks
+             or (self.placement.placement == "dlora" and self.placement.dlora_device_blocks > 0),
+             "kill_revive.spare_device_blocks: only dlora's hybrid has device blocks; use placement.placement=dlora "
+             "with placement.dlora_device_blocks >= 1"),
             (self.robust.combine == "mean" or shared_adapter,
              f"robust.combine={self.robust.combine} combines A and B like fedavg; it needs federation.aggregator=fedavg"),
             (self.fleet.memory_bytes is None or len(self.fleet.memory_bytes) == fed.num_devices,

@@ -169,3 +169,36 @@ def test_in_the_hybrid_only_the_servers_killed_adapters_train_and_upload():
     assert torch.equal(end[own].B, start[own].B) and not torch.equal(end[remote].B, start[remote].B)
     uploaded = {key.rsplit(".", 1)[0] for key in device.upload_message().tensors}
     assert remote in uploaded and own not in uploaded
+
+
+def test_spared_device_blocks_stay_out_of_kill_and_revive_in_the_hybrid():
+    """`kill_revive.spare_device_blocks`: the hybrid's own blocks' adapters are never killed, so
+    they train on the device all run long; the policy kills among the server's blocks' adapters
+    down to active_fraction of those, and the round reports every adapter training on the device."""
+    ends = {}
+    for spare in (False, True):
+        sim = _sim(True, "placement.dlora_device_blocks=2", "kill_revive.warmup=1", "kill_revive.interval=1",
+                   "kill_revive.active_fraction=0.25", f"kill_revive.spare_device_blocks={str(spare).lower()}")
+        device, _ = _start(sim)
+        own = {n for n in device.modules if ".layers.0." in n or ".layers.1." in n}
+        assert own and (set(device.kill_revive.modules) == set(device.modules) - own if spare
+                        else set(device.kill_revive.modules) == set(device.modules))
+        start = read_adapters(device.model, sorted(own))
+        sim.run_round()
+        ends[spare] = device
+        record = sim.rounds[-1].devices[device.device_id]
+        assert record.active_adapters == len(device.modules) - len(device.killed)
+        if spare:
+            assert not own & device.killed and device.killed  # kills happened, none of the device's own
+            assert len(device.kill_revive.active) == device.kill_revive.target_active
+            end = read_adapters(device.model, sorted(own))
+            assert all(not torch.equal(end[n].B, start[n].B) for n in own)  # every one of them trained
+    assert own & ends[False].killed  # without the option the policy kills some of them
+
+
+def test_only_the_hybrid_can_spare_device_blocks():
+    for overrides in (["placement.placement=split"], ["placement.placement=dlora"]):
+        with pytest.raises(ConfigError, match="spare_device_blocks"):
+            tiny_config("tiny-llama", *overrides, "kill_revive.spare_device_blocks=true")
+    assert tiny_config("tiny-llama", "placement.placement=dlora", "placement.dlora_device_blocks=1",
+                       "kill_revive.spare_device_blocks=true").kill_revive.spare_device_blocks

@@ -90,6 +90,9 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # KR whose killed adapters the server keeps training (kill_revive.server_trains_killed)
         "kr_server": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=dynamic",
                       "kill_revive.server_trains_killed=true"],
+        # the same in dlora's hybrid, its own blocks' adapters always training (kill_revive.spare_device_blocks)
+        "kr_server_spared": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=dynamic",
+                             "kill_revive.server_trains_killed=true", "kill_revive.spare_device_blocks=true"],
         "static_random": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=static_random"],
         "static_score": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=static_score"],
     },

@@ -75,7 +75,7 @@ def fill_round_stats(stats: DeviceRound, device: DeviceRuntime, phase: LocalPhas
     """Copy a finished local phase and the device's meters into `stats` (resets the meters)."""
     if device.kill_revive is not None:
         stats.kr_events = device.kill_revive.events[events_before:]
-        stats.active_adapters = len(device.kill_revive.active)
+        stats.active_adapters = len(device.modules) - len(device.killed)  # spared ones included
     stats.flops, stats.adapter_flops, stats.peak_memory_bytes = device.meter.take_round()
     stats.tokens, stats.steps, stats.losses = phase.tokens, len(phase.losses), phase.losses
     stats.step_flops, stats.step_bytes_up, stats.step_bytes_down = phase.step_flops, phase.step_bytes_up, phase.step_bytes_down

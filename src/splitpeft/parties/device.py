@@ -128,7 +128,10 @@ class DeviceRuntime(Party):
     # ------------------------------------------------------------------ kill and revive
 
     def attach_kill_revive(self, settings: KillReviveConfig, seed: int) -> None:
-        self.kill_revive = KillRevive(settings, self.modules, seed=seed)
+        """Kill and Revive over the device's adapters, or (`spare_device_blocks`) over those of the
+        blocks the server runs: the hybrid's own blocks' adapters then always train here."""
+        spared = set(self.placement.killed_on_device(self, self.modules)) if settings.spare_device_blocks else set()
+        self.kill_revive = KillRevive(settings, [m for m in self.modules if m not in spared], seed=seed)
 
     def set_trainable(self, names: Iterable[str], trainable: bool) -> None:
         layers = self.shell.layers
