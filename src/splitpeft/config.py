@@ -320,6 +320,10 @@ class HSplitConfig:
         "split: the rank of the server sessions' adapters on the blocks after each device's cut, which the "
         "planners also count as the importance the server trains; null = lora.rank. The server is not bound "
         "by a device's memory: e.g. the largest of hsplit.rank_set", None, bound=Bound(1, 65_536))
+    time_tokens: Literal["max", "data"] = _help(
+        "the tokens ARMSC's time model prices a step at: max = every row at data.max_length with every position "
+        "labelled (an upper bound); data = the mean padded length and labelled positions of batches drawn from the "
+        "planner's probe data. Memory is planned at the maximum either way", "max")
     min_split: int = _help("privacy floor: the shallowest split the planner may choose (armsc, budget_rank: "
                            "a device whose budget fits no split this deep fails the plan)", 0, bound=Bound(0, 4096))
     max_leakage: float | None = _help(

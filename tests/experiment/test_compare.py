@@ -190,6 +190,17 @@ def test_reuse_reads_a_finished_run_of_the_same_config_and_reruns_a_changed_one(
     assert main([*common, "--seeds", "1", "--reuse", "federation.lr=0.01"]) == 2  # another config: not reused
     assert "was not reused: its config differs at federation.lr (0.001 there, 0.01 now)" in capsys.readouterr().err
     assert (out / "no_kr" / "seed-0" / "report.json").stat().st_mtime_ns == first
+    # a run written before a key existed: the key counts as its default, and only its default matches
+    path = out / "no_kr" / "seed-0" / "report.json"
+    report = json.loads(path.read_text())
+    del report["config"]["kill_revive"]["spare_device_blocks"]
+    path.write_text(json.dumps(report))
+    first = path.stat().st_mtime_ns
+    assert main([*common, "--seeds", "1", "--reuse"]) == 0
+    assert path.stat().st_mtime_ns == first  # reused
+    assert main([*common, "--seeds", "1", "--reuse", "kill_revive.spare_device_blocks=true",
+                 "placement.placement=dlora", "placement.dlora_device_blocks=1"]) == 2
+    assert "its config differs at kill_revive.spare_device_blocks (False there, True now)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seeds", ["0", "-2"])

@@ -278,3 +278,35 @@ def test_plan_dtype_plans_a_bf16_simulation_as_its_fp32_fleet():
     fp32 = plans("runtime.dtype=fp32")
     assert plans("runtime.dtype=bf16", "hsplit.plan_dtype=fp32") == fp32
     assert plans("runtime.dtype=bf16") != fp32
+
+
+def test_time_tokens_data_prices_a_step_at_the_datas_tokens_and_memory_at_the_maximum():
+    """hsplit.time_tokens=data: ARMSC's time model prices each device's step at the mean padded
+    length and labelled positions of batches drawn from the planner's data (the head and loss run
+    on labelled positions only), while every peak is still predicted at data.max_length."""
+    from splitpeft.data.batching import BatchStream
+    from splitpeft.hsplit.memory import flops_per_step
+    from splitpeft.hsplit.planning import data_step_tokens
+
+    overrides = [*HSPLIT, f"fleet.memory_bytes={[10**9] * 3}", "placement.labels_on_device=true"]
+    assert Simulation(tiny_config("tiny-llama", *overrides)).planning.planner.options.time_tokens is None
+    sim = Simulation(tiny_config("tiny-llama", *overrides, "hsplit.time_tokens=data"))
+    config, planning = sim.config, sim.planning
+    options = planning.planner.options
+    stream = BatchStream(planning.probe_stream.items, config.federation.batch_size, planning.probe_stream.pad_id,
+                         config.seed + 20_000)
+    lengths, labelled = [], []
+    for _ in range(64):  # by hand: the batches' widths, and the labels each position predicts
+        batch = stream.next()
+        lengths.append(batch.input_ids.shape[1])
+        labelled.append(sum(1 for row in batch.labels.tolist() for label in row[1:] if label != -100))
+    want = (round(sum(lengths) / 64), round(sum(labelled) / 64))
+    assert options.time_tokens == want == data_step_tokens(BatchStream(
+        planning.probe_stream.items, config.federation.batch_size, planning.probe_stream.pad_id, config.seed + 20_000))
+    assert want[1] < config.federation.batch_size * want[0]  # prompts carry no labels
+    for plan in planning.plans:
+        assert plan.flops_per_step == flops_per_step(planning.shapes, plan.split_layer, plan.ranks,
+                                                     config.federation.batch_size, want[0], True, labelled=want[1])
+        assert plan.predicted_peak_bytes == predict_peak_bytes(planning.shapes, plan.split_layer, plan.ranks,
+                                                               **options.memory())
+        assert options.memory()["seq_len"] == config.data.max_length

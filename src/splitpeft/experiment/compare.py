@@ -69,6 +69,11 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "hsplitlora_server16": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm",
                                 "federation.noise_free_factors=own_a", "federation.noise_free_moments=keep",
                                 "hsplit.server_rank=16"],
+        # and ARMSC's time model at the data's tokens a step, not data.max_length's (issue 25)
+        "hsplitlora_server16_data": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
+                                     "federation.noise_free_start=warm", "federation.noise_free_factors=own_a",
+                                     "federation.noise_free_moments=keep", "hsplit.server_rank=16",
+                                     "hsplit.time_tokens=data"],
         "hsplitlora_svd": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm"],
         "hsplitlora_lora_factors": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
                                     "federation.noise_free_start=warm", "federation.noise_free_factors=lora"],
@@ -261,6 +266,13 @@ def curves(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, float | int |
     return {name: [spread(list(per_round)) for per_round in zip(*(run[key] for run in runs))] for name, key in keys.items()}
 
 
+def with_defaults(stored: Any, defaults: Any) -> Any:
+    """`stored` (a config as JSON) with every key of `defaults` it lacks, at any depth, set to its default."""
+    if not isinstance(stored, dict) or not isinstance(defaults, dict):
+        return stored
+    return {**defaults, **{key: with_defaults(value, defaults.get(key)) for key, value in stored.items()}}
+
+
 def first_difference(stored: Any, wanted: Any, path: str = "") -> tuple[str, Any, Any] | None:
     """The first key (dotted, '' for the roots) where two JSON trees differ, with the two values
     there; None if they are equal."""
@@ -423,7 +435,9 @@ def finished_report(folder: Path, config: ExperimentConfig) -> tuple[dict[str, A
         return None, f"its report.json nests deeper than {MAX_REPORT_DEPTH} levels at {deep}"
     if report.get("splitpeft_version") != __version__:
         return None, f"it was written by splitpeft {report.get('splitpeft_version')}, this is {__version__}"
-    stored, wanted = report.get("config"), json.loads(json.dumps(_clean(to_dict(config))))
+    wanted = json.loads(json.dumps(_clean(to_dict(config))))
+    # a key added since the run was written counts as its default, which keeps the earlier behaviour
+    stored = with_defaults(report.get("config"), json.loads(json.dumps(_clean(to_dict(ExperimentConfig())))))
     difference = first_difference(stored, wanted)
     if difference is not None:
         key, there, now = difference

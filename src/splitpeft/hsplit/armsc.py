@@ -312,6 +312,9 @@ class FleetOptions:
     max_split: int | None = None
     allowed_splits: Callable[[int], bool] | None = None
     warm: bool = False  # noise-free's warm start: each adapted module's frozen weight copy counts
+    # hsplit.time_tokens=data: (tokens a row, labelled positions a step) the time model prices a
+    # step at, from the planner's data; None: seq_len and every position (memory always uses seq_len)
+    time_tokens: tuple[int, int] | None = None
 
     def memory(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len, "labels_on_device": self.labels_on_device,
@@ -319,11 +322,12 @@ class FleetOptions:
 
     def candidate(self, profile: DeviceProfile, shapes: ModelShapes, scores: Mapping[str, float], split_layer: int,
                   ranks: dict[str, int]) -> Candidate:
-        device_flops = flops_per_step(shapes, split_layer, ranks, self.batch_size, self.seq_len,
-                                      self.labels_on_device, self.checkpointing)
-        server_flops = server_flops_per_step(shapes, split_layer, self.server_rank, self.batch_size, self.seq_len,
-                                             self.labels_on_device)
-        link = split_bytes_per_step(shapes, self.batch_size, self.seq_len, self.labels_on_device)
+        length, labelled = self.time_tokens if self.time_tokens is not None else (self.seq_len, None)
+        device_flops = flops_per_step(shapes, split_layer, ranks, self.batch_size, length,
+                                      self.labels_on_device, self.checkpointing, labelled=labelled)
+        server_flops = server_flops_per_step(shapes, split_layer, self.server_rank, self.batch_size, length,
+                                             self.labels_on_device, labelled=labelled)
+        link = split_bytes_per_step(shapes, self.batch_size, length, self.labels_on_device)
         return Candidate(split_layer, ranks, predict_peak_bytes(shapes, split_layer, ranks, **self.memory()),
                          trained_importance(scores, split_layer, ranks, shapes, self.server_rank),
                          step_time(profile, device_flops, link, server_flops, self.server_flops_per_s), device_flops)

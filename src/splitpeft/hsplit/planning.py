@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -44,6 +44,7 @@ from splitpeft.hsplit.importance import (
 )
 from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
+from splitpeft.model.loss import IGNORE_INDEX
 from splitpeft.model.runtime import resolve_runtime
 from splitpeft.placements.split import SplitPlacement
 
@@ -62,6 +63,7 @@ class Planner(Protocol):
     uses_budgets: ClassVar[bool]  # False: no fleet budgets needed, no plan table
     uses_scores: ClassVar[bool]   # True: needs IWI probes, and re-plans when they move
     one_rank: ClassVar[bool]      # True: every device gets one rank for every module (fedavg can average them)
+    options: PlanOptions
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]: ...
 
@@ -138,6 +140,7 @@ class PlanOptions:
     server_flops_per_s: float = 5e11  # fleet.server_flops_per_s
     warm: bool = False  # federation.noise_free_start=warm: each adapted module holds its own frozen copy
     server_rank: int | None = None  # hsplit.server_rank: the server sessions' rank (None: `rank`)
+    time_tokens: tuple[int, int] | None = None  # hsplit.time_tokens=data: `data_step_tokens` of the planner's data
 
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> PlanOptions:
@@ -154,7 +157,7 @@ class PlanOptions:
         return FleetOptions(self.batch_size, self.seq_len, self.rank_set, self.server_rank or self.rank,
                             self.server_flops_per_s,
                             self.labels_on_device, self.checkpointing, self.max_split,
-                            self.privacy.allows if self.privacy is not None else None, self.warm)
+                            self.privacy.allows if self.privacy is not None else None, self.warm, self.time_tokens)
 
     def memory(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len, "labels_on_device": self.labels_on_device,
@@ -254,6 +257,17 @@ PLANNERS: dict[str, PlannerType] = {
 }
 
 
+def data_step_tokens(stream: BatchStream, batches: int = 64) -> tuple[int, int]:
+    """(mean padded tokens a row, mean labelled positions a step) over `batches` batches of
+    `stream`: what a training step on that data computes, for the time model (`hsplit.time_tokens`)."""
+    lengths, labelled = [], []
+    for _ in range(batches):
+        batch = stream.next()
+        lengths.append(batch.input_ids.shape[1])
+        labelled.append(int((batch.labels[:, 1:] != IGNORE_INDEX).sum()))
+    return max(1, round(sum(lengths) / batches)), max(1, round(sum(labelled) / batches))
+
+
 def make_planner(config: ExperimentConfig) -> Planner:
     name = config.hsplit.planner
     if name not in PLANNERS:
@@ -285,6 +299,9 @@ class Planning:
                                               device=runtime.device_device)
         self.tracker = ImportanceTracker()
         self.probe_stream = BatchStream(train, config.federation.batch_size, pad_id, config.seed + 10_000)
+        if config.hsplit.time_tokens == "data":
+            planner.options = replace(planner.options, time_tokens=data_step_tokens(
+                BatchStream(train, config.federation.batch_size, pad_id, config.seed + 20_000)))
         self.plans: list[DevicePlan] = []
         self.planned_scores: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
