@@ -397,3 +397,21 @@ def test_last_round_fall_says_how_much_the_last_round_still_gained():
     assert last_round_fall([math.log(6.0), math.log(5.0), math.log(4.0)]) == pytest.approx(0.2)
     assert last_round_fall([math.log(4.0), math.log(4.4)]) == pytest.approx(-0.1)  # it rose
     assert last_round_fall([math.log(4.0)]) is None and last_round_fall([None, 1.0]) is None
+
+
+def test_a_method_that_needs_the_hybrid_runs_only_when_named():
+    """`compare dlora` without --methods runs every method its defaults allow: kr_server_spared needs
+    dlora's hybrid, so it is left out there (a config check would refuse every run otherwise)."""
+    from splitpeft.config import ConfigError, load_config
+    from splitpeft.experiment.compare import SUITES, default_methods, method_config
+
+    assert "kr_server_spared" in SUITES["dlora"] and "kr_server_spared" not in default_methods("dlora")
+    assert default_methods("hsplit") == list(SUITES["hsplit"])
+    base = load_config(None, [], preset="tiny")
+    for method in default_methods("dlora"):  # every default builds a valid config
+        method_config(base, None, "tiny", [], SUITES["dlora"][method])
+    with pytest.raises(ConfigError, match="spare_device_blocks"):
+        method_config(base, None, "tiny", [], SUITES["dlora"]["kr_server_spared"])
+    hybrid = ["placement.placement=dlora", "placement.dlora_device_blocks=1"]
+    assert method_config(load_config(None, hybrid, preset="tiny"), None, "tiny", hybrid,
+                         SUITES["dlora"]["kr_server_spared"]).kill_revive.spare_device_blocks

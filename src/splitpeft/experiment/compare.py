@@ -104,6 +104,15 @@ SUITES: dict[str, dict[str, list[str]]] = {
 }
 
 
+# Methods a suite runs only when named: they need a setting the suite's defaults lack.
+ONLY_WHEN_NAMED = {"kr_server_spared"}  # dlora's hybrid: placement.dlora_device_blocks >= 1
+
+
+def default_methods(suite: str) -> list[str]:
+    """The methods `suite` runs when none are named: all but `ONLY_WHEN_NAMED`."""
+    return [method for method in SUITES[suite] if method not in ONLY_WHEN_NAMED]
+
+
 # The per-run numbers whose mean and spread over seeds comparison.json keeps (summary key: what it is).
 SCALARS: dict[str, str] = {
     "bleu": "BLEU of the final adapter on the held-out MRs",
@@ -471,7 +480,7 @@ def run_comparison(
         raise ValueError(f"--seeds must be a whole number of runs per method, at least 1, not {seeds!r}")
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
-    chosen = methods or list(SUITES[suite])
+    chosen = methods or default_methods(suite)
     unknown = [m for m in chosen if m not in SUITES[suite]]
     if unknown:
         raise ValueError(f"unknown methods for suite {suite}: {unknown}; choose from {', '.join(SUITES[suite])}")
