@@ -44,7 +44,7 @@ from splitpeft.hsplit.importance import (
 )
 from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
-from splitpeft.model.loss import IGNORE_INDEX
+from splitpeft.model.loss import labelled_positions
 from splitpeft.model.runtime import resolve_runtime
 from splitpeft.placements.split import SplitPlacement
 
@@ -264,7 +264,7 @@ def data_step_tokens(stream: BatchStream, batches: int = 64) -> tuple[int, int]:
     for _ in range(batches):
         batch = stream.next()
         lengths.append(batch.input_ids.shape[1])
-        labelled.append(int((batch.labels[:, 1:] != IGNORE_INDEX).sum()))
+        labelled.append(len(labelled_positions(batch.labels)[0]))
     return max(1, round(sum(lengths) / batches)), max(1, round(sum(labelled) / batches))
 
 
