@@ -167,6 +167,9 @@ class Party:
         parked, self._parked = self._parked, None
         if parked is None:
             return shell
+        # views of one flat buffer (`pack`): whatever outlives this call is copied out of it, since
+        # one kept view (a moment the optimiser holds) would keep the whole buffer, the party's
+        # parked adapters and warm adapters with it, alive for as long as the moment lives
         tensors = self._pool.store.take(parked.ticket)
         if shell.optimizer is not None:
             for index in parked.moments:
@@ -175,7 +178,8 @@ class Party:
                     key: _moment(tensors[f"m/{index}/{key}"], key, parameter, shell.optimizer) for key in parked.moment_keys}
         for index in parked.frozen:
             shell.parameters[index].requires_grad_(False)
-        self._warm_loaded = _weights(tensors, "w", parked.warm)
+        self._warm_loaded = {name: LoraWeights(weights.A.clone(), weights.B.clone())
+                             for name, weights in _weights(tensors, "w", parked.warm).items()}
         if restore:
             write_adapters(shell.layers, _weights(tensors, "a", self.modules))
             layers = shell.layers
@@ -443,14 +447,15 @@ class Party:
 
 
 def _moment(value: torch.Tensor, key: str, parameter: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """A parked AdamW state tensor where the optimiser wants it: the moments beside their
-    parameter; the step count on the parameter's device for the fused and capturable kernels,
-    on the CPU otherwise (as torch's AdamW creates it)."""
+    """A parked AdamW state tensor where the optimiser wants it, in a storage of its own (`value` is
+    a view of a parked party's buffer): the moments beside their parameter; the step count on the
+    parameter's device for the fused and capturable kernels, on the CPU otherwise (as torch's AdamW
+    creates it)."""
     if key != "step":
-        return value.to(parameter.device)
+        return value.to(parameter.device, copy=True)
     group = optimizer.param_groups[0]
     on_device = bool(group.get("fused")) or bool(group.get("capturable"))
-    return value.to(parameter.device if on_device else "cpu")
+    return value.to(parameter.device if on_device else "cpu", copy=True)
 
 
 def _weights(tensors: Mapping[str, torch.Tensor], prefix: str, names: Iterable[str]) -> dict[str, LoraWeights]:
