@@ -64,12 +64,13 @@ def fleet_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def run_seed_major(suite: str, out: Path, overrides: list[str], seeds: list[int], methods: list[str]) -> None:
+def run_seed_major(suite: str, out: Path, overrides: list[str], seeds: list[int], methods: list[str],
+                   checkpoints: bool = False) -> None:
     for seed in seeds:
         for method in methods:
             print(f"== {out} {method} seed {seed}", flush=True)
             run_comparison(suite, out, preset="e2e", overrides=[*overrides, f"seed={seed}"], methods=[method],
-                           seeds=1, reuse=True, progress=True)
+                           seeds=1, reuse=True, progress=True, checkpoints=checkpoints)
 
 
 def table_of_finished(out: Path, methods: list[str], seeds: list[int]) -> dict:
@@ -101,10 +102,10 @@ def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[
         # the base config is validated before each method sets its placement: name dlora here too
         overrides = [*overrides, "placement.placement=dlora", f"placement.dlora_device_blocks={args.hybrid_blocks}"]
     for seed in seeds if not args.table_only else []:  # seed-major: whole seeds are there when a session stops early
-        run_seed_major("dlora", args.out / "no_kr", overrides, [seed], ["no_kr"])
+        run_seed_major("dlora", args.out / "no_kr", overrides, [seed], ["no_kr"], args.checkpoints)
         for warmup in warmups.values():
             run_seed_major("dlora", args.out / f"warmup-{warmup}", [*overrides, f"kill_revive.warmup={warmup}"],
-                           [seed], [m for m in methods if m != "no_kr"])
+                           [seed], [m for m in methods if m != "no_kr"], args.checkpoints)
 
     def report(folder: Path, seed: int) -> dict | None:
         path = folder / f"seed-{seed}" / "report.json"
@@ -177,6 +178,9 @@ def main() -> None:
     parser.add_argument("--perplexity-examples", type=int, default=200)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "valid.txt"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="keep each run's state beside its folder: a stopped run continues, and a finished one "
+                             "is continued to a larger --rounds instead of run again (`compare --checkpoints`)")
     parser.add_argument("--table-only", action="store_true", help="run nothing: only the table of the finished runs in --out")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     args = parser.parse_args()
@@ -192,7 +196,7 @@ def main() -> None:
         return
     methods = (args.methods or "hsplitlora,hetlora,splitlora,cenlora").split(",")
     if not args.table_only:
-        run_seed_major("hsplit", args.out, overrides, seeds, methods)
+        run_seed_major("hsplit", args.out, overrides, seeds, methods, args.checkpoints)
     print(markdown_table(table_of_finished(args.out, methods, seeds)))
 
 

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "held-out losses; per-seed = per seed, the worst of the methods' final losses on that seed")
     compare.add_argument("--reuse", action="store_true",
                          help="read a method's run folder whose finished report has exactly its config instead of running it again")
+    compare.add_argument("--checkpoints", action="store_true",
+                         help="keep each run's federation state beside its folder (METHOD/seed-S.checkpoint): a run "
+                              "stopped part way continues from its last round, and with --reuse a finished run with "
+                              "fewer federation.rounds is continued to these (its folder replaced by the longer run)")
     compare.add_argument("--out", type=Path, required=True, help="folder for the runs and the table")
     compare.add_argument("--overwrite", action="store_true")
     compare.add_argument("--no-progress", action="store_true")
@@ -227,6 +231,7 @@ def _compare(args: argparse.Namespace) -> int:
             args.suite, args.out, config_path=args.config, preset=args.preset, overrides=args.overrides,
             methods=args.methods.split(",") if args.methods else None, seeds=args.seeds, target_loss=args.target_loss,
             target=args.target.replace("-", "_"), overwrite=args.overwrite, reuse=args.reuse, progress=not args.no_progress,
+            checkpoints=args.checkpoints,
         )
     except (RoundError, EvaluationError) as error:
         return _run_failed(error)

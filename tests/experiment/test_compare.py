@@ -415,3 +415,38 @@ def test_a_method_that_needs_the_hybrid_runs_only_when_named():
     hybrid = ["placement.placement=dlora", "placement.dlora_device_blocks=1"]
     assert method_config(load_config(None, hybrid, preset="tiny"), None, "tiny", hybrid,
                          SUITES["dlora"]["kr_server_spared"]).kill_revive.spare_device_blocks
+
+
+@pytest.mark.parametrize("suite, method", [("dlora", "no_kr"), ("hsplit", "hsplitlora_server16_data")])
+def test_checkpoints_continue_a_finished_run_to_more_rounds_as_if_run_that_long(tmp_path, capsys, suite, method):
+    """--checkpoints with --reuse: a 2-round run is continued to 3 rounds from the state kept beside
+    its folder, not run again, and ends where a 3-round run from the start ends (every round's
+    held-out perplexity, simulated time and traffic, the final evaluation); a shorter run without a
+    kept state, or one that differs in more than the rounds, is refused, naming why. HSplitLoRA's
+    warm restarts keep each device's moments and warm adapters across rounds: they too continue."""
+    common = ["compare", suite, "--preset", "tiny", "--methods", method, "--no-progress", "--seeds", "1",
+              "federation.num_devices=2", "federation.local_steps=1", "data.limit=40",
+              "eval.generation=false", "eval.perplexity_examples=4", "fleet.memory_bytes=[3000000,6000000]"]
+    out = tmp_path / "cmp"
+    folder, state = out / method / "seed-0", out / method / "seed-0.checkpoint"
+    assert main([*common, "--out", str(out), "--checkpoints", "federation.rounds=2"]) == 0
+    assert state.is_dir() and len(json.loads((folder / "report.json").read_text())["rounds"]) == 2
+    assert main([*common, "--out", str(out), "--checkpoints", "--reuse", "federation.rounds=3"]) == 0
+    continued = json.loads((folder / "report.json").read_text())
+    assert main([*common, "--out", str(tmp_path / "direct"), "federation.rounds=3"]) == 0
+    direct = json.loads((tmp_path / "direct" / method / "seed-0" / "report.json").read_text())
+    assert len(continued["rounds"]) == 3
+    for key in ("eval_perplexity", "simulated_round_s"):
+        assert [r[key] for r in continued["rounds"]] == [r[key] for r in direct["rounds"]]
+    assert continued["totals"]["bytes_up"] == direct["totals"]["bytes_up"]
+    assert continued["eval"]["perplexity"] == pytest.approx(direct["eval"]["perplexity"], rel=1e-6)
+    capsys.readouterr()
+    # without the kept state there is nothing to continue from
+    plain = tmp_path / "plain"
+    assert main([*common, "--out", str(plain), "federation.rounds=1"]) == 0
+    assert main([*common, "--out", str(plain), "--checkpoints", "--reuse", "federation.rounds=2"]) == 2
+    assert "there is no checkpoint of it in" in capsys.readouterr().err
+    # another learning rate is another run, even with a kept state
+    assert main([*common, "--out", str(out), "--checkpoints", "--reuse", "federation.rounds=4", "federation.lr=0.01"]) == 2
+    assert "it differs in more than federation.rounds" in capsys.readouterr().err
+    assert len(json.loads((folder / "report.json").read_text())["rounds"]) == 3  # left as it was

@@ -145,6 +145,12 @@ class DLoRASession:
         self.calls += 1
         return self.calls
 
+    def begin_step(self) -> None:
+        """Number this step's remote calls from 1 again: a call names a group within one step, so a
+        message's size never depends on how many steps the session has lived (a session reopened
+        from a checkpoint sends the bytes an uninterrupted one sends)."""
+        self.calls = 0
+
     def hook(self, name: str) -> Callable[[torch.nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
         def add_branch(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             x = args[0]
@@ -288,6 +294,7 @@ def _server_worker(session: ServerSide, state: DLoRASession, hidden: torch.Tenso
     """
     link = state.link
     track = state.tracks_killed
+    state.begin_step()
     try:
         for a, b in state._killed_params.values():
             a.requires_grad_(track)

@@ -69,6 +69,7 @@ class DLoRAWave:
         wave = cls(batched.acquire(), peers)  # its own pass: it outlives this call (`BatchedPass.acquire`)
         for peer in peers.values():
             peer.state.wave = wave
+            peer.state.begin_step()
         wave.worker = threading.Thread(target=wave._run, name="dlora-wave", daemon=True)
         wave.worker.start()
         return wave, wave.deliver({device_id: peer.delivered for device_id, peer in peers.items()

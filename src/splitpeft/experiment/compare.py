@@ -39,10 +39,19 @@ With `reuse`, a run folder holding a finished report of exactly this method's co
 splitpeft version) is read instead of run again, so a comparison can grow by seeds or methods. A reused
 report is checked against `REPORT_SCHEMA` (what `summarise` reads, with the values it accepts) before
 any number of it is used; a folder whose report does not fit is refused like one of another config.
+
+With `checkpoints`, each run keeps its federation state after every round in
+`out/METHOD/seed-S.checkpoint`, beside its folder. A run stopped part way (a session's end, a crash)
+then continues from its last round on the next call, and, with `reuse`, a finished run whose config
+differs from this call's only in a smaller `federation.rounds` is continued to this call's rounds
+from its checkpoint rather than run again: its folder is replaced by the longer run, whose report
+holds every round of the shorter one (the shorter run's final evaluation is not kept). The learning
+rate is constant, so the continued run is the run that would have gone that long from the start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -55,6 +64,7 @@ from splitpeft import __version__
 from splitpeft.config import ExperimentConfig, load_config, to_dict
 from splitpeft.experiment.report import _clean, write_json
 from splitpeft.experiment.run import RunFolderError, run_experiment
+from splitpeft.federation.checkpoint import CheckpointError, is_state_folder, verify_checkpoint
 from splitpeft.placements.registry import placement_of
 
 TARGETS = ("worst_mean", "per_seed")
@@ -471,9 +481,11 @@ def run_comparison(
     overwrite: bool = False,
     reuse: bool = False,
     progress: bool = True,
+    checkpoints: bool = False,
 ) -> dict[str, Any]:
     """Run each method of `suite` with seeds base, base + 1, ..., base + seeds - 1 (base: the config's
-    `seed`) into `out/METHOD/seed-S`; write and return the comparison (see the module docstring)."""
+    `seed`) into `out/METHOD/seed-S`; write and return the comparison (see the module docstring;
+    `checkpoints`: each run's state in `out/METHOD/seed-S.checkpoint`, to continue it from)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -494,14 +506,61 @@ def run_comparison(
     out = Path(out)
     folders = {key: out / key[0] / f"seed-{key[1]}" for key in configs}
     found = {key: finished_report(folders[key], config) if reuse else (None, None) for key, config in configs.items()}
+    states = {key: state_folder(folder) if checkpoints else None for key, folder in folders.items()}
+    continued = set()
     for key, (_, why_not) in found.items():  # every folder judged before any run
-        if why_not is not None and not overwrite:
+        if why_not is not None and reuse and (state := states[key]) is not None:
+            shorter = continuable(folders[key], state, configs[key])
+            if shorter is not None:
+                raise RunFolderError(f"{folders[key]} was not reused or continued: {why_not}; {shorter}")
+            continued.add(key)
+        elif why_not is not None and not overwrite:
             raise RunFolderError(f"{folders[key]} was not reused: {why_not}; use --overwrite to run it again")
-    reports = {
-        key: report if report is not None else run_experiment(configs[key], folders[key], overwrite=overwrite, progress=progress)
-        for key, (report, _) in found.items()
-    }
+    reports = {}
+    for key, (report, _) in found.items():
+        state = states[key]
+        resume = state is not None and is_state_folder(state)  # stopped part way, or continued to more rounds
+        reports[key] = report if report is not None else run_experiment(
+            configs[key], folders[key], overwrite=overwrite or key in continued, progress=progress,
+            checkpoint=state, resume=resume)
     return write_comparison(suite, out, reports, chosen, seed_list, target_loss=target_loss, target=target)
+
+
+def state_folder(folder: Path) -> Path:
+    """Where `run_comparison(checkpoints=True)` keeps the run in `folder`'s federation state: beside it."""
+    return folder.parent / f"{folder.name}.checkpoint"
+
+
+def continuable(folder: Path, state: Path, config: ExperimentConfig) -> str | None:
+    """None if `folder` holds a finished run of `config` but for fewer `federation.rounds`, whose
+    federation state after its last round is in `state`; else why not (one line)."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return "its report.json does not read"
+    stored = report.get("config") if isinstance(report, dict) else None
+    federation = stored.get("federation") if isinstance(stored, dict) else None
+    rounds = federation.get("rounds") if isinstance(federation, dict) else None
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 0 < rounds < config.federation.rounds:
+        return f"it is not a shorter run of this config (federation.rounds {rounds!r} there, {config.federation.rounds} now)"
+    shorter = json.loads(json.dumps(_clean(to_dict(replace_rounds(config, rounds)))))
+    defaults = json.loads(json.dumps(_clean(to_dict(ExperimentConfig()))))
+    if report.get("splitpeft_version") != __version__ or first_difference(with_defaults(stored, defaults), shorter):
+        return "it differs in more than federation.rounds; use --overwrite to run it again"
+    if not is_state_folder(state):
+        return f"there is no checkpoint of it in {state} to continue from; use --overwrite to run it again"
+    try:
+        done = verify_checkpoint(state, config)
+    except CheckpointError as error:
+        return f"{error}; use --overwrite to run it again"
+    if done != rounds:
+        return f"its checkpoint {state} holds {done} rounds, the run {rounds}; use --overwrite to run it again"
+    return None
+
+
+def replace_rounds(config: ExperimentConfig, rounds: int) -> ExperimentConfig:
+    """`config` with `federation.rounds` = `rounds`."""
+    return dataclasses.replace(config, federation=dataclasses.replace(config.federation, rounds=rounds))
 
 
 def write_comparison(suite: str, out: Path, reports: dict[tuple[str, int], dict[str, Any]], methods: list[str],
