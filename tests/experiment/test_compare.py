@@ -448,5 +448,10 @@ def test_checkpoints_continue_a_finished_run_to_more_rounds_as_if_run_that_long(
     assert "there is no checkpoint of it in" in capsys.readouterr().err
     # another learning rate is another run, even with a kept state
     assert main([*common, "--out", str(out), "--checkpoints", "--reuse", "federation.rounds=4", "federation.lr=0.01"]) == 2
-    assert "it differs in more than federation.rounds" in capsys.readouterr().err
+    line = capsys.readouterr().err
+    assert "nor continued: it differs in more than federation.rounds; use --overwrite to run it again" in line
     assert len(json.loads((folder / "report.json").read_text())["rounds"]) == 3  # left as it was
+    # --overwrite runs it again from the start, its kept state with it
+    assert main([*common, "--out", str(out), "--checkpoints", "--reuse", "--overwrite", "federation.rounds=1",
+                 "federation.lr=0.01"]) == 0
+    assert len(json.loads((folder / "report.json").read_text())["rounds"]) == 1

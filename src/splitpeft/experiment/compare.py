@@ -509,17 +509,20 @@ def run_comparison(
     states = {key: state_folder(folder) if checkpoints else None for key, folder in folders.items()}
     continued = set()
     for key, (_, why_not) in found.items():  # every folder judged before any run
-        if why_not is not None and reuse and (state := states[key]) is not None:
-            shorter = continuable(folders[key], state, configs[key])
-            if shorter is not None:
-                raise RunFolderError(f"{folders[key]} was not reused or continued: {why_not}; {shorter}")
+        if why_not is None:
+            continue
+        state = states[key]
+        shorter = continuable(folders[key], state, configs[key]) if reuse and state is not None else None
+        if reuse and state is not None and shorter is None:
             continued.add(key)
-        elif why_not is not None and not overwrite:
-            raise RunFolderError(f"{folders[key]} was not reused: {why_not}; use --overwrite to run it again")
+        elif not overwrite:
+            also = f"; nor continued: {shorter}" if shorter is not None else ""
+            raise RunFolderError(f"{folders[key]} was not reused: {why_not}{also}; use --overwrite to run it again")
     reports = {}
     for key, (report, _) in found.items():
         state = states[key]
-        resume = state is not None and is_state_folder(state)  # stopped part way, or continued to more rounds
+        # continued to more rounds, or stopped part way (--overwrite starts such a run over)
+        resume = key in continued or (state is not None and is_state_folder(state) and not overwrite)
         reports[key] = report if report is not None else run_experiment(
             configs[key], folders[key], overwrite=overwrite or key in continued, progress=progress,
             checkpoint=state, resume=resume)
@@ -546,15 +549,15 @@ def continuable(folder: Path, state: Path, config: ExperimentConfig) -> str | No
     shorter = json.loads(json.dumps(_clean(to_dict(replace_rounds(config, rounds)))))
     defaults = json.loads(json.dumps(_clean(to_dict(ExperimentConfig()))))
     if report.get("splitpeft_version") != __version__ or first_difference(with_defaults(stored, defaults), shorter):
-        return "it differs in more than federation.rounds; use --overwrite to run it again"
+        return "it differs in more than federation.rounds"
     if not is_state_folder(state):
-        return f"there is no checkpoint of it in {state} to continue from; use --overwrite to run it again"
+        return f"there is no checkpoint of it in {state} to continue from"
     try:
         done = verify_checkpoint(state, config)
     except CheckpointError as error:
-        return f"{error}; use --overwrite to run it again"
+        return str(error)
     if done != rounds:
-        return f"its checkpoint {state} holds {done} rounds, the run {rounds}; use --overwrite to run it again"
+        return f"its checkpoint {state} holds {done} rounds, the run {rounds}"
     return None
 
 
