@@ -7,6 +7,8 @@ Suites (each method is the base config plus a few overrides; a method is one ent
     keep each holder's own A, fit B to the exact aggregate and keep the AdamW moments (`own_a`);
   - `hsplitlora_server16`: `hsplitlora` with the server sessions at rank 16 (`hsplit.server_rank`), the top
     of the default rank set, instead of lora.rank: the server is not bound by a device's memory;
+  - `hsplitlora_server16_data`: and ARMSC's time model at the data's tokens a step (`hsplit.time_tokens`);
+  - `hsplitlora_zero_pad`: its plans with HetLoRA's aggregation (zero-padding; FedAvg at equal ranks);
   - `hsplitlora_svd`: warm restarts from the balanced top-r SVD of the aggregate, moments reset;
   - `hsplitlora_lora_factors`: the same SVD with A at peft's initial row norms and B carrying S;
   - `hsplitlora_cold`: noise_free's cold restarts (B = 0 every round);
@@ -84,6 +86,9 @@ SUITES: dict[str, dict[str, list[str]]] = {
                                      "federation.noise_free_start=warm", "federation.noise_free_factors=own_a",
                                      "federation.noise_free_moments=keep", "hsplit.server_rank=16",
                                      "hsplit.time_tokens=data"],
+        # its plans with HetLoRA's aggregation: zero-padding, at equal ranks FedAvg of A and B (issue 25)
+        "hsplitlora_zero_pad": ["hsplit.planner=armsc", "federation.aggregator=zero_pad", "hsplit.server_rank=16",
+                                "hsplit.time_tokens=data"],
         "hsplitlora_svd": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm"],
         "hsplitlora_lora_factors": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
                                     "federation.noise_free_start=warm", "federation.noise_free_factors=lora"],
