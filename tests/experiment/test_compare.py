@@ -457,6 +457,14 @@ def test_checkpoints_continue_a_finished_run_to_more_rounds_as_if_run_that_long(
         assert [r[key] for r in continued["rounds"]] == [r[key] for r in direct["rounds"]]
     assert continued["totals"]["bytes_up"] == direct["totals"]["bytes_up"]
     assert continued["eval"]["perplexity"] == pytest.approx(direct["eval"]["perplexity"], rel=1e-6)
+    # a continuation that stopped part way (its state ahead of the finished report) goes on from there
+    shorter = json.loads((tmp_path / "direct" / method / "seed-0" / "report.json").read_text())
+    shorter["rounds"], shorter["config"]["federation"]["rounds"] = shorter["rounds"][:2], 2
+    (folder / "report.json").write_text(json.dumps(shorter))  # the folder as the 2-round run left it
+    assert main([*common, "--out", str(out), "--checkpoints", "--reuse", "federation.rounds=4"]) == 0
+    longer = json.loads((folder / "report.json").read_text())["rounds"]
+    assert [r["eval_perplexity"] for r in longer[:3]] == [r["eval_perplexity"] for r in direct["rounds"]]
+    assert len(longer) == 4
     capsys.readouterr()
     # without the kept state there is nothing to continue from
     plain = tmp_path / "plain"
@@ -464,10 +472,10 @@ def test_checkpoints_continue_a_finished_run_to_more_rounds_as_if_run_that_long(
     assert main([*common, "--out", str(plain), "--checkpoints", "--reuse", "federation.rounds=2"]) == 2
     assert "there is no checkpoint of it in" in capsys.readouterr().err
     # another learning rate is another run, even with a kept state
-    assert main([*common, "--out", str(out), "--checkpoints", "--reuse", "federation.rounds=4", "federation.lr=0.01"]) == 2
+    assert main([*common, "--out", str(out), "--checkpoints", "--reuse", "federation.rounds=5", "federation.lr=0.01"]) == 2
     line = capsys.readouterr().err
     assert "nor continued: it differs in more than federation.rounds; use --overwrite to run it again" in line
-    assert len(json.loads((folder / "report.json").read_text())["rounds"]) == 3  # left as it was
+    assert len(json.loads((folder / "report.json").read_text())["rounds"]) == 4  # left as it was
     # --overwrite runs it again from the start, its kept state with it
     assert main([*common, "--out", str(out), "--checkpoints", "--reuse", "--overwrite", "federation.rounds=1",
                  "federation.lr=0.01"]) == 0

@@ -541,7 +541,8 @@ def state_folder(folder: Path) -> Path:
 
 def continuable(folder: Path, state: Path, config: ExperimentConfig) -> str | None:
     """None if `folder` holds a finished run of `config` but for fewer `federation.rounds`, whose
-    federation state after its last round is in `state`; else why not (one line)."""
+    federation state after its last round, or after a later one (a continuation stopped part way),
+    is in `state`; else why not (one line)."""
     try:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError, RecursionError):
@@ -561,8 +562,8 @@ def continuable(folder: Path, state: Path, config: ExperimentConfig) -> str | No
         done = verify_checkpoint(state, config)
     except CheckpointError as error:
         return str(error)
-    if done != rounds:
-        return f"its checkpoint {state} holds {done} rounds, the run {rounds}"
+    if done < rounds:  # more: a continuation that stopped part way, which goes on from there
+        return f"its checkpoint {state} holds {done} rounds, fewer than the run's {rounds}"
     return None
 
 
