@@ -297,6 +297,17 @@ def with_defaults(stored: Any, defaults: Any) -> Any:
     return {**defaults, **{key: with_defaults(value, defaults.get(key)) for key, value in stored.items()}}
 
 
+def config_json(config: ExperimentConfig) -> Any:
+    """`config` as the JSON a report stores it as."""
+    return json.loads(json.dumps(_clean(to_dict(config))))
+
+
+def stored_config(report: dict[str, Any]) -> Any:
+    """The config a report stores, a key added since the run was written counting as its default
+    (which keeps the earlier behaviour)."""
+    return with_defaults(report.get("config"), config_json(ExperimentConfig()))
+
+
 def first_difference(stored: Any, wanted: Any, path: str = "") -> tuple[str, Any, Any] | None:
     """The first key (dotted, '' for the roots) where two JSON trees differ, with the two values
     there; None if they are equal."""
@@ -459,10 +470,7 @@ def finished_report(folder: Path, config: ExperimentConfig) -> tuple[dict[str, A
         return None, f"its report.json nests deeper than {MAX_REPORT_DEPTH} levels at {deep}"
     if report.get("splitpeft_version") != __version__:
         return None, f"it was written by splitpeft {report.get('splitpeft_version')}, this is {__version__}"
-    wanted = json.loads(json.dumps(_clean(to_dict(config))))
-    # a key added since the run was written counts as its default, which keeps the earlier behaviour
-    stored = with_defaults(report.get("config"), json.loads(json.dumps(_clean(to_dict(ExperimentConfig())))))
-    difference = first_difference(stored, wanted)
+    difference = first_difference(stored_config(report), config_json(config))
     if difference is not None:
         key, there, now = difference
         return None, f"its config differs at {key or 'the top'} ({there!r} there, {now!r} now)"
@@ -552,9 +560,8 @@ def continuable(folder: Path, state: Path, config: ExperimentConfig) -> str | No
     rounds = federation.get("rounds") if isinstance(federation, dict) else None
     if isinstance(rounds, bool) or not isinstance(rounds, int) or not 0 < rounds < config.federation.rounds:
         return f"it is not a shorter run of this config (federation.rounds {rounds!r} there, {config.federation.rounds} now)"
-    shorter = json.loads(json.dumps(_clean(to_dict(replace_rounds(config, rounds)))))
-    defaults = json.loads(json.dumps(_clean(to_dict(ExperimentConfig()))))
-    if report.get("splitpeft_version") != __version__ or first_difference(with_defaults(stored, defaults), shorter):
+    shorter = config_json(replace_rounds(config, rounds))
+    if report.get("splitpeft_version") != __version__ or first_difference(stored_config(report), shorter):
         return "it differs in more than federation.rounds"
     if not is_state_folder(state):
         return f"there is no checkpoint of it in {state} to continue from"
