@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -466,6 +467,16 @@ def test_checkpoints_continue_a_finished_run_to_more_rounds_as_if_run_that_long(
     assert [r["eval_perplexity"] for r in longer[:3]] == [r["eval_perplexity"] for r in direct["rounds"]]
     assert len(longer) == 4
     capsys.readouterr()
+    # a stopped run whose kept state is of another run is refused before any method runs
+    stopped = tmp_path / "stopped"
+    assert main([*common, "--out", str(stopped), "--checkpoints", "federation.rounds=1"]) == 0
+    shutil.rmtree(stopped / method / "seed-0")  # as a run stopped before its folder was written leaves it
+    capsys.readouterr()
+    methods = ["--methods", f"{'hetlora' if suite == 'hsplit' else 'kr'},{method}"]
+    assert main([*common, *methods, "--out", str(stopped), "--checkpoints", "federation.rounds=1",
+                 "federation.lr=0.01"]) == 2
+    assert "cannot continue: checkpoint" in capsys.readouterr().err
+    assert not (stopped / methods[1].split(",")[0]).exists()  # nothing ran
     # without the kept state there is nothing to continue from
     plain = tmp_path / "plain"
     assert main([*common, "--out", str(plain), "federation.rounds=1"]) == 0

@@ -521,10 +521,15 @@ def run_comparison(
     found = {key: finished_report(folders[key], config) if reuse else (None, None) for key, config in configs.items()}
     states = {key: state_folder(folder) if checkpoints else None for key, folder in folders.items()}
     continued = set()
-    for key, (_, why_not) in found.items():  # every folder judged before any run
+    for key, (report, why_not) in found.items():  # every folder judged before any run
+        state = states[key]
+        if report is None and why_not is None and state is not None and is_state_folder(state) and not overwrite:
+            try:  # a run stopped part way: its kept state must be of this run
+                verify_checkpoint(state, configs[key])
+            except CheckpointError as error:
+                raise RunFolderError(f"{folders[key]} cannot continue: {error}; use --overwrite to run it again") from None
         if why_not is None:
             continue
-        state = states[key]
         shorter = continuable(folders[key], state, configs[key]) if reuse and state is not None else None
         if reuse and state is not None and shorter is None:
             continued.add(key)
