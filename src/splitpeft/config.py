@@ -166,13 +166,16 @@ class FederationConfig:
         "with federation.noise_free_start=warm, the AdamW moments at a round boundary: reset = dropped (the "
         "warm factors are a new basis, U sqrt(S) and sqrt(S) V^T, not the holder's own A and B, so old "
         "per-coordinate moments describe other coordinates); keep = carried over as they are", "reset")
-    noise_free_factors: Literal["balanced", "lora", "own_a"] = _help(
+    noise_free_factors: Literal["balanced", "lora", "own_a", "mean_a"] = _help(
         "with federation.noise_free_start=warm, how the top-r SVD U S V^T is split into the adapter's factors "
         "(s B A is the same either way): balanced = B = U sqrt(S / s), A = sqrt(S / s) V^T (as FlexLoRA); lora = "
         "A's rows are V's at the norm peft gives a fresh A's rows and B = U S / (s |A_j|) carries the singular "
         "values, the scale LoRA training starts from (balanced factors of a small update shrink A, and with it "
         "how fast B can move the product); own_a = each holder keeps its own trained A and gets B = P A^+ / s, the "
-        "least-squares fit of the aggregate P in A's row space (A keeps its coordinates and its moments)", "balanced")
+        "least-squares fit of the aggregate P in A's row space (A keeps its coordinates and its moments); mean_a = "
+        "the same fit in the row space of the holders' A's averaged as HetLoRA averages them (zero-padded to the "
+        "largest rank, token-weighted; holder h takes the first r_h rows), so the holders' A's do not drift apart "
+        "over rounds", "balanced")
     state_memory_bytes: int | None = _help(
         "devices and server sessions are state between rounds (adapters, AdamW moments) and borrow a model "
         "to compute with only while they train (parties/shells.py); their state is kept in memory up to this "

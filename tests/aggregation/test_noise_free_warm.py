@@ -123,6 +123,40 @@ def test_own_a_keeps_each_holders_a_and_fits_b_to_the_aggregate_in_its_row_space
         np.testing.assert_allclose((aggregate - _dense(adapter, c.scale)) @ a.T, 0, atol=1e-8)
 
 
+def test_mean_a_fits_b_in_the_row_space_of_the_holders_averaged_a():
+    """mean_a: every holder restarts from the first r_h rows of the token-weighted, zero-padded average
+    of the A's (HetLoRA's A) with B the least-squares fit of the exact aggregate there; the base delta is
+    the exact one, as with every warm start."""
+    copies = _copies([2, 3, 8], [4, 1, 2], seed=12)
+    result = NoiseFree(start="warm", factors="mean_a").aggregate("m", copies)
+    aggregate, delta = _aggregate_reference(copies)
+    np.testing.assert_allclose(result.base_delta.numpy(), delta, rtol=1e-10, atol=1e-10)
+    p = _weights(copies)
+    shared = sum(pi * np.pad(c.weights.A.numpy(), ((0, 8 - c.weights.rank), (0, 0))) for pi, c in zip(p, copies))
+    for c in copies:
+        adapter = result.adapters[c.holder]
+        a = shared[: c.weights.rank]
+        np.testing.assert_allclose(adapter.A.numpy(), a, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(_dense(adapter, c.scale), aggregate @ np.linalg.pinv(a) @ a, rtol=1e-8, atol=1e-9)
+
+
+def test_mean_a_is_fedavg_where_the_holders_share_one_a():
+    """Equal ranks and one A (every holder's first round starts from the same initial A, and B moves
+    first): B is the token-weighted average of the B's, as FedAvg's, and the frozen weight takes only
+    what the round changed beyond the start."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, D_IN, generator=g, dtype=torch.float64)
+    tokens = [3, 1, 2]
+    copies = [AdapterCopy(f"h{i}", LoraWeights(a.clone(), torch.randn(D_OUT, 4, generator=g, dtype=torch.float64)), t,
+                          scale=ALPHA / 4, start=LoraWeights(a.clone(), torch.zeros(D_OUT, 4, dtype=torch.float64)))
+              for i, t in enumerate(tokens)]
+    result = NoiseFree(start="warm", factors="mean_a").aggregate("m", copies)
+    mean_b = sum(pi * c.weights.B for pi, c in zip(_weights(copies), copies))
+    for c in copies:
+        torch.testing.assert_close(result.adapters[c.holder].A, a, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(result.adapters[c.holder].B, mean_b, rtol=1e-10, atol=1e-10)
+
+
 def test_factors_need_noise_free_warm():
     with pytest.raises(ConfigError, match="noise_free_factors=lora needs federation.noise_free_start=warm"):
         tiny_config("tiny-llama", "federation.aggregator=noise_free", "federation.noise_free_factors=lora")
@@ -247,7 +281,7 @@ def test_warm_federation_keeps_every_holder_at_the_global_model_and_trains_on():
     assert len(losses) == 4 and all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize("factors", ["balanced", "lora", "own_a"])
+@pytest.mark.parametrize("factors", ["balanced", "lora", "own_a", "mean_a"])
 def test_warm_and_cold_compute_the_same_model_at_the_round_boundary(factors):
     """Round 1 is the same in both (every start has B = 0), so the merged model is; round 2's
     first step then sees the same function in both, whatever adapter each holder carries."""

@@ -418,18 +418,24 @@ def test_a_method_that_needs_the_hybrid_runs_only_when_named():
                          SUITES["dlora"]["kr_server_spared"]).kill_revive.spare_device_blocks
 
 
-def test_hsplitlora_zero_pad_is_hsplitlora_server16_data_but_for_its_aggregation():
-    """The ablation of issue 25: the same plans (planner, server rank, time model), HetLoRA's
-    zero-padding in place of noise-free aggregation with its warm restarts; nothing else differs."""
+@pytest.mark.parametrize("method, aggregation", [
+    ("hsplitlora_zero_pad", {"aggregator": "zero_pad"}),
+    ("hsplitlora_mean_a", {"aggregator": "noise_free", "noise_free_factors": "mean_a"}),
+])
+def test_aggregation_ablations_are_hsplitlora_server16_data_but_for_their_aggregation(method, aggregation):
+    """The ablations of issue 25: the same plans (planner, server rank, time model), HetLoRA's
+    zero-padding, or noise-free's warm restarts from one averaged A, in place of noise-free
+    aggregation with each holder's own A; nothing else differs."""
     from splitpeft.config import load_config, to_dict
     from splitpeft.experiment.compare import SUITES, first_difference, method_config
 
     fleet = ["federation.num_devices=2", "fleet.memory_bytes=[3000000,6000000]"]
     base = load_config(None, fleet, preset="tiny")
-    ablation = to_dict(method_config(base, None, "tiny", fleet, SUITES["hsplit"]["hsplitlora_zero_pad"]))
+    ablation = to_dict(method_config(base, None, "tiny", fleet, SUITES["hsplit"][method]))
     reference = to_dict(method_config(base, None, "tiny", fleet, SUITES["hsplit"]["hsplitlora_server16_data"]))
     assert ablation["hsplit"] == reference["hsplit"] and ablation["hsplit"]["time_tokens"] == "data"
-    assert ablation["federation"]["aggregator"] == "zero_pad" and reference["federation"]["aggregator"] == "noise_free"
+    assert reference["federation"]["aggregator"] == "noise_free" and reference["federation"]["noise_free_factors"] == "own_a"
+    assert {key: ablation["federation"][key] for key in aggregation} == aggregation
     for key in ("aggregator", "noise_free_start", "noise_free_factors", "noise_free_moments"):
         del ablation["federation"][key], reference["federation"][key]
     assert first_difference(ablation, reference) is None

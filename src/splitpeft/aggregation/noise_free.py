@@ -25,12 +25,13 @@ from splitpeft.aggregation.base import (
     token_weights,
 )
 from splitpeft.aggregation.robust import start_of
+from splitpeft.aggregation.zero_pad import pad_rows
 from splitpeft.model.adapters import LoraWeights
 
 NoiseFreeStart = Literal["cold", "warm"]
 START_OPTIONS: tuple[NoiseFreeStart, ...] = ("cold", "warm")
-WarmFactors = Literal["balanced", "lora", "own_a"]
-FACTOR_OPTIONS: tuple[WarmFactors, ...] = ("balanced", "lora", "own_a")
+WarmFactors = Literal["balanced", "lora", "own_a", "mean_a"]
+FACTOR_OPTIONS: tuple[WarmFactors, ...] = ("balanced", "lora", "own_a", "mean_a")
 # Singular values at or below this fraction of the largest count as zero: their rank slots start
 # fresh (A random, B = 0) instead of as a near-zero pair that would learn almost nothing.
 RANK_TOLERANCE = 1e-6
@@ -107,6 +108,14 @@ def own_a_adapter(left: torch.Tensor, right: torch.Tensor, a: torch.Tensor, scal
     return LoraWeights(a.clone(), b)
 
 
+def mean_a(copies: Sequence[AdapterCopy], p: Sequence[float]) -> torch.Tensor:
+    """The copies' A's zero-padded to the largest rank and averaged with weights p (r_max, d_in),
+    as HetLoRA averages them: the one A every holder of the module restarts from under `mean_a`
+    (holder h takes its first r_h rows)."""
+    r_max = max(c.weights.rank for c in copies)
+    return torch.stack([pi * pad_rows(c.weights.A.to(torch.float64), r_max) for pi, c in zip(p, copies)]).sum(0)
+
+
 class NoiseFree:
     """NAA: merge the exact aggregate into the frozen weight; restart every holder cold or warm.
 
@@ -137,7 +146,9 @@ class NoiseFree:
       lost). `factors` ("balanced", "lora", "own_a"; `federation.noise_free_factors`) says how the
       adapter is cut from P: the two SVD splits of `warm_adapter`, or `own_a_adapter`, the holder's
       own A with B = P A^+ / s (P projected onto A's row space, the rest in the frozen weight as
-      before). `Aggregate.adapters_in_base` says so; the holder derives its residual from the adapter
+      before), or the same fit with the A's averaged as HetLoRA averages them (`mean_a`: one A
+      per module, so the holders' A's cannot drift apart over rounds; at equal ranks and equal A's
+      B is FedAvg's average of B and nothing is left for the frozen weight). `Aggregate.adapters_in_base` says so; the holder derives its residual from the adapter
       it is given (`Party.load`), so nothing (d_out, d_in) per holder is sent or stored.
     """
 
@@ -185,11 +196,14 @@ class NoiseFree:
         left0 = torch.cat([-pi * c.scale * s.B.to(left.dtype) for pi, c, s in zip(p, copies, starts)], dim=1)  # (d_out, R)
         right0 = torch.cat([s.A.to(right.dtype) for s in starts], dim=0)  # (R, d_in)
         base_delta = torch.cat([left, left0], dim=1) @ torch.cat([right, right0], dim=0)  # (d_out, d_in): P - P0
-        # P = U S V^T: (d_out, K), (K,), (K, d_in); own_a needs no SVD
-        svd = None if self.factors == "own_a" else product_svd(left, right)
+        # P = U S V^T: (d_out, K), (K,), (K, d_in); own_a and mean_a need no SVD
+        svd = None if self.factors in ("own_a", "mean_a") else product_svd(left, right)
+        shared_a = mean_a(copies, p) if self.factors == "mean_a" else None
         adapters = {}
         for c in copies:
-            if svd is None:
+            if shared_a is not None:
+                warm = own_a_adapter(left, right, shared_a[: c.weights.rank], c.scale)
+            elif svd is None:
                 warm = own_a_adapter(left, right, c.weights.A, c.scale)
             else:
                 warm = warm_adapter(*svd, c.weights.rank, c.scale, self._fresh(module, c, d_in, d_out), self.factors)

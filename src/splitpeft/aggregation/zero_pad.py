@@ -33,14 +33,14 @@ class ZeroPad:
         check_copies(module, copies)
         p = token_weights(copies)
         r_max = max(c.weights.rank for c in copies)
-        a = torch.stack([pi * _pad_rows(c.weights.A, r_max) for pi, c in zip(p, copies)]).sum(0)  # (r_max, d_in)
-        b = torch.stack([pi * _pad_rows(c.weights.B.T, r_max).T for pi, c in zip(p, copies)]).sum(0)  # (d_out, r_max)
+        a = torch.stack([pi * pad_rows(c.weights.A, r_max) for pi, c in zip(p, copies)]).sum(0)  # (r_max, d_in)
+        b = torch.stack([pi * pad_rows(c.weights.B.T, r_max).T for pi, c in zip(p, copies)]).sum(0)  # (d_out, r_max)
         adapters = {
             c.holder: LoraWeights(a[: c.weights.rank].clone(), b[:, : c.weights.rank].clone()) for c in copies
         }
         return Aggregate(adapters)
 
 
-def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """(r, n) -> (rows, n), zeros below."""
     return torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])], dim=0)

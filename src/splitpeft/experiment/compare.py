@@ -9,6 +9,8 @@ Suites (each method is the base config plus a few overrides; a method is one ent
     of the default rank set, instead of lora.rank: the server is not bound by a device's memory;
   - `hsplitlora_server16_data`: and ARMSC's time model at the data's tokens a step (`hsplit.time_tokens`);
   - `hsplitlora_zero_pad`: its plans with HetLoRA's aggregation (zero-padding; FedAvg at equal ranks);
+  - `hsplitlora_mean_a`: its plans, noise-free with one A per module (HetLoRA's average of the A's) and B
+    fitted to the exact aggregate (`mean_a`);
   - `hsplitlora_svd`: warm restarts from the balanced top-r SVD of the aggregate, moments reset;
   - `hsplitlora_lora_factors`: the same SVD with A at peft's initial row norms and B carrying S;
   - `hsplitlora_cold`: noise_free's cold restarts (B = 0 every round);
@@ -89,6 +91,11 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # its plans with HetLoRA's aggregation: zero-padding, at equal ranks FedAvg of A and B (issue 25)
         "hsplitlora_zero_pad": ["hsplit.planner=armsc", "federation.aggregator=zero_pad", "hsplit.server_rank=16",
                                 "hsplit.time_tokens=data"],
+        # noise-free aggregation whose warm restarts share one A per module, averaged as HetLoRA averages
+        # A (own_a's A's drift apart over rounds), B fitted to the exact aggregate (issue 25)
+        "hsplitlora_mean_a": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
+                              "federation.noise_free_start=warm", "federation.noise_free_factors=mean_a",
+                              "federation.noise_free_moments=keep", "hsplit.server_rank=16", "hsplit.time_tokens=data"],
         "hsplitlora_svd": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm"],
         "hsplitlora_lora_factors": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
                                     "federation.noise_free_start=warm", "federation.noise_free_factors=lora"],
