@@ -441,6 +441,24 @@ def test_aggregation_ablations_are_hsplitlora_server16_data_but_for_their_aggreg
     assert first_difference(ablation, reference) is None
 
 
+def test_hetlora_mean_a_is_hetlora_but_for_its_aggregation():
+    """HetLoRA's plans (budget_rank) with noise-free aggregation and mean_a warm restarts: the
+    comparison of the two aggregations where the ranks differ; nothing else differs."""
+    from splitpeft.config import load_config, to_dict
+    from splitpeft.experiment.compare import SUITES, first_difference, method_config
+
+    fleet = ["federation.num_devices=2", "fleet.memory_bytes=[3000000,6000000]"]
+    base = load_config(None, fleet, preset="tiny")
+    ablation = to_dict(method_config(base, None, "tiny", fleet, SUITES["hsplit"]["hetlora_mean_a"]))
+    reference = to_dict(method_config(base, None, "tiny", fleet, SUITES["hsplit"]["hetlora"]))
+    assert ablation["hsplit"] == reference["hsplit"] and reference["hsplit"]["planner"] == "budget_rank"
+    assert reference["federation"]["aggregator"] == "zero_pad"
+    assert (ablation["federation"]["aggregator"], ablation["federation"]["noise_free_factors"]) == ("noise_free", "mean_a")
+    for key in ("aggregator", "noise_free_start", "noise_free_factors", "noise_free_moments"):
+        del ablation["federation"][key], reference["federation"][key]
+    assert first_difference(ablation, reference) is None
+
+
 @pytest.mark.parametrize("suite, method", [("dlora", "no_kr"), ("hsplit", "hsplitlora_server16_data")])
 def test_checkpoints_continue_a_finished_run_to_more_rounds_as_if_run_that_long(tmp_path, capsys, suite, method):
     """--checkpoints with --reuse: a 2-round run is continued to 3 rounds from the state kept beside

@@ -195,7 +195,7 @@ def test_compare_command_writes_table_and_plot(tmp_path):
         progress=False,
     )
     assert set(comparison["methods"]) == {"hsplitlora", "hsplitlora_server16", "hsplitlora_server16_data", "hsplitlora_zero_pad", "hsplitlora_mean_a", "hsplitlora_svd", "hsplitlora_lora_factors", "hsplitlora_cold",
-                                           "hsplitlora_v1", "hetlora", "splitlora", "cenlora"}
+                                           "hsplitlora_v1", "hetlora", "hetlora_mean_a", "splitlora", "cenlora"}
     splitlora = comparison["methods"]["splitlora"]["runs"]["seed-0"]["plans"]
     assert len({(p["split_layer"], str(p["ranks"])) for p in splitlora}) == 1  # one plan for all: the weakest's
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())

@@ -17,6 +17,7 @@ Suites (each method is the base config plus a few overrides; a method is one ent
   - `hsplitlora_v1`: the first version: the deepest-fit rule (`armsc_deepest`) + cold noise_free;
   - `hetlora`: the fixed split, per device the largest rank that fits its budget, zero-padding
     aggregation, as published;
+  - `hetlora_mean_a`: HetLoRA's plans with noise-free aggregation (`mean_a`), the aggregation alone changed;
   - `splitlora`: the fixed split and one rank for all, the largest that fits the weakest device,
     FedAvg of A and B (as `zero_pad`, which on equal ranks is exactly that average);
   - `cenlora`: centralized, one party doing every device's steps on the pooled data (same tokens).
@@ -103,6 +104,11 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "hsplitlora_v1": ["hsplit.planner=armsc_deepest", "federation.aggregator=noise_free",
                           "federation.noise_free_start=cold"],
         "hetlora": ["hsplit.planner=budget_rank", "federation.aggregator=zero_pad"],
+        # HetLoRA's plans (fixed split, ranks by budget) with noise-free aggregation (mean_a): where the
+        # ranks differ, exact aggregation against zero-padding's cross terms, nothing else changed (issue 25)
+        "hetlora_mean_a": ["hsplit.planner=budget_rank", "federation.aggregator=noise_free",
+                           "federation.noise_free_start=warm", "federation.noise_free_factors=mean_a",
+                           "federation.noise_free_moments=keep"],
         # one rank for all, so zero_pad's average of A and B is FedAvg's (fedavg itself keeps lora.rank)
         "splitlora": ["hsplit.planner=uniform", "federation.aggregator=zero_pad"],
         "cenlora": ["placement.placement=centralized", "hsplit.planner=fixed", "federation.aggregator=fedavg"],
