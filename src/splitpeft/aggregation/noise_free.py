@@ -147,9 +147,10 @@ class NoiseFree:
       adapter is cut from P: the two SVD splits of `warm_adapter`, or `own_a_adapter`, the holder's
       own A with B = P A^+ / s (P projected onto A's row space, the rest in the frozen weight as
       before), or the same fit with the A's averaged as HetLoRA averages them (`mean_a`: one A
-      per module, so the holders' A's cannot drift apart over rounds; at equal ranks and equal A's
-      B is FedAvg's average of B and nothing is left for the frozen weight). `Aggregate.adapters_in_base` says so; the holder derives its residual from the adapter
-      it is given (`Party.load`), so nothing (d_out, d_in) per holder is sent or stored.
+      per module, so the holders' A's cannot drift apart over rounds; where the holders' A's are
+      one at equal ranks, B is FedAvg's average of the B's and s B A is P exactly).
+      `Aggregate.adapters_in_base` says so; the holder derives its residual from the adapter it is
+      given (`Party.load`), so nothing (d_out, d_in) per holder is sent or stored.
     """
 
     name = "noise_free"
