@@ -25,7 +25,7 @@ from splitpeft.aggregation.base import (
     token_weights,
 )
 from splitpeft.aggregation.robust import start_of
-from splitpeft.aggregation.zero_pad import pad_rows
+from splitpeft.aggregation.zero_pad import padded_average
 from splitpeft.model.adapters import LoraWeights
 
 NoiseFreeStart = Literal["cold", "warm"]
@@ -106,14 +106,6 @@ def own_a_adapter(left: torch.Tensor, right: torch.Tensor, a: torch.Tensor, scal
     a = a.to(torch.float64)
     b = left.to(torch.float64) @ (right.to(torch.float64) @ torch.linalg.pinv(a)) / scale  # (d_out, r)
     return LoraWeights(a.clone(), b)
-
-
-def mean_a(copies: Sequence[AdapterCopy], p: Sequence[float]) -> torch.Tensor:
-    """The copies' A's zero-padded to the largest rank and averaged with weights p (r_max, d_in),
-    as HetLoRA averages them: the one A every holder of the module restarts from under `mean_a`
-    (holder h takes its first r_h rows)."""
-    r_max = max(c.weights.rank for c in copies)
-    return torch.stack([pi * pad_rows(c.weights.A.to(torch.float64), r_max) for pi, c in zip(p, copies)]).sum(0)
 
 
 class NoiseFree:
@@ -199,7 +191,10 @@ class NoiseFree:
         base_delta = torch.cat([left, left0], dim=1) @ torch.cat([right, right0], dim=0)  # (d_out, d_in): P - P0
         # P = U S V^T: (d_out, K), (K,), (K, d_in); own_a and mean_a need no SVD
         svd = None if self.factors in ("own_a", "mean_a") else product_svd(left, right)
-        shared_a = mean_a(copies, p) if self.factors == "mean_a" else None
+        # mean_a: the one A (r_max, d_in) every holder restarts from (holder h: its first r_h rows),
+        # the A's averaged as HetLoRA averages them
+        shared_a = (padded_average([c.weights.A.to(torch.float64) for c in copies], p)
+                    if self.factors == "mean_a" else None)
         adapters = {}
         for c in copies:
             if shared_a is not None:

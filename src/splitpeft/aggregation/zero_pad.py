@@ -32,13 +32,19 @@ class ZeroPad:
     def aggregate(self, module: str, copies: Sequence[AdapterCopy]) -> Aggregate:
         check_copies(module, copies)
         p = token_weights(copies)
-        r_max = max(c.weights.rank for c in copies)
-        a = torch.stack([pi * pad_rows(c.weights.A, r_max) for pi, c in zip(p, copies)]).sum(0)  # (r_max, d_in)
-        b = torch.stack([pi * pad_rows(c.weights.B.T, r_max).T for pi, c in zip(p, copies)]).sum(0)  # (d_out, r_max)
+        a = padded_average([c.weights.A for c in copies], p)  # (r_max, d_in)
+        b = padded_average([c.weights.B.T for c in copies], p).T  # (d_out, r_max)
         adapters = {
             c.holder: LoraWeights(a[: c.weights.rank].clone(), b[:, : c.weights.rank].clone()) for c in copies
         }
         return Aggregate(adapters)
+
+
+def padded_average(factors: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
+    """sum_i p_i pad(F_i): the (r_i, n) factors zero-padded below to the largest r_i and averaged
+    with weights p (HetLoRA's average of A, and of B transposed)."""
+    r_max = max(f.shape[0] for f in factors)
+    return torch.stack([pi * pad_rows(f, r_max) for pi, f in zip(p, factors)]).sum(0)
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
