@@ -418,45 +418,40 @@ def test_a_method_that_needs_the_hybrid_runs_only_when_named():
                          SUITES["dlora"]["kr_server_spared"]).kill_revive.spare_device_blocks
 
 
-@pytest.mark.parametrize("method, aggregation", [
-    ("hsplitlora_zero_pad", {"aggregator": "zero_pad"}),
-    ("hsplitlora_mean_a", {"aggregator": "noise_free", "noise_free_factors": "mean_a"}),
+SERVER16_OWN_A = {"hsplit.time_tokens": "data", "federation.aggregator": "noise_free", "federation.noise_free_factors": "own_a"}
+MEAN_A = {"federation.aggregator": "noise_free", "federation.noise_free_factors": "mean_a"}
+
+
+@pytest.mark.parametrize("method, reference, method_has, reference_has", [
+    # HetLoRA's zero-padding in place of noise-free aggregation with each holder's own A
+    ("hsplitlora_zero_pad", "hsplitlora_server16_data", {"hsplit.time_tokens": "data", "federation.aggregator": "zero_pad"},
+     SERVER16_OWN_A),
+    # noise-free's warm restarts from one averaged A in place of each holder's own
+    ("hsplitlora_mean_a", "hsplitlora_server16_data", {"hsplit.time_tokens": "data", **MEAN_A}, SERVER16_OWN_A),
+    # HetLoRA's plans (budget_rank) with noise-free aggregation: the two aggregations where the ranks differ
+    ("hetlora_mean_a", "hetlora", MEAN_A, {"hsplit.planner": "budget_rank", "federation.aggregator": "zero_pad"}),
 ])
-def test_aggregation_ablations_are_hsplitlora_server16_data_but_for_their_aggregation(method, aggregation):
-    """The ablations of issue 25: the same plans (planner, server rank, time model), HetLoRA's
-    zero-padding, or noise-free's warm restarts from one averaged A, in place of noise-free
-    aggregation with each holder's own A; nothing else differs."""
+def test_aggregation_ablations_differ_from_their_reference_only_in_aggregation(method, reference, method_has, reference_has):
+    """The ablations of issue 25: the same plans (planner, server rank, time model) as the method
+    they ablate, another aggregation; nothing else differs."""
     from splitpeft.config import load_config, to_dict
     from splitpeft.experiment.compare import SUITES, first_difference, method_config
 
     fleet = ["federation.num_devices=2", "fleet.memory_bytes=[3000000,6000000]"]
     base = load_config(None, fleet, preset="tiny")
     ablation = to_dict(method_config(base, None, "tiny", fleet, SUITES["hsplit"][method]))
-    reference = to_dict(method_config(base, None, "tiny", fleet, SUITES["hsplit"]["hsplitlora_server16_data"]))
-    assert ablation["hsplit"] == reference["hsplit"] and ablation["hsplit"]["time_tokens"] == "data"
-    assert reference["federation"]["aggregator"] == "noise_free" and reference["federation"]["noise_free_factors"] == "own_a"
-    assert {key: ablation["federation"][key] for key in aggregation} == aggregation
+    wanted = to_dict(method_config(base, None, "tiny", fleet, SUITES["hsplit"][reference]))
+
+    def at(tree, dotted):
+        section, key = dotted.split(".")
+        return tree[section][key]
+
+    assert ablation["hsplit"] == wanted["hsplit"]
+    assert {key: at(ablation, key) for key in method_has} == method_has
+    assert {key: at(wanted, key) for key in reference_has} == reference_has
     for key in ("aggregator", "noise_free_start", "noise_free_factors", "noise_free_moments"):
-        del ablation["federation"][key], reference["federation"][key]
-    assert first_difference(ablation, reference) is None
-
-
-def test_hetlora_mean_a_is_hetlora_but_for_its_aggregation():
-    """HetLoRA's plans (budget_rank) with noise-free aggregation and mean_a warm restarts: the
-    comparison of the two aggregations where the ranks differ; nothing else differs."""
-    from splitpeft.config import load_config, to_dict
-    from splitpeft.experiment.compare import SUITES, first_difference, method_config
-
-    fleet = ["federation.num_devices=2", "fleet.memory_bytes=[3000000,6000000]"]
-    base = load_config(None, fleet, preset="tiny")
-    ablation = to_dict(method_config(base, None, "tiny", fleet, SUITES["hsplit"]["hetlora_mean_a"]))
-    reference = to_dict(method_config(base, None, "tiny", fleet, SUITES["hsplit"]["hetlora"]))
-    assert ablation["hsplit"] == reference["hsplit"] and reference["hsplit"]["planner"] == "budget_rank"
-    assert reference["federation"]["aggregator"] == "zero_pad"
-    assert (ablation["federation"]["aggregator"], ablation["federation"]["noise_free_factors"]) == ("noise_free", "mean_a")
-    for key in ("aggregator", "noise_free_start", "noise_free_factors", "noise_free_moments"):
-        del ablation["federation"][key], reference["federation"][key]
-    assert first_difference(ablation, reference) is None
+        del ablation["federation"][key], wanted["federation"][key]
+    assert first_difference(ablation, wanted) is None
 
 
 @pytest.mark.parametrize("suite, method", [("dlora", "no_kr"), ("hsplit", "hsplitlora_server16_data")])
