@@ -142,8 +142,8 @@ def test_mean_a_fits_b_in_the_row_space_of_the_holders_averaged_a():
 
 def test_mean_a_is_fedavg_where_the_holders_share_one_a():
     """Equal ranks and one A (every holder's first round starts from the same initial A, and B moves
-    first): B is the token-weighted average of the B's, as FedAvg's, and the frozen weight takes only
-    what the round changed beyond the start."""
+    first): B is the token-weighted average of the B's, as FedAvg's, s B A is the aggregate exactly,
+    and the frozen weight takes only what the round changed beyond the start (here, from B = 0: all of it)."""
     g = torch.Generator().manual_seed(3)
     a = torch.randn(4, D_IN, generator=g, dtype=torch.float64)
     tokens = [3, 1, 2]
@@ -152,9 +152,12 @@ def test_mean_a_is_fedavg_where_the_holders_share_one_a():
               for i, t in enumerate(tokens)]
     result = NoiseFree(start="warm", factors="mean_a").aggregate("m", copies)
     mean_b = sum(pi * c.weights.B for pi, c in zip(_weights(copies), copies))
+    aggregate, delta = _aggregate_reference(copies)
+    np.testing.assert_allclose(result.base_delta.numpy(), delta, rtol=1e-10, atol=1e-10)
     for c in copies:
         torch.testing.assert_close(result.adapters[c.holder].A, a, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(result.adapters[c.holder].B, mean_b, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(_dense(result.adapters[c.holder], c.scale), aggregate, rtol=1e-9, atol=1e-10)
 
 
 def test_factors_need_noise_free_warm():
