@@ -25,14 +25,27 @@ import statistics
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 
 def drift(checkpoint: Path) -> dict[str, float]:
-    """Overlap of holders' A row spaces (mean, min) and mean |B|, over every module of `checkpoint`."""
+    """Rounds done, overlap of holders' A row spaces (mean, min) and mean |B|, over every module of
+    `checkpoint`."""
     tensors = checkpoint / "tensors.safetensors"
     if not tensors.is_file():
         raise SystemExit(f"{checkpoint}: no tensors.safetensors (not a kept run state)")
+    try:
+        rounds_done = int(json.loads((checkpoint / "state.json").read_text())["rounds_done"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"{checkpoint}: no readable state.json with rounds_done ({error})") from None
+    try:
+        return _measure(tensors, rounds_done)
+    except SafetensorError as error:
+        raise SystemExit(f"{tensors}: not a readable safetensors file ({error})") from None
+
+
+def _measure(tensors: Path, rounds_done: int) -> dict[str, float]:
+    """`drift` of an existing tensors file (its reading errors raised as they come)."""
     overlaps: list[float] = []
     b_norms: list[float] = []
     with safe_open(str(tensors), "pt") as handle:
@@ -51,8 +64,8 @@ def drift(checkpoint: Path) -> dict[str, float]:
                 cosines = torch.linalg.svdvals(one.T @ two)
                 overlaps.append(float((cosines**2).sum()) / max(one.shape[1], two.shape[1]))
     if not overlaps:
-        raise SystemExit(f"{checkpoint}: no module has two holders")
-    return {"modules": float(len(holders_of)), "overlap_mean": statistics.mean(overlaps),
+        raise SystemExit(f"{tensors}: no module has two holders")
+    return {"rounds_done": float(rounds_done), "modules": float(len(holders_of)), "overlap_mean": statistics.mean(overlaps),
             "overlap_min": min(overlaps), "b_norm_mean": statistics.mean(b_norms)}
 
 
@@ -61,9 +74,8 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+", type=Path)
     args = parser.parse_args()
     for checkpoint in args.checkpoints:
-        state = json.loads((checkpoint / "state.json").read_text())
         numbers = drift(checkpoint)
-        print(f"{checkpoint}: after round {state['rounds_done']}, {int(numbers['modules'])} modules: A row-space "
+        print(f"{checkpoint}: after round {int(numbers['rounds_done'])}, {int(numbers['modules'])} modules: A row-space "
               f"overlap {numbers['overlap_mean']:.4f} (min {numbers['overlap_min']:.4f}), mean |B| {numbers['b_norm_mean']:.4f}")
 
 

@@ -23,8 +23,7 @@ def test_drift_reads_how_far_apart_the_holders_a_are(tmp_path, factors, shared):
     sim.run_round()
     sim.run_round()
     save_checkpoint(sim, tmp_path / "state")
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "adapter_drift.py"), str(tmp_path / "state")],
-                          capture_output=True, text=True, timeout=300)
+    done = _drift(tmp_path / "state")
     assert done.returncode == 0, done.stderr[-2000:]
     line = done.stdout.strip()
     assert "after round 2" in line and f"{len(sim.ranks)} modules" in line
@@ -32,8 +31,19 @@ def test_drift_reads_how_far_apart_the_holders_a_are(tmp_path, factors, shared):
     assert (overlap == 1.0) if shared else (0.0 < overlap < 0.99), line
 
 
+def _drift(folder):
+    return subprocess.run([sys.executable, str(REPO / "bench" / "adapter_drift.py"), str(folder)],
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_drift_refuses_a_folder_that_is_not_a_kept_state(tmp_path):
     (tmp_path / "state.json").write_text('{"rounds_done": 1}')
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "adapter_drift.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    done = _drift(tmp_path)
     assert done.returncode != 0 and "no tensors.safetensors" in done.stderr
+    (tmp_path / "tensors.safetensors").write_bytes(b"")
+    (tmp_path / "state.json").unlink()
+    done = _drift(tmp_path)
+    assert done.returncode != 0 and "no readable state.json" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "state.json").write_text('{"rounds_done": 1}')
+    done = _drift(tmp_path)  # a truncated tensors file
+    assert done.returncode != 0 and "not a readable safetensors file" in done.stderr and "Traceback" not in done.stderr
