@@ -74,6 +74,9 @@ def main() -> None:
                         help="each device's link (Mbit/s), with --round-time")
     parser.add_argument("--server-tflops", type=float, default=300.0, help="the server's compute, with --round-time")
     parser.add_argument("--split", type=int, default=4, help="HetLoRA's and SplitLoRA's fixed split, with --round-time")
+    parser.add_argument("--warm-frozen", choices=["copy", "low_rank"], default="copy",
+                        help="with --round-time, what HSplitLoRA's warm holders keep for W - s B A "
+                             "(federation.noise_free_frozen): a copy of each adapted weight, or its factors")
     args = parser.parse_args()
 
     memory = {"batch_size": args.batch, "seq_len": args.seq_len, "labels_on_device": args.labels_on_device,
@@ -119,7 +122,7 @@ def print_round_time(name: str, dtype: str, quantization: str, shapes: ModelShap
     print("|---|---|---|---|---|")
     results = {}
     for planner, method in (("armsc", "HSplitLoRA"), ("budget_rank", "HetLoRA"), ("uniform", "SplitLoRA")):
-        warm = planner == "armsc"
+        warm = args.warm_frozen if planner == "armsc" else None
         options = PlanOptions(args.split, 8, tuple(args.rank_set), None, args.batch, args.seq_len,
                               args.labels_on_device, args.checkpointing, None, args.server_tflops * 1e12, warm)
         fleet = FleetOptions(args.batch, args.seq_len, tuple(args.rank_set), 8, args.server_tflops * 1e12,

@@ -176,6 +176,12 @@ class FederationConfig:
         "the same fit in the row space of the holders' A's averaged as HetLoRA averages them (zero-padded to the "
         "largest rank, token-weighted; holder h takes the first r_h rows), so the holders' A's do not drift apart "
         "over rounds", "balanced")
+    noise_free_frozen: Literal["copy", "low_rank"] = _help(
+        "with federation.noise_free_start=warm, how a holder computes with its frozen weight W - s B A (the "
+        "aggregate minus its warm adapter): copy = its own (d_out, d_in) copy of every adapted module's weight, "
+        "as much memory as the frozen linears it adapts; low_rank = W x - s B (A x) on the shared W, holding "
+        "only A and B (r (d_in + d_out) values a module) for 2 r (d_in + d_out) FLOPs a token more forward and "
+        "as many backward; the planner prices either", "copy")
     state_memory_bytes: int | None = _help(
         "devices and server sessions are state between rounds (adapters, AdamW moments) and borrow a model "
         "to compute with only while they train (parties/shells.py); their state is kept in memory up to this "
@@ -215,6 +221,9 @@ class FederationConfig:
             (self.noise_free_factors == "balanced" or self.noise_free_start == "warm",
              f"federation.noise_free_factors={self.noise_free_factors} needs federation.noise_free_start=warm "
              "(a cold start has no factors to split)"),
+            (self.noise_free_frozen == "copy" or self.noise_free_start == "warm",
+             "federation.noise_free_frozen=low_rank needs federation.noise_free_start=warm (a cold start computes "
+             "with the merged weight itself)"),
             (self.noise_free_moments == "reset" or self.noise_free_start == "warm",
              "federation.noise_free_moments=keep needs federation.noise_free_start=warm (a cold start has B = 0 "
              "and drops its moments)"),

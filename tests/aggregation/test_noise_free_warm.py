@@ -315,3 +315,42 @@ def test_warm_moments_are_reset_or_kept_as_configured(moments, kept):
     for p, state in device.optimizer.state.items():
         assert torch.equal(state["exp_avg"], before[id(p)])
     sim.run_round()  # and training goes on
+
+
+@pytest.mark.parametrize("factors", ["balanced", "mean_a"])
+def test_low_rank_frozen_weights_train_as_the_copies_do_without_holding_them(factors):
+    """`federation.noise_free_frozen=low_rank`: a warm holder computes W x - s B0 (A0 x) on the
+    shared W instead of holding its own W - s B0 A0 per module. Over three rounds at mixed ranks
+    (server sessions one at a time) the losses and the global model equal the copies' to fp32
+    rounding; at the round boundary every party's layer computes the global model's function; and
+    no party holds a (d_out, d_in) copy, only the factors."""
+    overrides = ("federation.noise_free_start=warm", f"federation.noise_free_factors={factors}")
+    copy = _mixed_rank_sim(*overrides)
+    low_rank = _mixed_rank_sim(*overrides, "federation.noise_free_frozen=low_rank")
+    for sim in (copy, low_rank):
+        for _ in range(3):
+            sim.run_round()
+    for record_copy, record_low in zip(copy.rounds, low_rank.rounds):
+        for device_id, stats in record_copy.devices.items():
+            assert record_low.devices[device_id].losses == pytest.approx(stats.losses, rel=1e-5)
+    for name in copy.ranks:
+        torch.testing.assert_close(low_rank.global_model().get_submodule(name).weight,
+                                   copy.global_model().get_submodule(name).weight, rtol=0, atol=1e-5)
+    _load_next_round(low_rank)
+    global_model = low_rank.global_model()
+    for holder, party in _parties(low_rank):
+        values = sum(r * sum(party.shell.shared_weights[n].shape) for n, r in party.ranks.items())
+        assert sum(t.numel() for t in party.warm_copies()) == values, holder  # A0 and B0 alone (fp32)
+        for name, layer in lora_layers(party.model).items():
+            assert layer.get_base_layer().weight is party.shell.shared_weights[name], (holder, name)  # no copy of W
+            x = torch.randn(3, 5, layer.get_base_layer().in_features)
+            torch.testing.assert_close(layer(x), global_model.get_submodule(name)(x), rtol=0, atol=1e-5)
+    _load_next_round(copy)
+    for party in copy.devices:  # the copies: one (d_out, d_in) weight per adapted module (a server session defers its own)
+        holder = party.device_id
+        assert [t.shape for t in party.warm_copies()] == [w.shape for w in party.shell.shared_weights.values()], holder
+
+
+def test_low_rank_frozen_needs_a_warm_start():
+    with pytest.raises(ConfigError, match="noise_free_frozen=low_rank needs federation.noise_free_start=warm"):
+        tiny_config("tiny-llama", *BASE, "federation.noise_free_frozen=low_rank")

@@ -429,11 +429,16 @@ MEAN_A = {"federation.aggregator": "noise_free", "federation.noise_free_factors"
     # noise-free's warm restarts from one averaged A in place of each holder's own
     ("hsplitlora_mean_a", "hsplitlora_server16_data", {"hsplit.time_tokens": "data", **MEAN_A}, SERVER16_OWN_A),
     # HetLoRA's plans (budget_rank) with noise-free aggregation: the two aggregations where the ranks differ
-    ("hetlora_mean_a", "hetlora", MEAN_A, {"hsplit.planner": "budget_rank", "federation.aggregator": "zero_pad"}),
+    ("hetlora_mean_a", "hetlora", {**MEAN_A, "federation.noise_free_frozen": "low_rank"},
+     {"hsplit.planner": "budget_rank", "federation.aggregator": "zero_pad"}),
+    # mean_a's warm holders computing W x - s B (A x) instead of holding copies of W
+    ("hsplitlora_low_rank", "hsplitlora_mean_a", {**MEAN_A, "federation.noise_free_frozen": "low_rank"},
+     {**MEAN_A, "federation.noise_free_frozen": "copy"}),
 ])
 def test_aggregation_ablations_differ_from_their_reference_only_in_aggregation(method, reference, method_has, reference_has):
-    """The ablations of issue 25: the same plans (planner, server rank, time model) as the method
-    they ablate, another aggregation; nothing else differs."""
+    """The ablations of issue 25: the same planner settings (planner, server rank, time model) as
+    the method they ablate, another aggregation or another way to hold the warm frozen weights;
+    nothing else differs."""
     from splitpeft.config import load_config, to_dict
     from splitpeft.experiment.compare import SUITES, first_difference, method_config
 
@@ -449,7 +454,7 @@ def test_aggregation_ablations_differ_from_their_reference_only_in_aggregation(m
     assert ablation["hsplit"] == wanted["hsplit"]
     assert {key: at(ablation, key) for key in method_has} == method_has
     assert {key: at(wanted, key) for key in reference_has} == reference_has
-    for key in ("aggregator", "noise_free_start", "noise_free_factors", "noise_free_moments"):
+    for key in ("aggregator", "noise_free_start", "noise_free_factors", "noise_free_moments", "noise_free_frozen"):
         del ablation["federation"][key], wanted["federation"][key]
     assert first_difference(ablation, wanted) is None
 

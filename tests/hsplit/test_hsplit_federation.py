@@ -194,7 +194,7 @@ def test_compare_command_writes_table_and_plot(tmp_path):
                    "eval.groups=2", "eval.max_new_tokens=4"],
         progress=False,
     )
-    assert set(comparison["methods"]) == {"hsplitlora", "hsplitlora_server16", "hsplitlora_server16_data", "hsplitlora_zero_pad", "hsplitlora_mean_a", "hsplitlora_svd", "hsplitlora_lora_factors", "hsplitlora_cold",
+    assert set(comparison["methods"]) == {"hsplitlora", "hsplitlora_server16", "hsplitlora_server16_data", "hsplitlora_zero_pad", "hsplitlora_mean_a", "hsplitlora_low_rank", "hsplitlora_svd", "hsplitlora_lora_factors", "hsplitlora_cold",
                                            "hsplitlora_v1", "hetlora", "hetlora_mean_a", "splitlora", "cenlora"}
     splitlora = comparison["methods"]["splitlora"]["runs"]["seed-0"]["plans"]
     assert len({(p["split_layer"], str(p["ranks"])) for p in splitlora}) == 1  # one plan for all: the weakest's

@@ -177,8 +177,10 @@ def test_a_run_reports_the_round_time_with_the_servers_share():
     assert record.devices["device-0"].simulated_server_s == pytest.approx(2 * per_step / 1e6)
 
 
-@pytest.mark.parametrize("start, moments", [("cold", "reset"), ("warm", "reset"), ("warm", "keep")])
-def test_the_plan_counts_a_warm_starts_frozen_copies_and_the_meter_agrees(start, moments):
+@pytest.mark.parametrize("start, moments, frozen, dtype", [
+    ("cold", "reset", "copy", "fp32"), ("warm", "reset", "copy", "fp32"), ("warm", "keep", "copy", "fp32"),
+    ("warm", "reset", "low_rank", "fp32"), ("warm", "keep", "low_rank", "bf16")])
+def test_the_plan_counts_a_warm_starts_frozen_copies_and_the_meter_agrees(start, moments, frozen, dtype):
     """Bug: under noise_free's warm start every adapted module trains against its own copy of its
     frozen weight, which the plan did not count, so the measured peak passed the budget (SmolLM2:
     642 MB measured on a 460 MB budget). Now the plan counts the copies and the meter holds them
@@ -186,11 +188,15 @@ def test_the_plan_counts_a_warm_starts_frozen_copies_and_the_meter_agrees(start,
 
     Bug (moments kept): the AdamW moments a parked device got back were views of its parked buffer,
     which so stayed alive with the adapters and warm adapters parked beside them: one adapter-sized
-    copy more in round 2, two from round 3 on (SmolLM2, k = 21: 520 MB measured, 500 planned)."""
-    from splitpeft.hsplit.memory import warm_copy_bytes
+    copy more in round 2, two from round 3 on (SmolLM2, k = 21: 520 MB measured, 500 planned).
+
+    `federation.noise_free_frozen=low_rank` holds the warm adapter's factors instead of the copies
+    (fp32 and, in bf16, their casts): planned and measured alike."""
+    from splitpeft.hsplit.memory import warm_bytes
 
     config = tiny_config("tiny-llama", "hsplit.planner=armsc", "federation.aggregator=noise_free",
                          f"federation.noise_free_start={start}", f"federation.noise_free_moments={moments}",
+                         f"runtime.dtype={dtype}", *([f"federation.noise_free_frozen={frozen}"] if start == "warm" else []),
                          "federation.num_devices=2", "federation.local_steps=2",
                          "data.max_length=32", "fleet.memory_bytes=[3000000,6000000]", "hsplit.replan_threshold=1000")
     sim = Simulation(config)
@@ -198,6 +204,9 @@ def test_the_plan_counts_a_warm_starts_frozen_copies_and_the_meter_agrees(start,
     later = [sim.run_round(), sim.run_round()]
     for plan in sim.planning.plans:
         cold = predict_peak_bytes(sim.shapes, plan.split_layer, plan.ranks, 4, 32, config.placement.labels_on_device)
-        copies = warm_copy_bytes(sim.shapes, plan.ranks) if start == "warm" else 0
-        assert plan.predicted_peak_bytes == cold + copies <= plan.budget_bytes
+        held = warm_bytes(sim.shapes, plan.ranks, frozen) if start == "warm" else 0
+        values = sum(r * sum(sim.shapes.modules[m]) for m, r in plan.ranks.items())
+        if start == "warm" and frozen == "low_rank":  # A and B in fp32 (+ their bf16 casts), by hand
+            assert held == values * (6 if dtype == "bf16" else 4)
+        assert plan.predicted_peak_bytes == cold + held <= plan.budget_bytes
         assert [record.devices[plan.device].peak_memory_bytes for record in later] == [plan.predicted_peak_bytes] * 2

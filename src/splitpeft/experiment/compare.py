@@ -97,6 +97,12 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "hsplitlora_mean_a": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
                               "federation.noise_free_start=warm", "federation.noise_free_factors=mean_a",
                               "federation.noise_free_moments=keep", "hsplit.server_rank=16", "hsplit.time_tokens=data"],
+        # the same, its warm holders computing W x - s B (A x) instead of holding W - s B A per module:
+        # the planner gets the copies' memory back for ranks and blocks (issue 25)
+        "hsplitlora_low_rank": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
+                                "federation.noise_free_start=warm", "federation.noise_free_factors=mean_a",
+                                "federation.noise_free_moments=keep", "federation.noise_free_frozen=low_rank",
+                                "hsplit.server_rank=16", "hsplit.time_tokens=data"],
         "hsplitlora_svd": ["hsplit.planner=armsc", "federation.aggregator=noise_free", "federation.noise_free_start=warm"],
         "hsplitlora_lora_factors": ["hsplit.planner=armsc", "federation.aggregator=noise_free",
                                     "federation.noise_free_start=warm", "federation.noise_free_factors=lora"],
@@ -105,10 +111,11 @@ SUITES: dict[str, dict[str, list[str]]] = {
                           "federation.noise_free_start=cold"],
         "hetlora": ["hsplit.planner=budget_rank", "federation.aggregator=zero_pad"],
         # HetLoRA's plans (fixed split, ranks by budget) with noise-free aggregation (mean_a): where the
-        # ranks differ, exact aggregation against zero-padding's cross terms, nothing else changed (issue 25)
+        # ranks differ, exact aggregation against zero-padding's cross terms; its warm holders keep the
+        # factors, not copies of W, so HetLoRA's budgets hold its ranks (issue 25)
         "hetlora_mean_a": ["hsplit.planner=budget_rank", "federation.aggregator=noise_free",
                            "federation.noise_free_start=warm", "federation.noise_free_factors=mean_a",
-                           "federation.noise_free_moments=keep"],
+                           "federation.noise_free_moments=keep", "federation.noise_free_frozen=low_rank"],
         # one rank for all, so zero_pad's average of A and B is FedAvg's (fedavg itself keeps lora.rank)
         "splitlora": ["hsplit.planner=uniform", "federation.aggregator=zero_pad"],
         "cenlora": ["placement.placement=centralized", "hsplit.planner=fixed", "federation.aggregator=fedavg"],

@@ -190,11 +190,11 @@ def training_of(config: ExperimentConfig, runtime: Runtime) -> Training:
 
 def warm_start_of(config: ExperimentConfig) -> WarmStart | None:
     """How parties take their adapters: noise-free's warm start (`federation.noise_free_start=warm`,
-    with `federation.noise_free_moments`), or None (cold, and every other aggregator)."""
+    with `federation.noise_free_moments` and `federation.noise_free_frozen`), or None (cold, and every other aggregator)."""
     fed = config.federation
     if not REGISTRY[fed.aggregator].warm_restarts or fed.noise_free_start != "warm":
         return None
-    return WarmStart(keep_moments=fed.noise_free_moments == "keep")
+    return WarmStart(keep_moments=fed.noise_free_moments == "keep", low_rank=fed.noise_free_frozen == "low_rank")
 
 
 def defence_of(config: ExperimentConfig, index: int) -> Defence:

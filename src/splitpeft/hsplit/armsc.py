@@ -26,6 +26,7 @@ from splitpeft.hsplit.budget import DeviceProfile, StepTime, round_time_s, simul
 from splitpeft.hsplit.memory import (
     BlockSaved,
     ModelShapes,
+    WarmFrozen,
     activation_terms,
     adapter_bytes,
     blocks_saved,
@@ -34,7 +35,7 @@ from splitpeft.hsplit.memory import (
     roles_per_block,
     server_flops_per_step,
     split_bytes_per_step,
-    warm_copy_bytes,
+    warm_bytes,
 )
 
 
@@ -81,7 +82,7 @@ class _GreedyState:
     """Per-block saved bytes and liveness of a plan, to price raising one module incrementally."""
 
     def __init__(self, shapes: ModelShapes, split_layer: int, ranks: dict[str, int], batch_size: int, seq_len: int,
-                 checkpointing: bool, warm: bool = False):
+                 checkpointing: bool, warm: WarmFrozen | None = None):
         self.shapes, self.k, self.b, self.t, self.checkpointing = shapes, split_layer, batch_size, seq_len, checkpointing
         self.warm = warm
         self.ranks = dict(ranks)
@@ -101,8 +102,7 @@ class _GreedyState:
         # Liveness only flows forward, so blocks before j keep their saved bytes.
         new_saved = self.saved[:j] + blocks_saved(self.shapes, roles, self.b, self.t, start=j, live=live)
         adapters = adapter_bytes(self.shapes, {module: new_rank}) - adapter_bytes(self.shapes, {module: old_rank})
-        if self.warm and old_rank == 0:
-            adapters += warm_copy_bytes(self.shapes, {module: new_rank})
+        adapters += warm_bytes(self.shapes, {module: new_rank}, self.warm) - warm_bytes(self.shapes, {module: old_rank}, self.warm)
         return self._activations(new_saved) - self._activations(self.saved) + adapters
 
     def apply(self, module: str, new_rank: int) -> None:
@@ -122,7 +122,7 @@ def greedy_ranks(
     seq_len: int,
     labels_on_device: bool,
     checkpointing: bool,
-    warm: bool = False,
+    warm: WarmFrozen | None = None,
     gain: Callable[[str, int, int], float] | None = None,
     fits_time: Callable[[Mapping[str, int]], bool] | None = None,
     start: Mapping[str, int] | None = None,
@@ -179,7 +179,7 @@ def plan_device(
     rank_set: Sequence[int] = (0, 2, 4, 8, 16),
     labels_on_device: bool = False,
     checkpointing: bool = False,
-    warm: bool = False,
+    warm: WarmFrozen | None = None,
     max_split: int | None = None,
     max_step_s: float | None = None,
     allowed_splits: Callable[[int], bool] | None = None,
@@ -207,7 +207,7 @@ def plan_device(
     top = max(1, min(top, shapes.num_blocks))
 
     def step_s(k: int, ranks: Mapping[str, int]) -> float:
-        flops = flops_per_step(shapes, k, ranks, batch_size, seq_len, labels_on_device, checkpointing)
+        flops = flops_per_step(shapes, k, ranks, batch_size, seq_len, labels_on_device, checkpointing, warm=warm)
         return simulated_step_s(profile, flops, split_bytes_per_step(shapes, batch_size, seq_len, labels_on_device))
 
     split, needed = None, None
@@ -242,7 +242,8 @@ def plan_device(
         split_layer=split,
         ranks=ranks,
         predicted_peak_bytes=predict_peak_bytes(shapes, split, ranks, batch_size, seq_len, labels_on_device, checkpointing, warm),
-        flops_per_step=flops_per_step(shapes, split, ranks, batch_size, seq_len, labels_on_device, checkpointing),
+        flops_per_step=flops_per_step(shapes, split, ranks, batch_size, seq_len, labels_on_device, checkpointing,
+                                      warm=warm),
         budget_bytes=budget,
     )
 
@@ -311,7 +312,7 @@ class FleetOptions:
     checkpointing: bool = False
     max_split: int | None = None
     allowed_splits: Callable[[int], bool] | None = None
-    warm: bool = False  # noise-free's warm start: each adapted module's frozen weight copy counts
+    warm: WarmFrozen | None = None  # noise-free's warm start: its copies or factors count (`warm_bytes`)
     # hsplit.time_tokens=data: (tokens a row, labelled positions a step) the time model prices a
     # step at, from the planner's data; None: seq_len and every position (memory always uses seq_len)
     time_tokens: tuple[int, int] | None = None
@@ -324,7 +325,7 @@ class FleetOptions:
                   ranks: dict[str, int]) -> Candidate:
         length, labelled = self.time_tokens if self.time_tokens is not None else (self.seq_len, None)
         device_flops = flops_per_step(shapes, split_layer, ranks, self.batch_size, length,
-                                      self.labels_on_device, self.checkpointing, labelled=labelled)
+                                      self.labels_on_device, self.checkpointing, labelled=labelled, warm=self.warm)
         server_flops = server_flops_per_step(shapes, split_layer, self.server_rank, self.batch_size, length,
                                              self.labels_on_device, labelled=labelled)
         link = split_bytes_per_step(shapes, self.batch_size, length, self.labels_on_device)

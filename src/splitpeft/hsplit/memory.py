@@ -14,8 +14,10 @@ that meter cannot see (`unmetered`, below):
                       int8  n + 4 d_out (one fp32 scale per row, SCB)
     adapters    = copies x sum_m r_m (d_in_m + d_out_m) x 4
                   copies = 4: weights, gradients, AdamW exp_avg and exp_avg_sq, fp32 whatever the base
-                  + under noise-free's warm start (`warm`), each adapted module's own frozen weight
-                  W - s B A beside the shared one: sum_m d_in_m d_out_m s (`warm_copy_bytes`)
+                  + under noise-free's warm start (`warm`, `warm_bytes`): `copy`, each adapted
+                  module's own frozen weight W - s B A beside the shared one, sum_m d_in_m d_out_m s;
+                  `low_rank`, the A and B it corrects W x with (fp32, and in bf16 / fp16 once more
+                  in that dtype), sum_m r_m (d_in_m + d_out_m) (4 + s, or 4 in fp32)
     activations = sum over device blocks of what autograd saves there (below)
                   + rotary cos/sin tables (LLaMA family) + the head and loss (labels on device)
 
@@ -91,6 +93,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import nn
@@ -537,9 +540,24 @@ def frozen_bytes(shapes: ModelShapes, split_layer: int, labels_on_device: bool) 
     return shapes.embedding_bytes + sum(shapes.block_bytes[:split_layer]) + (shapes.head_bytes if labels_on_device else 0)
 
 
-def warm_copy_bytes(shapes: ModelShapes, ranks: Mapping[str, int]) -> int:
-    """Noise-free's warm start: every adapted module's own copy of its frozen weight (`Party.load`),
-    sum_m d_in d_out x the runtime dtype's bytes (a quantized base never runs noise_free)."""
+# federation.noise_free_frozen: how a warm holder computes with W - s B A (None: no warm start)
+WarmFrozen = Literal["copy", "low_rank"]
+
+
+def warm_bytes(shapes: ModelShapes, ranks: Mapping[str, int], warm: WarmFrozen | None) -> int:
+    """What noise-free's warm start adds to a holder (`Party._train_against`), by
+    `federation.noise_free_frozen`:
+
+        copy      sum_m d_in d_out s                 every adapted module's own frozen weight
+        low_rank  sum_m r_m (d_in + d_out) (4 + s)   its A and B in fp32 and in the runtime dtype
+                                                     (4 alone in fp32: one tensor serves both)
+
+    s the runtime dtype's bytes (a quantized base never runs noise_free); None: no warm start, 0."""
+    if warm is None:
+        return 0
+    if warm == "low_rank":
+        per_value = ADAPTER_DTYPE_BYTES + (shapes.dtype_bytes if shapes.dtype_bytes != ADAPTER_DTYPE_BYTES else 0)
+        return per_value * sum(r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
     return shapes.dtype_bytes * sum(shapes.modules[m][0] * shapes.modules[m][1] for m, r in ranks.items() if r > 0)
 
 
@@ -575,11 +593,11 @@ def memory_breakdown(
     seq_len: int,
     labels_on_device: bool = False,
     checkpointing: bool = False,
-    warm: bool = False,
+    warm: WarmFrozen | None = None,
     labelled: int | None = None,
 ) -> MemoryBreakdown:
     """Predicted peak of a `split` device, by term (see the module docstring for the formula);
-    `warm`: noise-free's warm start, whose per-module weight copies count with the adapters;
+    `warm`: noise-free's warm start, whose per-module copies or factors count with the adapters;
     `labelled`: the positions a step's loss counts (None: all B T, an upper bound; `head_saved_bytes`)."""
     if not 0 <= split_layer <= shapes.num_blocks:
         raise ValueError(f"split_layer {split_layer} is out of range 0..{shapes.num_blocks}")
@@ -587,7 +605,7 @@ def memory_breakdown(
     activations, unmetered = activation_terms(shapes, saved, seq_len, checkpointing)
     if labels_on_device:
         activations += head_saved_bytes(shapes, batch_size, seq_len, labelled)
-    adapters = adapter_bytes(shapes, ranks) + (warm_copy_bytes(shapes, ranks) if warm else 0)
+    adapters = adapter_bytes(shapes, ranks) + warm_bytes(shapes, ranks, warm)
     return MemoryBreakdown(frozen_bytes(shapes, split_layer, labels_on_device), adapters, activations, unmetered)
 
 
@@ -599,7 +617,7 @@ def predict_peak_bytes(
     seq_len: int,
     labels_on_device: bool = False,
     checkpointing: bool = False,
-    warm: bool = False,
+    warm: WarmFrozen | None = None,
     labelled: int | None = None,
 ) -> int:
     """Predicted peak memory of a `split` device: frozen + adapters + activations + unmetered (module docstring)."""
@@ -616,12 +634,15 @@ def flops_per_step(
     labels_on_device: bool = False,
     checkpointing: bool = False,
     labelled: int | None = None,
+    warm: WarmFrozen | None = None,
 ) -> float:
     """Estimated device FLOPs of one training step (forward + backward), N = B T:
 
         forward  = sum_blocks [2 N sum_lin d_in d_out + 4 N T d_q] + sum_m 2 N r_m (d_in + d_out)
         backward = sum_live_blocks [2 N sum_lin d_in d_out + 10 N T d_q] + sum_m 4 N r_m (d_in + d_out)
                    (+ the forward of every live block again, with gradient checkpointing)
+        warm     = sum_m 4 N r_m (d_in + d_out) under a `low_rank` warm start: W x - s B0 (A0 x),
+                   forward and its input gradient (a `copy` costs no FLOPs)
         head     = 4 n d V (forward + input gradient), with the labels on the device, on the n
                    labelled positions (`labelled`; None: all N, an upper bound)
 
@@ -641,6 +662,8 @@ def flops_per_step(
             total += 2 * n * shapes.block_linear_macs[j] + 10 * n * t * attention_width + (forward if checkpointing else 0)
         live = live_out
     total += sum(4 * n * r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
+    if warm == "low_rank":
+        total += sum(4 * n * r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
     if labels_on_device:
         total += 4 * (n if labelled is None else labelled) * shapes.hidden_size * shapes.vocab_size
     return float(total)

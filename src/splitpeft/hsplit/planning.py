@@ -42,7 +42,7 @@ from splitpeft.hsplit.importance import (
     probe_importance,
     relative_l1_change,
 )
-from splitpeft.hsplit.memory import ModelShapes, predict_peak_bytes
+from splitpeft.hsplit.memory import ModelShapes, WarmFrozen, predict_peak_bytes
 from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loss import labelled_positions
 from splitpeft.model.runtime import resolve_runtime
@@ -66,6 +66,15 @@ class Planner(Protocol):
     options: PlanOptions
 
     def plan(self, profiles: Sequence[DeviceProfile], shapes: ModelShapes, scores: Mapping[str, float]) -> list[DevicePlan]: ...
+
+
+def warm_frozen_of(config: ExperimentConfig) -> WarmFrozen | None:
+    """What a warm holder keeps for its frozen weight W - s B A (`federation.noise_free_frozen`), or
+    None where holders do not restart warm (the planner prices it, `memory.warm_bytes`)."""
+    fed = config.federation
+    if not AGGREGATORS[fed.aggregator].warm_restarts or fed.noise_free_start != "warm":
+        return None
+    return fed.noise_free_frozen
 
 
 def leakage_at(table: dict[str, Any], placement: str, split_layer: int) -> float | None:
@@ -138,7 +147,7 @@ class PlanOptions:
     checkpointing: bool = False  # runtime.gradient_checkpointing
     privacy: PrivacyFloor | None = None  # hsplit.min_split, hsplit.max_leakage
     server_flops_per_s: float = 5e11  # fleet.server_flops_per_s
-    warm: bool = False  # federation.noise_free_start=warm: each adapted module holds its own frozen copy
+    warm: WarmFrozen | None = None  # federation.noise_free_start=warm: federation.noise_free_frozen (`warm_bytes`)
     server_rank: int | None = None  # hsplit.server_rank: the server sessions' rank (None: `rank`)
     time_tokens: tuple[int, int] | None = None  # hsplit.time_tokens=data: `data_step_tokens` of the planner's data
 
@@ -148,7 +157,7 @@ class PlanOptions:
                    config.hsplit.max_split, config.federation.batch_size, config.data.max_length,
                    config.placement.labels_on_device, config.runtime.gradient_checkpointing,
                    PrivacyFloor.from_config(config), config.fleet.server_flops_per_s,
-                   AGGREGATORS[config.federation.aggregator].warm_restarts and config.federation.noise_free_start == "warm",
+                   warm_frozen_of(config),
                    config.hsplit.server_rank)
 
     def fleet(self) -> FleetOptions:

@@ -62,6 +62,7 @@ class WarmStart:
     describe other coordinates. True carries them over as they are, for comparison."""
 
     keep_moments: bool = False
+    low_rank: bool = False  # federation.noise_free_frozen=low_rank: W x - s B (A x), no copy of W (`Shell.correct_weight`)
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,10 @@ class Party:
         return {i: dict(optimizer.state[p]) for i, p in enumerate(self._shell.parameters) if optimizer.state.get(p)}
 
     def warm_copies(self) -> list[torch.Tensor]:
-        """The party's own frozen weights W - s B A of a warm start, held beside the shared ones."""
+        """The party's own frozen weights W - s B A of a warm start, held beside the shared ones;
+        under `warm.low_rank` the factors its corrections hold instead."""
+        if self.warm is not None and self.warm.low_rank:
+            return self.shell.correction_tensors()
         layers = self.shell.layers
         weights = [cast(torch.Tensor, layers[name].get_base_layer().weight) for name in self._shared_weights]
         return [w for w, shared in zip(weights, self._shared_weights.values()) if w is not shared]
@@ -297,7 +301,9 @@ class Party:
         rounding of W - s B A for an fp32 W; for a bf16 / fp16 W rounded up or down at random, so
         that its expectation is W - s B A (nearest rounding would keep W wherever s B A is below
         half a unit, and the party would train against W + s B A).
-        Costs one (d_out, d_in) copy per warm module per party (the shared copy stays as it is).
+        Costs one (d_out, d_in) copy per warm module per party (the shared copy stays as it is);
+        under `warm.low_rank` none: the module computes W x - s B (A x) on the shared W
+        (`Shell.correct_weight`), holding only the factors.
         A server session builds its copy only when its own model first runs the module: a shared
         server pass (`model/batched.py`) computes W x - s B0 (A0 x) from `warm_factors` instead and
         never reads it, so a batched server holds no copy per session and spends no (d_out, d_in)
@@ -334,7 +340,10 @@ class Party:
             with torch.no_grad():  # a bf16 / fp16 W: rounded stochastically, unbiased (stochastic_round)
                 return stochastic_round(shared.to(work) - product.to(shared.device), shared.dtype, name)
 
-        if self._keep_warm_factors:
+        if self.warm is not None and self.warm.low_rank:
+            shell.correct_weight(name, scale, *(a0, b0) if self._keep_warm_factors else
+                                 (t.to(shared.device, torch.float32) for t in (a0, b0)))
+        elif self._keep_warm_factors:
             shell.defer_weight(name, own_copy)
         else:
             base_layer.weight = torch.nn.Parameter(own_copy(), requires_grad=False)

@@ -88,6 +88,8 @@ class Shell:
         self.shared_weights = {name: cast(torch.Tensor, layer.get_base_layer().weight) for name, layer in layers.items()}
         # module -> the hook that builds its own weight at its first forward, and that function (defer_weight)
         self._deferred: dict[str, tuple[RemovableHandle, Callable[[torch.nn.Module, tuple[Any, ...]], None]]] = {}
+        # module -> the hook that subtracts s B0 (A0 x) from its output, and the factors it holds (correct_weight)
+        self._corrections: dict[str, tuple[RemovableHandle, tuple[torch.Tensor, ...]]] = {}
         # bf16 / fp16 parties use the fused AdamW (one vectorised kernel for all their adapters, 6x
         # the per-tensor loop on CPU); it rounds differently by an ulp, so fp32 runs keep the loop
         # and the golden runs stay bit-for-bit.
@@ -112,15 +114,48 @@ class Shell:
 
         self._deferred[name] = (base_layer.register_forward_pre_hook(build_now), build_now)
 
+    def correct_weight(self, name: str, scale: float, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Module `name` computes with the frozen weight W - s B0 A0 without holding it:
+
+            x (..., d_in) -> W x - s B0 (A0 x)      W the shared (d_out, d_in), A0 (r, d_in), B0 (d_out, r)
+
+        (`federation.noise_free_frozen=low_rank`). A0 and B0 are kept in fp32 and, for a bf16 / fp16
+        input, once more in its dtype, cast here rather than at every step (the products accumulate
+        in fp32, as the LoRA branch's do, `adapters.BranchLinear`; the server's batched pass applies
+        the same correction on its rows, `model/batched.py`). Costs r (d_in + d_out) values and
+        2 r (d_in + d_out) FLOPs a token forward, the same again for the input's gradient, instead
+        of a (d_out, d_in) copy per module."""
+        self.cancel_deferred(name)
+        base_layer = self.layers[name].get_base_layer()
+        base_layer.weight = self.shared_weights[name]
+        dtype = self.shared_weights[name].dtype
+        left, right = (a0, b0) if dtype == torch.float32 else (a0.to(dtype), b0.to(dtype))
+
+        def subtract(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            low = torch.nn.functional.linear(x, left) * scale  # (..., r)
+            return output - torch.nn.functional.linear(low, right)  # (..., d_out)
+
+        held = (a0, b0) if left is a0 else (a0, b0, left, right)
+        self._corrections[name] = (base_layer.register_forward_hook(subtract), held)
+
+    def correction_tensors(self) -> list[torch.Tensor]:
+        """The factors every low-rank correction holds (`correct_weight`)."""
+        return [tensor for _, held in self._corrections.values() for tensor in held]
+
     def cancel_deferred(self, name: str) -> None:
-        """Forget module `name`'s weight still to be built (`defer_weight`), if any."""
+        """Forget module `name`'s own weight: one still to be built (`defer_weight`) or a
+        low-rank correction (`correct_weight`), if any."""
         deferred = self._deferred.pop(name, None)
         if deferred is not None:
             deferred[0].remove()
+        correction = self._corrections.pop(name, None)
+        if correction is not None:
+            correction[0].remove()
 
     def frozen_weight(self, name: str) -> torch.Tensor:
-        """The frozen weight module `name` computes with: the shared one or the party's own copy
-        (built now if it was deferred)."""
+        """The frozen weight module `name` holds: the shared one or the party's own copy (built now
+        if it was deferred); under a low-rank correction the shared one, corrected on its output."""
         base_layer = self.layers[name].get_base_layer()
         if name in self._deferred:
             self._deferred[name][1](base_layer, ())
@@ -128,8 +163,8 @@ class Shell:
 
     def restore_shared_weights(self) -> None:
         """Put every adapted module back on the shared frozen weight (a warm party's own copies go,
-        built or still deferred)."""
-        for name in list(self._deferred):
+        built or still deferred, and its low-rank corrections)."""
+        for name in [*self._deferred, *self._corrections]:
             self.cancel_deferred(name)
         for name, shared in self.shared_weights.items():
             base_layer = self.layers[name].get_base_layer()
