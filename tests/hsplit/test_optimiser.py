@@ -210,3 +210,35 @@ def test_the_plan_counts_a_warm_starts_frozen_copies_and_the_meter_agrees(start,
             assert held == values * (6 if dtype == "bf16" else 4)
         assert plan.predicted_peak_bytes == cold + held <= plan.budget_bytes
         assert [record.devices[plan.device].peak_memory_bytes for record in later] == [plan.predicted_peak_bytes] * 2
+
+
+def test_low_rank_warm_flops_are_counted_where_the_correction_runs():
+    """`federation.noise_free_frozen=low_rank` computes W x - s B0 (A0 x): 2 N r (d_in + d_out)
+    FLOPs a token more forward, and as many for the input's gradient where it needs one. The device
+    meter sees them (round 2, the first warm one, against the same run with copies), and the FLOP
+    model adds 4 N r (d_in + d_out) per module: the backward of the first adapted modules, whose
+    input needs no gradient, is its only over-count.
+
+    Bug: the meter counts a step's FLOPs once per key (the batch's shape, the killed adapters), so
+    round 2 reused cold round 1's count and the corrections were never seen (0 FLOPs more)."""
+    rounds = {}
+    for frozen in ("copy", "low_rank"):
+        sim = Simulation(tiny_config("tiny-llama", "hsplit.planner=fixed", "placement.split_layer=2", "lora.rank=4",
+                                     "federation.aggregator=noise_free", "federation.noise_free_start=warm",
+                                     f"federation.noise_free_frozen={frozen}", "federation.num_devices=1",
+                                     "federation.local_steps=1", "data.max_length=32"))
+        rounds[frozen] = [sim.run_round(), sim.run_round()]
+    device = sim.devices[0]
+    first, second = (rounds["low_rank"][i].devices[device.device_id].flops - rounds["copy"][i].devices[device.device_id].flops
+                     for i in (0, 1))
+    assert first == 0  # round 1 starts cold (B = 0): no correction yet
+    shapes = sim.shapes
+    per_token = {m: r * sum(shapes.modules[m]) for m, r in device.ranks.items()}
+    first_block_inputs = sum(v for m, v in per_token.items() if shapes.module_block[m] == 0
+                             and shapes.module_role[m] in ("q", "k", "v"))
+    # N from the modelled difference: measured = 4 N sum - 2 N (block 0's q, k, v)
+    n_tokens = second / (4 * sum(per_token.values()) - 2 * first_block_inputs)
+    assert n_tokens == int(n_tokens) and n_tokens > 0, second
+    model_extra = (flops_per_step(shapes, 2, device.ranks, 1, int(n_tokens), warm="low_rank")
+                   - flops_per_step(shapes, 2, device.ranks, 1, int(n_tokens), warm="copy"))
+    assert model_extra == 4 * n_tokens * sum(per_token.values()) >= second

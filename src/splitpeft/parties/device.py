@@ -179,7 +179,10 @@ class DeviceRuntime(Party):
                 self.grad_norms = {}
                 self._before = read_adapters(self.shell.layers, sorted(policy.active))
                 self.set_trainable(self.placement.killed_on_device(self, self.killed), self.measure_killed)
-            self.meter.begin_step(self.resident_tensors(), key=(tuple(batch.input_ids.shape), frozenset(self.killed), self.measure_killed),
+            # a step's FLOPs are counted once per key: what changes them (shape, killed adapters, the
+            # warm corrections a low-rank warm start computes, none in a cold first round)
+            key = (tuple(batch.input_ids.shape), frozenset(self.killed), self.measure_killed, self.shell.corrected)
+            self.meter.begin_step(self.resident_tensors(), key=key,
                                   extra_bytes=self.gradient_bytes())
             flops_before, up_before, down_before = self.meter.flops, channel.traffic.bytes_up, channel.traffic.bytes_down
             phase.losses.append(self.placement.device_step(self, batch, channel))

@@ -139,6 +139,11 @@ class Shell:
         held = (a0, b0) if left is a0 else (a0, b0, left, right)
         self._corrections[name] = (base_layer.register_forward_hook(subtract), held)
 
+    @property
+    def corrected(self) -> frozenset[str]:
+        """The modules computing under a low-rank correction (`correct_weight`)."""
+        return frozenset(self._corrections)
+
     def correction_tensors(self) -> list[torch.Tensor]:
         """The factors every low-rank correction holds (`correct_weight`)."""
         return [tensor for _, held in self._corrections.values() for tensor in held]
