@@ -94,6 +94,31 @@ def table_of_finished(out: Path, methods: list[str], seeds: list[int]) -> dict:
     return write_comparison("hsplit", out, reports, methods, complete, target="per_seed")
 
 
+def plans_table(overrides: list[str], methods: list[str]) -> str:
+    """Each method's plans for the fleet, from the planner alone (no training): per device its
+    split, adapted modules and ranks, predicted peak against its budget, planned step time."""
+    from collections import Counter
+
+    from splitpeft.config import load_config
+    from splitpeft.experiment.compare import SUITES, method_config
+    from splitpeft.federation.simulation import Simulation
+
+    base = load_config(None, overrides, preset="e2e")
+    lines = ["| method | device | k | adapted modules at ranks | predicted peak / budget (MB) | planned step (s) |",
+             "|---|---|---:|---|---|---:|"]
+    for method in methods:
+        sim = Simulation(method_config(base, None, "e2e", overrides, SUITES["hsplit"][method]))
+        if sim.planning is None:
+            raise SystemExit(f"{method} has no planner (its placement plans nothing)")
+        for plan in sim.planning.plans:
+            ranks = ", ".join(f"{n} at r = {r}" for r, n in sorted(Counter(plan.ranks.values()).items()))
+            step = f"{plan.step_s:.3f}" if plan.step_s else "-"
+            lines.append(f"| {method} | {plan.device} | {plan.split_layer} | {ranks} | "
+                         f"{plan.predicted_peak_bytes / 1e6:.1f} / {plan.budget_bytes / 1e6:.1f} | {step} |")
+        sim.close()
+    return "\n".join(lines) + "\n"
+
+
 def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[int], methods: list[str]) -> str:
     """Run no KR once and each KR selection per warm-up; the table of savings after warm-up."""
     steps = args.rounds * args.local_steps
@@ -177,13 +202,17 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=200, help="held-out MRs for BLEU")
     parser.add_argument("--perplexity-examples", type=int, default=200)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "valid.txt"))
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="where the runs go (required unless --plans-only)")
     parser.add_argument("--checkpoints", action="store_true",
                         help="keep each run's state beside its folder: a stopped run continues, and a finished one "
                              "is continued to a larger --rounds instead of run again (`compare --checkpoints`)")
     parser.add_argument("--table-only", action="store_true", help="run nothing: only the table of the finished runs in --out")
+    parser.add_argument("--plans-only", action="store_true",
+                        help="hsplit: train nothing, print each method's plans for the fleet (the planner alone)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     args = parser.parse_args()
+    if args.out is None and not args.plans_only:
+        parser.error("--out is required (unless --plans-only)")
     seeds = [int(s) for s in args.seeds.split(",")]
     args.warmups = [float(w) for w in args.warmups.split(",")]
     overrides = fleet_overrides(args)
@@ -195,6 +224,9 @@ def main() -> None:
         print(table)
         return
     methods = (args.methods or "hsplitlora,hetlora,splitlora,cenlora").split(",")
+    if args.plans_only:
+        print(plans_table(overrides, methods))
+        return
     if not args.table_only:
         run_seed_major("hsplit", args.out, overrides, seeds, methods, args.checkpoints)
     print(markdown_table(table_of_finished(args.out, methods, seeds)))

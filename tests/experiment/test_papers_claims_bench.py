@@ -31,3 +31,23 @@ def test_the_kill_and_revive_suite_runs_the_hybrid(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "1 (50%)" and cells[-1] == "1", row  # one seed with both runs
     assert float(cells[2].rstrip("%")) > 0  # killed adapters' traffic saved after the warm-up
+
+
+@pytest.mark.skipif(not E2E.is_file(), reason="needs ../shared/data/e2e/valid.txt")
+def test_plans_only_prints_each_methods_plans_without_training(tmp_path):
+    """--plans-only: per method and device the planner's split, ranks and predicted peak within
+    the budget, and no run written."""
+    data = tmp_path / "e2e.txt"
+    data.write_text("".join(E2E.read_text().splitlines(keepends=True)[:80]))
+    done = subprocess.run(
+        [sys.executable, "bench/papers_claims.py", "--plans-only", "--methods", "hsplitlora_mean_a,hsplitlora_low_rank",
+         "--data", str(data), "model.name=tiny-llama", "fleet.memory_bytes=[2000000,3000000,4000000,5000000,6000000]"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()
+            if line.startswith("| hsplitlora")]
+    assert [r[:2] for r in rows] == [[m, f"device-{i}"] for m in ("hsplitlora_mean_a", "hsplitlora_low_rank") for i in range(5)]
+    for row in rows:
+        peak, budget = (float(x) for x in row[4].split(" / "))
+        assert 0 < peak <= budget
+    assert not any(tmp_path.glob("*/report.json"))
