@@ -21,6 +21,13 @@ CASES = {
                              "federation.noise_free_start=warm", "federation.noise_free_moments=keep"],
     "noise_free-own_a-keep": ["federation.num_devices=2", "federation.aggregator=noise_free", "federation.noise_free_start=warm",
                               "federation.noise_free_factors=own_a", "federation.noise_free_moments=keep"],
+    # devices at two ranks (HetLoRA's planner on budgets of 0.95 and 1.4 MB)
+    "zero_pad-mixed-ranks": ["federation.num_devices=2", "hsplit.planner=budget_rank", "federation.aggregator=zero_pad",
+                             "fleet.memory_bytes=[950000,1400000]"],
+    "noise_free-mean_a-low_rank-mixed-ranks": ["federation.num_devices=2", "hsplit.planner=budget_rank",
+                                               "federation.aggregator=noise_free", "federation.noise_free_start=warm",
+                                               "federation.noise_free_factors=mean_a", "federation.noise_free_moments=keep",
+                                               "federation.noise_free_frozen=low_rank", "fleet.memory_bytes=[950000,1400000]"],
     "sampled": ["federation.num_devices=3", "federation.devices_per_round=2"],
     "dlora-kr": ["federation.num_devices=2", "placement.placement=dlora", "kill_revive.enabled=true",
                  "kill_revive.warmup=2", "kill_revive.interval=2", "kill_revive.revive_interval=3",
@@ -80,6 +87,19 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, case):
         assert device.killed == other.killed
     with torch.no_grad():  # the global model too (under a warm start: the merged weights alone)
         torch.testing.assert_close(straight.global_model()(ids).logits, resumed.global_model()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in sorted(CASES) if c.endswith("mixed-ranks")])
+def test_mixed_rank_cases_hold_mixed_ranks_and_strided_adapters(case):
+    """Bug: a checkpoint of a fleet at mixed ranks could not be written (zero-padding's aggregate
+    gave the lower-rank holder a B with strides (1, d_out), which safetensors refuses: the 12-round
+    HetLoRA run of the unequal-rank fleet stopped at its first save). The cases above resume such
+    fleets; this checks they are what they say."""
+    sim = Simulation(tiny_config("tiny-llama", *CASES[case], "federation.local_steps=1", "data.max_length=48"))
+    assert len({rank for device in sim.devices for rank in device.ranks.values()}) == 2
+    sim.run_round()
+    if case.startswith("zero_pad"):
+        assert any(not w.B.is_contiguous() for state in sim.state.holder_state.values() for w in state.values())
 
 
 def test_incomplete_or_foreign_checkpoints_are_refused(tmp_path):
@@ -380,3 +400,20 @@ def test_resume_with_flop_counting_is_bit_identical(tmp_path, case):
     for device, stats in straight.rounds[-1].devices.items():
         assert stats.losses == resumed.rounds[-1].devices[device].losses
         assert stats.flops == resumed.rounds[-1].devices[device].flops > 0
+
+
+def test_flop_counts_keep_a_low_rank_warm_starts_corrected_modules(tmp_path):
+    """The meter's per-step counts are keyed by the modules under a low-rank warm correction too
+    (a cold round's count does not hold the corrections' FLOPs); a checkpoint keeps those keys."""
+    overrides = [*CASES["noise_free-mean_a-low_rank-mixed-ranks"], "federation.local_steps=2", "data.max_length=48",
+                 "count_flops=true"]
+    first = Simulation(tiny_config("tiny-llama", *overrides))
+    first.run_round()
+    first.run_round()
+    save_checkpoint(first, tmp_path / "ckpt")
+    resumed = Simulation(tiny_config("tiny-llama", *overrides))
+    load_checkpoint(resumed, tmp_path / "ckpt")
+    for device, other in zip(first.devices, resumed.devices):
+        counts = device.meter._flops_by_key
+        assert any(key[3] for key in counts) and any(not key[3] for key in counts)  # warm and cold rounds
+        assert other.meter._flops_by_key == counts

@@ -104,24 +104,27 @@ def _restore_optimizer(party: Party, prefix: str, steps: dict[str, float], tenso
 
 
 def _flop_counts(device: DeviceRuntime) -> list[Any]:
-    """The FLOPs the device's meter recorded per step shape, as JSON: [[shape, killed, measure_killed],
-    flops, adapter_flops]. Saved because counting runs a step under torch's FlopCounterMode, whose
-    decompositions round differently (~1e-8): a resumed run that counted each shape again would
-    not be bit-identical to an uninterrupted one, which counted it before the stop."""
+    """The FLOPs the device's meter recorded per step key, as JSON: [[shape, killed, measure_killed,
+    corrected], flops, adapter_flops] (`DeviceRuntime.local_phase`'s key; corrected: the modules under
+    a low-rank warm correction, absent from checkpoints written before it). Saved because counting
+    runs a step under torch's FlopCounterMode, whose decompositions round differently (~1e-8): a
+    resumed run that counted each shape again would not be bit-identical to an uninterrupted one,
+    which counted it before the stop."""
     meter = device.meter
     counts = []
     for key, flops in meter._flops_by_key.items():
-        if not (isinstance(key, tuple) and len(key) == 3 and isinstance(key[1], frozenset)):
+        if not (isinstance(key, tuple) and len(key) == 4 and isinstance(key[1], frozenset)):
             continue  # a key of another form is counted again after a resume
-        shape, killed, measure_killed = key
-        counts.append([[list(shape), sorted(killed), bool(measure_killed)], flops, meter._adapter_flops_by_key.get(key, 0)])
+        shape, killed, measure_killed, corrected = key
+        counts.append([[list(shape), sorted(killed), bool(measure_killed), sorted(corrected)], flops,
+                       meter._adapter_flops_by_key.get(key, 0)])
     return counts
 
 
 def _restore_flop_counts(device: DeviceRuntime, counts: list[Any]) -> None:
     meter = device.meter
-    for (shape, killed, measure_killed), flops, adapter_flops in counts:
-        key = (tuple(shape), frozenset(killed), measure_killed)
+    for (shape, killed, measure_killed, *corrected), flops, adapter_flops in counts:
+        key = (tuple(shape), frozenset(killed), measure_killed, frozenset(corrected[0] if corrected else ()))
         meter._flops_by_key[key], meter._adapter_flops_by_key[key] = flops, adapter_flops
 
 
@@ -293,7 +296,9 @@ def write_state(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tens
     """A state folder: `state` as JSON beside `tensors` as safetensors and a manifest (their
     sizes and SHA-256, `identity`), written atomically."""
     with atomic_folder(path) as staging, writing(path):  # disk full: one WriteError line naming `path`
-        save_file(tensors, str(staging / TENSOR_FILE))
+        # safetensors refuses strided tensors (a zero-padded aggregate's B at a lower rank is a
+        # transposed view's copy, strides (1, d_out)): every tensor is written in row-major order
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(staging / TENSOR_FILE))
         (staging / STATE_FILE).write_text(json.dumps(state, allow_nan=False))
         files = {name: {"bytes": (staging / name).stat().st_size, "sha256": _digest(staging / name)}
                  for name in (STATE_FILE, TENSOR_FILE)}
@@ -458,9 +463,11 @@ def _steps(value: Any, what: str, most: int) -> None:
 def _check_flop_counts(value: Any, what: str, modules: set[str]) -> None:
     _need(isinstance(value, list), f"{what} is not a list")
     for entry in value:
-        _need(isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], list) and len(entry[0]) == 3,
-              f"{what} has an entry that is not [[shape, killed, measure_killed], flops, adapter_flops]")
-        (shape, killed, measure_killed), flops, adapter_flops = entry
+        _need(isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], list) and len(entry[0]) in (3, 4),
+              f"{what} has an entry that is not [[shape, killed, measure_killed, corrected], flops, adapter_flops]")
+        (shape, killed, measure_killed, *corrected), flops, adapter_flops = entry
+        if corrected:
+            _names(corrected[0], f"{what} corrected", modules)
         _need(isinstance(shape, list) and len(shape) == 2, f"{what} has shape {shape!r}, not [batch, length]")
         for size in shape:
             _int(size, f"{what} shape", 1)
