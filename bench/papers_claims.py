@@ -133,8 +133,11 @@ def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[
                            [seed], [m for m in methods if m != "no_kr"], args.checkpoints)
 
     def report(folder: Path, seed: int) -> dict | None:
+        """The run's report once it is finished (a run still evaluating, or stopped there, has no
+        scores yet: it counts as absent)."""
         path = folder / f"seed-{seed}" / "report.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        found = json.loads(path.read_text()) if path.exists() else None
+        return found if found is not None and found.get("status") == "finished" else None
 
     lines = [f"Warm-up in steps of each device's {steps}; savings after the warm-up against no KR over the same "
              "steps; mean ± sd over seeds (n = seeds with both runs).", "",

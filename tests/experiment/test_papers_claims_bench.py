@@ -31,6 +31,19 @@ def test_the_kill_and_revive_suite_runs_the_hybrid(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "1 (50%)" and cells[-1] == "1", row  # one seed with both runs
     assert float(cells[2].rstrip("%")) > 0  # killed adapters' traffic saved after the warm-up
+    # a run stopped while it was being evaluated ("status": "trained", no scores) counts as absent
+    path = out / "warmup-1" / "kr_server" / "seed-0" / "report.json"
+    report = json.loads(path.read_text())
+    report["status"] = "trained"
+    del report["eval"]
+    path.write_text(json.dumps(report))
+    table = subprocess.run(
+        [sys.executable, "bench/papers_claims.py", "--suite", "dlora", "--hybrid-blocks", "1", "--seeds", "0",
+         "--warmups", "0.5", "--methods", "no_kr,kr_server", "--rounds", "2", "--local-steps", "1", "--data", str(data),
+         "--out", str(out), "--table-only"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert table.returncode == 0, table.stderr[-2000:]
+    row = next(line for line in table.stdout.splitlines() if line.startswith("| kr_server"))
+    assert [c.strip() for c in row.strip("|").split("|")][-1] == "0", row
 
 
 @pytest.mark.skipif(not E2E.is_file(), reason="needs ../shared/data/e2e/valid.txt")
