@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from splitpeft.aggregation.registry import REGISTRY
 from splitpeft.config import ExperimentConfig
 from splitpeft.data.batching import BatchStream, EncodedExample
 from splitpeft.data.examples import Example
@@ -24,6 +23,7 @@ from splitpeft.data.partition import partition, split_by_group
 from splitpeft.data.sources import load_examples
 from splitpeft.defences.cut import Defence
 from splitpeft.hsplit.budget import DeviceProfile, fleet_preset
+from splitpeft.hsplit.planning import warm_frozen_of
 from splitpeft.model import adapters as lora
 from splitpeft.model.backbone import Backbone
 from splitpeft.model.runtime import CPU_FP32, Runtime
@@ -191,10 +191,10 @@ def training_of(config: ExperimentConfig, runtime: Runtime) -> Training:
 def warm_start_of(config: ExperimentConfig) -> WarmStart | None:
     """How parties take their adapters: noise-free's warm start (`federation.noise_free_start=warm`,
     with `federation.noise_free_moments` and `federation.noise_free_frozen`), or None (cold, and every other aggregator)."""
-    fed = config.federation
-    if not REGISTRY[fed.aggregator].warm_restarts or fed.noise_free_start != "warm":
+    frozen = warm_frozen_of(config)  # the planner prices the same choice
+    if frozen is None:
         return None
-    return WarmStart(keep_moments=fed.noise_free_moments == "keep", low_rank=fed.noise_free_frozen == "low_rank")
+    return WarmStart(keep_moments=config.federation.noise_free_moments == "keep", low_rank=frozen == "low_rank")
 
 
 def defence_of(config: ExperimentConfig, index: int) -> Defence:

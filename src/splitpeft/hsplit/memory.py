@@ -661,9 +661,8 @@ def flops_per_step(
         if live or roles:
             total += 2 * n * shapes.block_linear_macs[j] + 10 * n * t * attention_width + (forward if checkpointing else 0)
         live = live_out
-    total += sum(4 * n * r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
-    if warm == "low_rank":
-        total += sum(4 * n * r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
+    branches = sum(4 * n * r * sum(shapes.modules[m]) for m, r in ranks.items() if r > 0)
+    total += 2 * branches if warm == "low_rank" else branches  # the correction: as many again
     if labels_on_device:
         total += 4 * (n if labelled is None else labelled) * shapes.hidden_size * shapes.vocab_size
     return float(total)

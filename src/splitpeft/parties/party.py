@@ -341,8 +341,8 @@ class Party:
                 return stochastic_round(shared.to(work) - product.to(shared.device), shared.dtype, name)
 
         if self.warm is not None and self.warm.low_rank:
-            shell.correct_weight(name, scale, *(a0, b0) if self._keep_warm_factors else
-                                 (t.to(shared.device, torch.float32) for t in (a0, b0)))
+            # (a server session's factors are fp32 copies there already: `to` returns them as they are)
+            shell.correct_weight(name, scale, a0.to(shared.device, torch.float32), b0.to(shared.device, torch.float32))
         elif self._keep_warm_factors:
             shell.defer_weight(name, own_copy)
         else:
