@@ -73,6 +73,16 @@ def run_seed_major(suite: str, out: Path, overrides: list[str], seeds: list[int]
                            seeds=1, reuse=True, progress=True, checkpoints=checkpoints)
 
 
+def finished_run(folder: Path) -> dict | None:
+    """The report of the run in `folder` once it is finished and fits REPORT_SCHEMA, else None (no
+    run yet, still running, or stopped while it was evaluated: no scores to compare)."""
+    path = folder / "report.json"
+    report = json.loads(path.read_text()) if path.is_file() else None
+    if report is None or report.get("status") != "finished" or misfit(report, REPORT_SCHEMA) is not None:
+        return None
+    return report
+
+
 def table_of_finished(out: Path, methods: list[str], seeds: list[int]) -> dict:
     """The hsplit comparison (target per seed) over the seeds every method finished, read from the
     run folders as they stand: runs written by earlier code are compared as they are (each report
@@ -81,9 +91,8 @@ def table_of_finished(out: Path, methods: list[str], seeds: list[int]) -> dict:
     for seed in seeds:
         found = {}
         for method in methods:
-            path = out / method / f"seed-{seed}" / "report.json"
-            report = json.loads(path.read_text()) if path.is_file() else None
-            if report is not None and report.get("status") == "finished" and misfit(report, REPORT_SCHEMA) is None:
+            report = finished_run(out / method / f"seed-{seed}")
+            if report is not None:
                 found[method, seed] = report
         if len(found) == len(methods):
             reports |= found
@@ -133,11 +142,7 @@ def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[
                            [seed], [m for m in methods if m != "no_kr"], args.checkpoints)
 
     def report(folder: Path, seed: int) -> dict | None:
-        """The run's report once it is finished (a run still evaluating, or stopped there, has no
-        scores yet: it counts as absent)."""
-        path = folder / f"seed-{seed}" / "report.json"
-        found = json.loads(path.read_text()) if path.exists() else None
-        return found if found is not None and found.get("status") == "finished" else None
+        return finished_run(folder / f"seed-{seed}")
 
     lines = [f"Warm-up in steps of each device's {steps}; savings after the warm-up against no KR over the same "
              "steps; mean ± sd over seeds (n = seeds with both runs).", "",
