@@ -310,6 +310,30 @@ def test_a_checkpoint_of_another_run_is_refused_with_one_line(saved, override, m
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
+def _without_identity_key(folder, key):
+    """The checkpoint as a splitpeft before option `key` existed wrote it: its identity lacks the key."""
+    import json
+
+    manifest_file = folder / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["identity"][key]
+    manifest_file.write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(saved, tmp_path):
+    """Bug (thirteenth session): `federation.noise_free_frozen` was added with a default that keeps
+    the earlier behaviour, yet every kept state of a longer run was refused ('<absent>' there, 'copy'
+    here). An absent key counts as its default, as `compare --reuse` counts a stored report's; a run
+    that sets the option to another value is still refused."""
+    folder = _copy(saved, tmp_path)
+    _without_identity_key(folder, "federation.noise_free_frozen")
+    assert load_checkpoint(Simulation(tiny_config("tiny-llama", *SMALL)), folder) == 1
+    other = Simulation(tiny_config("tiny-llama", *SMALL, "federation.aggregator=noise_free",
+                                   "federation.noise_free_start=warm", "federation.noise_free_frozen=low_rank"))
+    with pytest.raises(CheckpointError, match="federation.noise_free_frozen is 'copy' there, 'low_rank' here"):
+        load_checkpoint(other, folder)
+
+
 def test_cli_resume_refuses_a_corrupted_or_foreign_checkpoint_before_training(tmp_path, capsys, monkeypatch):
     """Through the CLI: exit status 2, one line on stderr, no run folder, no training."""
     from splitpeft.cli import main

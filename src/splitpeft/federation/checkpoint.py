@@ -316,6 +316,14 @@ def is_state_folder(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
+def _completed(saved: Any) -> Any:
+    """A checkpoint's identity with each key added to the config since it was written counted as
+    its default (which keeps the earlier behaviour), as `compare --reuse` counts a stored report's."""
+    if not isinstance(saved, dict):
+        return saved
+    return run_identity(ExperimentConfig()) | saved
+
+
 def _differences(saved: Any, current: dict[str, Any]) -> str:
     if not isinstance(saved, dict):
         return "it records no run identity"
@@ -358,8 +366,9 @@ def _verified(path: Path, identity: dict[str, Any] | None) -> dict[str, Any]:
                                   f"its manifest says {entry['bytes']} (truncated or extended)")
         if _digest(file) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match the SHA-256 in its manifest")
-    if identity is not None and manifest.get("identity") != identity:
-        raise CheckpointError(f"checkpoint {path} is from a different run: {_differences(manifest.get('identity'), identity)}")
+    if identity is not None and _completed(manifest.get("identity")) != identity:
+        raise CheckpointError(f"checkpoint {path} is from a different run: "
+                              f"{_differences(_completed(manifest.get('identity')), identity)}")
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (ValueError, UnicodeDecodeError) as error:
