@@ -398,6 +398,10 @@ def test_last_round_fall_says_how_much_the_last_round_still_gained():
     assert last_round_fall([math.log(6.0), math.log(5.0), math.log(4.0)]) == pytest.approx(0.2)
     assert last_round_fall([math.log(4.0), math.log(4.4)]) == pytest.approx(-0.1)  # it rose
     assert last_round_fall([math.log(4.0)]) is None and last_round_fall([None, 1.0]) is None
+    # over several rounds: the first to the last of the window, what the rounds between did aside
+    losses = [math.log(p) for p in (6.0, 5.0, 4.0, 4.2, 3.9, 3.8)]
+    assert last_round_fall(losses, 4) == pytest.approx(1 - 3.8 / 5.0)
+    assert last_round_fall(losses[2:], 4) is None and last_round_fall([None, *losses[1:]], 5) is None
 
 
 def test_a_method_that_needs_the_hybrid_runs_only_when_named():

@@ -148,6 +148,10 @@ def default_methods(suite: str) -> list[str]:
     return [method for method in SUITES[suite] if method not in ONLY_WHEN_NAMED]
 
 
+# How many rounds `last_rounds_fall` looks back: one round's fall is within the held-out
+# perplexity's round-to-round noise (up to 0.9% either way at 480 steps a device, BENCHMARKS).
+FLAT_WINDOW = 4
+
 # The per-run numbers whose mean and spread over seeds comparison.json keeps (summary key: what it is).
 SCALARS: dict[str, str] = {
     "bleu": "BLEU of the final adapter on the held-out MRs",
@@ -155,7 +159,9 @@ SCALARS: dict[str, str] = {
     "meteor": "METEOR",
     "perplexity": "held-out perplexity of the final adapter",
     "final_heldout_loss": "held-out loss (log perplexity) after the last round",
-    "last_round_fall": "relative fall of the held-out perplexity in the last round (near 0: the run has flattened)",
+    "last_round_fall": "relative fall of the held-out perplexity in the last round (one round: noisy)",
+    "last_rounds_fall": f"relative fall of the held-out perplexity over the last {FLAT_WINDOW} rounds "
+                        "(near 0: the run has flattened)",
     "rounds_to_target": "first round whose held-out loss is at or below the target",
     "simulated_s_to_target": "simulated wall time up to and including that round",
     "simulated_s": "simulated wall time of the whole run (sum of the rounds' times)",
@@ -260,6 +266,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "perplexity": evaluation.get("perplexity"),
         "final_heldout_loss": heldout[-1] if heldout else None,
         "last_round_fall": last_round_fall(heldout),
+        "last_rounds_fall": last_round_fall(heldout, FLAT_WINDOW),
         "heldout_loss_per_round": heldout,
         "train_loss_per_round": [
             sum(s["train_loss"] * s["tokens"] for s in r["devices"].values()) / max(1, sum(s["tokens"] for s in r["devices"].values()))
@@ -280,12 +287,14 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def last_round_fall(heldout: list[float | None]) -> float | None:
-    """1 - ppl_last / ppl_before_last from the held-out losses (log perplexities) of the last two
-    rounds: how much the last round still gained (a run has flattened when this is near 0)."""
-    if len(heldout) < 2 or heldout[-1] is None or heldout[-2] is None:
+def last_round_fall(heldout: list[float | None], rounds: int = 1) -> float | None:
+    """1 - ppl_last / ppl_`rounds`_before from the held-out losses (log perplexities): how much the
+    last `rounds` rounds still gained (a run has flattened when this is near 0). None for a run of
+    at most `rounds` rounds or without both evaluations."""
+    if len(heldout) <= rounds:
         return None
-    return 1.0 - math.exp(heldout[-1] - heldout[-2])
+    last, before = heldout[-1], heldout[-1 - rounds]
+    return None if last is None or before is None else 1.0 - math.exp(last - before)
 
 
 def spread(values: list[float | None]) -> dict[str, float | int | None]:
@@ -667,6 +676,7 @@ def markdown_table(comparison: dict[str, Any]) -> str:
     columns = [  # header, SCALARS key, format, scale
         ("BLEU", "bleu", ".2f", 1.0), ("ROUGE-L", "rouge_l", ".4f", 1.0), ("METEOR", "meteor", ".4f", 1.0),
         ("perplexity", "perplexity", ".3f", 1.0), ("last round's perplexity fall %", "last_round_fall", ".2f", 100.0),
+        (f"fall over the last {FLAT_WINDOW} rounds %", "last_rounds_fall", ".2f", 100.0),
         ("rounds to target", "rounds_to_target", ".1f", 1.0),
         ("simulated s to target", "simulated_s_to_target", ".1f", 1.0), ("device GFLOP", "device_flops", ".0f", 1e-9),
         ("of which adapters", "device_adapter_flops", ".1f", 1e-9), ("MB up", "bytes_up", ".1f", 1e-6),
