@@ -14,7 +14,8 @@ after one untimed warm-up of each: one message at a time (`SplitServer.handle`, 
 devices' data tokenised by the tiny tokenizer (the frames are random anyway). The frames'
 norm bound is off (`robust.frame_norm_factor=0`): random frames are not the model's own. Prints
 server tokens/s (B x T per device per step) for each way and their ratio, per dtype and placement.
-`--profile N` also prints the N operators with the most self CPU time in one pass of each way.
+`--profile N` also prints the N operators with the most self CPU time in one pass of each way
+(`--shapes`: each operator per input shapes).
 
 No equality column: each pass trains the server's adapters, so the two ways never run from the
 same state here, and on a random-weight model a 2^-9 relative change of the input moved the
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", type=int, default=0,
                         help="also profile one pass of each way (torch.profiler) and print this many operators")
+    parser.add_argument("--shapes", action="store_true",
+                        help="with --profile: operators grouped by their input shapes as well")
     parser.add_argument("--device", default="cpu", help="runtime.server_device and device_device")
     args = parser.parse_args()
     print(f"{args.model}, {args.devices} devices, B={args.batch}, T={args.seq}, cut at block {args.split}, "
@@ -128,13 +131,14 @@ def main() -> None:
                 on_gpu = sim.runtime.server_device.type == "cuda"
                 activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
                 for way, serve in (("one at a time", one_at_a_time), ("one pass", as_waves)):
-                    with profile(activities=activities) as prof:
+                    with profile(activities=activities, record_shapes=args.shapes) as prof:
                         serve(sim, up, head)
                         if on_gpu:
                             torch.cuda.synchronize()
-                    averages = prof.key_averages()
+                    averages = prof.key_averages(group_by_input_shape=args.shapes)
                     print(f"{dtype} {placement}, {way}: operators by self CPU time")
-                    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.profile))
+                    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.profile, max_name_column_width=40,
+                                         max_shapes_column_width=80))
                     if on_gpu:  # how much of the pass the GPU was busy: its kernels' time against the wall
                         print(f"{dtype} {placement}, {way}: operators by self CUDA time")
                         print(averages.table(sort_by="self_cuda_time_total", row_limit=args.profile))

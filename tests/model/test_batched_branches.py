@@ -42,7 +42,9 @@ def test_stacked_branches_are_each_members_branch_minus_its_warm_copy(dropout, d
                       warm={NAME: warm[i]} if warm[i] is not None else {})
                for i in range(3)]
     torch.manual_seed(11)
-    got = _stacked_branches(NAME, members, x)
+    base = torch.randn(3 * rows_each, seq, 48, generator=generator).to(dtype)  # the linear's own output
+    got = base.clone()
+    assert _stacked_branches(NAME, members, x, got)  # adds the branches into it in place
     torch.manual_seed(11)  # the same dropout mask: the pass draws it for all rows first
     dropped = layers[0].lora_dropout[ADAPTER_NAME](x.float())
     want = []
@@ -54,8 +56,19 @@ def test_stacked_branches_are_each_members_branch_minus_its_warm_copy(dropout, d
             s0, a0, b0 = warm[i]
             branch = branch - s0 * x[rows].float() @ a0.T @ b0.T
         want.append(branch)
-    want = torch.cat(want)
+    want = torch.cat(want) + base.float()
     # bf16: a few units of bf16 rounding (2^-8) of the output's scale
     atol = 1e-5 if dtype == torch.float32 else 2**-6 * float(want.abs().max())
-    assert got is not None and got.dtype == dtype
-    torch.testing.assert_close(got.float().reshape(3 * rows_each, seq, -1), want, rtol=0, atol=atol)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=atol)
+
+
+def test_a_non_contiguous_output_is_left_to_the_per_member_path():
+    layers = _layers(0.0, 2)
+    x = torch.randn(2, 3, 32)
+    members = [Member(session=SimpleNamespace(warm_factors={}), hidden=x[i:i + 1], rows=slice(i, i + 1),
+                      layers={NAME: layers[i]}, warm={}) for i in range(2)]
+    output = torch.randn(48, 3, 2).transpose(0, 2)  # (2, 3, 48), not contiguous
+    before = output.clone()
+    assert not _stacked_branches(NAME, members, x, output)
+    assert torch.equal(output, before)
