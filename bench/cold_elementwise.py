@@ -48,7 +48,8 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         print(f"copy {megabytes:>3} MB: {2 * megabytes * 2**20 / statistics.median(times[2:]) / 1e9:6.1f} GB/s (read + write)")
     pairs = [(torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)) for _ in range(args.tensors)]
-    rows = [(x[i:i + 1], y[i:i + 1]) for x, y in pairs[:1] for i in range(shape[0])]
+    x, y = pairs[0]
+    rows = [(x[i:i + 1], y[i:i + 1]) for i in range(shape[0])]
     hot, cold, sliced = [], [], []
     for _ in range(5):
         hot.append(sweep_ms([pairs[0]] * args.tensors))
