@@ -43,8 +43,10 @@ def test_stacked_branches_are_each_members_branch_minus_its_warm_copy(dropout, d
                for i in range(3)]
     torch.manual_seed(11)
     base = torch.randn(3 * rows_each, seq, 48, generator=generator).to(dtype)  # the linear's own output
-    got = base.clone()
-    assert _stacked_branches(NAME, members, x, got)  # adds the branches into it in place
+    kept = base.clone()
+    got = _stacked_branches(NAME, members, x, base)
+    assert got is not None and got.shape == base.shape
+    assert torch.equal(base, kept)  # out of place: the linear's output is left as it is
     torch.manual_seed(11)  # the same dropout mask: the pass draws it for all rows first
     dropped = layers[0].lora_dropout[ADAPTER_NAME](x.float())
     want = []
@@ -63,12 +65,23 @@ def test_stacked_branches_are_each_members_branch_minus_its_warm_copy(dropout, d
     torch.testing.assert_close(got.float(), want, rtol=0, atol=atol)
 
 
-def test_a_non_contiguous_output_is_left_to_the_per_member_path():
+def test_a_non_contiguous_output_gets_the_same_sum():
     layers = _layers(0.0, 2)
     x = torch.randn(2, 3, 32)
     members = [Member(session=SimpleNamespace(warm_factors={}), hidden=x[i:i + 1], rows=slice(i, i + 1),
                       layers={NAME: layers[i]}, warm={}) for i in range(2)]
     output = torch.randn(48, 3, 2).transpose(0, 2)  # (2, 3, 48), not contiguous
-    before = output.clone()
-    assert not _stacked_branches(NAME, members, x, output)
-    assert torch.equal(output, before)
+    got = _stacked_branches(NAME, members, x, output)
+    want = _stacked_branches(NAME, members, x, output.contiguous())
+    assert got is not None and want is not None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_members_at_different_ranks_are_left_to_the_per_member_path():
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    layers = [lora_layers(inject(LlamaForCausalLM(config), {NAME: rank}, alpha=8.0, dropout=0.0))[NAME] for rank in (2, 4)]
+    x = torch.randn(2, 3, 32)
+    members = [Member(session=SimpleNamespace(warm_factors={}), hidden=x[i:i + 1], rows=slice(i, i + 1),
+                      layers={NAME: layers[i]}, warm={}) for i in range(2)]
+    assert _stacked_branches(NAME, members, x, torch.randn(2, 3, 48)) is None

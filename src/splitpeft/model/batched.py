@@ -117,8 +117,9 @@ class BranchHost:
             members = self._members
             if not members or not any(name in m.layers for m in members):
                 return output
-            if _stacked_branches(name, members, inputs[0], output):
-                return output  # the branches went into it in place: the linear saved its input, not its output
+            stacked = _stacked_branches(name, members, inputs[0], output)
+            if stacked is not None:
+                return stacked
             pieces = []
             for member, xs in zip(members, by_member(inputs[0], members)):
                 layer = member.layers.get(name)
@@ -225,13 +226,15 @@ class BatchedPass(BranchHost):
         return [token_loss(rows, target) for rows, target in zip(logits.split(counts), targets)]
 
 
-def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor, output: torch.Tensor) -> bool:
-    """Add every member's branch on module `name` into the linear's `output` (N*M, ..., d_out) in
-    place, as two batched products over the member axis, (N, M, d_in) x (N, d_in, r) x (N, r, d_out),
-    the second accumulating into `output` (`baddbmm_`: no (N, M, d_out) branch tensor written and
-    read again, which on a CPU costs more than the product where d_out is the MLP's width); True
-    where every member adapts `name` at one rank on as many rows and `output` is contiguous, False
-    otherwise (each member's branch is then computed on its own rows).
+def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+    """The linear's `output` (N*M, ..., d_out) plus every member's branch on module `name`, as two
+    batched products over the member axis, (N, M, d_in) x (N, d_in, r) x (N, r, d_out), the second
+    summed with `output` (`baddbmm`: no (N, M, d_out) branch tensor written and read again, which
+    on a CPU costs more than the product where d_out is the MLP's width); None where the members
+    do not all adapt `name` at one rank on as many rows (each member's branch is then computed on
+    its own rows). Out of place: adding into a view of `output` in place would make autograd clone
+    and copy the whole (N, M, d_out) gradient back in the backward (`CopySlices`), three more
+    copies a module than the products themselves cost.
 
     As each member's own layer computes it, the factors cast to the input's dtype
     (`adapters.BranchLinear`), but with the scale inside A (below). The warm start's - s0 B0 (A0 x)
@@ -241,11 +244,11 @@ def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor, out
     Dropout, where configured, draws one mask for all rows (the same distribution as per member):
     on the branch's rows, not the correction's (the copy is frozen weight, which sees no dropout)."""
     layers = [m.layers.get(name) for m in members]
-    if any(layer is None for layer in layers) or not output.is_contiguous():
-        return False
+    if any(layer is None for layer in layers):
+        return None
     present = [layer for layer in layers if layer is not None]
     if len({m.rows.stop - m.rows.start for m in members}) != 1 or len({layer.r[ADAPTER_NAME] for layer in present}) != 1:
-        return False
+        return None
     n, d_in = len(members), x.shape[-1]
     factors = [lora_ab(layer) for layer in present]
     # Each member's scale s goes into its A (N, r, d_in) before the products, not onto their
@@ -260,20 +263,17 @@ def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor, out
     dropout = present[0].lora_dropout[ADAPTER_NAME]
     xs = dropout(x).reshape(n, -1, d_in)  # (N, M, d_in)
     warm = [m.warm.get(name) if m.warm else None for m in members]
-    into = output.view(n, -1, output.shape[-1])  # (N, M, d_out): each product adds into the linear's output
+    base = output.reshape(n, -1, output.shape[-1])  # (N, M, d_out): the linear's own output
     if not any(w is not None for w in warm):
-        into.baddbmm_(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
-        return True
+        return torch.baddbmm(base, torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)).view(output.shape)
     a0 = torch.stack([-w[0] * w[1] if w is not None else torch.zeros_like(f[0]) for w, f in zip(warm, factors)])
     b0 = torch.stack([w[2] if w is not None else torch.zeros_like(f[1]) for w, f in zip(warm, factors)])
     a0, b0 = a0.to(a.device, x.dtype), b0.to(b.device, x.dtype)
     if not isinstance(dropout, nn.Identity):  # dropped rows for the branch, all rows for the correction
-        into.baddbmm_(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
-        into.baddbmm_(torch.bmm(x.reshape(n, -1, d_in), a0.transpose(1, 2)), b0.transpose(1, 2))
-        return True
+        branch = torch.baddbmm(base, torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        return torch.baddbmm(branch, torch.bmm(x.reshape(n, -1, d_in), a0.transpose(1, 2)), b0.transpose(1, 2)).view(output.shape)
     down = torch.bmm(xs, torch.cat([a, a0], dim=1).transpose(1, 2))  # (N, M, 2r)
-    into.baddbmm_(down, torch.cat([b, b0], dim=2).transpose(1, 2))
-    return True
+    return torch.baddbmm(base, down, torch.cat([b, b0], dim=2).transpose(1, 2)).view(output.shape)
 
 
 def by_member(batch: torch.Tensor, members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
