@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import argparse
 import time
+import traceback
+from collections import defaultdict
+from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from splitpeft.config import load_config
 from splitpeft.federation.simulation import Simulation
@@ -26,8 +30,9 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--sort", default="self_cpu_time_total")
-    parser.add_argument("--stacks-of", default="", help="comma-separated operators (e.g. aten::where): also print "
-                        "where in splitpeft each is called from, by self CPU time (records Python stacks)")
+    parser.add_argument("--stacks-of", default="", help="comma-separated operators (e.g. aten::where): also run one "
+                        "more round and print where in splitpeft each is called from, by calls and time (a dispatch mode: "
+                        "this torch's profiler records no Python stacks)")
     parser.add_argument("--planner", default=None, help="hsplit.planner (default: the preset's, armsc; fixed: "
                         "every device at split 4, rank 8, as bench/dtype_speed.py)")
     args = parser.parse_args()
@@ -39,21 +44,49 @@ def main() -> None:
     sim = Simulation(config)
     sim.run_round()  # warm-up: plans, sessions, allocator
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], with_stack=bool(stacks_of)) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         record = sim.run_round()
     wall = time.perf_counter() - start
     tokens = sum(stats.tokens for stats in record.devices.values())
     print(f"{args.dtype}: one round of {args.local_steps} steps x {len(record.devices)} devices in {wall:.2f} s "
           f"(profiled), {tokens / wall:.0f} completion tokens/s")
     print(prof.key_averages().table(sort_by=args.sort, row_limit=args.rows))
-    for name in stacks_of:
-        rows = [row for row in prof.key_averages(group_by_stack_n=8) if row.key == name]
-        rows.sort(key=lambda row: row.self_cpu_time_total, reverse=True)
-        print(f"\n{name}: {sum(row.count for row in rows)} calls, by call site")
-        for row in rows[:6]:
-            frames = [frame for frame in row.stack if "splitpeft" in frame][:4]
-            print(f"  {row.self_cpu_time_total / 1e3:8.1f} ms {row.count:6d} calls  " + " <- ".join(frames))
+    if stacks_of:
+        sites = CallSites(stacks_of)
+        with sites:
+            sim.run_round()
+        sites.print()
 
+
+class CallSites(TorchDispatchMode):
+    """Counts and times the calls of some operators by where in splitpeft they come from (the
+    innermost 4 frames under src/splitpeft; a backward's operators show the `backward` call)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = set(names)
+        self.calls: dict[str, dict[str, list[float]]] = {name: defaultdict(lambda: [0, 0.0]) for name in names}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.name().split(".")[0]
+        if name not in self.names:
+            return func(*args, **(kwargs or {}))
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        frames = [f"{frame.filename.split('splitpeft/')[-1]}:{frame.lineno} {frame.name}"
+                  for frame in traceback.extract_stack() if "/splitpeft/" in frame.filename][-4:]
+        site = self.calls[name][" <- ".join(reversed(frames)) or "(outside splitpeft)"]
+        site[0] += 1
+        site[1] += elapsed
+        return out
+
+    def print(self) -> None:
+        for name, sites in self.calls.items():
+            total = sum(int(calls) for calls, _ in sites.values())
+            print(f"\n{name}: {total} calls in one more round (under the counter: times include its overhead), by call site")
+            for site, (calls, seconds) in sorted(sites.items(), key=lambda item: -item[1][1])[:8]:
+                print(f"  {seconds * 1e3:8.1f} ms {int(calls):6d} calls  {site}")
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from splitpeft.aggregation.base import AdapterCopy, Aggregate
 from splitpeft.aggregation.fedavg import FedAvg
 from splitpeft.aggregation.noise_free import NoiseFree
 from splitpeft.aggregation.registry import make_aggregator
-from splitpeft.aggregation.robust import CoordinateMedian, MedianClip, TrimmedMean
+from splitpeft.aggregation.robust import CoordinateMedian, MedianClip, TrimmedMean, product_update_terms
 from splitpeft.aggregation.svd import SvdTruncate
 from splitpeft.config import ConfigError, RobustConfig, load_config
 from splitpeft.federation.state import GlobalState
@@ -127,6 +127,23 @@ def test_a_clipped_update_from_a_nonzero_start_has_exactly_the_limit_norm():
     assert [c.holder for c in result.clipped] == ["h0"]
     assert np.linalg.norm(_dense_update(seen[0])) == pytest.approx(limit, rel=1e-6)
     assert seen[1] is copies[1] and seen[2] is copies[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_product_update_terms_equal_the_dense_ones(dtype):
+    """(||X||^2, <X, Y>, ||Y||^2) from the two Gram matrices equal numpy's dense X = s (dB A0 + B0 dA)
+    and Y = s dB dA, from a nonzero start and from none."""
+    g = torch.Generator().manual_seed(3)
+    start = LoraWeights(torch.randn(RANK, D_IN, generator=g, dtype=dtype), torch.randn(D_OUT, RANK, generator=g, dtype=dtype))
+    for copy_ in (*_copies(2, seed=4, start=start, dtype=dtype), *_copies(1, seed=5, dtype=dtype)):
+        a, b = (t.double().numpy() for t in copy_.weights)
+        a0, b0 = (np.zeros(a.shape), np.zeros(b.shape)) if copy_.start is None else \
+            (copy_.start.A.double().numpy(), copy_.start.B.double().numpy())
+        x = copy_.scale * ((b - b0) @ a0 + b0 @ (a - a0))
+        y = copy_.scale * (b - b0) @ (a - a0)
+        want = (float((x * x).sum()), float((x * y).sum()), float((y * y).sum()))
+        assert product_update_terms(copy_) == pytest.approx(want, rel=1e-9, abs=1e-9)
+        assert math.isclose(math.sqrt(sum(want) + want[1]), np.linalg.norm(_dense_update(copy_)), rel_tol=1e-6)
 
 
 def test_fedavg_clips_the_factors_even_when_the_product_update_is_zero():

@@ -2,6 +2,7 @@
 own W - s B A) are rounded stochastically, so a small update is kept in expectation instead of
 dropped wherever it is below half a unit of the weight (nearest rounding)."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -9,7 +10,7 @@ from conftest import tiny_config
 from splitpeft.federation.simulation import Simulation
 from splitpeft.federation.state import add_to_weight
 from splitpeft.model.adapters import LoraWeights
-from splitpeft.model.runtime import stochastic_round
+from splitpeft.model.runtime import _stochastic_bf16, stochastic_round, uniform_16_bits
 
 
 def _kept(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> float:
@@ -59,6 +60,30 @@ def test_stochastic_bf16_rounding_of_negative_tiny_huge_and_non_finite_values():
         assert out[0] == torch.inf and out[1] == -torch.inf and bool(out[2].isnan())
         assert out[3] == 0.0 and out[4] == 0.0
         assert out[5] == largest and out[6] == -largest
+
+
+def test_the_16_bit_draws_are_uniform_deterministic_and_read_little_endian():
+    draws = uniform_16_bits(200_001, seed=5)
+    assert draws.dtype == torch.int32 and draws.shape == (200_001,)
+    assert torch.equal(draws, uniform_16_bits(200_001, seed=5)) and not torch.equal(draws, uniform_16_bits(200_001, seed=6))
+    assert int(draws.min()) >= 0 and int(draws.max()) < 1 << 16
+    counts = torch.bincount(draws >> 12, minlength=16).double()  # 16 bins of 4096 values
+    assert float((counts / counts.mean() - 1).abs().max()) < 0.03
+    raw = np.random.PCG64(5).random_raw(1)
+    first = int(raw[0])
+    assert draws[:4].tolist() == [(first >> shift) & 0xFFFF for shift in (0, 16, 32, 48)]  # the low half first
+
+
+def test_the_bf16_fast_path_rounds_as_the_guarded_one():
+    """Where every |x| is at most the largest bf16 the selects for NaN and overflow are skipped;
+    a NaN anywhere takes the guarded path, which rounds every other element the same way."""
+    x = torch.randn(64, 33, generator=torch.Generator().manual_seed(4)) * 0.05
+    fast = _stochastic_bf16(x, seed=9)
+    guarded_input = x.clone()
+    guarded_input[-1, -1] = torch.nan
+    guarded = _stochastic_bf16(guarded_input, seed=9)
+    assert torch.equal(fast.flatten()[:-1], guarded.flatten()[:-1]) and bool(guarded[-1, -1].isnan())
+    assert _stochastic_bf16(torch.empty(0), seed=1).shape == (0,)
 
 
 def test_three_small_merges_into_a_bf16_weight_keep_the_update():

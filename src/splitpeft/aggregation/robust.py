@@ -152,11 +152,6 @@ def clamp_to_trust_region(module: str, copies: Sequence[AdapterCopy], bound: flo
     return out, clips
 
 
-def _inner(l1: torch.Tensor, r1: torch.Tensor, l2: torch.Tensor, r2: torch.Tensor) -> float:
-    """<L1 R1, L2 R2>_F = sum((L1^T L2) * (R1 R2^T)) in float64; L (d_out, k), R (k, d_in)."""
-    return float(((l1.double().T @ l2.double()) * (r1.double() @ r2.double().T)).sum())
-
-
 def start_of(copy: AdapterCopy) -> LoraWeights:
     """The adapter `copy`'s holder started from (zeros when unknown), in the copy's dtype."""
     a, b = copy.weights
@@ -173,14 +168,21 @@ def start_of(copy: AdapterCopy) -> LoraWeights:
 
 def product_update_terms(copy: AdapterCopy) -> tuple[float, float, float]:
     """(||X||^2, <X, Y>, ||Y||^2) of the dense update U = X + Y of `copy` (see the module doc):
-    X = s (dB A0 + B0 dA) = s [dB | B0] [A0; dA], Y = s dB dA, both (d_out, d_in)."""
-    a, b = copy.weights
-    a0, b0 = start_of(copy)
+    X = s (dB A0 + B0 dA) = s [dB | B0] [A0; dA], Y = s dB dA, both (d_out, d_in).
+
+    With L = s [dB | B0] (d_out, 2r) and R = [A0; dA] (2r, d_in), <L1 R1, L2 R2>_F = sum((L1^T L2) *
+    (R1 R2^T)), and Y = L[:, :r] R[r:]: all three terms come from the two (2r, 2r) Gram matrices
+    G = L^T L and H = R R^T, in float64 (one cast of each factor, two products)."""
+    a, b = (t.double() for t in copy.weights)
+    a0, b0 = (t.double() for t in start_of(copy))
     da, db = a - a0, b - b0
-    s = copy.scale
-    lx, rx = s * torch.cat([db, b0], dim=1), torch.cat([a0, da], dim=0)  # (d_out, 2r), (2r, d_in)
-    ly, ry = s * db, da  # (d_out, r), (r, d_in)
-    return _inner(lx, rx, lx, rx), _inner(lx, rx, ly, ry), _inner(ly, ry, ly, ry)
+    r = int(a.shape[0])
+    left, right = copy.scale * torch.cat([db, b0], dim=1), torch.cat([a0, da], dim=0)  # (d_out, 2r), (2r, d_in)
+    g, h = left.T @ left, right @ right.T  # (2r, 2r) each
+    xx = float((g * h).sum())
+    xy = float((g[:, :r] * h[:, r:]).sum())
+    yy = float((g[:r, :r] * h[r:, r:]).sum())
+    return xx, xy, yy
 
 
 def product_update_norm(copy: AdapterCopy) -> float:
@@ -214,15 +216,24 @@ def clip_products(module: str, copies: Sequence[AdapterCopy], factor: float,
                   reference: Reference = median_reference) -> tuple[list[AdapterCopy], list[Clip]]:
     """Copies whose dense update exceeds `factor` x the reference m (by default the median one),
     scaled down to it."""
+    out, clips, _ = clip_products_with_norms(module, copies, factor, reference)
+    return out, clips
+
+
+def clip_products_with_norms(module: str, copies: Sequence[AdapterCopy], factor: float,
+                             reference: Reference = median_reference) -> tuple[list[AdapterCopy], list[Clip], list[float]]:
+    """`clip_products`, and the dense update norm of each copy it returns (computed again only
+    for the copies it scaled down)."""
     norms = [product_update_norm(c) for c in copies]
     m = reference("BA", norms)
     if m is None:
-        return list(copies), []
+        return list(copies), [], norms
     limit = factor * m
-    out, clips = [], []
+    out, clips, kept = [], [], []
     for copy, norm in zip(copies, norms):
         if limit <= 0 or norm <= limit:  # a zero median gives no scale to clip to
             out.append(copy)
+            kept.append(norm)
             continue
         a, b = copy.weights
         a0, b0 = start_of(copy)
@@ -233,8 +244,9 @@ def clip_products(module: str, copies: Sequence[AdapterCopy], factor: float,
             f = _interpolation_factor(*product_update_terms(copy), limit)
             weights = LoraWeights(a0 + f * (a - a0), b0 + f * (b - b0))
         out.append(replace(copy, weights=weights, checked=False))
+        kept.append(product_update_norm(out[-1]))
         clips.append(Clip(copy.holder, module, f, norm, limit, "BA"))
-    return out, clips
+    return out, clips, kept
 
 
 def clip_factors(module: str, copies: Sequence[AdapterCopy], factor: float,
@@ -305,8 +317,8 @@ class MedianClip:
         if not self.averages_factors:
             if self.trust is not None:
                 copies, boxed = clamp_to_trust_region(module, copies, self.trust.coordinate_bound(self.rounds))
-            clipped, clips = clip_products(module, copies, self.factor, reference)
-            norms = {"BA": [product_update_norm(c) for c in clipped]}
+            clipped, clips, accepted = clip_products_with_norms(module, copies, self.factor, reference)
+            norms = {"BA": accepted}
         else:
             # the factor updates' statistics, computed again only where a clamp or clip changed a copy
             updates = FactorUpdates(copies, [start_of(c) for c in copies])
