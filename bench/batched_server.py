@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/batched_server.py [--model smollm2-135m] [--devices 16] [--batch 1]
         [--seq 128] [--split 2] [--dtypes fp32,bf16] [--placements u_shaped,plain] [--reps 3]
+        [--waves 1] [--flush-denormal]
     python3 bench/batched_server.py --device cuda --model random-llama-1b --dtypes bf16 --placements u_shaped --devices 64
 
 Builds the default preset's model with `--devices` devices, each cut at block `--split`, opens
@@ -14,6 +15,9 @@ after one untimed warm-up of each: one message at a time (`SplitServer.handle`, 
 devices' data tokenised by the tiny tokenizer (the frames are random anyway). The frames'
 norm bound is off (`robust.frame_norm_factor=0`): random frames are not the model's own. Prints
 server tokens/s (B x T per device per step) for each way and their ratio, per dtype and placement.
+`--waves W` serves the devices as W waves of equal size instead of one (the wave-size probe of
+BENCHMARKS); `--flush-denormal` flushes subnormal floats to zero for the whole run (random frames
+pushed through real weights make subnormal values that real activations do not).
 `--profile N` also prints the N operators with the most self CPU time in one pass of each way
 (`--shapes`: each operator per input shapes).
 
@@ -43,11 +47,12 @@ from splitpeft.transport.messages import Kind, Message
 def frames(sim: Simulation, batch: int, seq: int, plain: bool, generator: torch.Generator) -> dict[str, Message]:
     dtype = sim.runtime.dtype
     hidden_size = sim.backbone.model.config.hidden_size
+    vocab = min(1000, int(sim.backbone.model.config.vocab_size))
     out = {}
     for device in sim.devices:
         tensors = {"hidden": torch.randn(batch, seq, hidden_size, generator=generator).to(dtype)}
         if plain:
-            tensors["labels"] = torch.randint(0, 1000, (batch, seq), generator=generator, dtype=torch.int32)
+            tensors["labels"] = torch.randint(0, vocab, (batch, seq), generator=generator, dtype=torch.int32)
         out[device.device_id] = Message(Kind.ACTIVATIONS, tensors)
     return out
 
@@ -63,14 +68,19 @@ def one_at_a_time(sim: Simulation, up: dict[str, Message], head: dict[str, torch
     return grads
 
 
-def as_waves(sim: Simulation, up: dict[str, Message], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    replies = sim.server.handle_wave(list(up.items()))
-    if replies[0] is not None and replies[0].kind == Kind.FINAL_HIDDEN:
-        replies = sim.server.handle_wave([(d, Message(Kind.HEAD_GRADIENT, {"grad": head[d]})) for d in up])
+def as_waves(sim: Simulation, up: dict[str, Message], head: dict[str, torch.Tensor], waves: int = 1) -> dict[str, torch.Tensor]:
+    """Every device's step served in `waves` waves of (nearly) equal size, one after another."""
+    ids = list(up)
+    size = -(-len(ids) // waves)
     grads = {}
-    for device_id, reply in zip(up, replies):
-        assert reply is not None and reply.kind == Kind.CUT_GRADIENT, reply
-        grads[device_id] = reply.tensors["grad"]
+    for start in range(0, len(ids), size):
+        wave = ids[start:start + size]
+        replies = sim.server.handle_wave([(d, up[d]) for d in wave])
+        if replies[0] is not None and replies[0].kind == Kind.FINAL_HIDDEN:
+            replies = sim.server.handle_wave([(d, Message(Kind.HEAD_GRADIENT, {"grad": head[d]})) for d in wave])
+        for device_id, reply in zip(wave, replies):
+            assert reply is not None and reply.kind == Kind.CUT_GRADIENT, reply
+            grads[device_id] = reply.tensors["grad"]
     return grads
 
 
@@ -89,9 +99,16 @@ def main() -> None:
     parser.add_argument("--shapes", action="store_true",
                         help="with --profile: operators grouped by their input shapes as well")
     parser.add_argument("--device", default="cpu", help="runtime.server_device and device_device")
+    parser.add_argument("--waves", type=int, default=1, help="serve the devices as this many waves of equal size")
+    parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) for the whole run")
     args = parser.parse_args()
+    if args.waves < 1 or args.waves > args.devices:
+        parser.error(f"--waves {args.waves}: between 1 and --devices ({args.devices})")
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        parser.error("--flush-denormal: this processor cannot flush denormals (no SSE3)")
     print(f"{args.model}, {args.devices} devices, B={args.batch}, T={args.seq}, cut at block {args.split}, "
-          f"{torch.get_num_threads()} threads, server on {args.device}", flush=True)
+          f"{torch.get_num_threads()} threads, server on {args.device}, {args.waves} wave(s) a pass, "
+          f"denormals {'flushed' if args.flush_denormal else 'kept'}", flush=True)
     rows = []
     for dtype in args.dtypes.split(","):
         for placement in args.placements.split(","):
@@ -117,8 +134,11 @@ def main() -> None:
             head = {d: torch.randn(args.batch, args.seq, sim.backbone.model.config.hidden_size,
                                    generator=generator).to(sim.runtime.dtype) for d in up}
             times: dict[str, list[float]] = {"one at a time": [], "one pass": []}
+
+            def waved(sim: Simulation, up: dict[str, Message], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return as_waves(sim, up, head, args.waves)
             for rep in range(args.reps + 1):
-                for way, serve in (("one at a time", one_at_a_time), ("one pass", as_waves)):
+                for way, serve in (("one at a time", one_at_a_time), ("one pass", waved)):
                     if sim.runtime.server_device.type == "cuda":
                         torch.cuda.synchronize()
                     start = time.perf_counter()
@@ -130,7 +150,7 @@ def main() -> None:
             if args.profile:
                 on_gpu = sim.runtime.server_device.type == "cuda"
                 activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
-                for way, serve in (("one at a time", one_at_a_time), ("one pass", as_waves)):
+                for way, serve in (("one at a time", one_at_a_time), ("one pass", waved)):
                     with profile(activities=activities, record_shapes=args.shapes) as prof:
                         serve(sim, up, head)
                         if on_gpu:

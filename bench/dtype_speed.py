@@ -1,6 +1,6 @@
 """The main job's training speed per dtype, side by side in one run (issue 22: auto against fp32).
 
-    .venv/bin/python bench/dtype_speed.py [--dtypes fp32,bf16] [--rounds 3] [--local-steps 3]
+    .venv/bin/python bench/dtype_speed.py [--dtypes fp32,bf16] [--rounds 3] [--local-steps 3] [--flush-denormal]
 
 Builds the README's main job (default preset: SmolLM2-135M, 3 devices, U-shaped split; with
 `--planner fixed`, the default, every device at split 4 with rank 8, the same in every dtype) once
@@ -73,8 +73,11 @@ def main() -> None:
     parser.add_argument("--planner", default="fixed",
                         help="hsplit.planner; fixed (default) keeps every dtype on the same split and ranks, since "
                              "ARMSC plans deeper splits where bf16 halves the memory")
+    parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) for the whole run")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square product that measures the peak")
     args = parser.parse_args()
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        parser.error("--flush-denormal: this processor cannot flush denormals (no SSE3)")
     dtypes = args.dtypes.split(",")
     sims = {}
     for dtype in dtypes:
@@ -82,7 +85,8 @@ def main() -> None:
             f"runtime.dtype={dtype}", f"federation.local_steps={args.local_steps}", f"federation.rounds={args.rounds}",
             "count_flops=false", "eval.every_round=false", f"hsplit.planner={args.planner}"])
         sims[dtype] = Simulation(config)
-        print(f"{dtype}: {sims[dtype].runtime.dtype_reason}; {torch.get_num_threads()} threads", flush=True)
+        print(f"{dtype}: {sims[dtype].runtime.dtype_reason}; {torch.get_num_threads()} threads; denormals "
+              f"{'flushed' if args.flush_denormal else 'kept'}", flush=True)
     walls, tokens, losses, first = alternate_rounds(sims, args.rounds, around_first=MatrixFlops)
     flops_per_token = {dtype: counter.flops / sum(s.tokens for s in record.devices.values())
                        for dtype, (record, counter) in first.items()}
