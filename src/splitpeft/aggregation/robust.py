@@ -213,17 +213,10 @@ def median_reference(on: str, norms: list[float]) -> float:
 
 
 def clip_products(module: str, copies: Sequence[AdapterCopy], factor: float,
-                  reference: Reference = median_reference) -> tuple[list[AdapterCopy], list[Clip]]:
+                  reference: Reference = median_reference) -> tuple[list[AdapterCopy], list[Clip], list[float]]:
     """Copies whose dense update exceeds `factor` x the reference m (by default the median one),
-    scaled down to it."""
-    out, clips, _ = clip_products_with_norms(module, copies, factor, reference)
-    return out, clips
-
-
-def clip_products_with_norms(module: str, copies: Sequence[AdapterCopy], factor: float,
-                             reference: Reference = median_reference) -> tuple[list[AdapterCopy], list[Clip], list[float]]:
-    """`clip_products`, and the dense update norm of each copy it returns (computed again only
-    for the copies it scaled down)."""
+    scaled down to it; with the clips, and the dense update norm of each copy returned (computed
+    again only for the copies scaled down)."""
     norms = [product_update_norm(c) for c in copies]
     m = reference("BA", norms)
     if m is None:
@@ -317,7 +310,7 @@ class MedianClip:
         if not self.averages_factors:
             if self.trust is not None:
                 copies, boxed = clamp_to_trust_region(module, copies, self.trust.coordinate_bound(self.rounds))
-            clipped, clips, accepted = clip_products_with_norms(module, copies, self.factor, reference)
+            clipped, clips, accepted = clip_products(module, copies, self.factor, reference)
             norms = {"BA": accepted}
         else:
             # the factor updates' statistics, computed again only where a clamp or clip changed a copy
