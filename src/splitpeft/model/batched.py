@@ -233,8 +233,8 @@ def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor, out
     on a CPU costs more than the product where d_out is the MLP's width); None where the members
     do not all adapt `name` at one rank on as many rows (each member's branch is then computed on
     its own rows). Out of place: adding into a view of `output` in place would make autograd clone
-    and copy the whole (N, M, d_out) gradient back in the backward (`CopySlices`), three more
-    copies a module than the products themselves cost.
+    and copy the whole (N, M, d_out) gradient back in the backward (`CopySlices`): a clone and
+    three copies more a module (bench/branch_sum.py).
 
     As each member's own layer computes it, the factors cast to the input's dtype
     (`adapters.BranchLinear`), but with the scale inside A (below). The warm start's - s0 B0 (A0 x)
@@ -270,8 +270,8 @@ def _stacked_branches(name: str, members: Sequence[Member], x: torch.Tensor, out
     b0 = torch.stack([w[2] if w is not None else torch.zeros_like(f[1]) for w, f in zip(warm, factors)])
     a0, b0 = a0.to(a.device, x.dtype), b0.to(b.device, x.dtype)
     if not isinstance(dropout, nn.Identity):  # dropped rows for the branch, all rows for the correction
-        branch = torch.baddbmm(base, torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
-        return torch.baddbmm(branch, torch.bmm(x.reshape(n, -1, d_in), a0.transpose(1, 2)), b0.transpose(1, 2)).view(output.shape)
+        with_branch = torch.baddbmm(base, torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        return torch.baddbmm(with_branch, torch.bmm(x.reshape(n, -1, d_in), a0.transpose(1, 2)), b0.transpose(1, 2)).view(output.shape)
     down = torch.bmm(xs, torch.cat([a, a0], dim=1).transpose(1, 2))  # (N, M, 2r)
     return torch.baddbmm(base, down, torch.cat([b, b0], dim=2).transpose(1, 2)).view(output.shape)
 
