@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 from throughput import random_llama_1b
@@ -109,6 +110,7 @@ def main() -> None:
     print(f"{args.model}, {args.devices} devices, B={args.batch}, T={args.seq}, cut at block {args.split}, "
           f"{torch.get_num_threads()} threads, server on {args.device}, {args.waves} wave(s) a pass, "
           f"denormals {'flushed' if args.flush_denormal else 'kept'}", flush=True)
+    waved = partial(as_waves, waves=args.waves)
     rows = []
     for dtype in args.dtypes.split(","):
         for placement in args.placements.split(","):
@@ -134,9 +136,6 @@ def main() -> None:
             head = {d: torch.randn(args.batch, args.seq, sim.backbone.model.config.hidden_size,
                                    generator=generator).to(sim.runtime.dtype) for d in up}
             times: dict[str, list[float]] = {"one at a time": [], "one pass": []}
-
-            def waved(sim: Simulation, up: dict[str, Message], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return as_waves(sim, up, head, args.waves)
             for rep in range(args.reps + 1):
                 for way, serve in (("one at a time", one_at_a_time), ("one pass", waved)):
                     if sim.runtime.server_device.type == "cuda":

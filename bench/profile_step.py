@@ -36,11 +36,11 @@ def main() -> None:
     parser.add_argument("--planner", default=None, help="hsplit.planner (default: the preset's, armsc; fixed: "
                         "every device at split 4, rank 8, as bench/dtype_speed.py)")
     args = parser.parse_args()
-    config = load_config(preset="default", overrides=[
-        f"runtime.dtype={args.dtype}", f"federation.local_steps={args.local_steps}", "federation.rounds=2",
+    stacks_of = [name for name in args.stacks_of.split(",") if name]
+    config = load_config(preset="default", overrides=[  # warm-up, profiled, and the counted round with --stacks-of
+        f"runtime.dtype={args.dtype}", f"federation.local_steps={args.local_steps}", f"federation.rounds={3 if stacks_of else 2}",
         "count_flops=false", "eval.every_round=false",
         *([f"hsplit.planner={args.planner}"] if args.planner else [])])
-    stacks_of = [name for name in args.stacks_of.split(",") if name]
     sim = Simulation(config)
     sim.run_round()  # warm-up: plans, sessions, allocator
     start = time.perf_counter()
@@ -87,6 +87,7 @@ class CallSites(TorchDispatchMode):
             print(f"\n{name}: {total} calls in one more round (under the counter: times include its overhead), by call site")
             for site, (calls, seconds) in sorted(sites.items(), key=lambda item: -item[1][1])[:8]:
                 print(f"  {seconds * 1e3:8.1f} ms {int(calls):6d} calls  {site}")
+
 
 if __name__ == "__main__":
     main()

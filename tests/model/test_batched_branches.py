@@ -14,13 +14,14 @@ from splitpeft.model.batched import Member, _stacked_branches
 NAME = "model.layers.0.mlp.up_proj"
 
 
-def _layers(dropout: float, members: int) -> list:
+def _layers(dropout: float, members: int, ranks: tuple[int, ...] | None = None) -> list:
+    """`members` LoRA layers on NAME (rank 4 each, or `ranks`), each from its own seed, B random."""
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
     layers = []
     for index in range(members):
         torch.manual_seed(index)
-        model = inject(LlamaForCausalLM(config), {NAME: 4}, alpha=8.0, dropout=dropout)
+        model = inject(LlamaForCausalLM(config), {NAME: ranks[index] if ranks else 4}, alpha=8.0, dropout=dropout)
         layer = lora_layers(model)[NAME]
         with torch.no_grad():
             lora_ab(layer)[1].normal_()
@@ -65,11 +66,15 @@ def test_stacked_branches_are_each_members_branch_minus_its_warm_copy(dropout, d
     torch.testing.assert_close(got.float(), want, rtol=0, atol=atol)
 
 
+def _one_row_members(layers: list, x: torch.Tensor) -> list[Member]:
+    """A member per layer, each on one row of `x`, no warm start."""
+    return [Member(session=SimpleNamespace(warm_factors={}), hidden=x[i:i + 1], rows=slice(i, i + 1),
+                   layers={NAME: layer}, warm={}) for i, layer in enumerate(layers)]
+
+
 def test_a_non_contiguous_output_gets_the_same_sum():
-    layers = _layers(0.0, 2)
     x = torch.randn(2, 3, 32)
-    members = [Member(session=SimpleNamespace(warm_factors={}), hidden=x[i:i + 1], rows=slice(i, i + 1),
-                      layers={NAME: layers[i]}, warm={}) for i in range(2)]
+    members = _one_row_members(_layers(0.0, 2), x)
     output = torch.randn(48, 3, 2).transpose(0, 2)  # (2, 3, 48), not contiguous
     got = _stacked_branches(NAME, members, x, output)
     want = _stacked_branches(NAME, members, x, output.contiguous())
@@ -78,10 +83,6 @@ def test_a_non_contiguous_output_gets_the_same_sum():
 
 
 def test_members_at_different_ranks_are_left_to_the_per_member_path():
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
-    layers = [lora_layers(inject(LlamaForCausalLM(config), {NAME: rank}, alpha=8.0, dropout=0.0))[NAME] for rank in (2, 4)]
     x = torch.randn(2, 3, 32)
-    members = [Member(session=SimpleNamespace(warm_factors={}), hidden=x[i:i + 1], rows=slice(i, i + 1),
-                      layers={NAME: layers[i]}, warm={}) for i in range(2)]
+    members = _one_row_members(_layers(0.0, 2, ranks=(2, 4)), x)
     assert _stacked_branches(NAME, members, x, torch.randn(2, 3, 48)) is None
