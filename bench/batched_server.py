@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/batched_server.py [--model smollm2-135m] [--devices 16] [--batch 1]
         [--seq 128] [--split 2] [--dtypes fp32,bf16] [--placements u_shaped,plain] [--reps 3]
-        [--waves 1] [--flush-denormal]
+        [--waves 1] [--flush-denormal] [--frames random|real]
     python3 bench/batched_server.py --device cuda --model random-llama-1b --dtypes bf16 --placements u_shaped --devices 64
 
 Builds the default preset's model with `--devices` devices, each cut at block `--split`, opens
@@ -13,11 +13,16 @@ after one untimed warm-up of each: one message at a time (`SplitServer.handle`, 
 `server.batch_devices`) and one wave for all devices (`SplitServer.handle_wave`).
 `random-llama-1b`: Llama-3.2-1B's block shapes with random weights (bench/throughput.py), the
 devices' data tokenised by the tiny tokenizer (the frames are random anyway). The frames'
-norm bound is off (`robust.frame_norm_factor=0`): random frames are not the model's own. Prints
+norm bound is off (`robust.frame_norm_factor=0`) for random frames, which are not the model's own. Prints
 server tokens/s (B x T per device per step) for each way and their ratio, per dtype and placement.
 `--waves W` serves the devices as W waves of equal size instead of one (the wave-size probe of
 BENCHMARKS); `--flush-denormal` flushes subnormal floats to zero for the whole run (random frames
 pushed through real weights make subnormal values that real activations do not).
+`--frames real` sends what real devices would instead: each device's own training examples (the
+preset's data), packed to `--seq` tokens per row, through blocks [0, split) of the base model, with
+their own labels (plain split); U-shaped, the head gradient of those rows' loss at the base model's
+final hidden states (the server's adapters start at zero, so that is what its first reply holds).
+The same frames serve every repetition, as the random ones do.
 `--profile N` also prints the N operators with the most self CPU time in one pass of each way
 (`--shapes`: each operator per input shapes).
 
@@ -30,6 +35,7 @@ is tested from equal states, in fp32, to 1e-5 (tests/parties/test_batched_server
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from functools import partial
@@ -41,6 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 from splitpeft.config import load_config
 from splitpeft.federation.simulation import Simulation
 from splitpeft.model.loading import LoadedModel, load_model
+from splitpeft.model.loss import head_loss
 from splitpeft.model.runtime import DTYPES
 from splitpeft.transport.messages import Kind, Message
 
@@ -56,6 +63,37 @@ def frames(sim: Simulation, batch: int, seq: int, plain: bool, generator: torch.
             tensors["labels"] = torch.randint(0, vocab, (batch, seq), generator=generator, dtype=torch.int32)
         out[device.device_id] = Message(Kind.ACTIVATIONS, tensors)
     return out
+
+
+def real_frames(sim: Simulation, batch: int, seq: int, plain: bool, split: int
+                ) -> tuple[dict[str, Message], dict[str, torch.Tensor]]:
+    """Each device's own examples packed into `batch` rows of `seq` tokens, at the cut after block
+    `split` of the base model (and their labels, plain split), and the head gradient of those rows'
+    loss at the base model's final hidden states (U-shaped)."""
+    backbone, dtype = sim.backbone, sim.runtime.dtype
+    up, head = {}, {}
+    for device, examples in zip(sim.devices, sim.device_encoded):
+        ids: list[int] = []
+        labels: list[int] = []
+        for example in itertools.cycle(examples):
+            ids += example.input_ids
+            labels += example.labels
+            if len(ids) >= batch * seq:
+                break
+        input_ids = torch.tensor(ids[:batch * seq]).view(batch, seq)
+        label_rows = torch.tensor(labels[:batch * seq]).view(batch, seq)
+        with torch.no_grad():
+            hidden = backbone.blocks(backbone.embed(input_ids.to(sim.runtime.server_device)), 0, split).to(dtype)
+            final = backbone.blocks(hidden, split, backbone.num_blocks)
+        tensors = {"hidden": hidden.cpu()}
+        if plain:
+            tensors["labels"] = label_rows.to(torch.int32)
+        up[device.device_id] = Message(Kind.ACTIVATIONS, tensors)
+        final = final.detach().requires_grad_(True)
+        head_loss(backbone.head, final, label_rows.to(final.device)).backward()
+        assert final.grad is not None
+        head[device.device_id] = final.grad.to(dtype).cpu()
+    return up, head
 
 
 def one_at_a_time(sim: Simulation, up: dict[str, Message], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,6 +140,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="runtime.server_device and device_device")
     parser.add_argument("--waves", type=int, default=1, help="serve the devices as this many waves of equal size")
     parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) for the whole run")
+    parser.add_argument("--frames", choices=("random", "real"), default="random",
+                        help="random cut activations, or each device's own examples through the base model's first blocks")
     args = parser.parse_args()
     if args.waves < 1 or args.waves > args.devices:
         parser.error(f"--waves {args.waves}: between 1 and --devices ({args.devices})")
@@ -109,7 +149,7 @@ def main() -> None:
         parser.error("--flush-denormal: this processor cannot flush denormals (no SSE3)")
     print(f"{args.model}, {args.devices} devices, B={args.batch}, T={args.seq}, cut at block {args.split}, "
           f"{torch.get_num_threads()} threads, server on {args.device}, {args.waves} wave(s) a pass, "
-          f"denormals {'flushed' if args.flush_denormal else 'kept'}", flush=True)
+          f"denormals {'flushed' if args.flush_denormal else 'kept'}, {args.frames} frames", flush=True)
     waved = partial(as_waves, waves=args.waves)
     rows = []
     for dtype in args.dtypes.split(","):
@@ -120,8 +160,8 @@ def main() -> None:
                 f"model.name={name}", f"runtime.dtype={dtype}", f"federation.num_devices={args.devices}",
                 f"federation.batch_size={args.batch}", f"data.max_length={args.seq}", "hsplit.planner=fixed",
                 f"placement.split_layer={args.split}", f"placement.labels_on_device={str(not plain).lower()}",
-                "robust.frame_norm_factor=0", "count_flops=false", "fleet.memory_bytes=null",
-                "fleet.flops_per_s=5e10", "fleet.bandwidth_bytes_per_s=1.25e7", "server.batch_devices=true",
+                *(["robust.frame_norm_factor=0"] if args.frames == "random" else []), "count_flops=false",
+                "fleet.memory_bytes=null", "fleet.flops_per_s=5e10", "fleet.bandwidth_bytes_per_s=1.25e7", "server.batch_devices=true",
                 f"runtime.server_device={args.device}", f"runtime.device_device={args.device}"])
             loaded = None
             if args.model == "random-llama-1b":  # Llama-3.2-1B's shapes, random weights, the tiny tokenizer's data
@@ -131,10 +171,13 @@ def main() -> None:
             sim = Simulation(config, loaded=loaded)
             for device in sim.devices:
                 device.open_session(sim.channels[device.device_id])
-            generator = torch.Generator().manual_seed(0)
-            up = frames(sim, args.batch, args.seq, plain, generator)
-            head = {d: torch.randn(args.batch, args.seq, sim.backbone.model.config.hidden_size,
-                                   generator=generator).to(sim.runtime.dtype) for d in up}
+            if args.frames == "real":
+                up, head = real_frames(sim, args.batch, args.seq, plain, args.split)
+            else:
+                generator = torch.Generator().manual_seed(0)
+                up = frames(sim, args.batch, args.seq, plain, generator)
+                head = {d: torch.randn(args.batch, args.seq, sim.backbone.model.config.hidden_size,
+                                       generator=generator).to(sim.runtime.dtype) for d in up}
             times: dict[str, list[float]] = {"one at a time": [], "one pass": []}
             for rep in range(args.reps + 1):
                 for way, serve in (("one at a time", one_at_a_time), ("one pass", waved)):

@@ -25,6 +25,16 @@ def test_the_server_bench_serves_both_ways_in_two_waves_with_denormals_flushed()
         assert serial > 0 and batched > 0 and abs(ratio - batched / serial) < 0.01 + 0.01 * ratio, row
 
 
+def test_the_server_bench_serves_real_frames():
+    """--frames real: each device's own examples through the first blocks (and, U-shaped, their
+    loss's head gradient), served both ways with the frame norm bound on."""
+    done = _bench("--placements", "u_shaped,plain", "--frames", "real")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "real frames" in done.stdout.splitlines()[0]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| fp32 ")]
+    assert len(rows) == 2 and "refused" not in done.stdout + done.stderr
+
+
 def test_the_server_bench_refuses_more_waves_than_devices():
     done = _bench("--waves", "5")
     assert done.returncode != 0 and "--waves 5" in done.stderr
