@@ -236,3 +236,28 @@ def test_evaluation_phases_print_plain_lines_when_stderr_is_not_a_terminal(gpt2,
     assert lines[6].startswith("generation: 3 prompts in ") and lines[6].endswith("prompts/s)")
     perplexity(model, items, batch_size=2, pad_id=int(tokenizer.pad_token_id))  # progress off: silent
     assert capsys.readouterr().err == ""
+
+
+def test_generation_gives_the_output_layer_a_contiguous_input_and_the_same_text(monkeypatch):
+    """Hugging Face asks for the last position's logits only, a strided (B, 1, d) slice; torch's
+    linear ran that against B copies of the output weight. Generation now makes the head's input
+    contiguous (same values, same text) and leaves no hook behind."""
+    import contextlib
+
+    import splitpeft.experiment.evaluation as evaluation
+
+    loaded = load_model("tiny-llama")
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    head = model.get_output_embeddings()
+    seen: list[bool] = []
+    watch = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    prompts = ["name : Aromi | area : riverside", "name : The Eagle | food : French | priceRange : high", "x"]
+    fixed = generate_outputs(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    assert seen and all(seen)
+    assert not head._forward_pre_hooks
+    monkeypatch.setattr(evaluation, "_contiguous_head_input", lambda _model: contextlib.nullcontext())
+    seen.clear()
+    plain = generate_outputs(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    watch.remove()
+    assert not all(seen)  # without it the prefill's slice reaches the head strided
+    assert [o.text for o in fixed] == [o.text for o in plain]
