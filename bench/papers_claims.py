@@ -14,6 +14,9 @@ keeping perplexity within 2% of no KR with the largest traffic saving:
 
     .venv/bin/python bench/papers_claims.py --suite dlora --seeds 0,1,2 --out runs/papers_kr
 
+`--methods` without `no_kr` runs only the selections named (a second process beside one running no
+KR into the same `--out`); the table compares them with whatever no-KR runs the folder holds.
+
 Runs seed by seed (every method of seed 0, then of seed 1, ...), so a session that stops early still
 has whole seeds to compare; each run lands in OUT/METHOD/seed-S and is reused when its report is
 finished (the `compare --reuse` rule). At the end the suite's table over the finished seeds is written
@@ -129,14 +132,16 @@ def plans_table(overrides: list[str], methods: list[str]) -> str:
 
 
 def kill_and_revive(args: argparse.Namespace, overrides: list[str], seeds: list[int], methods: list[str]) -> str:
-    """Run no KR once and each KR selection per warm-up; the table of savings after warm-up."""
+    """Run no KR once (when `methods` names it) and each KR selection per warm-up; the table of
+    savings after warm-up, against the no-KR runs in the folder whoever ran them."""
     steps = args.rounds * args.local_steps
     warmups = {fraction: max(1, round(fraction * steps)) for fraction in args.warmups}
     if args.hybrid_blocks:
         # the base config is validated before each method sets its placement: name dlora here too
         overrides = [*overrides, "placement.placement=dlora", f"placement.dlora_device_blocks={args.hybrid_blocks}"]
     for seed in seeds if not args.table_only else []:  # seed-major: whole seeds are there when a session stops early
-        run_seed_major("dlora", args.out / "no_kr", overrides, [seed], ["no_kr"], args.checkpoints)
+        if "no_kr" in methods:  # without it, only the selections run (e.g. beside a process running no KR)
+            run_seed_major("dlora", args.out / "no_kr", overrides, [seed], ["no_kr"], args.checkpoints)
         for warmup in warmups.values():
             run_seed_major("dlora", args.out / f"warmup-{warmup}", [*overrides, f"kill_revive.warmup={warmup}"],
                            [seed], [m for m in methods if m != "no_kr"], args.checkpoints)

@@ -31,6 +31,19 @@ def test_the_kill_and_revive_suite_runs_the_hybrid(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "1 (50%)" and cells[-1] == "1", row  # one seed with both runs
     assert float(cells[2].rstrip("%")) > 0  # killed adapters' traffic saved after the warm-up
+    # without no_kr in --methods only the selections named run, against the no-KR run already there
+    baseline = out / "no_kr" / "no_kr" / "seed-0" / "report.json"
+    before = baseline.stat().st_mtime_ns
+    alone = subprocess.run(
+        [sys.executable, "bench/papers_claims.py", "--suite", "dlora", "--hybrid-blocks", "1", "--seeds", "0",
+         "--warmups", "0.5", "--methods", "kr_scheduled", "--rounds", "2", "--local-steps", "1", "--groups", "2",
+         "--perplexity-examples", "4", "--data", str(data), "--out", str(out),
+         "model.name=tiny-llama", "eval.max_new_tokens=4"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert baseline.stat().st_mtime_ns == before and "no_kr seed" not in alone.stdout
+    row = next(line for line in alone.stdout.splitlines() if line.startswith("| kr_scheduled"))
+    assert [c.strip() for c in row.strip("|").split("|")][-1] == "1", row
     # a run stopped while it was being evaluated ("status": "trained", no scores) counts as absent
     path = out / "warmup-1" / "kr_server" / "seed-0" / "report.json"
     report = json.loads(path.read_text())
