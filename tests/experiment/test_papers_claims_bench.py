@@ -12,17 +12,22 @@ REPO = Path(__file__).resolve().parents[2]
 E2E = REPO.parent / "shared" / "data" / "e2e" / "valid.txt"
 
 
+def _hybrid_suite(data: Path, out: Path, methods: str) -> subprocess.CompletedProcess:
+    """The hybrid KR suite on tiny-llama, 2 rounds of 1 step, seed 0, a warm-up of half the steps."""
+    return subprocess.run(
+        [sys.executable, "bench/papers_claims.py", "--suite", "dlora", "--hybrid-blocks", "1", "--seeds", "0",
+         "--warmups", "0.5", "--methods", methods, "--rounds", "2", "--local-steps", "1", "--groups", "2",
+         "--perplexity-examples", "4", "--data", str(data), "--out", str(out),
+         "model.name=tiny-llama", "eval.max_new_tokens=4"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.skipif(not E2E.is_file(), reason="needs ../shared/data/e2e/valid.txt")
 def test_the_kill_and_revive_suite_runs_the_hybrid(tmp_path):
     data = tmp_path / "e2e.txt"
     data.write_text("".join(E2E.read_text().splitlines(keepends=True)[:80]))
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "bench/papers_claims.py", "--suite", "dlora", "--hybrid-blocks", "1", "--seeds", "0",
-         "--warmups", "0.5", "--methods", "no_kr,kr_server", "--rounds", "2", "--local-steps", "1", "--groups", "2",
-         "--perplexity-examples", "4", "--data", str(data), "--out", str(out),
-         "model.name=tiny-llama", "eval.max_new_tokens=4"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = _hybrid_suite(data, out, "no_kr,kr_server")
     assert done.returncode == 0, done.stderr[-2000:]
     for folder in (out / "no_kr" / "no_kr", out / "warmup-1" / "kr_server"):
         config = json.loads((folder / "seed-0" / "report.json").read_text())["config"]
@@ -34,12 +39,7 @@ def test_the_kill_and_revive_suite_runs_the_hybrid(tmp_path):
     # without no_kr in --methods only the selections named run, against the no-KR run already there
     baseline = out / "no_kr" / "no_kr" / "seed-0" / "report.json"
     before = baseline.stat().st_mtime_ns
-    alone = subprocess.run(
-        [sys.executable, "bench/papers_claims.py", "--suite", "dlora", "--hybrid-blocks", "1", "--seeds", "0",
-         "--warmups", "0.5", "--methods", "kr_scheduled", "--rounds", "2", "--local-steps", "1", "--groups", "2",
-         "--perplexity-examples", "4", "--data", str(data), "--out", str(out),
-         "model.name=tiny-llama", "eval.max_new_tokens=4"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+    alone = _hybrid_suite(data, out, "kr_scheduled")
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert baseline.stat().st_mtime_ns == before and "no_kr seed" not in alone.stdout
     row = next(line for line in alone.stdout.splitlines() if line.startswith("| kr_scheduled"))
