@@ -68,8 +68,8 @@ def frames(sim: Simulation, batch: int, seq: int, plain: bool, generator: torch.
 def real_frames(sim: Simulation, batch: int, seq: int, plain: bool, split: int
                 ) -> tuple[dict[str, Message], dict[str, torch.Tensor]]:
     """Each device's own examples packed into `batch` rows of `seq` tokens, at the cut after block
-    `split` of the base model (and their labels, plain split), and the head gradient of those rows'
-    loss at the base model's final hidden states (U-shaped)."""
+    `split` of the base model (and their labels, plain split), and, U-shaped only, the head gradient
+    of those rows' loss at the base model's final hidden states (plain split: none)."""
     backbone, dtype = sim.backbone, sim.runtime.dtype
     up, head = {}, {}
     for device, examples in zip(sim.devices, sim.device_encoded):
@@ -84,12 +84,13 @@ def real_frames(sim: Simulation, batch: int, seq: int, plain: bool, split: int
         label_rows = torch.tensor(labels[:batch * seq]).view(batch, seq)
         with torch.no_grad():
             hidden = backbone.blocks(backbone.embed(input_ids.to(sim.runtime.server_device)), 0, split).to(dtype)
-            final = backbone.blocks(hidden, split, backbone.num_blocks)
-        tensors = {"hidden": hidden.cpu()}
         if plain:
-            tensors["labels"] = label_rows.to(torch.int32)
-        up[device.device_id] = Message(Kind.ACTIVATIONS, tensors)
-        final = final.detach().requires_grad_(True)
+            up[device.device_id] = Message(Kind.ACTIVATIONS, {"hidden": hidden.cpu(), "labels": label_rows.to(torch.int32)})
+            continue
+        up[device.device_id] = Message(Kind.ACTIVATIONS, {"hidden": hidden.cpu()})
+        with torch.no_grad():
+            final = backbone.blocks(hidden, split, backbone.num_blocks)
+        final.requires_grad_(True)
         head_loss(backbone.head, final, label_rows.to(final.device)).backward()
         assert final.grad is not None
         head[device.device_id] = final.grad.to(dtype).cpu()

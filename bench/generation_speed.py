@@ -6,7 +6,7 @@ contiguous (`experiment/evaluation.py`, `_contiguous_head_input`), alternated in
 
 Hugging Face's generation asks for the last position's logits only, a strided (B, 1, d) slice of
 the prompt's hidden states, which torch's linear turned into a batched product against B copies of
-the output weight. The model carries rank-`--rank` adapters on every linear (B drawn small, so they
+the output weight. The model carries rank-`--rank` adapters on every linear of its blocks (B drawn small, so they
 change the outputs; 0: none), as an evaluated run's model does. Prints seconds and prompts/s per
 way and repetition, and whether every way and repetition generated the same texts. Without the E2E
 file, the built-in task's prompts.
@@ -24,7 +24,8 @@ import torch
 
 import splitpeft.experiment.evaluation as evaluation
 from splitpeft.data.sources import load_examples
-from splitpeft.model.adapters import ADAPTER_NAME, inject, lora_layers
+from splitpeft.model.adapters import ADAPTER_NAME, inject, lora_layers, target_module_names
+from splitpeft.model.backbone import backbone_of
 from splitpeft.model.loading import load_model
 from splitpeft.model.runtime import DTYPES
 
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--rank", type=int, default=16, help="adapters on every linear but the head (0: none)")
+    parser.add_argument("--rank", type=int, default=16, help="adapters on every linear of every block (0: none)")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/e2e/valid.txt"))
     args = parser.parse_args()
@@ -46,8 +47,8 @@ def main() -> None:
     loaded = load_model(args.model, dtype=DTYPES[args.dtype])
     model = loaded.model
     if args.rank:
-        linears = [name for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings()]
+        backbone = backbone_of(model)
+        linears = target_module_names(backbone, backbone.default_target_modules, range(backbone.num_blocks))
         model = inject(model, {name: args.rank for name in linears}, alpha=2.0 * args.rank)
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
