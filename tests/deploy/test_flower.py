@@ -291,6 +291,18 @@ def test_device_store_resumes_from_the_latest_round_before_and_keeps_two(tmp_pat
     assert store.latest_before(10)[0] == {"round": 3}
 
 
+def test_device_store_keeps_the_state_a_device_sampled_every_other_round_resumes_from(tmp_path):
+    """A device in rounds 0 and 2 whose round-2 upload the server lost redoes round 2 from round 0."""
+    store = DeviceStore(tmp_path / "device-0")
+    store.save(0, {"round": 0}, {"x": torch.zeros(2)})
+    store.save(2, {"round": 2}, {"x": torch.ones(2)})
+    assert store.latest_before(2)[0] == {"round": 0}
+    store.save(2, {"round": 2}, {"x": torch.ones(2)})  # the redone round overwrites its own state
+    store.save(5, {"round": 5}, {"x": torch.ones(2)})
+    assert sorted(p.name for p in (tmp_path / "device-0").iterdir()) == ["round-2", "round-5"]
+    assert store.latest_before(5)[0] == {"round": 2}
+
+
 def test_a_device_with_its_own_data_file_trains_on_all_of_it(tmp_path):
     """node config data-path: no share of the device's own data is held out (it never evaluates)."""
     own = tmp_path / "mine.txt"

@@ -205,9 +205,11 @@ class DeviceStore:
 
     def save(self, round_index: int, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         write_state(self.folder / f"round-{round_index}", info, tensors)
-        for old in self._rounds():
-            if old < round_index - 1:  # keep the two newest: the server may redo the last round
-                shutil.rmtree(self.folder / f"round-{old}", ignore_errors=True)
+        # keep the two newest this device saved (not rounds r-1 and r: a device sampled in rounds 0
+        # and 2 needs round 0's state if the server redoes round 2); the server redoes at most the
+        # round after its last checkpoint, so the older of the two is the most a redo reaches back
+        for old in self._rounds()[:-2]:
+            shutil.rmtree(self.folder / f"round-{old}", ignore_errors=True)
 
 
 class StatusFile:
