@@ -6,10 +6,10 @@ contiguous (`experiment/evaluation.py`, `_contiguous_head_input`), alternated in
 
 Hugging Face's generation asks for the last position's logits only, a strided (B, 1, d) slice of
 the prompt's hidden states, which torch's linear turned into a batched product against B copies of
-the output weight. The model carries rank-`--rank` adapters on every linear of its blocks (B drawn small, so they
-change the outputs; 0: none), as an evaluated run's model does. Prints seconds and prompts/s per
-way and repetition, and whether every way and repetition generated the same texts. Without the E2E
-file, the built-in task's prompts.
+the output weight. The model carries rank-`--rank` adapters on every linear of its blocks (B drawn
+small, so they change the outputs; 0: none), as an evaluated run's model does. Prints seconds and
+prompts/s per way and repetition, and whether every way and repetition generated the same texts.
+Without the E2E file, the built-in task's prompts.
 """
 
 from __future__ import annotations
