@@ -259,6 +259,14 @@ def _adapted_model(run: Path, config: ExperimentConfig) -> tuple[Any, Any]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from splitpeft.storage import exclusive
+
+    _load_run(args.run, args.overrides)  # not a run folder: refused before anything is made beside it
+    with exclusive(args.run, "run folder"):  # a run still writing it, or a second evaluation, is refused
+        return _evaluate_held(args)
+
+
+def _evaluate_held(args: argparse.Namespace) -> int:
     import dataclasses
 
     from splitpeft.data.batching import encode

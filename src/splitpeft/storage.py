@@ -41,7 +41,7 @@ import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -145,9 +145,13 @@ def _take_lock(path: Path) -> tuple[str, int]:
 
 
 @contextmanager
-def atomic_folder(path: Path) -> Iterator[Path]:
+def atomic_folder(path: Path, before_swap: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield a staging folder beside `path`; on success it replaces `path` (see the module
     docstring), on any error it is removed and `path` is left as it was.
+
+    `before_swap` runs after the staging folder is flushed, just before `path` is moved aside: an
+    error it raises leaves `path` as it is (a caller checks there that `path` is still what it
+    may replace, after however long filling and flushing took).
 
     Raises FileExistsError if `path` exists and is not a folder.
     """
@@ -170,6 +174,9 @@ def atomic_folder(path: Path) -> Iterator[Path]:
                 if filled:
                     with writing(path):
                         _fsync_tree(staging)
+                    if before_swap is not None:
+                        before_swap()
+                    with writing(path):
                         if os.path.lexists(path):
                             os.rename(path, old)
                         os.rename(staging, path)

@@ -11,12 +11,14 @@ from flower_deployment import Deployment, wait_for
 from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 
-from splitpeft.deploy.client_app import DeviceStore, build_own_device
+from splitpeft.config import dump_yaml
+from splitpeft.deploy.client_app import DeviceStore, build_own_device, train_round
 from splitpeft.deploy.keys import DeploymentError, node_key_pair
 from splitpeft.deploy.records import frame_array, frame_of, round_stats_from_json
 from splitpeft.deploy.settings import NodeSettings, ServerSettings
 from splitpeft.experiment.run import run_experiment
 from splitpeft.federation.simulation import Simulation
+from splitpeft.storage import LOCK_TEXT
 from splitpeft.transport.messages import Kind, Message, MessageError, encode
 
 
@@ -301,6 +303,34 @@ def test_device_store_keeps_the_state_a_device_sampled_every_other_round_resumes
     store.save(5, {"round": 5}, {"x": torch.ones(2)})
     assert sorted(p.name for p in (tmp_path / "device-0").iterdir()) == ["round-2", "round-5"]
     assert store.latest_before(5)[0] == {"round": 2}
+
+
+def test_a_save_killed_mid_swap_is_found_again_not_skipped(tmp_path):
+    """Found: a device killed between moving its round-2 state aside and renaming the new one in
+    resumed round 3 from round 0's state, silently. The store now finishes such a save first."""
+    store = DeviceStore(tmp_path / "device-0")
+    store.save(0, {"round": 0}, {"x": torch.zeros(2)})
+    store.save(2, {"round": 2}, {"x": torch.ones(2)})
+    ident = "0123456789abcdef"  # the re-save of round 2 (a redone round), killed between its renames
+    (tmp_path / "device-0" / f".round-2.splitpeft-{ident}.lock").write_bytes(LOCK_TEXT)
+    (tmp_path / "device-0" / "round-2").rename(tmp_path / "device-0" / f".round-2.splitpeft-{ident}.old")
+    info, tensors = store.latest_before(3)
+    assert info == {"round": 2} and tensors["x"].tolist() == [1.0, 1.0]
+    assert sorted(p.name for p in (tmp_path / "device-0").iterdir()) == ["round-0", "round-2"]
+
+
+@pytest.mark.parametrize("run_key", ["../../escaped", "/abs/elsewhere", "0123", "g" * 32])
+def test_a_run_key_that_is_not_the_servers_uuid_is_refused_before_anything_is_written(tmp_path, run_key):
+    """Found: the round message's run key named the device's state folder unchecked, so a server
+    (or whoever forged its message) made the device write and delete outside its state-dir."""
+    config = tiny_config("tiny-llama")
+    node = NodeSettings(device=0, split_server="127.0.0.1:1", token="t", root_cert=None, data_path=None,
+                        state_dir=tmp_path / "state" / "nested", status_file=None)
+    round_info = {"config": dump_yaml(config), "round": 0, "device": "device-0", "split-layer": 1,
+                  "ranks": json.dumps({}), "run-key": run_key}
+    with pytest.raises(DeploymentError, match="run key .* is not 32 hexadecimal digits"):
+        train_round(node, round_info, ArrayRecord({}))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_device_with_its_own_data_file_trains_on_all_of_it(tmp_path):

@@ -7,7 +7,9 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
+from splitpeft.deploy.keys import DeploymentError
 from splitpeft.deploy.server_app import _server_main
+from splitpeft.experiment.run import RunFolderError
 from splitpeft.federation.checkpoint import CheckpointError, write_state
 from splitpeft.storage import LOCK_TEXT
 
@@ -55,3 +57,16 @@ def test_resume_finds_the_checkpoint_of_a_write_killed_mid_swap(tmp_path):
     with pytest.raises(CheckpointError, match="is from a different run: seed is 7 there, 0 here"):
         _server_main(NoGrid(), _context(tmp_path, resume=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tokens.json"]
+
+
+def test_submitting_again_without_resume_never_replaces_an_earlier_runs_checkpoint(tmp_path):
+    """Found: the ServerApp ran with overwrite always on, so a resubmission that forgot
+    `resume=true` replaced a long run's checkpoint at its first round. Now it is refused as
+    `splitpeft simulate` without --overwrite is; `overwrite=true` starts over."""
+    write_state(tmp_path / "ckpt", {"rounds_done": 40}, {"x": torch.ones(64)})
+    before = (tmp_path / "ckpt" / "tensors.safetensors").read_bytes()
+    with pytest.raises(RunFolderError, match="holds a checkpoint already: --resume continues that run"):
+        _server_main(NoGrid(), _context(tmp_path))
+    assert (tmp_path / "ckpt" / "tensors.safetensors").read_bytes() == before
+    with pytest.raises(DeploymentError, match="setting 'overwrite' must be true or false, not 'yes'"):
+        _server_main(NoGrid(), _context(tmp_path, overwrite="yes"))

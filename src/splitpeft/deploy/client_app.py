@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,6 +71,7 @@ from splitpeft.model.parts import Part, quantize_blocks
 from splitpeft.model.runtime import resolve_runtime
 from splitpeft.parties.device import DeviceRuntime
 from splitpeft.placements.registry import placement_of
+from splitpeft.storage import recover
 from splitpeft.transport.grpc import GrpcChannel
 from splitpeft.transport.messages import Kind, MessageError, encode
 
@@ -77,6 +79,9 @@ from splitpeft.transport.messages import Kind, MessageError, encode
 
 
 client_app = ClientApp()
+RUN_KEY = re.compile(r"[0-9a-f]{32}")  # the server's uuid4().hex
+# a saved round's folder, or a sibling its atomic write left (storage.atomic_folder)
+_ROUND_NAME = re.compile(r"\.?round-(\d+)(?:\.splitpeft-[0-9a-f]{16}\.(?:lock|old|partial))?")
 
 
 @client_app.query()
@@ -111,6 +116,8 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
         run_key = str(round_info["run-key"])
     except (KeyError, ValueError, TypeError, AttributeError) as error:
         raise DeploymentError(f"malformed round message: {error}") from None
+    if not RUN_KEY.fullmatch(run_key):  # it names a folder under state-dir: never a path of the server's choosing
+        raise DeploymentError(f"malformed round message: run key {run_key[:80]!r} is not 32 hexadecimal digits")
     if device_id != f"device-{node.device}":
         raise DeploymentError(f"the server sent {device_id}'s round to device-{node.device}")
     device = build_own_device(config, node, split_layer, ranks)
@@ -193,9 +200,14 @@ class DeviceStore:
         self.folder = folder
 
     def _rounds(self) -> list[int]:
+        """The rounds saved here, after finishing any save a kill left half done (a round whose
+        folder is only in its writer's `.old` sibling is found again, not skipped)."""
         if not self.folder.is_dir():
             return []
-        return sorted(int(p.name.split("-")[1]) for p in self.folder.glob("round-*") if p.name.split("-")[1].isdigit())
+        named = {int(found.group(1)) for name in os.listdir(self.folder) if (found := _ROUND_NAME.fullmatch(name))}
+        for round_index in named:
+            recover(self.folder / f"round-{round_index}")
+        return sorted(r for r in named if (self.folder / f"round-{r}").is_dir())
 
     def latest_before(self, round_index: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
         earlier = [r for r in self._rounds() if r < round_index]

@@ -293,7 +293,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     log.info("splitpeft ServerApp: %s, %d devices, %d rounds -> %s", settings.config.model.name,
              settings.config.federation.num_devices, settings.config.federation.rounds, settings.out)
     try:  # resume=true without an intact checkpoint of this run is refused, never a silent start over
-        run_experiment(settings.config, settings.out, overwrite=True, progress=False, checkpoint=settings.checkpoint,
+        run_experiment(settings.config, settings.out, overwrite=settings.overwrite, progress=False, checkpoint=settings.checkpoint,
                        resume=settings.resume, engine=FlowerEngine(grid, settings))
     except (CheckpointError, RunFolderError) as error:
         log.error("splitpeft ServerApp refuses to run: %s", error)

@@ -43,6 +43,7 @@ class ServerSettings:
     out: Path
     checkpoint: Path
     resume: bool
+    overwrite: bool
     split_address: str
     tokens: dict[str, str]
     tls: tuple[bytes, bytes] | None
@@ -50,7 +51,7 @@ class ServerSettings:
     round_timeout_s: float
     rejoin_timeout_s: float
 
-    KEYS = ("preset", "config-file", "overrides", "out", "checkpoint", "resume", "split-address",
+    KEYS = ("preset", "config-file", "overrides", "out", "checkpoint", "resume", "overwrite", "split-address",
             "tokens-file", "tls-cert", "tls-key", "join-timeout", "round-timeout", "rejoin-timeout",
             *SIMULATED_NODE_KEYS)
 
@@ -70,9 +71,10 @@ class ServerSettings:
             raise DeploymentError(f"experiment config: {error}") from None
         out = Path(_text(run_config, "out", "runs/flower")).expanduser().resolve()
         checkpoint = _text(run_config, "checkpoint", "")
-        resume = run_config.get("resume", False)
-        if not isinstance(resume, bool):
-            raise DeploymentError(f"setting 'resume' must be true or false, not {resume!r}")
+        resume, overwrite = run_config.get("resume", False), run_config.get("overwrite", False)
+        for key, value in (("resume", resume), ("overwrite", overwrite)):
+            if not isinstance(value, bool):
+                raise DeploymentError(f"setting '{key}' must be true or false, not {value!r}")
         cert, key = _text(run_config, "tls-cert", ""), _text(run_config, "tls-key", "")
         if bool(cert) != bool(key):
             raise DeploymentError("TLS needs both tls-cert and tls-key")
@@ -80,7 +82,7 @@ class ServerSettings:
         return cls(
             config=config, out=out,
             checkpoint=Path(checkpoint).expanduser().resolve() if checkpoint else out.with_name(out.name + ".checkpoint"),
-            resume=resume, split_address=_text(run_config, "split-address", "0.0.0.0:9300"), tokens=tokens,
+            resume=resume, overwrite=overwrite, split_address=_text(run_config, "split-address", "0.0.0.0:9300"), tokens=tokens,
             tls=(read_secret(cert, "TLS certificate"), read_secret(key, "TLS key")) if cert else None,
             join_timeout_s=_number(run_config, "join-timeout", 120.0),
             round_timeout_s=_number(run_config, "round-timeout", 3600.0),

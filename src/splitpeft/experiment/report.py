@@ -90,12 +90,25 @@ def _clean(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and rename, so a reader never sees half a file."""
+    """Write JSON via a temporary file, flushed to disk, and rename, so that a reader (or a
+    power cut) never sees half a file; a failed write removes its temporary file and leaves
+    `path` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
-        json.dump(_clean(data), file, indent=2)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(_clean(data), file, indent=2)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def plot_rounds(rounds: list[RoundRecord], out: Path) -> list[Path]:

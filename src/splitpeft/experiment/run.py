@@ -108,6 +108,15 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
                                  "refusing to replace it: remove it yourself or choose another --out")
 
 
+def _check_unchanged(out: Path, overwrite: bool, what: str) -> None:
+    """`_check_replaceable` again, just before the swap: something may have appeared at `out`
+    while the run trained (a folder of the user's, which must not be replaced)."""
+    try:
+        _check_replaceable(out, overwrite)
+    except RunFolderError as error:
+        raise RunFolderError(f"{error} (it changed during the run; {what} were not written)") from None
+
+
 def check_paths(out: Path, checkpoint: Path | None, *, overwrite: bool, resume: bool) -> None:
     """Refuse (RunFolderError, one line) every `out` and `checkpoint` that replacing could lose
     data with: a symbolic link, the working folder or one of its parents, one folder inside the
@@ -215,19 +224,17 @@ def run_experiment(
                               "out": out, "out_written": False, "evaluated": False}
     staging_inode = None
     try:
-        with held:  # for the run's whole life: a second run on the same checkpoint is refused here
+        # for the run's whole life, evaluation included: a second run on the same output folder or
+        # checkpoint is refused here, not after its training
+        with exclusive(out, "output folder"), held:
             if resume and checkpoint is not None:
                 leaves["checkpoint_rounds"] = verify_checkpoint(checkpoint, config)  # before any work
             started = time.perf_counter()
-            with atomic_folder(out) as staging:
+            with atomic_folder(out, before_swap=lambda: _check_unchanged(out, overwrite, "this run's results")) as staging:
                 staging_inode = staging.stat().st_ino
                 sim, report = _train(config, staging, out=out, progress=progress, on_round=on_round,
                                      checkpoint=checkpoint, resume=resume, engine=engine or InProcessEngine(),
                                      leaves=leaves, started=started, on_start=on_start)
-                try:  # again: something may have appeared there during the run
-                    _check_replaceable(out, overwrite)
-                except RunFolderError as error:
-                    raise RunFolderError(f"{error} (it changed during the run; this run's results were not written)") from None
             leaves["out_written"] = True
             report = _evaluate_run(sim, report, out, progress=progress, started=started)
             leaves["evaluated"] = True
@@ -401,14 +408,19 @@ def write_privacy_table(config: ExperimentConfig, out: Path, depths: list[int], 
     """`splitpeft privacy`: the leakage table of `config`'s model at `depths`, written to `out`
     (a new folder, or one splitpeft wrote, replaced only with `overwrite`)."""
     check_paths(out, None, overwrite=overwrite, resume=False)
-    seed_everything(config.seed)
-    runtime = resolve_runtime(config.runtime)
-    loaded = load_model(config.model.name, seed=config.seed, dtype=runtime.dtype, device=runtime.server_device)
-    table = leakage_table(config, loaded.model, loaded.tokenizer, depths)
-    with atomic_folder(out) as staging, writing(out):
-        (staging / RUN_MARKER).write_text(f"a privacy table written by splitpeft {__version__}\n")
-        write_json(staging / "privacy.json", table)
-        (staging / "privacy.md").write_text(markdown(table))
-        (staging / "config.yaml").write_text(dump_yaml(config))
-        plot_leakage(table, staging / "leakage.png")
+    try:
+        with exclusive(out, "output folder"):
+            seed_everything(config.seed)
+            runtime = resolve_runtime(config.runtime)
+            loaded = load_model(config.model.name, seed=config.seed, dtype=runtime.dtype, device=runtime.server_device)
+            table = leakage_table(config, loaded.model, loaded.tokenizer, depths)
+            with atomic_folder(out, before_swap=lambda: _check_unchanged(out, overwrite, "the table's files")) as staging, \
+                    writing(out):
+                (staging / RUN_MARKER).write_text(f"a privacy table written by splitpeft {__version__}\n")
+                write_json(staging / "privacy.json", table)
+                (staging / "privacy.md").write_text(markdown(table))
+                (staging / "config.yaml").write_text(dump_yaml(config))
+                plot_leakage(table, staging / "leakage.png")
+    except FolderInUse as error:
+        raise RunFolderError(str(error)) from None
     return table
