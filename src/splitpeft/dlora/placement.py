@@ -233,13 +233,13 @@ class DLoRAPlacement:
         unknown = [name for name in ranks if name not in adaptable]
         if unknown:
             raise MessageError(f"unknown adapted modules: {unknown[:3]}")
-        if not all(isinstance(r, int) and 0 < r <= 4096 for r in ranks.values()):
+        if not all(isinstance(r, int) and not isinstance(r, bool) and 0 < r <= 4096 for r in ranks.values()):
             raise MessageError("adapter ranks must be integers in 1..4096")
         alpha = session.alpha  # the server's own setting, never the device's word
         own = tuple(session.backbone.block_prefix(j) for j in range(session.split_layer))  # the hybrid's, on the device
         remote = sorted(name for name in ranks if not (own and name.startswith(own)))
         session.step_state = install_server_hooks(
-            session, remote, {name: lora_scale(alpha, ranks[name], session.rslora) for name in remote})
+            session, remote, ranks, {name: lora_scale(alpha, ranks[name], session.rslora) for name in remote})
 
     def abort(self, session: ServerSide) -> None:
         state = session.step_state
@@ -299,7 +299,11 @@ class DLoRAPlacement:
             state.set_killed(from_tensors(message.tensors))
             return Message(Kind.SESSION_READY, meta={Meta.KILLED: sorted(state.killed)})
         if message.kind == Kind.REVIVE:
-            names = [str(n) for n in message.meta.get(Meta.MODULES, [])]
+            names = message.meta.get(Meta.MODULES, [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise MessageError("REVIVE's modules must be a list of adapter names")
+            if len(set(names)) != len(names):
+                raise MessageError(f"REVIVE names an adapter twice: {sorted(n for n in set(names) if names.count(n) > 1)[:3]}")
             missing = [n for n in names if n not in state.killed]
             if missing:
                 raise MessageError(f"cannot revive adapters that are not killed: {missing[:3]}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, KeysView, Sequence
+from collections.abc import Callable, KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +121,8 @@ class DLoRASession:
 
     active: set[str]
     scales: dict[str, float] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)  # as the device opened the session with
+    in_features: dict[str, int] = field(default_factory=dict)
     out_features: dict[str, int] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
     link: _Link = field(default_factory=_Link)
@@ -181,7 +183,25 @@ class DLoRASession:
         """Whether this step's backward must reach the killed adapters (norms asked, or training them)."""
         return self.killed_grad_norms or (self.train_killed and bool(self._killed_params))
 
+    def check_killed(self, weights: Mapping[str, LoraWeights]) -> None:
+        """MessageError naming the first adapter of a KILL the server cannot take: one the device
+        does not run here, or a pair whose shapes are not the module's at the session's rank, or
+        not floating point. Nothing is changed before every adapter passed."""
+        if not weights:
+            raise MessageError("KILL names no adapter")
+        for name, value in weights.items():
+            if name not in self.active and name not in self._killed_params:
+                raise MessageError(f"KILL of adapter {name[:120]!r}, which this session does not run")
+            rank = self.ranks[name]
+            a_shape, b_shape = (rank, self.in_features[name]), (self.out_features[name], rank)
+            if tuple(value.A.shape) != a_shape or tuple(value.B.shape) != b_shape:
+                raise MessageError(f"KILL of {name}: A{tuple(value.A.shape)} and B{tuple(value.B.shape)}, expected "
+                                   f"A{a_shape} and B{b_shape} (rank {rank})")
+            if not (value.A.is_floating_point() and value.B.is_floating_point()):
+                raise MessageError(f"KILL of {name}: A and B must be floating point, not {value.A.dtype} and {value.B.dtype}")
+
     def set_killed(self, weights: dict[str, LoraWeights]) -> None:
+        self.check_killed(weights)
         self._save_moments()
         for name, value in weights.items():
             self.active.discard(name)
@@ -271,17 +291,21 @@ class DLoRASession:
         return {Meta.KILLED_GRAD_NORMS: names}, {KILLED_NORMS_TENSOR: norms}
 
 
-def install_server_hooks(session: ServerSide, modules: Sequence[str], scales: dict[str, float]) -> DLoRASession:
+def install_server_hooks(session: ServerSide, modules: Sequence[str], ranks: Mapping[str, int],
+                         scales: dict[str, float]) -> DLoRASession:
     """Hook every adapted linear of the session's (adapter-free) model copy."""
     by_name = dict(session.model.named_modules())
     training = session.training
-    state = DLoRASession(active=set(modules), scales=dict(scales), groups=input_groups(modules), device=session.torch_device,
+    state = DLoRASession(active=set(modules), scales=dict(scales), ranks={name: ranks[name] for name in modules},
+                         groups=input_groups(modules), device=session.torch_device,
                          anchor=torch.zeros((), requires_grad=True, device=session.torch_device),
                          train_killed=training.train_killed, lr=training.lr, weight_decay=training.weight_decay)
     for name in modules:
         module = by_name[name]
         weight = module.weight
-        state.out_features[name] = int(weight.shape[1] if module.__class__.__name__ == "Conv1D" else weight.shape[0])
+        conv1d = module.__class__.__name__ == "Conv1D"  # GPT-2's linears store the weight transposed
+        state.out_features[name] = int(weight.shape[1] if conv1d else weight.shape[0])
+        state.in_features[name] = int(weight.shape[0] if conv1d else weight.shape[1])
         module.register_forward_hook(state.hook(name))
     return state
 

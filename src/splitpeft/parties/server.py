@@ -193,6 +193,7 @@ class SplitServer:
             session = self._checked(device_id, message)
             if message.kind == Kind.CLOSE_SESSION:
                 self.finished.add(device_id)
+                session.placement.abort(session)  # a step it left half done: its wave no longer waits for it
                 session.park()
                 return Message(Kind.SESSION_CLOSED, meta={Meta.TOKENS: session.tokens})
             return session.placement.server_step(session, message)
@@ -206,6 +207,11 @@ class SplitServer:
         session = self.sessions.get(device_id)
         if session is None:
             raise MessageError(f"device {device_id!r} has no open session")
+        if message.kind in (Kind.ACTIVATIONS, Kind.HEAD_GRADIENT):
+            for name, tensor in message.tensors.items():
+                if tensor.dim() >= 2 and tensor.shape[0] * tensor.shape[1] == 0:
+                    raise MessageError(f"{message.kind.name}.{name} of shape {tuple(tensor.shape)}: a step needs at "
+                                       "least one row of one token")
         if message.kind == Kind.ACTIVATIONS and self.limits is not None:
             self.limits.check(message)
         if self.bounds is not None:
@@ -250,7 +256,12 @@ class SplitServer:
                 session, message = steps[0]
                 replies[indexes[0]] = self.handle(session.device_id, message)
                 continue
-            results = steps[0][0].placement.server_wave(self.batched, steps)
+            try:
+                results = steps[0][0].placement.server_wave(self.batched, steps)
+            except Exception as error:  # keep serving the other groups: this pass fails its own members
+                log.exception("a shared pass of %d devices failed", len(steps))
+                failed = MessageError(f"the server's shared pass failed: {type(error).__name__}: {error}")
+                results = [failed] * len(steps)
             if steps[0][1].kind == Kind.ACTIVATIONS:
                 self.pass_sizes.append(len(steps))
             for index, (session, _), result in zip(indexes, steps, results):
@@ -261,23 +272,38 @@ class SplitServer:
                     replies[index] = result
         return replies
 
+    OPEN_KEYS = frozenset({Meta.PLACEMENT, Meta.SPLIT_LAYER, Meta.LABELS_ON_DEVICE, Meta.RANKS})
+
     def _open(self, device_id: str, message: Message) -> Message:
         meta = message.meta
-        split_layer = meta.get(Meta.SPLIT_LAYER)
-        if not isinstance(split_layer, int) or not 0 <= split_layer <= self.num_blocks:
+        unknown = sorted(set(meta) - self.OPEN_KEYS)
+        if unknown or message.tensors:
+            raise MessageError(f"OPEN_SESSION with unknown options {unknown[:3]} or tensors {sorted(message.tensors)[:3]}; "
+                               f"it carries {', '.join(sorted(self.OPEN_KEYS))} and no tensor")
+        split_layer, labels_on_device = meta.get(Meta.SPLIT_LAYER), meta.get(Meta.LABELS_ON_DEVICE, False)
+        if not isinstance(split_layer, int) or isinstance(split_layer, bool) or not 0 <= split_layer <= self.num_blocks:
             raise MessageError(f"split_layer {split_layer!r} is out of range 0..{self.num_blocks}")
-        placement = make_placement(str(meta.get(Meta.PLACEMENT)), labels_on_device=bool(meta.get(Meta.LABELS_ON_DEVICE)))
+        if not isinstance(labels_on_device, bool):
+            raise MessageError(f"labels_on_device must be true or false, not {labels_on_device!r}")
+        placement = make_placement(str(meta.get(Meta.PLACEMENT)), labels_on_device=labels_on_device)
         placement.device_blocks(self.num_blocks, split_layer)  # ValueError (refused) where the placement has no such split
         existing = self.sessions.get(device_id)
+        if existing is not None:
+            existing.placement.abort(existing)  # a step it left half done: its wave no longer waits for it
         if existing is None or existing.split_layer != split_layer or existing.placement != placement:
-            if existing is not None:
-                existing.close()
+            # the new session first, checked: one that is refused leaves the old one as it was
             session = ServerSession(
                 device_id, self.base, placement, split_layer,
                 self.server_ranks(placement.server_blocks(self.num_blocks, split_layer)), self.training,
                 pool=self.pool if placement.parks_server_sessions else None,
             )
-            placement.open_server_session(session, meta, self.server_ranks(range(self.num_blocks)))
+            try:
+                placement.open_server_session(session, meta, self.server_ranks(range(self.num_blocks)))
+            except BaseException:
+                session.close()
+                raise
+            if existing is not None:
+                existing.close()
             self.sessions[device_id] = session
         session = self.sessions[device_id]
         self.repair(device_id)

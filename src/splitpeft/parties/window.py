@@ -15,12 +15,15 @@ server: the server's work happens one wave or message at a time, as with `serial
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
 from splitpeft.parties.server import SplitServer
-from splitpeft.transport.messages import Message
+from splitpeft.transport.messages import Message, error_message
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,7 +74,13 @@ class BatchWindow:
             while not self._full() and (left := closes - time.monotonic()) > 0:
                 self._lock.wait(left)
             batch, self._waiting = self._waiting, []
-            replies = self.server.handle_wave([(w.device_id, w.message) for w in batch])
+            try:
+                replies: list[Message | None] = self.server.handle_wave([(w.device_id, w.message) for w in batch])
+            except Exception as error:  # never leave a waiting device without a reply
+                log.exception("a wave of %d messages failed", len(batch))
+                replies = [error_message(f"the server's wave failed: {type(error).__name__}: {error}")] * len(batch)
+                for entry in batch:
+                    self.server.reject(entry.device_id, error)
             answered = 0
             for entry, reply in zip(batch, replies):
                 if reply is None:

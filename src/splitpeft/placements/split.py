@@ -147,6 +147,7 @@ class SplitPlacement:
     def server_step(self, session: ServerSide, message: Message) -> Message:
         backbone = session.backbone
         if message.kind == Kind.ACTIVATIONS:
+            self.abort(session)  # a step it left half done: its wave no longer waits for it
             hidden, labels = self._received(session, message)
             final = backbone.blocks(hidden, session.split_layer, backbone.num_blocks)  # (B, T, d)
             if labels is None:
@@ -197,6 +198,7 @@ class SplitPlacement:
         members: list[Member] = []
         owner: dict[int, tuple[int, ServerSide]] = {}  # id(member) -> its step's index, its session
         for i, (session, message) in enumerate(steps):
+            self.abort(session)  # a step it left half done: its wave no longer waits for it
             try:
                 hidden, labels = self._received(session, message)
             except MessageError as error:

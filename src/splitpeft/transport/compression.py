@@ -143,7 +143,7 @@ def decompress(message: Message) -> Message:
         if mode == "bf16":
             if value.dtype != torch.bfloat16:
                 raise MessageError(f"{kind}.{name}: bf16-compressed tensor has dtype {value.dtype}")
-            tensors[name] = value.to(dtype)
+            tensors[name] = _finite(kind, name, value.to(dtype))
             continue
         if value.dtype != torch.int8 or value.dim() == 0:
             raise MessageError(f"{kind}.{name}: int8-compressed tensor has dtype {value.dtype} and {value.dim()} dims")
@@ -156,11 +156,19 @@ def decompress(message: Message) -> Message:
                                f"expected float32 ({value.shape[-1]},)")
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
             raise MessageError(f"{kind}.{name}: scale is negative, NaN or Inf")
-        tensors[name] = dequantize_int8(value, scale, dtype)
+        tensors[name] = _finite(kind, name, dequantize_int8(value, scale, dtype))
     if scales:
         raise MessageError(f"{kind}: scale tensors {sorted(scales)[:3]} belong to no int8-compressed tensor")
     meta = {key: value for key, value in message.meta.items() if key != META_KEY}
     return Message(message.kind, tensors, meta)
+
+
+def _finite(kind: str, name: str, restored: torch.Tensor) -> torch.Tensor:
+    """`restored`, if every value is finite: finite wire values can restore to Inf (an int8 value
+    times a large scale, a bf16 value beyond float16's range), which decoding could not see."""
+    if not bool(torch.isfinite(restored).all()):
+        raise MessageError(f"{kind}.{name}: restores to NaN or Inf (its values or scale overflow {restored.dtype})")
+    return restored
 
 
 def _scheme(kind: str, name: str, scheme: object) -> tuple[CompressionMode, torch.dtype]:
