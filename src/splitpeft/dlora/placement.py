@@ -296,7 +296,9 @@ class DLoRAPlacement:
     def server_step(self, session: ServerSide, message: Message) -> Message:
         state: DLoRASession = session.step_state
         if message.kind == Kind.KILL:
-            state.set_killed(from_tensors(message.tensors))
+            weights = from_tensors(message.tensors)
+            state.check_killed(weights)
+            state.set_killed(weights)
             return Message(Kind.SESSION_READY, meta={Meta.KILLED: sorted(state.killed)})
         if message.kind == Kind.REVIVE:
             names = message.meta.get(Meta.MODULES, [])

@@ -186,9 +186,8 @@ class DLoRASession:
     def check_killed(self, weights: Mapping[str, LoraWeights]) -> None:
         """MessageError naming the first adapter of a KILL the server cannot take: one the device
         does not run here, or a pair whose shapes are not the module's at the session's rank, or
-        not floating point. Nothing is changed before every adapter passed."""
-        if not weights:
-            raise MessageError("KILL names no adapter")
+        not floating point. Nothing is changed before every adapter passed (an empty KILL changes
+        nothing)."""
         for name, value in weights.items():
             if name not in self.active and name not in self._killed_params:
                 raise MessageError(f"KILL of adapter {name[:120]!r}, which this session does not run")
@@ -201,7 +200,7 @@ class DLoRASession:
                 raise MessageError(f"KILL of {name}: A and B must be floating point, not {value.A.dtype} and {value.B.dtype}")
 
     def set_killed(self, weights: dict[str, LoraWeights]) -> None:
-        self.check_killed(weights)
+        """Hold and compute `weights` (checked by `check_killed` where they come from a device)."""
         self._save_moments()
         for name, value in weights.items():
             self.active.discard(name)
