@@ -122,3 +122,33 @@ def test_each_section_checks_its_own_rules_and_each_bound_lives_on_its_field():
     config.placement.placement = "centralized"
     config.privacy.nopeek_weight = 1.0
     assert any("placement centralized sends nothing" in p for p in config.cross_section_problems())
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    """Found: PyYAML keeps the last of two equal keys, so a second `federation:` section silently
+    dropped the first's settings."""
+    path = tmp_path / "config.yaml"
+    path.write_text("federation:\n  rounds: 7\n  lr: 0.01\nfederation:\n  local_steps: 2\n")
+    with pytest.raises(ConfigError, match="key 'federation' is given twice"):
+        load_config(path)
+
+
+def test_a_string_setting_takes_the_text_typed_never_what_yaml_reads_a_number_as(tmp_path):
+    """Found: `data.path=0755` became '493' and `data.partition_field=1:30` became '90' (YAML 1.1
+    reads octals and sexagesimals); in a file such a number is refused, asking for quotes."""
+    config = load_config(preset="tiny", overrides=["data.partition_field=1:30", "federation.spill_dir=1_000"])
+    assert (config.data.partition_field, config.federation.spill_dir) == ("1:30", "1_000")
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  partition_field: 0755\n")
+    with pytest.raises(ConfigError, match=r"data.partition_field must be a string, not the number 493: quote it"):
+        load_config(path)
+    assert load_config(preset="tiny", overrides=["federation.rounds=4"]).federation.rounds == 4  # numbers stay numbers
+
+
+def test_a_number_too_large_for_a_float_or_a_file_not_in_utf8_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"federation.rounds must be in .*not a number of 400 digits"):
+        load_config(preset="tiny", overrides=["federation.rounds=" + "9" * 400])
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"federation:\n  rounds: 2\n# caf\xff\n")
+    with pytest.raises(ConfigError, match=r"config file .*config.yaml is not UTF-8 text"):
+        load_config(path)

@@ -538,7 +538,12 @@ class ExperimentConfig:
         (its `problems`), then the rules that tie sections together (`cross_section_problems`); the
         first that fails is a ConfigError naming its keys."""
         for key, value in _numbers(self):  # NaN and inf pass most comparisons, so first
-            if not math.isfinite(value):
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an integer beyond any float: 400 nines
+                raise ConfigError(f"{key} must be in {NUMERIC_BOUNDS.get(key) or 'range'}, not a number of "
+                                  f"{len(str(abs(value)))} digits") from None
+            if not finite:
                 raise ConfigError(f"{key} must be a finite number, not {value}")
         for key, value in _numbers(self):
             bound = NUMERIC_BOUNDS.get(key)
@@ -708,7 +713,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not source.is_file():
         raise ConfigError(f"config file {str(source)!r} does not exist")
     try:
-        raw = yaml.safe_load(source.read_text()) or {}
+        raw = yaml.load(source.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {source} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {source} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -722,8 +729,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             parsed = yaml.safe_load(value) if value != "" else None
         except yaml.YAMLError:
             parsed = value
-        _set(config, key.strip().split("."), parsed, key.strip())
+        _set(config, key.strip().split("."), _Override(value, parsed), key.strip())
     return config.validate()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last, so a
+    second `federation:` section would silently drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+@dataclass(frozen=True)
+class _Override:
+    """A `key=value` override: its text, and the value YAML reads from it. A string field takes
+    the text as typed (YAML would read `0755` as 493 and `1:30` as 90); every other field the value."""
+
+    text: str
+    parsed: Any
 
 
 def config_from_dict(raw: dict[str, Any], *, validate: bool = True) -> ExperimentConfig:
@@ -760,6 +790,11 @@ def _set(target: Any, path: list[str], value: Any, full_key: str) -> None:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = get_origin(hint), get_args(hint)
+    if isinstance(value, _Override):
+        if hint is str:
+            return value.text
+        if origin not in (typing.Union, types.UnionType) or value.parsed is None:
+            value = value.parsed
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -797,8 +832,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key} must be a number, not {value!r}")
     if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML read 0755 as 493, 1:30 as 90
+            raise ConfigError(f"{key} must be a string, not the number {value!r}: quote it in YAML (\"...\")")
         raise ConfigError(f"{key} must be a string, not {value!r}")
     raise ConfigError(f"{key}: unsupported type {hint}")
 

@@ -324,3 +324,22 @@ def test_stream_seek_continues_where_position_was_taken_and_rejects_bad_position
         other.seek(0, 11)
     with pytest.raises(ValueError, match="out of range"):
         other.seek(-1, 0)
+
+
+def test_files_split_at_line_feeds_only_and_lose_a_byte_order_mark(tmp_path: Path) -> None:
+    """Found: `str.splitlines` also split at U+2028, U+0085 and form feeds, so a valid JSONL line
+    (json.dumps keeps U+2028 as is) was refused, an E2E error named the wrong line and a text
+    example became two; a UTF-8 BOM stayed in the first MR's first key."""
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text(json.dumps({"context": "Say hi", "completion": "hi\u2028there"}, ensure_ascii=False) + "\r\n",
+                     encoding="utf-8")
+    assert [e.completion.strip() for e in load_examples("jsonl", str(jsonl))] == ["hi\u2028there"]
+    text = tmp_path / "data.txt"
+    text.write_text("one line\x0cwith a form feed\nsecond\n", encoding="utf-8")
+    assert len(load_examples("text", str(text))) == 2
+    e2e = tmp_path / "e2e.txt"
+    e2e.write_bytes("\ufeffname[Aromi], type[pub]||Aromi is a pub.\u0085\nno bars here\n".encode())
+    with pytest.raises(DataError, match=r"e2e.txt:2: expected 'MR\|\|text'"):
+        load_examples("e2e", str(e2e))
+    e2e.write_bytes("\ufeffname[Aromi], type[pub]||Aromi is a pub.\n".encode())
+    assert dict(load_examples("e2e", str(e2e))[0].fields) == {"name": "Aromi", "type": "pub"}

@@ -201,3 +201,21 @@ def test_a_scaled_update_is_clipped_to_a_multiple_of_the_median_and_reported(agg
     assert all(0 < entry["factor"] < 1 for entry in record.clipped)
     assert not record.dropped and _all_finite(poisoned)
     assert json.loads(json.dumps(round_entries([record])))[0]["clipped"] == record.clipped  # in report.json
+
+
+def test_an_upload_whose_adapter_lacks_its_b_drops_that_device_not_the_round():
+    """Found: an upload holding a module's A without its B raised AdapterError out of the round
+    (in process and with federation.workers), ending the run without naming the device."""
+    sim = Simulation(tiny_config("tiny-llama", "federation.local_steps=1"))
+    original = sim.devices[1].upload_message
+
+    def upload_message():
+        message = original()
+        tensors = {name: t for name, t in message.tensors.items() if name != f"{DEVICE_MODULE}.B"}
+        return Message(Kind.ADAPTERS, tensors, meta=message.meta)
+
+    sim.devices[1].upload_message = upload_message
+    record = sim.run_round()
+    assert [entry["device"] for entry in record.dropped] == ["device-1"]
+    assert f"adapter '{DEVICE_MODULE}' lacks its A or B matrix" in record.dropped[0]["error"]
+    assert sorted(record.devices) == ["device-0", "device-2"] and _all_finite(sim)

@@ -86,10 +86,17 @@ def load_examples(
 
 
 def _read_lines(file: Path) -> list[str]:
+    """The file's lines, split at line feeds only (\\n or \\r\\n): `str.splitlines` also splits at
+    U+2028, U+0085 and form feeds, which may stand inside an example (a JSON string holds U+2028
+    as is). A UTF-8 byte order mark at the start is dropped."""
     try:
-        return file.read_text(encoding="utf-8").splitlines()
+        text = file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read {file}: {err}") from err
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the file's last line feed ends its last line
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _parse_e2e_lines(lines: Iterable[str], where: str) -> list[Example]:

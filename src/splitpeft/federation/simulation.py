@@ -325,7 +325,7 @@ class Simulation:
             up_before = channel.traffic.bytes_up
             uploaded = lora.from_tensors(channel.send(device.upload_message(), "up").tensors)
             stats.adapter_bytes_up = channel.traffic.bytes_up - up_before
-        except (ConnectionError, MessageError) as error:
+        except (ConnectionError, MessageError, lora.AdapterError) as error:  # a malformed upload drops its device alone
             self.drop(record, device.device_id, str(error))
             device.meter.reset_round()
             device.park()
