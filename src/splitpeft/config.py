@@ -384,6 +384,11 @@ class KillReviveConfig:
     kill_threshold: float = _help(
         "converged: an active adapter is killed only once its update score (EMA of ||delta(BA)|| / ||BA|| per step) "
         "is below this", 0.01, bound=Bound(0, 1e6))
+    kill_threshold_relative: bool = _help(
+        "converged: kill_threshold is a share of the median update score over the device's adapters when warm-up "
+        "ended, not an absolute score (scores shrink with the learning rate and the run's length: measured at 720 "
+        "steps, every adapter scored below 0.05 from the first kill on, so an absolute 0.05 killed as dynamic does)",
+        False)
     block_floor: int = _help(
         "dynamic, scheduled, converged: kills and revival swaps keep at least this many active adapters in every "
         "transformer block (may keep more than active_fraction; 0 = no floor)", 0, bound=Bound(0, 4096))
@@ -402,6 +407,8 @@ class KillReviveConfig:
              "kill_revive.fraction_start must be >= kill_revive.active_fraction (the schedule only shrinks)"),
             (self.block_floor == 0 or not registry_entry(SELECTIONS, self.selection).chooses_once,
              "kill_revive.block_floor: the static baselines choose once by count; use dynamic, scheduled, converged or gradient"),
+            (not self.kill_threshold_relative or self.selection == "converged",
+             "kill_revive.kill_threshold_relative is a setting of selection=converged"),
         ])
 
 

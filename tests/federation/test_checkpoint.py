@@ -38,6 +38,11 @@ CASES = {
     "dlora-kr-gradient": ["federation.num_devices=2", "placement.placement=dlora", "kill_revive.enabled=true",
                           "kill_revive.warmup=2", "kill_revive.interval=2", "kill_revive.revive_interval=3",
                           "kill_revive.active_fraction=0.25", "kill_revive.selection=gradient"],
+    # the bound is a share of the median score when warm-up ended: a resume must keep that reference
+    "dlora-kr-converged-relative": ["federation.num_devices=2", "placement.placement=dlora", "kill_revive.enabled=true",
+                                    "kill_revive.warmup=2", "kill_revive.interval=2", "kill_revive.revive_interval=3",
+                                    "kill_revive.active_fraction=0.25", "kill_revive.selection=converged",
+                                    "kill_revive.kill_threshold_relative=true", "kill_revive.kill_threshold=1.0"],
 }
 
 
@@ -278,6 +283,28 @@ MALFORMED_KILLED = {
         _state_edit(lambda s: _killed_moments(s).update({next(iter(_killed_moments(s))): [1.0, 1e9]})), "more than 4"),
     "killed moment tensor missing": (_tensor_edit(lambda t: t.pop(_first(t, "killed/"))), "it lacks killed/"),
 }
+
+
+def _kr_state(state):
+    return state["devices"]["device-0"]["kill_revive"]
+
+
+def test_kill_and_revive_reference_score_is_checked_and_may_be_absent(saved_killed_training, tmp_path):
+    """`reference_score` (converged's relative bound) is range-checked; a checkpoint written before
+    it was saved (no key) still resumes, the reference then taken at the next decision."""
+    folder, sim = saved_killed_training
+    assert isinstance(_kr_state(json.loads((folder / "state.json").read_text()))["reference_score"], float)
+    bad = _copy(saved_killed_training, tmp_path / "bad")
+    _state_edit(lambda s: _kr_state(s).update(reference_score=-1.0))(bad)
+    _rehash(bad)
+    with pytest.raises(CheckpointError, match="kill_revive.reference_score is -1.0, not a finite number >= 0"):
+        load_checkpoint(sim, bad)
+    older = _copy(saved_killed_training, tmp_path / "older")
+    _state_edit(lambda s: _kr_state(s).pop("reference_score"))(older)
+    _rehash(older)
+    fresh = Simulation(tiny_config("tiny-llama", *KILLED_TRAINING))
+    assert load_checkpoint(fresh, older) == 1
+    assert fresh.devices[0].kill_revive.reference_score is None
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED_KILLED))

@@ -493,6 +493,37 @@ def test_converged_kills_only_adapters_below_the_threshold():
     assert policy.active == set(modules[-2:])
 
 
+def test_converged_relative_bound_is_a_share_of_the_median_score_when_warm_up_ended():
+    """Measured at 720 steps (BENCHMARKS.md): every adapter's update score sat below 0.05 from the
+    first kill on, so `converged` at an absolute 0.05 killed exactly what `dynamic` killed. With
+    `kill_threshold_relative` the bound is a share of the median score at the end of warm-up, fixed
+    from then on: the scores that follow shrink, the bound does not."""
+    modules = [f"model.layers.{i // 4}.m{i % 4}" for i in range(16)]
+    scores = {m: 0.02 + 0.002 * i for i, m in enumerate(modules)}   # 0.020..0.050, median 0.036
+    absolute = KillRevive(KillReviveConfig(warmup=2, interval=2, active_fraction=0.125, revive_interval=10**6,
+                                           selection="converged", kill_threshold=0.05), modules)
+    dynamic = KillRevive(KillReviveConfig(warmup=2, interval=2, active_fraction=0.125, revive_interval=10**6), modules)
+    relative = KillRevive(KillReviveConfig(warmup=2, interval=2, active_fraction=0.125, revive_interval=10**6,
+                                           selection="converged", kill_threshold=0.75, kill_threshold_relative=True),
+                          modules)
+    for policy in (absolute, dynamic, relative):
+        policy.scores = dict(scores)
+        policy.decide()
+        policy.decide()
+    assert absolute.active == dynamic.active and len(dynamic.active) == 2  # the absolute bound binds nothing
+    assert relative.reference_score == pytest.approx(0.036)
+    bound = 0.75 * 0.036
+    assert relative.events[-1]["kill_threshold"] == pytest.approx(bound)
+    assert relative.killed == {m for m in modules if scores[m] < bound}     # 0.020..0.026: four
+    assert len(relative.killed) == 4
+    # the survivors' scores shrink by a fifth: the reference stays, so more fall below the same bound
+    relative.scores.update({m: scores[m] * 0.8 for m in relative.active})
+    relative.decide()
+    relative.decide()
+    assert relative.reference_score == pytest.approx(0.036)
+    assert relative.killed == set(modules[:7])                         # 0.8 * 0.032 < 0.027 < 0.8 * 0.034
+
+
 def test_dynamic_kills_to_the_target_whatever_the_threshold():
     """The threshold is `converged`'s: dynamic (the golden run's policy) ignores it."""
     modules = [f"model.layers.0.m{i}" for i in range(8)]
@@ -511,6 +542,8 @@ def test_new_settings_are_checked():
         load_config(preset="tiny", overrides=["kill_revive.selection=static_score", "kill_revive.block_floor=1"])
     with pytest.raises(ConfigError, match="kill_threshold"):
         load_config(preset="tiny", overrides=["kill_revive.kill_threshold=-1"])
+    with pytest.raises(ConfigError, match="kill_threshold_relative is a setting of selection=converged"):
+        load_config(preset="tiny", overrides=["kill_revive.kill_threshold_relative=true"])
     with pytest.raises(ConfigError, match="decay_intervals"):
         load_config(preset="tiny", overrides=["kill_revive.decay_intervals=-1"])
 

@@ -142,6 +142,7 @@ def device_state(device: DeviceRuntime, tensors: dict[str, torch.Tensor], prefix
         "kill_revive": None if policy is None else {
             "active": sorted(policy.active), "scores": policy.scores, "grad_scores": policy.grad_scores,
             "events": policy.events, "step": policy.step, "frozen_choice": policy._frozen_choice,
+            "reference_score": policy.reference_score,
             "history": [[step, sorted(active)] for step, active in policy.active_history],
         },
         "flop_counts": _flop_counts(device),
@@ -161,6 +162,7 @@ def restore_device_state(device: DeviceRuntime, info: dict[str, Any], tensors: d
         policy.active, policy.scores, policy.events = set(saved["active"]), saved["scores"], saved["events"]
         policy.grad_scores = saved["grad_scores"]
         policy.step, policy._frozen_choice = saved["step"], saved["frozen_choice"]
+        policy.reference_score = saved.get("reference_score")  # absent from checkpoints before it was saved
         policy.active_history = [(step, frozenset(active)) for step, active in saved["history"]]
 
 
@@ -534,7 +536,10 @@ def _check_state(state: dict[str, Any], sim: Simulation) -> None:
         policy = info["kill_revive"]
         if policy is not None:
             _mapping(policy, f"{where}.kill_revive",
-                     {"active", "scores", "grad_scores", "events", "step", "frozen_choice", "history"})
+                     {"active", "scores", "grad_scores", "events", "step", "frozen_choice", "history"}
+                     | ({"reference_score"} if "reference_score" in policy else set()))
+            if policy.get("reference_score") is not None:
+                _number(policy["reference_score"], f"{where}.kill_revive.reference_score", 0)
             _names(policy["active"], f"{where}.kill_revive.active", set(ranks))
             _scores(policy["scores"], f"{where}.kill_revive.scores")
             _scores(policy["grad_scores"], f"{where}.kill_revive.grad_scores")

@@ -136,6 +136,8 @@ class KillRevive:
     active_history: list[tuple[int, frozenset[str]]] = field(default_factory=list)
     step: int = 0
     _frozen_choice: bool = False
+    # the median update score over the adapters when warm-up ended (`converged` with kill_threshold_relative)
+    reference_score: float | None = None
 
     def __post_init__(self) -> None:
         self.active = set(self.modules)
@@ -194,6 +196,9 @@ class KillRevive:
         if self.step < s.warmup:
             self.active_history.append((self.step, frozenset(self.active)))
             return [], []
+        if self.reference_score is None:
+            ranked = sorted(self.scores.get(n, 0.0) for n in self.modules)
+            self.reference_score = ranked[len(ranked) // 2] if ranked else 0.0
         kill, revive = self.selection.choose(self, grad_norms)
         before = frozenset(self.active)
         self.active -= set(kill)
@@ -216,12 +221,20 @@ class KillRevive:
         scores = sorted(self.scores.get(n, 0.0) for n in before)
         if scores:  # the update scores the kill saw: min, median, max over the active set
             event["active_score_quantiles"] = [scores[0], scores[len(scores) // 2], scores[-1]]
+        if self.selection.name == ConvergedSelection.name:
+            event["kill_threshold"] = self.kill_threshold()
         if grad_norms:
             weakest = min((grad_norms.get(n, 0.0) for n in before), default=0.0)
             event["weakest_active_grad"] = weakest
             event["killed_grad_ratio"] = {n: (grad_norms.get(n, 0.0) / weakest if weakest > 0 else 0.0)
                                           for n in sorted(set(self.modules) - before)}
         return event
+
+    def kill_threshold(self) -> float:
+        """`converged`'s bound on the update score of an adapter it kills: `kill_threshold`, or with
+        `kill_threshold_relative` that share of `reference_score`."""
+        s = self.settings
+        return s.kill_threshold * (self.reference_score or 0.0) if s.kill_threshold_relative else s.kill_threshold
 
     def summary(self) -> dict[str, Any]:
         """`kr_summary` of this policy's history so far."""
@@ -343,12 +356,14 @@ class ConvergedSelection(DynamicSelection):
     """KR by a convergence test: on a kill step only active adapters whose update score (EMA of
     ||delta(B A)|| / ||B A|| per step) is below `kill_threshold` are killed, lowest first, and never
     below the target (active_fraction): an adapter still moving keeps training, so the active set
-    shrinks only as fast as the adapters converge. Revivals as `dynamic`."""
+    shrinks only as fast as the adapters converge. With `kill_threshold_relative` the bound is that
+    share of the median score over the device's adapters when warm-up ended (`policy.kill_threshold`).
+    Revivals as `dynamic`."""
 
     name: ClassVar[str] = "converged"
 
     def kills(self, policy: KillRevive, active: int, exclude: set[str]) -> list[str]:
-        return policy.lowest(active - policy.target_active, exclude=exclude, below=policy.settings.kill_threshold)
+        return policy.lowest(active - policy.target_active, exclude=exclude, below=policy.kill_threshold())
 
 
 class GradientSelection(DynamicSelection):
