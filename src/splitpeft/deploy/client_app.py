@@ -114,6 +114,7 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
         round_index, device_id = int(round_info["round"]), str(round_info["device"])
         split_layer, ranks = int(round_info["split-layer"]), {str(k): int(v) for k, v in json.loads(str(round_info["ranks"])).items()}
         run_key = str(round_info["run-key"])
+        round_tag = str(round_info["round-tag"]) if "round-tag" in round_info else None  # a server that fences sessions
     except (KeyError, ValueError, TypeError, AttributeError) as error:
         raise DeploymentError(f"malformed round message: {error}") from None
     if not RUN_KEY.fullmatch(run_key):  # it names a folder under state-dir: never a path of the server's choosing
@@ -141,7 +142,7 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
     with GrpcChannel(device_id, node.split_server, token=node.token, root_cert_pem=node.root_cert,
                      compression=config.transport.compression, max_message_bytes=max_bytes,
                      tap=status.tap) as channel:
-        device.open_session(channel)
+        device.open_session(channel, round_tag)
         phase = device.local_phase(config.federation.local_steps, channel)
         device.close_session(channel)
         split_up, split_down = channel.traffic.bytes_up, channel.traffic.bytes_down

@@ -78,12 +78,15 @@ class FlowerEngine:
                                       idle_timeout_s=sim.config.transport.idle_timeout_s,
                                       step_timeout_s=sim.config.transport.step_timeout_s)
         self.server.on_lost = self._on_lost
+        sim.server.fence(None)  # no session opens until a round's jobs are out (a restarted server's old jobs)
         self.server.start()
         self._discover(set(sim.device_ids), self.settings.join_timeout_s)
         return {"run_key": self.run_key}
 
     def play_round(self, sim: Simulation, on_device_done: Callable[[str], None]) -> RoundRecord:
         record = sim.begin_round()
+        round_tag = uuid.uuid4().hex  # this round of this start of the server: its jobs' sessions alone open
+        sim.server.fence(round_tag)
         with self._lost_guard:
             self._lost.clear()
         for device_id in self._gone:  # ask again: a SuperNode restarted under node authentication keeps its id
@@ -107,7 +110,7 @@ class FlowerEngine:
             sent[device.device_id] = frame
             outgoing[device.device_id] = FlowerMessage(
                 RecordDict({"download": self._download_record(sim, device, frame),
-                            "round": self._round_record(sim, device)}),
+                            "round": self._round_record(sim, device, round_tag)}),
                 dst_node_id=node, message_type="train", group_id=str(record.round),
             )
         ids: dict[str, str] = dict(zip(self.grid.push_messages(list(outgoing.values())), outgoing))
@@ -145,6 +148,7 @@ class FlowerEngine:
                 break
             if ids:
                 time.sleep(0.2)
+        sim.server.fence(None)
         return sim.finish_round(record, results)
 
     def close(self) -> None:
@@ -235,9 +239,9 @@ class FlowerEngine:
             arrays["base"] = frame_array(encode(Message(Kind.BASE_DELTA, deltas)))
         return ArrayRecord(arrays)
 
-    def _round_record(self, sim: Simulation, device: Any) -> ConfigRecord:
+    def _round_record(self, sim: Simulation, device: Any, round_tag: str) -> ConfigRecord:
         return ConfigRecord({
-            "config": dump_yaml(sim.config), "run-key": self.run_key, "round": len(sim.rounds),
+            "config": dump_yaml(sim.config), "run-key": self.run_key, "round": len(sim.rounds), "round-tag": round_tag,
             "device": device.device_id, "split-layer": device.split_layer, "ranks": json.dumps(device.ranks),
         })
 

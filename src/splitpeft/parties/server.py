@@ -128,6 +128,11 @@ class ServerSession(Party):
         super().optimizer_step()
 
 
+class StaleJob(MessageError):
+    """An OPEN_SESSION a fenced server refuses (`SplitServer.fence`): it does not belong to the
+    round in progress, so the device's session of this round, if any, is left as it is."""
+
+
 class SplitServer:
     """Serves every device's split traffic through `handle(device_id, message)`.
 
@@ -173,6 +178,9 @@ class SplitServer:
         self.expected: set[str] = set()  # devices selected for this round (`begin_round`)
         self.finished: set[str] = set()  # devices that closed their session this round, or were refused
         self.pass_sizes: list[int] = []  # devices served by each shared pass this round (`handle_wave`)
+        # Deployment (`fence`): a session opens only for a job of the round in progress, by its tag
+        self.fenced = False
+        self.round_tag: str | None = None
 
     def begin_round(self, expected: Collection[str] = ()) -> None:
         """A new round: no session has trained yet; `expected` are the devices selected for it."""
@@ -180,6 +188,14 @@ class SplitServer:
         self.finished.clear()
         self.pass_sizes.clear()
         self.expected = set(expected)
+
+    def fence(self, round_tag: str | None) -> None:
+        """From now on (a deployment's server) a session opens only from a device expected this
+        round, not yet finished, whose OPEN_SESSION carries `round_tag`, the tag sent with this
+        round's jobs (None: no round open, nothing opens). A job left over from an earlier round or
+        an earlier start of the server (Flower may still deliver it after a restart, with the run's
+        key and the device's token) cannot train on a session of this one."""
+        self.fenced, self.round_tag = True, round_tag
 
     def waiting_for(self) -> set[str]:
         """Devices that may still send a step this round: those expected (else those that opened
@@ -197,6 +213,10 @@ class SplitServer:
                 session.park()
                 return Message(Kind.SESSION_CLOSED, meta={Meta.TOKENS: session.tokens})
             return session.placement.server_step(session, message)
+        except StaleJob as error:  # not the device's session of this round: leave that one as it is
+            log.warning("refused a session of %s: %s", device_id, error)
+            self.rejected.append((device_id, str(error)))
+            return error_message(str(error))
         except (MessageError, AdapterError, ValueError) as error:
             self.reject(device_id, error)
             return error_message(str(error))
@@ -272,7 +292,7 @@ class SplitServer:
                     replies[index] = result
         return replies
 
-    OPEN_KEYS = frozenset({Meta.PLACEMENT, Meta.SPLIT_LAYER, Meta.LABELS_ON_DEVICE, Meta.RANKS})
+    OPEN_KEYS = frozenset({Meta.PLACEMENT, Meta.SPLIT_LAYER, Meta.LABELS_ON_DEVICE, Meta.RANKS, Meta.ROUND_TAG})
 
     def _open(self, device_id: str, message: Message) -> Message:
         meta = message.meta
@@ -280,6 +300,8 @@ class SplitServer:
         if unknown or message.tensors:
             raise MessageError(f"OPEN_SESSION with unknown options {unknown[:3]} or tensors {sorted(message.tensors)[:3]}; "
                                f"it carries {', '.join(sorted(self.OPEN_KEYS))} and no tensor")
+        if self.fenced:
+            self._check_round(device_id, meta.get(Meta.ROUND_TAG))
         split_layer, labels_on_device = meta.get(Meta.SPLIT_LAYER), meta.get(Meta.LABELS_ON_DEVICE, False)
         if not isinstance(split_layer, int) or isinstance(split_layer, bool) or not 0 <= split_layer <= self.num_blocks:
             raise MessageError(f"split_layer {split_layer!r} is out of range 0..{self.num_blocks}")
@@ -311,6 +333,19 @@ class SplitServer:
         session.tokens = 0
         self.opened.add(device_id)
         return Message(Kind.SESSION_READY, meta={Meta.SPLIT_LAYER: split_layer})
+
+    def _check_round(self, device_id: str, tag: object) -> None:
+        """A fenced server's OPEN_SESSION: only for the round in progress (see `fence`)."""
+        if self.round_tag is None:
+            raise StaleJob("no round is in progress on this server: the session belongs to an earlier round's "
+                           "job or an earlier start of the server")
+        if tag != self.round_tag:
+            raise StaleJob(f"round tag {str(tag)[:40]!r} is not this round's: the session belongs to an earlier "
+                           "round's job or an earlier start of the server")
+        if device_id not in self.expected:
+            raise StaleJob(f"{device_id} is not selected for this round")
+        if device_id in self.finished:
+            raise StaleJob(f"{device_id} has already closed its session this round, or was dropped from it")
 
     def reject(self, device_id: str, error: Exception) -> None:
         """A message from `device_id` was refused: log it and drop its half-done step."""
@@ -352,4 +387,4 @@ class SplitServer:
         """(holder, adapters, tokens trained this round) for every session opened this round and
         not in `exclude` (a device not selected this round keeps its session, idle)."""
         return [(f"server/{d}", s.adapters(), s.tokens) for d, s in sorted(self.sessions.items())
-                if s.modules and d in self.opened and d not in exclude]
+                if s.modules and d in self.opened and d not in exclude and (not self.expected or d in self.expected)]

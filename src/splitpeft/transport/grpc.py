@@ -273,8 +273,10 @@ class GrpcSplitServer:
             for frame in frames:
                 arrived, stream.waiting_since = time.monotonic(), None
                 reply, kind, reply_kind = self._reply(device_id, frame, compression)
-                if kind in (Kind.OPEN_SESSION, Kind.CLOSE_SESSION):
-                    stream.session_open = kind == Kind.OPEN_SESSION
+                if kind == Kind.OPEN_SESSION and reply_kind == Kind.SESSION_READY:
+                    stream.session_open = True  # a refused open (a stale job's) opened nothing to lose
+                elif kind == Kind.CLOSE_SESSION:
+                    stream.session_open = False
                 if reply_kind in STEP_ENDS:
                     stream.step_since = None
                 elif kind in STEP_OPENS and stream.step_since is None:
