@@ -5,18 +5,22 @@ after a killed SuperLink restarts, Flower can still deliver a round job of the k
 to a SuperNode. It carries the run's key and the device's token, and the resumed split server
 opened its session and trained it before the real round began; the real round's session then
 started from the AdamW moments the leftover job left. `SplitServer.fence` refuses it by the
-round's tag, and the refusal leaves the device's session of the round untouched.
+round's tag, and the refusal leaves the device's session of the round untouched. A second reading
+(helper review) found the stale job's stream could still replace the round's own stream, a refused
+open marked the device finished, and a job outliving its round could still step: all three are
+tested here.
 """
 
 import pytest
+import torch
 from conftest import tiny_config
 
 from splitpeft.deploy.client_app import train_round
 from splitpeft.deploy.server_app import FlowerEngine
 from splitpeft.deploy.settings import NodeSettings
 from splitpeft.federation.simulation import Simulation
-from splitpeft.transport.grpc import GrpcSplitServer
-from splitpeft.transport.messages import Kind, Message, MessageError, encode
+from splitpeft.transport.grpc import GrpcChannel, GrpcSplitServer, TransportError
+from splitpeft.transport.messages import Kind, Message, encode
 
 OLD_TAG, TAG = "0" * 32, "1" * 32
 
@@ -48,13 +52,13 @@ def _job(sim, engine, node, tag):
 
 def test_a_job_left_over_from_an_earlier_start_of_the_server_trains_nothing(fenced):
     sim, engine, node = fenced
-    with pytest.raises(MessageError, match="no round is in progress on this server"):
+    with pytest.raises(TransportError, match="FAILED_PRECONDITION: no round is in progress on this server"):
         _job(sim, engine, node, OLD_TAG)  # delivered after the restart, before the first round
     assert "device-1" not in sim.server.sessions
 
     sim.begin_round()
     sim.server.fence(TAG)
-    with pytest.raises(MessageError, match="round tag '0+' is not this round's"):
+    with pytest.raises(TransportError, match="round tag '0+' is not this round's"):
         _job(sim, engine, node, OLD_TAG)  # delivered during the round
     assert "device-1" not in sim.server.sessions
     assert "device-1" in sim.server.waiting_for()  # the refusal did not drop the device from the round
@@ -62,7 +66,7 @@ def test_a_job_left_over_from_an_earlier_start_of_the_server_trains_nothing(fenc
     _, stats = _job(sim, engine, node, TAG)  # the round's own job trains
     assert stats.tokens > 0 and sim.server.sessions["device-1"].tokens == stats.tokens
     moments = {k: v.clone() for k, v in _moments(sim.server.sessions["device-1"]).items()}
-    with pytest.raises(MessageError, match="device-1 has already closed its session this round"):
+    with pytest.raises(TransportError, match="device-1 has already closed its session this round"):
         _job(sim, engine, node, TAG)  # the same job delivered twice
     for name, value in _moments(sim.server.sessions["device-1"]).items():
         assert value.equal(moments[name])  # the session the round aggregates is as its job left it
@@ -90,3 +94,54 @@ def test_an_unfenced_server_ignores_the_tag():
     reply = sim.server.handle("device-0", Message(Kind.OPEN_SESSION, meta={"placement": "split", "split_layer": 1,
                                                                           "round_tag": "anything"}))
     assert reply.kind == Kind.SESSION_READY
+
+
+def test_a_stale_jobs_stream_cannot_replace_the_rounds_stream(fenced):
+    """The stream of a leftover job names its round in its headers and is refused before it could
+    replace (and so drop) the stream of the device's job of this round."""
+    sim, engine, node = fenced
+    sim.begin_round()
+    sim.server.fence(TAG)
+    device = sim.devices[1]
+    with GrpcChannel("device-1", node.split_server, token=node.token, round_tag=TAG) as channel:
+        device.open_session(channel, TAG)
+        with GrpcChannel("device-1", node.split_server, token=node.token, round_tag=OLD_TAG) as stale:
+            with pytest.raises(TransportError, match="FAILED_PRECONDITION.*round tag '0+' is not this round's"):
+                device.open_session(stale, OLD_TAG)
+        phase = device.local_phase(2, channel)  # the round's own stream was not replaced
+        device.close_session(channel)
+    assert phase.tokens > 0 and sim.server.sessions["device-1"].tokens == phase.tokens
+    assert ("device-1" in sim.server.closed) and not any("replaced" in why for _, why in sim.server.rejected)
+
+
+def test_steps_of_a_session_not_opened_this_round_are_refused_and_change_nothing(fenced):
+    """A job still stepping after its round ended (it outlived the round's timeout) reaches no
+    session of the next round: between rounds nothing steps, and in a round only the sessions
+    opened for it do."""
+    sim, engine, node = fenced
+    sim.begin_round()
+    sim.server.fence(TAG)
+    _job(sim, engine, node, TAG)
+    moments = {k: v.clone() for k, v in _moments(sim.server.sessions["device-1"]).items()}
+    sim.server.fence(None)  # the round's results are in
+    activations = Message(Kind.ACTIVATIONS, {"hidden": torch.zeros(1, 4, 16)})
+    for round_tag in (None, TAG):
+        if round_tag is not None:
+            sim.begin_round()
+            sim.server.fence(round_tag)  # the next round: device-1 has not opened yet
+        reply = sim.server.handle("device-1", activations)
+        assert reply.kind == Kind.ERROR and "no session of the round in progress" in reply.meta["error"]
+    assert "device-1" in sim.server.waiting_for()  # not dropped from the next round by its stale job
+    for name, value in _moments(sim.server.sessions["device-1"]).items():
+        assert value.equal(moments[name])
+
+
+def test_a_malformed_stale_open_is_refused_as_stale_and_resets_nothing(fenced):
+    sim, _, _ = fenced
+    sim.begin_round()
+    sim.server.fence(TAG)
+    good = {"placement": "split", "split_layer": 1, "round_tag": TAG}
+    assert sim.server.handle("device-1", Message(Kind.OPEN_SESSION, meta=good)).kind == Kind.SESSION_READY
+    reply = sim.server.handle("device-1", Message(Kind.OPEN_SESSION, meta={**good, "round_tag": OLD_TAG, "evil": 1}))
+    assert reply.kind == Kind.ERROR and "is not this round's" in reply.meta["error"]
+    assert "device-1" in sim.server.opened and "device-1" not in sim.server.finished

@@ -177,6 +177,7 @@ class SplitServer:
         self.opened: set[str] = set()  # devices that opened a session this round
         self.expected: set[str] = set()  # devices selected for this round (`begin_round`)
         self.finished: set[str] = set()  # devices that closed their session this round, or were refused
+        self.closed: set[str] = set()  # devices that closed their session this round
         self.pass_sizes: list[int] = []  # devices served by each shared pass this round (`handle_wave`)
         # Deployment (`fence`): a session opens only for a job of the round in progress, by its tag
         self.fenced = False
@@ -186,16 +187,31 @@ class SplitServer:
         """A new round: no session has trained yet; `expected` are the devices selected for it."""
         self.opened.clear()
         self.finished.clear()
+        self.closed.clear()
         self.pass_sizes.clear()
         self.expected = set(expected)
 
     def fence(self, round_tag: str | None) -> None:
         """From now on (a deployment's server) a session opens only from a device expected this
-        round, not yet finished, whose OPEN_SESSION carries `round_tag`, the tag sent with this
-        round's jobs (None: no round open, nothing opens). A job left over from an earlier round or
-        an earlier start of the server (Flower may still deliver it after a restart, with the run's
-        key and the device's token) cannot train on a session of this one."""
+        round that has not closed its session, whose OPEN_SESSION carries `round_tag`, the tag sent
+        with this round's jobs, and steps come only from sessions opened so this round (None: no
+        round in progress, nothing opens or steps). A job left over from an earlier round or an
+        earlier start of the server (Flower may still deliver it after a restart, with the run's key
+        and the device's token) cannot train on a session of this one; it is refused (`StaleJob`)
+        without touching the device's session of this round."""
         self.fenced, self.round_tag = True, round_tag
+
+    def refuses_stream(self, device_id: str, round_tag: str | None) -> str | None:
+        """Why a fenced server refuses a new stream of `device_id` that names `round_tag` (its
+        round job's), before it can replace the device's current stream; None: admitted (also
+        when unfenced, or when the stream names no tag: its OPEN_SESSION is checked instead)."""
+        if not self.fenced or round_tag is None:
+            return None
+        try:
+            self._check_round(device_id, round_tag)
+        except StaleJob as error:
+            return str(error)
+        return None
 
     def waiting_for(self) -> set[str]:
         """Devices that may still send a step this round: those expected (else those that opened
@@ -209,21 +225,30 @@ class SplitServer:
             session = self._checked(device_id, message)
             if message.kind == Kind.CLOSE_SESSION:
                 self.finished.add(device_id)
+                self.closed.add(device_id)
                 session.placement.abort(session)  # a step it left half done: its wave no longer waits for it
                 session.park()
                 return Message(Kind.SESSION_CLOSED, meta={Meta.TOKENS: session.tokens})
             return session.placement.server_step(session, message)
-        except StaleJob as error:  # not the device's session of this round: leave that one as it is
-            log.warning("refused a session of %s: %s", device_id, error)
-            self.rejected.append((device_id, str(error)))
-            return error_message(str(error))
         except (MessageError, AdapterError, ValueError) as error:
+            return self._refused(device_id, error)
+
+    def _refused(self, device_id: str, error: Exception) -> Message:
+        """The ERROR reply to a refused message; the device's half-done step is dropped unless the
+        message was not of its session of this round (`StaleJob`), which is left as it is."""
+        if isinstance(error, StaleJob):
+            log.warning("refused a message of %s: %s", device_id, error)
+            self.rejected.append((device_id, str(error)))
+        else:
             self.reject(device_id, error)
-            return error_message(str(error))
+        return error_message(str(error))
 
     def _checked(self, device_id: str, message: Message) -> ServerSession:
         """`device_id`'s session, once `message` passed the step limits and frame bounds
         (MessageError otherwise): nothing is computed before this."""
+        if self.fenced and (self.round_tag is None or device_id not in self.opened or device_id in self.closed):
+            raise StaleJob(f"{message.kind.name} from {device_id}, which has no session of the round in progress: "
+                           "an earlier round's job or one from an earlier start of the server")
         session = self.sessions.get(device_id)
         if session is None:
             raise MessageError(f"device {device_id!r} has no open session")
@@ -265,8 +290,7 @@ class SplitServer:
             try:
                 self._checked(device_id, message)
             except (MessageError, AdapterError, ValueError) as error:
-                self.reject(device_id, error)
-                replies[index] = error_message(str(error))
+                replies[index] = self._refused(device_id, error)
                 continue
             groups.setdefault(key, []).append(index)
         for indexes in groups.values():
@@ -296,12 +320,12 @@ class SplitServer:
 
     def _open(self, device_id: str, message: Message) -> Message:
         meta = message.meta
+        if self.fenced:  # first: a stale job's open, malformed or not, leaves this round's session alone
+            self._check_round(device_id, meta.get(Meta.ROUND_TAG))
         unknown = sorted(set(meta) - self.OPEN_KEYS)
         if unknown or message.tensors:
             raise MessageError(f"OPEN_SESSION with unknown options {unknown[:3]} or tensors {sorted(message.tensors)[:3]}; "
                                f"it carries {', '.join(sorted(self.OPEN_KEYS))} and no tensor")
-        if self.fenced:
-            self._check_round(device_id, meta.get(Meta.ROUND_TAG))
         split_layer, labels_on_device = meta.get(Meta.SPLIT_LAYER), meta.get(Meta.LABELS_ON_DEVICE, False)
         if not isinstance(split_layer, int) or isinstance(split_layer, bool) or not 0 <= split_layer <= self.num_blocks:
             raise MessageError(f"split_layer {split_layer!r} is out of range 0..{self.num_blocks}")
@@ -344,8 +368,8 @@ class SplitServer:
                            "round's job or an earlier start of the server")
         if device_id not in self.expected:
             raise StaleJob(f"{device_id} is not selected for this round")
-        if device_id in self.finished:
-            raise StaleJob(f"{device_id} has already closed its session this round, or was dropped from it")
+        if device_id in self.closed:
+            raise StaleJob(f"{device_id} has already closed its session this round")
 
     def reject(self, device_id: str, error: Exception) -> None:
         """A message from `device_id` was refused: log it and drop its half-done step."""

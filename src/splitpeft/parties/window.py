@@ -61,6 +61,9 @@ class BatchWindow:
                     self._lock.wait()
         return entry.reply
 
+    def refuses_stream(self, device_id: str, round_tag: str | None) -> str | None:
+        return self.server.refuses_stream(device_id, round_tag)
+
     def reject(self, device_id: str, error: Exception) -> None:
         with self._lock:
             self.server.reject(device_id, error)

@@ -75,6 +75,9 @@ AUTHORIZATION_HEADER = "authorization"
 COMPRESSION_HEADER = "x-split-compression"  # the mode the device wants its replies in
 
 
+ROUND_TAG_HEADER = "x-split-round-tag"  # the round job a deployed device's stream belongs to
+
+
 # gRPC refuses anything this far over the frame limit before buffering it (and ends the stream);
 # frames between the two limits reach `decode`, which answers with an ERROR frame naming the size.
 TRANSPORT_SLACK_BYTES = 1024 * 1024
@@ -254,6 +257,7 @@ class GrpcSplitServer:
     def _stream(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         device_id = self._authenticate(context)
         compression = self.compression or self._requested_compression(context)
+        self._admit(device_id, context)
         log.info("device %s connected from %s (replies: %s)", device_id, context.peer(), compression)
         stream, previous = self._register(device_id, context)
         # gRPC drops a response iterator whose RPC was cancelled during a send without closing it,
@@ -299,14 +303,27 @@ class GrpcSplitServer:
             self._streams[device_id] = stream
         return stream, previous
 
+    def _admit(self, device_id: str, context: grpc.ServicerContext) -> None:
+        """Abort (FAILED_PRECONDITION) a stream whose round job the endpoint refuses (a deployment's
+        fenced split server: a job left over from an earlier round or server start), before it can
+        replace the device's stream of the round in progress."""
+        refuses = getattr(self.endpoint, "refuses_stream", None)
+        tag = dict(context.invocation_metadata()).get(ROUND_TAG_HEADER)
+        refusal = refuses(device_id, None if tag is None else str(tag)) if refuses is not None else None
+        if refusal is not None:
+            log.warning("refused a stream from device %s at %s: %s", device_id, context.peer(), refusal)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+
     def _take_over(self, previous: _Stream) -> None:
         """Cancel the stream a device's new stream replaces (the newer wins, so a device that lost
         its link reconnects at once) and, once it has finished (within the step deadline, as its
-        current frame may be computing), drop the device's half-done step."""
+        current frame may be computing), drop the device's half-done step if it had a session open."""
         device_id = previous.device_id
         log.warning("device %s opened another stream: it replaces the one from %s", device_id, previous.peer)
         self._cancel(previous, REPLACED)
         previous.finished.wait(timeout=self.step_timeout_s)
+        if not previous.session_open:  # e.g. a stale job's, whose open was refused: nothing of this round's to drop
+            return
         with self._device_lock(device_id):
             self._locked(self.endpoint.reject, device_id, TransportError(f"split stream replaced: {REPLACED}"))
 
@@ -428,7 +445,8 @@ class GrpcChannel:
     the channel is unusable. `compression` applies to the device's frames and is asked of the
     server for its replies, as `InProcessChannel` applies it both ways. `send(message, direction)` encodes, counts and decodes locally, like
     `InProcessChannel.send`: federation uses it for adapter messages, which travel on Flower in
-    deployment, not on this stream.
+    deployment, not on this stream. `round_tag` (a deployed device's round job) travels in the
+    stream's headers: a deployment's split server refuses the stream of another round's job.
     """
 
     def __init__(
@@ -443,6 +461,7 @@ class GrpcChannel:
         compression: str = "none",
         tap: Tap | None = None,
         server_name: str | None = None,
+        round_tag: str | None = None,
     ) -> None:
         self.device_id = device_id
         self.address = address
@@ -464,11 +483,10 @@ class GrpcChannel:
         self._lock = threading.Lock()
         self._failure: TransportError | None = None
         rpc = self._grpc.stream_stream(METHOD_PATH, request_serializer=_identity, response_deserializer=_identity)
-        self._call = rpc(
-            iter(self._requests.get, _CLOSED),
-            metadata=((DEVICE_ID_HEADER, device_id), (AUTHORIZATION_HEADER, f"Bearer {token}"),
-                      (COMPRESSION_HEADER, self.compression)),
-        )
+        metadata = [(DEVICE_ID_HEADER, device_id), (AUTHORIZATION_HEADER, f"Bearer {token}"), (COMPRESSION_HEADER, self.compression)]
+        if round_tag is not None:  # a deployed device's round job: a fenced server admits only the round in progress's
+            metadata.append((ROUND_TAG_HEADER, round_tag))
+        self._call = rpc(iter(self._requests.get, _CLOSED), metadata=tuple(metadata))
         self._reader = threading.Thread(target=self._read, name=f"splitpeft-grpc-{device_id}", daemon=True)
         self._reader.start()
 
