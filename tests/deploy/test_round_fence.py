@@ -85,6 +85,10 @@ def test_a_device_not_selected_for_the_round_opens_nothing(fenced):
     assert reply.kind == Kind.ERROR and "device-1 is not selected for this round" in reply.meta["error"]
     assert "device-1" not in sim.server.sessions and "device-1" not in sim.server.finished
     assert sim.server.handle("device-0", open_session).kind == Kind.SESSION_READY
+    untagged = Message(Kind.OPEN_SESSION, meta={"placement": "split", "split_layer": 1})  # an older ClientApp's
+    reply = sim.server.handle("device-0", untagged)
+    assert reply.kind == Kind.ERROR and "carries no round tag" in reply.meta["error"]
+    assert "device-0" in sim.server.opened and "device-0" not in sim.server.finished
 
 
 def test_an_unfenced_server_ignores_the_tag():

@@ -363,6 +363,9 @@ class SplitServer:
         if self.round_tag is None:
             raise StaleJob("no round is in progress on this server: the session belongs to an earlier round's "
                            "job or an earlier start of the server")
+        if tag is None:
+            raise StaleJob("OPEN_SESSION carries no round tag: the device runs a splitpeft older than this server's, "
+                           "or the session is not a round job's")
         if tag != self.round_tag:
             raise StaleJob(f"round tag {str(tag)[:40]!r} is not this round's: the session belongs to an earlier "
                            "round's job or an earlier start of the server")
