@@ -108,10 +108,10 @@ def test_a_stale_jobs_stream_cannot_replace_the_rounds_stream(fenced):
     sim.server.fence(TAG)
     device = sim.devices[1]
     with GrpcChannel("device-1", node.split_server, token=node.token, round_tag=TAG) as channel:
-        device.open_session(channel, TAG)
+        device.open_session(channel)
         with GrpcChannel("device-1", node.split_server, token=node.token, round_tag=OLD_TAG) as stale:
             with pytest.raises(TransportError, match="FAILED_PRECONDITION.*round tag '0+' is not this round's"):
-                device.open_session(stale, OLD_TAG)
+                device.open_session(stale)
         phase = device.local_phase(2, channel)  # the round's own stream was not replaced
         device.close_session(channel)
     assert phase.tokens > 0 and sim.server.sessions["device-1"].tokens == phase.tokens
@@ -149,3 +149,18 @@ def test_a_malformed_stale_open_is_refused_as_stale_and_resets_nothing(fenced):
     reply = sim.server.handle("device-1", Message(Kind.OPEN_SESSION, meta={**good, "round_tag": OLD_TAG, "evil": 1}))
     assert reply.kind == Kind.ERROR and "is not this round's" in reply.meta["error"]
     assert "device-1" in sim.server.opened and "device-1" not in sim.server.finished
+
+
+def test_the_round_tag_is_the_streams_never_the_frames(fenced):
+    """The tag travels in the stream's headers (so a deployed device's frames, and the bytes
+    counted for them, are the in-process simulation's); a tag inside a frame is not taken."""
+    sim, _, node = fenced
+    sim.begin_round()
+    sim.server.fence(TAG)
+    forged = Message(Kind.OPEN_SESSION, meta={"placement": "split", "split_layer": 1, "round_tag": TAG})
+    with GrpcChannel("device-1", node.split_server, token=node.token) as untagged:
+        reply = untagged.exchange(forged)
+    assert reply.kind == Kind.ERROR and "carries no round tag" in reply.meta["error"]
+    stale_in_frame = Message(Kind.OPEN_SESSION, meta={**forged.meta, "round_tag": OLD_TAG})
+    with GrpcChannel("device-1", node.split_server, token=node.token, round_tag=TAG) as tagged:
+        assert tagged.exchange(stale_in_frame).kind == Kind.SESSION_READY  # the header's tag, not the frame's

@@ -142,7 +142,7 @@ def train_round(node: NodeSettings, round_info: Mapping[str, Any], download: Arr
     with GrpcChannel(device_id, node.split_server, token=node.token, root_cert_pem=node.root_cert,
                      compression=config.transport.compression, max_message_bytes=max_bytes,
                      tap=status.tap, round_tag=round_tag) as channel:
-        device.open_session(channel, round_tag)
+        device.open_session(channel)
         phase = device.local_phase(config.federation.local_steps, channel)
         device.close_session(channel)
         split_up, split_down = channel.traffic.bytes_up, channel.traffic.bytes_down

@@ -204,19 +204,17 @@ class DeviceRuntime(Party):
         trained = {n: w for n, w in self.adapters().items() if n not in self.killed or n in self.trained_killed}
         return Message(Kind.ADAPTERS, to_tensors(trained), meta={Meta.DEVICE: self.device_id})
 
-    def open_session(self, channel: Channel, round_tag: str | None = None) -> None:
-        """Tell the server this device's split; the server builds its half for it. `round_tag`:
-        the tag of the round job this session trains for (a deployment's server fences by it)."""
+    def open_session(self, channel: Channel) -> None:
+        """Tell the server this device's split; the server builds its half for it."""
         if self.placement.uses_server():
-            meta: dict[str, object] = {
-                Meta.PLACEMENT: self.placement.name,
-                Meta.SPLIT_LAYER: self.split_layer,
-                Meta.LABELS_ON_DEVICE: self.placement.device_keeps_head(),
-                Meta.RANKS: {name: layer.r[ADAPTER_NAME] for name, layer in self.shell.layers.items()},
-            }
-            if round_tag is not None:
-                meta[Meta.ROUND_TAG] = round_tag
-            channel.exchange(Message(Kind.OPEN_SESSION, meta=meta)).expect(Kind.SESSION_READY)
+            channel.exchange(
+                Message(Kind.OPEN_SESSION, meta={
+                    Meta.PLACEMENT: self.placement.name,
+                    Meta.SPLIT_LAYER: self.split_layer,
+                    Meta.LABELS_ON_DEVICE: self.placement.device_keeps_head(),
+                    Meta.RANKS: {name: layer.r[ADAPTER_NAME] for name, layer in self.shell.layers.items()},
+                })
+            ).expect(Kind.SESSION_READY)
 
 
     def close_session(self, channel: Channel) -> None:

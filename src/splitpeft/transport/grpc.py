@@ -49,6 +49,7 @@ from splitpeft.transport.messages import (
     Kind,
     Message,
     MessageError,
+    Meta,
     decode,
     encode,
     error_message,
@@ -257,7 +258,7 @@ class GrpcSplitServer:
     def _stream(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         device_id = self._authenticate(context)
         compression = self.compression or self._requested_compression(context)
-        self._admit(device_id, context)
+        round_tag = self._admit(device_id, context)
         log.info("device %s connected from %s (replies: %s)", device_id, context.peer(), compression)
         stream, previous = self._register(device_id, context)
         # gRPC drops a response iterator whose RPC was cancelled during a send without closing it,
@@ -276,7 +277,7 @@ class GrpcSplitServer:
                 self._take_over(previous)
             for frame in frames:
                 arrived, stream.waiting_since = time.monotonic(), None
-                reply, kind, reply_kind = self._reply(device_id, frame, compression)
+                reply, kind, reply_kind = self._reply(device_id, frame, compression, round_tag)
                 if kind == Kind.OPEN_SESSION and reply_kind == Kind.SESSION_READY:
                     stream.session_open = True  # a refused open (a stale job's) opened nothing to lose
                 elif kind == Kind.CLOSE_SESSION:
@@ -303,16 +304,19 @@ class GrpcSplitServer:
             self._streams[device_id] = stream
         return stream, previous
 
-    def _admit(self, device_id: str, context: grpc.ServicerContext) -> None:
-        """Abort (FAILED_PRECONDITION) a stream whose round job the endpoint refuses (a deployment's
-        fenced split server: a job left over from an earlier round or server start), before it can
-        replace the device's stream of the round in progress."""
+    def _admit(self, device_id: str, context: grpc.ServicerContext) -> str | None:
+        """The round tag the stream names in its headers (its round job's; None if none), once the
+        endpoint admits it: a stream whose round job a deployment's fenced split server refuses (a
+        job left over from an earlier round or server start) is aborted (FAILED_PRECONDITION)
+        before it can replace the device's stream of the round in progress."""
+        header = dict(context.invocation_metadata()).get(ROUND_TAG_HEADER)
+        tag = None if header is None else str(header)
         refuses = getattr(self.endpoint, "refuses_stream", None)
-        tag = dict(context.invocation_metadata()).get(ROUND_TAG_HEADER)
-        refusal = refuses(device_id, None if tag is None else str(tag)) if refuses is not None else None
+        refusal = refuses(device_id, tag) if refuses is not None else None
         if refusal is not None:
             log.warning("refused a stream from device %s at %s: %s", device_id, context.peer(), refusal)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+        return tag
 
     def _take_over(self, previous: _Stream) -> None:
         """Cancel the stream a device's new stream replaces (the newer wins, so a device that lost
@@ -403,9 +407,10 @@ class GrpcSplitServer:
         with self._locks_guard:
             return self._device_locks.setdefault(device_id, threading.Lock())
 
-    def _reply(self, device_id: str, frame: bytes, compression: str) -> tuple[bytes, Kind | None, Kind]:
+    def _reply(self, device_id: str, frame: bytes, compression: str, round_tag: str | None) -> tuple[bytes, Kind | None, Kind]:
         """The encoded reply to one frame, the frame's kind (None if it was not readable) and the
-        reply's; a bad frame gets an ERROR frame, never a dead stream."""
+        reply's; a bad frame gets an ERROR frame, never a dead stream. An OPEN_SESSION carries the
+        stream's round tag (its headers', never one of the frame's own) to the endpoint."""
         kind = None
         with self._device_lock(device_id):
             try:
@@ -416,6 +421,10 @@ class GrpcSplitServer:
                 reply = error_message(str(error))
             else:
                 kind = message.kind
+                if kind == Kind.OPEN_SESSION:
+                    message.meta.pop(Meta.ROUND_TAG, None)
+                    if round_tag is not None:
+                        message.meta[Meta.ROUND_TAG] = round_tag
                 try:
                     reply = self._locked(self.endpoint.handle, device_id, message)
                 except Exception as error:  # keep serving: a crash in one step is that step's error

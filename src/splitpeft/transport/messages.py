@@ -90,7 +90,7 @@ class Meta:
     SPLIT_LAYER = "split_layer"            # OPEN_SESSION, SESSION_READY: k
     LABELS_ON_DEVICE = "labels_on_device"  # OPEN_SESSION: U-shaped split
     RANKS = "ranks"                        # OPEN_SESSION (dlora): {module: rank} the device runs
-    ROUND_TAG = "round_tag"                # OPEN_SESSION (deployment): the tag of the round job it trains for
+    ROUND_TAG = "round_tag"                # OPEN_SESSION as the server sees it: the stream's round tag (gRPC header)
     TOKENS = "tokens"                      # SESSION_CLOSED, HEAD_GRADIENT (dlora): completion tokens
     CALL = "call"                          # dlora branch messages: which remote group call
     MODULES = "modules"                    # dlora BRANCH_* and REVIVE: module names
