@@ -396,6 +396,12 @@ class KillReviveConfig:
         "dlora: the server keeps training the killed adapters it computes (its own AdamW at federation.lr, from the "
         "gradients its backward reaches anyway) and the device fetches them before it uploads; false = frozen while "
         "killed, as published. The hybrid's own blocks' killed adapters stay frozen on the device", False)
+    upload_killed: bool = _help(
+        "the device uploads its killed adapters too, at their frozen values (the round's start, or where a kill "
+        "froze them), so each module's mean counts every device: a module that one device alone keeps training "
+        "no longer takes that device's whole update each round (measured at 720 steps: the published rule's "
+        "held-out drift sat in such modules); costs their upload once a round; false = they stay home, as published",
+        False)
     spare_device_blocks: bool = _help(
         "dlora's hybrid (placement.dlora_device_blocks > 0): the adapters of the device's own blocks stay out of "
         "Kill and Revive and always train there (killing one saves its branch's device FLOPs but no traffic, and "

@@ -684,3 +684,31 @@ def test_a_step_done_with_norms_the_device_did_not_ask_for_is_refused(lie):
     with pytest.raises(MessageError, match=expected):
         sim.placement.device_step(device, device.data.next(), channel)
     assert device.grad_norms == {}
+
+
+def test_upload_killed_counts_a_frozen_adapter_in_the_mean_at_its_frozen_value():
+    """Measured at 720 steps: the published rule's held-out drift sat in modules that one device
+    alone kept training, whose mean was that device's copy. With `upload_killed` a device that
+    keeps a module killed uploads it unchanged (the round's start), so the module's FedAvg is
+    p0 * trained + p1 * start; without it, the one trained copy."""
+    killed_module = "model.layers.0.self_attn.q_proj"
+    runs = {}
+    for upload in (False, True):
+        sim = Simulation(tiny_config(
+            "tiny-llama", "placement.placement=dlora", "federation.num_devices=2", "federation.local_steps=3",
+            "kill_revive.enabled=true", "kill_revive.warmup=1000", f"kill_revive.upload_killed={str(upload).lower()}",
+            "federation.batch_size=2", "data.max_length=40"))
+        start = sim.state.start_state("device-1", sim.devices[1].ranks)[killed_module]
+        sim.devices[1].killed = {killed_module}  # device 1 keeps it killed all round (the warm-up never ends)
+        sim.devices[1].kill_revive.active.discard(killed_module)
+        record = sim.run_round()
+        uploaded = {d: record.devices[d].bytes_up for d in record.devices}
+        runs[upload] = (sim.state.global_adapters[killed_module], start, record, uploaded)
+    alone, start, record, bytes_without = runs[False]
+    mixed, start_again, record_with, bytes_with = runs[True]
+    torch.testing.assert_close(start, start_again)
+    tokens = [record_with.devices[d].tokens for d in ("device-0", "device-1")]
+    p0, p1 = tokens[0] / sum(tokens), tokens[1] / sum(tokens)
+    torch.testing.assert_close(mixed.A, p0 * alone.A + p1 * start.A, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(mixed.B, p0 * alone.B + p1 * start.B, rtol=1e-5, atol=1e-7)
+    assert bytes_with["device-1"] > bytes_without["device-1"] and bytes_with["device-0"] == bytes_without["device-0"]

@@ -200,8 +200,10 @@ class DeviceRuntime(Party):
         return phase
 
     def upload_message(self) -> Message:
-        """The round's trained adapters (killed ones stay home, unless the server trained them)."""
-        trained = {n: w for n, w in self.adapters().items() if n not in self.killed or n in self.trained_killed}
+        """The round's trained adapters (killed ones stay home, unless the server trained them or
+        `kill_revive.upload_killed` sends them at their frozen values)."""
+        every = self.kill_revive is not None and self.kill_revive.settings.upload_killed
+        trained = {n: w for n, w in self.adapters().items() if every or n not in self.killed or n in self.trained_killed}
         return Message(Kind.ADAPTERS, to_tensors(trained), meta={Meta.DEVICE: self.device_id})
 
     def open_session(self, channel: Channel) -> None:
