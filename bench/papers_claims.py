@@ -209,7 +209,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", help="default: hsplitlora,hetlora,splitlora,cenlora (hsplit); "
                         "no_kr,kr,kr_scheduled,kr_gradient,kr_converged (dlora; also kr_converged_rel: converged against half the "
-                        "median score at the end of warm-up; kr_server: "
+                        "median score at the end of warm-up; kr_upload_killed: dynamic uploading killed adapters at their frozen values; "
+                        "kr_server: "
                         "dynamic with the server training killed adapters; kr_server_spared: the same, the hybrid's own blocks never killed)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--local-steps", type=int, default=20)

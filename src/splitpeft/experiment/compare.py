@@ -130,11 +130,11 @@ SUITES: dict[str, dict[str, list[str]]] = {
                          "kill_revive.kill_threshold=0.05"],  # 0.01 (the default) never killed in 120 steps
         # the same test against half the median score when warm-up ended: at 720 steps every score sat below 0.05
         # from the first kill on, so kr_converged killed exactly as kr did (BENCHMARKS.md)
+        "kr_converged_rel": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=converged",
+                             "kill_revive.kill_threshold_relative=true", "kill_revive.kill_threshold=0.5"],
         # dynamic whose devices upload their killed adapters at their frozen values (kill_revive.upload_killed)
         "kr_upload_killed": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=dynamic",
                              "kill_revive.upload_killed=true"],
-        "kr_converged_rel": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=converged",
-                             "kill_revive.kill_threshold_relative=true", "kill_revive.kill_threshold=0.5"],
         # KR whose killed adapters the server keeps training (kill_revive.server_trains_killed)
         "kr_server": ["placement.placement=dlora", "kill_revive.enabled=true", "kill_revive.selection=dynamic",
                       "kill_revive.server_trains_killed=true"],

@@ -129,8 +129,9 @@ class ServerSession(Party):
 
 
 class StaleJob(MessageError):
-    """An OPEN_SESSION a fenced server refuses (`SplitServer.fence`): it does not belong to the
-    round in progress, so the device's session of this round, if any, is left as it is."""
+    """A message a fenced server refuses (`SplitServer.fence`) because it does not belong to the
+    round in progress (an OPEN_SESSION, or a step of a session not opened for it), so the device's
+    session of this round, if any, is left as it is."""
 
 
 class SplitServer:
