@@ -516,6 +516,10 @@ def test_converged_relative_bound_is_a_share_of_the_median_score_when_warm_up_en
     assert relative.events[-1]["kill_threshold"] == pytest.approx(bound)
     assert relative.killed == {m for m in modules if scores[m] < bound}     # 0.020..0.026: four
     assert len(relative.killed) == 4
+    # the kill event records each killed adapter's own score, every one under the bound it recorded
+    assert relative.events[-1]["killed_scores"] == {m: pytest.approx(scores[m]) for m in relative.killed}
+    assert all(v < bound for v in relative.events[-1]["killed_scores"].values())
+    assert set(dynamic.events[-1]["killed_scores"]) == set(modules) - dynamic.active
     # the survivors' scores shrink by a fifth: the reference stays, so more fall below the same bound
     relative.scores.update({m: scores[m] * 0.8 for m in relative.active})
     relative.decide()

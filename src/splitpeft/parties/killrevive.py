@@ -215,12 +215,15 @@ class KillRevive:
         `jaccard` = |before & after| / |before | after| of the active sets; `killed_grad_ratio`
         = each killed adapter's gradient norm / the weakest active one's, measured on this step
         (before the swap), so > 1 + revive_margin means it was worth reviving; `active_score_quantiles`
-        = min, median, max update score over the active set before the decision."""
+        = min, median, max update score over the active set before the decision; `killed_scores` = the
+        update score of each adapter killed now (what `converged`'s bound compares)."""
         event: dict[str, object] = {"step": self.step, "killed": sorted(kill), "revived": sorted(revive),
                                     "active": len(self.active), "jaccard": jaccard(before, self.active)}
         scores = sorted(self.scores.get(n, 0.0) for n in before)
         if scores:  # the update scores the kill saw: min, median, max over the active set
             event["active_score_quantiles"] = [scores[0], scores[len(scores) // 2], scores[-1]]
+        if kill:
+            event["killed_scores"] = {n: self.scores.get(n, 0.0) for n in sorted(kill)}
         if self.selection.name == ConvergedSelection.name:
             event["kill_threshold"] = self.kill_threshold()
         if grad_norms:
