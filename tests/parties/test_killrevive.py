@@ -708,7 +708,7 @@ def test_upload_killed_counts_a_frozen_adapter_in_the_mean_at_its_frozen_value()
         record = sim.run_round()
         uploaded = {d: record.devices[d].bytes_up for d in record.devices}
         runs[upload] = (sim.state.global_adapters[killed_module], start, record, uploaded)
-    alone, start, record, bytes_without = runs[False]
+    alone, start, _, bytes_without = runs[False]
     mixed, start_again, record_with, bytes_with = runs[True]
     torch.testing.assert_close(start, start_again)
     tokens = [record_with.devices[d].tokens for d in ("device-0", "device-1")]
