@@ -400,7 +400,9 @@ class KillReviveConfig:
         "the device uploads its killed adapters too, at their frozen values (the round's start, or where a kill "
         "froze them), so each module's mean counts every device: a module that one device alone keeps training "
         "no longer takes that device's whole update each round (measured at 720 steps: the published rule's "
-        "held-out drift sat in such modules); costs their upload once a round; false = they stay home, as published",
+        "held-out drift sat in such modules); an adapter killed before the round began and still as loaded travels as "
+        "its name (the server counts the value it gave), only those killed during the round as tensors; false = they "
+        "stay home, as published",
         False)
     spare_device_blocks: bool = _help(
         "dlora's hybrid (placement.dlora_device_blocks > 0): the adapters of the device's own blocks stay out of "

@@ -20,7 +20,7 @@ from splitpeft.parties.killrevive import (
     scheduled_target,
     update_norm,
 )
-from splitpeft.transport.messages import Kind, decode, tensor_bytes
+from splitpeft.transport.messages import Kind, Message, MessageError, Meta, decode, encode, tensor_bytes
 
 
 def test_gram_norms_equal_dense_norms():
@@ -715,4 +715,84 @@ def test_upload_killed_counts_a_frozen_adapter_in_the_mean_at_its_frozen_value()
     p0, p1 = tokens[0] / sum(tokens), tokens[1] / sum(tokens)
     torch.testing.assert_close(mixed.A, p0 * alone.A + p1 * start.A, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(mixed.B, p0 * alone.B + p1 * start.B, rtol=1e-5, atol=1e-7)
-    assert bytes_with["device-1"] > bytes_without["device-1"] and bytes_with["device-0"] == bytes_without["device-0"]
+    # killed since before the round and still as given: it travels as its name, the server has its value
+    assert 0 < bytes_with["device-1"] - bytes_without["device-1"] < 200 and bytes_with["device-0"] == bytes_without["device-0"]
+
+
+def _kr_uploads(*overrides: str, names: bool = True) -> tuple[Simulation, list[dict[str, Message]]]:
+    """Two dlora rounds with Kill and Revive killing from step 2 and `upload_killed`; each round's
+    upload messages. `names=False`: the devices forget their round's start, so every killed
+    adapter travels as tensors."""
+    sim = Simulation(tiny_config(
+        "tiny-llama", "placement.placement=dlora", "federation.num_devices=2", "federation.local_steps=4",
+        "kill_revive.enabled=true", "kill_revive.warmup=2", "kill_revive.interval=1", "kill_revive.active_fraction=0.25",
+        "kill_revive.upload_killed=true", "federation.batch_size=2", "data.max_length=40", *overrides))
+    rounds: list[dict[str, Message]] = []
+    for device in sim.devices:
+        def load(adapters, device=device, load=device.load):
+            load(adapters)
+            if not names:
+                device.round_start = {}
+
+        def upload(device=device, upload=device.upload_message):
+            message = upload()
+            rounds[-1][device.device_id] = message
+            return message
+        device.load, device.upload_message = load, upload
+    for _ in range(2):
+        rounds.append({})
+        sim.run_round()
+    return sim, rounds
+
+
+def test_upload_killed_names_adapters_killed_before_the_round_and_the_server_counts_what_it_gave():
+    """An adapter killed before the round began and still as loaded travels as its name
+    (`Meta.UNCHANGED`), and the server counts it at the value it gave that device: the very same
+    aggregate as sending it, fewer bytes up. One killed during the round travels as tensors."""
+    named_sim, named = _kr_uploads()
+    sent_sim, sent = _kr_uploads(names=False)
+    assert all(Meta.UNCHANGED not in m.meta for m in named[0].values())  # round 1 began with none killed
+    for device_id, message in named[1].items():
+        unchanged = message.meta[Meta.UNCHANGED]
+        assert unchanged and not {f"{n}.A" for n in unchanged} & set(message.tensors)
+        assert Meta.UNCHANGED not in sent[1][device_id].meta
+        assert {f"{n}.A" for n in unchanged} <= set(sent[1][device_id].tensors)
+        # killed during round 1, before round 2 began: the first upload sent them
+        assert {f"{n}.A" for n in unchanged} <= set(named[0][device_id].tensors)
+        assert len(encode(message)) < len(encode(sent[1][device_id])) - len(unchanged) * 100
+    for name, weights in sent_sim.state.global_adapters.items():
+        assert torch.equal(named_sim.state.global_adapters[name].A, weights.A)
+        assert torch.equal(named_sim.state.global_adapters[name].B, weights.B)
+    rounds = named_sim.rounds[1].devices, sent_sim.rounds[1].devices
+    assert all(rounds[0][d].adapter_bytes_up < rounds[1][d].adapter_bytes_up for d in rounds[0])
+
+
+def test_an_upload_naming_what_the_round_did_not_give_drops_its_device_alone():
+    sim = Simulation(tiny_config(
+        "tiny-llama", "placement.placement=dlora", "federation.num_devices=2", "federation.min_devices=1",
+        "federation.batch_size=2", "data.max_length=40", "federation.local_steps=2"))
+    device = sim.devices[1]
+    given = sim.download_message(device)
+    module = sorted(device.ranks)[0]
+    tensors = {k: v for k, v in given.tensors.items() if not k.startswith(f"{module}.")}
+    named = sim.uploaded("device-1", Message(Kind.ADAPTERS, tensors, meta={Meta.UNCHANGED: [module]}))
+    assert torch.equal(named[module].A, given.tensors[f"{module}.A"]) and len(named) == len(device.ranks)
+    for meta, error in [({Meta.UNCHANGED: ["model.layers.99.mlp.up_proj"]}, "did not give it"),
+                        ({Meta.UNCHANGED: [module, module]}, "more than once"),
+                        ({Meta.UNCHANGED: module}, "list of module names"),
+                        ({Meta.UNCHANGED: [3]}, "list of module names")]:
+        with pytest.raises(MessageError, match=error):
+            sim.uploaded("device-1", Message(Kind.ADAPTERS, tensors, meta=meta))
+    with pytest.raises(MessageError, match="sends it as well"):
+        sim.uploaded("device-1", Message(Kind.ADAPTERS, given.tensors, meta={Meta.UNCHANGED: [module]}))
+    with pytest.raises(MessageError, match="did not give it"):  # device-0 was not given anything yet
+        sim.uploaded("device-0", Message(Kind.ADAPTERS, {}, meta={Meta.UNCHANGED: [module]}))
+    sim.state.given.clear()
+
+    def lying(upload=device.upload_message):
+        message = upload()
+        return Message(message.kind, message.tensors, meta={**message.meta, Meta.UNCHANGED: ["model.layers.99.mlp.up_proj"]})
+    device.upload_message = lying
+    record = sim.run_round()
+    assert [entry["device"] for entry in record.dropped] == ["device-1"] and "did not give it" in record.dropped[0]["error"]
+    assert record.completed == ["device-0"]

@@ -29,7 +29,6 @@ from splitpeft.federation.records import (
     RoundRecord,
 )
 from splitpeft.federation.simulation import Simulation
-from splitpeft.model import adapters as lora
 from splitpeft.model.adapters import AdapterError
 from splitpeft.parties.window import BatchWindow
 from splitpeft.transport.grpc import GrpcSplitServer
@@ -252,7 +251,7 @@ class FlowerEngine:
         upload = frame_of(content.array_records["upload"], sim.config.transport.max_message_bytes).expect(Kind.ADAPTERS)
         if upload.meta.get(Meta.DEVICE) != device_id:
             raise MessageError(f"upload says device {upload.meta.get('device')!r}, expected {device_id}")
-        uploaded = lora.from_tensors(upload.tensors)
+        uploaded = sim.uploaded(device_id, upload)
         device = next(d for d in sim.devices if d.device_id == device_id)
         if sim.placement.uses_server():  # the reply must come from the session this device trained on
             session = sim.server.sessions.get(device_id)

@@ -323,7 +323,7 @@ class Simulation:
             phase = device.local_phase(self.config.federation.local_steps, channel)
             device.close_session(channel)
             up_before = channel.traffic.bytes_up
-            uploaded = lora.from_tensors(channel.send(device.upload_message(), "up").tensors)
+            uploaded = self.uploaded(device.device_id, channel.send(device.upload_message(), "up"))
             stats.adapter_bytes_up = channel.traffic.bytes_up - up_before
         except (ConnectionError, MessageError, lora.AdapterError) as error:  # a malformed upload drops its device alone
             self.drop(record, device.device_id, str(error))
@@ -510,6 +510,26 @@ class Simulation:
         """The ADAPTERS message that starts `device`'s round: its modules' adapters."""
         return Message(Kind.ADAPTERS, lora.to_tensors(self.state.start_state(device.device_id, device.ranks)),
                        meta={Meta.ROUND: len(self.rounds)})
+
+    def uploaded(self, device_id: str, upload: Message) -> AdapterSet:
+        """`device_id`'s ADAPTERS upload as adapters: its tensors, and each module it names as still at
+        the value this round gave it (`Meta.UNCHANGED`: killed adapters under `kill_revive.upload_killed`)
+        at that value, which the server holds. MessageError for a module named that this round did not
+        give the device, named twice, or sent as well."""
+        adapters = lora.from_tensors(upload.tensors)
+        named = upload.meta.get(Meta.UNCHANGED, [])
+        if not isinstance(named, list) or not all(isinstance(name, str) for name in named):
+            raise MessageError(f"{device_id}'s upload: {Meta.UNCHANGED!r} must be a list of module names")
+        if len(set(named)) != len(named):
+            raise MessageError(f"{device_id}'s upload names a module unchanged more than once")
+        given = self.state.given.get(device_id, {})
+        for name in named:
+            if name not in given:
+                raise MessageError(f"{device_id}'s upload names {name[:200]!r} unchanged, which this round did not give it")
+            if name in adapters:
+                raise MessageError(f"{device_id}'s upload names {name!r} unchanged and sends it as well")
+            adapters[name] = given[name]
+        return adapters
 
     def close(self) -> None:
         """Remove what the parked parties spilled to disk (the pools' own folders)."""

@@ -78,6 +78,9 @@ class DeviceRuntime(Party):
         self.meter = DeviceMeter(count_flops, device=self.torch_device)
         self.killed: set[str] = set()
         self.trained_killed: set[str] = set()  # killed adapters the server trained this phase (uploaded)
+        # `kill_revive.upload_killed`: the adapters killed as this round began, as loaded; those still
+        # equal at the upload travel as names (`Meta.UNCHANGED`): the server holds what it gave
+        self.round_start: dict[str, LoraWeights] = {}
         self.kill_revive: KillRevive | None = None
         self.measure_killed = False
         self.grad_norms: dict[str, float] = {}
@@ -199,12 +202,28 @@ class DeviceRuntime(Party):
         phase.wall_s = time.perf_counter() - start
         return phase
 
+    def load(self, adapters: Mapping[str, LoraWeights]) -> None:
+        super().load(adapters)
+        every = self.kill_revive is not None and self.kill_revive.settings.upload_killed
+        self.round_start = read_adapters(self.shell.layers, sorted(self.killed)) if every and self.killed else {}
+
+    def park(self) -> None:
+        self.round_start = {}  # only the round's upload reads it
+        super().park()
+
     def upload_message(self) -> Message:
         """The round's trained adapters (killed ones stay home, unless the server trained them or
-        `kill_revive.upload_killed` sends them at their frozen values)."""
+        `kill_revive.upload_killed` sends them at their frozen values: those killed before the round
+        began and still as loaded are named in `Meta.UNCHANGED` instead, the server has their value)."""
         every = self.kill_revive is not None and self.kill_revive.settings.upload_killed
         trained = {n: w for n, w in self.adapters().items() if every or n not in self.killed or n in self.trained_killed}
-        return Message(Kind.ADAPTERS, to_tensors(trained), meta={Meta.DEVICE: self.device_id})
+        unchanged = sorted(n for n, w in self.round_start.items()
+                           if n in trained and torch.equal(w.A.cpu(), trained[n].A) and torch.equal(w.B.cpu(), trained[n].B))
+        meta: dict[str, object] = {Meta.DEVICE: self.device_id}
+        if unchanged:
+            meta[Meta.UNCHANGED] = unchanged
+            trained = {n: w for n, w in trained.items() if n not in set(unchanged)}
+        return Message(Kind.ADAPTERS, to_tensors(trained), meta=meta)
 
     def open_session(self, channel: Channel) -> None:
         """Tell the server this device's split; the server builds its half for it."""

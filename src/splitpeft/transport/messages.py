@@ -100,6 +100,7 @@ class Meta:
     KEEP_KILLED = "keep_killed"            # REVIVE (ask): send the adapters' weights, keep them killed on the server
     ROUND = "round"                        # ADAPTERS down: the round index
     DEVICE = "device"                      # ADAPTERS up: the uploading device
+    UNCHANGED = "unchanged"                # ADAPTERS up: modules still at the value the server gave (not sent)
 
 
 @dataclass
