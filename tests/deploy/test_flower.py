@@ -123,6 +123,30 @@ def test_flower_deployment_with_the_batched_server_pass_trains_the_one_at_a_time
 
 
 @pytest.mark.slow
+def test_flower_dlora_with_kill_and_revive_uploading_killed_adapters_by_name_trains_the_in_process_adapters(
+        tmp_path, deployment):
+    """dlora with Kill and Revive and `upload_killed` over Flower: each SuperNode restores its killed
+    set from its own store, names the adapters killed before the round (`Meta.UNCHANGED`), and the
+    ServerApp counts the values it gave: adapters, losses and bytes equal the in-process run's."""
+    overrides = [*run_overrides(devices=2, rounds=3, steps=4), "placement.placement=dlora", "kill_revive.enabled=true",
+                 "kill_revive.warmup=2", "kill_revive.interval=1", "kill_revive.active_fraction=0.25",
+                 "kill_revive.upload_killed=true"]
+    flower = deployment(2)
+    flower.start_superlink()
+    for index in range(2):
+        flower.start_device(index)
+    out = tmp_path / "flower-run"
+    finish(flower, flower.submit(out, overrides))
+    assert (out / "report.json").is_file(), flower.log("flwr-run-2")
+    report = json.loads((out / "report.json").read_text())
+    assert_trained_as_in_process(tmp_path, overrides, report)
+    # from round 2 on the killed adapters travel as names: the upload is smaller than round 1's
+    first, later = ([entry["devices"][d]["adapter_bytes_up"] for d in ("device-0", "device-1")]
+                    for entry in (report["rounds"][0], report["rounds"][2]))
+    assert all(b < a for a, b in zip(first, later))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("node_auth", [False, True], ids=["plain", "tls-node-auth"])
 def test_a_device_killed_mid_round_is_dropped_rejoins_after_a_restart_and_a_bad_token_is_refused(
         tmp_path, deployment, node_auth):
