@@ -217,12 +217,12 @@ class DeviceRuntime(Party):
         began and still as loaded are named in `Meta.UNCHANGED` instead, the server has their value)."""
         every = self.kill_revive is not None and self.kill_revive.settings.upload_killed
         trained = {n: w for n, w in self.adapters().items() if every or n not in self.killed or n in self.trained_killed}
-        unchanged = sorted(n for n, w in self.round_start.items()
-                           if n in trained and torch.equal(w.A.cpu(), trained[n].A) and torch.equal(w.B.cpu(), trained[n].B))
+        unchanged = {n for n, w in self.round_start.items()
+                     if n in trained and torch.equal(w.A.cpu(), trained[n].A) and torch.equal(w.B.cpu(), trained[n].B)}
         meta: dict[str, object] = {Meta.DEVICE: self.device_id}
         if unchanged:
-            meta[Meta.UNCHANGED] = unchanged
-            trained = {n: w for n, w in trained.items() if n not in set(unchanged)}
+            meta[Meta.UNCHANGED] = sorted(unchanged)
+            trained = {n: w for n, w in trained.items() if n not in unchanged}
         return Message(Kind.ADAPTERS, to_tensors(trained), meta=meta)
 
     def open_session(self, channel: Channel) -> None:
