@@ -63,3 +63,6 @@ def test_a_run_at_auto_trains_and_its_report_says_which_dtype_and_why(cpu_featur
     info = sim.info()["runtime"]
     assert info["dtype"] == "bf16" and info["dtype_reason"] == "runtime.dtype=auto chose bf16: the CPU has amx_bf16"
     assert all(p.dtype == torch.bfloat16 for p in sim.loaded.model.parameters() if p.is_floating_point())
+    machine = sim.info()["machine"]  # bf16 rounds differently on other processors: the report names this one
+    assert machine["processor"] == runtime_module.processor_name() and machine["processor"]
+    assert machine["cpu_bf16"] == "amx_bf16" and machine["torch"] == torch.__version__ and machine["threads"] >= 1

@@ -66,7 +66,7 @@ from splitpeft.model.backbone import backbone_of
 from splitpeft.model.batched import DevicePass
 from splitpeft.model.loading import LoadedModel, load_model
 from splitpeft.model.parts import Part, quantize_blocks, view_part
-from splitpeft.model.runtime import resolve_runtime
+from splitpeft.model.runtime import machine_info, resolve_runtime
 from splitpeft.parties.device import DeviceRuntime
 from splitpeft.parties.frame_bounds import FrameBounds
 from splitpeft.parties.server import SplitServer, StepLimits
@@ -569,6 +569,7 @@ class Simulation:
                         "dtype": self.runtime.dtype_name, "dtype_reason": self.runtime.dtype_reason,
                         "base_quantization": self.runtime.quantization,
                         "gradient_checkpointing": self.runtime.gradient_checkpointing},
+            "machine": machine_info(self.runtime),
         }
 
 

@@ -201,6 +201,27 @@ def cpu_bf16_feature() -> str | None:
     return None
 
 
+@cache
+def processor_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo "model name", else the platform's word for it):
+    bf16 products round differently on other processors' kernels, so a report names the one it ran on."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "model name" and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(runtime: Runtime) -> dict[str, object]:
+    """What a run's numbers depend on beyond its config: the processor and its bf16 flag, each CUDA
+    device's name, torch's version and its threads."""
+    gpus = sorted({str(torch.cuda.get_device_name(d)) for d in (runtime.server_device, runtime.device_device) if d.type == "cuda"})
+    return {"processor": processor_name(), "cpu_bf16": cpu_bf16_feature(), "gpus": gpus,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def _bf16_units(where: torch.device) -> tuple[bool, str]:
     """Whether `where` has bf16 matrix units, and what says so."""
     if where.type == "cuda":
