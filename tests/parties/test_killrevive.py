@@ -719,14 +719,14 @@ def test_upload_killed_counts_a_frozen_adapter_in_the_mean_at_its_frozen_value()
     assert 0 < bytes_with["device-1"] - bytes_without["device-1"] < 200 and bytes_with["device-0"] == bytes_without["device-0"]
 
 
-def _kr_uploads(*overrides: str, names: bool = True) -> tuple[Simulation, list[dict[str, Message]]]:
+def _kr_uploads(names: bool = True) -> tuple[Simulation, list[dict[str, Message]]]:
     """Two dlora rounds with Kill and Revive killing from step 2 and `upload_killed`; each round's
     upload messages. `names=False`: the devices forget their round's start, so every killed
     adapter travels as tensors."""
     sim = Simulation(tiny_config(
         "tiny-llama", "placement.placement=dlora", "federation.num_devices=2", "federation.local_steps=4",
         "kill_revive.enabled=true", "kill_revive.warmup=2", "kill_revive.interval=1", "kill_revive.active_fraction=0.25",
-        "kill_revive.upload_killed=true", "federation.batch_size=2", "data.max_length=40", *overrides))
+        "kill_revive.upload_killed=true", "federation.batch_size=2", "data.max_length=40"))
     rounds: list[dict[str, Message]] = []
     for device in sim.devices:
         def load(adapters, device=device, load=device.load):

@@ -181,16 +181,22 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX512, Arm
 
 
 @cache
+def _cpuinfo() -> list[tuple[str, str]] | None:
+    """Linux /proc/cpuinfo as (key in lower case, value) per line, or None where there is none."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return None
+    pairs = (line.partition(":") for line in cpuinfo.read_text(errors="replace").splitlines())
+    return [(key.strip().lower(), value.strip()) for key, _, value in pairs]
+
+
+@cache
 def cpu_bf16_feature() -> str | None:
     """The first of BF16_CPU_FLAGS this CPU reports (Linux /proc/cpuinfo flags or Arm features; on
     macOS the sysctl hw.optional.arm.FEAT_BF16), or None: no bf16 matrix units to use."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        flags: set[str] = set()
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip().lower() in ("flags", "features"):
-                flags.update(value.split())
+    cpuinfo = _cpuinfo()
+    if cpuinfo is not None:
+        flags = {flag for key, value in cpuinfo if key in ("flags", "features") for flag in value.split()}
         return next((flag for flag in BF16_CPU_FLAGS if flag in flags), None)
     if platform.system() == "Darwin":
         try:
@@ -205,13 +211,8 @@ def cpu_bf16_feature() -> str | None:
 def processor_name() -> str:
     """The CPU's model name (Linux /proc/cpuinfo "model name", else the platform's word for it):
     bf16 products round differently on other processors' kernels, so a report names the one it ran on."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip().lower() == "model name" and value.strip():
-                return value.strip()
-    return platform.processor() or platform.machine() or "unknown"
+    named = next((value for key, value in _cpuinfo() or [] if key == "model name" and value), None)
+    return named or platform.processor() or platform.machine() or "unknown"
 
 
 def machine_info(runtime: Runtime) -> dict[str, object]:

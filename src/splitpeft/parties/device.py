@@ -202,10 +202,14 @@ class DeviceRuntime(Party):
         phase.wall_s = time.perf_counter() - start
         return phase
 
+    @property
+    def uploads_killed(self) -> bool:
+        """Whether this device uploads its killed adapters too (`kill_revive.upload_killed`)."""
+        return self.kill_revive is not None and self.kill_revive.settings.upload_killed
+
     def load(self, adapters: Mapping[str, LoraWeights]) -> None:
         super().load(adapters)
-        every = self.kill_revive is not None and self.kill_revive.settings.upload_killed
-        self.round_start = read_adapters(self.shell.layers, sorted(self.killed)) if every and self.killed else {}
+        self.round_start = read_adapters(self.shell.layers, sorted(self.killed)) if self.uploads_killed and self.killed else {}
 
     def park(self) -> None:
         self.round_start = {}  # only the round's upload reads it
@@ -215,7 +219,7 @@ class DeviceRuntime(Party):
         """The round's trained adapters (killed ones stay home, unless the server trained them or
         `kill_revive.upload_killed` sends them at their frozen values: those killed before the round
         began and still as loaded are named in `Meta.UNCHANGED` instead, the server has their value)."""
-        every = self.kill_revive is not None and self.kill_revive.settings.upload_killed
+        every = self.uploads_killed
         trained = {n: w for n, w in self.adapters().items() if every or n not in self.killed or n in self.trained_killed}
         unchanged = {n for n, w in self.round_start.items()
                      if n in trained and torch.equal(w.A.cpu(), trained[n].A) and torch.equal(w.B.cpu(), trained[n].B)}
