@@ -1,0 +1,67 @@
+"""A run's largest final adapters, and how many adapters its devices kept active after the warm-up (issue 25).
+
+    .venv/bin/python bench/adapter_norms.py RUN [RUN ...] [--top 3]
+
+RUN is a run folder (`simulate --out`, or a `compare` / `bench/papers_claims.py` run): from its
+exported PEFT adapter (`adapter/adapter_model.safetensors`) the `--top` modules by ||B A||_F
+(unscaled, `killrevive.product_norm`); with Kill and Revive, from its `report.json`, the fewest and
+most adapters each device held active at a step after `kill_revive.warmup`
+(`kill_revive.<device>.active_per_step`). Kill and Revive's drift shows as modules whose ||B A||
+grows far past no KR's (BENCHMARKS, "The published `dynamic` at 720 steps").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from splitpeft.parties.killrevive import product_norm
+
+
+def norms(run: Path) -> dict[str, float]:
+    """||B A||_F per module of RUN's exported adapter."""
+    tensors = run / "adapter" / "adapter_model.safetensors"
+    if not tensors.is_file():
+        raise SystemExit(f"{run}: no adapter/adapter_model.safetensors (not a finished run folder)")
+    found: dict[str, float] = {}
+    try:
+        with safe_open(str(tensors), "pt") as handle:
+            for key in handle.keys():
+                if key.endswith(".lora_A.weight"):
+                    a, b = handle.get_tensor(key).double(), handle.get_tensor(key.replace(".lora_A.", ".lora_B.")).double()
+                    found[key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")] = product_norm(a, b)
+    except SafetensorError as error:
+        raise SystemExit(f"{tensors}: not a readable safetensors file ({error})") from None
+    return found
+
+
+def active_after_warmup(run: Path) -> dict[str, tuple[int, int]]:
+    """Per device, the fewest and most adapters active at a step after the warm-up (empty without Kill and Revive)."""
+    try:
+        report = json.loads((run / "report.json").read_text())
+        warmup = int(report["config"]["kill_revive"]["warmup"])
+        devices = report.get("kill_revive", {})
+        return {device: (min(map(len, after)), max(map(len, after)))
+                for device, record in devices.items() if (after := record["active_per_step"][max(warmup, 1) - 1:])}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"{run}: no readable report.json with kill_revive settings ({error!r})") from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--top", type=int, default=3, help="how many modules to name, largest ||B A|| first")
+    args = parser.parse_args()
+    for run in args.runs:
+        sizes = norms(run)
+        largest = sorted(sizes.items(), key=lambda item: -item[1])[:args.top]
+        print(f"{run}: {len(sizes)} modules, largest ||B A||: " + ", ".join(f"{name} {size:.2f}" for name, size in largest))
+        for device, (fewest, most) in sorted(active_after_warmup(run).items()):
+            print(f"  {device}: {fewest}-{most} adapters active a step after the warm-up")
+
+
+if __name__ == "__main__":
+    main()
