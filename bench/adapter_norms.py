@@ -6,8 +6,9 @@ RUN is a run folder (`simulate --out`, or a `compare` / `bench/papers_claims.py`
 exported PEFT adapter (`adapter/adapter_model.safetensors`) the `--top` modules by ||B A||_F
 (unscaled, `killrevive.product_norm`); with Kill and Revive, from its `report.json`, the fewest and
 most adapters each device held active at a step after `kill_revive.warmup`
-(`kill_revive.<device>.active_per_step`). Kill and Revive's drift shows as modules whose ||B A||
-grows far past no KR's (BENCHMARKS, "The published `dynamic` at 720 steps").
+(`kill_revive.<device>.active_per_step`), and for each of the `--top` modules the share of those
+steps each device held it active. Kill and Revive's drift shows as modules whose ||B A|| grows far
+past no KR's, trained by few devices (BENCHMARKS, "The published `dynamic` at 720 steps").
 """
 
 from __future__ import annotations
@@ -38,16 +39,33 @@ def norms(run: Path) -> dict[str, float]:
     return found
 
 
-def active_after_warmup(run: Path) -> dict[str, tuple[int, int]]:
-    """Per device, the fewest and most adapters active at a step after the warm-up (empty without Kill and Revive)."""
+def steps_after_warmup(run: Path) -> dict[str, tuple[list[str], list[list[int]]]]:
+    """Per device, its adapter names and the active adapters (indices into them) of each step after the warm-up
+    (empty without Kill and Revive)."""
     try:
         report = json.loads((run / "report.json").read_text())
         warmup = int(report["config"]["kill_revive"]["warmup"])
         devices = report.get("kill_revive", {})
-        return {device: (min(map(len, after)), max(map(len, after)))
+        return {device: (list(record.get("modules", [])), after)
                 for device, record in devices.items() if (after := record["active_per_step"][max(warmup, 1) - 1:])}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SystemExit(f"{run}: no readable report.json with kill_revive settings ({error!r})") from None
+
+
+def active_after_warmup(run: Path) -> dict[str, tuple[int, int]]:
+    """Per device, the fewest and most adapters active at a step after the warm-up (empty without Kill and Revive)."""
+    return {device: (min(map(len, after)), max(map(len, after))) for device, (_, after) in steps_after_warmup(run).items()}
+
+
+def active_shares(run: Path, module: str) -> dict[str, float]:
+    """Per device, the share of its steps after the warm-up at which MODULE was active (devices that do not name
+    their adapters, or do not hold MODULE, are left out)."""
+    shares = {}
+    for device, (names, after) in steps_after_warmup(run).items():
+        if module in names:
+            index = names.index(module)
+            shares[device] = sum(index in step for step in after) / len(after)
+    return shares
 
 
 def main() -> None:
@@ -61,6 +79,9 @@ def main() -> None:
         print(f"{run}: {len(sizes)} modules, largest ||B A||: " + ", ".join(f"{name} {size:.2f}" for name, size in largest))
         for device, (fewest, most) in sorted(active_after_warmup(run).items()):
             print(f"  {device}: {fewest}-{most} adapters active a step after the warm-up")
+        for name, _ in largest:
+            if shares := active_shares(run, name):
+                print(f"  {name} active after the warm-up: " + ", ".join(f"{device} {share:.0%}" for device, share in sorted(shares.items())))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def _norms(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-def _run_folder(tmp_path, active_per_step):
+def _run_folder(tmp_path, active_per_step, devices=None):
     torch.manual_seed(0)
     tensors, sizes = {}, {}
     for layer in range(3):
@@ -27,7 +27,8 @@ def _run_folder(tmp_path, active_per_step):
         sizes[name] = float((b.double() @ a.double()).norm())
     (tmp_path / "adapter").mkdir()
     save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors")
-    report = {"config": {"kill_revive": {"warmup": 2}}, "kill_revive": {"device-0": {"active_per_step": active_per_step}}}
+    devices = devices or {"device-0": {"active_per_step": active_per_step}}
+    report = {"config": {"kill_revive": {"warmup": 2}}, "kill_revive": devices}
     (tmp_path / "report.json").write_text(json.dumps(report))
     return sizes
 
@@ -39,6 +40,19 @@ def test_names_the_largest_products_and_the_active_counts_after_the_warm_up(tmp_
     first, second = sorted(sizes, key=sizes.get, reverse=True)[:2]
     assert f"3 modules, largest ||B A||: {first} {sizes[first]:.2f}, {second} {sizes[second]:.2f}" in done.stdout
     assert "device-0: 1-3 adapters active a step after the warm-up" in done.stdout
+
+
+def test_names_which_devices_kept_the_largest_modules_active(tmp_path):
+    names = [f"model.layers.{layer}.mlp.gate_proj" for layer in range(3)]
+    # the step before the warm-up's end does not count; after it, device-0 holds layer 2 on 3 of 4 steps, device-1 never
+    devices = {"device-0": {"modules": names, "active_per_step": [[0, 1, 2], [2], [2], [0], [1, 2]]},
+               "device-1": {"modules": names, "active_per_step": [[2], [0], [0], [1], [1]]}}
+    sizes = _run_folder(tmp_path, None, devices)
+    largest = max(sizes, key=sizes.get)
+    assert largest == names[2]
+    done = _norms(tmp_path, "--top", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{largest} active after the warm-up: device-0 75%, device-1 0%" in done.stdout
 
 
 def test_refuses_a_folder_without_an_adapter_or_with_a_truncated_one(tmp_path):
