@@ -52,16 +52,16 @@ def steps_after_warmup(run: Path) -> dict[str, tuple[list[str], list[list[int]]]
         raise SystemExit(f"{run}: no readable report.json with kill_revive settings ({error!r})") from None
 
 
-def active_after_warmup(run: Path) -> dict[str, tuple[int, int]]:
-    """Per device, the fewest and most adapters active at a step after the warm-up (empty without Kill and Revive)."""
-    return {device: (min(map(len, after)), max(map(len, after))) for device, (_, after) in steps_after_warmup(run).items()}
+def active_after_warmup(steps: dict[str, tuple[list[str], list[list[int]]]]) -> dict[str, tuple[int, int]]:
+    """Per device, the fewest and most adapters active at a step after the warm-up."""
+    return {device: (min(map(len, after)), max(map(len, after))) for device, (_, after) in steps.items()}
 
 
-def active_shares(run: Path, module: str) -> dict[str, float]:
+def active_shares(steps: dict[str, tuple[list[str], list[list[int]]]], module: str) -> dict[str, float]:
     """Per device, the share of its steps after the warm-up at which MODULE was active (devices that do not name
     their adapters, or do not hold MODULE, are left out)."""
     shares = {}
-    for device, (names, after) in steps_after_warmup(run).items():
+    for device, (names, after) in steps.items():
         if module in names:
             index = names.index(module)
             shares[device] = sum(index in step for step in after) / len(after)
@@ -77,10 +77,11 @@ def main() -> None:
         sizes = norms(run)
         largest = sorted(sizes.items(), key=lambda item: -item[1])[:args.top]
         print(f"{run}: {len(sizes)} modules, largest ||B A||: " + ", ".join(f"{name} {size:.2f}" for name, size in largest))
-        for device, (fewest, most) in sorted(active_after_warmup(run).items()):
+        steps = steps_after_warmup(run)
+        for device, (fewest, most) in sorted(active_after_warmup(steps).items()):
             print(f"  {device}: {fewest}-{most} adapters active a step after the warm-up")
         for name, _ in largest:
-            if shares := active_shares(run, name):
+            if shares := active_shares(steps, name):
                 print(f"  {name} active after the warm-up: " + ", ".join(f"{device} {share:.0%}" for device, share in sorted(shares.items())))
 
 
