@@ -7,7 +7,8 @@ exported PEFT adapter (`adapter/adapter_model.safetensors`) the `--top` modules 
 (unscaled, `killrevive.product_norm`); with Kill and Revive, from its `report.json`, the fewest and
 most adapters each device held active at a step after `kill_revive.warmup`
 (`kill_revive.<device>.active_per_step`), and for each of the `--top` modules the share of those
-steps each device held it active. Kill and Revive's drift shows as modules whose ||B A|| grows far
+steps each device held it active, and how many modules each device held active on most of those
+steps, counted by how many devices held them so. Kill and Revive's drift shows as modules whose ||B A|| grows far
 past no KR's, trained by few devices (BENCHMARKS, "The published `dynamic` at 720 steps").
 """
 
@@ -68,6 +69,17 @@ def active_shares(steps: dict[str, tuple[list[str], list[list[int]]]], module: s
     return shares
 
 
+def holders(steps: dict[str, tuple[list[str], list[list[int]]]]) -> dict[int, int]:
+    """How many modules are held active on more than half of a device's steps after the warm-up by exactly
+    n devices, per n."""
+    held: dict[str, int] = {}
+    for names, after in steps.values():
+        for index, name in enumerate(names):
+            if sum(index in step for step in after) > len(after) / 2:
+                held[name] = held.get(name, 0) + 1
+    return {n: sum(count == n for count in held.values()) for n in sorted(set(held.values()))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
@@ -80,6 +92,9 @@ def main() -> None:
         steps = steps_after_warmup(run)
         for device, (fewest, most) in sorted(active_after_warmup(steps).items()):
             print(f"  {device}: {fewest}-{most} adapters active a step after the warm-up")
+        if counts := holders(steps):
+            print(f"  modules active on most steps after the warm-up: {sum(counts.values())}, by number of devices holding them: "
+                  + ", ".join(f"{n}: {count}" for n, count in counts.items()))
         for name, _ in largest:
             if shares := active_shares(steps, name):
                 print(f"  {name} active after the warm-up: " + ", ".join(f"{device} {share:.0%}" for device, share in sorted(shares.items())))

@@ -53,6 +53,8 @@ def test_names_which_devices_kept_the_largest_modules_active(tmp_path):
     done = _norms(tmp_path, "--top", "1")
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{largest} active after the warm-up: device-0 75%, device-1 0%" in done.stdout
+    # after the warm-up device-0 holds layer 2 on most steps, device-1 none on most (layer 0 and 1 on 2 of 4 each)
+    assert "modules active on most steps after the warm-up: 1, by number of devices holding them: 1: 1" in done.stdout
 
 
 def test_refuses_a_folder_without_an_adapter_or_with_a_truncated_one(tmp_path):
