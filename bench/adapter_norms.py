@@ -20,7 +20,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from splitpeft.parties.killrevive import product_norm
+from splitpeft.parties.killrevive import kr_summary, product_norm
 
 
 def norms(run: Path) -> dict[str, float]:
@@ -58,24 +58,29 @@ def active_after_warmup(steps: dict[str, tuple[list[str], list[list[int]]]]) -> 
     return {device: (min(map(len, after)), max(map(len, after))) for device, (_, after) in steps.items()}
 
 
-def active_shares(steps: dict[str, tuple[list[str], list[list[int]]]], module: str) -> dict[str, float]:
-    """Per device, the share of its steps after the warm-up at which MODULE was active (devices that do not name
-    their adapters, or do not hold MODULE, are left out)."""
-    shares = {}
-    for device, (names, after) in steps.items():
-        if module in names:
-            index = names.index(module)
-            shares[device] = sum(index in step for step in after) / len(after)
-    return shares
+def shares_after_warmup(run: Path) -> dict[str, dict[str, float]]:
+    """Per device that names its adapters, each adapter's share of the steps after the warm-up at which it was active
+    (`killrevive.kr_summary`'s `active_share`)."""
+    try:
+        report = json.loads((run / "report.json").read_text())
+        warmup = int(report["config"]["kill_revive"]["warmup"])
+        found = {}
+        for device, record in report.get("kill_revive", {}).items():
+            if names := list(record.get("modules", [])):
+                steps = [[names[index] for index in step] for step in record["active_per_step"]]
+                found[device] = kr_summary(names, steps, [], warmup, 0.0)["active_share"]
+        return found
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise SystemExit(f"{run}: no readable report.json with kill_revive settings ({error!r})") from None
 
 
-def holders(steps: dict[str, tuple[list[str], list[list[int]]]]) -> dict[int, int]:
+def holders(shares: dict[str, dict[str, float]]) -> dict[int, int]:
     """How many modules are held active on more than half of a device's steps after the warm-up by exactly
     n devices, per n."""
     held: dict[str, int] = {}
-    for names, after in steps.values():
-        for index, name in enumerate(names):
-            if sum(index in step for step in after) > len(after) / 2:
+    for per_module in shares.values():
+        for name, share in per_module.items():
+            if share > 0.5:
                 held[name] = held.get(name, 0) + 1
     return {n: sum(count == n for count in held.values()) for n in sorted(set(held.values()))}
 
@@ -92,12 +97,13 @@ def main() -> None:
         steps = steps_after_warmup(run)
         for device, (fewest, most) in sorted(active_after_warmup(steps).items()):
             print(f"  {device}: {fewest}-{most} adapters active a step after the warm-up")
-        if counts := holders(steps):
+        shares = shares_after_warmup(run)
+        if counts := holders(shares):
             print(f"  modules active on most steps after the warm-up: {sum(counts.values())}, by number of devices holding them: "
                   + ", ".join(f"{n}: {count}" for n, count in counts.items()))
         for name, _ in largest:
-            if shares := active_shares(steps, name):
-                print(f"  {name} active after the warm-up: " + ", ".join(f"{device} {share:.0%}" for device, share in sorted(shares.items())))
+            if held := {device: per_module[name] for device, per_module in shares.items() if name in per_module}:
+                print(f"  {name} active after the warm-up: " + ", ".join(f"{device} {share:.0%}" for device, share in sorted(held.items())))
 
 
 if __name__ == "__main__":
