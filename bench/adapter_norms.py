@@ -40,36 +40,21 @@ def norms(run: Path) -> dict[str, float]:
     return found
 
 
-def steps_after_warmup(run: Path) -> dict[str, tuple[list[str], list[list[int]]]]:
-    """Per device, its adapter names and the active adapters (indices into them) of each step after the warm-up
-    (empty without Kill and Revive)."""
+def after_warmup(run: Path) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, float]]]:
+    """From one read of RUN's report.json: per device, the fewest and most adapters active at a step after the
+    warm-up (none without Kill and Revive); and per device that names its adapters, each adapter's share of those
+    steps at which it was active (`killrevive.kr_summary`'s `active_share`)."""
     try:
         report = json.loads((run / "report.json").read_text())
         warmup = int(report["config"]["kill_revive"]["warmup"])
-        devices = report.get("kill_revive", {})
-        return {device: (list(record.get("modules", [])), after)
-                for device, record in devices.items() if (after := record["active_per_step"][max(warmup, 1) - 1:])}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SystemExit(f"{run}: no readable report.json with kill_revive settings ({error!r})") from None
-
-
-def active_after_warmup(steps: dict[str, tuple[list[str], list[list[int]]]]) -> dict[str, tuple[int, int]]:
-    """Per device, the fewest and most adapters active at a step after the warm-up."""
-    return {device: (min(map(len, after)), max(map(len, after))) for device, (_, after) in steps.items()}
-
-
-def shares_after_warmup(run: Path) -> dict[str, dict[str, float]]:
-    """Per device that names its adapters, each adapter's share of the steps after the warm-up at which it was active
-    (`killrevive.kr_summary`'s `active_share`)."""
-    try:
-        report = json.loads((run / "report.json").read_text())
-        warmup = int(report["config"]["kill_revive"]["warmup"])
-        found = {}
+        counts, shares = {}, {}
         for device, record in report.get("kill_revive", {}).items():
+            steps = record["active_per_step"]
+            if after := steps[max(warmup, 1) - 1:]:
+                counts[device] = (min(map(len, after)), max(map(len, after)))
             if names := list(record.get("modules", [])):
-                steps = [[names[index] for index in step] for step in record["active_per_step"]]
-                found[device] = kr_summary(names, steps, [], warmup, 0.0)["active_share"]
-        return found
+                shares[device] = kr_summary(names, [[names[index] for index in step] for step in steps], [], warmup, 0.0)["active_share"]
+        return counts, shares
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
         raise SystemExit(f"{run}: no readable report.json with kill_revive settings ({error!r})") from None
 
@@ -94,13 +79,12 @@ def main() -> None:
         sizes = norms(run)
         largest = sorted(sizes.items(), key=lambda item: -item[1])[:args.top]
         print(f"{run}: {len(sizes)} modules, largest ||B A||: " + ", ".join(f"{name} {size:.2f}" for name, size in largest))
-        steps = steps_after_warmup(run)
-        for device, (fewest, most) in sorted(active_after_warmup(steps).items()):
+        counts, shares = after_warmup(run)
+        for device, (fewest, most) in sorted(counts.items()):
             print(f"  {device}: {fewest}-{most} adapters active a step after the warm-up")
-        shares = shares_after_warmup(run)
-        if counts := holders(shares):
-            print(f"  modules active on most steps after the warm-up: {sum(counts.values())}, by number of devices holding them: "
-                  + ", ".join(f"{n}: {count}" for n, count in counts.items()))
+        if held_by := holders(shares):
+            print(f"  modules active on most steps after the warm-up: {sum(held_by.values())}, by number of devices holding them: "
+                  + ", ".join(f"{n}: {count}" for n, count in held_by.items()))
         for name, _ in largest:
             if held := {device: per_module[name] for device, per_module in shares.items() if name in per_module}:
                 print(f"  {name} active after the warm-up: " + ", ".join(f"{device} {share:.0%}" for device, share in sorted(held.items())))
