@@ -526,6 +526,14 @@ class RuntimeConfig:
     quantize: Literal["devices", "server", "both"] = _help("which parties hold the quantized base", "both")
     gradient_checkpointing: bool = _help(
         "recompute each block's activations in backward instead of keeping them (device and server blocks)", False)
+    malloc_arenas: int = _help(
+        "glibc (Linux) only: at most this many malloc arenas, set when a run starts. Each thread that allocates "
+        "can take its own arena (up to 8 a core) and keep freed tensors' pages from the others: a 720-step "
+        "hybrid run held 5.6 GB in 12 arenas with 1.3 GB in use. 0 = glibc's default; MALLOC_ARENA_MAX in "
+        "the environment wins", 2, bound=Bound(0, 1024))
+    release_memory_each_round: bool = _help(
+        "after each round hand the C heap's free pages back to the system (glibc malloc_trim), so a long "
+        "run's resident memory is what it holds rather than the most it ever held", True)
 
 
 @dataclass

@@ -52,6 +52,7 @@ def round_entries(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
             "server_passes": record.server_passes,
             "device_waves": record.device_waves,
             "online": record.online,
+            "resident_bytes": record.resident_bytes,
             "devices": {device: asdict(stats) for device, stats in record.devices.items()},
         }
         for record in rounds

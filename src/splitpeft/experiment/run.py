@@ -66,7 +66,7 @@ from splitpeft.federation.fleet import seed_everything
 from splitpeft.federation.records import RoundRecord
 from splitpeft.federation.simulation import Simulation
 from splitpeft.model.loading import load_model
-from splitpeft.model.runtime import resolve_runtime
+from splitpeft.model.runtime import limit_malloc_arenas, release_freed_memory, resident_bytes, resolve_runtime
 from splitpeft.privacy.audit import audit_simulation, leakage_table, markdown, plot_leakage, run_accounting
 from splitpeft.storage import (
     FolderInUse,
@@ -257,11 +257,13 @@ def _train(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool
 
     with writing(out):
         (staging / RUN_MARKER).write_text(f"a run folder written by splitpeft {__version__}\n")
+    allocator = limit_malloc_arenas(config.runtime.malloc_arenas)  # before the rounds' threads make arenas
     sim = Simulation(config)
     if on_start is not None:
         on_start(sim)
     tokenizer = sim.loaded.tokenizer
-    report: dict[str, Any] = {"splitpeft_version": __version__, "config": to_dict(config), "info": sim.info()}
+    report: dict[str, Any] = {"splitpeft_version": __version__, "config": to_dict(config), "info": sim.info(),
+                              "allocator": allocator}
     if config.eval.baseline:
         log.info("evaluating the untuned base model")
         report["baseline_eval"] = evaluate_model(
@@ -285,6 +287,9 @@ def _train(config: ExperimentConfig, staging: Path, *, out: Path, progress: bool
                         sim.global_model(), sim.held_out_encoded[: config.eval.perplexity_examples],
                         fed.batch_size, sim.pad_id,
                     )
+                record.resident_bytes = resident_bytes()
+                if config.runtime.release_memory_each_round:
+                    release_freed_memory()
                 if checkpoint is not None:
                     with holding_stops():  # a stop during the write comes after it: this round stands
                         save_checkpoint(sim, checkpoint, extra)

@@ -60,6 +60,8 @@ class RoundRecord:
     device_waves: list[int] = field(default_factory=list)
     # devices online this round where availability is drawn (fleet.availability, a trace); None: all were
     online: int | None = None
+    # the run's process: resident memory at the round's end, before runtime.release_memory_each_round (Linux)
+    resident_bytes: int | None = None
 
 
 @dataclass

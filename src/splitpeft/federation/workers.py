@@ -47,6 +47,7 @@ from splitpeft.federation.records import DeviceResult, DeviceRound, RoundRecord
 from splitpeft.federation.state import device_of
 from splitpeft.model import adapters as lora
 from splitpeft.model.adapters import AdapterSet
+from splitpeft.model.runtime import limit_malloc_arenas, release_freed_memory
 
 if TYPE_CHECKING:
     from splitpeft.federation.simulation import Simulation
@@ -298,6 +299,7 @@ def worker_main(conn: Connection, config_text: str, index: int, count: int, thre
 
         config = config_from_dict(yaml.safe_load(config_text))
         config.federation.workers = 1  # this process trains its devices itself
+        limit_malloc_arenas(config.runtime.malloc_arenas)
         sim = Simulation(config)
         sim.worker_devices = {d for d in sim.device_ids if owner(sim.device_index[d], count) == index}
         if resume_from:
@@ -321,6 +323,8 @@ def worker_main(conn: Connection, config_text: str, index: int, count: int, thre
             if op == "round":
                 reply, blob = train_share(sim, header)
                 send(conn, reply, blob)
+                if config.runtime.release_memory_each_round:
+                    release_freed_memory()
             elif op == "state":
                 apply_state(sim, header, tensors)
                 send(conn, {"op": "ok"})

@@ -29,7 +29,9 @@ elsewhere; `Runtime.dtype_reason` says which and why (the run's start-up line an
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import os
 import platform
 import subprocess
 import zlib
@@ -221,6 +223,57 @@ def machine_info(runtime: Runtime) -> dict[str, object]:
     gpus = sorted({str(torch.cuda.get_device_name(d)) for d in (runtime.server_device, runtime.device_device) if d.type == "cuda"})
     return {"processor": processor_name(), "cpu_bf16": cpu_bf16_feature(), "gpus": gpus,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+M_ARENA_MAX = -8  # mallopt's parameter number (glibc's malloc.h)
+
+
+@cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc, whose malloc has `mallopt` and `malloc_trim`; else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def limit_malloc_arenas(count: int) -> str:
+    """Let glibc's malloc make at most `count` arenas from now on (`runtime.malloc_arenas`; 0 leaves
+    its default); returns what the process's allocator now is, for the report.
+
+    Why: glibc gives a thread that allocates its own arena (up to 8 a core) and never moves freed
+    memory between arenas, so the threads a round starts (one a device in lockstep) each keep
+    the pages of the tensors they freed. A 720-step hybrid run held 5.6 GB in 12 arenas with
+    1.3 GB in use. Arenas made before the call stay."""
+    libc = _glibc()
+    if libc is None:
+        return "not glibc: the C library's own malloc"
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return f"glibc malloc, MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']} from the environment"
+    if count == 0:
+        return "glibc malloc, its default arenas (runtime.malloc_arenas=0)"
+    if libc.mallopt(M_ARENA_MAX, count) != 1:
+        return f"glibc malloc, its default arenas (mallopt refused {count})"
+    return f"glibc malloc, at most {count} arena{'s' if count > 1 else ''} (runtime.malloc_arenas)"
+
+
+def release_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc `malloc_trim(0)`, every arena); True
+    if any went back. Freed tensors' pages otherwise stay with the process: glibc returns only a
+    heap's top, and after the first large free it serves tensors up to 32 MB from the heap rather
+    than from their own mappings. A no-op elsewhere."""
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0))
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux /proc/self/statm), or None where there is none."""
+    statm = Path("/proc/self/statm")
+    if not statm.is_file():
+        return None
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _bf16_units(where: torch.device) -> tuple[bool, str]:
