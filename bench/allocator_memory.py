@@ -24,18 +24,12 @@ import sys
 import time
 from pathlib import Path
 
+from splitpeft.model.runtime import resident_bytes
+
 SETTINGS = {
     "glibc_default": ["runtime.malloc_arenas=0", "runtime.release_memory_each_round=false"],
     "tamed": ["runtime.malloc_arenas=2", "runtime.release_memory_each_round=true"],
 }
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def reports(folder: Path) -> dict[str, dict]:
@@ -73,7 +67,7 @@ def main() -> None:
                 if child.returncode != 0:
                     sys.exit(f"{name} failed ({child.returncode}): see {args.out / (name + '.log')}")
                 continue
-            value = rss_bytes(child.pid)
+            value = resident_bytes(child.pid)
             if value is not None:
                 samples[name].append((time.time() - started, value))
         time.sleep(args.interval)

@@ -52,11 +52,6 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = ["100:100", "1000:1000", "10000:10000", "1000:1000@2", "100000:1000@2"]
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def parse(case: str) -> tuple[int, int, int]:
     """'registered:per_round[@rounds]'."""
     sizes, _, rounds = case.partition("@")
@@ -70,6 +65,7 @@ def one_case(case: str, extra: list[str], profile: bool, workers: int = 1) -> di
     from splitpeft.config import load_config
     from splitpeft.federation.simulation import Simulation
     from splitpeft.federation.workers import WorkerPool
+    from splitpeft.model.runtime import resident_bytes
 
     if workers == 1:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -78,13 +74,13 @@ def one_case(case: str, extra: list[str], profile: bool, workers: int = 1) -> di
         f"federation.num_devices={registered}", f"federation.devices_per_round={per_round}",
         "federation.local_steps=1", "count_flops=false", "data.partition=whole", f"federation.rounds={rounds}",
         "federation.min_devices=1", *extra])
-    before = rss_bytes()
+    before = resident_bytes()
     start = time.perf_counter()
     sim = Simulation(config)
     if workers > 1:
         sim.workers = WorkerPool(config, workers)
     built_s = time.perf_counter() - start
-    built_rss = rss_bytes()
+    built_rss = resident_bytes()
     profiler = None
     if profile:
         import cProfile
@@ -111,7 +107,7 @@ def one_case(case: str, extra: list[str], profile: bool, workers: int = 1) -> di
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
     return {
         "case": case, "registered": registered, "per_round": per_round, "build_s": built_s,
-        "rounds": timed, "rss_built_bytes": built_rss, "rss_end_bytes": rss_bytes(),
+        "rounds": timed, "rss_built_bytes": built_rss, "rss_end_bytes": resident_bytes(),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "per_idle_device_bytes": (built_rss - before) / registered,
         "pools": {"devices": sim.device_pool.describe(), "sessions": sim.session_pool.describe()},

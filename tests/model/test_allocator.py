@@ -11,6 +11,7 @@ import sys
 import pytest
 from conftest import tiny_config
 
+import splitpeft.experiment.run as run_module
 from splitpeft.experiment.run import run_experiment
 from splitpeft.model.runtime import _glibc, limit_malloc_arenas
 
@@ -92,3 +93,13 @@ def test_a_run_reports_its_allocator_and_each_rounds_resident_memory(tmp_path):
     resident = [entry["resident_bytes"] for entry in report["rounds"]]
     if _glibc() is not None:
         assert all(isinstance(value, int) and value > 50 << 20 for value in resident)  # torch alone is more
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_a_run_releases_freed_memory_after_each_round_only_when_asked(tmp_path, monkeypatch, release):
+    calls = []
+    monkeypatch.setattr(run_module, "release_freed_memory", lambda: calls.append(1) or True)
+    run_experiment(tiny_config("tiny-llama", "federation.rounds=3", "federation.local_steps=1", "eval.generation=false",
+                               "privacy.estimate=false", f"runtime.release_memory_each_round={str(release).lower()}"),
+                   tmp_path / "run", progress=False)
+    assert len(calls) == (3 if release else 0)

@@ -268,12 +268,14 @@ def release_freed_memory() -> bool:
     return bool(libc is not None and libc.malloc_trim(0))
 
 
-def resident_bytes() -> int | None:
-    """This process's resident memory now (Linux /proc/self/statm), or None where there is none."""
-    statm = Path("/proc/self/statm")
-    if not statm.is_file():
+def resident_bytes(pid: int | None = None) -> int | None:
+    """A process's resident memory now (Linux /proc/<pid>/statm; this process's without `pid`), or
+    None where there is none (another system, a process that has ended)."""
+    try:
+        pages = int(Path(f"/proc/{'self' if pid is None else pid}/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
         return None
-    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def _bf16_units(where: torch.device) -> tuple[bool, str]:
